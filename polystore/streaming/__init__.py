@@ -1,0 +1,56 @@
+"""Live streaming of arrays into viewers (napari, Fiji) over wire protocol v1.
+
+Data path: `backend` (the storage API) -> `sender` (credits, ZeroMQ) -> `shm` (segment pool)
+-> `receiver` (validate, copy out, ack) -> a viewer. `protocol` defines every message.
+"""
+
+from polystore.streaming.backend import StreamingBackend, stream_key
+from polystore.streaming.errors import (
+    BackpressureError,
+    FrameRejectedError,
+    ReceiverLostError,
+    StreamingError,
+    UnstreamableDataError,
+    ViewerNotRunningError,
+)
+from polystore.streaming.fiji import FijiStreamingBackend
+from polystore.streaming.napari import NapariStreamingBackend
+from polystore.streaming.protocol import Roi
+from polystore.streaming.receiver import ReceivedFrame, ReceivedRois, Receiver
+from polystore.streaming.shm import list_segments, sweep
+
+#: Every segment prefix polystore's own backends use.
+PREFIXES = (NapariStreamingBackend.SHM_PREFIX, FijiStreamingBackend.SHM_PREFIX)
+
+
+def receiver_for(backend: type[StreamingBackend] | StreamingBackend, endpoint: str | None = None,
+                 **kwargs) -> Receiver:
+    """A `Receiver` matching a backend class: its prefix, viewer name and default endpoint."""
+    return Receiver(
+        endpoint or getattr(backend, "endpoint", None) or backend.default_endpoint(),
+        shm_prefix=backend.SHM_PREFIX,
+        viewer=backend.VIEWER_TYPE,
+        **kwargs,
+    )
+
+
+__all__ = [
+    "BackpressureError",
+    "FijiStreamingBackend",
+    "FrameRejectedError",
+    "NapariStreamingBackend",
+    "PREFIXES",
+    "ReceivedFrame",
+    "ReceivedRois",
+    "Receiver",
+    "ReceiverLostError",
+    "Roi",
+    "StreamingBackend",
+    "StreamingError",
+    "UnstreamableDataError",
+    "ViewerNotRunningError",
+    "list_segments",
+    "receiver_for",
+    "stream_key",
+    "sweep",
+]

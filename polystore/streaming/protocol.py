@@ -1,0 +1,296 @@
+"""Wire protocol v1: every message, defined once.
+
+`docs/protocol.md` is the spec; this module is its Python mirror and the Groovy receiver in
+`viewers/fiji/` is the other. Headers are JSON objects (UTF-8) decoded into typed msgspec
+structs, so a malformed or hostile header becomes a `ProtocolError` with a code, never an
+exception inside a receiver loop. Nothing on the wire is pickled.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct, field
+
+VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+#: Largest header a receiver accepts; larger ones are rejected unread.
+MAX_HEADER_BYTES = 64 * 1024
+#: Default cap on one frame's pixel bytes (receivers may configure lower or higher).
+MAX_FRAME_BYTES = 2 * 1024**3
+MAX_NDIM = 8
+MAX_DIM = 2**31 - 1
+MAX_ROIS = 100_000
+
+#: Allowed pixel dtypes, by NumPy name, always little-endian on the wire.
+DTYPES: dict[str, int] = {
+    "uint8": 1,
+    "int8": 1,
+    "uint16": 2,
+    "int16": 2,
+    "uint32": 4,
+    "int32": 4,
+    "uint64": 8,
+    "int64": 8,
+    "float16": 2,
+    "float32": 4,
+    "float64": 8,
+}
+
+SEGMENT_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,240}$")
+TOKEN_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
+
+Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_]{1,240}$")]
+Token = Annotated[str, Meta(pattern=r"^[A-Za-z0-9]{1,32}$")]
+StreamKey = Annotated[str, Meta(min_length=1, max_length=256)]
+PathText = Annotated[str, Meta(max_length=4096)]
+Dim = Annotated[int, Meta(ge=0, le=MAX_DIM)]
+Seq = Annotated[int, Meta(ge=0)]
+DType = Literal[
+    "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
+    "float16", "float32", "float64",
+]  # fmt: skip
+AxisName = Annotated[str, Meta(min_length=1, max_length=32)]
+Axes = Annotated[dict[AxisName, Annotated[int, Meta(ge=0, le=1_000_000)]], Meta(max_length=6)]
+
+
+class Probe(Struct):
+    """A tiny segment the sender writes `token` into; a receiver that can read it back
+    shares the sender's /dev/shm, so frames travel by shared memory, else inline."""
+
+    segment: Name
+    token: Token
+
+
+class Display(Struct, omit_defaults=True):
+    """Hints for the viewer; every field is optional."""
+
+    kind: Literal["image", "labels"] = "image"
+    colormap: Annotated[str, Meta(max_length=64)] | None = None
+    contrast_limits: Annotated[list[float], Meta(min_length=2, max_length=2)] | None = None
+    mode: Literal["replace", "stack", "place"] | None = None
+    opacity: Annotated[float, Meta(ge=0, le=1)] | None = None
+
+
+class Hello(Struct, tag="hello", tag_field="type"):
+    v: int
+    sender: Token
+    pid: Annotated[int, Meta(ge=0)]
+    viewer: Annotated[str, Meta(max_length=64)]
+    segment_prefix: Name
+    versions: list[int] = field(default_factory=lambda: [VERSION])
+    probe: Probe | None = None
+
+
+class Frame(Struct, tag="frame", tag_field="type", omit_defaults=True):
+    """One array. `segment` names the shared-memory segment holding its bytes at `offset`;
+    `segment=None` means the bytes follow as the message's second ZeroMQ frame."""
+
+    v: int
+    seq: Seq
+    stream: StreamKey
+    path: PathText
+    shape: Annotated[list[Dim], Meta(min_length=1, max_length=MAX_NDIM)]
+    dtype: DType
+    nbytes: Annotated[int, Meta(ge=0)]
+    sent_ns: Annotated[int, Meta(ge=0)]
+    segment: Name | None = None
+    offset: Annotated[int, Meta(ge=0)] = 0
+    axes: Axes = field(default_factory=dict)
+    axis_names: Annotated[list[AxisName], Meta(max_length=6)] | None = None
+    display: Display = field(default_factory=Display)
+    dropped: Annotated[int, Meta(ge=0)] = 0
+
+
+class Roi(Struct, omit_defaults=True):
+    """One region of interest in pixel coordinates (row, column) of its image's last two axes.
+
+    rectangle/ellipse/line: two points (corners / bounding box / ends); polygon: >= 3 points;
+    point: one point.
+    """
+
+    kind: Literal["polygon", "rectangle", "ellipse", "line", "point"]
+    coords: Annotated[
+        list[Annotated[list[float], Meta(min_length=2, max_length=2)]],
+        Meta(min_length=1, max_length=100_000),
+    ]
+    label: Annotated[str, Meta(max_length=256)] | None = None
+
+
+ROI_POINT_COUNTS = {"rectangle": (2, 2), "ellipse": (2, 2), "line": (2, 2), "point": (1, 1)}
+
+
+class Rois(Struct, tag="rois", tag_field="type", omit_defaults=True):
+    """Regions of interest belonging to the image stream `stream`, at position `axes`."""
+
+    v: int
+    seq: Seq
+    stream: StreamKey
+    path: PathText
+    sent_ns: Annotated[int, Meta(ge=0)]
+    rois: Annotated[list[Roi], Meta(max_length=MAX_ROIS)]
+    axes: Axes = field(default_factory=dict)
+    axis_names: Annotated[list[AxisName], Meta(max_length=6)] | None = None
+
+
+class Control(Struct, tag="control", tag_field="type"):
+    """Ask the receiver for something: `report` (its state) or `clear` (drop its streams)."""
+
+    v: int
+    seq: Seq
+    command: Literal["report", "clear"]
+
+
+class Bye(Struct, tag="bye", tag_field="type"):
+    v: int
+
+
+SenderMessage = Hello | Frame | Rois | Control | Bye
+
+
+class Welcome(Struct, tag="welcome", tag_field="type"):
+    v: int
+    receiver: str
+    viewer: str
+    pid: int
+    shm: bool
+    max_frame_bytes: int = MAX_FRAME_BYTES
+
+
+class Ack(Struct, tag="ack", tag_field="type"):
+    """The receiver holds its own copy of message `seq`: its segment may be reused."""
+
+    v: int
+    seq: int
+
+
+class Error(Struct, tag="error", tag_field="type"):
+    """Message `seq` (None when it could not be read) was rejected; its segment is free."""
+
+    v: int
+    seq: int | None
+    code: str
+    message: str
+
+
+class Report(Struct, tag="report", tag_field="type"):
+    v: int
+    seq: int
+    state: dict
+
+
+ReceiverMessage = Welcome | Ack | Error | Report
+
+# Error codes (docs/protocol.md, "Errors").
+BAD_JSON = "bad_json"
+BAD_MESSAGE = "bad_message"
+UNSUPPORTED_VERSION = "unsupported_version"
+HELLO_REQUIRED = "hello_required"
+BAD_SEGMENT = "bad_segment"
+SEGMENT_MISSING = "segment_missing"
+TOO_LARGE = "too_large"
+BAD_SHAPE = "bad_shape"
+INTERNAL = "internal"
+
+
+class ProtocolError(Exception):
+    """A message broke the protocol; `code` is one of the error codes above."""
+
+    def __init__(self, code: str, message: str, seq: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.seq = seq
+
+
+class _Envelope(Struct):
+    """Just enough of any header to check its version before trusting the rest."""
+
+    v: int
+    type: str
+    seq: int | None = None
+
+
+_envelope_decoder = msgspec.json.Decoder(_Envelope)
+_sender_decoder = msgspec.json.Decoder(SenderMessage)
+_receiver_decoder = msgspec.json.Decoder(ReceiverMessage)
+_encoder = msgspec.json.Encoder()
+
+
+def encode(message: Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_sender_message(header: bytes, max_bytes: int = MAX_HEADER_BYTES) -> SenderMessage:
+    """Decode and validate one sender header, raising `ProtocolError` with a code."""
+    if len(header) > max_bytes:
+        raise ProtocolError(TOO_LARGE, f"header of {len(header)} bytes exceeds {max_bytes}")
+    try:
+        envelope = _envelope_decoder.decode(header)
+    except msgspec.DecodeError as exc:
+        code = BAD_MESSAGE if isinstance(exc, msgspec.ValidationError) else BAD_JSON
+        raise ProtocolError(code, f"unreadable header: {exc}") from None
+    seq = envelope.seq if isinstance(envelope.seq, int) else None
+    if envelope.v not in SUPPORTED_VERSIONS:
+        raise ProtocolError(
+            UNSUPPORTED_VERSION,
+            f"protocol version {envelope.v} is not supported (supported: "
+            f"{list(SUPPORTED_VERSIONS)}); upgrade the older of sender and receiver",
+            seq,
+        )
+    try:
+        message = _sender_decoder.decode(header)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(BAD_MESSAGE, f"invalid {envelope.type!r} message: {exc}", seq) from None
+    if isinstance(message, Frame):
+        check_frame(message)
+    elif isinstance(message, Rois):
+        check_rois(message)
+    return message
+
+
+def decode_receiver_message(data: bytes) -> ReceiverMessage:
+    return _receiver_decoder.decode(data)
+
+
+def check_frame(frame: Frame, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+    """Cross-field rules msgspec cannot express: shape x itemsize == nbytes, size caps."""
+    expected = DTYPES[frame.dtype]
+    for dim in frame.shape:
+        expected *= dim
+    if expected != frame.nbytes:
+        raise ProtocolError(
+            BAD_SHAPE,
+            f"shape {frame.shape} x {frame.dtype} is {expected} bytes but nbytes={frame.nbytes}",
+            frame.seq,
+        )
+    if frame.nbytes > max_frame_bytes:
+        raise ProtocolError(
+            TOO_LARGE, f"frame of {frame.nbytes} bytes exceeds {max_frame_bytes}", frame.seq
+        )
+    _check_axes(frame.axes, frame.axis_names, frame.seq)
+
+
+def check_rois(message: Rois) -> None:
+    for roi in message.rois:
+        lo, hi = ROI_POINT_COUNTS.get(roi.kind, (3, MAX_ROIS))
+        if not lo <= len(roi.coords) <= hi:
+            raise ProtocolError(
+                BAD_MESSAGE,
+                f"a {roi.kind} ROI needs {lo}..{hi} points, got {len(roi.coords)}",
+                message.seq,
+            )
+    _check_axes(message.axes, message.axis_names, message.seq)
+
+
+def _check_axes(axes: dict[str, int], axis_names: list[str] | None, seq: int) -> None:
+    if axis_names is not None and (
+        len(set(axis_names)) != len(axis_names) or not set(axes) <= set(axis_names)
+    ):
+        raise ProtocolError(
+            BAD_MESSAGE,
+            f"axis_names {axis_names} must be unique and name every key of axes {list(axes)}",
+            seq,
+        )

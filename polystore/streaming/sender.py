@@ -1,0 +1,572 @@
+"""The sending side of wire protocol v1: one persistent DEALER socket, one segment pool.
+
+`save()` in a pipeline costs one copy into a reused shared-memory segment plus one small JSON
+header; the receiver returns the segment (an `ack`) once it holds its own copy. Everything
+runs in the caller's thread: no background thread, no sleeps.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import itertools
+import logging
+import os
+import threading
+import time
+import weakref
+from typing import Any, Literal
+
+import numpy as np
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from polystore.streaming import protocol as p
+from polystore.streaming.errors import (
+    BackpressureError,
+    FrameRejectedError,
+    ReceiverLostError,
+    UnstreamableDataError,
+    ViewerNotRunningError,
+)
+from polystore.streaming.shm import SegmentPool, create_probe, destroy
+
+log = logging.getLogger(__name__)
+
+Policy = Literal["block", "latest", "raise"]
+Transport = Literal["auto", "shm", "inline"]
+POLICIES = ("block", "latest", "raise")
+
+_live_senders: weakref.WeakSet[StreamSender] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for sender in list(_live_senders):
+        sender.close(flush_timeout=0.5)
+
+
+def to_wire_array(data: Any) -> np.ndarray:
+    """View `data` as a NumPy array of an allowed dtype, copying only when unavoidable.
+
+    Accepts NumPy arrays (any strides or byte order), torch tensors (CPU or CUDA), CuPy arrays
+    and anything with ``__array__``. Booleans become uint8.
+    """
+    if not isinstance(data, np.ndarray):
+        module = type(data).__module__.split(".")[0]
+        if module == "torch":
+            data = data.detach().cpu().numpy()
+        elif module == "cupy":
+            data = data.get()
+        elif hasattr(data, "__array__"):
+            data = np.asarray(data)
+        else:
+            raise UnstreamableDataError(
+                f"cannot stream {type(data).__name__}: pass a NumPy array or an object with "
+                "__array__ (torch and CuPy arrays work too)"
+            )
+    if data.dtype == np.bool_:
+        data = data.view(np.uint8)
+    name = data.dtype.newbyteorder("=").name if data.dtype.byteorder == ">" else data.dtype.name
+    if name not in p.DTYPES:
+        raise UnstreamableDataError(
+            f"cannot stream dtype {data.dtype}: allowed are {', '.join(p.DTYPES)}; convert first "
+            "(e.g. np.abs(z).astype('float32') for complex data)"
+        )
+    if not 1 <= data.ndim <= p.MAX_NDIM:
+        raise UnstreamableDataError(
+            f"cannot stream a {data.ndim}-d array: 1 to {p.MAX_NDIM} dimensions are allowed"
+        )
+    return data
+
+
+class StreamSender:
+    """Sends arrays and ROIs to one receiver endpoint with credit-based flow control.
+
+    Limits: at most `max_inflight` unacknowledged messages and `max_inflight_bytes` of
+    shared memory. When they are reached `policy` decides: ``block`` waits up to `timeout`
+    seconds for credits, ``latest`` gives up the oldest unacknowledged frame (live preview),
+    ``raise`` raises `BackpressureError` at once.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        viewer: str,
+        shm_prefix: str,
+        policy: Policy = "block",
+        max_inflight: int = 16,
+        max_inflight_bytes: int = 512 * 1024**2,
+        timeout: float = 5.0,
+        connect_timeout: float = 1.0,
+        transport: Transport = "auto",
+        start_hint: str = "",
+        curve_server_key: bytes | None = None,
+    ) -> None:
+        self._check_options(policy=policy, transport=transport, max_inflight=max_inflight,
+                            max_inflight_bytes=max_inflight_bytes)
+        self.endpoint = endpoint
+        self.viewer = viewer
+        self.shm_prefix = shm_prefix
+        self.policy = policy
+        self.max_inflight = max_inflight
+        self.max_inflight_bytes = max_inflight_bytes
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.transport = transport
+        self.start_hint = start_hint
+        self.curve_server_key = curve_server_key
+        self.stats = collections.Counter()
+        #: save()-to-ack times in seconds of the last 100k messages (benchmarks read this)
+        self.latencies: collections.deque[float] = collections.deque(maxlen=100_000)
+        self._lock = threading.RLock()
+        self._reset_process_state()
+        _live_senders.add(self)
+
+    @staticmethod
+    def _check_options(*, policy: str, transport: str, max_inflight: int,
+                       max_inflight_bytes: int, **_: object) -> None:
+        """Reject bad options when the backend is made, not at the first save."""
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if transport not in ("auto", "shm", "inline"):
+            raise ValueError(f"transport must be 'auto', 'shm' or 'inline', got {transport!r}")
+        if max_inflight < 1 or max_inflight_bytes < 1:
+            raise ValueError("max_inflight and max_inflight_bytes must be positive")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _reset_process_state(self) -> None:
+        """Fresh socket and pool for this process (also after a fork: never touch the
+        parent's segments or ZeroMQ state)."""
+        self._pid = os.getpid()
+        self._ctx: zmq.Context | None = None
+        self._sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self._poller: zmq.Poller | None = None
+        self._pool = SegmentPool(self.shm_prefix, self.max_inflight_bytes)
+        self._seq = itertools.count()
+        self._inflight: dict[int, tuple[float, int]] = {}  # seq -> (t0, nbytes)
+        self._inflight_bytes = 0
+        self._connected = False
+        self._use_shm = False
+        self._lost = 0  # unacknowledged messages lost since the last report to the caller
+        self._rejections: list[p.Error] = []
+        self._reports: dict[int, dict] = {}
+        self.receiver_id: str | None = None
+        self._closed = False
+
+    def close(self, flush_timeout: float | None = None) -> None:
+        """Deliver what is in flight (best effort), say bye, unlink every segment."""
+        with self._lock:
+            if self._closed:
+                return
+            if self._pid != os.getpid():  # a forked child never owned the parent's state
+                self._closed = True
+                return
+            if self._connected and self._inflight:
+                try:
+                    self._wait_until(lambda: not self._inflight, flush_timeout or self.timeout)
+                except Exception:  # noqa: BLE001 - close must not raise over delivery
+                    pass
+            if self._sock is not None:
+                if self._connected:
+                    try:
+                        self._sock.send(p.encode(p.Bye(v=p.VERSION)), zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
+                self._close_socket(linger_ms=200)
+            self._pool.close()
+            self._closed = True
+
+    def __enter__(self) -> StreamSender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _close_socket(self, linger_ms: int = 0) -> None:
+        if self._monitor is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+        if self._sock is not None:
+            self._sock.close(linger=linger_ms)
+            self._sock = None
+        self._connected = False
+
+    def _open_socket(self) -> None:
+        self._ctx = zmq.Context.instance()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, self._pool.token.encode())
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a receiver that isn't there
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 50)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        if self.curve_server_key is not None:
+            public, secret = zmq.curve_keypair()
+            sock.curve_serverkey = self.curve_server_key
+            sock.curve_publickey = public
+            sock.curve_secretkey = secret
+        sock.connect(self.endpoint)
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._transport_up = False
+        self._sock = sock
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+
+    def _ensure_connected(self) -> bool:
+        """Handshake if needed. False means: drop this message (policy 'latest' while the
+        receiver that was there is gone, so a live preview never stalls the pipeline)."""
+        if self._pid != os.getpid():
+            self._reset_process_state()
+        if self._closed:
+            raise RuntimeError(f"this {self.viewer} stream sender is closed")
+        if self._connected:
+            return True
+        if self._sock is None:
+            self._open_socket()
+        if self.policy == "latest" and self.stats["handshakes"]:
+            self._drain_monitor()
+            if not self._transport_up:
+                return False
+        self._handshake()
+        return True
+
+    def _handshake(self) -> None:
+        probe = token = None
+        if self.transport != "inline":
+            probe, token = create_probe(self._pool.prefix)
+        try:
+            hello = p.Hello(
+                v=p.VERSION,
+                sender=self._pool.token,
+                pid=self._pid,
+                viewer=self.viewer,
+                segment_prefix=self._pool.prefix,
+                versions=list(p.SUPPORTED_VERSIONS),
+                probe=p.Probe(segment=probe.name, token=token) if probe else None,
+            )
+            deadline = time.monotonic() + self.connect_timeout
+            welcome = None
+            if self._send(p.encode(hello), deadline):
+                welcome = self._wait_for(p.Welcome, deadline)
+        finally:
+            if probe is not None:
+                destroy(probe)
+        if welcome is None:
+            raise ViewerNotRunningError(
+                f"no {self.viewer} receiver answered at {self.endpoint} within "
+                f"{self.connect_timeout:g} s. {self.start_hint}".strip()
+            )
+        if self.transport == "shm" and not welcome.shm:
+            raise ViewerNotRunningError(
+                f"the {self.viewer} receiver at {self.endpoint} cannot read this process's "
+                "shared memory (another machine or container); use transport='auto' or 'inline'"
+            )
+        self._use_shm = welcome.shm and self.transport != "inline"
+        self._connected = True
+        self.receiver_id = welcome.receiver
+        self.stats["handshakes"] += 1
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def send_array(
+        self,
+        data: Any,
+        path: str,
+        *,
+        stream: str,
+        axes: dict[str, int] | None = None,
+        axis_names: list[str] | None = None,
+        display: p.Display | None = None,
+    ) -> int:
+        """Send one array; returns its sequence number once the receiver has its header."""
+        t0 = time.perf_counter()
+        array = to_wire_array(data)
+        dtype_name = array.dtype.name
+        nbytes = array.nbytes
+        with self._lock:
+            if not self._ensure_connected():
+                self.stats["dropped"] += 1
+                return -1
+            self._raise_pending()
+            seq = next(self._seq)
+            use_shm = self._use_shm and nbytes > 0
+            segment = self._reserve(seq, nbytes, use_shm)
+            header = p.Frame(
+                v=p.VERSION,
+                seq=seq,
+                stream=stream,
+                path=str(path),
+                shape=list(array.shape),
+                dtype=dtype_name,
+                nbytes=nbytes,
+                sent_ns=time.time_ns(),
+                segment=segment.name if segment is not None else None,
+                axes=axes or {},
+                axis_names=axis_names,
+                display=display or p.Display(),
+                dropped=self.stats["dropped"],
+            )
+            p.check_frame(header)  # the sender obeys the rules it will be judged by
+            if segment is not None:
+                target = np.ndarray(array.shape, dtype=array.dtype.newbyteorder("<"),
+                                    buffer=segment.buf)
+                np.copyto(target, array, casting="equiv")
+                del target
+                parts = [p.encode(header)]
+            else:
+                payload = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+                if payload is array or payload.base is not None:
+                    payload = payload.copy()  # the caller may reuse its buffer after save()
+                parts = [p.encode(header), payload]
+            self._inflight[seq] = (t0, nbytes if segment is None else 0)
+            self._inflight_bytes += nbytes if segment is None else 0
+            if not self._send_parts(parts):
+                self._forget(seq, abandon=True)
+                self._connection_lost("could not send within the timeout")
+                self._raise_pending()
+            self.stats["frames"] += 1
+            self.stats["bytes"] += nbytes
+            self._drain()
+            return seq
+
+    def send_rois(
+        self,
+        rois: list[p.Roi],
+        path: str,
+        *,
+        stream: str,
+        axes: dict[str, int] | None = None,
+        axis_names: list[str] | None = None,
+    ) -> int:
+        t0 = time.perf_counter()
+        with self._lock:
+            if not self._ensure_connected():
+                self.stats["dropped"] += 1
+                return -1
+            self._raise_pending()
+            seq = next(self._seq)
+            self._reserve(seq, 0, False)
+            message = p.Rois(
+                v=p.VERSION, seq=seq, stream=stream, path=str(path), sent_ns=time.time_ns(),
+                rois=rois, axes=axes or {}, axis_names=axis_names,
+            )  # fmt: skip
+            p.check_rois(message)
+            self._inflight[seq] = (t0, 0)
+            if not self._send_parts([p.encode(message)]):
+                self._forget(seq)
+                self._connection_lost("could not send within the timeout")
+                self._raise_pending()
+            self.stats["rois"] += 1
+            return seq
+
+    def request(self, command: Literal["report", "clear"], timeout: float | None = None) -> dict:
+        """Ask the receiver for its state (`report`) or to drop its streams (`clear`)."""
+        with self._lock:
+            self._ensure_connected()
+            seq = next(self._seq)
+            self._inflight[seq] = (time.perf_counter(), 0)
+            self._send_parts([p.encode(p.Control(v=p.VERSION, seq=seq, command=command))])
+            self._wait_until(lambda: seq not in self._inflight, timeout or self.timeout)
+            self._raise_pending()
+            return self._reports.pop(seq, {})
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until the receiver holds every frame sent so far; raise if one was lost or
+        rejected."""
+        with self._lock:
+            if self._pid != os.getpid() or not self._connected:
+                self._raise_pending()
+                return
+            self._wait_until(lambda: not self._inflight, timeout or self.timeout)
+            self._raise_pending()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    # -- credits -------------------------------------------------------------------------------
+
+    def _reserve(self, seq: int, nbytes: int, use_shm: bool):
+        """Wait (or drop, or raise, per policy) until message `seq` may be sent; returns its
+        segment when it travels by shared memory."""
+        if nbytes > self.max_inflight_bytes:
+            raise UnstreamableDataError(
+                f"a frame of {nbytes} bytes exceeds max_inflight_bytes={self.max_inflight_bytes};"
+                " raise max_inflight_bytes when creating the backend"
+            )
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if len(self._inflight) < self.max_inflight and (
+                use_shm or self._inflight_bytes + nbytes <= self.max_inflight_bytes
+            ):
+                if not use_shm:
+                    return None
+                segment = self._pool.acquire(seq, nbytes)
+                if segment is not None:
+                    return segment
+            if self.policy == "latest" and self._inflight:
+                self._forget(min(self._inflight), abandon=True)
+                self.stats["dropped"] += 1
+                continue
+            if self.policy == "raise":
+                raise BackpressureError(
+                    f"the {self.viewer} receiver is {len(self._inflight)} messages behind "
+                    f"(max_inflight={self.max_inflight}); use policy='block' or 'latest' or "
+                    "save less often"
+                )
+            # policy 'block': wait for credits; only a lost receiver ends the wait early.
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._connection_lost(
+                    f"no acknowledgement from the receiver for {self.timeout:g} s"
+                )
+            else:
+                self._poll(remaining)
+            if not self._connected:
+                self._raise_pending()
+                raise ReceiverLostError(f"the {self.viewer} receiver at {self.endpoint} left")
+
+    def _forget(self, seq: int, abandon: bool = False) -> None:
+        entry = self._inflight.pop(seq, None)
+        if entry is not None:
+            self._inflight_bytes -= entry[1]
+        if abandon:
+            self._pool.abandon(seq)
+        else:
+            self._pool.release(seq)
+
+    def _connection_lost(self, why: str) -> None:
+        """The receiver is gone or silent: give up every unacknowledged segment (unlink,
+        never rewrite) and handshake again on the next send."""
+        lost = len(self._inflight)
+        for seq in list(self._inflight):
+            self._forget(seq, abandon=True)
+        self._connected = False
+        log.warning("%s receiver at %s lost (%s); %d message(s) unacknowledged",
+                    self.viewer, self.endpoint, why, lost)
+        if self.policy == "latest":
+            self.stats["dropped"] += lost
+        else:
+            self._lost += lost
+            self._lost_why = why
+        self.stats["lost"] += lost
+
+    def _raise_pending(self) -> None:
+        if self._lost:
+            lost, self._lost = self._lost, 0
+            raise ReceiverLostError(
+                f"the {self.viewer} receiver at {self.endpoint} was lost ({self._lost_why}); "
+                f"{lost} message(s) were not acknowledged. The next save reconnects; restart "
+                f"the viewer if it was closed. {self.start_hint}".strip()
+            )
+        if self._rejections:
+            error, self._rejections = self._rejections[0], []
+            raise FrameRejectedError(
+                f"the {self.viewer} receiver rejected message {error.seq}: {error.message}",
+                error.code,
+            )
+
+    # -- socket plumbing -----------------------------------------------------------------------
+
+    def _send(self, data: bytes, deadline: float) -> bool:
+        return self._send_parts([data], deadline)
+
+    def _send_parts(self, parts: list, deadline: float | None = None) -> bool:
+        """Send without ever blocking past `deadline`; False if nobody took it in time."""
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout
+        flags = zmq.NOBLOCK | (zmq.SNDMORE if len(parts) > 1 else 0)
+        while True:
+            try:
+                self._sock.send(parts[0], flags, copy=len(parts[0]) < 65536)
+                break
+            except zmq.Again:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._sock.poll(remaining * 1000, zmq.POLLOUT):
+                    if time.monotonic() >= deadline:
+                        return False
+        for i, part in enumerate(parts[1:], start=2):
+            last = i == len(parts)
+            self._sock.send(part, 0 if last else zmq.SNDMORE, copy=False)
+        return True
+
+    def _poll(self, timeout: float) -> None:
+        events = dict(self._poller.poll(max(0, timeout) * 1000))
+        if self._monitor in events:
+            self._drain_monitor()
+        if self._sock in events:
+            self._drain()
+
+    def _drain_monitor(self) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            self._transport_up = event == zmq.EVENT_CONNECTED
+            if event == zmq.EVENT_DISCONNECTED and self._connected:
+                self._drain()  # acks that arrived before the disconnect still count
+                self._connection_lost("the receiver disconnected")
+
+    def _drain(self) -> None:
+        """Handle every reply waiting on the socket, without blocking."""
+        sock = self._sock
+        while True:
+            try:
+                data = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle_reply(data)
+
+    def _handle_reply(self, data: bytes) -> p.ReceiverMessage | None:
+        try:
+            message = p.decode_receiver_message(data)
+        except Exception as exc:  # noqa: BLE001 - a bad reply must not break the pipeline
+            log.warning("ignoring unreadable reply from %s: %s", self.endpoint, exc)
+            return None
+        if isinstance(message, p.Ack):
+            entry = self._inflight.get(message.seq)
+            if entry is not None:
+                self.latencies.append(time.perf_counter() - entry[0])
+                self._forget(message.seq)
+                self.stats["acked"] += 1
+        elif isinstance(message, p.Error):
+            if message.seq is not None and message.seq in self._inflight:
+                self._forget(message.seq)
+            self.stats["rejected"] += 1
+            if message.code == p.HELLO_REQUIRED:
+                self._connection_lost("the receiver restarted")
+            else:
+                log.warning("%s receiver rejected message %s: %s", self.viewer, message.seq,
+                            message.message)
+                self._rejections.append(message)
+        elif isinstance(message, p.Report):
+            self._reports[message.seq] = message.state
+            self._forget(message.seq)
+        return message
+
+    def _wait_for(self, kind: type, deadline: float):
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not self._sock.poll(remaining * 1000, zmq.POLLIN):
+                break
+            message = self._handle_reply(self._sock.recv())
+            if isinstance(message, kind):
+                return message
+        return None
+
+    def _wait_until(self, done, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        self._drain()
+        while not done():
+            if not self._connected:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._connection_lost(f"no acknowledgement from the receiver for {timeout:g} s")
+                return
+            self._poll(remaining)

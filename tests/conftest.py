@@ -1,0 +1,45 @@
+"""Shared fixtures. Every test is checked for leaked shared-memory segments of our prefixes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHM_DIR = Path("/dev/shm")
+# Every prefix a polystore sender may use, including the guide's custom example.
+OUR_PREFIXES = ("napari_", "fiji_", "polystore", "myviewer_")
+
+
+def our_segments() -> set[str]:
+    if not SHM_DIR.is_dir():
+        return set()
+    return {n for n in os.listdir(SHM_DIR) if n.startswith(OUR_PREFIXES)}
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_shared_memory():
+    """Fail any test that leaves a segment of our prefixes in /dev/shm (and clean it up)."""
+    before = our_segments()
+    yield
+    leaked = our_segments() - before
+    for name in leaked:
+        try:
+            os.unlink(SHM_DIR / name)
+        except FileNotFoundError:
+            pass
+    assert not leaked, f"test leaked shared-memory segments: {sorted(leaked)}"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--soak", action="store_true", help="run the long soak variants")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--soak"):
+        return
+    skip = pytest.mark.skip(reason="soak test: run with --soak")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)

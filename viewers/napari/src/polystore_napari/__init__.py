@@ -1,0 +1,1 @@
+"""napari plugin for polystore: a dock widget that receives streamed frames."""
