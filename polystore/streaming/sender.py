@@ -224,6 +224,8 @@ class StreamSender:
             self._reset_process_state()
         if self._closed:
             raise RuntimeError(f"this {self.viewer} stream sender is closed")
+        if self._monitor is not None:
+            self._drain_monitor()  # notice a receiver that left before we send to nobody
         if self._connected:
             return True
         if self._sock is None:
@@ -326,9 +328,10 @@ class StreamSender:
             self._inflight[seq] = (t0, nbytes if segment is None else 0)
             self._inflight_bytes += nbytes if segment is None else 0
             if not self._send_parts(parts):
-                self._forget(seq, abandon=True)
                 self._connection_lost("could not send within the timeout")
                 self._raise_pending()
+                self.stats["dropped"] += 1  # policy latest: a live preview drops, never stalls
+                return -1
             self.stats["frames"] += 1
             self.stats["bytes"] += nbytes
             self._drain()
@@ -358,9 +361,9 @@ class StreamSender:
             p.check_rois(message)
             self._inflight[seq] = (t0, 0)
             if not self._send_parts([p.encode(message)]):
-                self._forget(seq)
                 self._connection_lost("could not send within the timeout")
                 self._raise_pending()
+                return -1
             self.stats["rois"] += 1
             return seq
 
@@ -536,8 +539,11 @@ class StreamSender:
                 self._forget(message.seq)
                 self.stats["acked"] += 1
         elif isinstance(message, p.Error):
-            if message.seq is not None and message.seq in self._inflight:
-                self._forget(message.seq)
+            tracked = message.seq is None or message.seq in self._inflight
+            if not tracked:
+                return message  # a frame we already gave up on (policy latest): counted
+            if message.seq is not None:  # a vanished segment is never reused
+                self._forget(message.seq, abandon=message.code == p.SEGMENT_MISSING)
             self.stats["rejected"] += 1
             if message.code == p.HELLO_REQUIRED:
                 self._connection_lost("the receiver restarted")

@@ -120,6 +120,7 @@ class SegmentPool:
         else:
             del self._busy[seq]
         self._total -= segment.size
+        log.debug("unlink %s (free=%s seq=%s)", segment.name, free, seq)
         try:
             segment.unlink()
         except FileNotFoundError:

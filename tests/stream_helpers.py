@@ -1,0 +1,103 @@
+"""A real receiver in a real separate process, for transport tests.
+
+The child runs `polystore.streaming.Receiver`; what it received comes back over the wire
+itself, through the `report` control message (digests of every frame), so a test checks
+bit-exactness end to end without any side channel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def digest(array: np.ndarray) -> str:
+    """Shape, dtype and bytes (little-endian, C order) of an array."""
+    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    h = hashlib.sha256(f"{array.shape}|{array.dtype.name}|".encode())
+    h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def _serve(endpoint: str, prefix: str, viewer: str, delay: float, conn) -> None:
+    # Block SIGTERM before any thread starts, so terminate() wakes sigwait below and the
+    # receiver stops cleanly instead of dying mid-copy.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    from polystore.streaming import Receiver
+
+    frames: list[dict] = []
+    rois: list[dict] = []
+
+    def on_frame(frame) -> None:
+        frames.append(
+            {
+                "path": frame.header.path,
+                "stream": frame.header.stream,
+                "digest": digest(frame.array),
+                "axes": frame.header.axes,
+                "kind": frame.header.display.kind,
+                "sender": frame.sender,
+                "seq": frame.header.seq,
+            }
+        )
+        if delay:
+            time.sleep(delay)
+
+    def on_rois(item) -> None:
+        rois.append({"stream": item.header.stream, "n": len(item.header.rois),
+                     "kinds": [r.kind for r in item.header.rois]})
+
+    def on_clear() -> None:
+        frames.clear()
+        rois.clear()
+
+    receiver = Receiver(endpoint, shm_prefix=prefix, viewer=viewer, on_frame=on_frame,
+                        on_rois=on_rois, on_clear=on_clear, report=lambda: {"received": frames, "roi_sets": rois})
+    try:
+        receiver.start()
+    except OSError as exc:
+        conn.send(("error", str(exc)))
+        return
+    conn.send(("ok", receiver.endpoint))
+    signal.sigwait({signal.SIGTERM})
+    receiver.stop()
+
+
+@dataclass
+class ReceiverProcess:
+    """Handle on a receiver child process."""
+
+    process: mp.Process
+    endpoint: str
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(10)
+
+    def kill(self) -> None:
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.join(10)
+
+
+def start_receiver(endpoint: str = "tcp://127.0.0.1:0", prefix: str = "napari_",
+                   viewer: str = "napari", delay: float = 0.0) -> ReceiverProcess:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=_serve, args=(endpoint, prefix, viewer, delay, child),
+                          daemon=True)
+    process.start()
+    if not parent.poll(60):
+        process.kill()
+        raise RuntimeError("receiver process did not start")
+    status, value = parent.recv()
+    if status != "ok":
+        process.join(5)
+        raise OSError(value)
+    return ReceiverProcess(process, value)

@@ -1,0 +1,539 @@
+"""Streaming transport: real receiver processes, real sockets, real shared memory."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import socket
+import time
+from multiprocessing import shared_memory
+
+import numpy as np
+import pytest
+import zmq
+
+from polystore import BackendRegistry, FileManager
+from polystore.streaming import (
+    BackpressureError,
+    FijiStreamingBackend,
+    NapariStreamingBackend,
+    ReceiverLostError,
+    StreamingBackend,
+    UnstreamableDataError,
+    ViewerNotRunningError,
+    list_segments,
+    receiver_for,
+    stream_key,
+    sweep,
+)
+from polystore.streaming import protocol as p
+from tests.stream_helpers import digest, start_receiver
+
+DTYPES = list(p.DTYPES)
+
+
+def free_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.fixture(scope="module")
+def receiver_proc():
+    proc = start_receiver()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def backend(receiver_proc):
+    b = NapariStreamingBackend(receiver_proc.endpoint)
+    b.request("clear")
+    yield b
+    b.close()
+
+
+def received(backend) -> list[dict]:
+    backend.flush()
+    return backend.request("report")["received"]
+
+
+def sample(dtype: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    dt = np.dtype(dtype)
+    if dt.kind == "f":
+        return rng.standard_normal(shape).astype(dt) * 1000
+    info = np.iinfo(dt)
+    return rng.integers(info.min, info.max, shape, dtype=dt, endpoint=True)
+
+
+# -- round trips -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["shm", "inline"])
+def test_round_trip_every_dtype_and_shape_is_bit_exact(receiver_proc, transport):
+    arrays = []
+    for i, dtype in enumerate(DTYPES):
+        for shape in [(7, 9), (3, 5, 6), (2, 1, 3, 4, 5)]:
+            arrays.append(sample(dtype, shape, seed=i))
+    with NapariStreamingBackend(receiver_proc.endpoint, transport=transport) as b:
+        start = len(b.request("report")["received"])
+        for i, a in enumerate(arrays):
+            b.save(a, f"rt/{transport}_{i:03d}.tif")
+        got = received(b)[start:]
+        assert b.sender._use_shm is (transport == "shm")
+    assert [g["digest"] for g in got] == [digest(a) for a in arrays]
+
+
+def test_non_contiguous_big_endian_and_bool_inputs(backend):
+    base = sample("uint16", (64, 80))
+    inputs = [
+        base[::2, ::3],                    # strided view
+        base.T,                            # Fortran order
+        base.astype(">u2"),                # big-endian
+        base.astype(">f8")[5:9],           # big-endian float slice
+        base > 30000,                      # bool -> uint8
+    ]
+    expected = [
+        base[::2, ::3], base.T, base, base.astype("f8")[5:9], (base > 30000).astype(np.uint8),
+    ]
+    for i, a in enumerate(inputs):
+        backend.save(a, f"odd/{i}.tif")
+    assert [g["digest"] for g in received(backend)] == [digest(e) for e in expected]
+
+
+def test_array_like_and_torch_inputs(backend):
+    class ArrayLike:
+        def __array__(self, dtype=None, copy=None):
+            return np.arange(12, dtype=np.int32).reshape(3, 4)
+
+    backend.save(ArrayLike(), "like/a.tif")
+    expected = [np.arange(12, dtype=np.int32).reshape(3, 4)]
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        t = torch.arange(20, dtype=torch.float32).reshape(4, 5)[:, 1:]
+        backend.save(t, "like/t.tif")
+        expected.append(t.numpy())
+    assert [g["digest"] for g in received(backend)] == [digest(e) for e in expected]
+
+
+def test_metadata_axes_hints_and_stream_keys(backend):
+    backend.save(np.zeros((4, 4), np.uint16), "well_A01/t003.tif", axes={"t": 3, "c": 1},
+                 axis_names=["t", "c"])
+    backend.save(np.zeros((4, 4), np.uint8), "seg/mask_001.tif", labels=True, stream="masks")
+    got = received(backend)
+    assert got[0]["stream"] == "well_A01" and got[0]["axes"] == {"t": 3, "c": 1}
+    assert got[1]["stream"] == "masks" and got[1]["kind"] == "labels"
+
+
+def test_rois_round_trip(backend):
+    rois = [
+        {"kind": "polygon", "coords": [[0, 0], [0, 5], [5, 5]], "label": "cell 1"},
+        {"kind": "rectangle", "coords": [[1, 1], [4, 6]]},
+        {"kind": "ellipse", "coords": [[1, 1], [4, 6]]},
+        {"kind": "line", "coords": [[0, 0], [9, 9]]},
+        p.Roi(kind="point", coords=[[3, 3]]),
+    ]
+    backend.save(rois, "well_A01/t003.roi.zip", axes={"t": 3})
+    backend.flush()
+    sets = backend.request("report")["roi_sets"]
+    assert sets[-1] == {"stream": "well_A01", "n": 5,
+                        "kinds": ["polygon", "rectangle", "ellipse", "line", "point"]}
+    with pytest.raises(UnstreamableDataError, match="kind"):
+        backend.save([{"kind": "blob", "coords": [[0, 0]]}], "x.roi.zip")
+    with pytest.raises(p.ProtocolError, match="needs 3"):
+        backend.save([{"kind": "polygon", "coords": [[0, 0]]}], "x.roi.zip")
+
+
+def test_stream_key_derivation():
+    exts = NapariStreamingBackend.SUPPORTED_EXTENSIONS
+    assert stream_key("well_A01/t003.tif", exts) == "well_A01"
+    assert stream_key("out/smooth_007.tif", exts) == "out/smooth"
+    assert stream_key("frame_001.tiff", exts) == "frame"
+    assert stream_key("well_A01/t003.roi.zip", exts) == "well_A01"
+    assert stream_key("/abs/path/img.tif", exts) == "abs/path/img"
+
+
+def test_filemanager_routes_to_streaming_backends(receiver_proc):
+    registry = BackendRegistry()
+    assert "napari_stream" in registry and "fiji_stream" in registry
+    registry["napari_stream"] = b = NapariStreamingBackend(receiver_proc.endpoint)
+    fm = FileManager(registry)
+    try:
+        a = sample("uint16", (16, 16))
+        fm.save_batch([a, {"x": 1}, a], ["fm/a_1.tif", "fm/meta.json", "fm/a_2.tif"],
+                      backend="napari_stream")
+        got = [g for g in received(b) if g["path"].startswith("fm/")]
+        assert [g["path"] for g in got] == ["fm/a_1.tif", "fm/a_2.tif"]
+        with pytest.raises(Exception, match="write-only"):
+            fm.load("fm/a_1.tif", backend="napari_stream")
+    finally:
+        b.close()
+
+
+# -- the guide's streaming example -------------------------------------------------------------
+
+
+class MyStreamingBackend(StreamingBackend):
+    """Custom streaming backend with extension filtering."""
+
+    _backend_type = 'my_stream'
+    VIEWER_TYPE = 'myviewer'
+    SHM_PREFIX = 'myviewer_'
+
+    # Declare which extensions this backend can stream
+    SUPPORTED_EXTENSIONS = {
+        '.tif', '.tiff', '.png', '.jpg', '.jpeg',
+        '.roi.zip',  # Compound extensions work too
+    }
+
+    def save_batch(self, data_list, file_paths, **kwargs):
+        """Stream data, automatically filtering unsupported files."""
+        # Filter to only supported file types
+        data_list, file_paths, skipped = self._filter_streamable_files(
+            data_list, file_paths
+        )
+
+        if not data_list:
+            return
+
+        # Now stream only the supported files...
+        for data, path in zip(data_list, file_paths):
+            self._stream_data(data, path, **kwargs)
+
+
+class RestrictedNapariBackend(NapariStreamingBackend):
+    """Napari backend that only supports TIFF files."""
+    SUPPORTED_EXTENSIONS = {'.tif', '.tiff'}
+
+
+def test_guide_streaming_example_filters_extensions(monkeypatch, caplog):
+    endpoint = free_endpoint()
+    monkeypatch.setenv("POLYSTORE_MYVIEWER_ENDPOINT", endpoint)
+    proc = start_receiver(endpoint, prefix="myviewer_", viewer="myviewer")
+    try:
+        backend = MyStreamingBackend()
+        assert backend.endpoint == endpoint
+        img = sample("uint8", (8, 8))
+        paths = ["s/a_1.tif", "s/table.csv", "s/meta.json", "s/cells.roi.zip", "s/b_2.TIFF"]
+        data = [img, "a,b", {"k": 1}, [{"kind": "point", "coords": [[1, 1]]}], img]
+        with caplog.at_level("INFO"):
+            backend.save_batch(data, paths)
+        assert "skipped 2 file(s)" in caplog.text
+        backend.flush()
+        report = backend.request("report")
+        assert [g["path"] for g in report["received"]] == ["s/a_1.tif", "s/b_2.TIFF"]
+        assert report["roi_sets"][0]["n"] == 1
+        backend.save_batch([img], ["only.csv"])  # nothing streamable: returns quietly
+        backend.close()
+        # Subclass narrowing the set: .png is no longer streamed (and not registered anew)
+        kept, paths_kept, skipped = RestrictedNapariBackend()._filter_streamable_files(
+            [1, 2, 3], ["a.tif", "b.png", "c.tiff"])
+        assert paths_kept == ["a.tif", "c.tiff"] and skipped == ["b.png"]
+        assert "my_stream" in BackendRegistry()
+    finally:
+        proc.stop()
+
+
+# -- flow control ------------------------------------------------------------------------------
+
+
+def test_policy_block_delivers_everything_from_a_slow_receiver():
+    proc = start_receiver(delay=0.02)
+    try:
+        with NapariStreamingBackend(proc.endpoint, max_inflight=2, timeout=10) as b:
+            arrays = [sample("uint16", (32, 32), seed=i) for i in range(30)]
+            for i, a in enumerate(arrays):
+                b.save(a, f"slow/{i}.tif")
+                assert b.sender.inflight <= 2
+            got = received(b)
+            assert [g["digest"] for g in got] == [digest(a) for a in arrays]
+            assert b.sender.stats["dropped"] == 0
+    finally:
+        proc.stop()
+
+
+def test_policy_latest_never_blocks_and_counts_drops():
+    proc = start_receiver(delay=0.05)
+    try:
+        with NapariStreamingBackend(proc.endpoint, policy="latest", max_inflight=2) as b:
+            t = time.perf_counter()
+            for i in range(40):
+                b.save(sample("uint16", (64, 64), seed=i), f"live/{i}.tif")
+            elapsed = time.perf_counter() - t
+            b.flush(10)
+            got = b.request("report")
+            dropped = b.sender.stats["dropped"]
+        assert elapsed < 1.0, "latest must not wait for a slow receiver (40 x 50 ms = 2 s)"
+        assert dropped > 0
+        # every frame was either received or counted as dropped (by sender or as missing)
+        assert len(got["received"]) + dropped >= 40
+        assert got["dropped"] > 0  # the receiver saw the drop count too
+    finally:
+        proc.stop()
+
+
+def test_policy_raise_raises_backpressure():
+    proc = start_receiver(delay=0.2)
+    try:
+        with NapariStreamingBackend(proc.endpoint, policy="raise", max_inflight=1) as b:
+            with pytest.raises(BackpressureError, match="behind"):
+                for i in range(10):
+                    b.save(np.zeros((8, 8), np.uint8), f"r/{i}.tif")
+    finally:
+        proc.stop()
+
+
+def test_block_times_out_on_a_stalled_receiver():
+    proc = start_receiver(delay=5)
+    try:
+        b = NapariStreamingBackend(proc.endpoint, max_inflight=1, timeout=0.5)
+        b.save(np.zeros((8, 8), np.uint8), "a.tif")  # accepted, receiver now stalls
+        b.save(np.zeros((8, 8), np.uint8), "b.tif")  # queued behind it
+        t = time.perf_counter()
+        with pytest.raises(ReceiverLostError, match="acknowledg"):
+            b.save(np.zeros((8, 8), np.uint8), "c.tif")
+        assert time.perf_counter() - t < 1.5
+        b.close()
+        assert not list_segments(["napari_"]) or all(
+            s.pid != os.getpid() for s in list_segments(["napari_"]))
+    finally:
+        proc.kill()
+
+
+def test_inflight_bytes_bound_and_oversized_frame():
+    proc = start_receiver()
+    try:
+        with NapariStreamingBackend(proc.endpoint, max_inflight_bytes=1 << 20) as b:
+            for i in range(20):
+                b.save(np.full((256, 1024), i, np.uint16), f"big/{i}.tif")  # 512 KiB each
+                assert b.sender._pool.total_bytes <= 1 << 20
+            with pytest.raises(UnstreamableDataError, match="max_inflight_bytes"):
+                b.save(np.zeros((1024, 1024), np.uint16), "too_big.tif")
+            b.flush()
+    finally:
+        proc.stop()
+
+
+# -- viewer absent -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [NapariStreamingBackend, FijiStreamingBackend])
+def test_viewer_absent_fails_fast_with_instructions(cls):
+    endpoint = free_endpoint()
+    b = cls(endpoint)
+    t = time.perf_counter()
+    with pytest.raises(ViewerNotRunningError) as info:
+        b.save(np.zeros((4, 4), np.uint8), "x.tif")
+    elapsed = time.perf_counter() - t
+    assert elapsed < 1.5
+    message = str(info.value)
+    assert endpoint in message and ("polystore napari" in message or "polystore fiji" in message)
+    b.close()
+
+
+def test_bad_options_are_rejected_up_front():
+    with pytest.raises(ValueError, match="policy"):
+        NapariStreamingBackend(policy="sometimes")
+    with pytest.raises(UnstreamableDataError, match="dtype"):
+        from polystore.streaming.sender import to_wire_array
+
+        to_wire_array(np.zeros(3, complex))
+    with pytest.raises(UnstreamableDataError, match="cannot stream str"):
+        from polystore.streaming.sender import to_wire_array
+
+        to_wire_array("not an array")
+
+
+# -- hostile and broken messages ---------------------------------------------------------------
+
+
+@pytest.fixture
+def local_receiver():
+    r = receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", queue_size=1000).start()
+    yield r
+    r.stop()
+
+
+class RawClient:
+    """A hand-driven DEALER socket, to send what no honest sender would."""
+
+    def __init__(self, endpoint: str, token: str = "raw0001") -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.ROUTING_ID, token.encode())
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.token = token
+        self.prefix = f"napari_{os.getpid()}_{token}_"
+
+    def request(self, header: dict | bytes, *extra: bytes):
+        data = header if isinstance(header, bytes) else json.dumps(header).encode()
+        self.sock.send_multipart([data, *extra])
+        assert self.sock.poll(3000), "receiver did not answer"
+        return p.decode_receiver_message(self.sock.recv())
+
+    def hello(self):
+        return self.request({"v": 1, "type": "hello", "sender": self.token, "pid": os.getpid(),
+                             "viewer": "napari", "segment_prefix": self.prefix})
+
+    def close(self):
+        self.sock.close(0)
+
+
+def frame(**overrides) -> dict:
+    header = {"v": 1, "type": "frame", "seq": 1, "stream": "s", "path": "s.tif",
+              "shape": [4, 4], "dtype": "uint8", "nbytes": 16, "sent_ns": 0}
+    header.update(overrides)
+    return header
+
+
+def test_receiver_rejects_every_bad_message_and_keeps_serving(local_receiver):
+    client = RawClient(local_receiver.endpoint)
+    segment = shared_memory.SharedMemory(name=client.prefix + "0", create=True, size=4096)
+    other = shared_memory.SharedMemory(name="fiji_1_other_0", create=True, size=4096)
+    mine_elsewhere = shared_memory.SharedMemory(name=f"napari_{os.getpid()}_someoneelse_0",
+                                                create=True, size=4096)
+    try:
+        assert isinstance(client.request(frame(segment=client.prefix + "0")), p.Error)
+        cases = [
+            (b"{not json", "bad_json"),
+            (b"[1, 2]", "bad_message"),
+            ({"v": 2, "type": "frame", "seq": 1}, "unsupported_version"),
+            ({"v": 1, "type": "teleport", "seq": 1}, "bad_message"),
+            (frame(segment=client.prefix + "0"), "hello_required"),
+        ]
+        for header, code in cases:
+            reply = client.request(header)
+            assert isinstance(reply, p.Error) and reply.code == code, (header, reply)
+        assert isinstance(client.hello(), p.Welcome)
+        seg = client.prefix + "0"
+        cases = [
+            (frame(segment="fiji_1_other_0"), "bad_segment"),
+            (frame(segment=f"napari_{os.getpid()}_someoneelse_0"), "bad_segment"),
+            (frame(segment="../../etc/passwd"), "bad_message"),
+            (frame(segment=seg + "/x"), "bad_message"),
+            (frame(segment=seg, shape=[4096, 4096], nbytes=4096 * 4096), "bad_segment"),
+            (frame(segment=seg, offset=4090), "bad_segment"),
+            (frame(segment=seg, shape=[-4, 4], nbytes=-16), "bad_message"),
+            (frame(segment=seg, shape=[2**40, 2**40], nbytes=2**80), "bad_message"),
+            (frame(segment=seg, shape=[2**30, 2**30], nbytes=2**60), "too_large"),
+            (frame(segment=seg, shape=[4, 4], nbytes=17), "bad_shape"),
+            (frame(segment=seg, dtype="object"), "bad_message"),
+            (frame(segment=seg, dtype="V16"), "bad_message"),
+            (frame(segment=seg, shape=[]), "bad_message"),
+            (frame(segment=seg, shape=[1] * 9, nbytes=1), "bad_message"),
+            (frame(segment=client.prefix + "99"), "segment_missing"),
+            (frame(), "bad_shape"),  # inline without payload
+            (frame(stream=""), "bad_message"),
+            (frame(segment=seg, axes={"t": 1}, axis_names=["z"]), "bad_message"),
+            (frame(segment=seg, axes={"t": -1}), "bad_message"),
+            ({"v": 1, "type": "rois", "seq": 2, "stream": "s", "path": "p", "sent_ns": 0,
+              "rois": [{"kind": "line", "coords": [[1, 1]]}]}, "bad_message"),
+            (b"{" + b'"pad":"' + b"x" * 70000 + b'"}', "too_large"),
+        ]
+        for header, code in cases:
+            reply = client.request(header)
+            assert isinstance(reply, p.Error) and reply.code == code, (header, reply)
+        # payload together with a segment, and too many parts
+        reply = client.request(frame(segment=seg), b"x" * 16)
+        assert reply.code == "bad_message"
+        reply = client.request(frame(), b"x" * 16, b"extra")
+        assert reply.code == "bad_message"
+        # a hello claiming another receiver's prefix
+        reply = client.request({"v": 1, "type": "hello", "sender": "x1", "pid": 1,
+                                "viewer": "fiji", "segment_prefix": "fiji_1_x1_"})
+        assert reply.code == "bad_segment"
+        # ...and an honest frame still works
+        segment.buf[:16] = bytes(range(16))
+        assert isinstance(client.request(frame(segment=seg)), p.Ack)
+        item = local_receiver.queue.get(timeout=2)
+        assert item.array.tobytes() == bytes(range(16))
+        assert local_receiver.running
+        assert local_receiver.stats.rejected >= 30
+    finally:
+        client.close()
+        for s in (segment, other, mine_elsewhere):
+            s.close()
+            s.unlink()
+
+
+def test_foreign_user_segment_is_refused(local_receiver, tmp_path):
+    """A name in our prefix that is not a regular file of our user (here: a directory made
+    under /dev/shm) is refused, not followed."""
+    client = RawClient(local_receiver.endpoint, token="dirtest")
+    path = f"/dev/shm/{client.prefix}0"
+    os.mkdir(path)
+    try:
+        client.hello()
+        reply = client.request(frame(segment=client.prefix + "0"))
+        assert reply.code in ("bad_segment", "segment_missing")
+    finally:
+        os.rmdir(path)
+        client.close()
+
+
+# -- segments: ownership and sweep -------------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    proc = mp.get_context("spawn").Process(target=time.sleep, args=(0,))
+    proc.start()
+    proc.join()
+    return proc.pid
+
+
+def test_sweep_removes_only_dead_owners_segments():
+    dead = _dead_pid()
+    orphan = shared_memory.SharedMemory(name=f"napari_{dead}_abcd_0", create=True, size=4096)
+    live = shared_memory.SharedMemory(name=f"napari_{os.getpid()}_abcd_0", create=True,
+                                      size=4096)
+    try:
+        infos = {s.name: s for s in list_segments(["napari_"])}
+        assert not infos[orphan.name].owner_alive and infos[live.name].owner_alive
+        removed = [s.name for s in sweep(["napari_"])]
+        assert orphan.name in removed and live.name not in removed
+        assert not os.path.exists(f"/dev/shm/{orphan.name}")
+    finally:
+        orphan.close()
+        live.close()
+        live.unlink()
+        from multiprocessing import resource_tracker
+
+        resource_tracker.unregister(orphan._name, "shared_memory")  # swept already
+
+
+def _save_in_child(backend, queue) -> None:
+    try:
+        backend.save(np.full((8, 8), 7, np.uint8), "fork/child.tif")
+        backend.flush()
+        backend.close()
+        queue.put("ok")
+    except Exception as exc:  # noqa: BLE001
+        queue.put(repr(exc))
+
+
+def test_backend_survives_fork(backend):
+    backend.save(np.zeros((8, 8), np.uint8), "fork/parent.tif")
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_save_in_child, args=(backend, queue))
+    child.start()
+    assert queue.get(timeout=20) == "ok"
+    child.join(10)
+    backend.save(np.ones((8, 8), np.uint8), "fork/parent2.tif")
+    paths = [g["path"] for g in received(backend)]
+    assert sorted(paths) == ["fork/child.tif", "fork/parent.tif", "fork/parent2.tif"]
+
+
+def test_close_unlinks_every_segment(receiver_proc):
+    b = NapariStreamingBackend(receiver_proc.endpoint)
+    for i in range(5):
+        b.save(np.zeros((100 * (i + 1), 100), np.float64), f"c/{i}.tif")
+    mine = [s for s in list_segments(["napari_"]) if s.pid == os.getpid()]
+    assert mine, "the pool should hold segments while open"
+    b.close()
+    assert not [s for s in list_segments(["napari_"]) if s.pid == os.getpid()]
