@@ -1,0 +1,129 @@
+"""Atomic file writes: readers see either the old file or the complete new one.
+
+Data is written to a temporary file in the target's directory (same filesystem), flushed
+and fsynced, then moved over the target with :func:`os.replace`. On Linux the temporary
+file is created with ``O_TMPFILE``: it has no name until the write has finished, so even a
+process killed with SIGKILL mid-write leaves nothing behind. Where ``O_TMPFILE`` is not
+available a hidden named temporary file is used and removed on any error.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["atomic_write", "is_temp_name"]
+
+logger = logging.getLogger(__name__)
+
+_TEMP_SUFFIX = ".polystore-tmp"
+_TEMP_RE = re.compile(r"^\..*\.[0-9a-f]{16}" + re.escape(_TEMP_SUFFIX) + r"$")
+_O_TMPFILE: int | None = getattr(os, "O_TMPFILE", None)
+# st_dev -> whether O_TMPFILE + linkat works on that filesystem (probed once per device).
+_tmpfile_support: dict[int, bool] = {}
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is one of our in-progress temporary files (hidden from listings)."""
+    return _TEMP_RE.match(name) is not None
+
+
+def _temp_name(target_name: str) -> str:
+    return f".{target_name[:200]}.{secrets.token_hex(8)}{_TEMP_SUFFIX}"
+
+
+def _link_anonymous(fd: int, dir_fd: int, target_name: str) -> str:
+    """Give an O_TMPFILE file a (temporary) name in its directory and return that name."""
+    while True:
+        name = _temp_name(target_name)
+        try:
+            # Passing a dir_fd makes CPython use linkat(AT_SYMLINK_FOLLOW); plain link() would
+            # try to hard-link the /proc magic symlink itself and fail with EXDEV.
+            os.link(f"/proc/self/fd/{fd}", name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            return name
+        except FileExistsError:
+            continue
+
+
+def _tmpfile_works(dir_fd: int) -> bool:
+    if _O_TMPFILE is None or not os.path.isdir("/proc/self/fd"):
+        return False
+    dev = os.fstat(dir_fd).st_dev
+    if dev not in _tmpfile_support:
+        try:
+            fd = os.open(".", _O_TMPFILE | os.O_WRONLY, 0o600, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            ok = False
+        else:
+            try:
+                name = _link_anonymous(fd, dir_fd, "probe")
+                os.unlink(name, dir_fd=dir_fd)
+                ok = True
+            except OSError:
+                ok = False
+            finally:
+                os.close(fd)
+        _tmpfile_support[dev] = ok
+        logger.debug("O_TMPFILE support on device %s: %s", dev, ok)
+    return _tmpfile_support[dev]
+
+
+@contextmanager
+def atomic_write(
+    path: str | os.PathLike[str],
+    mode: str = "wb",
+    *,
+    encoding: str | None = None,
+    newline: str | None = None,
+    durable: bool = True,
+) -> Iterator[IO[Any]]:
+    """Yield a file object whose contents replace ``path`` only if the block succeeds.
+
+    ``durable`` fsyncs the data and the directory so the new file survives a power cut.
+    The target's directory must exist.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write supports mode 'w' or 'wb', not {mode!r}")
+    target = Path(path)
+    dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    temp: str | None = None
+    try:
+        if _tmpfile_works(dir_fd):
+            fd = os.open(".", _O_TMPFILE | os.O_RDWR, 0o666, dir_fd=dir_fd)  # type: ignore[operator]
+        else:
+            while True:
+                temp = _temp_name(target.name)
+                try:
+                    fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=dir_fd)
+                    break
+                except FileExistsError:
+                    continue
+        text_args = {"encoding": encoding, "newline": newline} if mode == "w" else {}
+        with os.fdopen(fd, mode, **text_args) as handle:
+            # Some writers (tifffile) need a str name; a raw fd's name is an int.
+            raw = handle.buffer.raw if mode == "w" else handle.raw
+            raw.name = str(target.parent / temp) if temp else f"/proc/self/fd/{fd}"
+            yield handle
+            handle.flush()
+            if durable:
+                os.fsync(handle.fileno())
+            if temp is None:
+                temp = _link_anonymous(handle.fileno(), dir_fd, target.name)
+        os.replace(temp, target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        temp = None
+        if durable:
+            os.fsync(dir_fd)
+    finally:
+        if temp is not None:
+            with suppress(FileNotFoundError):
+                os.unlink(temp, dir_fd=dir_fd)
+        os.close(dir_fd)
