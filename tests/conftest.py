@@ -66,3 +66,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "soak" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def figure():
+    """`figure(name, value)`: record a measured figure; written to build/figures.json at the
+    end of the session (docs/reliability.md quotes them)."""
+    import json
+
+    measured: dict[str, object] = {}
+    yield measured.__setitem__
+    if measured:
+        path = Path(__file__).resolve().parent.parent / "build" / "figures.json"
+        path.parent.mkdir(exist_ok=True)
+        old = json.loads(path.read_text()) if path.exists() else {}
+        old.update(measured)
+        path.write_text(json.dumps(old, indent=2, sort_keys=True))

@@ -58,7 +58,8 @@ def _serve(endpoint: str, prefix: str, viewer: str, delay: float, conn) -> None:
         rois.clear()
 
     receiver = Receiver(endpoint, shm_prefix=prefix, viewer=viewer, on_frame=on_frame,
-                        on_rois=on_rois, on_clear=on_clear, report=lambda: {"received": frames, "roi_sets": rois})
+                        on_rois=on_rois, on_clear=on_clear,
+                        report=lambda: {"received": frames, "roi_sets": rois})
     try:
         receiver.start()
     except OSError as exc:
@@ -101,3 +102,36 @@ def start_receiver(endpoint: str = "tcp://127.0.0.1:0", prefix: str = "napari_",
         process.join(5)
         raise OSError(value)
     return ReceiverProcess(process, value)
+
+
+def send_frames(endpoint: str, stream: str, count: int, shape=(64, 64), policy: str = "block",
+                timeout: float = 10.0, conn=None) -> dict:
+    """Sender body used in child processes (multiprocessing, dask workers): `count` frames
+    whose first pixel is the frame index, to one stream; returns the sender's counters."""
+    from polystore.streaming import NapariStreamingBackend
+
+    result = {"sent": 0, "error": None}
+    backend = NapariStreamingBackend(endpoint, policy=policy, timeout=timeout, max_inflight=8)
+    try:
+        frame = np.zeros(shape, np.uint16)
+        for i in range(count):
+            frame.flat[0] = i
+            backend.save(frame, f"{stream}/f{i:05d}.tif", stream=stream)
+            result["sent"] += 1
+        backend.flush()
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        result["stats"] = dict(backend.sender.stats) if backend._sender else {}
+        backend.close()
+    if conn is not None:
+        conn.send(result)
+    return result
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0

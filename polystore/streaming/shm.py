@@ -9,6 +9,7 @@ keeps valid memory) and makes a new one.
 
 from __future__ import annotations
 
+import _posixshmem  # CPython's shm_open/shm_unlink, used without the resource tracker
 import itertools
 import logging
 import mmap
@@ -21,8 +22,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from pathlib import Path
-
-import _posixshmem  # CPython's shm_open/shm_unlink, used without the resource tracker
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +207,9 @@ class SegmentReader:
         try:
             fd = _posixshmem.shm_open("/" + name, os.O_RDONLY, 0o600)
         except FileNotFoundError:
-            raise SegmentError(f"segment {name} does not exist (unlinked by its sender?)", True)
+            raise SegmentError(
+                f"segment {name} does not exist (unlinked by its sender?)", True
+            ) from None
         except OSError as exc:
             raise SegmentError(f"segment {name} cannot be opened: {exc.strerror}") from None
         try:
