@@ -537,3 +537,33 @@ def test_close_unlinks_every_segment(receiver_proc):
     assert mine, "the pool should hold segments while open"
     b.close()
     assert not [s for s in list_segments(["napari_"]) if s.pid == os.getpid()]
+
+
+@pytest.mark.parametrize("ending", ["exit", "gc"])
+def test_segments_released_at_interpreter_exit_and_on_garbage_collection(receiver_proc, ending):
+    """No close() at all: the atexit hook (or the pool's finalizer) still unlinks."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import gc, os, numpy as np
+        from polystore.streaming import NapariStreamingBackend, list_segments
+        b = NapariStreamingBackend({receiver_proc.endpoint!r})
+        for i in range(3):
+            b.save(np.zeros((256, 256), np.uint16), f"exit/{{i}}.tif")
+        mine = [s for s in list_segments(["napari_"]) if s.pid == os.getpid()]
+        assert mine, "segments exist while streaming"
+        if {ending!r} == "gc":
+            b.flush()
+            del b
+            gc.collect()
+            left = [s for s in list_segments(["napari_"]) if s.pid == os.getpid()]
+            assert not left, left
+        print(os.getpid())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    pid = int(out.stdout.strip())
+    assert [s for s in list_segments(["napari_"]) if s.pid == pid] == []

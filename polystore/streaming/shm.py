@@ -18,6 +18,7 @@ import re
 import secrets
 import stat
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -53,6 +54,8 @@ class SegmentPool:
         self._free: list[shared_memory.SharedMemory] = []
         self._busy: dict[int, shared_memory.SharedMemory] = {}
         self._total = 0
+        # A pool dropped without close() (or still open at exit) still unlinks its segments.
+        weakref.finalize(self, _unlink_leftovers, self._free, self._busy, self.pid)
 
     @property
     def busy_count(self) -> int:
@@ -129,6 +132,16 @@ class SegmentPool:
         except BufferError:
             # A NumPy view of it is still alive somewhere; the mapping is freed with it.
             log.debug("segment %s still viewed; leaving the mapping to the GC", segment.name)
+
+
+def _unlink_leftovers(free: list, busy: dict, pid: int) -> None:
+    if os.getpid() != pid:
+        return  # a forked child never owned these
+    for segment in [*free, *busy.values()]:
+        try:
+            segment.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def create_probe(prefix: str) -> tuple[shared_memory.SharedMemory, str]:
