@@ -27,6 +27,11 @@ from polystore.errors import (
 from polystore.filemanager import FileManager
 from polystore.metadata import update_json
 from polystore.registry import BackendRegistry, available_backends
+from polystore.streaming import (  # registers napari_stream and fiji_stream
+    FijiStreamingBackend,
+    NapariStreamingBackend,
+    StreamingBackend,
+)
 
 __version__ = "0.1.0"
 
@@ -37,13 +42,16 @@ __all__ = [
     "BackendRegistry",
     "DiskBackend",
     "DuplicateBackendError",
+    "FijiStreamingBackend",
     "FileManager",
     "MemoryBackend",
+    "NapariStreamingBackend",
     "PathEscapeError",
     "PolystoreError",
     "ReadOnlyBackend",
     "ReadOnlyBackendError",
     "StorageBackend",
+    "StreamingBackend",
     "UnsupportedFormatError",
     "UnsupportedOperationError",
     "WriteOnlyBackend",
@@ -52,10 +60,3 @@ __all__ = [
     "update_json",
 ]
 
-try:  # streaming backends (napari_stream, fiji_stream) register on import
-    from polystore.streaming import StreamingBackend  # noqa: F401
-except ImportError as exc:  # pragma: no cover - only while streaming is under construction
-    if exc.name is None or not exc.name.startswith("polystore.streaming"):
-        raise
-else:
-    __all__.append("StreamingBackend")
