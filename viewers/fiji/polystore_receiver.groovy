@@ -1,0 +1,1866 @@
+#@ String (label="Endpoint", value="tcp://127.0.0.1:55556", description="tcp://HOST:PORT to listen on (loopback only unless remote senders are allowed); port 0 picks a free port") endpoint
+#@ String (label="Frames without t/c/z axes", choices={"replace", "stack"}, value="replace", description="replace: each frame replaces its window's image; stack: each frame is appended as a new slice") mode
+#@ String (label="Multichannel display", choices={"composite", "color", "grayscale"}, value="composite") channel_display
+#@ File (label="Output directory (optional)", style="directory", required=false, description="If set, every 'report' request also saves each image as <title>.tif and writes report.json here") output_dir
+#@ Boolean (label="Add ROIs to the ROI Manager (needs a display)", value=true) roi_manager
+#@ Boolean (label="Allow remote senders (listen beyond 127.0.0.1, unencrypted)", value=false) allow_remote
+#@ Boolean (label="Stop when standard input closes (headless use)", value=false) stop_on_stdin_eof
+
+/*
+ * polystore receiver for Fiji / ImageJ: frames saved with backend="fiji_stream" become images.
+ *
+ * Speaks wire protocol v1 (docs/protocol.md, mirrored in polystore/streaming/protocol.py and
+ * polystore/streaming/receiver.py): a JeroMQ ROUTER socket on tcp://127.0.0.1, a hello/welcome
+ * handshake with a shared-memory probe, every header validated in the order protocol.md gives
+ * ("Validation"), pixels copied straight out of /dev/shm/<segment> through a read-only memory
+ * map (or out of the message for inline frames), and the `ack` (the sender's credit) sent the
+ * moment the copy is done, before anything is drawn. A bad message gets an `error` reply;
+ * nothing a message contains stops this script. Installation and use: docs/fiji.md.
+ *
+ * Type mapping (dtype on the wire -> ImageJ image type):
+ *   uint8   -> 8-bit  (exact)         uint16 -> 16-bit (exact)         float32 -> 32-bit (exact)
+ *   int8, int16, float16                        -> 32-bit float, exact
+ *   uint32, int32                               -> 32-bit float, exact while |v| <= 2^24
+ *   uint64, int64, float64                      -> 32-bit float, rounded to the nearest float32
+ *                                                  (float64 beyond +-3.4e38 becomes +-Infinity)
+ *   display.kind == "labels": 16-bit when every value is an integer in 0..65535 (uint8/uint16
+ *   always), else 32-bit float; shown with a glasbey LUT (Fiji's glasbey_on_dark.lut when
+ *   present, else an equivalent built here), display range 0..max(255, largest label).
+ *   A stream keeps one type: a stacked or placed frame of another type turns the whole image
+ *   into 32-bit float (values kept); `replace` simply takes the new frame's type.
+ *
+ * Windows and axes: one ImagePlus per stream key, titled with the key. The last two dims of
+ * `shape` are (rows, columns) = (height, width). `axes` keys c/ch/channel, z/slice/depth and
+ * t/time/frame place the frame in a hyperstack (setDimensions(c, z, t)) that grows as needed,
+ * reusing its pixel arrays (the ImagePlus is never re-created per frame; it becomes a
+ * CompositeImage once, when a second channel appears). Any other axis name is folded into the
+ * window title ("stream [p=3]"), since ImageJ has no more dimensions. A frame's own leading
+ * dims are named by the entries of `axis_names` that are not keys of `axes`, else by default
+ * (1 dim: z; 2: c, z; 3: t, c, z); more than ImageJ's c/z/t can hold is answered `bad_shape`.
+ * Frames without position axes follow display.mode, else the `mode` parameter: `replace`
+ * (the window shows just this frame) or `stack` (appended as new slices); `place` writes at
+ * position 0. Empty frames (a 0 in shape) are acknowledged and counted, not shown.
+ *
+ * Display hints: colormap (gray, red, green, blue, cyan, magenta, yellow, fire, ice, spectrum,
+ * glasbey, or any LUT file Fiji has, e.g. viridis via mpl-viridis.lut) applies to the
+ * channel(s) the frame covers; contrast_limits sets their display range; opacity is ignored.
+ *
+ * ROIs (`rois` messages): polygon, rectangle, ellipse, line and point become ImageJ ROIs at
+ * x = column, y = row, positioned (c, z, t) by the message's axes (unset axes = all), named by
+ * their label (else "<path>#<n>"). They go to the image's Overlay (saved with its TIFF) and, when
+ * Fiji has a display, also to the ROI Manager. ROIs sent again for the same path replace the
+ * earlier ones; ROIs for a stream that has no image yet wait for its first frame.
+ *
+ * Control: `report` answers a `report` message (counters plus one entry per image) and, with an
+ * output directory, saves every image as TIFF and writes report.json there first; `clear`
+ * closes every image and answers `ack`; `bye` forgets the sender and unmaps its segments.
+ * Headless it stops on SIGTERM (or when stdin closes, if asked); in Fiji, with its Stop button.
+ */
+
+import groovy.transform.CompileStatic
+import ij.CompositeImage
+import ij.IJ
+import ij.ImagePlus
+import ij.ImageStack
+import ij.gui.Line
+import ij.gui.OvalRoi
+import ij.gui.Overlay
+import ij.gui.PointRoi
+import ij.gui.PolygonRoi
+import ij.gui.Roi
+import ij.io.FileSaver
+import ij.plugin.LutLoader
+import ij.process.FloatPolygon
+import ij.process.LUT
+
+import java.awt.GraphicsEnvironment
+import java.awt.image.IndexColorModel
+import java.lang.management.ManagementFactory
+import java.lang.reflect.Method
+import java.nio.Buffer
+import java.nio.ByteBuffer
+import java.nio.ByteOrder
+import java.nio.MappedByteBuffer
+import java.nio.channels.FileChannel
+import java.nio.charset.CharacterCodingException
+import java.nio.charset.CodingErrorAction
+import java.nio.charset.StandardCharsets
+import java.nio.file.Files
+import java.nio.file.LinkOption
+import java.nio.file.NoSuchFileException
+import java.nio.file.Path
+import java.nio.file.Paths
+import java.nio.file.StandardCopyOption
+import java.nio.file.StandardOpenOption
+import java.util.concurrent.CountDownLatch
+import java.util.concurrent.TimeUnit
+import java.util.concurrent.atomic.AtomicBoolean
+import java.util.regex.Pattern
+
+// ==========================================================================================
+// 1. Protocol v1: constants, error codes, messages (mirror of polystore/streaming/protocol.py)
+// ==========================================================================================
+
+@CompileStatic
+class P {
+    static final int VERSION = 1
+    static final int MAX_HEADER_BYTES = 64 * 1024
+    // A Java array and a MappedByteBuffer hold < 2^31 elements, so this receiver accepts frames
+    // a little under the protocol's 2 GiB default; it says so in `welcome`.
+    static final long MAX_FRAME_BYTES = (1L << 31) - (1L << 20)
+    static final int MAX_NDIM = 8
+    static final long MAX_DIM = (1L << 31) - 1
+    static final int MAX_ROIS = 100000
+    static final int MAX_SENDERS = 1024
+    static final String VIEWER = 'fiji'
+    static final String SHM_PREFIX = 'fiji_'  // FijiStreamingBackend.SHM_PREFIX
+    static final Map<String, Integer> DTYPES = [
+        uint8: 1, int8: 1, uint16: 2, int16: 2, uint32: 4, int32: 4, uint64: 8, int64: 8,
+        float16: 2, float32: 4, float64: 8,
+    ] as LinkedHashMap
+    static final Map<String, int[]> ROI_POINTS = [
+        rectangle: [2, 2] as int[], ellipse: [2, 2] as int[], line: [2, 2] as int[],
+        point: [1, 1] as int[], polygon: [3, MAX_ROIS] as int[],
+    ]
+
+    // Error codes (docs/protocol.md, "Error codes").
+    static final String BAD_JSON = 'bad_json'
+    static final String BAD_MESSAGE = 'bad_message'
+    static final String UNSUPPORTED_VERSION = 'unsupported_version'
+    static final String HELLO_REQUIRED = 'hello_required'
+    static final String BAD_SEGMENT = 'bad_segment'
+    static final String SEGMENT_MISSING = 'segment_missing'
+    static final String TOO_LARGE = 'too_large'
+    static final String BAD_SHAPE = 'bad_shape'
+    static final String INTERNAL = 'internal'
+
+    // Receiver -> sender messages, each defined once.
+    static Map welcome(String receiver, long pid, boolean shm) {
+        [v: VERSION, type: 'welcome', receiver: receiver, viewer: VIEWER, pid: pid, shm: shm,
+         max_frame_bytes: MAX_FRAME_BYTES] as Map
+    }
+
+    static Map ack(Object seq) { [v: VERSION, type: 'ack', seq: seq] as Map }
+
+    static Map error(Object seq, String code, String message) {
+        [v: VERSION, type: 'error', seq: seq, code: code, message: message] as Map
+    }
+
+    static Map report(Object seq, Map state) { [v: VERSION, type: 'report', seq: seq, state: state] as Map }
+}
+
+/** A message broke the protocol; `code` is one of the error codes above. */
+@CompileStatic
+class ProtocolError extends Exception {
+    final String code
+    final Object seq
+
+    ProtocolError(String code, String message, Object seq) {
+        super(message)
+        this.code = code
+        this.seq = seq
+    }
+}
+
+/** A field failed its check; becomes `bad_message` with the message's seq. */
+@CompileStatic
+class Invalid extends Exception {
+    Invalid(String message) { super(message) }
+}
+
+/**
+ * Field checks, the Groovy spelling of protocol.py's msgspec annotations. A check returns the
+ * value (numbers normalised) or throws Invalid. JSON integers arrive as Long or BigInteger,
+ * other numbers as Double; like msgspec, an int field refuses 1.0 and true.
+ */
+@CompileStatic
+class Check {
+    static boolean isInt(Object v) { v instanceof Long || v instanceof BigInteger }
+
+    static BigInteger big(Object v) { v instanceof BigInteger ? (BigInteger) v : BigInteger.valueOf((Long) v) }
+
+    static Closure integer(Long lo, Long hi) {
+        return { Object v, String at ->
+            if (!isInt(v)) throw new Invalid("expected an integer at ${at}, got ${Json.kind(v)}".toString())
+            BigInteger b = big(v)
+            if ((lo != null && b < BigInteger.valueOf(lo)) || (hi != null && b > BigInteger.valueOf(hi))) {
+                throw new Invalid("${v} out of range [${lo != null ? lo : '-inf'}, ${hi != null ? hi : 'inf'}] at ${at}".toString())
+            }
+            return v
+        }
+    }
+
+    static Closure number(Double lo, Double hi) {
+        return { Object v, String at ->
+            if (!(isInt(v) || v instanceof Double)) throw new Invalid("expected a number at ${at}, got ${Json.kind(v)}".toString())
+            double d = ((Number) v).doubleValue()
+            if (Double.isInfinite(d) || (lo != null && d < lo) || (hi != null && d > hi)) {
+                throw new Invalid("${v} out of range at ${at}".toString())
+            }
+            return d
+        }
+    }
+
+    static Closure string(int min, int max, Pattern pattern = null) {
+        return { Object v, String at ->
+            if (!(v instanceof String)) throw new Invalid("expected a string at ${at}, got ${Json.kind(v)}".toString())
+            String s = (String) v
+            int n = s.codePointCount(0, s.length())
+            if (n < min || n > max) throw new Invalid("length ${n} not in ${min}..${max} at ${at}".toString())
+            // Whole-string match: unlike Python's `$`, no trailing newline slips through.
+            if (pattern != null && !pattern.matcher(s).matches()) throw new Invalid("${Json.quote(s)} does not match ${pattern} at ${at}".toString())
+            return s
+        }
+    }
+
+    static Closure oneOf(Collection<String> values) {
+        return { Object v, String at ->
+            if (!(v instanceof String) || !values.contains(v)) throw new Invalid("expected one of ${values} at ${at}, got ${Json.encode(v)}".toString())
+            return v
+        }
+    }
+
+    static Closure listOf(Closure item, int min, int max) {
+        return { Object v, String at ->
+            if (!(v instanceof List)) throw new Invalid("expected an array at ${at}, got ${Json.kind(v)}".toString())
+            List l = (List) v
+            if (l.size() < min || l.size() > max) throw new Invalid("array length ${l.size()} not in ${min}..${max} at ${at}".toString())
+            List out = new ArrayList(l.size())
+            for (int i = 0; i < l.size(); i++) out.add(item.call(l.get(i), "${at}[${i}]".toString()))
+            return out
+        }
+    }
+
+    static Closure dictOf(Closure key, Closure value, int max) {
+        return { Object v, String at ->
+            if (!(v instanceof Map)) throw new Invalid("expected an object at ${at}, got ${Json.kind(v)}".toString())
+            Map<String, Object> m = (Map<String, Object>) v
+            if (m.size() > max) throw new Invalid("object with ${m.size()} keys (at most ${max}) at ${at}".toString())
+            Map out = new LinkedHashMap()
+            for (Map.Entry<String, Object> e : m.entrySet()) {
+                key.call(e.key, "${at} key".toString())
+                out.put(e.key, value.call(e.value, "${at}.${e.key}".toString()))
+            }
+            return out
+        }
+    }
+
+    static Closure struct(List<Fld> fields) {
+        return { Object v, String at ->
+            if (!(v instanceof Map)) throw new Invalid("expected an object at ${at}, got ${Json.kind(v)}".toString())
+            return Fld.decode((Map) v, fields, at)
+        }
+    }
+
+    static Closure nullable(Closure inner) {
+        return { Object v, String at -> v == null ? null : inner.call(v, at) }
+    }
+}
+
+/** One field of a message: its name, its check, and its default (REQUIRED if it has none). */
+@CompileStatic
+class Fld {
+    static final Object REQUIRED = new Object()
+    final String name
+    final Closure check
+    final Object dflt
+
+    Fld(String name, Closure check, Object dflt) {
+        this.name = name
+        this.check = check
+        this.dflt = dflt
+    }
+
+    static Fld req(String name, Closure check) { new Fld(name, check, REQUIRED) }
+
+    static Fld opt(String name, Closure check, Object dflt) { new Fld(name, check, dflt) }
+
+    /** Check `json` against `fields`; unknown keys are ignored (a v1.x sender may add some). */
+    static Map decode(Map json, List<Fld> fields, String at) {
+        Map out = new LinkedHashMap()
+        for (Fld f : fields) {
+            if (json.containsKey(f.name)) {
+                out.put(f.name, f.check.call(json.get(f.name), "${at}.${f.name}".toString()))
+            } else if (f.dflt.is(REQUIRED)) {
+                throw new Invalid("missing required field ${f.name} at ${at}".toString())
+            } else {
+                out.put(f.name, f.dflt)
+            }
+        }
+        return out
+    }
+}
+
+/** Every sender -> receiver message of protocol v1, defined once (protocol.md, "Sender -> receiver"). */
+@CompileStatic
+class Messages {
+    static final Pattern NAME = Pattern.compile('[A-Za-z0-9_]{1,240}')
+    static final Pattern TOKEN = Pattern.compile('[A-Za-z0-9]{1,32}')
+
+    static final Closure INT = Check.integer(null, null)
+    static final Closure UINT = Check.integer(0L, null)
+    static final Closure FLOAT = Check.number(null, null)
+    static final Closure AXES = Check.dictOf(Check.string(1, 32), Check.integer(0L, 1000000L), 6)
+    static final Closure AXIS_NAMES = Check.nullable(Check.listOf(Check.string(1, 32), 0, 6))
+
+    static final List<Fld> PROBE = [Fld.req('segment', Check.string(1, 240, NAME)), Fld.req('token', Check.string(1, 32, TOKEN))]
+    static final List<Fld> DISPLAY = [
+        Fld.opt('kind', Check.oneOf(['image', 'labels']), 'image'),
+        Fld.opt('colormap', Check.nullable(Check.string(0, 64)), null),
+        Fld.opt('contrast_limits', Check.nullable(Check.listOf(FLOAT, 2, 2)), null),
+        Fld.opt('mode', Check.nullable(Check.oneOf(['replace', 'stack', 'place'])), null),
+        Fld.opt('opacity', Check.nullable(Check.number(0d, 1d)), null),
+    ]
+    static final List<Fld> ROI = [
+        Fld.req('kind', Check.oneOf(['polygon', 'rectangle', 'ellipse', 'line', 'point'])),
+        Fld.req('coords', Check.listOf(Check.listOf(FLOAT, 2, 2), 1, P.MAX_ROIS)),
+        Fld.opt('label', Check.nullable(Check.string(0, 256)), null),
+    ]
+
+    static final Map<String, List<Fld>> SENDER = [
+        hello: [
+            Fld.req('v', INT),
+            Fld.req('sender', Check.string(1, 32, TOKEN)),
+            Fld.req('pid', UINT),
+            Fld.req('viewer', Check.string(0, 64)),
+            Fld.req('segment_prefix', Check.string(1, 240, NAME)),
+            Fld.opt('versions', Check.listOf(INT, 0, Integer.MAX_VALUE), [1L]),
+            Fld.opt('probe', Check.nullable(Check.struct(PROBE)), null),
+        ],
+        frame: [
+            Fld.req('v', INT),
+            Fld.req('seq', UINT),
+            Fld.req('stream', Check.string(1, 256)),
+            Fld.req('path', Check.string(0, 4096)),
+            Fld.req('shape', Check.listOf(Check.integer(0L, P.MAX_DIM), 1, P.MAX_NDIM)),
+            Fld.req('dtype', Check.oneOf(P.DTYPES.keySet())),
+            Fld.req('nbytes', UINT),
+            Fld.req('sent_ns', UINT),
+            Fld.opt('segment', Check.nullable(Check.string(1, 240, NAME)), null),
+            Fld.opt('offset', UINT, 0L),
+            Fld.opt('axes', AXES, [:]),
+            Fld.opt('axis_names', AXIS_NAMES, null),
+            Fld.opt('display', Check.struct(DISPLAY), Fld.decode([:], DISPLAY, 'display')),
+            Fld.opt('dropped', UINT, 0L),
+        ],
+        rois: [
+            Fld.req('v', INT),
+            Fld.req('seq', UINT),
+            Fld.req('stream', Check.string(1, 256)),
+            Fld.req('path', Check.string(0, 4096)),
+            Fld.req('sent_ns', UINT),
+            Fld.req('rois', Check.listOf(Check.struct(ROI), 0, P.MAX_ROIS)),
+            Fld.opt('axes', AXES, [:]),
+            Fld.opt('axis_names', AXIS_NAMES, null),
+        ],
+        control: [Fld.req('v', INT), Fld.req('seq', UINT), Fld.req('command', Check.oneOf(['report', 'clear']))],
+        bye: [Fld.req('v', INT)],
+    ] as LinkedHashMap
+
+    /** Validation steps 1-4: size, JSON, version, fields. Returns the checked message. */
+    static Map decode(byte[] header) {
+        if (header.length > P.MAX_HEADER_BYTES) {
+            throw new ProtocolError(P.TOO_LARGE, "header of ${header.length} bytes exceeds ${P.MAX_HEADER_BYTES}".toString(), null)
+        }
+        Object json
+        try {
+            json = Json.parseUtf8(header)
+        } catch (JsonError e) {
+            throw new ProtocolError(P.BAD_JSON, "unreadable header: ${e.message}".toString(), null)
+        }
+        // The envelope: just enough to check the version before trusting the rest.
+        if (!(json instanceof Map)) throw new ProtocolError(P.BAD_MESSAGE, "unreadable header: expected an object, got ${Json.kind(json)}".toString(), null)
+        Map m = (Map) json
+        Object v = m.get('v'), type = m.get('type'), seq = m.get('seq')
+        if (!Check.isInt(v)) throw new ProtocolError(P.BAD_MESSAGE, "unreadable header: v must be an integer, got ${Json.kind(v)}".toString(), null)
+        if (!(type instanceof String)) throw new ProtocolError(P.BAD_MESSAGE, "unreadable header: type must be a string, got ${Json.kind(type)}".toString(), null)
+        if (seq != null && !Check.isInt(seq)) throw new ProtocolError(P.BAD_MESSAGE, "unreadable header: seq must be an integer or null, got ${Json.kind(seq)}".toString(), null)
+        if (v != (Object) Long.valueOf(P.VERSION)) {
+            throw new ProtocolError(P.UNSUPPORTED_VERSION, "protocol version ${v} is not supported (supported: [${P.VERSION}]); upgrade the older of sender and receiver".toString(), seq)
+        }
+        List<Fld> fields = SENDER.get(type)
+        if (fields == null) throw new ProtocolError(P.BAD_MESSAGE, "unknown message type ${Json.quote((String) type)} (expected one of ${SENDER.keySet()})".toString(), seq)
+        try {
+            Map out = Fld.decode(m, fields, '$')
+            out.put('type', type)
+            return out
+        } catch (Invalid e) {
+            throw new ProtocolError(P.BAD_MESSAGE, "invalid ${Json.quote((String) type)} message: ${e.message}".toString(), seq)
+        }
+    }
+
+    /** Step 6 for frames: shape x itemsize == nbytes, size cap, axis names. */
+    static void checkFrame(Map f) {
+        BigInteger expected = BigInteger.valueOf(P.DTYPES.get(f.get('dtype')))
+        for (Object d : (List) f.get('shape')) expected = expected.multiply(Check.big(d))
+        BigInteger nbytes = Check.big(f.get('nbytes'))
+        if (expected != nbytes) {
+            throw new ProtocolError(P.BAD_SHAPE, "shape ${f.get('shape')} x ${f.get('dtype')} is ${expected} bytes but nbytes=${nbytes}".toString(), f.get('seq'))
+        }
+        if (nbytes > BigInteger.valueOf(P.MAX_FRAME_BYTES)) {
+            throw new ProtocolError(P.TOO_LARGE, "frame of ${nbytes} bytes exceeds this receiver's max_frame_bytes=${P.MAX_FRAME_BYTES}".toString(), f.get('seq'))
+        }
+        checkAxes(f)
+    }
+
+    /** Step 6 for ROIs: point counts per kind, axis names. */
+    static void checkRois(Map m) {
+        for (Object o : (List) m.get('rois')) {
+            Map roi = (Map) o
+            int[] range = P.ROI_POINTS.get(roi.get('kind'))
+            int n = ((List) roi.get('coords')).size()
+            if (n < range[0] || n > range[1]) {
+                throw new ProtocolError(P.BAD_MESSAGE, "a ${roi.get('kind')} ROI needs ${range[0]}..${range[1]} points, got ${n}".toString(), m.get('seq'))
+            }
+        }
+        checkAxes(m)
+    }
+
+    static void checkAxes(Map m) {
+        List<String> names = (List<String>) m.get('axis_names')
+        Map axes = (Map) m.get('axes')
+        if (names != null && (new HashSet(names).size() != names.size() || !names.containsAll(axes.keySet()))) {
+            throw new ProtocolError(P.BAD_MESSAGE, "axis_names ${names} must be unique and name every key of axes ${axes.keySet()}".toString(), m.get('seq'))
+        }
+    }
+}
+
+// ==========================================================================================
+// 2. JSON: a strict parser (RFC 8259, UTF-8, depth-limited) and an encoder
+// ==========================================================================================
+
+@CompileStatic
+class JsonError extends Exception {
+    JsonError(String message) { super(message) }
+}
+
+/** Strict on purpose: what msgspec refuses (NaN, trailing data, bad UTF-8...) this refuses too. */
+@CompileStatic
+class Json {
+    static final int MAX_DEPTH = 512
+    private final String s
+    private int i = 0
+    private int depth = 0
+
+    private Json(String s) { this.s = s }
+
+    static Object parseUtf8(byte[] data) throws JsonError {
+        String text
+        try {
+            text = StandardCharsets.UTF_8.newDecoder().onMalformedInput(CodingErrorAction.REPORT)
+                .onUnmappableCharacter(CodingErrorAction.REPORT).decode(ByteBuffer.wrap(data)).toString()
+        } catch (CharacterCodingException ignored) {
+            throw new JsonError('not valid UTF-8')
+        }
+        Json p = new Json(text)
+        p.ws()
+        Object value = p.value()
+        p.ws()
+        if (p.i != text.length()) throw p.fail('trailing characters')
+        return value
+    }
+
+    private JsonError fail(String what) { new JsonError("JSON is malformed: ${what} (character ${i})".toString()) }
+
+    private void ws() {
+        while (i < s.length()) {
+            char c = s.charAt(i)
+            if (c == (' ' as char) || c == ('\n' as char) || c == ('\r' as char) || c == ('\t' as char)) i++
+            else break
+        }
+    }
+
+    private Object value() {
+        if (i >= s.length()) throw fail('truncated input')
+        char c = s.charAt(i)
+        if (c == ('{' as char)) return object()
+        if (c == ('[' as char)) return array()
+        if (c == ('"' as char)) return string()
+        if (c == ('-' as char) || (c >= ('0' as char) && c <= ('9' as char))) return number()
+        if (s.startsWith('true', i)) { i += 4; return Boolean.TRUE }
+        if (s.startsWith('false', i)) { i += 5; return Boolean.FALSE }
+        if (s.startsWith('null', i)) { i += 4; return null }
+        throw fail('invalid character')
+    }
+
+    private Map object() {
+        if (++depth > MAX_DEPTH) throw fail('nested too deeply')
+        i++
+        Map m = new LinkedHashMap()
+        ws()
+        if (i < s.length() && s.charAt(i) == ('}' as char)) { i++; depth--; return m }
+        while (true) {
+            ws()
+            if (i >= s.length() || s.charAt(i) != ('"' as char)) throw fail('expected a string key')
+            String key = string()
+            ws()
+            if (i >= s.length() || s.charAt(i) != (':' as char)) throw fail("expected ':'")
+            i++
+            ws()
+            m.put(key, value())  // a repeated key keeps its last value, as in msgspec
+            ws()
+            if (i >= s.length()) throw fail('truncated input')
+            char c = s.charAt(i++)
+            if (c == ('}' as char)) break
+            if (c != (',' as char)) throw fail("expected ',' or '}'")
+        }
+        depth--
+        return m
+    }
+
+    private List array() {
+        if (++depth > MAX_DEPTH) throw fail('nested too deeply')
+        i++
+        List l = new ArrayList()
+        ws()
+        if (i < s.length() && s.charAt(i) == (']' as char)) { i++; depth--; return l }
+        while (true) {
+            ws()
+            l.add(value())
+            ws()
+            if (i >= s.length()) throw fail('truncated input')
+            char c = s.charAt(i++)
+            if (c == (']' as char)) break
+            if (c != (',' as char)) throw fail("expected ',' or ']'")
+        }
+        depth--
+        return l
+    }
+
+    private String string() {
+        i++  // opening quote
+        StringBuilder sb = null
+        int start = i
+        while (true) {
+            if (i >= s.length()) throw fail('unterminated string')
+            char c = s.charAt(i)
+            if (c == ('"' as char)) {
+                String out = sb == null ? s.substring(start, i) : sb.append(s, start, i).toString()
+                i++
+                return out
+            }
+            if (c < (0x20 as char)) throw fail('control character in string')
+            if (c == ('\\' as char)) {
+                if (sb == null) sb = new StringBuilder()
+                sb.append(s, start, i)
+                if (++i >= s.length()) throw fail('unterminated string')
+                char e = s.charAt(i++)
+                switch (e) {
+                    case '"' as char: sb.append('"'); break
+                    case '\\' as char: sb.append('\\'); break
+                    case '/' as char: sb.append('/'); break
+                    case 'b' as char: sb.append('\b'); break
+                    case 'f' as char: sb.append('\f'); break
+                    case 'n' as char: sb.append('\n'); break
+                    case 'r' as char: sb.append('\r'); break
+                    case 't' as char: sb.append('\t'); break
+                    case 'u' as char:
+                        char u = hex4()
+                        if (Character.isLowSurrogate(u)) throw fail('lone surrogate in \\u escape')
+                        if (Character.isHighSurrogate(u)) {  // must pair, as msgspec requires
+                            if (!s.startsWith('\\u', i)) throw fail('lone surrogate in \\u escape')
+                            i += 2
+                            char low = hex4()
+                            if (!Character.isLowSurrogate(low)) throw fail('lone surrogate in \\u escape')
+                            sb.append(u).append(low)
+                        } else {
+                            sb.append(u)
+                        }
+                        break
+                    default: throw fail('bad escape')
+                }
+                start = i
+            } else {
+                i++
+            }
+        }
+    }
+
+    private char hex4() {
+        if (i + 4 > s.length()) throw fail('bad \\u escape')
+        String digits = s.substring(i, i + 4)
+        if (!(digits ==~ /[0-9A-Fa-f]{4}/)) throw fail('bad \\u escape')
+        i += 4
+        return (char) Integer.parseInt(digits, 16)
+    }
+
+    private Object number() {
+        int start = i
+        if (s.charAt(i) == ('-' as char)) i++
+        if (i >= s.length()) throw fail('truncated number')
+        if (s.charAt(i) == ('0' as char)) i++
+        else if (digit()) { while (digit()) i++ }
+        else throw fail('invalid number')
+        boolean integral = true
+        if (i < s.length() && s.charAt(i) == ('.' as char)) {
+            integral = false
+            i++
+            if (!digit()) throw fail('invalid number')
+            while (digit()) i++
+        }
+        if (i < s.length() && (s.charAt(i) == ('e' as char) || s.charAt(i) == ('E' as char))) {
+            integral = false
+            i++
+            if (i < s.length() && (s.charAt(i) == ('+' as char) || s.charAt(i) == ('-' as char))) i++
+            if (!digit()) throw fail('invalid number')
+            while (digit()) i++
+        }
+        String text = s.substring(start, i)
+        if (!integral) return Double.valueOf(text)
+        return text.length() < 19 ? (Object) Long.valueOf(text) : normalise(new BigInteger(text))
+    }
+
+    private boolean digit() { i < s.length() && s.charAt(i) >= ('0' as char) && s.charAt(i) <= ('9' as char) }
+
+    private static Object normalise(BigInteger b) { b.bitLength() < 64 ? (Object) Long.valueOf(b.longValue()) : b }
+
+    static String kind(Object v) {
+        if (v == null) return 'null'
+        if (v instanceof Map) return 'object'
+        if (v instanceof List) return 'array'
+        if (v instanceof String) return 'string'
+        if (v instanceof Boolean) return 'bool'
+        if (v instanceof Double) return 'float'
+        return 'int'
+    }
+
+    static String encode(Object v) {
+        StringBuilder sb = new StringBuilder()
+        write(sb, v)
+        return sb.toString()
+    }
+
+    static byte[] encodeUtf8(Object v) { encode(v).getBytes(StandardCharsets.UTF_8) }
+
+    static String quote(String s) {
+        StringBuilder sb = new StringBuilder()
+        writeString(sb, s)
+        return sb.toString()
+    }
+
+    private static void write(StringBuilder sb, Object v) {
+        if (v == null) sb.append('null')
+        else if (v instanceof String || v instanceof GString) writeString(sb, v.toString())
+        else if (v instanceof Boolean) sb.append(v.toString())
+        else if (v instanceof Double || v instanceof Float) {
+            double d = ((Number) v).doubleValue()
+            sb.append(Double.isNaN(d) || Double.isInfinite(d) ? 'null' : Double.toString(d))
+        } else if (v instanceof Number) sb.append(v.toString())
+        else if (v instanceof Map) {
+            sb.append('{')
+            boolean first = true
+            for (Map.Entry e : ((Map) v).entrySet()) {
+                if (!first) sb.append(',')
+                first = false
+                writeString(sb, String.valueOf(e.key))
+                sb.append(':')
+                write(sb, e.value)
+            }
+            sb.append('}')
+        } else if (v instanceof Collection || v instanceof Object[]) {
+            sb.append('[')
+            boolean first = true
+            for (Object o : (v instanceof Collection ? (Collection) v : Arrays.asList((Object[]) v))) {
+                if (!first) sb.append(',')
+                first = false
+                write(sb, o)
+            }
+            sb.append(']')
+        } else writeString(sb, v.toString())
+    }
+
+    private static void writeString(StringBuilder sb, String s) {
+        sb.append('"')
+        for (int k = 0; k < s.length(); k++) {
+            char c = s.charAt(k)
+            if (c == ('"' as char)) sb.append('\\"')
+            else if (c == ('\\' as char)) sb.append('\\\\')
+            else if (c < (0x20 as char)) sb.append(String.format('\\u%04x', (int) c))
+            else sb.append(c)
+        }
+        sb.append('"')
+    }
+}
+
+// ==========================================================================================
+// 3. Shared memory: read-only, cached mappings of the senders' segments (mirror of shm.py)
+// ==========================================================================================
+
+/** A segment could not be read: `missing` tells a vanished one from a forbidden one. */
+@CompileStatic
+class SegmentError extends Exception {
+    final boolean missing
+
+    SegmentError(String message, boolean missing) {
+        super(message)
+        this.missing = missing
+    }
+}
+
+/** `nbytes` of a segment: `buffer` (little-endian) holds them from `position`. */
+@CompileStatic
+class View {
+    ByteBuffer buffer
+    int position
+    MappedByteBuffer temporary  // a window mapped for this frame only; unmapped after the copy
+}
+
+/**
+ * Segments are opened read-only (READ_ONLY map of a channel opened with READ and
+ * NOFOLLOW_LINKS), checked to be regular files of this user, and kept mapped in a small LRU,
+ * since senders reuse their segments. The channel is closed right after mapping: nothing here
+ * can write a sender's memory or unlink its segment.
+ */
+@CompileStatic
+class SegmentReader {
+    static final Path SHM_DIR = Paths.get('/dev/shm')
+    final int maxCached
+    final LinkedHashMap<String, Mapping> maps = new LinkedHashMap<String, Mapping>(16, 0.75f, true)
+    final Object uid = ownUid()
+
+    static class Mapping {
+        MappedByteBuffer buffer  // whole segment, or null when it is too large for one map
+        long size
+        Object inode
+    }
+
+    SegmentReader(int maxCached) { this.maxCached = maxCached }
+
+    static Object ownUid() {
+        try {
+            return Files.getAttribute(Paths.get('/proc/self'), 'unix:uid')
+        } catch (Exception ignored) {
+            return null  // not Linux: shared memory is never used (the probe fails), frames come inline
+        }
+    }
+
+    View view(String name, long offset, long nbytes) throws SegmentError {
+        Mapping m = maps.get(name)
+        if (m == null) {
+            m = open(name)
+            maps.put(name, m)
+            while (maps.size() > maxCached) {
+                String eldest = maps.keySet().iterator().next()
+                unmap(maps.remove(eldest).buffer)
+            }
+        }
+        if (offset + nbytes > m.size) {
+            throw new SegmentError("segment ${name} holds ${m.size} bytes; offset ${offset} + nbytes ${nbytes} would read past its end".toString(), false)
+        }
+        View v = new View()
+        if (m.buffer != null) {
+            v.buffer = m.buffer
+            v.position = (int) offset
+        } else {  // a segment over 2 GiB: map just this frame's bytes
+            FileChannel ch = channel(name)
+            try {
+                v.temporary = ch.map(FileChannel.MapMode.READ_ONLY, offset, nbytes)
+            } finally {
+                ch.close()
+            }
+            v.buffer = v.temporary
+            v.position = 0
+        }
+        return v
+    }
+
+    private Mapping open(String name) throws SegmentError {
+        Path path = SHM_DIR.resolve(name)
+        Map<String, Object> attrs
+        try {
+            attrs = Files.readAttributes(path, 'unix:uid,size,isRegularFile,ino,dev', LinkOption.NOFOLLOW_LINKS)
+        } catch (NoSuchFileException ignored) {
+            throw new SegmentError("segment ${name} does not exist (unlinked by its sender?)".toString(), true)
+        } catch (Exception e) {
+            throw new SegmentError("segment ${name} cannot be opened: ${e}".toString(), false)
+        }
+        if (!attrs.get('isRegularFile') || uid == null || attrs.get('uid') != uid) {
+            throw new SegmentError("segment ${name} is not a shared-memory segment of this user".toString(), false)
+        }
+        FileChannel ch = channel(name)
+        try {
+            Mapping m = new Mapping()
+            m.size = ch.size()
+            m.inode = "${attrs.get('dev')}:${attrs.get('ino')}".toString()
+            if (m.size == 0) throw new SegmentError("segment ${name} is empty".toString(), false)
+            if (m.size <= Integer.MAX_VALUE) m.buffer = ch.map(FileChannel.MapMode.READ_ONLY, 0, m.size)
+            return m
+        } catch (IOException e) {
+            throw new SegmentError("segment ${name} cannot be mapped: ${e}".toString(), false)
+        } finally {
+            ch.close()
+        }
+    }
+
+    private static FileChannel channel(String name) throws SegmentError {
+        try {
+            return FileChannel.open(SHM_DIR.resolve(name), StandardOpenOption.READ, LinkOption.NOFOLLOW_LINKS)
+        } catch (NoSuchFileException ignored) {
+            throw new SegmentError("segment ${name} does not exist (unlinked by its sender?)".toString(), true)
+        } catch (Exception e) {
+            throw new SegmentError("segment ${name} cannot be opened: ${e}".toString(), false)
+        }
+    }
+
+    /** Drop mappings whose segment its sender has unlinked (or replaced). */
+    int forgetUnlinked() {
+        List<String> gone = []
+        for (Map.Entry<String, Mapping> e : maps.entrySet()) {
+            try {
+                Map<String, Object> a = Files.readAttributes(SHM_DIR.resolve(e.key), 'unix:ino,dev', LinkOption.NOFOLLOW_LINKS)
+                if ("${a.get('dev')}:${a.get('ino')}".toString() != e.value.inode) gone.add(e.key)
+            } catch (Exception ignored) {
+                gone.add(e.key)
+            }
+        }
+        for (String name : gone) unmap(maps.remove(name).buffer)
+        return gone.size()
+    }
+
+    void forgetPrefix(String prefix) {
+        for (String name : new ArrayList<String>(maps.keySet())) {
+            if (name.startsWith(prefix)) unmap(maps.remove(name).buffer)
+        }
+    }
+
+    void close() {
+        for (Mapping m : maps.values()) unmap(m.buffer)
+        maps.clear()
+    }
+
+    private static Method invokeCleaner
+    private static Object unsafe
+
+    /** Unmap now instead of whenever the GC gets to it: unlinked segments give their memory
+     * back promptly. Only ever called on buffers nothing else references. */
+    static void unmap(MappedByteBuffer buffer) {
+        if (buffer == null) return
+        try {
+            if (invokeCleaner == null) {
+                Class<?> cls = Class.forName('sun.misc.Unsafe')
+                java.lang.reflect.Field f = cls.getDeclaredField('theUnsafe')
+                f.setAccessible(true)
+                unsafe = f.get(null)
+                invokeCleaner = cls.getMethod('invokeCleaner', ByteBuffer)
+            }
+            invokeCleaner.invoke(unsafe, buffer)
+        } catch (Throwable ignored) {
+            // Java 8 or a locked-down JVM: the mapping goes with the next GC.
+        }
+    }
+}
+
+// ==========================================================================================
+// 4. Pixels: wire dtypes -> ImageJ pixel arrays (the type mapping in the header)
+// ==========================================================================================
+
+@CompileStatic
+class Pixels {
+    static int bitsFor(String dtype) { dtype == 'uint8' ? 8 : dtype == 'uint16' ? 16 : 32 }
+
+    static Object newPlane(int bits, int n) { bits == 8 ? new byte[n] : bits == 16 ? (Object) new short[n] : new float[n] }
+
+    static int bitsOf(Object plane) { plane instanceof byte[] ? 8 : plane instanceof short[] ? 16 : 32 }
+
+    static ByteBuffer at(ByteBuffer src, long position) {
+        ByteBuffer b = src.duplicate().order(ByteOrder.LITTLE_ENDIAN)
+        ((Buffer) b).position((int) position)
+        return b
+    }
+
+    /** Labels: 16-bit when every value is an integer in 0..65535, else 32-bit. */
+    static int labelBits(ByteBuffer src, long position, String dtype, long count) {
+        if (dtype == 'uint8' || dtype == 'uint16') return 16
+        if (dtype.startsWith('float')) return 32
+        ByteBuffer b = at(src, position)
+        for (long k = 0; k < count; k++) {
+            long v
+            switch (dtype) {
+                case 'int8': v = b.get(); break
+                case 'int16': v = b.getShort(); break
+                case 'uint32': v = b.getInt() & 0xffffffffL; break
+                case 'int32': v = b.getInt(); break
+                default:  // int64, uint64 (a negative long is a huge uint64)
+                    v = b.getLong()
+            }
+            if (v < 0 || v > 65535) return 32
+        }
+        return 16
+    }
+
+    /** Copy `n` values of `dtype` at `position` into `dest` (byte[], short[] or float[]). */
+    static void copy(ByteBuffer src, long position, String dtype, int n, Object dest) {
+        ByteBuffer b = at(src, position)
+        if (dest instanceof byte[]) {  // uint8 only
+            b.get((byte[]) dest, 0, n)
+        } else if (dest instanceof short[]) {
+            short[] d = (short[]) dest
+            switch (dtype) {
+                case 'uint16': case 'int16': b.asShortBuffer().get(d, 0, n); break  // int16 only for in-range labels
+                case 'uint8': case 'int8': for (int k = 0; k < n; k++) d[k] = (short) (b.get() & 0xff); break
+                case 'uint32': case 'int32': for (int k = 0; k < n; k++) d[k] = (short) b.getInt(); break
+                default: for (int k = 0; k < n; k++) d[k] = (short) b.getLong()  // (u)int64 labels
+            }
+        } else {
+            float[] d = (float[]) dest
+            switch (dtype) {
+                case 'float32': b.asFloatBuffer().get(d, 0, n); break
+                case 'uint8': for (int k = 0; k < n; k++) d[k] = (float) (b.get() & 0xff); break
+                case 'int8': for (int k = 0; k < n; k++) d[k] = (float) b.get(); break
+                case 'uint16': for (int k = 0; k < n; k++) d[k] = (float) (b.getShort() & 0xffff); break
+                case 'int16': for (int k = 0; k < n; k++) d[k] = (float) b.getShort(); break
+                case 'uint32': for (int k = 0; k < n; k++) d[k] = (float) (b.getInt() & 0xffffffffL); break
+                case 'int32': for (int k = 0; k < n; k++) d[k] = (float) b.getInt(); break
+                case 'uint64': for (int k = 0; k < n; k++) d[k] = unsignedToFloat(b.getLong()); break
+                case 'int64': for (int k = 0; k < n; k++) d[k] = (float) b.getLong(); break
+                case 'float16': for (int k = 0; k < n; k++) d[k] = halfToFloat(b.getShort()); break
+                case 'float64': for (int k = 0; k < n; k++) d[k] = (float) b.getDouble(); break
+                default: throw new IllegalArgumentException("dtype ${dtype}".toString())
+            }
+        }
+    }
+
+    /** uint64 -> nearest float32 (Java has no unsigned long; halve, convert, double, keeping
+     * the low bit so rounding stays correct). */
+    static float unsignedToFloat(long v) {
+        if (v >= 0) return (float) v
+        return ((float) ((v >>> 1) | (v & 1L))) * 2f
+    }
+
+    /** IEEE 754 binary16 -> binary32, exact (Java 8-17 has no Float.float16ToFloat). */
+    static float halfToFloat(short h) {
+        int bits = h & 0xffff
+        int sign = (bits & 0x8000) << 16
+        int exp = (bits >>> 10) & 0x1f
+        int mant = bits & 0x3ff
+        if (exp == 0x1f) return Float.intBitsToFloat(sign | 0x7f800000 | (mant << 13))  // inf, NaN
+        if (exp != 0) return Float.intBitsToFloat(sign | ((exp + 112) << 23) | (mant << 13))
+        if (mant == 0) return Float.intBitsToFloat(sign)  // +-0
+        float v = (float) (mant * Math.pow(2, -24))  // subnormal: exact in float32
+        return sign != 0 ? -v : v
+    }
+
+    /** A plane of any ImageJ type as 32-bit float (for promoting a stream). */
+    static float[] toFloat(Object plane) {
+        if (plane instanceof float[]) return (float[]) plane
+        if (plane instanceof short[]) {
+            short[] p = (short[]) plane
+            float[] f = new float[p.length]
+            for (int k = 0; k < p.length; k++) f[k] = (float) (p[k] & 0xffff)
+            return f
+        }
+        byte[] p = (byte[]) plane
+        float[] f = new float[p.length]
+        for (int k = 0; k < p.length; k++) f[k] = (float) (p[k] & 0xff)
+        return f
+    }
+
+    static double maxOf(Object plane) {
+        double m = 0
+        if (plane instanceof short[]) { for (short v : (short[]) plane) m = Math.max(m, (double) (v & 0xffff)) }
+        else if (plane instanceof float[]) { for (float v : (float[]) plane) if (v > m) m = v }
+        else for (byte v : (byte[]) plane) m = Math.max(m, (double) (v & 0xff))
+        return m
+    }
+}
+
+// ==========================================================================================
+// 5. LUTs: colormap hints and the labels LUT
+// ==========================================================================================
+
+@CompileStatic
+class Luts {
+    static final Map<String, LUT> cache = [:]
+    static final Map<String, String> ALIASES = [gray: 'grays', grey: 'grays', greys: 'grays', grays: 'grays']
+
+    /** The LUT for a colormap hint, or null if neither ImageJ nor Fiji's luts folder has it. */
+    static LUT get(String name) {
+        String key = name.toLowerCase().trim()
+        key = ALIASES.get(key) ?: key
+        if (cache.containsKey(key)) return cache.get(key)
+        LUT lut = null
+        if (key == 'glasbey') lut = glasbey()
+        else {
+            for (String candidate : [key, 'mpl-' + key]) {  // Fiji names matplotlib's maps mpl-*
+                try {
+                    IndexColorModel cm = LutLoader.getLut(candidate)
+                    if (cm != null) { lut = new LUT(cm, 0, 255); break }
+                } catch (Exception ignored) {
+                    // no such LUT
+                }
+            }
+        }
+        cache.put(key, lut)
+        return lut
+    }
+
+    /** Fiji's glasbey_on_dark.lut if present; else the same idea built here: 255 colours each as
+     * far as possible from all earlier ones (greedy max-min over an RGB grid), 0 = black. */
+    static LUT glasbey() {
+        for (String name : ['glasbey_on_dark', 'glasbey']) {
+            try {
+                IndexColorModel cm = LutLoader.getLut(name)
+                if (cm != null) return new LUT(cm, 0, 255)
+            } catch (Exception ignored) {
+                // not in this ImageJ
+            }
+        }
+        byte[] r = new byte[256], g = new byte[256], b = new byte[256]
+        int levels = 16
+        int n = levels * levels * levels
+        int[] cr = new int[n], cg = new int[n], cb = new int[n]
+        double[] best = new double[n]
+        for (int k = 0; k < n; k++) {
+            cr[k] = (int) ((k % levels) * 255 / (levels - 1))
+            cg[k] = (int) (((int) (k / levels) % levels) * 255 / (levels - 1))
+            cb[k] = (int) ((int) (k / (levels * levels)) * 255 / (levels - 1))
+            // too dark to see on the black background: never picked
+            best[k] = 0.299 * cr[k] + 0.587 * cg[k] + 0.114 * cb[k] < 60 ? -1 : Double.MAX_VALUE
+        }
+        int pr = 0, pg = 0, pb = 0  // colour 0: black
+        for (int idx = 1; idx < 256; idx++) {
+            int pick = -1
+            for (int k = 0; k < n; k++) {
+                if (best[k] < 0) continue
+                double dr = cr[k] - pr, dg = cg[k] - pg, db = cb[k] - pb
+                double d = 2 * dr * dr + 4 * dg * dg + 3 * db * db  // rough perceptual weights
+                if (d < best[k]) best[k] = d
+                if (pick < 0 || best[k] > best[pick]) pick = k
+            }
+            pr = cr[pick]; pg = cg[pick]; pb = cb[pick]
+            r[idx] = (byte) pr; g[idx] = (byte) pg; b[idx] = (byte) pb
+            best[pick] = -1
+        }
+        return new LUT(r, g, b)
+    }
+}
+
+// ==========================================================================================
+// 6. Images: one ImagePlus per stream, hyperstack placement, display hints, ROIs
+// ==========================================================================================
+
+/** Where a frame (or a ROI set) goes: window title, c/z/t position, the frame's own dims. */
+@CompileStatic
+class Layout {
+    static final int C = 0, Z = 1, T = 2
+    static final String[] AXIS = ['c', 'z', 't'] as String[]
+    String title
+    int[] pos = new int[3]                // (c, z, t) of the frame's first plane
+    boolean[] given = new boolean[3]      // which of c, z, t the message positions
+    int[] ext = [1, 1, 1] as int[]        // extent of the frame along c, z, t
+    int[] leadAxis = new int[0]           // ImageJ axis of each leading dim of the frame
+    int[] leadSize = new int[0]
+    int rows = 1, cols = 1, planes = 1
+    boolean placed
+
+    static int canonical(String name) {
+        switch (name.toLowerCase()) {
+            case 'c': case 'ch': case 'channel': case 'channels': return C
+            case 'z': case 'slice': case 'slices': case 'depth': return Z
+            case 't': case 'time': case 'frame': case 'frames': return T
+            default: return -1
+        }
+    }
+
+    /** Layout of a frame (shape given) or of a ROI set (shape null). */
+    static Layout of(Map m, List shape) {
+        Layout L = new Layout()
+        Map<String, Object> axes = (Map<String, Object>) m.get('axes')
+        List<String> names = (List<String>) m.get('axis_names')
+        StringBuilder suffix = new StringBuilder()
+        for (Map.Entry<String, Object> e : axes.entrySet()) {
+            int a = canonical(e.key)
+            if (a < 0 || L.given[a]) {  // ImageJ has no such axis: one window per value
+                suffix.append(suffix.length() == 0 ? ' [' : ', ').append(e.key).append('=').append(e.value)
+            } else {
+                L.given[a] = true
+                L.pos[a] = (int) (Long) e.value
+                L.placed = true
+            }
+        }
+        L.title = m.get('stream').toString() + (suffix.length() > 0 ? suffix.append(']').toString() : '')
+        if (shape == null) return L
+        int n = shape.size()
+        L.rows = n >= 2 ? (int) (Long) shape.get(n - 2) : 1
+        L.cols = (int) (Long) shape.get(n - 1)
+        int lead = Math.max(0, n - 2)
+        List<String> leadNames = null
+        if (names != null) {
+            List<String> rest = names.findAll { String it -> !axes.containsKey(it) }
+            if (rest.size() == lead) leadNames = rest
+        }
+        if (leadNames == null) leadNames = (['t', 'c', 'z'] as List<String>).subList(Math.max(0, 3 - lead), 3)
+        if (lead > 3) {
+            throw new ProtocolError(P.BAD_SHAPE, "a frame of shape ${shape} has ${lead} leading dimensions; ImageJ images have at most c, z and t".toString(), m.get('seq'))
+        }
+        L.leadAxis = new int[lead]
+        L.leadSize = new int[lead]
+        boolean[] used = (boolean[]) L.given.clone()
+        for (int d = 0; d < lead; d++) {
+            int a = canonical(leadNames.get(d))
+            if (a < 0 || used[a]) {  // unnamed, unknown or taken: the first free of z, t, c
+                a = -1
+                for (int x : [Z, T, C]) if (!used[x]) { a = x; break }
+            }
+            if (a < 0) {
+                throw new ProtocolError(P.BAD_SHAPE, "a frame of shape ${shape} at ${axes} needs more dimensions than ImageJ's c, z and t".toString(), m.get('seq'))
+            }
+            used[a] = true
+            L.leadAxis[d] = a
+            L.leadSize[d] = (int) (Long) shape.get(d)
+            L.ext[a] = L.leadSize[d]
+            L.planes *= L.leadSize[d]
+        }
+        return L
+    }
+
+    /** (c, z, t) offset of plane `p` (C order over the leading dims) from the first plane. */
+    int[] offsetOf(int p) {
+        int[] o = new int[3]
+        for (int d = leadAxis.length - 1; d >= 0; d--) {
+            o[leadAxis[d]] = p % leadSize[d]
+            p = p.intdiv(leadSize[d]) as int
+        }
+        return o
+    }
+}
+
+@CompileStatic
+class Stream {
+    final String title
+    ImagePlus imp
+    int width, height, bits, C = 1, Z = 1, T = 1
+    boolean labels
+    double maxLabel
+    long framesReceived
+    String unknownColormap
+    final Map<Integer, String> colormaps = new TreeMap<Integer, String>()     // channel -> hint
+    final Map<Integer, double[]> ranges = new TreeMap<Integer, double[]>()    // channel -> [lo, hi]
+    final LinkedHashMap<String, List<Roi>> rois = new LinkedHashMap<String, List<Roi>>()  // by path
+    int[] last = new int[3]  // (c, z, t) of the newest plane, shown in the GUI
+    boolean shown, dirty, displayDirty, rangeSet
+    String file
+
+    Stream(String title) { this.title = title }
+
+    int roiCount() {
+        int n = 0
+        for (List<Roi> l : rois.values()) n += l.size()
+        return n
+    }
+
+    int index(int c, int z, int t) { 1 + c + z * C + t * C * Z }
+}
+
+@CompileStatic
+class Images {
+    final Map<String, Stream> streams = new LinkedHashMap<String, Stream>()
+    final String defaultMode
+    final int compositeMode
+    final boolean gui
+    final boolean useRoiManager
+    final File outputDir
+    long emptyFrames
+    long roiIds
+    Closure log = { String msg -> System.err.println("polystore-fiji: ${msg}") }
+
+    Images(String defaultMode, String channelDisplay, boolean gui, boolean useRoiManager, File outputDir) {
+        this.defaultMode = defaultMode
+        this.compositeMode = channelDisplay == 'color' ? IJ.COLOR : channelDisplay == 'grayscale' ? IJ.GRAYSCALE : IJ.COMPOSITE
+        this.gui = gui
+        this.useRoiManager = useRoiManager
+        this.outputDir = outputDir
+    }
+
+    Stream stream(String title) {
+        Stream s = streams.get(title)
+        if (s == null) {
+            s = new Stream(title)
+            streams.put(title, s)
+        }
+        return s
+    }
+
+    /**
+     * Copy one validated frame into its image, then call `ack` (the copy is ours: the sender
+     * may reuse its segment), then apply display hints. Everything that can reject the frame
+     * has run before: placement itself always succeeds (the image grows or starts over).
+     */
+    void put(Map f, Layout L, View src, Closure ack) {
+        String dtype = (String) f.get('dtype')
+        Map display = (Map) f.get('display')
+        long planeValues = (long) L.rows * L.cols
+        long planeBytes = planeValues * P.DTYPES.get(dtype)
+        if (planeValues == 0 || L.planes == 0) {  // nothing ImageJ can show
+            ack.call()
+            emptyFrames++
+            return
+        }
+        boolean labels = display.get('kind') == 'labels'
+        int bits = labels ? Pixels.labelBits(src.buffer, src.position, dtype, planeValues * L.planes) : Pixels.bitsFor(dtype)
+        Stream s = stream(L.title)
+        String how = L.placed || display.get('mode') == 'place' ? 'place' : (String) (display.get('mode') ?: defaultMode)
+
+        int[] base = (int[]) L.pos.clone()
+        if (how == 'replace') {  // the image becomes exactly this frame
+            base = new int[3]
+            if (s.imp == null || s.width != L.cols || s.height != L.rows || s.bits != bits
+                || s.C != L.ext[0] || s.Z != L.ext[1] || s.T != L.ext[2]) {
+                fresh(s, L.cols, L.rows, bits, L.ext[0], L.ext[1], L.ext[2])
+            }
+        } else {
+            boolean resized = s.imp != null && (s.width != L.cols || s.height != L.rows)
+            if (s.imp != null && !resized && s.bits != bits) {  // one type per image: 32-bit holds both
+                if (s.bits != 32) promote(s)
+                bits = 32
+            }
+            if (how == 'stack') {  // appended as new slices of a plain stack
+                boolean restart = s.imp == null || resized || s.C != 1 || s.T != 1
+                base = [0, restart ? 0 : s.Z, 0] as int[]
+                if (restart) fresh(s, L.cols, L.rows, bits, 1, L.planes, 1)
+                else grow(s, 1, s.Z + L.planes, 1)
+            } else {  // placed at its c/z/t position; the hyperstack grows to hold it
+                int[] need = new int[3]
+                for (int a = 0; a < 3; a++) need[a] = base[a] + L.ext[a]
+                if (s.imp == null || resized) fresh(s, L.cols, L.rows, bits, need[0], need[1], need[2])
+                else grow(s, Math.max(s.C, need[0]), Math.max(s.Z, need[1]), Math.max(s.T, need[2]))
+            }
+        }
+
+        ImageStack stack = s.imp.getStack()
+        String label = (String) f.get('path')
+        int[] indices = new int[L.planes]
+        int[] at = new int[3]
+        for (int p = 0; p < L.planes; p++) {
+            int[] o = how == 'stack' ? ([0, p, 0] as int[]) : L.offsetOf(p)
+            for (int a = 0; a < 3; a++) at[a] = base[a] + o[a]
+            indices[p] = s.index(at[0], at[1], at[2])
+            Pixels.copy(src.buffer, src.position + p * planeBytes, dtype, (int) planeValues, stack.getPixels(indices[p]))
+        }
+        ack.call()
+
+        // The credit is back; what follows only concerns the display and must never fail the frame.
+        try {
+            s.framesReceived++
+            s.last = (int[]) at.clone()
+            for (int idx : indices) stack.setSliceLabel(label, idx)
+            if (labels != s.labels) { s.labels = labels; s.displayDirty = true }
+            if (labels) {
+                for (int idx : indices) {
+                    double m = Pixels.maxOf(stack.getPixels(idx))
+                    if (m > s.maxLabel) { s.maxLabel = m; s.displayDirty = true }
+                }
+            }
+            String cmap = (String) display.get('colormap')
+            List limits = (List) display.get('contrast_limits')
+            int channels = how == 'stack' ? 1 : L.ext[0]
+            for (int c = base[0]; c < base[0] + channels; c++) {
+                if (cmap != null && s.colormaps.get(c) != cmap) { s.colormaps.put(c, cmap); s.displayDirty = true }
+                if (limits != null) {
+                    double[] r = [(double) limits.get(0), (double) limits.get(1)] as double[]
+                    if (!Arrays.equals(s.ranges.get(c), r)) { s.ranges.put(c, r); s.displayDirty = true }
+                }
+            }
+            if (s.displayDirty) applyDisplay(s)
+            s.dirty = true
+        } catch (ThreadDeath td) {
+            throw td
+        } catch (Throwable t) {
+            log.call("display of ${s.title} failed: ${t}".toString())
+        }
+    }
+
+    /** A new stack of the given geometry (pixel arrays allocated zeroed). */
+    void fresh(Stream s, int w, int h, int bits, int C, int Z, int T) {
+        ImageStack stack = new ImageStack(w, h)
+        for (int k = 0; k < C * Z * T; k++) stack.addSlice('', Pixels.newPlane(bits, w * h))
+        s.width = w
+        s.height = h
+        s.bits = bits
+        s.maxLabel = 0
+        setStack(s, stack, C, Z, T)
+    }
+
+    /** Grow to (C, Z, T), moving (not copying) the existing planes to their new indices. */
+    void grow(Stream s, int C, int Z, int T) {
+        if (C == s.C && Z == s.Z && T == s.T) return
+        ImageStack old = s.imp.getStack()
+        ImageStack stack
+        if (C == s.C && Z == s.Z) {  // only t grows: append, the common live case
+            stack = old
+            for (int k = s.C * s.Z * s.T; k < C * Z * T; k++) stack.addSlice('', Pixels.newPlane(s.bits, s.width * s.height))
+        } else {
+            stack = new ImageStack(s.width, s.height)
+            for (int t = 0; t < T; t++) for (int z = 0; z < Z; z++) for (int c = 0; c < C; c++) {
+                if (c < s.C && z < s.Z && t < s.T) {
+                    int idx = s.index(c, z, t)
+                    stack.addSlice(old.getSliceLabel(idx), old.getPixels(idx))
+                } else {
+                    stack.addSlice('', Pixels.newPlane(s.bits, s.width * s.height))
+                }
+            }
+        }
+        setStack(s, stack, C, Z, T)
+    }
+
+    /** Turn the stream into 32-bit float, values kept (a frame of another type arrived). */
+    void promote(Stream s) {
+        ImageStack old = s.imp.getStack()
+        ImageStack stack = new ImageStack(s.width, s.height)
+        for (int k = 1; k <= old.getSize(); k++) stack.addSlice(old.getSliceLabel(k), Pixels.toFloat(old.getPixels(k)))
+        s.bits = 32
+        setStack(s, stack, s.C, s.Z, s.T)
+        s.displayDirty = true
+    }
+
+    void setStack(Stream s, ImageStack stack, int C, int Z, int T) {
+        if (s.imp == null) {
+            s.imp = new ImagePlus(s.title, stack)
+            s.imp.setDimensions(C, Z, T)
+            attachRois(s)
+        } else {
+            s.imp.setStack(stack, C, Z, T)  // same ImagePlus (and window), new size or type allowed
+        }
+        s.C = C
+        s.Z = Z
+        s.T = T
+        s.imp.setOpenAsHyperStack(C > 1 || T > 1)
+        if (C > 1 && !s.imp.isComposite()) {  // once per stream: channels get their own LUTs
+            ImagePlus old = s.imp
+            // The composite gets its own ImageStack object holding the same pixel arrays:
+            // closing the old window flushes (nulls) the old stack object's slots.
+            ImageStack own = new ImageStack(stack.getWidth(), stack.getHeight())
+            for (int k = 1; k <= stack.getSize(); k++) own.addSlice(stack.getSliceLabel(k), stack.getPixels(k))
+            ImagePlus plain = new ImagePlus(s.title, own)
+            plain.setDimensions(C, Z, T)
+            plain.setOpenAsHyperStack(true)
+            CompositeImage ci = new CompositeImage(plain, compositeMode)
+            ci.setTitle(s.title)
+            ci.setOverlay(old.getOverlay())
+            s.imp = ci
+            if (s.shown) {
+                old.changes = false
+                old.close()
+                s.shown = false
+            }
+        }
+        s.displayDirty = true
+    }
+
+    void applyDisplay(Stream s) {
+        s.displayDirty = false
+        if (s.imp == null) return
+        s.unknownColormap = null
+        for (int c = 0; c < s.C; c++) {
+            String name = s.labels ? 'glasbey' : s.colormaps.get(c)
+            LUT lut = null
+            if (name != null) {
+                lut = Luts.get(name)
+                if (lut == null) { s.unknownColormap = name; lut = Luts.get('grays') }
+            }
+            double[] range = s.labels ? ([0d, Math.max(255d, s.maxLabel)] as double[]) : s.ranges.get(c)
+            if (s.imp instanceof CompositeImage) {
+                CompositeImage ci = (CompositeImage) s.imp
+                LUT current = ci.getChannelLut(c + 1)
+                LUT l = (LUT) (lut ?: current).clone()
+                if (range != null) { l.min = range[0]; l.max = range[1] }
+                else if (lut != null) { l.min = current.min; l.max = current.max }
+                ci.setChannelLut(l, c + 1)
+            } else {
+                if (lut != null) s.imp.setLut(lut)
+                if (range != null) s.imp.setDisplayRange(range[0], range[1])
+            }
+        }
+        if (s.imp instanceof CompositeImage) ((CompositeImage) s.imp).setMode(compositeMode)
+    }
+
+    /** LUT name per channel as reported: the hint that was applied, or 'grays'/'default'. */
+    List<String> lutNames(Stream s) {
+        List<String> out = []
+        for (int c = 0; c < s.C; c++) {
+            String name = s.labels ? 'glasbey' : s.colormaps.get(c)
+            out.add(name == null ? 'default' : (Luts.get(name) == null ? 'grays' : name.toLowerCase()))
+        }
+        return out
+    }
+
+    // -- ROIs -----------------------------------------------------------------------------
+
+    static Roi makeRoi(Map r) {
+        List<List<Double>> pts = (List<List<Double>>) r.get('coords')
+        double[] x = new double[pts.size()], y = new double[pts.size()]
+        for (int k = 0; k < pts.size(); k++) { y[k] = pts.get(k).get(0); x[k] = pts.get(k).get(1) }
+        switch ((String) r.get('kind')) {
+            case 'polygon':
+                float[] fx = new float[x.length], fy = new float[y.length]
+                for (int k = 0; k < x.length; k++) { fx[k] = (float) x[k]; fy[k] = (float) y[k] }
+                return new PolygonRoi(new FloatPolygon(fx, fy), Roi.POLYGON)
+            case 'rectangle':
+                return new Roi(Math.min(x[0], x[1]), Math.min(y[0], y[1]), Math.abs(x[1] - x[0]), Math.abs(y[1] - y[0]))
+            case 'ellipse':
+                return new OvalRoi(Math.min(x[0], x[1]), Math.min(y[0], y[1]), Math.abs(x[1] - x[0]), Math.abs(y[1] - y[0]))
+            case 'line':
+                return new Line(x[0], y[0], x[1], y[1])
+            default:
+                return new PointRoi(x[0], y[0])
+        }
+    }
+
+    /** ROIs of one path; a second message for the same path replaces the first (like a file). */
+    void putRois(Map m, Layout L) {
+        Stream s = stream(L.title)
+        String path = (String) m.get('path')
+        List<Roi> list = []
+        int n = 0
+        for (Object o : (List) m.get('rois')) {
+            Map r = (Map) o
+            Roi roi = makeRoi(r)
+            roi.setName((String) (r.get('label') ?: "${path}#${n}".toString()))
+            roi.setProperty('polystore_stream', (String) m.get('stream'))
+            roi.setProperty('polystore_path', path)
+            roi.setProperty('polystore_id', Long.toString(++roiIds))
+            if (L.placed) {
+                roi.setPosition(L.given[0] ? L.pos[0] + 1 : 0, L.given[1] ? L.pos[1] + 1 : 0, L.given[2] ? L.pos[2] + 1 : 0)
+            }
+            list.add(roi)
+            n++
+        }
+        List<Roi> old = s.rois.put(path, list)
+        if (gui && useRoiManager && old != null) removeFromRoiManager(old)
+        attachRois(s)
+        s.dirty = true
+    }
+
+    /** The stream's ROIs as the Overlay of its image (and in the ROI Manager with a display). */
+    void attachRois(Stream s) {
+        if (s.imp == null) return  // kept until the stream's first frame
+        Overlay ov = new Overlay()
+        for (List<Roi> l : s.rois.values()) for (Roi r : l) ov.add(r)
+        s.imp.setOverlay(ov.size() > 0 ? ov : null)
+        if (gui && useRoiManager) addToRoiManager(s)
+    }
+
+    // The ROI Manager keeps copies, so ours are recognised by their polystore_id property.
+    void addToRoiManager(Stream s) {
+        ij.plugin.frame.RoiManager rm = ij.plugin.frame.RoiManager.getRoiManager()
+        Set<String> present = new HashSet<String>()
+        for (Roi r : rm.getRoisAsArray()) if (r.getProperty('polystore_id') != null) present.add(r.getProperty('polystore_id'))
+        for (List<Roi> l : s.rois.values()) for (Roi r : l) {
+            if (!present.contains(r.getProperty('polystore_id'))) rm.add(s.imp, r, -1)
+        }
+    }
+
+    void removeFromRoiManager(Collection<Roi> rois) {
+        ij.plugin.frame.RoiManager rm = ij.plugin.frame.RoiManager.getInstance()
+        if (rm == null) return
+        Set<String> drop = new HashSet<String>()
+        for (Roi r : rois) drop.add(r.getProperty('polystore_id'))
+        Roi[] all = rm.getRoisAsArray()
+        for (int k = all.length - 1; k >= 0; k--) {
+            if (drop.contains(all[k].getProperty('polystore_id'))) { rm.select(k); rm.runCommand('Delete') }
+        }
+    }
+
+    // -- display, report, save, clear ------------------------------------------------------
+
+    /** GUI only: show new windows and redraw changed ones (called at most ~20 times a second). */
+    void refresh() {
+        for (Stream s : streams.values()) {
+            if (!s.dirty || s.imp == null) continue
+            s.dirty = false
+            if (s.C * s.Z * s.T > 1) s.imp.setPosition(s.last[0] + 1, s.last[1] + 1, s.last[2] + 1)
+            if (!s.rangeSet && !s.labels && s.ranges.isEmpty() && s.bits != 8) {
+                s.imp.resetDisplayRange()  // first look: fit the contrast once, then leave it to the user
+            }
+            s.rangeSet = true
+            if (!s.shown) { s.imp.show(); s.shown = true }
+            else s.imp.updateAndDraw()
+        }
+    }
+
+    List<Map> describe() {
+        List<Map> out = []
+        for (Stream s : streams.values()) {
+            ImagePlus imp = s.imp
+            out.add([
+                title: s.title, width: imp ? imp.getWidth() : 0, height: imp ? imp.getHeight() : 0,
+                channels: imp ? imp.getNChannels() : 0, slices: imp ? imp.getNSlices() : 0,
+                frames: imp ? imp.getNFrames() : 0, bitDepth: imp ? imp.getBitDepth() : 0,
+                rois: s.roiCount(), overlay: imp?.getOverlay() ? imp.getOverlay().size() : 0,
+                framesReceived: s.framesReceived, labels: s.labels, composite: imp ? imp.isComposite() : false,
+                luts: lutNames(s), unknownColormap: s.unknownColormap, file: s.file, shown: s.shown,
+            ] as Map)
+        }
+        return out
+    }
+
+    /** Save every image as <title>.tif in the output directory (for checks from outside). */
+    void save() {
+        if (outputDir == null) return
+        outputDir.mkdirs()
+        Set<String> names = new HashSet<String>()
+        for (Stream s : streams.values()) {
+            if (s.imp == null) continue
+            String base = s.title.replaceAll('[^A-Za-z0-9._-]+', '_')
+            String name = base
+            for (int k = 2; !names.add(name); k++) name = "${base}_${k}".toString()
+            File f = new File(outputDir, name + '.tif')
+            if (!new FileSaver(s.imp).saveAsTiff(f.path)) throw new IOException("could not save ${f}".toString())
+            s.imp.setTitle(s.title)  // FileSaver renames the image after its file
+            s.imp.changes = false
+            s.file = f.path
+        }
+    }
+
+    void clear() {
+        for (Stream s : streams.values()) {
+            if (gui && useRoiManager) {
+                List<Roi> all = []
+                for (List<Roi> l : s.rois.values()) all.addAll(l)
+                removeFromRoiManager(all)
+            }
+            if (s.imp != null && s.shown) { s.imp.changes = false; s.imp.close() }
+        }
+        streams.clear()
+    }
+}
+
+// ==========================================================================================
+// 7. The receiver: handshake, validation, frames, control (mirror of receiver.py)
+// ==========================================================================================
+
+@CompileStatic
+class SenderInfo {
+    String token, prefix
+    Object pid
+    boolean shm
+    long dropped, frames
+    final long since = System.nanoTime()
+}
+
+@CompileStatic
+class Core {
+    final Images images
+    final SegmentReader reader = new SegmentReader(64)
+    final Map<String, SenderInfo> senders = new LinkedHashMap<String, SenderInfo>()
+    final String id = Long.toHexString(new Random().nextLong() & 0xffffffffffffL)
+    final long pid = Long.parseLong(ManagementFactory.getRuntimeMXBean().getName().split('@')[0])
+    long frames, rois, bytes, rejected, missing, senderDropped, shmFrames, inlineFrames
+    double fps
+    String lastError = ''
+    Closure log = { String msg -> System.err.println("polystore-fiji: ${msg}") }
+
+    Core(Images images) { this.images = images }
+
+    /**
+     * One message: `parts` are the parts after the routing id (at most the first 2 kept),
+     * `count` how many there were. Every reply goes through `reply`; nothing escapes.
+     */
+    void handle(String identity, List<byte[]> parts, int count, Closure reply) {
+        Object seq = null
+        try {
+            if (count < 1 || count > 2) throw new ProtocolError(P.BAD_MESSAGE, "expected 1 or 2 message parts, got ${count}".toString(), null)
+            Map m = Messages.decode(parts.get(0))  // steps 1-4
+            String type = (String) m.get('type')
+            seq = m.get('seq')
+            byte[] payload = count == 2 ? parts.get(1) : null
+            if (type == 'hello') { reply.call(hello(identity, m)); return }
+            if (type == 'bye') { bye(identity); return }
+            SenderInfo sender = senders.get(identity)
+            if (sender == null) throw new ProtocolError(P.HELLO_REQUIRED, 'send hello first (receiver restarted?)', seq)  // step 5
+            if (type == 'frame') {
+                frame(sender, m, payload, reply)
+            } else if (type == 'rois') {
+                Messages.checkRois(m)
+                images.putRois(m, Layout.of(m, null))
+                rois++
+                reply.call(P.ack(seq))
+            } else {  // control
+                if (m.get('command') == 'clear') {
+                    images.clear()
+                    reply.call(P.ack(seq))
+                } else {
+                    reply.call(P.report(seq, report()))
+                }
+            }
+        } catch (ProtocolError e) {
+            reject(identity, e.code, e.message, e.seq != null ? e.seq : seq, reply)
+        } catch (ThreadDeath td) {
+            throw td
+        } catch (Throwable t) {  // never die on a message (OutOfMemoryError included)
+            StringWriter trace = new StringWriter()
+            t.printStackTrace(new PrintWriter(trace))
+            log.call("internal error handling a message: ${trace}".toString())
+            reject(identity, P.INTERNAL, "internal receiver error: ${t}".toString(), seq, reply)
+        }
+    }
+
+    Map hello(String identity, Map h) {
+        if (!((List) h.get('versions')).contains((Object) Long.valueOf(P.VERSION))) {
+            throw new ProtocolError(P.UNSUPPORTED_VERSION, "sender speaks versions ${h.get('versions')}; this receiver speaks ${P.VERSION}".toString(), null)
+        }
+        String expected = "${P.SHM_PREFIX}${h.get('pid')}_${h.get('sender')}_".toString()
+        if (h.get('segment_prefix') != expected) {
+            throw new ProtocolError(P.BAD_SEGMENT, "segment_prefix must be ${Json.quote(expected)} (prefix ${Json.quote(P.SHM_PREFIX)} of this fiji receiver, then pid and sender token); got ${Json.quote((String) h.get('segment_prefix'))}".toString(), null)
+        }
+        boolean shm = false
+        Map probe = (Map) h.get('probe')
+        if (probe != null && probe.get('segment') == expected + 'probe') {
+            String token = (String) probe.get('token')
+            try {
+                View v = reader.view((String) probe.get('segment'), 0, token.length())
+                byte[] got = new byte[token.length()]
+                Pixels.at(v.buffer, v.position).get(got)
+                shm = Arrays.equals(got, token.getBytes(StandardCharsets.US_ASCII))
+            } catch (SegmentError ignored) {
+                shm = false
+            }
+            reader.forgetPrefix((String) probe.get('segment'))
+        }
+        if (!senders.containsKey(identity) && senders.size() >= P.MAX_SENDERS) {
+            bye(senders.entrySet().min { Map.Entry<String, SenderInfo> e -> e.value.since }.key)
+        }
+        SenderInfo s = new SenderInfo(token: (String) h.get('sender'), pid: h.get('pid'), prefix: expected, shm: shm)
+        senders.put(identity, s)
+        return P.welcome(id, pid, shm)
+    }
+
+    void bye(String identity) {
+        SenderInfo s = senders.remove(identity)
+        if (s != null) reader.forgetPrefix(s.prefix)
+    }
+
+    void frame(SenderInfo sender, Map f, byte[] payload, Closure reply) {
+        Object seq = f.get('seq')
+        Messages.checkFrame(f)  // step 6
+        long nbytes = (Long) f.get('nbytes')
+        String segment = (String) f.get('segment')
+        View view
+        if (segment == null) {  // step 7, inline
+            if (payload == null || payload.length != nbytes) {
+                throw new ProtocolError(P.BAD_SHAPE, "inline frame needs exactly ${nbytes} payload bytes, got ${payload == null ? 'no payload' : payload.length + ' bytes'}".toString(), seq)
+            }
+            view = new View(buffer: ByteBuffer.wrap(payload), position: 0)
+        } else {  // step 7, shared memory
+            if (payload != null) throw new ProtocolError(P.BAD_MESSAGE, 'a frame names a segment or carries a payload, not both', seq)
+            if (!segment.startsWith(sender.prefix)) {
+                throw new ProtocolError(P.BAD_SEGMENT, "segment ${Json.quote(segment)} is not one of this sender's (${sender.prefix}*)".toString(), seq)
+            }
+            Object offset = f.get('offset')
+            if (!(offset instanceof Long)) throw new ProtocolError(P.BAD_SEGMENT, "offset ${offset} is beyond any segment".toString(), seq)
+            try {
+                view = reader.view(segment, (Long) offset, nbytes)
+            } catch (SegmentError e) {
+                if (e.missing) {
+                    missing++
+                    throw new ProtocolError(P.SEGMENT_MISSING, e.message, seq)
+                }
+                throw new ProtocolError(P.BAD_SEGMENT, e.message, seq)
+            }
+        }
+        try {
+            Layout L = Layout.of(f, (List) f.get('shape'))
+            // Copy out, then the credit goes back at once, then the image is updated.
+            images.put(f, L, view, { reply.call(P.ack(seq)) })
+        } finally {
+            SegmentReader.unmap(view.temporary)
+        }
+        sender.frames++
+        long dropped = Check.big(f.get('dropped')).min(BigInteger.valueOf(Long.MAX_VALUE)).longValue()
+        if (dropped > sender.dropped) {
+            senderDropped += dropped - sender.dropped
+            sender.dropped = dropped
+        }
+        frames++
+        bytes += nbytes
+        if (segment == null) inlineFrames++ else shmFrames++
+    }
+
+    /** What a `report` control message answers: receiver.py's counters plus the images. */
+    Map report() {
+        if (images.gui) images.refresh()  // report what is on screen now
+        images.save()
+        Map state = [
+            receiver: id, viewer: P.VIEWER, frames: frames, rois: rois, bytes: bytes,
+            rejected: rejected, dropped: missing + senderDropped, senders: senders.size(),
+            last_error: lastError, missing: missing, sender_dropped: senderDropped,
+            shm_frames: shmFrames, inline_frames: inlineFrames, empty_frames: images.emptyFrames,
+            fps: fps, mapped_segments: reader.maps.size(), imagej: IJ.getVersion(),
+            output_dir: images.outputDir?.path, images: images.describe(),
+        ] as LinkedHashMap
+        if (images.gui) {  // what a user sees: open image windows, ROI Manager entries
+            state.put('windows', ij.WindowManager.getImageCount())
+            state.put('roi_manager', ij.plugin.frame.RoiManager.getInstance()?.getCount() ?: 0)
+        }
+        if (images.outputDir != null) {
+            File tmp = new File(images.outputDir, 'report.json.tmp')
+            tmp.setText(Json.encode(state), 'UTF-8')
+            Files.move(tmp.toPath(), new File(images.outputDir, 'report.json').toPath(), StandardCopyOption.REPLACE_EXISTING)
+        }
+        return state
+    }
+
+    void reject(String identity, String code, String message, Object seq, Closure reply) {
+        rejected++
+        lastError = "${code}: ${message}".toString()
+        log.call("rejected message ${seq}: ${lastError}".toString())
+        reply.call(P.error(seq, code, message))
+    }
+
+    void close() { reader.close() }
+}
+
+// ==========================================================================================
+// 8. Main: parameters, socket, loop, stopping (JeroMQ is used dynamically so that a missing
+//    jar gives a readable message instead of a compile error)
+// ==========================================================================================
+
+def param = { String name, Object dflt ->
+    binding.hasVariable(name) && binding.getVariable(name) != null ? binding.getVariable(name) : dflt
+}
+String endpointParam = param('endpoint', 'tcp://127.0.0.1:55556').toString().trim()
+String modeParam = param('mode', 'replace').toString()
+String channelDisplayParam = param('channel_display', 'composite').toString()
+Object outParam = param('output_dir', null)
+File outputDir = outParam == null || outParam.toString().trim().isEmpty() ? null : new File(outParam.toString())
+boolean allowRemote = param('allow_remote', false) as boolean
+boolean useRoiManager = param('roi_manager', true) as boolean
+boolean stopOnEof = param('stop_on_stdin_eof', false) as boolean
+boolean gui = !GraphicsEnvironment.isHeadless() && IJ.getInstance() != null
+
+def say = { String msg ->
+    println "polystore-fiji: ${msg}"  // Fiji's console, or the launching process
+    System.out.flush()
+    if (gui) IJ.log("polystore: ${msg}")
+}
+def fail = { String msg ->
+    if (gui) IJ.error('polystore receiver', msg)
+    throw new IllegalArgumentException(msg)
+}
+
+if (!(modeParam in ['replace', 'stack'])) fail("mode must be replace or stack, got '${modeParam}'")
+if (!(channelDisplayParam in ['composite', 'color', 'grayscale'])) fail("channel_display must be composite, color or grayscale, got '${channelDisplayParam}'")
+
+// Loopback only unless asked (receiver.py: check_bind_endpoint).
+def matcher = endpointParam =~ /^tcp:\/\/(\[[0-9A-Fa-f:.]+\]|[^:\/\[\]]+):(\d+|\*)$/
+if (!matcher.matches()) fail("endpoint must look like tcp://127.0.0.1:PORT, got '${endpointParam}' (JeroMQ cannot use ipc://)")
+String host = matcher.group(1)
+String port = matcher.group(2)
+String bareHost = host.startsWith('[') ? host[1..-2] : host
+boolean loopback = bareHost == 'localhost' || bareHost == '::1' || bareHost ==~ /127\.\d+\.\d+\.\d+/
+if (!loopback && !allowRemote) {
+    fail("refusing to listen on ${host}: that exposes the receiver beyond this machine. Tick 'Allow remote senders' (allow_remote=true) to do it on purpose; traffic is not encrypted, prefer an SSH tunnel")
+}
+
+Class zmq
+try {
+    zmq = Class.forName('org.zeromq.ZMQ', true, this.class.classLoader)
+} catch (ClassNotFoundException ignored) {
+    fail('JeroMQ is not on the classpath: put jeromq-<version>.jar into Fiji.app/jars/ and restart Fiji (see docs/fiji.md)')
+}
+
+Images images = new Images(modeParam, channelDisplayParam, gui, useRoiManager, outputDir)
+Core core = new Core(images)
+if (gui) core.log = images.log = { String msg -> System.err.println("polystore-fiji: ${msg}"); IJ.log("polystore: ${msg}") }
+
+def ctx = zmq.context(1)
+def sock = ctx.socket(zmq.ROUTER)
+sock.setLinger(0)
+sock.setRcvHWM(1000)
+sock.setMaxMsgSize(P.MAX_FRAME_BYTES + P.MAX_HEADER_BYTES)
+sock.setReceiveTimeOut(100)  // wake up to stop, housekeep and redraw
+String bound
+try {
+    if (port == '0' || port == '*') bound = "tcp://${host}:${sock.bindToRandomPort("tcp://${host}")}"
+    else { sock.bind(endpointParam); bound = endpointParam }
+} catch (Exception e) {
+    sock.close()
+    ctx.term()
+    fail("cannot listen on ${endpointParam}: ${e.message ?: e}. Is another polystore receiver already running there? Stop it or choose another endpoint")
+}
+
+AtomicBoolean stop = new AtomicBoolean(false)
+CountDownLatch done = new CountDownLatch(1)
+Thread loopThread = Thread.currentThread()
+Thread hook = new Thread({
+    stop.set(true)
+    done.await(3, TimeUnit.SECONDS)  // let the loop close the socket cleanly
+} as Runnable, 'polystore-fiji-shutdown')
+Runtime.runtime.addShutdownHook(hook)
+if (stopOnEof) {
+    Thread watcher = new Thread({
+        try { while (System.in.read() >= 0) { } } catch (IOException ignored) { }
+        stop.set(true)
+    } as Runnable, 'polystore-fiji-stdin')
+    watcher.daemon = true
+    watcher.start()
+}
+def window = null
+def statusLabel = null
+if (gui) {  // a small window with counters and a Stop button
+    window = new java.awt.Frame("polystore receiver - ${bound}")
+    statusLabel = new java.awt.Label("listening on ${bound}")
+    def button = new java.awt.Button('Stop')
+    button.addActionListener({ stop.set(true) } as java.awt.event.ActionListener)
+    window.add(statusLabel, java.awt.BorderLayout.CENTER)
+    window.add(button, java.awt.BorderLayout.EAST)
+    window.addWindowListener([windowClosing: { stop.set(true) }] as java.awt.event.WindowAdapter)
+    window.setSize(460, 70)
+    window.visible = true
+}
+
+say("listening on ${bound} (ImageJ ${IJ.getVersion()}, ${gui ? 'GUI' : 'headless'}, mode ${modeParam}${outputDir ? ', output ' + outputDir : ''})")
+
+int sendMore = zmq.SNDMORE | zmq.DONTWAIT, sendLast = zmq.DONTWAIT  // looked up once, not per reply
+def sendReply = { byte[] identity, Map message ->
+    try {
+        sock.send(identity, sendMore)
+        sock.send(Json.encodeUtf8(message), sendLast)
+    } catch (Exception ignored) {
+        // the sender is gone or not reading; it times out on its own
+    }
+}
+
+long lastTick = System.nanoTime(), lastDraw = 0, framesAtTick = 0
+try {
+    while (!stop.get() && !loopThread.isInterrupted()) {
+        byte[] identity = null
+        try {
+            identity = sock.recv(0)
+        } catch (Exception e) {
+            if (stop.get() || loopThread.isInterrupted()) break
+            core.log.call("receive failed: ${e}")
+        }
+        if (identity != null) {
+            List<byte[]> parts = []
+            int count = 0
+            while (sock.hasReceiveMore()) {
+                byte[] part = sock.recv(0)
+                count++
+                if (parts.size() < 2) parts << part  // more parts are counted, not kept
+            }
+            byte[] id = identity
+            core.handle(new String(identity, 'ISO-8859-1'), parts, count, { Map m -> sendReply(id, m) })
+        }
+        long now = System.nanoTime()
+        if (gui && now - lastDraw > 50_000_000L) {
+            lastDraw = now
+            images.refresh()
+        }
+        if (now - lastTick >= 1_000_000_000L) {
+            core.fps = (core.frames - framesAtTick) * 1e9 / (now - lastTick)
+            lastTick = now
+            framesAtTick = core.frames
+            core.reader.forgetUnlinked()
+            if (statusLabel != null) statusLabel.text = "${bound}: ${core.frames} frames, ${String.format('%.1f', core.fps)} fps, ${core.rejected} rejected"
+        }
+    }
+} finally {
+    try { sock.close() } catch (Exception ignored) { }
+    try { ctx.term() } catch (Exception ignored) { }
+    core.close()
+    if (window != null) window.dispose()
+    say("stopped after ${core.frames} frames, ${core.rejected} rejected")
+    done.countDown()
+    try { Runtime.runtime.removeShutdownHook(hook) } catch (IllegalStateException ignored) { }  // already shutting down
+}
