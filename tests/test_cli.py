@@ -1,0 +1,422 @@
+"""The `polystore` command line, run as a real subprocess: every subcommand and its errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from polystore.streaming import (
+    FijiStreamingBackend,
+    NapariStreamingBackend,
+    ViewerNotRunningError,
+    receiver_for,
+)
+from polystore.streaming.shm import pid_alive
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 120,
+        cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "polystore.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=timeout, cwd=cwd)
+
+
+def free_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    assert not pid_alive(proc.pid)
+    return proc.pid
+
+
+def wait_listening(backend_cls, endpoint: str, proc: subprocess.Popen, timeout: float) -> dict:
+    """Poll with `report` requests until a receiver answers at `endpoint`."""
+    deadline = time.monotonic() + timeout
+    with backend_cls(endpoint, connect_timeout=0.5) as probe:
+        while True:
+            try:
+                return probe.request("report", timeout=5)
+            except ViewerNotRunningError:
+                assert proc.poll() is None, f"the receiver exited with {proc.returncode}"
+                assert time.monotonic() < deadline, f"nothing listened on {endpoint}"
+
+
+def report(backend_cls, endpoint: str) -> dict:
+    with backend_cls(endpoint) as probe:
+        return probe.request("report", timeout=10)
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    """plate/ with TIFFs and an NPY to stream, and files every viewer must skip."""
+    root = tmp_path / "plate"
+    (root / "A01").mkdir(parents=True)
+    (root / "B02").mkdir()
+    for t in range(3):
+        tifffile.imwrite(root / "A01" / f"t{t:03d}.tif", np.full((32, 48), t, np.uint16))
+    np.save(root / "B02" / "stack.npy", np.arange(2 * 16 * 16, dtype=np.float32)
+            .reshape(2, 16, 16))  # fmt: skip
+    (root / "A01" / "cells.csv").write_text("cell,area\n1,20\n")
+    (root / "meta.json").write_text("{}")
+    (root / "snapshot.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    return root
+
+
+class Collector:
+    """A real receiver in this process that records what it got."""
+
+    def __init__(self, backend_cls) -> None:
+        self.frames: list = []
+        self.receiver = receiver_for(backend_cls, "tcp://127.0.0.1:0",
+                                     on_frame=self.frames.append)
+
+    def __enter__(self) -> Collector:
+        self.receiver.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.receiver.stop()
+
+    @property
+    def endpoint(self) -> str:
+        return self.receiver.endpoint
+
+
+# -- top level ------------------------------------------------------------------------------
+
+
+def test_version():
+    result = cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == "polystore 0.1.0"
+
+
+def test_console_script_is_installed():
+    result = subprocess.run(["polystore", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("demo", "napari", "fiji", "send", "shm", "bench"):
+        assert command in result.stdout
+
+
+def test_no_command_says_what_to_do():
+    result = cli()
+    assert result.returncode == 2
+    assert "choose a command" in result.stderr and "polystore demo" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["bogus"], "invalid choice: 'bogus'"),
+        (["send"], "the following arguments are required: PATH, --to"),
+        (["send", "a.tif", "--to", "disk"], "argument --to: invalid choice: 'disk'"),
+        (["send", "definitely/not/here", "--to", "napari_stream"],
+         "no such file or folder: definitely/not/here"),
+        (["send", ".", "--to", "fiji_stream", "--policy", "maybe"],
+         "argument --policy: invalid choice: 'maybe'"),
+        (["demo", "--frames", "0"], "--frames: expected a whole number >= 1, got '0'"),
+        (["demo", "--frames", "many"], "--frames: expected a whole number >= 1, got 'many'"),
+        (["demo", "--fps", "-2"], "--fps: expected a number >= 0, got '-2'"),
+        (["napari", "--mode", "sideways"], "argument --mode: invalid choice: 'sideways'"),
+        (["shm"], "choose what to do: `polystore shm ls` or `polystore shm clean`"),
+        (["shm", "rm"], "invalid choice: 'rm'"),
+        (["bench", "--slow"], "unrecognized arguments: --slow"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_clear_message(args, expected):
+    result = cli(*args)
+    assert result.returncode == 2, result
+    assert expected in result.stderr
+    assert "--help' for help" in result.stderr
+
+
+# -- send -----------------------------------------------------------------------------------
+
+
+def test_send_folder_to_a_real_receiver(images):
+    with Collector(NapariStreamingBackend) as rx:
+        result = cli("send", str(images), "--to", "napari_stream", "--endpoint", rx.endpoint)
+    assert result.returncode == 0, result.stderr
+    got = {f.header.path: f for f in rx.frames}
+    assert sorted(got) == ["plate/A01/t000.tif", "plate/A01/t001.tif", "plate/A01/t002.tif",
+                           "plate/B02/stack.npy"]
+    for t in range(3):
+        frame = got[f"plate/A01/t{t:03d}.tif"]
+        assert frame.stream == "plate/A01"
+        assert frame.array.dtype == np.uint16 and (frame.array == t).all()
+    stack = got["plate/B02/stack.npy"].array
+    assert stack.shape == (2, 16, 16) and stack[1, 15, 15] == 511
+    assert "sent 4 file(s)" in result.stdout and rx.endpoint in result.stdout
+    # skipped files are reported, with the reason
+    assert "skipped 2 file(s) napari_stream does not stream (.csv, .json)" in result.stderr
+    assert "skipped 1 file(s) the disk backend cannot load as arrays (.png)" in result.stderr
+    assert "send -> napari_stream" in result.stderr  # the progress bar
+
+
+def test_send_files_with_one_stream_key_to_fiji_stream(images):
+    files = sorted(str(p) for p in (images / "A01").glob("*.tif"))
+    with Collector(FijiStreamingBackend) as rx:
+        result = cli("send", *files, str(images / "snapshot.png"), "--to", "fiji_stream",
+                     "--endpoint", rx.endpoint, "--stream", "preview", "--policy", "latest",
+                     "--quiet")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert [f.header.path for f in rx.frames] == ["t000.tif", "t001.tif", "t002.tif"]
+    assert {f.stream for f in rx.frames} == {"preview"}
+    # fiji_stream does not take PNG at all: its own extension filter says so
+    assert "fiji_stream does not stream (.png); it takes .npy, .roi.zip, .tif, .tiff" \
+        in result.stderr
+    assert "send -> fiji_stream" not in result.stderr  # --quiet
+
+
+def test_send_with_nothing_listening_fails_naming_the_endpoint(images):
+    endpoint = free_endpoint()
+    t0 = time.monotonic()
+    result = cli("send", str(images), "--to", "napari_stream", "--endpoint", endpoint)
+    assert result.returncode == 1
+    assert f"no napari receiver answered at {endpoint}" in result.stderr
+    assert "polystore napari" in result.stderr  # how to start the viewer
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - t0 < 30
+
+
+def test_send_reports_unreadable_files_and_sends_the_rest(images):
+    (images / "A01" / "broken.tif").write_bytes(b"this is not a TIFF")
+    with Collector(NapariStreamingBackend) as rx:
+        result = cli("send", str(images / "A01"), "--to", "napari_stream",
+                     "--endpoint", rx.endpoint, "-q")  # fmt: skip
+    assert result.returncode == 1
+    assert len(rx.frames) == 3
+    assert "broken.tif: cannot load it" in result.stderr
+    assert "sent 3 file(s)" in result.stdout
+
+
+def test_send_with_nothing_sendable_says_so(tmp_path):
+    (tmp_path / "table.csv").write_text("a\n1\n")
+    result = cli("send", str(tmp_path), "--to", "napari_stream")
+    assert result.returncode == 1
+    assert "nothing to send" in result.stderr and ".tif" in result.stderr
+
+
+# -- shm ------------------------------------------------------------------------------------
+
+
+def make_segment(name: str, size: int) -> Path:
+    path = Path("/dev/shm") / name
+    with open(path, "wb") as handle:
+        handle.truncate(size)
+    return path
+
+
+def skip_if_swept(orphan: Path) -> None:
+    """Every receiver that starts sweeps the orphans of its prefix: one started by another
+    program on this machine may have removed ours before the command under test ran."""
+    if not orphan.exists():
+        pytest.skip(f"{orphan.name} was swept by another process meanwhile")
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs /dev/shm")
+def test_shm_ls_and_clean_with_a_real_orphan():
+    orphan_pid = dead_pid()
+    orphan = make_segment(f"napari_{orphan_pid}_deadbeef_0", 3 * 4096)
+    live = make_segment(f"fiji_{os.getpid()}_c0ffee00_7", 4096)
+    try:
+        listed = cli("shm", "ls")
+        assert listed.returncode == 0, listed.stderr
+        if orphan.name not in listed.stdout:
+            skip_if_swept(orphan)
+        lines = {line.split()[0]: line.split() for line in listed.stdout.splitlines()}
+        assert lines[orphan.name][1:] == [str(orphan_pid), "dead", "12.0", "KiB"]
+        assert lines[live.name][1:] == [str(os.getpid()), "alive", "4.0", "KiB"]
+        assert "polystore shm clean" in listed.stdout  # the hint for the orphan
+
+        cleaned = cli("shm", "clean")
+        assert cleaned.returncode == 0, cleaned.stderr
+        assert f"removed {orphan.name} (owner pid {orphan_pid}, 12.0 KiB)" in cleaned.stdout
+        assert not orphan.exists()
+        assert live.exists(), "a live owner's segment must never be removed"
+
+        again = cli("shm", "ls")
+        assert orphan.name not in again.stdout and live.name in again.stdout
+        assert "no orphaned segments" in cli("shm", "clean").stdout
+    finally:
+        for path in (orphan, live):
+            path.unlink(missing_ok=True)
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs /dev/shm")
+def test_shm_all_covers_prefixes_of_backends_not_installed():
+    # a prefix no installed backend (and no receiver that could sweep it) uses
+    orphan = make_segment(f"pstest_{dead_pid()}_abad1dea_3", 4096)
+    try:
+        assert orphan.name not in cli("shm", "ls").stdout
+        assert orphan.name in cli("shm", "ls", "--all").stdout
+        assert orphan.exists()
+        assert cli("shm", "clean").returncode == 0 and orphan.exists()
+        assert orphan.name in cli("shm", "clean", "--all").stdout
+        assert not orphan.exists()
+    finally:
+        orphan.unlink(missing_ok=True)
+
+
+# -- bench ----------------------------------------------------------------------------------
+
+
+def test_bench_quick_writes_json_that_plots(tmp_path):
+    out = tmp_path / "bench.json"
+    result = cli("bench", "--quick", "--json", str(out), timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert "| frame | polystore fps | GB/s |" in result.stdout
+    assert "torn: 0" in result.stdout
+    data = json.loads(out.read_text())
+    assert [r["frame"] for r in data["rows"]] == ["2048x2048 uint16", "512x512 uint16",
+                                                  "16x512x1024 uint16"]
+    assert all(r["polystore_fps"] > 0 and r["idle_p50_ms"] > 0 for r in data["rows"])
+    assert data["torn_frames"] == 0 and data["verified_frames"] > 0
+
+    # the printed table and the JSON carry the same figures; both plot
+    (tmp_path / "bench.md").write_text(result.stdout)
+    for source in ("bench.json", "bench.md"):
+        png = tmp_path / f"{source}.png"
+        plotted = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_bench.py"),
+                                  str(tmp_path / source), "--out", str(png)],
+                                 capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert plotted.returncode == 0, plotted.stderr
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_script_is_a_thin_wrapper_with_the_same_output():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_stream.py"),
+                             "--quick"], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("# polystore streaming benchmark")
+    assert "| frame | polystore fps | GB/s | x memcpy/2 (hot) |" in result.stdout
+    assert "receiver verified" in result.stdout
+
+
+def test_plot_bench_rejects_what_is_not_benchmark_output(tmp_path):
+    bogus = tmp_path / "notes.md"
+    bogus.write_text("# notes\n\nno table here\n")
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_bench.py"),
+                             str(bogus), "--out", str(tmp_path / "x.png")],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 1
+    assert "no benchmark table found" in result.stderr
+
+
+# -- fiji -----------------------------------------------------------------------------------
+
+
+def test_fiji_prints_where_the_script_is_and_how_to_install_it():
+    result = cli("fiji")
+    assert result.returncode == 0, result.stderr
+    script = ROOT / "viewers" / "fiji" / "polystore_receiver.groovy"
+    assert f"Fiji receiver script: {script}" in result.stdout
+    assert script.is_file()
+    assert "Fiji.app/jars/" in result.stdout and "Fiji.app/scripts/" in result.stdout
+    assert "tcp://127.0.0.1:55556" in result.stdout
+
+
+def test_fiji_run_says_what_is_missing():
+    env = {**os.environ, "IJ_JAR": "/nowhere/ij.jar"}
+    result = cli("fiji", "--run", env=env)
+    assert result.returncode == 1
+    assert "missing" in result.stderr and "/nowhere/ij.jar" in result.stderr
+    assert "scripts/install.sh" in result.stderr
+
+
+def _fiji_missing() -> str | None:
+    from polystore.cli import _fiji_missing
+
+    missing = _fiji_missing()
+    return "; ".join(missing) if missing else None
+
+
+@pytest.mark.fiji
+@pytest.mark.skipif(_fiji_missing() is not None, reason=f"Fiji headless: {_fiji_missing()}")
+def test_fiji_run_receives_what_send_streams(images, tmp_path):
+    endpoint = free_endpoint()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "polystore.cli", "fiji", "--run", "--endpoint", endpoint,
+         "--output-dir", str(tmp_path / "fiji_out")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert wait_listening(FijiStreamingBackend, endpoint, proc, timeout=90)["frames"] == 0
+        result = cli("send", str(images / "A01"), "--to", "fiji_stream", "--endpoint", endpoint)
+        assert result.returncode == 0, result.stderr
+        state = report(FijiStreamingBackend, endpoint)
+        assert state["frames"] == 3
+        assert [image["title"] for image in state["images"]] == ["A01"]
+    finally:
+        proc.send_signal(signal.SIGTERM)  # exec'd: the signal reaches the receiver itself
+        output, _ = proc.communicate(timeout=30)
+    assert "listening on" in output
+
+
+# -- napari ---------------------------------------------------------------------------------
+
+
+def test_napari_help():
+    result = cli("napari", "--help")
+    assert result.returncode == 0
+    assert "--endpoint" in result.stdout and "--mode" in result.stdout
+
+
+def test_napari_without_a_display_says_what_to_do():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")}  # fmt: skip
+    result = cli("napari", env=env)
+    assert result.returncode == 1
+    assert "no display" in result.stderr and "polystore demo --headless" in result.stderr
+
+
+def test_napari_missing_plugin_says_how_to_install(tmp_path):
+    shadow = tmp_path / "polystore_napari"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text(
+        'raise ImportError("No module named \'napari\'", name="napari")\n')
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "DISPLAY": ":1"}
+    result = cli("napari", env=env)
+    assert result.returncode == 1
+    assert "pip install -e viewers/napari" in result.stderr
+    assert "bash scripts/install.sh" in result.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("DISPLAY"), reason="needs a display (pytest-xvfb)")
+def test_napari_starts_listening_and_shows_frames():
+    pytest.importorskip("napari")
+    endpoint = free_endpoint()
+    proc = subprocess.Popen([sys.executable, "-m", "polystore.cli", "napari", "--endpoint",
+                             endpoint], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_listening(NapariStreamingBackend, endpoint, proc, timeout=90)
+        with NapariStreamingBackend(endpoint) as backend:
+            backend.save(np.ones((16, 16), np.uint8), "cli/t000.tif")
+            backend.flush()
+            deadline = time.monotonic() + 30
+            while True:  # the layer appears at the next display tick
+                state = backend.request("report")
+                if any(layer["stream"] == "cli" for layer in state.get("layers", [])):
+                    break
+                assert time.monotonic() < deadline, state
+                time.sleep(0.1)
+        assert state["frames"] == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
