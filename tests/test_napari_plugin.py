@@ -1,0 +1,793 @@
+"""The napari plugin with a real viewer under Xvfb and real sender processes.
+
+Every sender runs in a separate Python process (subprocess) and streams over wire protocol v1
+into a `ReceiverWidget` listening on an ephemeral port. pytest-xvfb provides the display.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import queue
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+napari = pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from polystore_napari.buffer import CoalescingBuffer  # noqa: E402
+from polystore_napari.widget import ReceiverWidget  # noqa: E402
+from qtpy.QtCore import QSettings  # noqa: E402
+
+from polystore.streaming import NapariStreamingBackend, Receiver, receiver_for  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EPHEMERAL = "tcp://127.0.0.1:0"
+
+
+def rand(seed, shape, dtype="uint16"):
+    """Deterministic test pixels, computed identically in the sender process."""
+    high = {"uint8": 250, "uint16": 60000, "int32": 1000, "float32": 1000}[dtype]
+    return np.random.default_rng(seed).integers(1, high, size=shape).astype(dtype)
+
+
+SENDER = """
+import json, sys
+import numpy as np
+from polystore.streaming import NapariStreamingBackend
+
+{rand}
+
+def barrier():
+    # tell the test this phase is sent, wait for its go-ahead
+    backend.flush()
+    print("ready", flush=True)
+    sys.stdin.readline()
+
+backend = NapariStreamingBackend(sys.argv[1], timeout=20)
+try:
+{body}
+    backend.flush()
+finally:
+    backend.close()
+"""
+
+
+class Sender:
+    """A sender process running `body` (Python, with `backend`, `np`, `rand`, `barrier`)."""
+
+    def __init__(self, endpoint: str, body: str) -> None:
+        script = SENDER.format(rand=inspect.getsource(rand),
+                               body=textwrap.indent(textwrap.dedent(body), "    "))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", script, endpoint], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )  # fmt: skip
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.output: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def wait_line(self, qtbot, timeout: float = 30.0) -> str:
+        got: list[str] = []
+
+        def arrived() -> bool:
+            if self.proc.poll() is not None and self.lines.empty():
+                raise AssertionError(f"sender exited early:\n{self.proc.stderr.read()}")
+            try:
+                got.append(self.lines.get_nowait())
+            except queue.Empty:
+                return False
+            return True
+
+        qtbot.waitUntil(arrived, timeout=int(timeout * 1000))
+        self.output.append(got[0])
+        return got[0]
+
+    def go(self) -> None:
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+
+    def finish(self, qtbot, timeout: float = 60.0) -> list[str]:
+        """Wait (running the Qt event loop) for a clean exit; return its stdout lines."""
+        qtbot.waitUntil(lambda: self.proc.poll() is not None, timeout=int(timeout * 1000))
+        self._reader.join(5)
+        stderr = self.proc.stderr.read()
+        assert self.proc.returncode == 0, f"sender failed:\n{stderr}"
+        while not self.lines.empty():
+            self.output.append(self.lines.get())
+        return self.output
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def send(qtbot, endpoint: str, body: str, timeout: float = 60.0) -> list[str]:
+    sender = Sender(endpoint, body)
+    try:
+        return sender.finish(qtbot, timeout)
+    finally:
+        sender.kill()
+
+
+def mapped_segments() -> list[str]:
+    """Shared-memory segments of our prefix mapped into this process."""
+    with open("/proc/self/maps") as maps:
+        return [line.split()[-1] for line in maps if "/dev/shm/napari_" in line]
+
+
+@pytest.fixture(autouse=True)
+def isolated_settings(tmp_path, monkeypatch):
+    """Keep the widget's QSettings (auto-start, endpoint, ...) out of the user's config."""
+    for fmt in (QSettings.Format.NativeFormat, QSettings.Format.IniFormat):
+        QSettings.setPath(fmt, QSettings.Scope.UserScope, str(tmp_path / "settings"))
+    monkeypatch.delenv("POLYSTORE_NAPARI_ENDPOINT", raising=False)
+    yield
+
+
+@pytest.fixture
+def docked(make_napari_viewer, qtbot):
+    """A shown viewer with the receiver widget docked and listening on an ephemeral port."""
+    viewer = make_napari_viewer(show=True)
+    widget = ReceiverWidget(viewer, endpoint=EPHEMERAL, auto_start=False)
+    viewer.window.add_dock_widget(widget, name="polystore receiver", area="right")
+    widget.start()
+    assert widget.running and not widget.endpoint.endswith(":0")
+    yield viewer, widget
+    widget.stop()
+
+
+def layer_of(widget, stream):
+    return widget.manager.layer(stream)
+
+
+def wait_frames(qtbot, widget, n: int, timeout: float = 30.0) -> None:
+    """Wait until `n` frames have been written into layers."""
+    qtbot.waitUntil(lambda: widget.manager.frames >= n, timeout=int(timeout * 1000))
+
+
+# -- plugin discovery ------------------------------------------------------------------------
+
+
+def test_npe2_manifest_is_discovered():
+    from npe2 import PluginManager
+
+    pm = PluginManager.instance()
+    pm.discover()
+    manifest = pm.get_manifest("polystore-napari")
+    assert manifest.display_name == "polystore receiver"
+    widgets = [w.display_name for w in manifest.contributions.widgets]
+    assert widgets == ["polystore receiver"]
+    listed = subprocess.run(
+        [sys.executable, "-m", "npe2", "list", "--fields", "name,display_name", "--format",
+         "json"], capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert {"name": "polystore-napari", "display_name": "polystore receiver"} in json.loads(listed)
+    valid = subprocess.run([sys.executable, "-m", "npe2", "validate", "polystore-napari"],
+                           capture_output=True, text=True)
+    assert valid.returncode == 0, valid.stdout + valid.stderr
+
+
+def test_plugins_menu_docks_an_auto_starting_receiver(make_napari_viewer, qtbot, monkeypatch):
+    monkeypatch.setenv("POLYSTORE_NAPARI_ENDPOINT", EPHEMERAL)
+    viewer = make_napari_viewer(show=True)
+    actions = [a for a in viewer.window.plugins_menu.actions() if "polystore receiver" in a.text()]
+    assert len(actions) == 1, [a.text() for a in viewer.window.plugins_menu.actions()]
+    actions[0].trigger()
+    widgets = [w for w in viewer.window.dock_widgets.values() if isinstance(w, ReceiverWidget)]
+    assert len(widgets) == 1
+    widget = widgets[0]
+    qtbot.waitUntil(lambda: widget.running, timeout=5000)  # auto-start is on by default
+    send(qtbot, widget.endpoint, """
+        backend.save(rand(1, (40, 50)), "menu/t000.tif")
+    """)
+    wait_frames(qtbot, widget, 1)
+    layer = viewer.layers["menu"]
+    np.testing.assert_array_equal(layer.data, rand(1, (40, 50)))
+    widget.stop()
+    assert not widget.running
+
+
+# -- replace ---------------------------------------------------------------------------------
+
+
+def test_replace_updates_one_layer_in_place_with_equal_pixels(docked, qtbot):
+    viewer, widget = docked
+    inserted, removed = [], []
+    viewer.layers.events.inserted.connect(lambda e: inserted.append(e.value.name))
+    viewer.layers.events.removed.connect(lambda e: removed.append(e.value.name))
+    sender = Sender(widget.endpoint, """
+        backend.save(rand(0, (120, 160)), "cam/t000.tif")
+        backend.save(rand(100, (30, 20), "float32"), "other/img_000.tif")
+        barrier()
+        for i in range(1, 6):
+            backend.save(rand(i, (120, 160)), f"cam/t{i:03d}.tif")
+    """)
+    try:
+        assert sender.wait_line(qtbot) == "ready"
+        wait_frames(qtbot, widget, 2)
+        first = viewer.layers["cam"]
+        array = first.data
+        np.testing.assert_array_equal(first.data, rand(0, (120, 160)))
+        assert first.data.dtype == np.uint16
+        # contrast limits come from the first frame
+        assert first.contrast_limits == [float(rand(0, (120, 160)).min()),
+                                         float(rand(0, (120, 160)).max())]
+        other = viewer.layers["other/img"]
+        assert other.data.dtype == np.float32 and other.data.shape == (30, 20)
+        sender.go()
+        sender.finish(qtbot)
+    finally:
+        sender.kill()
+    qtbot.waitUntil(lambda: np.array_equal(first.data, rand(5, (120, 160))), timeout=10000)
+    assert viewer.layers["cam"] is first  # same layer object...
+    assert first.data is array  # ...showing the same array, written in place
+    assert inserted == ["cam", "other/img"] and removed == []
+    assert widget.receiver.stats.frames == 7
+
+
+def test_canvas_screenshot_shows_the_streamed_image(docked, qtbot):
+    viewer, widget = docked
+    send(qtbot, widget.endpoint, """
+        image = np.zeros((200, 200), np.uint16)
+        image[:, 100:] = 50000  # right half bright, left half dark
+        backend.save(image, "halves/t000.tif", contrast_limits=[0, 50000])
+    """)
+    wait_frames(qtbot, widget, 1)
+    viewer.reset_view()
+    qtbot.wait(100)
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    assert shot.ndim == 3 and shot[..., :3].max() > 200, "canvas screenshot is black"
+    rows, cols = np.nonzero(shot[..., :3].max(axis=2) > 200)
+    middle = shot.shape[1] // 2
+    # the bright pixels are the right half of the image: right of the canvas centre
+    assert cols.min() >= middle - 3, (cols.min(), middle)
+    left = shot[:, : middle - 10, :3].mean()
+    right = shot[:, middle + 10 :, :3].mean()
+    assert right > left + 50, (left, right)
+
+
+def test_replace_coalesces_when_frames_outpace_the_display(docked, qtbot):
+    viewer, widget = docked
+    send(qtbot, widget.endpoint, """
+        frames = [rand(i, (512, 512)) for i in range(4)]
+        for i in range(400):
+            backend.save(frames[i % 4], f"fast/t{i:04d}.tif")
+    """)
+    qtbot.waitUntil(lambda: widget.buffer.stats.frames == 400, timeout=20000)
+    qtbot.waitUntil(lambda: widget.buffer.pending == 0, timeout=5000)
+    layer = viewer.layers["fast"]
+    np.testing.assert_array_equal(layer.data, rand(399 % 4, (512, 512)))
+    assert widget.buffer.stats.coalesced > 0
+    assert widget.manager.frames + widget.buffer.stats.coalesced == 400
+    assert widget.manager.updates < 400
+
+
+# -- place (t, c, z and named axes) ----------------------------------------------------------
+
+
+def test_place_builds_an_nd_layer_from_tcz_axes(docked, qtbot):
+    viewer, widget = docked
+    send(qtbot, widget.endpoint, """
+        import itertools, random
+        positions = list(itertools.product(range(2), range(3), range(4)))
+        random.Random(0).shuffle(positions)  # any arrival order
+        for t, c, z in positions:
+            backend.save(rand(100 * t + 10 * c + z, (48, 64)), f"emb/t{t}c{c}z{z}.tif",
+                         stream="embryo", axes={"t": t, "c": c, "z": z},
+                         axis_names=["t", "c", "z"])
+        backend.save(rand(7, (16, 16), "uint8"), "plate/a.tif", axes={"well": 2, "site": 1},
+                     mode="place")
+    """)
+    wait_frames(qtbot, widget, 25)
+    layer = viewer.layers["embryo"]
+    assert layer.data.shape == (2, 3, 4, 48, 64)
+    assert layer.data.dtype == np.uint16
+    assert tuple(viewer.dims.axis_labels) == ("t", "c", "z", "y", "x")
+    assert tuple(layer.axis_labels) == ("t", "c", "z", "y", "x")
+    for t in range(2):
+        for c in range(3):
+            for z in range(4):
+                np.testing.assert_array_equal(np.asarray(layer.data[t, c, z]),
+                                              rand(100 * t + 10 * c + z, (48, 64)))
+    plate = viewer.layers["plate/a"]
+    assert plate.data.shape == (3, 2, 16, 16)
+    assert tuple(plate.axis_labels) == ("well", "site", "y", "x")
+    np.testing.assert_array_equal(np.asarray(plate.data[2, 1]), rand(7, (16, 16), "uint8"))
+    assert not np.asarray(plate.data[0, 0]).any()  # positions never sent stay empty
+
+
+def test_place_grows_in_place_without_re_adding_the_layer(docked, qtbot):
+    viewer, widget = docked
+    removed = []
+    viewer.layers.events.removed.connect(lambda e: removed.append(e.value.name))
+    sender = Sender(widget.endpoint, """
+        backend.save(rand(0, (32, 32)), "grow/a.tif", axes={"z": 0})
+        barrier()
+        for z in range(1, 40):
+            backend.save(rand(z, (32, 32)), "grow/a.tif", axes={"z": z})
+    """)
+    try:
+        sender.wait_line(qtbot)
+        wait_frames(qtbot, widget, 1)
+        layer = viewer.layers["grow/a"]
+        assert layer.data.shape == (1, 32, 32)
+        sender.go()
+        sender.finish(qtbot)
+    finally:
+        sender.kill()
+    qtbot.waitUntil(lambda: layer.data.shape == (40, 32, 32), timeout=10000)
+    assert viewer.layers["grow/a"] is layer and removed == []
+    np.testing.assert_array_equal(np.asarray(layer.data[39]), rand(39, (32, 32)))
+    np.testing.assert_array_equal(np.asarray(layer.data[0]), rand(0, (32, 32)))
+
+
+# -- stack -----------------------------------------------------------------------------------
+
+
+def test_stack_keeps_the_newest_frames_up_to_capacity(docked, qtbot):
+    viewer, widget = docked
+    widget.capacity_box.setValue(5)
+    send(qtbot, widget.endpoint, """
+        for i in range(12):
+            backend.save(rand(i, (24, 36)), f"series/t{i:03d}.tif", mode="stack")
+    """)
+    qtbot.waitUntil(lambda: widget.buffer.stats.frames == 12 and widget.buffer.pending == 0,
+                    timeout=10000)
+    layer = viewer.layers["series"]
+    assert layer.data.shape == (5, 24, 36)
+    assert tuple(layer.axis_labels) == ("t", "y", "x")
+    for k, i in enumerate(range(7, 12)):
+        np.testing.assert_array_equal(np.asarray(layer.data[k]), rand(i, (24, 36)))
+    assert viewer.dims.current_step[0] == 4  # the slider follows the newest frame
+
+
+def test_stack_never_loses_frames_it_must_keep_under_load(docked, qtbot):
+    viewer, widget = docked
+    widget.capacity_box.setValue(150)
+    widget.mode_box.setCurrentText("stack")  # default mode: no hint needed
+    send(qtbot, widget.endpoint, """
+        for i in range(400):
+            frame = np.full((64, 64), i, np.uint16)
+            backend.save(frame, f"burst/t{i:04d}.tif")
+    """)
+    qtbot.waitUntil(lambda: widget.buffer.stats.frames == 400 and widget.buffer.pending == 0,
+                    timeout=20000)
+    layer = viewer.layers["burst"]
+    assert layer.data.shape == (150, 64, 64)
+    # exactly the newest 150 frames, in order, none skipped
+    np.testing.assert_array_equal(np.asarray(layer.data[:, 0, 0]), np.arange(250, 400))
+    assert widget.manager.updates < 400  # they arrived faster than the display ticked
+
+
+# -- labels, hints, contrast -----------------------------------------------------------------
+
+
+def test_labels_mask_becomes_a_labels_layer(docked, qtbot):
+    viewer, widget = docked
+    send(qtbot, widget.endpoint, """
+        mask = np.zeros((50, 60), np.uint16)
+        mask[5:20, 5:30] = 1
+        mask[25:45, 10:50] = 7
+        backend.save(mask, "seg/nuclei_000.tif", labels=True)
+        backend.save(rand(3, (50, 60), "int32"), "seg/cells.tif", kind="labels", opacity=0.3)
+        backend.save(np.eye(8, dtype=np.float32) * 3, "seg/float_mask.tif", labels=True)
+    """)
+    wait_frames(qtbot, widget, 3)
+    nuclei = viewer.layers["seg/nuclei"]
+    assert isinstance(nuclei, napari.layers.Labels)
+    assert nuclei.data.dtype == np.uint16 and nuclei.data.shape == (50, 60)
+    assert set(np.unique(nuclei.data)) == {0, 1, 7}
+    cells = viewer.layers["seg/cells"]
+    assert isinstance(cells, napari.layers.Labels) and cells.data.dtype == np.int32
+    np.testing.assert_array_equal(cells.data, rand(3, (50, 60), "int32"))
+    assert cells.opacity == pytest.approx(0.3)
+    floats = viewer.layers["seg/float_mask"]
+    assert isinstance(floats, napari.layers.Labels) and floats.data.dtype == np.int32
+    assert not any(isinstance(layer, napari.layers.Image) for layer in viewer.layers)
+
+
+def test_display_hints_and_contrast_following(docked, qtbot):
+    viewer, widget = docked
+    sender = Sender(widget.endpoint, """
+        backend.save(np.full((10, 10), 100, np.uint16) + np.eye(10, dtype=np.uint16),
+                     "green/t000.tif", colormap="green", opacity=0.5)
+        backend.save(np.arange(100, dtype=np.float32).reshape(10, 10), "fixed/t000.tif",
+                     contrast_limits=[10, 20])
+        barrier()
+        backend.save(np.full((10, 10), 1000, np.uint16) + 9 * np.eye(10, dtype=np.uint16),
+                     "green/t001.tif", colormap="green", opacity=0.5)
+        barrier()
+        backend.save(np.full((10, 10), 3000, np.uint16) + 2 * np.eye(10, dtype=np.uint16),
+                     "green/t002.tif", colormap="green", opacity=0.5)
+    """)
+    try:
+        sender.wait_line(qtbot)
+        wait_frames(qtbot, widget, 2)
+        green = viewer.layers["green"]
+        assert green.colormap.name == "green"
+        assert green.opacity == pytest.approx(0.5)
+        assert green.contrast_limits == [100, 101]  # from the first frame
+        assert viewer.layers["fixed"].contrast_limits == [10, 20]  # the hint wins
+        sender.go()
+        sender.wait_line(qtbot)
+        wait_frames(qtbot, widget, 3)
+        assert green.contrast_limits == [100, 101]  # not following: unchanged
+        widget.follow_box.setChecked(True)
+        sender.go()
+        sender.finish(qtbot)
+    finally:
+        sender.kill()
+    wait_frames(qtbot, widget, 4)
+    assert green.contrast_limits == [3000, 3002]  # following the newest frame
+
+
+# -- ROIs ------------------------------------------------------------------------------------
+
+
+def test_rois_become_shapes_and_points_on_their_image_planes(docked, qtbot):
+    viewer, widget = docked
+    sender = Sender(widget.endpoint, """
+        for t in range(2):
+            for z in range(3):
+                backend.save(rand(t * 3 + z, (64, 64)), "vol/x.tif", axes={"t": t, "z": z},
+                             axis_names=["t", "z"])
+        rois = [
+            {"kind": "polygon", "coords": [[5, 5], [5, 30], [25, 18]], "label": "tri"},
+            {"kind": "rectangle", "coords": [[10, 10], [20, 40]]},
+            {"kind": "ellipse", "coords": [[30, 30], [50, 60]], "label": "oval"},
+            {"kind": "line", "coords": [[0, 0], [63, 63]]},
+            {"kind": "point", "coords": [[12.5, 7]]},
+            {"kind": "point", "coords": [[40, 41]], "label": "p2"},
+        ]
+        backend.save(rois, "vol/x_t1_z2.roi.zip", stream="vol/x", axes={"t": 1, "z": 2})
+        barrier()
+        # a new set for the same plane replaces the old one; another plane adds
+        backend.save(rois[:2], "vol/x_t1_z2.roi.zip", stream="vol/x", axes={"t": 1, "z": 2})
+        backend.save(rois[3:5], "vol/x_t0_z0.roi.zip", stream="vol/x", axes={"t": 0, "z": 0})
+    """)
+    try:
+        sender.wait_line(qtbot)
+        qtbot.waitUntil(lambda: "vol/x points" in viewer.layers, timeout=10000)
+        shapes, points = viewer.layers["vol/x ROIs"], viewer.layers["vol/x points"]
+        assert isinstance(shapes, napari.layers.Shapes)
+        assert isinstance(points, napari.layers.Points)
+        assert shapes.shape_type == ["polygon", "rectangle", "ellipse", "line"]
+        assert shapes.ndim == 4 and points.ndim == 4
+        for data in shapes.data:  # every shape sits on plane t=1, z=2
+            assert (data[:, 0] == 1).all() and (data[:, 1] == 2).all()
+        np.testing.assert_allclose(shapes.data[0][:, 2:], [[5, 5], [5, 30], [25, 18]])
+        np.testing.assert_allclose(shapes.data[1][:, 2:].min(axis=0), [10, 10])
+        np.testing.assert_allclose(shapes.data[1][:, 2:].max(axis=0), [20, 40])
+        np.testing.assert_allclose(points.data, [[1, 2, 12.5, 7], [1, 2, 40, 41]])
+        assert list(shapes.features["label"]) == ["tri", "", "oval", ""]
+        assert list(points.features["label"]) == ["", "p2"]
+        sender.go()
+        sender.finish(qtbot)
+    finally:
+        sender.kill()
+    qtbot.waitUntil(lambda: len(shapes.data) == 3, timeout=10000)
+    assert viewer.layers["vol/x ROIs"] is shapes
+    assert sorted(shapes.shape_type) == ["line", "polygon", "rectangle"]
+    on_first_plane = [d for d in shapes.data if d[0, 0] == 0 and d[0, 1] == 0]
+    assert len(on_first_plane) == 1  # the line on t=0, z=0
+    np.testing.assert_allclose(points.data, [[0, 0, 12.5, 7]])  # t1z2 lost its points
+
+
+def test_rois_without_axes_are_2d(docked, qtbot):
+    viewer, widget = docked
+    send(qtbot, widget.endpoint, """
+        backend.save(rand(1, (30, 30)), "img/t000.tif")
+        backend.save([{"kind": "rectangle", "coords": [[1, 2], [10, 20]]}], "img/a.roi.zip",
+                     stream="img")
+    """)
+    qtbot.waitUntil(lambda: "img ROIs" in viewer.layers, timeout=10000)
+    shapes = viewer.layers["img ROIs"]
+    assert shapes.ndim == 2 and shapes.shape_type == ["rectangle"]
+    assert "img points" not in viewer.layers
+
+
+# -- remote state ----------------------------------------------------------------------------
+
+
+def test_report_describes_the_layers_to_the_sender(docked, qtbot):
+    viewer, widget = docked
+    lines = send(qtbot, widget.endpoint, """
+        import time
+        backend.save(rand(1, (20, 30)), "rep/a_000.tif")
+        backend.save(np.ones((20, 30), np.uint8), "rep/mask.tif", labels=True)
+        for _ in range(200):
+            state = backend.request("report")
+            if len(state.get("layers", [])) == 2:
+                break
+            time.sleep(0.05)
+        print(json.dumps(state))
+    """)
+    state = json.loads(lines[-1])
+    layers = {layer["name"]: layer for layer in state["layers"]}
+    assert layers["rep/a"]["shape"] == [20, 30] and layers["rep/a"]["dtype"] == "uint16"
+    assert layers["rep/a"]["kind"] == "image" and layers["rep/a"]["mode"] == "replace"
+    assert layers["rep/mask"]["kind"] == "labels" and layers["rep/mask"]["dtype"] == "uint8"
+    assert state["frames"] == 2 and state["frames_displayed"] == 2
+    assert state["pending_frames"] == 0
+
+
+def test_clear_command_removes_the_stream_layers(docked, qtbot):
+    viewer, widget = docked
+    viewer.add_image(np.zeros((5, 5)), name="user layer")
+    sender = Sender(widget.endpoint, """
+        backend.save(rand(1, (20, 30)), "gone/t000.tif")
+        backend.save([{"kind": "point", "coords": [[1, 1]]}], "gone/p.roi.zip", stream="gone")
+        barrier()
+        backend.request("clear")
+    """)
+    try:
+        sender.wait_line(qtbot)
+        qtbot.waitUntil(lambda: "gone points" in viewer.layers, timeout=10000)
+        sender.go()
+        sender.finish(qtbot)
+    finally:
+        sender.kill()
+    qtbot.waitUntil(lambda: "gone" not in viewer.layers, timeout=10000)
+    assert [layer.name for layer in viewer.layers] == ["user layer"]
+
+
+# -- lifecycle -------------------------------------------------------------------------------
+
+
+def test_closing_the_dock_widget_stops_the_receiver(docked, qtbot):
+    viewer, widget = docked
+    endpoint = widget.endpoint
+    receiver = widget.receiver
+    # a sender still streaming (policy latest: it drops frames once the receiver is gone)
+    sender = Sender(endpoint, """
+        import time
+        backend = NapariStreamingBackend(sys.argv[1], policy="latest")
+        backend.save(rand(1, (256, 256)), "live/t0.tif")
+        print("ready", flush=True)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3:
+            backend.save(rand(1, (256, 256)), "live/t1.tif")
+    """)
+    try:
+        sender.wait_line(qtbot)
+        wait_frames(qtbot, widget, 1)
+        viewer.window.remove_dock_widget(widget)
+        assert not receiver.running
+        assert widget.receiver is None and not widget.running
+        assert mapped_segments() == []
+        sender.finish(qtbot)  # it went on, dropping frames, and closed cleanly
+    finally:
+        sender.kill()
+    # the endpoint is free again
+    receiver_for(NapariStreamingBackend, endpoint).start().stop()
+    widget.deleteLater()
+
+
+def test_closing_the_viewer_stops_the_receiver(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer(show=True)
+    widget = ReceiverWidget(viewer, endpoint=EPHEMERAL, auto_start=False)
+    viewer.window.add_dock_widget(widget, name="polystore receiver")
+    widget.start()
+    receiver = widget.receiver
+    send(qtbot, widget.endpoint, """
+        backend.save(rand(1, (64, 64)), "v/t0.tif")
+    """)
+    wait_frames(qtbot, widget, 1)
+    viewer.close()
+    qtbot.waitUntil(lambda: not receiver.running, timeout=5000)
+    assert mapped_segments() == []
+    Receiver(receiver.endpoint, shm_prefix="napari_").start().stop()  # port released
+
+
+def test_start_on_a_busy_endpoint_reports_the_error(docked, make_napari_viewer):
+    viewer, widget = docked
+    other = ReceiverWidget(viewer, endpoint=widget.endpoint, auto_start=False)
+    try:
+        with pytest.raises(OSError, match="another napari receiver"):
+            other.start()
+        other.update_status()
+        assert "cannot listen" in other.status_labels["error"].text()
+        assert not other.running
+    finally:
+        other.deleteLater()
+
+
+def test_status_shows_senders_frames_and_dropped(docked, qtbot):
+    viewer, widget = docked
+    sender = Sender(widget.endpoint, """
+        for i in range(3):
+            backend.save(rand(i, (16, 16)), f"st/t{i}.tif")
+        barrier()
+    """)
+    try:
+        sender.wait_line(qtbot)
+        wait_frames(qtbot, widget, 1)
+        widget.update_status()
+        labels = {k: v.text() for k, v in widget.status_labels.items()}
+        assert labels["senders"] == "1"
+        assert labels["frames"] == "3"
+        assert labels["dropped"] == "0"
+        assert labels["state"] == f"listening on {widget.endpoint}"
+        sender.go()
+        sender.finish(qtbot)
+    finally:
+        sender.kill()
+    qtbot.waitUntil(lambda: widget.receiver.stats.senders == 0, timeout=5000)
+
+
+def test_launch_docks_a_listening_receiver(make_napari_viewer, qtbot):
+    from polystore_napari.launch import launch
+
+    viewer = make_napari_viewer(show=True)
+    widget = launch(EPHEMERAL, viewer=viewer, mode="stack", stack_capacity=3, run=False)
+    try:
+        assert widget.running
+        assert isinstance(widget, ReceiverWidget)
+        assert widget in viewer.window.dock_widgets.values()
+        send(qtbot, widget.endpoint, """
+            for i in range(5):
+                backend.save(rand(i, (8, 8)), f"l/t{i}.tif")
+        """)
+        qtbot.waitUntil(lambda: widget.buffer.stats.frames == 5 and not widget.buffer.pending,
+                        timeout=10000)
+        assert viewer.layers["l"].data.shape == (3, 8, 8)  # the launch options apply
+    finally:
+        widget.stop()
+
+
+def test_python_m_polystore_napari_has_a_cli():
+    out = subprocess.run([sys.executable, "-m", "polystore_napari", "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "--endpoint" in out.stdout and "--mode" in out.stdout
+
+
+# -- the coalescing buffer on its own (receiver thread side) ----------------------------------
+
+
+def _frame(stream, value, shape=(4, 4), **header):
+    from polystore.streaming import ReceivedFrame
+    from polystore.streaming import protocol as p
+
+    display = p.Display(mode=header.pop("mode", None), kind=header.pop("kind", "image"))
+    array = np.full(shape, value, np.uint16)
+    frame = p.Frame(v=1, seq=0, stream=stream, path=f"{stream}.tif", shape=list(shape),
+                    dtype="uint16", nbytes=array.nbytes, sent_ns=0, display=display, **header)
+    return ReceivedFrame(array, frame, "test", 0)
+
+
+def test_buffer_coalesces_replace_keeps_stack_and_places_per_position():
+    buffer = CoalescingBuffer(stack_capacity=3)
+    for i in range(5):
+        buffer.put_frame(_frame("r", i))
+        buffer.put_frame(_frame("s", i, mode="stack"))
+        buffer.put_frame(_frame("p", i, axes={"z": i % 2}))
+    batch = buffer.take()
+    updates = {u.stream: u for u in batch.updates}
+    assert [f.array[0, 0] for f in updates["r"].frames] == [4]
+    assert updates["r"].mode == "replace"
+    assert [f.array[0, 0] for f in updates["s"].frames] == [2, 3, 4]
+    assert updates["p"].mode == "place"
+    assert sorted((f.header.axes["z"], f.array[0, 0]) for f in updates["p"].frames) == \
+        [(0, 4), (1, 3)]
+    assert buffer.stats.coalesced == 4 + 3 and buffer.stats.overflow == 2
+    assert not buffer.take() and buffer.pending_bytes == 0
+
+
+def test_buffer_memory_is_bounded_by_backpressure():
+    frame_bytes = 64 * 64 * 2
+    buffer = CoalescingBuffer(max_bytes=3 * frame_bytes, stack_capacity=100)
+    done = threading.Event()
+
+    def produce():
+        for i in range(10):
+            buffer.put_frame(_frame("s", i, (64, 64), mode="stack"))
+        done.set()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    got = []
+    while not done.is_set() or buffer.pending:
+        assert buffer.pending_bytes <= 3 * frame_bytes
+        got += [f.array[0, 0] for u in buffer.take().updates for f in u.frames]
+        done.wait(0.01)
+    producer.join()
+    got += [f.array[0, 0] for u in buffer.take().updates for f in u.frames]
+    assert got == list(range(10))  # slowed down, nothing lost
+    assert buffer.stats.waits > 0
+
+
+def test_buffer_close_releases_a_waiting_producer():
+    buffer = CoalescingBuffer(max_bytes=10)
+    buffer.put_frame(_frame("s", 0, mode="stack"))
+    producer = threading.Thread(target=buffer.put_frame, args=(_frame("s", 1, mode="stack"),))
+    producer.start()
+    producer.join(0.3)
+    assert producer.is_alive()  # waiting for room
+    buffer.close()
+    producer.join(2)
+    assert not producer.is_alive()
+
+
+# -- the documentation screenshot -----------------------------------------------------------
+
+
+def test_widget_with_live_layers_screenshot(docked, qtbot, tmp_path):
+    """Streams the demo scene; POLYSTORE_NAPARI_SCREENSHOT=path also saves the picture."""
+    viewer, widget = docked
+    viewer.window._qt_window.resize(1400, 850)
+    sender = subprocess.Popen([sys.executable, "-m", "polystore_napari.demo", "--endpoint",
+                               widget.endpoint, "--frames", "15", "--fps", "30"],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        qtbot.waitUntil(lambda: sender.poll() is not None, timeout=60000)
+        assert sender.returncode == 0, sender.stderr.read()
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
+    qtbot.waitUntil(lambda: widget.buffer.pending == 0 and "camera points" in viewer.layers,
+                    timeout=10000)
+    assert {"volume", "camera", "nuclei", "camera ROIs"} <= set(
+        layer.name for layer in viewer.layers)
+    viewer.layers.selection.active = viewer.layers["camera"]
+    viewer.reset_view()
+    widget.update_status()
+    qtbot.wait(300)
+    canvas = viewer.screenshot(canvas_only=True, flash=False)
+    assert canvas[..., :3].mean() > 20, "canvas is black"
+    window = viewer.screenshot(canvas_only=False, flash=False)
+    assert window.shape[1] > canvas.shape[1]  # the dock widget is in the picture
+    target = os.environ.get("POLYSTORE_NAPARI_SCREENSHOT")
+    from imageio.v3 import imwrite
+
+    imwrite(target or tmp_path / "napari_widget.png", window)
+
+
+def test_streams_survive_shape_axis_and_kind_changes(docked, qtbot):
+    viewer, widget = docked
+    sender = Sender(widget.endpoint, """
+        backend.save(rand(1, (20, 30)), "chg/a.tif")
+        backend.save(rand(2, (8, 8)), "ax/a.tif", axes={"t": 1})
+        backend.save(rand(3, (8, 8)), "kind/a.tif")
+        barrier()
+        backend.save(rand(4, (5, 20, 30)), "chg/a.tif")  # 2D -> 3D
+        backend.save(rand(5, (8, 8)), "ax/a.tif", axes={"t": 0, "c": 2})  # a new axis
+        backend.save(rand(6, (8, 8)), "kind/a.tif", labels=True)  # image -> labels
+    """)
+    try:
+        sender.wait_line(qtbot)
+        wait_frames(qtbot, widget, 3)
+        assert viewer.layers["ax/a"].data.shape == (2, 8, 8)
+        sender.go()
+        sender.finish(qtbot)
+    finally:
+        sender.kill()
+    wait_frames(qtbot, widget, 6)
+    chg = viewer.layers["chg/a"]
+    assert chg.data.shape == (5, 20, 30)
+    np.testing.assert_array_equal(chg.data, rand(4, (5, 20, 30)))
+    ax = viewer.layers["ax/a"]
+    assert ax.data.shape == (2, 3, 8, 8)
+    assert tuple(ax.axis_labels) == ("t", "c", "y", "x")
+    np.testing.assert_array_equal(np.asarray(ax.data[1, 0]), rand(2, (8, 8)))
+    np.testing.assert_array_equal(np.asarray(ax.data[0, 2]), rand(5, (8, 8)))
+    kind = viewer.layers["kind/a"]
+    assert isinstance(kind, napari.layers.Labels)
+    np.testing.assert_array_equal(kind.data, rand(6, (8, 8)))
+    assert len([layer for layer in viewer.layers if layer.name.startswith("kind")]) == 1
+    assert widget.manager.last_error == ""

@@ -1,0 +1,225 @@
+"""Coalescing buffer between the receiver thread (producer) and the Qt main thread (consumer).
+
+The receiver thread calls `put_frame` / `put_rois` / `clear` for every message; the display
+timer calls `take()` about 60 times a second and gets at most one `Update` per stream:
+
+* ``replace``: only the newest frame of the stream (older ones are counted as coalesced);
+* ``stack``: every frame in arrival order, up to the stack capacity (older ones could not be
+  shown by a stack of that capacity anyway);
+* ``place``: the newest frame per position (``axes``) of the stream;
+* ROIs: the newest ROI set per (image stream, position).
+
+Memory is bounded: a message that would *add* bytes beyond `max_bytes` waits (in the receiver
+thread, which slows the senders through their credits) until the main thread takes the
+pending items. Coalescing a ``replace`` frame never waits.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+from polystore.streaming import ReceivedFrame, ReceivedRois
+
+MODES = ("auto", "replace", "stack", "place")
+
+
+def resolve_mode(frame: ReceivedFrame, default: str) -> str:
+    """The mode a frame is shown in: its ``display.mode`` hint, else the widget's default;
+    ``auto`` (and ``place`` without ``axes``) means place frames that carry ``axes`` and
+    replace the others."""
+    mode = frame.header.display.mode or default
+    if mode in ("auto", "place"):
+        return "place" if frame.header.axes else "replace"
+    return mode
+
+
+def position(axes: dict[str, int]) -> tuple[tuple[str, int], ...]:
+    return tuple(sorted(axes.items()))
+
+
+@dataclass
+class Update:
+    """What the main thread applies to one stream's layer in one tick."""
+
+    stream: str
+    mode: str
+    frames: list[ReceivedFrame] = field(default_factory=list)
+
+
+@dataclass
+class RoisUpdate:
+    stream: str
+    items: list[ReceivedRois] = field(default_factory=list)
+
+
+@dataclass
+class Batch:
+    """Everything taken in one tick. `cleared`: a sender asked to forget the streams before
+    these updates arrived."""
+
+    cleared: bool = False
+    updates: list[Update] = field(default_factory=list)
+    rois: list[RoisUpdate] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.cleared or bool(self.updates) or bool(self.rois)
+
+
+@dataclass
+class BufferStats:
+    frames: int = 0  # frames put
+    rois: int = 0  # ROI messages put
+    coalesced: int = 0  # frames replaced by a newer one before the display took them
+    overflow: int = 0  # stack frames pushed out by newer ones beyond the capacity
+    taken: int = 0  # frames handed to the display
+    waits: int = 0  # times the receiver thread waited for room (backpressure)
+
+
+class CoalescingBuffer:
+    """Thread-safe; one producer (the receiver thread) and one consumer (the Qt timer)."""
+
+    def __init__(self, *, default_mode: str = "auto", stack_capacity: int = 100,
+                 max_bytes: int = 1024**3) -> None:
+        if default_mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {default_mode!r}")
+        self.default_mode = default_mode
+        self.stack_capacity = max(1, int(stack_capacity))
+        self.max_bytes = max_bytes
+        self.stats = BufferStats()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._cleared = False
+        self._bytes = 0
+        # slot key -> pending item; dicts keep the order in which slots appeared
+        self._replace: dict[str, ReceivedFrame] = {}
+        self._stack: dict[str, deque[ReceivedFrame]] = {}
+        self._place: dict[str, dict[tuple, ReceivedFrame]] = {}
+        self._rois: dict[str, dict[tuple, ReceivedRois]] = {}
+        self._order: dict[tuple[str, str], None] = {}
+        #: the display's state (layer names, shapes, dtypes), set by the main thread; what
+        #: `report` answers besides the buffer's own counters
+        self.display_state: dict = {}
+
+    # -- producer side (receiver thread) -----------------------------------------------------
+
+    def put_frame(self, frame: ReceivedFrame) -> None:
+        mode = resolve_mode(frame, self.default_mode)
+        nbytes = frame.array.nbytes
+        with self._cond:
+            if self._closed:
+                return
+            self.stats.frames += 1
+            stream = frame.stream
+            if mode == "replace":
+                old = self._replace.get(stream)
+                self._wait_for_room(nbytes - (old.array.nbytes if old is not None else 0))
+                old = self._replace.get(stream)  # may have been taken while waiting
+                if old is not None:
+                    self.stats.coalesced += 1
+                    self._bytes -= old.array.nbytes
+                self._replace[stream] = frame
+            elif mode == "stack":
+                self._wait_for_room(nbytes)
+                queue = self._stack.setdefault(stream, deque())
+                queue.append(frame)
+                while len(queue) > self.stack_capacity:
+                    self._bytes -= queue.popleft().array.nbytes
+                    self.stats.overflow += 1
+            else:
+                key = position(frame.header.axes)
+                old = self._place.get(stream, {}).get(key)
+                self._wait_for_room(nbytes - (old.array.nbytes if old is not None else 0))
+                slots = self._place.setdefault(stream, {})
+                old = slots.pop(key, None)  # pop: the newest goes to the end of the order
+                if old is not None:
+                    self.stats.coalesced += 1
+                    self._bytes -= old.array.nbytes
+                slots[key] = frame
+            self._bytes += nbytes
+            self._order[(mode, stream)] = None
+
+    def put_rois(self, rois: ReceivedRois) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self.stats.rois += 1
+            slots = self._rois.setdefault(rois.stream, {})
+            slots.pop(position(rois.header.axes), None)
+            slots[position(rois.header.axes)] = rois
+            self._order[("rois", rois.stream)] = None
+
+    def clear(self) -> None:
+        """Forget everything pending; the display removes its stream layers."""
+        with self._cond:
+            self._drop_pending()
+            self._cleared = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Release a producer waiting for room (the receiver is stopping)."""
+        with self._cond:
+            self._closed = True
+            self._drop_pending()
+            self._cond.notify_all()
+
+    def _wait_for_room(self, extra: int) -> None:
+        """Wait until `extra` more bytes fit (never when nothing is pending: one item of any
+        size always fits). Called with the lock held."""
+        if extra <= 0:
+            return
+        waited = False
+        while not self._closed and self._bytes > 0 and self._bytes + extra > self.max_bytes:
+            waited = True
+            self._cond.wait(0.1)
+        if waited:
+            self.stats.waits += 1
+
+    def _drop_pending(self) -> None:
+        self._replace.clear()
+        self._stack.clear()
+        self._place.clear()
+        self._rois.clear()
+        self._order.clear()
+        self._bytes = 0
+
+    def report(self) -> dict:
+        """The receiver's `report` hook (runs in the receiver thread): the layers as last
+        displayed plus what is still waiting for the display."""
+        state = dict(self.display_state)
+        state.update(pending_frames=self.pending, coalesced=self.stats.coalesced,
+                     stack_overflow=self.stats.overflow, default_mode=self.default_mode,
+                     stack_capacity=self.stack_capacity)
+        return state
+
+    # -- consumer side (Qt main thread) ------------------------------------------------------
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return (len(self._replace) + sum(len(q) for q in self._stack.values())
+                    + sum(len(s) for s in self._place.values()))
+
+    def take(self) -> Batch:
+        """Everything pending, grouped per stream, in the order the streams appeared."""
+        with self._cond:
+            batch = Batch(cleared=self._cleared)
+            for mode, stream in self._order:
+                if mode == "replace":
+                    batch.updates.append(Update(stream, mode, [self._replace[stream]]))
+                elif mode == "stack":
+                    batch.updates.append(Update(stream, mode, list(self._stack[stream])))
+                elif mode == "place":
+                    batch.updates.append(Update(stream, mode, list(self._place[stream].values())))
+                else:
+                    batch.rois.append(RoisUpdate(stream, list(self._rois[stream].values())))
+            self.stats.taken += sum(len(u.frames) for u in batch.updates)
+            self._cleared = False
+            self._drop_pending()
+            self._cond.notify_all()
+            return batch
