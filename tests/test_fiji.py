@@ -242,6 +242,21 @@ def test_too_many_dimensions_is_bad_shape(fiji, backend, fm, key):
     assert err.value.code == "bad_shape"
 
 
+@pytest.mark.parametrize("axes", [{"t": 999_999}, {"c": 999_999, "z": 999_999, "t": 999_999}])
+def test_placement_beyond_memory_is_too_large(fiji, backend, fm, key, axes):
+    """A stray position must not allocate terabytes: rejected before the image changes."""
+    fm.save(np.ones((256, 256), np.uint16), f"{key}.tif", backend="fiji_stream", stream=key)
+    with pytest.raises(FrameRejectedError) as err:
+        fm.save(np.zeros((256, 256), np.uint16), f"{key}.tif", backend="fiji_stream",
+                stream=key, axes=axes)  # fmt: skip
+        backend.flush()
+    assert err.value.code == "too_large"
+    state = report(backend)
+    entry = image(state, key)
+    assert (entry["channels"], entry["slices"], entry["frames"]) == (1, 1, 1)
+    assert saved(state, key)[0].min() == 1
+
+
 # -- type mapping -----------------------------------------------------------------------------
 
 DTYPE_VALUES = {

@@ -20,7 +20,8 @@
  * Type mapping (dtype on the wire -> ImageJ image type):
  *   uint8   -> 8-bit  (exact)         uint16 -> 16-bit (exact)         float32 -> 32-bit (exact)
  *   int8, int16, float16                        -> 32-bit float, exact
- *   uint32, int32                               -> 32-bit float, exact while |v| <= 2^24
+ *   uint32, int32                               -> 32-bit float, exact up to |v| = 2^24, then
+ *                                                  rounded to the nearest float32
  *   uint64, int64, float64                      -> 32-bit float, rounded to the nearest float32
  *                                                  (float64 beyond +-3.4e38 becomes +-Infinity)
  *   display.kind == "labels": 16-bit when every value is an integer in 0..65535 (uint8/uint16
@@ -98,7 +99,8 @@ import java.util.concurrent.atomic.AtomicBoolean
 import java.util.regex.Pattern
 
 // ==========================================================================================
-// 1. Protocol v1: constants, error codes, messages (mirror of polystore/streaming/protocol.py)
+// 1. Messages (protocol.md: Common fields, Sender -> receiver, Receiver -> sender, Error codes,
+//    Validation steps 1-4 and 6); the mirror of polystore/streaming/protocol.py
 // ==========================================================================================
 
 @CompileStatic
@@ -168,92 +170,135 @@ class Invalid extends Exception {
     Invalid(String message) { super(message) }
 }
 
+/** Where a value sits in a message ($.display.kind), spelled out only for an error. */
+@CompileStatic
+class At {
+    final At parent
+    final Object key
+
+    At(At parent, Object key) {
+        this.parent = parent
+        this.key = key
+    }
+
+    String toString() {
+        if (parent == null) return key.toString()
+        return parent.toString() + (key instanceof Integer ? "[${key}]" : ".${key}")
+    }
+}
+
 /**
- * Field checks, the Groovy spelling of protocol.py's msgspec annotations. A check returns the
- * value (numbers normalised) or throws Invalid. JSON integers arrive as Long or BigInteger,
- * other numbers as Double; like msgspec, an int field refuses 1.0 and true.
+ * A field check, the Groovy spelling of protocol.py's msgspec annotations: returns the value
+ * (numbers normalised) or throws Invalid. JSON integers arrive as Long or BigInteger, other
+ * numbers as Double; like msgspec, an int field refuses 1.0 and true.
  */
 @CompileStatic
-class Check {
+abstract class Check {
+    abstract Object check(Object v, At at)
+
     static boolean isInt(Object v) { v instanceof Long || v instanceof BigInteger }
 
     static BigInteger big(Object v) { v instanceof BigInteger ? (BigInteger) v : BigInteger.valueOf((Long) v) }
 
-    static Closure integer(Long lo, Long hi) {
-        return { Object v, String at ->
-            if (!isInt(v)) throw new Invalid("expected an integer at ${at}, got ${Json.kind(v)}".toString())
-            BigInteger b = big(v)
-            if ((lo != null && b < BigInteger.valueOf(lo)) || (hi != null && b > BigInteger.valueOf(hi))) {
-                throw new Invalid("${v} out of range [${lo != null ? lo : '-inf'}, ${hi != null ? hi : 'inf'}] at ${at}".toString())
+    static Invalid invalid(String what, Object v, At at) {
+        new Invalid("expected ${what} at ${at}, got ${v instanceof String || v instanceof Map || v instanceof List ? Json.kind(v) + ' ' + Json.encode(v).take(80) : Json.encode(v)}".toString())
+    }
+
+    /** An integer in lo..hi (null: unbounded). */
+    static Check integer(Long lo, Long hi) {
+        return new Check() {
+            Object check(Object v, At at) {
+                if (v instanceof Long) {
+                    long x = (Long) v
+                    if ((lo == null || x >= lo) && (hi == null || x <= hi)) return v
+                } else if (v instanceof BigInteger) {
+                    BigInteger b = (BigInteger) v
+                    if ((lo == null || b >= BigInteger.valueOf(lo)) && (hi == null || b <= BigInteger.valueOf(hi))) return v
+                }
+                throw invalid("an integer in [${lo != null ? lo : '-inf'}, ${hi != null ? hi : 'inf'}]".toString(), v, at)
             }
-            return v
         }
     }
 
-    static Closure number(Double lo, Double hi) {
-        return { Object v, String at ->
-            if (!(isInt(v) || v instanceof Double)) throw new Invalid("expected a number at ${at}, got ${Json.kind(v)}".toString())
-            double d = ((Number) v).doubleValue()
-            if (Double.isInfinite(d) || (lo != null && d < lo) || (hi != null && d > hi)) {
-                throw new Invalid("${v} out of range at ${at}".toString())
+    /** A finite number in lo..hi (ints accepted, as by msgspec's float). */
+    static Check number(Double lo, Double hi) {
+        return new Check() {
+            Object check(Object v, At at) {
+                if (isInt(v) || v instanceof Double) {
+                    double d = ((Number) v).doubleValue()
+                    if (!Double.isInfinite(d) && (lo == null || d >= lo) && (hi == null || d <= hi)) return d
+                }
+                throw invalid("a number in [${lo != null ? lo : '-inf'}, ${hi != null ? hi : 'inf'}]".toString(), v, at)
             }
-            return d
         }
     }
 
-    static Closure string(int min, int max, Pattern pattern = null) {
-        return { Object v, String at ->
-            if (!(v instanceof String)) throw new Invalid("expected a string at ${at}, got ${Json.kind(v)}".toString())
-            String s = (String) v
-            int n = s.codePointCount(0, s.length())
-            if (n < min || n > max) throw new Invalid("length ${n} not in ${min}..${max} at ${at}".toString())
-            // Whole-string match: unlike Python's `$`, no trailing newline slips through.
-            if (pattern != null && !pattern.matcher(s).matches()) throw new Invalid("${Json.quote(s)} does not match ${pattern} at ${at}".toString())
-            return s
-        }
-    }
-
-    static Closure oneOf(Collection<String> values) {
-        return { Object v, String at ->
-            if (!(v instanceof String) || !values.contains(v)) throw new Invalid("expected one of ${values} at ${at}, got ${Json.encode(v)}".toString())
-            return v
-        }
-    }
-
-    static Closure listOf(Closure item, int min, int max) {
-        return { Object v, String at ->
-            if (!(v instanceof List)) throw new Invalid("expected an array at ${at}, got ${Json.kind(v)}".toString())
-            List l = (List) v
-            if (l.size() < min || l.size() > max) throw new Invalid("array length ${l.size()} not in ${min}..${max} at ${at}".toString())
-            List out = new ArrayList(l.size())
-            for (int i = 0; i < l.size(); i++) out.add(item.call(l.get(i), "${at}[${i}]".toString()))
-            return out
-        }
-    }
-
-    static Closure dictOf(Closure key, Closure value, int max) {
-        return { Object v, String at ->
-            if (!(v instanceof Map)) throw new Invalid("expected an object at ${at}, got ${Json.kind(v)}".toString())
-            Map<String, Object> m = (Map<String, Object>) v
-            if (m.size() > max) throw new Invalid("object with ${m.size()} keys (at most ${max}) at ${at}".toString())
-            Map out = new LinkedHashMap()
-            for (Map.Entry<String, Object> e : m.entrySet()) {
-                key.call(e.key, "${at} key".toString())
-                out.put(e.key, value.call(e.value, "${at}.${e.key}".toString()))
+    /** A string of min..max characters, matching `pattern` as a whole (unlike Python's `$`,
+     * no trailing newline slips through). */
+    static Check string(int min, int max, Pattern pattern = null) {
+        return new Check() {
+            Object check(Object v, At at) {
+                if (v instanceof String) {
+                    String s = (String) v
+                    int n = s.codePointCount(0, s.length())
+                    if (n >= min && n <= max && (pattern == null || pattern.matcher(s).matches())) return s
+                }
+                throw invalid("a string of ${min}..${max} characters${pattern != null ? ' matching ' + pattern : ''}".toString(), v, at)
             }
-            return out
         }
     }
 
-    static Closure struct(List<Fld> fields) {
-        return { Object v, String at ->
-            if (!(v instanceof Map)) throw new Invalid("expected an object at ${at}, got ${Json.kind(v)}".toString())
-            return Fld.decode((Map) v, fields, at)
+    static Check oneOf(Collection<String> values) {
+        return new Check() {
+            Object check(Object v, At at) {
+                if (v instanceof String && values.contains(v)) return v
+                throw invalid("one of ${values}".toString(), v, at)
+            }
         }
     }
 
-    static Closure nullable(Closure inner) {
-        return { Object v, String at -> v == null ? null : inner.call(v, at) }
+    static Check listOf(Check item, int min, int max) {
+        return new Check() {
+            Object check(Object v, At at) {
+                if (!(v instanceof List) || ((List) v).size() < min || ((List) v).size() > max) {
+                    throw invalid("an array of ${min}..${max} items".toString(), v, at)
+                }
+                List l = (List) v
+                List out = new ArrayList(l.size())
+                for (int i = 0; i < l.size(); i++) out.add(item.check(l.get(i), new At(at, i)))
+                return out
+            }
+        }
+    }
+
+    static Check dictOf(Check key, Check value, int max) {
+        return new Check() {
+            Object check(Object v, At at) {
+                if (!(v instanceof Map) || ((Map) v).size() > max) throw invalid("an object of at most ${max} keys".toString(), v, at)
+                Map out = new LinkedHashMap()
+                for (Map.Entry e : ((Map) v).entrySet()) {
+                    At where = new At(at, e.key)
+                    key.check(e.key, where)
+                    out.put(e.key, value.check(e.value, where))
+                }
+                return out
+            }
+        }
+    }
+
+    static Check struct(List<Fld> fields) {
+        return new Check() {
+            Object check(Object v, At at) {
+                if (!(v instanceof Map)) throw invalid('an object', v, at)
+                return Fld.decode((Map) v, fields, at)
+            }
+        }
+    }
+
+    static Check nullable(Check inner) {
+        return new Check() {
+            Object check(Object v, At at) { v == null ? null : inner.check(v, at) }
+        }
     }
 }
 
@@ -262,25 +307,25 @@ class Check {
 class Fld {
     static final Object REQUIRED = new Object()
     final String name
-    final Closure check
+    final Check check
     final Object dflt
 
-    Fld(String name, Closure check, Object dflt) {
+    Fld(String name, Check check, Object dflt) {
         this.name = name
         this.check = check
         this.dflt = dflt
     }
 
-    static Fld req(String name, Closure check) { new Fld(name, check, REQUIRED) }
+    static Fld req(String name, Check check) { new Fld(name, check, REQUIRED) }
 
-    static Fld opt(String name, Closure check, Object dflt) { new Fld(name, check, dflt) }
+    static Fld opt(String name, Check check, Object dflt) { new Fld(name, check, dflt) }
 
     /** Check `json` against `fields`; unknown keys are ignored (a v1.x sender may add some). */
-    static Map decode(Map json, List<Fld> fields, String at) {
+    static Map decode(Map json, List<Fld> fields, At at) {
         Map out = new LinkedHashMap()
         for (Fld f : fields) {
             if (json.containsKey(f.name)) {
-                out.put(f.name, f.check.call(json.get(f.name), "${at}.${f.name}".toString()))
+                out.put(f.name, f.check.check(json.get(f.name), new At(at, f.name)))
             } else if (f.dflt.is(REQUIRED)) {
                 throw new Invalid("missing required field ${f.name} at ${at}".toString())
             } else {
@@ -297,11 +342,11 @@ class Messages {
     static final Pattern NAME = Pattern.compile('[A-Za-z0-9_]{1,240}')
     static final Pattern TOKEN = Pattern.compile('[A-Za-z0-9]{1,32}')
 
-    static final Closure INT = Check.integer(null, null)
-    static final Closure UINT = Check.integer(0L, null)
-    static final Closure FLOAT = Check.number(null, null)
-    static final Closure AXES = Check.dictOf(Check.string(1, 32), Check.integer(0L, 1000000L), 6)
-    static final Closure AXIS_NAMES = Check.nullable(Check.listOf(Check.string(1, 32), 0, 6))
+    static final Check INT = Check.integer(null, null)
+    static final Check UINT = Check.integer(0L, null)
+    static final Check FLOAT = Check.number(null, null)
+    static final Check AXES = Check.dictOf(Check.string(1, 32), Check.integer(0L, 1000000L), 6)
+    static final Check AXIS_NAMES = Check.nullable(Check.listOf(Check.string(1, 32), 0, 6))
 
     static final List<Fld> PROBE = [Fld.req('segment', Check.string(1, 240, NAME)), Fld.req('token', Check.string(1, 32, TOKEN))]
     static final List<Fld> DISPLAY = [
@@ -340,7 +385,7 @@ class Messages {
             Fld.opt('offset', UINT, 0L),
             Fld.opt('axes', AXES, [:]),
             Fld.opt('axis_names', AXIS_NAMES, null),
-            Fld.opt('display', Check.struct(DISPLAY), Fld.decode([:], DISPLAY, 'display')),
+            Fld.opt('display', Check.struct(DISPLAY), Fld.decode([:], DISPLAY, new At(null, 'display'))),
             Fld.opt('dropped', UINT, 0L),
         ],
         rois: [
@@ -381,7 +426,7 @@ class Messages {
         List<Fld> fields = SENDER.get(type)
         if (fields == null) throw new ProtocolError(P.BAD_MESSAGE, "unknown message type ${Json.quote((String) type)} (expected one of ${SENDER.keySet()})".toString(), seq)
         try {
-            Map out = Fld.decode(m, fields, '$')
+            Map out = Fld.decode(m, fields, new At(null, '$'))
             out.put('type', type)
             return out
         } catch (Invalid e) {
@@ -426,7 +471,8 @@ class Messages {
 }
 
 // ==========================================================================================
-// 2. JSON: a strict parser (RFC 8259, UTF-8, depth-limited) and an encoder
+// 2. Headers are UTF-8 JSON objects (protocol.md: Transport): a strict, depth-limited parser
+//    (what msgspec refuses, this refuses) and an encoder
 // ==========================================================================================
 
 @CompileStatic
@@ -683,7 +729,8 @@ class Json {
 }
 
 // ==========================================================================================
-// 3. Shared memory: read-only, cached mappings of the senders' segments (mirror of shm.py)
+// 3. Segments (protocol.md: Credits and segments, Validation step 7): read-only, cached
+//    mappings of the senders' shared memory; the mirror of SegmentReader in shm.py
 // ==========================================================================================
 
 /** A segment could not be read: `missing` tells a vanished one from a forbidden one. */
@@ -1129,6 +1176,7 @@ class Layout {
 class Stream {
     final String title
     ImagePlus imp
+    ImageStack stack  // imp's stack, kept: ImagePlus.getStack() rescans min and max on every call
     int width, height, bits, C = 1, Z = 1, T = 1
     boolean labels
     double maxLabel
@@ -1197,37 +1245,49 @@ class Images {
             return
         }
         boolean labels = display.get('kind') == 'labels'
-        int bits = labels ? Pixels.labelBits(src.buffer, src.position, dtype, planeValues * L.planes) : Pixels.bitsFor(dtype)
         Stream s = stream(L.title)
+        sync(s)
+        int bits = labels ? Pixels.labelBits(src.buffer, src.position, dtype, planeValues * L.planes) : Pixels.bitsFor(dtype)
         String how = L.placed || display.get('mode') == 'place' ? 'place' : (String) (display.get('mode') ?: defaultMode)
 
+        // Plan first (where the planes go, the image's new dimensions), check there is memory
+        // for it, then change the image: a frame that cannot fit is rejected untouched.
         int[] base = (int[]) L.pos.clone()
+        long[] dims = new long[3]  // c, z, t after this frame
+        boolean restart, promoteFirst = false
         if (how == 'replace') {  // the image becomes exactly this frame
             base = new int[3]
-            if (s.imp == null || s.width != L.cols || s.height != L.rows || s.bits != bits
-                || s.C != L.ext[0] || s.Z != L.ext[1] || s.T != L.ext[2]) {
-                fresh(s, L.cols, L.rows, bits, L.ext[0], L.ext[1], L.ext[2])
-            }
+            for (int a = 0; a < 3; a++) dims[a] = L.ext[a]
+            restart = (s.imp == null || s.width != L.cols || s.height != L.rows || s.bits != bits
+                || s.C != L.ext[0] || s.Z != L.ext[1] || s.T != L.ext[2])
         } else {
             boolean resized = s.imp != null && (s.width != L.cols || s.height != L.rows)
-            if (s.imp != null && !resized && s.bits != bits) {  // one type per image: 32-bit holds both
-                if (s.bits != 32) promote(s)
+            if (how == 'stack') {  // appended as new slices of a plain stack
+                restart = s.imp == null || resized || s.C != 1 || s.T != 1
+                base = [0, restart ? 0 : s.Z, 0] as int[]
+                dims = [1L, (long) base[1] + L.planes, 1L] as long[]
+            } else {  // placed at its c/z/t position; the hyperstack grows to hold it
+                restart = s.imp == null || resized
+                int[] cur = [s.C, s.Z, s.T] as int[]
+                for (int a = 0; a < 3; a++) {
+                    long need = (long) base[a] + L.ext[a]
+                    dims[a] = restart ? need : Math.max(need, (long) cur[a])
+                }
+            }
+            if (!restart && s.bits != bits) {  // one type per image: 32-bit float holds both
+                promoteFirst = s.bits != 32
                 bits = 32
             }
-            if (how == 'stack') {  // appended as new slices of a plain stack
-                boolean restart = s.imp == null || resized || s.C != 1 || s.T != 1
-                base = [0, restart ? 0 : s.Z, 0] as int[]
-                if (restart) fresh(s, L.cols, L.rows, bits, 1, L.planes, 1)
-                else grow(s, 1, s.Z + L.planes, 1)
-            } else {  // placed at its c/z/t position; the hyperstack grows to hold it
-                int[] need = new int[3]
-                for (int a = 0; a < 3; a++) need[a] = base[a] + L.ext[a]
-                if (s.imp == null || resized) fresh(s, L.cols, L.rows, bits, need[0], need[1], need[2])
-                else grow(s, Math.max(s.C, need[0]), Math.max(s.Z, need[1]), Math.max(s.T, need[2]))
-            }
         }
+        long planes = dims[0] * dims[1] * dims[2]
+        long current = restart ? 0 : (long) s.C * s.Z * s.T
+        long bytes = (planes - current) * planeValues * (bits >> 3) + (promoteFirst ? current * planeValues * 4 : 0)
+        checkRoom(s.title, planes, bytes, f.get('seq'))
+        if (promoteFirst) promote(s)
+        if (restart) fresh(s, L.cols, L.rows, bits, (int) dims[0], (int) dims[1], (int) dims[2])
+        else grow(s, (int) dims[0], (int) dims[1], (int) dims[2])
 
-        ImageStack stack = s.imp.getStack()
+        ImageStack stack = s.stack
         String label = (String) f.get('path')
         int[] indices = new int[L.planes]
         int[] at = new int[3]
@@ -1270,6 +1330,51 @@ class Images {
         }
     }
 
+    /**
+     * Make the stream's idea of its image match the ImagePlus: in Fiji a user may close the
+     * window (the next frame opens a new one) or change the image (Image > Type, crop...);
+     * then the stack is read again and an image of a type this script does not write (RGB)
+     * is started over.
+     */
+    void sync(Stream s) {
+        ImagePlus imp = s.imp
+        if (imp == null) return
+        if (s.shown && imp.getWindow() == null) {  // closed by the user
+            s.imp = null
+            s.stack = null
+            s.shown = false
+            return
+        }
+        Object current = imp.getProcessor()?.getPixels()
+        if (s.stack != null && imp.getStackSize() == s.stack.getSize() && current != null
+            && current.is(s.stack.getPixels(imp.getCurrentSlice()))) return
+        s.stack = imp.getStack()
+        s.width = imp.getWidth()
+        s.height = imp.getHeight()
+        s.bits = imp.getBitDepth() in [8, 16, 32] ? imp.getBitDepth() : -1
+        s.C = imp.getNChannels()
+        s.Z = imp.getNSlices()
+        s.T = imp.getNFrames()
+        if (s.bits < 0 || s.stack.getPixels(1) == null) s.width = -1  // start over: new stack
+    }
+
+    /** Reject (too_large, before anything changes) what ImageJ or the heap cannot hold: a
+     * stray `t: 999999` must not allocate terabytes or run Fiji out of memory. */
+    static void checkRoom(String title, long planes, long bytes, Object seq) {
+        if (planes > Integer.MAX_VALUE - 8) {
+            throw new ProtocolError(P.TOO_LARGE, "${title} would need ${planes} planes; an ImageJ stack holds at most 2^31".toString(), seq)
+        }
+        Runtime rt = Runtime.getRuntime()
+        for (int attempt = 0; attempt < 2 && bytes > 0; attempt++) {
+            long available = rt.maxMemory() - (rt.totalMemory() - rt.freeMemory())
+            if (bytes < available * 0.8) return
+            if (attempt == 0) System.gc()  // garbage of earlier frames may be what fills the heap
+            else {
+                throw new ProtocolError(P.TOO_LARGE, "${title} would need ${bytes >> 20} MiB more, but only ${available >> 20} MiB of Java memory are free (Fiji: Edit > Options > Memory & Threads)".toString(), seq)
+            }
+        }
+    }
+
     /** A new stack of the given geometry (pixel arrays allocated zeroed). */
     void fresh(Stream s, int w, int h, int bits, int C, int Z, int T) {
         ImageStack stack = new ImageStack(w, h)
@@ -1284,9 +1389,9 @@ class Images {
     /** Grow to (C, Z, T), moving (not copying) the existing planes to their new indices. */
     void grow(Stream s, int C, int Z, int T) {
         if (C == s.C && Z == s.Z && T == s.T) return
-        ImageStack old = s.imp.getStack()
+        ImageStack old = s.stack
         ImageStack stack
-        if (C == s.C && Z == s.Z) {  // only t grows: append, the common live case
+        if (C == s.C && (Z == s.Z || (s.T == 1 && T == 1))) {  // new planes go last: append (live case)
             stack = old
             for (int k = s.C * s.Z * s.T; k < C * Z * T; k++) stack.addSlice('', Pixels.newPlane(s.bits, s.width * s.height))
         } else {
@@ -1305,7 +1410,7 @@ class Images {
 
     /** Turn the stream into 32-bit float, values kept (a frame of another type arrived). */
     void promote(Stream s) {
-        ImageStack old = s.imp.getStack()
+        ImageStack old = s.stack
         ImageStack stack = new ImageStack(s.width, s.height)
         for (int k = 1; k <= old.getSize(); k++) stack.addSlice(old.getSliceLabel(k), Pixels.toFloat(old.getPixels(k)))
         s.bits = 32
@@ -1321,6 +1426,7 @@ class Images {
         } else {
             s.imp.setStack(stack, C, Z, T)  // same ImagePlus (and window), new size or type allowed
         }
+        s.stack = stack
         s.C = C
         s.Z = Z
         s.T = T
@@ -1338,6 +1444,7 @@ class Images {
             ci.setTitle(s.title)
             ci.setOverlay(old.getOverlay())
             s.imp = ci
+            s.stack = own
             if (s.shown) {
                 old.changes = false
                 old.close()
@@ -1526,7 +1633,8 @@ class Images {
 }
 
 // ==========================================================================================
-// 7. The receiver: handshake, validation, frames, control (mirror of receiver.py)
+// 7. The receiver (protocol.md: hello/welcome, Validation order, ack after the copy, control,
+//    bye); the mirror of polystore/streaming/receiver.py
 // ==========================================================================================
 
 @CompileStatic
@@ -1821,6 +1929,8 @@ def sendReply = { byte[] identity, Map message ->
     }
 }
 
+byte[] current = null  // routing id of the message being handled
+def replyToCurrent = { Map m -> sendReply(current, m) }
 long lastTick = System.nanoTime(), lastDraw = 0, framesAtTick = 0
 try {
     while (!stop.get() && !loopThread.isInterrupted()) {
@@ -1830,6 +1940,7 @@ try {
         } catch (Exception e) {
             if (stop.get() || loopThread.isInterrupted()) break
             core.log.call("receive failed: ${e}")
+            Thread.sleep(100)  // a broken socket must not become a busy loop
         }
         if (identity != null) {
             List<byte[]> parts = []
@@ -1839,20 +1950,24 @@ try {
                 count++
                 if (parts.size() < 2) parts << part  // more parts are counted, not kept
             }
-            byte[] id = identity
-            core.handle(new String(identity, 'ISO-8859-1'), parts, count, { Map m -> sendReply(id, m) })
+            current = identity
+            core.handle(new String(identity, 'ISO-8859-1'), parts, count, replyToCurrent)
         }
         long now = System.nanoTime()
-        if (gui && now - lastDraw > 50_000_000L) {
-            lastDraw = now
-            images.refresh()
-        }
-        if (now - lastTick >= 1_000_000_000L) {
-            core.fps = (core.frames - framesAtTick) * 1e9 / (now - lastTick)
-            lastTick = now
-            framesAtTick = core.frames
-            core.reader.forgetUnlinked()
-            if (statusLabel != null) statusLabel.text = "${bound}: ${core.frames} frames, ${String.format('%.1f', core.fps)} fps, ${core.rejected} rejected"
+        try {  // housekeeping; a failure here is logged, never fatal
+            if (gui && now - lastDraw > 50_000_000L) {  // redraw at most ~20 times a second
+                lastDraw = now
+                images.refresh()
+            }
+            if (now - lastTick >= 1_000_000_000L) {
+                core.fps = (core.frames - framesAtTick) * 1e9 / (now - lastTick)
+                lastTick = now
+                framesAtTick = core.frames
+                core.reader.forgetUnlinked()
+                if (statusLabel != null) statusLabel.text = "${bound}: ${core.frames} frames, ${String.format('%.1f', core.fps)} fps, ${core.rejected} rejected"
+            }
+        } catch (Exception e) {
+            core.log.call("housekeeping failed: ${e}")
         }
     }
 } finally {
