@@ -567,3 +567,23 @@ def test_segments_released_at_interpreter_exit_and_on_garbage_collection(receive
     assert out.returncode == 0, out.stderr
     pid = int(out.stdout.strip())
     assert [s for s in list_segments(["napari_"]) if s.pid == pid] == []
+
+
+def test_numpy_roi_coordinates_and_pickled_backend_for_workers(backend):
+    import pickle
+
+    coords = np.array([[0.0, 0.0], [0.0, 4.0], [4.0, 4.0]])
+    backend.save([{"kind": "polygon", "coords": coords}, {"kind": "point",
+                  "coords": [[np.float64(1), np.int64(2)]]}], "np/t1.roi.zip")
+    backend.save(np.zeros((4, 4), np.uint8), "np/t1.tif")
+    backend.flush()
+    clone = pickle.loads(pickle.dumps(backend))  # what Dask does with a task's arguments
+    try:
+        assert clone._sender is None and clone.endpoint == backend.endpoint
+        clone.save(np.ones((4, 4), np.uint8), "np/t2.tif")
+        clone.flush()
+    finally:
+        clone.close()
+    report = backend.request("report")
+    assert report["roi_sets"][-1]["n"] == 2
+    assert [g["path"] for g in report["received"]] == ["np/t1.tif", "np/t2.tif"]

@@ -16,6 +16,7 @@ from pathlib import PurePosixPath
 from typing import Any, ClassVar
 
 import msgspec
+import numpy as np
 
 from polystore.base import WriteOnlyBackend, check_batch_lengths
 from polystore.streaming import protocol as p
@@ -88,6 +89,13 @@ class StreamingBackend(WriteOnlyBackend):
         )  # fmt: skip
         StreamSender._check_options(**self._sender_options)
         self._sender: StreamSender | None = None
+
+    def __getstate__(self) -> dict:
+        """Pickle the configuration, not the connection: a backend (or a FileManager holding
+        one) sent to a Dask or multiprocessing worker opens its own socket and pool there."""
+        state = self.__dict__.copy()
+        state["_sender"] = None
+        return state
 
     @classmethod
     def default_port(cls) -> int:
@@ -215,10 +223,17 @@ def to_rois(data: Any) -> list[p.Roi]:
     if isinstance(data, (p.Roi, dict)):
         data = [data]
     try:
-        rois = [r if isinstance(r, p.Roi) else msgspec.convert(r, p.Roi) for r in data]
-    except (msgspec.ValidationError, TypeError) as exc:
+        rois = [r if isinstance(r, p.Roi) else msgspec.convert(_plain(r), p.Roi) for r in data]
+    except (msgspec.ValidationError, TypeError, ValueError) as exc:
         raise UnstreamableDataError(
             f"ROIs must be polystore Roi objects or dicts with kind (polygon, rectangle, "
             f"ellipse, line, point), coords [[y, x], ...] and optional label: {exc}"
         ) from None
     return rois
+
+
+def _plain(roi: Any) -> Any:
+    """NumPy coordinates (arrays, float64 scalars) as plain lists of floats."""
+    if isinstance(roi, dict) and "coords" in roi:
+        return {**roi, "coords": np.asarray(roi["coords"], dtype=float).tolist()}
+    return roi
