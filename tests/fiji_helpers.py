@@ -62,6 +62,7 @@ class FijiReceiver:
     output_dir: Path | None
     lines: list[str] = field(default_factory=list)
     ready: threading.Event = field(default_factory=threading.Event)
+    pump: threading.Thread | None = None
 
     @property
     def log(self) -> str:
@@ -74,11 +75,17 @@ class FijiReceiver:
                 self.proc.stdin.close()
             except OSError:
                 pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        """Wait for the process to end (killing it after `timeout`) and for its last output."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.pump is not None:
+            self.pump.join(5)
         return self.proc.returncode
 
 
@@ -120,7 +127,8 @@ def start_receiver(
                 receiver.ready.set()
         receiver.ready.set()  # ended: unblock waiters
 
-    threading.Thread(target=pump, daemon=True).start()
+    receiver.pump = threading.Thread(target=pump, daemon=True)
+    receiver.pump.start()
     if wait:
         if not receiver.ready.wait(timeout) or proc.poll() is not None:
             receiver.stop(5)

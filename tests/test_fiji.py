@@ -647,16 +647,14 @@ def test_flood_of_garbage_then_real_frames(fiji, backend, fm, key):
 
 def test_refuses_to_listen_beyond_loopback(tmp_path):
     receiver = start_receiver(endpoint=f"tcp://0.0.0.0:{free_port()}", wait=False)
-    rc = receiver.proc.wait(60)
-    receiver.ready.wait(5)
+    rc = receiver.wait(60)
     assert rc != 0
     assert "refusing to listen on 0.0.0.0" in receiver.log
 
 
 def test_port_in_use_is_a_clear_error(fiji):
     receiver = start_receiver(endpoint=fiji.endpoint, wait=False)
-    rc = receiver.proc.wait(60)
-    receiver.ready.wait(5)
+    rc = receiver.wait(60)
     assert rc != 0 and "cannot listen on" in receiver.log
 
 
@@ -666,15 +664,13 @@ def test_sigterm_stops_cleanly(tmp_path):
         b.save(np.zeros((8, 8), np.uint8), "x.tif")
         b.flush()
     receiver.proc.send_signal(signal.SIGTERM)
-    rc = receiver.proc.wait(15)
-    receiver.ready.wait(1)
-    time.sleep(0.2)
+    rc = receiver.wait(15)
     assert rc in (0, 143), receiver.log
     assert "stopped after 1 frames" in receiver.log
 
 
-def test_zmq_sender_sees_receiver_restart(tmp_path):
-    """A sender reconnects after the receiver restarts on the same port (hello_required path)."""
+def test_sender_goes_on_after_receiver_restart(tmp_path):
+    """Fiji closed and started again on the same port: the next saves handshake again."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     first = start_receiver(tmp_path, endpoint=endpoint)
     with FijiStreamingBackend(endpoint, timeout=10) as b:

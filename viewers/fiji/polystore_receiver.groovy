@@ -40,7 +40,10 @@
  * (1 dim: z; 2: c, z; 3: t, c, z); more than ImageJ's c/z/t can hold is answered `bad_shape`.
  * Frames without position axes follow display.mode, else the `mode` parameter: `replace`
  * (the window shows just this frame) or `stack` (appended as new slices); `place` writes at
- * position 0. Empty frames (a 0 in shape) are acknowledged and counted, not shown.
+ * position 0. Empty frames (a 0 in shape) are acknowledged and counted, not shown. A frame
+ * whose placement would not fit into the Java heap (say `t: 999999`) is answered `too_large`
+ * before anything changes. If the user closes a window or changes an image in Fiji, the next
+ * frame opens a new window or goes on from the changed image.
  *
  * Display hints: colormap (gray, red, green, blue, cyan, magenta, yellow, fire, ice, spectrum,
  * glasbey, or any LUT file Fiji has, e.g. viridis via mpl-viridis.lut) applies to the
@@ -1188,6 +1191,7 @@ class Stream {
     int[] last = new int[3]  // (c, z, t) of the newest plane, shown in the GUI
     boolean shown, dirty, displayDirty, rangeSet
     String file
+    long version, savedVersion = -1  // changes, and the change last saved to `file`
 
     Stream(String title) { this.title = title }
 
@@ -1323,6 +1327,7 @@ class Images {
             }
             if (s.displayDirty) applyDisplay(s)
             s.dirty = true
+            s.version++
         } catch (ThreadDeath td) {
             throw td
         } catch (Throwable t) {
@@ -1536,6 +1541,7 @@ class Images {
         if (gui && useRoiManager && old != null) removeFromRoiManager(old)
         attachRois(s)
         s.dirty = true
+        s.version++
     }
 
     /** The stream's ROIs as the Overlay of its image (and in the ROI Manager with a display). */
@@ -1601,7 +1607,8 @@ class Images {
         return out
     }
 
-    /** Save every image as <title>.tif in the output directory (for checks from outside). */
+    /** Save every image changed since its last save as <title>.tif in the output directory
+     * (for checks from outside the JVM). */
     void save() {
         if (outputDir == null) return
         outputDir.mkdirs()
@@ -1612,10 +1619,12 @@ class Images {
             String name = base
             for (int k = 2; !names.add(name); k++) name = "${base}_${k}".toString()
             File f = new File(outputDir, name + '.tif')
+            if (s.savedVersion == s.version && f.path == s.file && f.isFile()) continue
             if (!new FileSaver(s.imp).saveAsTiff(f.path)) throw new IOException("could not save ${f}".toString())
             s.imp.setTitle(s.title)  // FileSaver renames the image after its file
             s.imp.changes = false
             s.file = f.path
+            s.savedVersion = s.version
         }
     }
 
