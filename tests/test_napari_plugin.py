@@ -344,15 +344,25 @@ def test_stack_keeps_the_newest_frames_up_to_capacity(docked, qtbot):
     send(qtbot, widget.endpoint, """
         for i in range(12):
             backend.save(rand(i, (24, 36)), f"series/t{i:03d}.tif", mode="stack")
+            backend.save(rand(i, (24, 36), "int32"), f"masks/t{i:03d}.tif", mode="stack",
+                         labels=True)
     """)
-    qtbot.waitUntil(lambda: widget.buffer.stats.frames == 12 and widget.buffer.pending == 0,
+    qtbot.waitUntil(lambda: widget.buffer.stats.frames == 24 and widget.buffer.pending == 0,
                     timeout=10000)
     layer = viewer.layers["series"]
     assert layer.data.shape == (5, 24, 36)
     assert tuple(layer.axis_labels) == ("t", "y", "x")
     for k, i in enumerate(range(7, 12)):
         np.testing.assert_array_equal(np.asarray(layer.data[k]), rand(i, (24, 36)))
+    np.testing.assert_array_equal(np.asarray(layer.data),
+                                  np.stack([rand(i, (24, 36)) for i in range(7, 12)]))
     assert viewer.dims.current_step[0] == 4  # the slider follows the newest frame
+    masks = viewer.layers["masks"]
+    assert isinstance(masks, napari.layers.Labels) and masks.data.shape == (5, 24, 36)
+    np.testing.assert_array_equal(np.asarray(masks.data),
+                                  np.stack([rand(i, (24, 36), "int32") for i in range(7, 12)]))
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    assert shot[..., :3].max() > 0
 
 
 def test_stack_never_loses_frames_it_must_keep_under_load(docked, qtbot):

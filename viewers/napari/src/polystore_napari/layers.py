@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 
 import numpy as np
 from napari.layers import Labels
@@ -66,6 +66,51 @@ def unique_labels(labels: list[str]) -> list[str]:
     return out
 
 
+class FrameStack:
+    """A read-only ``(n, *frame_shape)`` array-like over equally shaped frames, for napari.
+
+    napari slices a stack layer one time point at a time (``data[k:k+1, ...]``); that is a
+    view of one received frame here, so a stack layer never copies its frames into one big
+    array. Other indexing (3D rendering, ``np.asarray``) stacks the frames it selects.
+    """
+
+    def __init__(self, frames) -> None:
+        self._frames = tuple(frames)
+        first = self._frames[0]
+        self.shape = (len(self._frames), *first.shape)
+        self.dtype = first.dtype
+        self.ndim = len(self.shape)
+        self.size = len(self._frames) * first.size
+        self.nbytes = self.size * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        if not isinstance(index, tuple):
+            index = (index,)
+        if not index or index[0] is Ellipsis:
+            return np.stack(self._frames)[index]
+        first, rest = index[0], index[1:]
+        if isinstance(first, (int, np.integer)):
+            return self._frames[first][rest]
+        if isinstance(first, slice):
+            chosen = self._frames[first]
+            if len(chosen) == 1:
+                return chosen[0][None][(slice(None), *rest)]
+            if not chosen:
+                return np.empty((0, *self.shape[1:]), self.dtype)[(slice(None), *rest)]
+            return np.stack(chosen)[(slice(None), *rest)]
+        return np.stack(self._frames)[index]
+
+    def __array__(self, dtype=None, copy=None):
+        array = np.stack(self._frames)
+        return array if dtype is None else array.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"FrameStack(shape={self.shape}, dtype={self.dtype})"
+
+
 class _ImageStream:
     """State of one image/labels stream: its layer and the array napari shows."""
 
@@ -76,6 +121,7 @@ class _ImageStream:
         self.backing: np.ndarray | None = None
         self.start = self.end = 0  # stack window in backing
         self.names: list[str] = []  # place: leading axis names
+        self.frames: deque[np.ndarray] | None = None  # image stack: the newest frames
         self.extent: list[int] = []  # place: used size along each leading axis
         self.hints: tuple | None = None
         self.thumbnail_at = 0.0
@@ -89,6 +135,7 @@ class _ImageStream:
         self.backing = None
         self.start = self.end = 0
         self.names, self.extent = [], []
+        self.frames = None
 
 
 class _RoiStream:
@@ -196,7 +243,8 @@ class LayerManager:
             state.reset()
             state.geometry = geometry
         if mode == "stack":
-            data, labels, follow_axis = self._stack(state, run)
+            stack = self._stack_frames if kind == "image" else self._stack
+            data, labels, follow_axis = stack(state, run)
         elif mode == "place":
             data, labels, follow_axis = self._place(state, run)
         else:
@@ -237,8 +285,20 @@ class LayerManager:
         state.backing = array  # received arrays are our own copies: no copy needed
         return array, labels, False
 
+    def _stack_frames(self, state: _ImageStream, run: list):
+        """Image stacks: keep the newest `stack_capacity` received arrays and show them as
+        one `FrameStack`, so appending a frame copies no pixels on the main thread."""
+        capacity = self.stack_capacity
+        if state.frames is None or state.frames.maxlen != capacity:
+            state.frames = deque(state.frames or (), maxlen=capacity)
+        for _frame, array in run[-capacity:]:
+            state.frames.append(array)
+        labels = unique_labels(["t", *trailing_labels(run[0][1].ndim)])
+        return FrameStack(state.frames), labels, True
+
     def _stack(self, state: _ImageStream, run: list):
-        """Append along a leading time axis, keeping the newest `stack_capacity` frames.
+        """Labels stacks (a writable array, so they can be painted): append along a leading
+        time axis, keeping the newest `stack_capacity` frames.
 
         The backing array holds up to 2 x capacity frames; the layer shows the window
         [start, end). When the window reaches the end it moves back to the front (one copy
