@@ -8,7 +8,6 @@ exception inside a receiver loop. Nothing on the wire is pickled.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 import msgspec
@@ -40,11 +39,9 @@ DTYPES: dict[str, int] = {
     "float64": 8,
 }
 
-SEGMENT_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,240}$")
-TOKEN_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
-
-Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_]{1,240}$")]
-Token = Annotated[str, Meta(pattern=r"^[A-Za-z0-9]{1,32}$")]
+# \Z, not $: msgspec matches with re.search, and $ would accept a trailing newline.
+Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_]{1,240}\Z")]
+Token = Annotated[str, Meta(pattern=r"^[A-Za-z0-9]{1,32}\Z")]
 StreamKey = Annotated[str, Meta(min_length=1, max_length=256)]
 PathText = Annotated[str, Meta(max_length=4096)]
 Dim = Annotated[int, Meta(ge=0, le=MAX_DIM)]
@@ -224,14 +221,17 @@ def encode(message: Struct) -> bytes:
 
 
 def decode_sender_message(header: bytes, max_bytes: int = MAX_HEADER_BYTES) -> SenderMessage:
-    """Decode and validate one sender header, raising `ProtocolError` with a code."""
+    """Decode one sender header and validate each field (spec steps 1-4), raising
+    `ProtocolError` with a code. Cross-field rules (`check_frame`, `check_rois`) come after
+    the receiver has checked the handshake (step 5), as docs/protocol.md orders them."""
     if len(header) > max_bytes:
         raise ProtocolError(TOO_LARGE, f"header of {len(header)} bytes exceeds {max_bytes}")
     try:
         envelope = _envelope_decoder.decode(header)
-    except msgspec.DecodeError as exc:
-        code = BAD_MESSAGE if isinstance(exc, msgspec.ValidationError) else BAD_JSON
-        raise ProtocolError(code, f"unreadable header: {exc}") from None
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(BAD_MESSAGE, f"unreadable header: {exc}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ProtocolError(BAD_JSON, f"header is not UTF-8 JSON: {exc}") from None
     seq = envelope.seq if isinstance(envelope.seq, int) else None
     if envelope.v not in SUPPORTED_VERSIONS:
         raise ProtocolError(
@@ -241,14 +241,9 @@ def decode_sender_message(header: bytes, max_bytes: int = MAX_HEADER_BYTES) -> S
             seq,
         )
     try:
-        message = _sender_decoder.decode(header)
-    except msgspec.DecodeError as exc:
+        return _sender_decoder.decode(header)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError(BAD_MESSAGE, f"invalid {envelope.type!r} message: {exc}", seq) from None
-    if isinstance(message, Frame):
-        check_frame(message)
-    elif isinstance(message, Rois):
-        check_rois(message)
-    return message
 
 
 def decode_receiver_message(data: bytes) -> ReceiverMessage:

@@ -249,8 +249,10 @@ class Receiver:
                 raise p.ProtocolError(p.HELLO_REQUIRED, "send hello first (receiver restarted?)",
                                       seq)
             if isinstance(message, p.Frame):
+                p.check_frame(message, self.max_frame_bytes)
                 self._frame(identity, sender, message, payload)
             elif isinstance(message, p.Rois):
+                p.check_rois(message)
                 self._deliver(self.on_rois, ReceivedRois(message, sender.token))
                 self.stats.rois += 1
                 self._reply(identity, p.Ack(v=p.VERSION, seq=message.seq))
@@ -297,9 +299,6 @@ class Receiver:
         self.stats.senders = len(self._senders)
 
     def _frame(self, identity: bytes, sender: _Sender, frame: p.Frame, payload) -> None:
-        if frame.nbytes > self.max_frame_bytes:
-            raise p.ProtocolError(p.TOO_LARGE, f"frame of {frame.nbytes} bytes exceeds this "
-                                  f"receiver's max_frame_bytes={self.max_frame_bytes}", frame.seq)
         if frame.segment is None:
             if payload is None or len(payload.buffer) != frame.nbytes:
                 got = "no payload" if payload is None else f"{len(payload.buffer)} bytes"
