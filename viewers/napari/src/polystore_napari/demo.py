@@ -61,8 +61,6 @@ def stream_demo(endpoint: str | None = None, frames: int = 30, fps: float = 20.0
                               for a in np.linspace(0, 2 * np.pi, 7)[:-1]]
                 else:
                     coords = [[cy - 1.3 * r, cx - 1.3 * r], [cy + 1.3 * r, cx + 1.3 * r]]
-                # plain floats: polystore's ROI validation rejects numpy scalars
-                coords = np.asarray(coords, dtype=float).tolist()
                 rois.append({"kind": kind, "coords": coords, "label": f"cell {k + 1}"})
             rois.append({"kind": "line", "coords": [cells[0][0], cells[1][0]]})
             rois += [{"kind": "point", "coords": [c]} for c, _ in cells[6:]]
