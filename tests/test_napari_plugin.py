@@ -335,6 +335,33 @@ def test_place_grows_in_place_without_re_adding_the_layer(docked, qtbot):
     np.testing.assert_array_equal(np.asarray(layer.data[0]), rand(0, (32, 32)))
 
 
+def test_place_follows_the_newest_time_point_unless_the_user_scrolled_back(docked, qtbot):
+    viewer, widget = docked
+    sender = Sender(widget.endpoint, """
+        for t in range(5):
+            for c in range(2):
+                backend.save(rand(t, (16, 16)), f"live/t{t}c{c}.tif", axes={"t": t, "c": c})
+        backend.flush()
+        barrier()
+        for t in range(5, 8):
+            backend.save(rand(t, (16, 16)), f"live/t{t}c0.tif", axes={"t": t, "c": 0})
+    """)
+    try:
+        sender.wait_line(qtbot)
+        wait_frames(qtbot, widget, 10)
+        layer = viewer.layers["live"]
+        t_axis = viewer.dims.ndim - layer.ndim
+        qtbot.waitUntil(lambda: layer.data.shape[0] == 5, timeout=10000)
+        assert viewer.dims.current_step[t_axis] == 4  # followed t while it grew
+        viewer.dims.set_current_step(t_axis, 1)  # the user looks back in time...
+        sender.go()
+        sender.finish(qtbot)
+    finally:
+        sender.kill()
+    qtbot.waitUntil(lambda: layer.data.shape[0] == 8, timeout=10000)
+    assert viewer.dims.current_step[t_axis] == 1  # ...and is not yanked to the end
+
+
 # -- stack -----------------------------------------------------------------------------------
 
 

@@ -156,6 +156,13 @@ def test_stream_key_derivation():
     assert stream_key("frame_001.tiff", exts) == "frame"
     assert stream_key("well_A01/t003.roi.zip", exts) == "well_A01"
     assert stream_key("/abs/path/img.tif", exts) == "abs/path/img"
+    assert stream_key("live/t0c1.tif", exts) == "live"
+    assert stream_key("plate/well_A01_t003_c2.tif", exts) == "plate/well_A01"
+    assert stream_key("img_z05.npy", exts) == "img"
+    assert stream_key("t003.tif", exts) == "t003"  # nothing left: keep the name
+    assert stream_key("r/1.tif", exts) == "r"
+    assert stream_key("plate/well_C01_t003.tif", exts) == "plate/well_C01"
+    assert stream_key("img001.tif", exts) == "img"
 
 
 def test_filemanager_routes_to_streaming_backends(receiver_proc):

@@ -26,7 +26,10 @@ from polystore.streaming.sender import Policy, StreamSender, Transport
 log = logging.getLogger(__name__)
 
 ROI_EXTENSION = ".roi.zip"
-_INDEX_SUFFIX = re.compile(r"[_\-. ]*[A-Za-z]{0,2}\d+$")
+# A trailing index: digits after a separator (_007) or a lowercase word (img001), or after a
+# lowercase axis letter (t003, c1, z05, s2, f1, p4, ch2). Uppercase-letter ids such as the
+# well A01 are names, not indices.
+_INDEX_SUFFIX = re.compile(r"(?:^\d+|[_\-. ]+\d+|(?<=[a-z])\d+|[_\-. ]*(?:[tczsfp]|ch)\d+)$")
 
 
 def matching_extension(path: Any, extensions: Iterable[str]) -> str | None:
@@ -41,13 +44,15 @@ def matching_extension(path: Any, extensions: Iterable[str]) -> str | None:
 
 def stream_key(path: Any, extensions: Iterable[str] = ()) -> str:
     """The layer/window a path streams into: its folder plus its name without extension and
-    without a trailing index, so ``well_A01/t003.tif`` and ``well_A01/t004.tif`` update one
-    ``well_A01`` layer and ``out/smooth_007.tif`` goes to ``out/smooth``. Pass ``stream=`` to
-    choose the key yourself."""
+    without trailing indices (``t003``, ``c1``, ``z05``, ``s2``, ``_007``), so
+    ``well_A01/t003c1.tif`` and ``well_A01/t004c0.tif`` update one ``well_A01`` layer and
+    ``out/smooth_007.tif`` goes to ``out/smooth``. Pass ``stream=`` to choose the key."""
     pure = PurePosixPath(str(path).replace("\\", "/"))
     ext = matching_extension(pure, extensions) or pure.suffix
     stem = pure.name[: len(pure.name) - len(ext)] if ext else pure.name
-    base = _INDEX_SUFFIX.sub("", stem)
+    base = stem
+    while (stripped := _INDEX_SUFFIX.sub("", base)) != base:
+        base = stripped
     parent = "" if str(pure.parent) in (".", "/") else str(pure.parent).lstrip("/")
     key = "/".join(part for part in (parent, base) if part)
     return (key or stem or "stream")[:256]

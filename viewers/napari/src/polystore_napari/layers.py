@@ -66,6 +66,8 @@ def unique_labels(labels: list[str]) -> list[str]:
     return out
 
 
+TIME_AXES = ("t", "time", "frame", "timepoint")
+
 class FrameStack:
     """A read-only ``(n, *frame_shape)`` array-like over equally shaped frames, for napari.
 
@@ -253,18 +255,16 @@ class LayerManager:
         if state.layer is None:
             state.layer = self._create(state, data, frame, kind)
             state.layer.axis_labels = labels
-            if follow_axis:  # napari opens new axes in the middle; a stack shows its newest
-                axis = self.viewer.dims.ndim - state.layer.ndim
-                self.viewer.dims.set_current_step(axis, state.layer.data.shape[0] - 1)
+            if follow_axis is not None:  # napari opens new axes in the middle; show the newest
+                self._show_last(state.layer, follow_axis)
         elif data is not None:
-            old_len = state.layer.data.shape[0] if follow_axis else 0
-            follow = follow_axis and self._at_end(state.layer, old_len)
+            old_len = state.layer.data.shape[follow_axis] if follow_axis is not None else 0
+            follow = follow_axis is not None and self._at_end(state.layer, old_len, follow_axis)
             state.layer.data = data
             if tuple(state.layer.axis_labels) != tuple(labels):
                 state.layer.axis_labels = labels
             if follow:
-                axis = self.viewer.dims.ndim - state.layer.ndim
-                self.viewer.dims.set_current_step(axis, state.layer.data.shape[0] - 1)
+                self._show_last(state.layer, follow_axis)
         else:
             # pixels were written into the array the layer shows; its thumbnail in the
             # layer list is redrawn at most THUMBNAIL_HZ times a second
@@ -281,9 +281,9 @@ class LayerManager:
         if state.backing is not None and state.layer is not None and \
                 state.layer.data is state.backing:
             np.copyto(state.backing, array)
-            return None, labels, False
+            return None, labels, None
         state.backing = array  # received arrays are our own copies: no copy needed
-        return array, labels, False
+        return array, labels, None
 
     def _stack_frames(self, state: _ImageStream, run: list):
         """Image stacks: keep the newest `stack_capacity` received arrays and show them as
@@ -294,7 +294,7 @@ class LayerManager:
         for _frame, array in run[-capacity:]:
             state.frames.append(array)
         labels = unique_labels(["t", *trailing_labels(run[0][1].ndim)])
-        return FrameStack(state.frames), labels, True
+        return FrameStack(state.frames), labels, 0
 
     def _stack(self, state: _ImageStream, run: list):
         """Labels stacks (a writable array, so they can be painted): append along a leading
@@ -322,8 +322,8 @@ class LayerManager:
             state.start = state.end - capacity
         labels = unique_labels(["t", *trailing_labels(len(shape))])
         if (state.start, state.end, id(state.backing)) == before and state.layer is not None:
-            return None, labels, True
-        return state.backing[state.start:state.end], labels, True
+            return None, labels, 0
+        return state.backing[state.start:state.end], labels, 0
 
     @staticmethod
     def _make_room(state: _ImageStream, capacity: int) -> None:
@@ -368,15 +368,23 @@ class LayerManager:
             state.backing[index] = array
             state.extent = [max(e, i + 1) for e, i in zip(state.extent, index, strict=True)]
         labels = unique_labels(state.names + trailing_labels(run[0][1].ndim))
+        # a live time series follows its newest time point, as a stack does
+        follow = next((i for i, n in enumerate(state.names) if n.lower() in TIME_AXES), None)
         if (tuple(state.extent), id(state.backing)) == before and state.layer is not None:
-            return None, labels, False
-        return state.backing[tuple(slice(0, e) for e in state.extent)], labels, False
+            return None, labels, follow
+        return state.backing[tuple(slice(0, e) for e in state.extent)], labels, follow
 
-    def _at_end(self, layer, length: int) -> bool:
-        axis = self.viewer.dims.ndim - layer.ndim
+    def _at_end(self, layer, length: int, layer_axis: int = 0) -> bool:
+        """Whether the slider of `layer_axis` shows the last of `length` positions (the user
+        has not scrolled back to look at older data)."""
+        axis = self.viewer.dims.ndim - layer.ndim + layer_axis
         if axis < 0 or length == 0:
             return True
         return self.viewer.dims.current_step[axis] >= length - 1
+
+    def _show_last(self, layer, layer_axis: int) -> None:
+        axis = self.viewer.dims.ndim - layer.ndim + layer_axis
+        self.viewer.dims.set_current_step(axis, layer.data.shape[layer_axis] - 1)
 
     @staticmethod
     def _layer_kind(layer) -> str:
