@@ -366,3 +366,59 @@ def test_remote_binding_with_curve_keys():
         assert rx.stats.frames == 1
     finally:
         rx.stop()
+
+
+def test_latest_policy_never_raises_while_the_viewer_restarts(figure):
+    """A live preview keeps the pipeline running through a viewer restart, including the
+    moment where something listens but does not answer yet; it then reconnects by itself."""
+    seen = []
+    rx = receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0",
+                      on_frame=lambda f: seen.append(f.header.path)).start()
+    endpoint = rx.endpoint
+    b = NapariStreamingBackend(endpoint, policy="latest")
+    frame = np.zeros((32, 32), np.uint16)
+    try:
+        b.save(frame, "a/t0.tif")
+        b.flush()
+        rx.stop()
+        mute = zmq.Context.instance().socket(zmq.ROUTER)  # listens, never answers
+        mute.setsockopt(zmq.LINGER, 0)
+        _until_port_free(lambda: mute.bind(endpoint))
+        t = time.perf_counter()
+        for i in range(200):
+            b.save(frame, f"a/mute{i}.tif")  # must neither raise nor stall
+            time.sleep(0.002)
+        per_save = (time.perf_counter() - t) / 200 - 0.002
+        assert per_save < 0.01
+        mute.close()
+        rx = _bind_when_free(endpoint, on_frame=lambda f: seen.append(f.header.path))
+        t = time.perf_counter()
+        deadline = t + 10
+        i = 0
+        while not any(s.startswith("a/back") for s in seen) and time.perf_counter() < deadline:
+            b.save(frame, f"a/back{i}.tif")
+            i += 1
+            time.sleep(0.005)
+        figure("latest_reconnect_after_restart_s", round(time.perf_counter() - t, 3))
+        assert any(s.startswith("a/back") for s in seen)
+        assert b.sender.stats["dropped"] >= 200
+    finally:
+        b.close()
+        rx.stop()
+
+
+def _until_port_free(bind):
+    """ZeroMQ releases a closed socket's port in its I/O thread, a moment later."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            return bind()
+        except (OSError, zmq.ZMQError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _bind_when_free(endpoint: str, **kwargs):
+    return _until_port_free(
+        lambda: receiver_for(NapariStreamingBackend, endpoint, **kwargs).start())

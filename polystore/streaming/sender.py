@@ -155,6 +155,8 @@ class StreamSender:
         self._rejections: list[p.Error] = []
         self._reports: dict[int, dict] = {}
         self.receiver_id: str | None = None
+        self._hello: tuple | None = None  # (probe segment, deadline) of the pending hello
+        self._refused = ""
         self._closed = False
 
     def close(self, flush_timeout: float | None = None) -> None:
@@ -177,6 +179,7 @@ class StreamSender:
                     except zmq.ZMQError:
                         pass
                 self._close_socket(linger_ms=200)
+            self._drop_probe()
             self._pool.close()
             self._closed = True
 
@@ -219,7 +222,8 @@ class StreamSender:
 
     def _ensure_connected(self) -> bool:
         """Handshake if needed. False means: drop this message (policy 'latest' while the
-        receiver that was there is gone, so a live preview never stalls the pipeline)."""
+        receiver that was there is gone or not yet answering, so a live preview never
+        stalls the pipeline; it reconnects in the background)."""
         if self._pid != os.getpid():
             self._reset_process_state()
         if self._closed:
@@ -231,43 +235,57 @@ class StreamSender:
         if self._sock is None:
             self._open_socket()
         if self.policy == "latest" and self.stats["handshakes"]:
-            self._drain_monitor()
-            if not self._transport_up:
-                return False
-        self._handshake()
+            self._drain()  # the welcome to an earlier hello may be here
+            if self._connected:
+                return True
+            hello_expired = self._hello is None or time.monotonic() > self._hello[1]
+            if self._transport_up and hello_expired:
+                self._start_handshake()
+            return False
+        self._start_handshake()
+        self._wait_for(p.Welcome, self._hello[1])
+        if not self._connected:
+            self._drop_probe()
+            raise ViewerNotRunningError(self._refused or (
+                f"no {self.viewer} receiver answered at {self.endpoint} within "
+                f"{self.connect_timeout:g} s. {self.start_hint}".strip()
+            ))
         return True
 
-    def _handshake(self) -> None:
+    def _start_handshake(self) -> None:
+        """Send hello (with a fresh shared-memory probe); the welcome completes it."""
+        self._drop_probe()
+        self._refused = ""
         probe = token = None
         if self.transport != "inline":
             probe, token = create_probe(self._pool.prefix)
-        try:
-            hello = p.Hello(
-                v=p.VERSION,
-                sender=self._pool.token,
-                pid=self._pid,
-                viewer=self.viewer,
-                segment_prefix=self._pool.prefix,
-                versions=list(p.SUPPORTED_VERSIONS),
-                probe=p.Probe(segment=probe.name, token=token) if probe else None,
-            )
-            deadline = time.monotonic() + self.connect_timeout
-            welcome = None
-            if self._send(p.encode(hello), deadline):
-                welcome = self._wait_for(p.Welcome, deadline)
-        finally:
-            if probe is not None:
-                destroy(probe)
-        if welcome is None:
-            raise ViewerNotRunningError(
-                f"no {self.viewer} receiver answered at {self.endpoint} within "
-                f"{self.connect_timeout:g} s. {self.start_hint}".strip()
-            )
+        hello = p.Hello(
+            v=p.VERSION,
+            sender=self._pool.token,
+            pid=self._pid,
+            viewer=self.viewer,
+            segment_prefix=self._pool.prefix,
+            versions=list(p.SUPPORTED_VERSIONS),
+            probe=p.Probe(segment=probe.name, token=token) if probe else None,
+        )
+        deadline = time.monotonic() + self.connect_timeout
+        self._hello = (probe, deadline)
+        self._send(p.encode(hello), deadline)  # if nobody takes it, no welcome comes
+
+    def _drop_probe(self) -> None:
+        if self._hello is not None:
+            if self._hello[0] is not None:
+                destroy(self._hello[0])
+            self._hello = None
+
+    def _complete_handshake(self, welcome: p.Welcome) -> None:
+        self._drop_probe()
         if self.transport == "shm" and not welcome.shm:
-            raise ViewerNotRunningError(
+            self._refused = (
                 f"the {self.viewer} receiver at {self.endpoint} cannot read this process's "
                 "shared memory (another machine or container); use transport='auto' or 'inline'"
             )
+            return
         self._use_shm = welcome.shm and self.transport != "inline"
         self._connected = True
         self.receiver_id = welcome.receiver
@@ -512,6 +530,8 @@ class StreamSender:
             except zmq.Again:
                 return
             self._transport_up = event == zmq.EVENT_CONNECTED
+            if self._transport_up and not self._connected:
+                self._drop_probe()  # a hello sent to an earlier peer will not be answered
             if event == zmq.EVENT_DISCONNECTED and self._connected:
                 self._drain()  # acks that arrived before the disconnect still count
                 self._connection_lost("the receiver disconnected")
@@ -551,6 +571,9 @@ class StreamSender:
                 log.warning("%s receiver rejected message %s: %s", self.viewer, message.seq,
                             message.message)
                 self._rejections.append(message)
+        elif isinstance(message, p.Welcome):
+            if self._hello is not None:
+                self._complete_handshake(message)
         elif isinstance(message, p.Report):
             self._reports[message.seq] = message.state
             self._forget(message.seq)
