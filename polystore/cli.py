@@ -119,6 +119,10 @@ def cmd_napari(args: argparse.Namespace) -> int:
         argv += ["--stack-capacity", str(args.stack_capacity)]
     if args.follow_contrast:
         argv += ["--follow-contrast"]
+    if args.allow_remote:
+        argv += ["--allow-remote"]
+    if args.curve_secret:
+        argv += ["--curve-secret", args.curve_secret]
     try:
         return napari_main(argv)
     except ImportError as exc:  # napari itself is imported when the viewer starts
@@ -394,6 +398,22 @@ def cmd_shm(args: argparse.Namespace) -> int:
 # -- bench, demo ----------------------------------------------------------------------------
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from polystore.streaming.keys import create_keys
+
+    try:
+        public, secret = create_keys(args.directory, args.name)
+    except (FileExistsError, OSError) as exc:
+        raise CommandError(str(exc)) from None
+    print(f"public key (share with pipelines): {public}\n"
+          f"secret key (keep on the viewer machine): {secret}\n\n"
+          f"viewer:    polystore napari --endpoint tcp://0.0.0.0:55555 --allow-remote "
+          f"--curve-secret {secret}\n"
+          f"pipelines: export POLYSTORE_NAPARI_SERVER_KEY={public}   "
+          f"(or NapariStreamingBackend(endpoint, curve_server_key=...))")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from polystore import bench
 
@@ -469,7 +489,20 @@ def build_parser() -> argparse.ArgumentParser:
     napari.add_argument("--stack-capacity", type=_positive_int, help="frames a stack layer keeps")
     napari.add_argument("--follow-contrast", action="store_true",
                         help="reset contrast limits to every new frame")
+    napari.add_argument("--allow-remote", action="store_true",
+                        help="allow an endpoint beyond 127.0.0.1 (use --curve-secret too)")
+    napari.add_argument("--curve-secret", metavar="FILE",
+                        help="CURVE secret key file from `polystore keys DIR`")
     napari.set_defaults(func=cmd_napari)
+
+    keys = sub.add_parser(
+        "keys", help="make a CURVE key pair for a viewer that listens beyond 127.0.0.1",
+        description="Write DIR/NAME.key (public: give it to the pipeline machines) and "
+        "DIR/NAME.key_secret (keep it on the viewer machine).",
+    )  # fmt: skip
+    keys.add_argument("directory", metavar="DIR", help="where to write the key files")
+    keys.add_argument("--name", default="viewer", help="file name stem (default: viewer)")
+    keys.set_defaults(func=cmd_keys)
 
     fiji = sub.add_parser(
         "fiji", help="show where the Fiji receiver script is and how to install it",

@@ -686,6 +686,38 @@ def test_launch_docks_a_listening_receiver(make_napari_viewer, qtbot):
         widget.stop()
 
 
+def test_launch_remote_with_curve_keys_accepts_only_key_holders(make_napari_viewer, qtbot,
+                                                                tmp_path, monkeypatch):
+    import zmq
+    from polystore_napari.launch import launch
+
+    from polystore.streaming import ViewerNotRunningError
+    from polystore.streaming.keys import create_keys
+
+    public, secret = create_keys(tmp_path)
+    viewer = make_napari_viewer(show=True)
+    widget = launch("tcp://0.0.0.0:0", viewer=viewer, allow_remote=True,
+                    curve_secret_key=str(secret), run=False)
+    try:
+        assert widget.running and "0.0.0.0" in widget.endpoint
+        port = widget.endpoint.rsplit(":", 1)[1]
+        local = f"tcp://127.0.0.1:{port}"
+        monkeypatch.delenv("POLYSTORE_NAPARI_SERVER_KEY", raising=False)
+        stranger = NapariStreamingBackend(local, connect_timeout=0.5)
+        with pytest.raises(ViewerNotRunningError):
+            stranger.save(np.zeros((8, 8), np.uint16), "x/t0.tif")
+        stranger.close()
+        monkeypatch.setenv("POLYSTORE_NAPARI_SERVER_KEY", str(public))
+        send(qtbot, local, """
+            backend.save(rand(1, (8, 8)), "secure/t0.tif")
+        """)  # the sender process inherits the public key from the environment
+        qtbot.waitUntil(lambda: "secure" in [layer.name for layer in viewer.layers],
+                        timeout=10000)
+        assert zmq.has("curve")
+    finally:
+        widget.stop()
+
+
 def test_python_m_polystore_napari_has_a_cli():
     out = subprocess.run([sys.executable, "-m", "polystore_napari", "--help"],
                          capture_output=True, text=True, timeout=60)

@@ -422,3 +422,30 @@ def _until_port_free(bind):
 def _bind_when_free(endpoint: str, **kwargs):
     return _until_port_free(
         lambda: receiver_for(NapariStreamingBackend, endpoint, **kwargs).start())
+
+
+def test_curve_key_files_from_polystore_keys(tmp_path, monkeypatch):
+    """The documented flow: `polystore keys DIR`, the secret file on the viewer, the public
+    file in $POLYSTORE_NAPARI_SERVER_KEY on the pipeline side."""
+    out = subprocess.run([sys.executable, "-m", "polystore.cli", "keys", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    public, secret = tmp_path / "viewer.key", tmp_path / "viewer.key_secret"
+    assert public.is_file() and secret.is_file()
+    assert oct(secret.stat().st_mode & 0o777) == "0o600"
+    again = subprocess.run([sys.executable, "-m", "polystore.cli", "keys", str(tmp_path)],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "exists" in again.stderr  # never overwrites a key
+    rx = receiver_for(NapariStreamingBackend, "tcp://0.0.0.0:0", allow_remote=True,
+                      curve_secret_key=str(secret), on_frame=lambda f: None).start()
+    port = rx.endpoint.rsplit(":", 1)[1]
+    try:
+        monkeypatch.setenv("POLYSTORE_NAPARI_SERVER_KEY", str(public))
+        with NapariStreamingBackend(f"tcp://127.0.0.1:{port}") as b:
+            b.save(np.ones((8, 8), np.uint8), "keys/a.tif")
+            b.flush()
+        assert rx.stats.frames == 1
+        with pytest.raises(ValueError, match="key file"):
+            NapariStreamingBackend(curve_server_key=str(tmp_path / "missing.key"))
+    finally:
+        rx.stop()

@@ -21,6 +21,7 @@ import numpy as np
 from polystore.base import WriteOnlyBackend, check_batch_lengths
 from polystore.streaming import protocol as p
 from polystore.streaming.errors import UnstreamableDataError
+from polystore.streaming.keys import public_key
 from polystore.streaming.sender import Policy, StreamSender, Transport
 
 log = logging.getLogger(__name__)
@@ -81,12 +82,16 @@ class StreamingBackend(WriteOnlyBackend):
         timeout: float = 5.0,
         connect_timeout: float = 1.0,
         transport: Transport = "auto",
-        curve_server_key: bytes | None = None,
+        curve_server_key: str | bytes | None = None,
     ) -> None:
         if not re.fullmatch(r"[A-Za-z0-9]+_", self.SHM_PREFIX):
             raise ValueError(f"SHM_PREFIX must be letters/digits ending in '_', got "
                              f"{self.SHM_PREFIX!r}")
         self.endpoint = endpoint or self.default_endpoint()
+        if curve_server_key is None:
+            curve_server_key = os.environ.get(f"POLYSTORE_{self.VIEWER_TYPE.upper()}_SERVER_KEY")
+        if curve_server_key is not None:
+            curve_server_key = public_key(curve_server_key)
         self._sender_options = dict(
             policy=policy, max_inflight=max_inflight, max_inflight_bytes=max_inflight_bytes,
             timeout=timeout, connect_timeout=connect_timeout, transport=transport,

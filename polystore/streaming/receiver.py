@@ -23,6 +23,7 @@ import numpy as np
 import zmq
 
 from polystore.streaming import protocol as p
+from polystore.streaming.keys import secret_key
 from polystore.streaming.shm import SegmentError, SegmentReader, sweep
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,17 @@ class _Sender:
     since: float = field(default_factory=time.monotonic)
 
 
+def _is_loopback(endpoint: str) -> bool:
+    parts = urlsplit(endpoint)
+    if parts.scheme in ("ipc", "inproc"):
+        return True
+    host = parts.hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def check_bind_endpoint(endpoint: str, allow_remote: bool) -> str:
     """Refuse to listen beyond loopback unless asked; ``:0`` means any free port."""
     parts = urlsplit(endpoint)
@@ -88,11 +100,7 @@ def check_bind_endpoint(endpoint: str, allow_remote: bool) -> str:
     if parts.scheme != "tcp" or not parts.hostname:
         raise ValueError(f"endpoint must look like tcp://127.0.0.1:PORT, got {endpoint!r}")
     host = parts.hostname
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback and not allow_remote:
+    if not _is_loopback(endpoint) and not allow_remote:
         raise ValueError(
             f"refusing to listen on {host}: that exposes the receiver beyond this machine. "
             "Pass allow_remote=True (and CURVE keys, see docs/streaming.md) to do it on purpose"
@@ -124,10 +132,15 @@ class Receiver:
         max_frame_bytes: int = p.MAX_FRAME_BYTES,
         max_header_bytes: int = p.MAX_HEADER_BYTES,
         allow_remote: bool = False,
-        curve_secret_key: bytes | None = None,
+        curve_secret_key: str | bytes | None = None,
         sweep_orphans: bool = True,
     ) -> None:
         self.endpoint = check_bind_endpoint(endpoint, allow_remote)
+        if curve_secret_key is not None:
+            curve_secret_key = secret_key(curve_secret_key)
+        elif allow_remote and not _is_loopback(self.endpoint):
+            log.warning("%s receiver on %s without CURVE keys: anyone who can reach this port "
+                        "can send frames (see `polystore keys`)", viewer, self.endpoint)
         self.shm_prefix = shm_prefix
         self.viewer = viewer
         self.on_frame = on_frame
@@ -253,8 +266,8 @@ class Receiver:
                 self._frame(identity, sender, message, payload)
             elif isinstance(message, p.Rois):
                 p.check_rois(message)
-                self._deliver(self.on_rois, ReceivedRois(message, sender.token))
                 self.stats.rois += 1
+                self._deliver(self.on_rois, ReceivedRois(message, sender.token))
                 self._reply(identity, p.Ack(v=p.VERSION, seq=message.seq))
             elif isinstance(message, p.Control):
                 self._control(identity, message)
@@ -328,14 +341,15 @@ class Receiver:
             array.reshape(-1).view(np.uint8)[:] = np.frombuffer(view, dtype=np.uint8)
         finally:
             view.release()
-        # The copy is ours: the sender may reuse its segment now.
-        self._reply(identity, p.Ack(v=p.VERSION, seq=frame.seq))
         sender.frames += 1
         if frame.dropped > sender.dropped:
             self.stats.sender_dropped += frame.dropped - sender.dropped
             sender.dropped = frame.dropped
         self.stats.frames += 1
         self.stats.bytes += frame.nbytes
+        # The copy is ours: the sender may reuse its segment now (counted before the ack,
+        # so whoever sees the ack sees the counts).
+        self._reply(identity, p.Ack(v=p.VERSION, seq=frame.seq))
         self._deliver(self.on_frame, ReceivedFrame(array, frame, sender.token, time.time_ns()))
 
     def _control(self, identity: bytes, control: p.Control) -> None:

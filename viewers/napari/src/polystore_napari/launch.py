@@ -18,6 +18,8 @@ def launch(
     mode: str | None = None,
     stack_capacity: int | None = None,
     follow_contrast: bool | None = None,
+    allow_remote: bool = False,
+    curve_secret_key: str | bytes | None = None,
     viewer=None,
     show: bool = True,
     run: bool = True,
@@ -41,6 +43,10 @@ def launch(
         widget.capacity_box.setValue(stack_capacity)
     if follow_contrast is not None:
         widget.follow_box.setChecked(follow_contrast)
+    remote = (allow_remote, curve_secret_key)
+    if remote != (widget.allow_remote, widget.curve_secret_key):
+        widget.allow_remote, widget.curve_secret_key = remote
+        widget.stop()  # listen again with the new options
     if widget.running and endpoint is not None and widget.endpoint != endpoint:
         widget.stop()
     widget.start()
@@ -61,6 +67,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stack-capacity", type=int, help="frames a stack layer keeps")
     parser.add_argument("--follow-contrast", action="store_true", default=None,
                         help="reset contrast limits to every new frame")
+    parser.add_argument("--allow-remote", action="store_true",
+                        help="allow an endpoint beyond 127.0.0.1 (use --curve-secret too)")
+    parser.add_argument("--curve-secret", metavar="FILE",
+                        help="CURVE secret key file from `polystore keys DIR`: only senders "
+                        "given the matching public key can connect")
     return parser.parse_args(argv)
 
 
@@ -73,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         launch(args.endpoint, mode=args.mode, stack_capacity=args.stack_capacity,
-               follow_contrast=args.follow_contrast)
-    except OSError as exc:
+               follow_contrast=args.follow_contrast, allow_remote=args.allow_remote,
+               curve_secret_key=args.curve_secret)
+    except (OSError, ValueError) as exc:
         print(f"polystore napari: {exc}", file=sys.stderr)
         return 1
     return 0

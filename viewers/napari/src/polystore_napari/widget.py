@@ -140,11 +140,14 @@ class ReceiverWidget(QWidget):
         stack_capacity: int | None = None,
         follow_contrast: bool | None = None,
         allow_remote: bool = False,
+        curve_secret_key: str | bytes | None = None,
         parent: QWidget | None = None,
     ) -> None:
         super().__init__(parent)
         self.viewer = napari_viewer
         self.allow_remote = allow_remote
+        #: CURVE secret key (or its file) for listening beyond loopback; see `polystore keys`
+        self.curve_secret_key = curve_secret_key
         #: how much lower the receiver thread's CPU priority is than the display's
         self.receiver_nice = receiver_nice_default()
         settings = QSettings(*SETTINGS)
@@ -315,7 +318,7 @@ class ReceiverWidget(QWidget):
                 NapariStreamingBackend, endpoint,
                 on_frame=at_lower_priority(buffer.put_frame, self.receiver_nice),
                 on_rois=buffer.put_rois, on_clear=buffer.clear, report=buffer.report,
-                allow_remote=self.allow_remote,
+                allow_remote=self.allow_remote, curve_secret_key=self.curve_secret_key,
             )  # fmt: skip
             receiver.start()
         except Exception as exc:
