@@ -303,36 +303,32 @@ class StreamSender:
         axis_names: list[str] | None = None,
         display: p.Display | None = None,
     ) -> int:
-        """Send one array; returns its sequence number once the receiver has its header."""
+        """Send one array; returns its sequence number (-1: dropped by policy 'latest')."""
         t0 = time.perf_counter()
         array = to_wire_array(data)
-        dtype_name = array.dtype.name
         nbytes = array.nbytes
         with self._lock:
-            if not self._ensure_connected():
-                self.stats["dropped"] += 1
-                return -1
-            self._raise_pending()
-            seq = next(self._seq)
-            use_shm = self._use_shm and nbytes > 0
-            segment = self._reserve(seq, nbytes, use_shm)
+            seq = self._admit()
+            if seq < 0:
+                return seq
             header = p.Frame(
                 v=p.VERSION,
                 seq=seq,
                 stream=stream,
                 path=str(path),
                 shape=list(array.shape),
-                dtype=dtype_name,
+                dtype=array.dtype.name,
                 nbytes=nbytes,
                 sent_ns=time.time_ns(),
-                segment=segment.name if segment is not None else None,
                 axes=axes or {},
                 axis_names=axis_names,
                 display=display or p.Display(),
                 dropped=self.stats["dropped"],
             )
             p.check_frame(header)  # the sender obeys the rules it will be judged by
+            segment = self._reserve(seq, nbytes, self._use_shm and nbytes > 0)
             if segment is not None:
+                header.segment = segment.name
                 target = np.ndarray(array.shape, dtype=array.dtype.newbyteorder("<"),
                                     buffer=segment.buf)
                 np.copyto(target, array, casting="equiv")
@@ -343,12 +339,7 @@ class StreamSender:
                 if payload is array or payload.base is not None:
                     payload = payload.copy()  # the caller may reuse its buffer after save()
                 parts = [p.encode(header), payload]
-            self._inflight[seq] = (t0, nbytes if segment is None else 0)
-            self._inflight_bytes += nbytes if segment is None else 0
-            if not self._send_parts(parts):
-                self._connection_lost("could not send within the timeout")
-                self._raise_pending()
-                self.stats["dropped"] += 1  # policy latest: a live preview drops, never stalls
+            if not self._dispatch(seq, parts, t0, 0 if segment is not None else nbytes):
                 return -1
             self.stats["frames"] += 1
             self.stats["bytes"] += nbytes
@@ -364,31 +355,48 @@ class StreamSender:
         axes: dict[str, int] | None = None,
         axis_names: list[str] | None = None,
     ) -> int:
+        """Send regions of interest for image stream `stream` (-1: dropped by policy)."""
         t0 = time.perf_counter()
         with self._lock:
-            if not self._ensure_connected():
-                self.stats["dropped"] += 1
-                return -1
-            self._raise_pending()
-            seq = next(self._seq)
-            self._reserve(seq, 0, False)
+            seq = self._admit()
+            if seq < 0:
+                return seq
             message = p.Rois(
                 v=p.VERSION, seq=seq, stream=stream, path=str(path), sent_ns=time.time_ns(),
                 rois=rois, axes=axes or {}, axis_names=axis_names,
             )  # fmt: skip
             p.check_rois(message)
-            self._inflight[seq] = (t0, 0)
-            if not self._send_parts([p.encode(message)]):
-                self._connection_lost("could not send within the timeout")
-                self._raise_pending()
+            self._reserve(seq, 0, False)
+            if not self._dispatch(seq, [p.encode(message)], t0, 0):
                 return -1
             self.stats["rois"] += 1
             return seq
 
+    def _admit(self) -> int:
+        """The next sequence number, or -1 when policy 'latest' drops this message."""
+        if not self._ensure_connected():
+            self.stats["dropped"] += 1
+            return -1
+        self._raise_pending()
+        return next(self._seq)
+
+    def _dispatch(self, seq: int, parts: list, t0: float, inline_bytes: int) -> bool:
+        """Track message `seq` as in flight and send it; False if it was dropped."""
+        self._inflight[seq] = (t0, inline_bytes)
+        self._inflight_bytes += inline_bytes
+        if self._send_parts(parts):
+            return True
+        self._connection_lost("could not send within the timeout")
+        self._raise_pending()  # policies block/raise: ReceiverLostError
+        self.stats["dropped"] += 1  # policy latest: a live preview drops, never stalls
+        return False
+
     def request(self, command: Literal["report", "clear"], timeout: float | None = None) -> dict:
         """Ask the receiver for its state (`report`) or to drop its streams (`clear`)."""
         with self._lock:
-            self._ensure_connected()
+            if not self._ensure_connected():
+                raise ViewerNotRunningError(
+                    f"the {self.viewer} receiver at {self.endpoint} is not connected (yet)")
             seq = next(self._seq)
             self._inflight[seq] = (time.perf_counter(), 0)
             self._send_parts([p.encode(p.Control(v=p.VERSION, seq=seq, command=command))])
