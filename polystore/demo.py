@@ -541,7 +541,7 @@ def _run_virtual(out: Path, frames: int, fps: float, progress: bool,
         from polystore_napari.launch import launch
         from qtpy.QtWidgets import QApplication
 
-        widget = launch(endpoint or "tcp://127.0.0.1:0", show=True, run=False)
+        widget = launch(endpoint or "tcp://127.0.0.1:0", mode="auto", show=True, run=False)
         viewer = widget.viewer
         app = QApplication.instance()
         fm = None
@@ -631,7 +631,8 @@ def _run_window(out: Path, frames: int, fps: float, progress: bool,
     """napari in a subprocess (`polystore napari --endpoint ...`); stream into it once it
     listens. Returns with napari still open."""
     endpoint = endpoint or _free_endpoint()
-    cmd = [sys.executable, "-m", "polystore.cli", "napari", "--endpoint", endpoint]
+    cmd = [sys.executable, "-m", "polystore.cli", "napari", "--endpoint", endpoint,
+           "--mode", "auto"]
     print(f"starting napari: polystore napari --endpoint {endpoint} ...", flush=True)
     proc = subprocess.Popen(cmd)
     fm = None

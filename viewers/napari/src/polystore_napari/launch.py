@@ -35,6 +35,7 @@ def launch(
     if viewer is None:
         viewer = napari.Viewer(show=show)
     _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
+    widget.persist = False  # options given here apply to this session only
     if endpoint is not None:
         widget.endpoint_edit.setText(endpoint)
     if mode is not None:
@@ -49,6 +50,7 @@ def launch(
         widget.stop()  # listen again with the new options
     if widget.running and endpoint is not None and widget.endpoint != endpoint:
         widget.stop()
+    widget.persist = True
     widget.start()
     if run:
         napari.run()

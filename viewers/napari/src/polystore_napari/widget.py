@@ -146,6 +146,8 @@ class ReceiverWidget(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.allow_remote = allow_remote
+        #: whether changes of the options are remembered for the next napari session
+        self.persist = True
         #: CURVE secret key (or its file) for listening beyond loopback; see `polystore keys`
         self.curve_secret_key = curve_secret_key
         #: how much lower the receiver thread's CPU priority is than the display's
@@ -264,6 +266,9 @@ class ReceiverWidget(QWidget):
         self._save_settings()
 
     def _save_settings(self, *_: object) -> None:
+        """Remember what the user chose in the widget (not options a program passed in)."""
+        if not self.persist:
+            return
         settings = QSettings(*SETTINGS)
         settings.setValue("auto_start", self.auto_start_box.isChecked())
         settings.setValue("mode", self.mode_box.currentText())
