@@ -47,6 +47,8 @@ def parse_markdown(text: str) -> dict:
         line = line.strip()
         if line.startswith("# ") and not title:
             title = line[2:].strip()
+        if not line.startswith("|") and rows:
+            break  # the main table ended (a later table has other columns)
         if not line.startswith("|") or line.startswith("|---") or "polystore fps" in line:
             continue
         cells = [c.strip() for c in line.strip("|").split("|")]

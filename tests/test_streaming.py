@@ -594,3 +594,36 @@ def test_numpy_roi_coordinates_and_pickled_backend_for_workers(backend):
     report = backend.request("report")
     assert report["roi_sets"][-1]["n"] == 2
     assert [g["path"] for g in report["received"]] == ["np/t1.tif", "np/t2.tif"]
+
+
+def test_lease_computes_in_shared_memory_and_sends_without_a_copy(backend):
+    a = sample("uint16", (64, 80), seed=3)
+    with backend.lease("lease/t001.tif", a.shape, "uint16", axes={"t": 1}) as frame:
+        assert frame.shape == a.shape and frame.dtype == np.uint16
+        mine = [s.name for s in list_segments(["napari_"]) if s.pid == os.getpid()]
+        assert any(n.startswith(backend.sender._pool.prefix) for n in mine)
+        np.copyto(frame, a)  # a pipeline would compute into it (out=frame)
+    with pytest.raises(RuntimeError, match="boom"):  # an error sends nothing
+        with backend.lease("lease/t002.tif", (4, 4), "float32") as frame:
+            raise RuntimeError("boom")
+    b = np.arange(12, dtype=np.float32).reshape(3, 4)
+    with backend.lease("lease/t003.tif", b.shape, "float32") as frame:
+        frame[...] = b
+    got = received(backend)
+    assert [g["path"] for g in got] == ["lease/t001.tif", "lease/t003.tif"]
+    assert [g["digest"] for g in got] == [digest(a), digest(b)]
+    assert got[0]["axes"] == {"t": 1}
+    assert backend.sender.inflight == 0 and backend.sender._pool.busy_count == 0
+    with pytest.raises(UnstreamableDataError, match="lease"):
+        backend.lease("lease/table.csv", (4, 4))
+    with pytest.raises(UnstreamableDataError, match="dtype"):
+        backend.lease("lease/c.tif", (4, 4), "complex64")
+
+
+def test_lease_falls_back_to_a_copy_for_inline_transport(receiver_proc):
+    with NapariStreamingBackend(receiver_proc.endpoint, transport="inline") as b:
+        b.request("clear")
+        with b.lease("inl/t0.tif", (5, 6), "uint8") as frame:
+            frame[...] = 7
+        got = received(b)
+    assert [g["digest"] for g in got] == [digest(np.full((5, 6), 7, np.uint8))]

@@ -164,9 +164,38 @@ class StreamingBackend(WriteOnlyBackend):
             )  # fmt: skip
         return kept_data, kept_paths, skipped
 
-    def _stream_data(
+    def _stream_data(self, data: Any, file_path: Any, **options: Any) -> int:
+        """Send one item. `stream` overrides the layer key derived from the path; `axes`
+        (e.g. ``{"t": 3, "c": 1}``) places the frame in an nD layer; `kind="labels"` (or
+        ``labels=True``) shows an integer mask as labels; `colormap`, `contrast_limits`,
+        `mode` and `opacity` are display hints."""
+        if str(file_path).lower().endswith(ROI_EXTENSION):
+            frame = self._frame_options(file_path, **options)
+            return self.sender.send_rois(to_rois(data), str(file_path), stream=frame["stream"],
+                                         axes=frame["axes"], axis_names=frame["axis_names"])
+        return self.sender.send_array(data, str(file_path),
+                                      **self._frame_options(file_path, **options))
+
+    def lease(self, file_path: Any, shape: Sequence[int], dtype: Any = "uint16",
+              **options: Any):
+        """A context manager giving a NumPy array that lives in shared memory: compute the
+        frame straight into it, and it is sent when the block ends, with no copy on the
+        sender's side. The options are those of `save`. Don't keep the array after the
+        block: its memory is reused for later frames.
+
+        >>> with viewer.lease("well_A01/t003.tif", (2048, 2048), "uint16") as frame:
+        ...     np.multiply(raw, gain, out=frame, casting="unsafe")
+        """
+        if not matching_extension(file_path, self.SUPPORTED_EXTENSIONS) or \
+                str(file_path).lower().endswith(ROI_EXTENSION):
+            raise UnstreamableDataError(
+                f"cannot lease a frame for {file_path}: use an image extension of "
+                f"{sorted(self.SUPPORTED_EXTENSIONS - {ROI_EXTENSION})}")
+        return self.sender.lease(shape, dtype, str(file_path),
+                                 **self._frame_options(file_path, **options))
+
+    def _frame_options(
         self,
-        data: Any,
         file_path: Any,
         *,
         stream: str | None = None,
@@ -178,16 +207,8 @@ class StreamingBackend(WriteOnlyBackend):
         contrast_limits: Sequence[float] | None = None,
         mode: str | None = None,
         opacity: float | None = None,
-    ) -> int:
-        """Send one item. `stream` overrides the layer key derived from the path; `axes`
-        (e.g. ``{"t": 3, "c": 1}``) places the frame in an nD layer; `kind="labels"` (or
-        ``labels=True``) shows an integer mask as labels; the rest are display hints."""
-        key = stream or stream_key(file_path, self.SUPPORTED_EXTENSIONS)
-        names = list(axis_names) if axis_names is not None else None
-        if str(file_path).lower().endswith(ROI_EXTENSION):
-            return self.sender.send_rois(
-                to_rois(data), str(file_path), stream=key, axes=axes, axis_names=names
-            )
+    ) -> dict[str, Any]:
+        """The keyword arguments `save` accepts, as the sender's stream/axes/display."""
         try:
             display = p.Display(
                 kind="labels" if labels else (kind or "image"),
@@ -199,9 +220,12 @@ class StreamingBackend(WriteOnlyBackend):
             display = msgspec.convert(msgspec.to_builtins(display), p.Display)
         except (msgspec.ValidationError, TypeError, ValueError) as exc:
             raise UnstreamableDataError(f"bad display hint for {file_path}: {exc}") from None
-        return self.sender.send_array(
-            data, str(file_path), stream=key, axes=axes, axis_names=names, display=display
-        )
+        return {
+            "stream": stream or stream_key(file_path, self.SUPPORTED_EXTENSIONS),
+            "axes": axes,
+            "axis_names": list(axis_names) if axis_names is not None else None,
+            "display": display,
+        }
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import itertools
 import logging
 import os
@@ -345,6 +346,73 @@ class StreamSender:
             self.stats["bytes"] += nbytes
             self._drain()
             return seq
+
+    def lease(
+        self,
+        shape: Any,
+        dtype: Any,
+        path: str,
+        *,
+        stream: str,
+        axes: dict[str, int] | None = None,
+        axis_names: list[str] | None = None,
+        display: p.Display | None = None,
+    ):
+        """Yield an array in a reserved segment; send it (no copy) when the block ends.
+
+        Falls back to an ordinary array sent with `send_array` when frames travel inline, and
+        to a scratch array that is not sent when policy 'latest' drops the frame. An
+        exception in the block releases the segment and sends nothing.
+        """
+        shape = tuple(int(n) for n in np.atleast_1d(shape))
+        dtype = to_wire_array(np.empty((0,) * max(len(shape), 1), dtype)).dtype
+        return self._lease(shape, dtype.newbyteorder("<"), path, stream=stream, axes=axes,
+                           axis_names=axis_names, display=display)
+
+    @contextlib.contextmanager
+    def _lease(self, shape: tuple, dtype: np.dtype, path: str, *, stream: str,
+               axes: dict[str, int] | None, axis_names: list[str] | None,
+               display: p.Display | None):
+        t0 = time.perf_counter()
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        with self._lock:
+            seq = self._admit()
+            header = segment = None
+        if seq < 0:
+            yield np.empty(shape, dtype)  # dropped by policy: computed, not sent
+            return
+        with self._lock:
+            header = p.Frame(
+                v=p.VERSION, seq=seq, stream=stream, path=str(path), shape=list(shape),
+                dtype=dtype.name, nbytes=nbytes, sent_ns=0, axes=axes or {},
+                axis_names=axis_names, display=display or p.Display(),
+            )  # fmt: skip
+            p.check_frame(header)
+            if self._use_shm and nbytes:
+                segment = self._reserve(seq, nbytes, True)
+        if segment is None:  # inline transport: an ordinary array, sent on exit
+            array = np.empty(shape, dtype)
+            yield array
+            self.send_array(array, path, stream=stream, axes=axes, axis_names=axis_names,
+                            display=display)
+            return
+        try:
+            yield np.ndarray(shape, dtype=dtype, buffer=segment.buf)
+        except BaseException:
+            with self._lock:
+                self._pool.release(seq)
+            raise
+        with self._lock:
+            if not self._ensure_connected():  # policy latest, receiver gone meanwhile
+                self._pool.release(seq)
+                self.stats["dropped"] += 1
+                return
+            header.segment, header.sent_ns = segment.name, time.time_ns()
+            header.dropped = self.stats["dropped"]
+            if self._dispatch(seq, [p.encode(header)], t0, 0):
+                self.stats["frames"] += 1
+                self.stats["bytes"] += nbytes
+                self._drain()
 
     def send_rois(
         self,
