@@ -13,6 +13,7 @@ when the class is created; :class:`polystore.registry.BackendRegistry` builds on
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -147,6 +148,11 @@ class Backend(ABC):
     def ensure_directory(self, path: Any) -> None:
         """Create ``path`` and its parents if missing (unsupported unless implemented)."""
         raise self._unsupported("ensure_directory")
+
+    def same_path(self, a: Any, b: Any) -> bool:
+        """Whether two spellings name the same stored item (so moving one onto the other
+        is a no-op). Backends with their own path rules override this."""
+        return os.path.normpath(str(a)) == os.path.normpath(str(b))
 
 
 def check_batch_lengths(data_list: Sequence[Any], paths: Sequence[Any]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Mapping
 from typing import Any, NoReturn
 
@@ -146,11 +145,8 @@ class FileManager:
         source = self.get_backend(src_backend)
         if not source.can_write:
             raise ReadOnlyBackendError(src_backend, "delete (needed to move)")
-        same = source is self.get_backend(dst_backend) and os.path.normpath(
-            str(src)
-        ) == os.path.normpath(str(dst))
-        if same:
-            return
+        if source is self.get_backend(dst_backend) and source.same_path(src, dst):
+            return  # moving a file onto itself: nothing to do, and nothing to delete
         self.copy(src, dst, src_backend=src_backend, dst_backend=dst_backend, **kwargs)
         self.delete(src, backend=src_backend)
         logger.debug("moved %s (%s) -> %s (%s)", src, src_backend, dst, dst_backend)

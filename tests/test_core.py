@@ -997,3 +997,18 @@ def test_update_json_return_value_and_timeout(tmp_path):
     with pytest.raises(RuntimeError):
         update_json(path, lambda d: (_ for _ in ()).throw(RuntimeError("boom")))
     assert json.loads(path.read_text()) == {"a": 1, "b": 2}
+
+
+def test_move_onto_the_same_item_spelled_differently_keeps_it(tmp_path):
+    """Regression: move() used to compare paths as text, then delete the 'source'."""
+    fm = FileManager({"memory": MemoryBackend(), "disk": DiskBackend(base_dir=tmp_path)})
+    x = np.arange(4)
+    fm.save(x, "a.npy", backend="memory")
+    fm.move("a.npy", "/a.npy", src_backend="memory", dst_backend="memory")
+    np.testing.assert_array_equal(fm.load("a.npy", backend="memory"), x)
+    fm.save(x, "b.npy", backend="disk")
+    fm.move("b.npy", str(tmp_path / "b.npy"), src_backend="disk", dst_backend="disk")
+    np.testing.assert_array_equal(fm.load("b.npy", backend="disk"), x)
+    (tmp_path / "link.npy").symlink_to(tmp_path / "b.npy")
+    fm.move("link.npy", "b.npy", src_backend="disk", dst_backend="disk")
+    np.testing.assert_array_equal(fm.load("b.npy", backend="disk"), x)

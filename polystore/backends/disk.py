@@ -65,6 +65,10 @@ class DiskBackend(StorageBackend):
             return Path(path)
         return resolve_within(self.base_dir, path)
 
+    def same_path(self, a: Any, b: Any) -> bool:
+        """Same file after resolving the base directory, '..' and symlinks."""
+        return self._path(a).resolve() == self._path(b).resolve()
+
     def _format(self, path: Any) -> str:
         suffix = Path(path).suffix.lower()
         try:

@@ -46,6 +46,9 @@ class MemoryBackend(StorageBackend):
     def _key(path: Any) -> str:
         return normalize_relative(path, _ROOT)
 
+    def same_path(self, a: Any, b: Any) -> bool:
+        return self._key(a) == self._key(b)
+
     @staticmethod
     def _not_found(path: Any, what: str = "File") -> FileNotFoundError:
         return FileNotFoundError(f"{what} not found: {str(path)!r} on backend 'memory'")
