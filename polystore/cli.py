@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -35,7 +34,6 @@ INSTALL_NAPARI = (
     "`bash scripts/install.sh` there to install everything"
 )
 #: a sender's segment name: <prefix><pid>_<token>_<n> (see polystore/streaming/shm.py)
-SEGMENT_NAME = re.compile(r"^([A-Za-z0-9]+_)\d+_[A-Za-z0-9]+_\w+$")
 
 
 class CommandError(Exception):
@@ -327,13 +325,13 @@ def _our_prefixes(every: bool) -> list[str]:
     from polystore.base import registered_backend_classes
     from polystore.registry import load_entry_points
     from polystore.streaming import PREFIXES, StreamingBackend
-    from polystore.streaming.shm import SHM_DIR
+    from polystore.streaming.shm import SEGMENT_NAME_RE, SHM_DIR
 
     prefixes = set(PREFIXES)
     if every:
         if SHM_DIR.is_dir():
             for name in os.listdir(SHM_DIR):
-                match = SEGMENT_NAME.match(name)
+                match = SEGMENT_NAME_RE.match(name)
                 if match:
                     prefixes.add(match[1])
     else:

@@ -145,7 +145,7 @@ def test_rois_round_trip(backend):
                         "kinds": ["polygon", "rectangle", "ellipse", "line", "point"]}
     with pytest.raises(UnstreamableDataError, match="kind"):
         backend.save([{"kind": "blob", "coords": [[0, 0]]}], "x.roi.zip")
-    with pytest.raises(p.ProtocolError, match="needs 3"):
+    with pytest.raises(UnstreamableDataError, match="needs 3"):
         backend.save([{"kind": "polygon", "coords": [[0, 0]]}], "x.roi.zip")
 
 
@@ -627,3 +627,119 @@ def test_lease_falls_back_to_a_copy_for_inline_transport(receiver_proc):
             frame[...] = 7
         got = received(b)
     assert [g["digest"] for g in got] == [digest(np.full((5, 6), 7, np.uint8))]
+
+
+# -- regressions found in review ---------------------------------------------------------------
+
+
+def test_frame_answered_hello_required_makes_flush_raise(local_receiver):
+    b = NapariStreamingBackend(local_receiver.endpoint)
+    try:
+        b.save(np.zeros((4, 4), np.uint8), "h/0.tif")
+        b.flush()
+        local_receiver._senders.clear()  # a restart the sender has not noticed yet
+        b.save(np.zeros((4, 4), np.uint8), "h/1.tif")
+        with pytest.raises(ReceiverLostError):
+            b.flush()
+    finally:
+        b.close()
+        while not local_receiver.queue.empty():
+            local_receiver.queue.get()
+
+
+@pytest.mark.parametrize("policy", ["raise", "latest"])
+def test_policies_count_acks_that_already_arrived(receiver_proc, policy):
+    with NapariStreamingBackend(receiver_proc.endpoint, policy=policy, max_inflight=1) as b:
+        for i in range(10):
+            b.save(np.zeros((64, 64), np.uint16), f"pol/{i}.tif")
+            time.sleep(0.02)  # the receiver has long acknowledged the previous frame
+        b.flush()
+        assert b.sender.stats["dropped"] == 0
+
+
+def test_lease_gives_its_segment_back_when_the_viewer_left():
+    rx = receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", on_frame=lambda f: None)
+    rx.start()
+    b = NapariStreamingBackend(rx.endpoint, connect_timeout=0.3)
+    try:
+        b.save(np.zeros((8, 8), np.uint8), "l/0.tif")
+        b.flush()
+        with pytest.raises((ReceiverLostError, ViewerNotRunningError)):
+            with b.lease("l/1.tif", (512, 512), "uint16"):
+                rx.stop()
+                time.sleep(0.3)
+        assert b.sender._pool.busy_count == 0
+    finally:
+        b.close()
+
+
+def test_sender_applies_the_receivers_limits_before_sending():
+    rx = receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", on_frame=lambda f: None,
+                      max_frame_bytes=1000).start()
+    try:
+        with NapariStreamingBackend(rx.endpoint, transport="inline") as b:
+            b.save(np.zeros(10, np.uint8), "lim/ok.tif")
+            with pytest.raises(UnstreamableDataError, match="too_large|exceeds"):
+                b.save(np.zeros(200_000, np.uint8), "lim/big.tif")
+            with pytest.raises(UnstreamableDataError, match="stream"):
+                b.save(np.zeros(10, np.uint8), "lim/long.tif", stream="x" * 300)
+            with pytest.raises(UnstreamableDataError, match="axis_names"):
+                b.save(np.zeros(10, np.uint8), "lim/ax.tif", axes={"t": 1}, axis_names=["c"])
+            b.save(np.zeros(10, np.uint8), "lim/ok2.tif")  # still connected, nothing lost
+            b.flush()
+            assert rx.stats.frames == 2
+    finally:
+        rx.stop()
+
+
+def test_refused_handshake_says_why(local_receiver):
+    fiji = FijiStreamingBackend(local_receiver.endpoint)  # a napari receiver: wrong prefix
+    try:
+        with pytest.raises(ViewerNotRunningError, match="refused the handshake"):
+            fiji.save(np.zeros((4, 4), np.uint8), "x.tif")
+    finally:
+        fiji.close()
+
+
+def test_odd_byte_budget_and_zero_timeouts(receiver_proc):
+    with NapariStreamingBackend(receiver_proc.endpoint, max_inflight_bytes=10_000) as b:
+        b.save(np.zeros(9_000, np.uint8), "odd/0.tif")  # 9,000 B needs a 12 KiB segment
+        b.flush()
+        t = time.perf_counter()
+        b.flush(timeout=0)
+        assert time.perf_counter() - t < 0.5
+
+
+def test_request_without_an_answer_raises():
+    rx = receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0",
+                      report=lambda: time.sleep(1.5) or {}).start()
+    try:
+        with NapariStreamingBackend(rx.endpoint, policy="latest") as b:
+            with pytest.raises(ReceiverLostError, match="did not answer"):
+                b.request("report", timeout=0.3)
+    finally:
+        rx.stop()
+
+
+def test_threads_saving_first_share_one_sender(receiver_proc):
+    import threading
+
+    b = NapariStreamingBackend(receiver_proc.endpoint)
+    senders = []
+    barrier = threading.Barrier(4)
+
+    def first_save(i: int) -> None:
+        barrier.wait()
+        b.save(np.zeros((8, 8), np.uint8), f"thr/{i}.tif")
+        senders.append(b.sender)
+
+    threads = [threading.Thread(target=first_save, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    try:
+        assert len({id(s) for s in senders}) == 1
+        b.flush()
+    finally:
+        b.close()

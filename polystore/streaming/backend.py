@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import PurePosixPath
@@ -27,6 +28,7 @@ from polystore.streaming.sender import Policy, StreamSender, Transport
 log = logging.getLogger(__name__)
 
 ROI_EXTENSION = ".roi.zip"
+_SENDER_CREATION = threading.Lock()
 # A trailing index: digits after a separator (_007) or a lowercase word (img001), or after a
 # lowercase axis letter (t003, c1, z05, s2, f1, p4, ch2). Uppercase-letter ids such as the
 # well A01 are names, not indices.
@@ -123,10 +125,12 @@ class StreamingBackend(WriteOnlyBackend):
     def sender(self) -> StreamSender:
         """The persistent connection, opened on first use (so registries stay cheap)."""
         if self._sender is None:
-            self._sender = StreamSender(
-                self.endpoint, viewer=self.VIEWER_TYPE, shm_prefix=self.SHM_PREFIX,
-                start_hint=self.START_HINT, **self._sender_options,
-            )  # fmt: skip
+            with _SENDER_CREATION:  # threads saving for the first time share one sender
+                if self._sender is None:
+                    self._sender = StreamSender(
+                        self.endpoint, viewer=self.VIEWER_TYPE, shm_prefix=self.SHM_PREFIX,
+                        start_hint=self.START_HINT, **self._sender_options,
+                    )  # fmt: skip
         return self._sender
 
     # -- the storage API ---------------------------------------------------------------------
@@ -137,9 +141,7 @@ class StreamingBackend(WriteOnlyBackend):
 
     def save_batch(self, data_list: Sequence[Any], file_paths: Sequence[Any], **kwargs: Any):
         """Stream each supported item; unsupported extensions are skipped and logged."""
-        data_list, file_paths = list(data_list), list(file_paths)
-        check_batch_lengths(data_list, file_paths)
-        data_list, file_paths, _skipped = self._filter_streamable_files(data_list, file_paths)
+        data_list, file_paths, _ = self._filter_streamable_files(data_list, file_paths)
         for data, path in zip(data_list, file_paths, strict=True):
             self._stream_data(data, path, **kwargs)
 
@@ -148,7 +150,8 @@ class StreamingBackend(WriteOnlyBackend):
     ) -> tuple[list[Any], list[Any], list[Any]]:
         """Keep the items whose path ends with one of SUPPORTED_EXTENSIONS (compound ones
         like '.roi.zip' included); return (data, paths, skipped paths)."""
-        check_batch_lengths(list(data_list), list(file_paths))
+        data_list, file_paths = list(data_list), list(file_paths)
+        check_batch_lengths(data_list, file_paths)
         kept_data, kept_paths, skipped = [], [], []
         for data, path in zip(data_list, file_paths, strict=True):
             if matching_extension(path, self.SUPPORTED_EXTENSIONS):

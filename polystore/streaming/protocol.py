@@ -232,7 +232,7 @@ def decode_sender_message(header: bytes, max_bytes: int = MAX_HEADER_BYTES) -> S
         raise ProtocolError(BAD_MESSAGE, f"unreadable header: {exc}") from None
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError(BAD_JSON, f"header is not UTF-8 JSON: {exc}") from None
-    seq = envelope.seq if isinstance(envelope.seq, int) else None
+    seq = envelope.seq
     if envelope.v not in SUPPORTED_VERSIONS:
         raise ProtocolError(
             UNSUPPORTED_VERSION,

@@ -60,7 +60,7 @@ class ReceiverStats:
     bytes: int = 0
     rejected: int = 0
     missing: int = 0  # frames whose segment the sender had already given up (policy latest)
-    sender_dropped: int = 0  # frames senders dropped by policy before sending
+    sender_dropped: int = 0  # frames senders dropped by policy without sending them
     senders: int = 0
     fps: float = 0.0
     last_error: str = ""
@@ -300,7 +300,9 @@ class Receiver:
         if identity not in self._senders and len(self._senders) >= MAX_SENDERS:
             oldest = min(self._senders, key=lambda k: self._senders[k].since)
             self._bye(oldest)
-        self._senders[identity] = _Sender(hello.sender, hello.pid, expected, shm)
+        known = self._senders.get(identity)
+        self._senders[identity] = _Sender(hello.sender, hello.pid, expected, shm,
+                                          dropped=known.dropped if known else 0)
         self.stats.senders = len(self._senders)
         return p.Welcome(v=p.VERSION, receiver=self.id, viewer=self.viewer, pid=os.getpid(),
                          shm=shm, max_frame_bytes=self.max_frame_bytes)

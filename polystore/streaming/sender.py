@@ -68,8 +68,7 @@ def to_wire_array(data: Any) -> np.ndarray:
             )
     if data.dtype == np.bool_:
         data = data.view(np.uint8)
-    name = data.dtype.newbyteorder("=").name if data.dtype.byteorder == ">" else data.dtype.name
-    if name not in p.DTYPES:
+    if data.dtype.name not in p.DTYPES:  # .name ignores byte order
         raise UnstreamableDataError(
             f"cannot stream dtype {data.dtype}: allowed are {', '.join(p.DTYPES)}; convert first "
             "(e.g. np.abs(z).astype('float32') for complex data)"
@@ -154,7 +153,8 @@ class StreamSender:
         self._use_shm = False
         self._lost = 0  # unacknowledged messages lost since the last report to the caller
         self._rejections: list[p.Error] = []
-        self._reports: dict[int, dict] = {}
+        self._replies: dict[int, dict | None] = {}  # control seq -> its answer
+        self._max_frame_bytes = p.MAX_FRAME_BYTES  # the receiver's, from its welcome
         self.receiver_id: str | None = None
         self._hello: tuple | None = None  # (probe segment, deadline) of the pending hello
         self._refused = ""
@@ -170,7 +170,7 @@ class StreamSender:
                 return
             if self._connected and self._inflight:
                 try:
-                    self._wait_until(lambda: not self._inflight, flush_timeout or self.timeout)
+                    self._wait_until(lambda: not self._inflight, self._or_default(flush_timeout))
                 except Exception:  # noqa: BLE001 - close must not raise over delivery
                     pass
             if self._sock is not None:
@@ -183,6 +183,9 @@ class StreamSender:
             self._drop_probe()
             self._pool.close()
             self._closed = True
+
+    def _or_default(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
 
     def __enter__(self) -> StreamSender:
         return self
@@ -288,6 +291,7 @@ class StreamSender:
             )
             return
         self._use_shm = welcome.shm and self.transport != "inline"
+        self._max_frame_bytes = welcome.max_frame_bytes
         self._connected = True
         self.receiver_id = welcome.receiver
         self.stats["handshakes"] += 1
@@ -324,9 +328,9 @@ class StreamSender:
                 axes=axes or {},
                 axis_names=axis_names,
                 display=display or p.Display(),
-                dropped=self.stats["dropped"],
+                dropped=self.stats["unsent"],
             )
-            p.check_frame(header)  # the sender obeys the rules it will be judged by
+            self._check(header)
             segment = self._reserve(seq, nbytes, self._use_shm and nbytes > 0)
             if segment is not None:
                 header.segment = segment.name
@@ -387,7 +391,7 @@ class StreamSender:
                 dtype=dtype.name, nbytes=nbytes, sent_ns=0, axes=axes or {},
                 axis_names=axis_names, display=display or p.Display(),
             )  # fmt: skip
-            p.check_frame(header)
+            self._check(header)
             if self._use_shm and nbytes:
                 segment = self._reserve(seq, nbytes, True)
         if segment is None:  # inline transport: an ordinary array, sent on exit
@@ -403,12 +407,17 @@ class StreamSender:
                 self._pool.release(seq)
             raise
         with self._lock:
-            if not self._ensure_connected():  # policy latest, receiver gone meanwhile
+            try:
+                connected = self._ensure_connected()
+            except BaseException:  # viewer gone, sender closed: give the segment back
                 self._pool.release(seq)
-                self.stats["dropped"] += 1
+                raise
+            if not connected:  # policy latest, receiver gone meanwhile
+                self._pool.release(seq)
+                self._count_unsent()
                 return
             header.segment, header.sent_ns = segment.name, time.time_ns()
-            header.dropped = self.stats["dropped"]
+            header.dropped = self.stats["unsent"]
             if self._dispatch(seq, [p.encode(header)], t0, 0):
                 self.stats["frames"] += 1
                 self.stats["bytes"] += nbytes
@@ -433,20 +442,37 @@ class StreamSender:
                 v=p.VERSION, seq=seq, stream=stream, path=str(path), sent_ns=time.time_ns(),
                 rois=rois, axes=axes or {}, axis_names=axis_names,
             )  # fmt: skip
-            p.check_rois(message)
+            self._check(message)
             self._reserve(seq, 0, False)
             if not self._dispatch(seq, [p.encode(message)], t0, 0):
                 return -1
             self.stats["rois"] += 1
             return seq
 
+    def _check(self, message: p.Frame | p.Rois) -> None:
+        """Judge the header exactly as a receiver will (field limits included), so bad
+        input fails here, in the pipeline's own call, with nothing sent or reserved."""
+        try:
+            decoded = p.decode_sender_message(p.encode(message))
+            if isinstance(decoded, p.Frame):
+                p.check_frame(decoded, self._max_frame_bytes)
+            else:
+                p.check_rois(decoded)
+        except p.ProtocolError as exc:
+            raise UnstreamableDataError(f"cannot stream {message.path}: {exc}") from None
+
     def _admit(self) -> int:
         """The next sequence number, or -1 when policy 'latest' drops this message."""
         if not self._ensure_connected():
-            self.stats["dropped"] += 1
+            self._count_unsent()
             return -1
         self._raise_pending()
         return next(self._seq)
+
+    def _count_unsent(self) -> None:
+        """A message dropped by policy before it was sent (the header's `dropped`)."""
+        self.stats["dropped"] += 1
+        self.stats["unsent"] += 1
 
     def _dispatch(self, seq: int, parts: list, t0: float, inline_bytes: int) -> bool:
         """Track message `seq` as in flight and send it; False if it was dropped."""
@@ -454,23 +480,33 @@ class StreamSender:
         self._inflight_bytes += inline_bytes
         if self._send_parts(parts):
             return True
-        self._connection_lost("could not send within the timeout")
+        self._connection_lost("could not send within the timeout")  # counts `seq` too
         self._raise_pending()  # policies block/raise: ReceiverLostError
-        self.stats["dropped"] += 1  # policy latest: a live preview drops, never stalls
+        self.stats["unsent"] += 1  # policy latest: a live preview drops, never stalls
         return False
 
     def request(self, command: Literal["report", "clear"], timeout: float | None = None) -> dict:
-        """Ask the receiver for its state (`report`) or to drop its streams (`clear`)."""
+        """Ask the receiver for its state (`report`) or to drop its streams (`clear`);
+        raises if it does not answer within `timeout`."""
+        t0 = time.perf_counter()
         with self._lock:
             if not self._ensure_connected():
                 raise ViewerNotRunningError(
                     f"the {self.viewer} receiver at {self.endpoint} is not connected (yet)")
             seq = next(self._seq)
-            self._inflight[seq] = (time.perf_counter(), 0)
-            self._send_parts([p.encode(p.Control(v=p.VERSION, seq=seq, command=command))])
-            self._wait_until(lambda: seq not in self._inflight, timeout or self.timeout)
-            self._raise_pending()
-            return self._reports.pop(seq, {})
+            self._replies[seq] = None  # answer wanted: Report (state) or Ack ({})
+            try:
+                message = p.Control(v=p.VERSION, seq=seq, command=command)
+                if self._dispatch(seq, [p.encode(message)], t0, 0):
+                    self._wait_until(lambda: seq not in self._inflight, self._or_default(timeout))
+                self._raise_pending()
+                answer = self._replies.get(seq)
+            finally:
+                self._replies.pop(seq, None)
+            if answer is None:
+                raise ReceiverLostError(
+                    f"the {self.viewer} receiver at {self.endpoint} did not answer {command!r}")
+            return answer
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until the receiver holds every frame sent so far; raise if one was lost or
@@ -479,7 +515,7 @@ class StreamSender:
             if self._pid != os.getpid() or not self._connected:
                 self._raise_pending()
                 return
-            self._wait_until(lambda: not self._inflight, timeout or self.timeout)
+            self._wait_until(lambda: not self._inflight, self._or_default(timeout))
             self._raise_pending()
 
     @property
@@ -497,6 +533,7 @@ class StreamSender:
                 " raise max_inflight_bytes when creating the backend"
             )
         deadline = time.monotonic() + self.timeout
+        drained = False
         while True:
             if len(self._inflight) < self.max_inflight and (
                 use_shm or self._inflight_bytes + nbytes <= self.max_inflight_bytes
@@ -506,6 +543,10 @@ class StreamSender:
                 segment = self._pool.acquire(seq, nbytes)
                 if segment is not None:
                     return segment
+            if not drained:  # acks that already arrived free credits: count them first
+                drained = True
+                self._drain()
+                continue
             if self.policy == "latest" and self._inflight:
                 self._forget(min(self._inflight), abandon=True)
                 self.stats["dropped"] += 1
@@ -615,12 +656,8 @@ class StreamSender:
     def _drain(self) -> None:
         """Handle every reply waiting on the socket, without blocking."""
         sock = self._sock
-        while True:
-            try:
-                data = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._handle_reply(data)
+        while sock.get(zmq.EVENTS) & zmq.POLLIN:  # cheaper than catching zmq.Again
+            self._handle_reply(sock.recv(zmq.NOBLOCK))
 
     def _handle_reply(self, data: bytes) -> p.ReceiverMessage | None:
         try:
@@ -634,15 +671,22 @@ class StreamSender:
                 self.latencies.append(time.perf_counter() - entry[0])
                 self._forget(message.seq)
                 self.stats["acked"] += 1
+                if message.seq in self._replies:
+                    self._replies[message.seq] = {}
         elif isinstance(message, p.Error):
             tracked = message.seq is None or message.seq in self._inflight
             if not tracked:
                 return message  # a frame we already gave up on (policy latest): counted
-            if message.seq is not None:  # a vanished segment is never reused
-                self._forget(message.seq, abandon=message.code == p.SEGMENT_MISSING)
             self.stats["rejected"] += 1
             if message.code == p.HELLO_REQUIRED:
+                # a new receiver that never saw our hello: this frame is lost with the rest
                 self._connection_lost("the receiver restarted")
+                return message
+            if message.seq is not None:  # a vanished segment is never reused
+                self._forget(message.seq, abandon=message.code == p.SEGMENT_MISSING)
+            if message.seq is None and self._hello is not None:
+                self._refused = (f"the {self.viewer} receiver at {self.endpoint} refused the "
+                                 f"handshake: {message.message}")
             else:
                 log.warning("%s receiver rejected message %s: %s", self.viewer, message.seq,
                             message.message)
@@ -651,8 +695,9 @@ class StreamSender:
             if self._hello is not None:
                 self._complete_handshake(message)
         elif isinstance(message, p.Report):
-            self._reports[message.seq] = message.state
-            self._forget(message.seq)
+            if message.seq in self._replies and message.seq in self._inflight:
+                self._replies[message.seq] = message.state
+                self._forget(message.seq)
         return message
 
     def _wait_for(self, kind: type, deadline: float):
@@ -660,7 +705,7 @@ class StreamSender:
             if not self._sock.poll(remaining * 1000, zmq.POLLIN):
                 break
             message = self._handle_reply(self._sock.recv())
-            if isinstance(message, kind):
+            if isinstance(message, kind) or self._refused:
                 return message
         return None
 

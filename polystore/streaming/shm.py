@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 PAGE = mmap.PAGESIZE
-_NAME_RE = re.compile(r"^(?P<prefix>[A-Za-z0-9]+_)(?P<pid>\d+)_(?P<token>[A-Za-z0-9]+)_(?P<n>\w+)$")
+SEGMENT_NAME_RE = re.compile(
+    r"^(?P<prefix>[A-Za-z0-9]+_)(?P<pid>\d+)_(?P<token>[A-Za-z0-9]+)_(?P<n>\w+)$"
+)
 
 # Python < 3.13 registers every SharedMemory it creates with the resource tracker, which then
 # warns about (and unlinks) "leaked" segments at exit. We unlink ours explicitly, so that is
@@ -49,7 +51,7 @@ class SegmentPool:
         self.token = secrets.token_hex(4)
         self.pid = os.getpid()
         self.prefix = segment_prefix(shm_prefix, self.pid, self.token)
-        self.max_bytes = max_bytes
+        self.max_bytes = -(-max_bytes // PAGE) * PAGE  # segments are whole pages
         self._counter = itertools.count()
         self._free: list[shared_memory.SharedMemory] = []
         self._busy: dict[int, shared_memory.SharedMemory] = {}
@@ -100,9 +102,6 @@ class SegmentPool:
             return False
         self._destroy(segment, free=False, seq=seq)
         return True
-
-    def busy_seqs(self) -> list[int]:
-        return list(self._busy)
 
     def close(self) -> None:
         for seq in list(self._busy):
@@ -281,7 +280,7 @@ def list_segments(prefixes: tuple[str, ...] | list[str]) -> list[SegmentInfo]:
         return []
     found = []
     for entry in os.scandir(SHM_DIR):
-        match = _NAME_RE.match(entry.name)
+        match = SEGMENT_NAME_RE.match(entry.name)
         if not match or match["prefix"] not in prefixes:
             continue
         try:
