@@ -860,3 +860,255 @@ def test_streams_survive_shape_axis_and_kind_changes(docked, qtbot):
     np.testing.assert_array_equal(kind.data, rand(6, (8, 8)))
     assert len([layer for layer in viewer.layers if layer.name.startswith("kind")]) == 1
     assert widget.manager.last_error == ""
+
+
+# -- review fixes: memory, odd frames, geometry changes, block placement, report cost ---------
+
+
+def test_deleting_a_layer_frees_what_its_stream_holds(docked, qtbot):
+    viewer, widget = docked
+    sender = Sender(widget.endpoint, """
+        for i in range(3):
+            backend.save(rand(i, (16, 16)), f"del/img_t{i}.tif", stream="img", mode="stack")
+            backend.save(rand(i, (16, 16), "int32"), f"del/lab_t{i}.tif", stream="lab",
+                         mode="stack", labels=True)
+            backend.save(rand(i, (16, 16)), f"del/pl_t{i}.tif", stream="pl", axes={"t": i})
+        backend.save(rand(9, (16, 16)), "del/rep.tif", stream="rep")
+        backend.save([{"kind": "rectangle", "coords": [[1, 1], [5, 5]]},
+                      {"kind": "point", "coords": [[2, 2]]}], "del/r.roi.zip", stream="rep")
+        barrier()
+        backend.save(rand(7, (16, 16)), "del/img_t3.tif", stream="img", mode="stack")
+    """)
+    try:
+        sender.wait_line(qtbot)
+        qtbot.waitUntil(lambda: widget.manager.frames >= 10 and "rep points" in viewer.layers,
+                        timeout=10000)
+        manager = widget.manager
+        assert len(manager.images["img"].frames) == 3
+        assert manager.images["lab"].backing is not None
+        assert manager.images["pl"].backing is not None
+        for name in ("img", "lab", "pl", "rep", "rep ROIs", "rep points"):
+            viewer.layers.remove(name)
+        # freed at once, not at the stream's next frame
+        for stream in ("img", "lab", "pl", "rep"):
+            state = manager.images[stream]
+            assert state.layer is None and state.frames is None and state.backing is None, stream
+        rois = manager.rois["rep"]
+        assert rois.shapes is None and rois.points is None
+        assert rois.shape_pos == [] and rois.point_sets == {}
+        widget.display.tick()
+        assert widget.buffer.report()["layers"] == []
+        sender.go()
+        sender.finish(qtbot)
+    finally:
+        sender.kill()
+    qtbot.waitUntil(lambda: "img" in viewer.layers, timeout=10000)
+    layer = viewer.layers["img"]  # a new layer with only the new frame
+    assert layer.data.shape == (1, 16, 16)
+    np.testing.assert_array_equal(np.asarray(layer.data[0]), rand(7, (16, 16)))
+
+
+def test_one_d_frames_show_as_a_row_and_empty_frames_are_counted(docked, qtbot, caplog):
+    viewer, widget = docked
+    caplog.set_level("WARNING", logger="polystore_napari")
+    send(qtbot, widget.endpoint, """
+        backend.save(np.arange(50, dtype=np.uint16), "vec/t0.tif")
+        backend.save(np.arange(8, dtype=np.float32), "vecs/t0.tif", mode="stack")
+        for i in range(3):
+            backend.save(np.zeros((0, 5), np.uint16), f"empty/t{i}.tif", mode="stack")
+        backend.save(np.zeros((2, 0, 4), np.float32), "empty3d/t0.tif")
+        backend.save(rand(1, (4, 4)), "after/t0.tif")
+    """)
+    qtbot.waitUntil(lambda: widget.buffer.stats.frames == 7 and not widget.buffer.pending,
+                    timeout=10000)
+    qtbot.waitUntil(lambda: "after" in viewer.layers, timeout=5000)
+    vec = viewer.layers["vec"]
+    assert vec.data.shape == (1, 50) and tuple(vec.axis_labels) == ("y", "x")
+    np.testing.assert_array_equal(vec.data[0], np.arange(50))
+    assert viewer.layers["vecs"].data.shape == (1, 1, 8)
+    assert "empty" not in viewer.layers and "empty3d" not in viewer.layers
+    assert widget.manager.skipped == 4
+    assert widget.manager.snapshot["frames_skipped"] == 4
+    assert "empty frame" in widget.manager.last_error
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    warnings = [r for r in caplog.records if "empty frame" in r.getMessage()]
+    assert len(warnings) == 2  # once per stream, not per frame
+
+
+def test_a_dtype_change_keeps_the_layer_and_refits_its_contrast(docked, qtbot):
+    viewer, widget = docked
+    sender = Sender(widget.endpoint, """
+        base = np.full((10, 10), 4000, np.uint16) + np.eye(10, dtype=np.uint16)
+        backend.save(base, "dt/t0.tif")
+        backend.save(base, "fixed/t0.tif", contrast_limits=[0, 5000])
+        barrier()
+        small = (np.arange(100, dtype=np.float32).reshape(10, 10) / 198)  # 0 .. 0.5
+        backend.save(small, "dt/t1.tif")
+        backend.save(small, "fixed/t1.tif", contrast_limits=[0, 5000])
+        barrier()
+        backend.save(np.full((6, 8), 7, np.uint8) + np.eye(6, 8, dtype=np.uint8), "dt/t2.tif")
+    """)
+    try:
+        sender.wait_line(qtbot)
+        wait_frames(qtbot, widget, 2)
+        layer = viewer.layers["dt"]
+        assert layer.contrast_limits == [4000, 4001]
+        sender.go()
+        sender.wait_line(qtbot)
+        wait_frames(qtbot, widget, 4)
+        assert viewer.layers["dt"] is layer and layer.data.dtype == np.float32
+        assert layer.contrast_limits == pytest.approx([0, 0.5])  # not black
+        assert viewer.layers["fixed"].contrast_limits == [0, 5000]  # the hint still wins
+        sender.go()
+        sender.finish(qtbot)
+    finally:
+        sender.kill()
+    wait_frames(qtbot, widget, 5)
+    assert viewer.layers["dt"] is layer and layer.data.shape == (6, 8)
+    assert layer.contrast_limits == [7, 8]
+
+
+def test_place_names_a_blocks_own_dims_with_the_rest_of_axis_names(docked, qtbot):
+    viewer, widget = docked
+    sender = Sender(widget.endpoint, """
+        block = rand(1, (2, 3, 16, 12))
+        backend.save(block, "blk/t1.tif", axes={"t": 1}, axis_names=["t", "c", "z"])
+        backend.save(rand(2, (4, 16, 12)), "mid/t0.tif", axes={"t": 0}, axis_names=["c", "t"])
+        backend.save(rand(3, (2, 5, 8, 8)), "part/t0.tif", axes={"t": 0}, axis_names=["t", "c"])
+        barrier()
+        backend.save(rand(0, (2, 3, 16, 12)), "blk/t0.tif", axes={"t": 0},
+                     axis_names=["t", "c", "z"])
+        backend.save(rand(4, (2, 3, 16, 12)), "blk/t3.tif", axes={"t": 3},
+                     axis_names=["t", "c", "z"])
+    """)
+    try:
+        sender.wait_line(qtbot)
+        wait_frames(qtbot, widget, 3)
+        layer = viewer.layers["blk"]
+        assert layer.data.shape == (2, 2, 3, 16, 12)
+        assert tuple(layer.axis_labels) == ("t", "c", "z", "y", "x")
+        np.testing.assert_array_equal(np.asarray(layer.data[1]), rand(1, (2, 3, 16, 12)))
+        assert not np.asarray(layer.data[0]).any()  # t=0 not sent yet
+        mid = viewer.layers["mid"]  # axis_names order: c (the frame's), then t
+        assert mid.data.shape == (4, 1, 16, 12)
+        assert tuple(mid.axis_labels) == ("c", "t", "y", "x")
+        np.testing.assert_array_equal(np.asarray(mid.data[:, 0]), rand(2, (4, 16, 12)))
+        part = viewer.layers["part"]  # one leading dim named, the other by default
+        assert tuple(part.axis_labels) == ("t", "c", "d0", "y", "x")
+        assert part.data.shape == (1, 2, 5, 8, 8)
+        sender.go()
+        sender.finish(qtbot)
+    finally:
+        sender.kill()
+    wait_frames(qtbot, widget, 5)
+    assert viewer.layers["blk"] is layer and layer.data.shape == (4, 2, 3, 16, 12)
+    for t, seed in ((0, 0), (1, 1), (3, 4)):
+        np.testing.assert_array_equal(np.asarray(layer.data[t]), rand(seed, (2, 3, 16, 12)))
+    assert not np.asarray(layer.data[2]).any()
+    assert widget.manager.last_error == ""
+
+
+def test_report_snapshots_do_not_walk_every_roi_shape(docked, qtbot, monkeypatch):
+    viewer, widget = docked
+    sender = Sender(widget.endpoint, """
+        rois = [{"kind": "rectangle", "coords": [[i % 50, 0], [i % 50 + 2, 3]]}
+                for i in range(300)]
+        rois += [{"kind": "ellipse", "coords": [[0, 0], [4, 4]]}] * 5
+        backend.save(rand(0, (64, 64)), "many/t0.tif")
+        backend.save(rois, "many/a.roi.zip", stream="many")
+        barrier()
+        for i in range(1, 4):
+            backend.save(rand(i, (64, 64)), f"many/t{i}.tif")
+            barrier()
+        backend.save(rois[:10], "many/a.roi.zip", stream="many")
+    """)
+    walked = []
+    try:
+        sender.wait_line(qtbot)
+        qtbot.waitUntil(lambda: "many ROIs" in viewer.layers and widget.manager.frames >= 1,
+                        timeout=10000)
+        manager = widget.manager
+        assert manager.updates == 1 and manager.roi_updates == 1  # ROIs are not pixels
+        # from here on, count what the plugin reads of the whole Shapes layer
+        shapes_cls = type(viewer.layers["many ROIs"])
+        for name in ("data", "shape_type"):
+            prop = getattr(shapes_cls, name)
+
+            def counted(layer, _prop=prop, _name=name):
+                if sys._getframe(1).f_code.co_filename.endswith("layers.py") and \
+                        "polystore_napari" in sys._getframe(1).f_code.co_filename:
+                    walked.append(_name)
+                return _prop.fget(layer)
+
+            monkeypatch.setattr(shapes_cls, name, property(counted, prop.fset))
+        for i in range(1, 4):  # display ticks with new pixels: each takes a snapshot
+            sender.go()
+            sender.wait_line(qtbot)
+            wait_frames(qtbot, widget, 1 + i)
+        entry = next(e for e in manager.snapshot["layers"] if e["kind"] == "shapes")
+        assert entry["count"] == 305 and entry["types"] == {"rectangle": 300, "ellipse": 5}
+        assert walked == []
+        sender.go()
+        sender.finish(qtbot)
+    finally:
+        sender.kill()
+    qtbot.waitUntil(lambda: widget.manager.roi_updates == 2, timeout=10000)
+    entry = next(e for e in widget.manager.snapshot["layers"] if e["kind"] == "shapes")
+    assert entry["count"] == 10 and entry["types"] == {"rectangle": 10}
+    assert widget.manager.updates == 4
+
+
+def test_float16_and_float_labels_convert_while_copying_into_the_layer(docked, qtbot,
+                                                                      monkeypatch):
+    import tracemalloc
+
+    viewer, widget = docked
+    streams = ["half", "single", "flabels", "ilabels"]
+    sender = Sender(widget.endpoint, """
+        def frames(i):
+            x = np.random.default_rng(i).random((1024, 1024)) * 100
+            return {"half": (x.astype(np.float16), {}),
+                    "single": (x.astype(np.float32), {}),
+                    "flabels": (x.astype(np.float32), {"labels": True}),
+                    "ilabels": (x.astype(np.int32), {"labels": True})}
+        for i in range(3):
+            for name, (array, hint) in frames(i).items():
+                backend.save(array, f"{name}/t{i}.tif", **hint)
+                barrier()
+    """)
+    manager = widget.manager
+    peaks: dict[str, list[int]] = {name: [] for name in streams}
+    apply = manager.apply
+
+    def measured(batch):
+        tracemalloc.reset_peak()
+        start = tracemalloc.get_traced_memory()[0]
+        apply(batch)
+        for update in batch.updates:
+            peaks[update.stream].append(tracemalloc.get_traced_memory()[1] - start)
+
+    monkeypatch.setattr(manager, "apply", measured)
+    tracemalloc.start()
+    try:
+        for n in range(1, 13):
+            sender.wait_line(qtbot)
+            wait_frames(qtbot, widget, n)
+            if n == 4:  # every layer made
+                shown = [viewer.layers[name].data for name in streams]
+            sender.go()
+        sender.finish(qtbot)
+    finally:
+        tracemalloc.stop()
+        sender.kill()
+    x = np.random.default_rng(2).random((1024, 1024)) * 100
+    np.testing.assert_array_equal(viewer.layers["half"].data,
+                                  x.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(viewer.layers["flabels"].data, x.astype(np.float32)
+                                  .astype(np.int32))
+    for name, before in zip(streams, shown, strict=True):
+        assert viewer.layers[name].data is before  # updated in place
+    # replace frames after the first: converting must not allocate a converted copy (4 MiB)
+    assert all(len(p) == 3 for p in peaks.values()), peaks
+    mib = 1024**2
+    assert max(peaks["half"][1:]) < min(peaks["single"][1:]) + mib, peaks
+    assert max(peaks["flabels"][1:]) < min(peaks["ilabels"][1:]) + mib, peaks

@@ -1,9 +1,11 @@
 """Apply buffered frames and ROIs to napari layers, on the Qt main thread only.
 
-One layer per stream key, updated in place: a ``replace`` layer gets the new pixels copied
-into its existing array, ``stack`` and ``place`` layers write into a preallocated backing array
-and hand napari a view of it, so a frame never rebuilds a layer. `DisplayTimer` drains the
-`CoalescingBuffer` about 60 times a second.
+One layer per stream key, updated in place, so a frame never rebuilds a layer: a ``replace``
+layer gets the new pixels copied into the array it already shows; an image ``stack`` layer
+shows the newest received arrays as one `FrameStack` (no pixels copied); a labels ``stack``
+layer and a ``place`` layer write into a backing array that grows geometrically and hand
+napari a view of its used part. `DisplayTimer` drains the `CoalescingBuffer` about 60 times
+a second.
 """
 
 from __future__ import annotations
@@ -27,15 +29,26 @@ STREAM_KEY = "polystore_stream"
 THUMBNAIL_HZ = 4
 
 
-def display_array(frame: ReceivedFrame, kind: str) -> np.ndarray:
-    """The received array in a dtype napari shows: labels need integers, and vispy has no
-    float16 textures."""
+def frame_array(frame: ReceivedFrame) -> np.ndarray:
+    """The received array with at least two dimensions: a 1-D frame is one row."""
     array = frame.array
-    if kind == "labels" and array.dtype.kind not in "iu":
-        return array.astype(np.int32)
-    if array.dtype == np.float16:
-        return array.astype(np.float32)
-    return array
+    return array.reshape(1, -1) if array.ndim == 1 else array
+
+
+def display_dtype(dtype: np.dtype, kind: str) -> np.dtype:
+    """The dtype napari shows for `dtype`: labels need integers, and vispy has no float16
+    textures."""
+    if kind == "labels" and dtype.kind not in "iu":
+        return np.dtype(np.int32)
+    if dtype == np.float16:
+        return np.dtype(np.float32)
+    return dtype
+
+
+def as_display(array: np.ndarray, kind: str) -> np.ndarray:
+    """`array` in its display dtype (itself when that is its dtype already)."""
+    dtype = display_dtype(array.dtype, kind)
+    return array if array.dtype == dtype else array.astype(dtype)
 
 
 def data_limits(array: np.ndarray) -> tuple[float, float]:
@@ -52,9 +65,28 @@ def data_limits(array: np.ndarray) -> tuple[float, float]:
     return (lo, hi) if hi > lo else (lo, lo + 1.0)
 
 
-def trailing_labels(ndim: int) -> list[str]:
-    """Axis labels of a frame's own dimensions: rows and columns last."""
-    return [f"d{i}" for i in range(ndim - 2)] + ["y", "x"][-ndim:]
+def own_axis_names(header, lead: int) -> tuple[str, ...]:
+    """Names of a frame's own `lead` leading dimensions (those before rows and columns).
+
+    The entries of ``axis_names`` that are not keys of ``axes`` name them, in order
+    (``axes={"t": 1}``, ``axis_names=["t", "c", "z"]``, shape (2, 3, Y, X): c, z). Dimensions
+    left unnamed are ``d0``, ``d1``, ...; names beyond the frame's leading dimensions are
+    ignored."""
+    axes = header.axes
+    named = [n for n in header.axis_names or () if n not in axes][:lead]
+    taken = set(axes) | set(named)
+    defaults = (f"d{i}" for i in range(lead + len(taken)))
+    named += [n for n in defaults if n not in taken][:lead - len(named)]
+    return tuple(named)
+
+
+def place_names(header, own: tuple[str, ...]) -> list[str]:
+    """Leading axes of a placed frame in layer order: ``axis_names`` order (position axes and
+    the frame's own named dimensions), then own dimensions ``axis_names`` does not name."""
+    order = list(header.axis_names or header.axes)
+    names = [n for n in order if n in header.axes or n in own]
+    names += [n for n in header.axes if n not in names]
+    return names + [n for n in own if n not in names]
 
 
 def unique_labels(labels: list[str]) -> list[str]:
@@ -119,10 +151,11 @@ class _ImageStream:
     def __init__(self, stream: str) -> None:
         self.stream = stream
         self.layer = None
-        self.geometry: tuple | None = None  # (mode, kind, frame shape, dtype)
+        #: (mode, kind, frame shape, display dtype, names of the frame's leading dims)
+        self.geometry: tuple | None = None
         self.backing: np.ndarray | None = None
         self.start = self.end = 0  # stack window in backing
-        self.names: list[str] = []  # place: leading axis names
+        self.names: list[str] = []  # place: leading axis names (positions and own dims)
         self.frames: deque[np.ndarray] | None = None  # image stack: the newest frames
         self.extent: list[int] = []  # place: used size along each leading axis
         self.hints: tuple | None = None
@@ -150,6 +183,7 @@ class _RoiStream:
         self.points = None
         self.shape_pos: list[tuple] = []  # position of each shape in the Shapes layer
         self.shape_labels: list[str] = []
+        self.shape_types: dict[str, int] = {}  # shape type counts, for the report
         self.text_shown = False
         self.point_sets: dict[tuple, tuple[list, list[str]]] = {}
 
@@ -163,11 +197,17 @@ class LayerManager:
         self.follow_contrast = follow_contrast
         self.images: dict[str, _ImageStream] = {}
         self.rois: dict[str, _RoiStream] = {}
-        self.updates = 0  # layer updates (one per stream per tick that had frames)
+        self.updates = 0  # image/labels layer updates (one per stream per tick with pixels)
+        self.roi_updates = 0  # ROI layer updates (one per stream per tick with ROI sets)
         self.frames = 0  # frames written into layers
+        self.skipped = 0  # empty frames (a 0 in their shape), not shown
+        self._skipped: Counter[str] = Counter()  # ... per stream
         self.last_error = ""
         #: what the receiver's `report` answers; replaced (never mutated) on the main thread
-        self.snapshot: dict = {"layers": [], "layer_updates": 0, "frames_displayed": 0}
+        self.snapshot: dict = {"layers": [], "layer_updates": 0, "roi_updates": 0,
+                               "frames_displayed": 0, "frames_skipped": 0}
+        # a deleted layer frees what its stream holds at once, not at the stream's next frame
+        viewer.layers.events.removed.connect(self._on_layer_removed)
 
     # -- entry points ------------------------------------------------------------------------
 
@@ -199,6 +239,21 @@ class LayerManager:
         self.rois.clear()
         self._take_snapshot()
 
+    def _on_layer_removed(self, event=None) -> None:
+        """Forget the state of every stream whose layer is gone (the user deleted it): its
+        frames and backing array are freed now; its next frame makes a new layer."""
+        for state in self.images.values():
+            if state.layer is not None and not self._alive(state.layer):
+                state.layer = None
+                state.reset()
+        for rois in self.rois.values():
+            if rois.shapes is not None and not self._alive(rois.shapes):
+                rois.shapes, rois.shape_pos, rois.shape_labels = None, [], []
+                rois.shape_types, rois.text_shown = {}, False
+            if rois.points is not None and not self._alive(rois.points):
+                rois.points, rois.point_sets = None, {}
+        self._take_snapshot()
+
     def layer(self, stream: str):
         """The image/labels layer of `stream` (None if not shown)."""
         state = self.images.get(stream)
@@ -214,6 +269,17 @@ class LayerManager:
     def _alive(self, layer) -> bool:
         return layer is not None and layer in self.viewer.layers
 
+    def _skip_empty(self, stream: str, frame: ReceivedFrame) -> None:
+        """An empty frame (a 0 in its shape) has nothing to show: count it, say so once in
+        *Last error* (updated, not repeated), log it once per stream."""
+        self.skipped += 1
+        self._skipped[stream] += 1
+        n = self._skipped[stream]
+        self.last_error = f"{stream}: {n} empty frame(s) not shown (shape {frame.array.shape})"
+        if n == 1:
+            log.warning("stream %s: empty frame of shape %s not shown", stream,
+                        frame.array.shape)
+
     def _apply_frames(self, update: Update) -> None:
         state = self.images.setdefault(update.stream, _ImageStream(update.stream))
         if state.layer is not None and not self._alive(state.layer):
@@ -222,44 +288,55 @@ class LayerManager:
         # consecutive frames of one geometry go together (a stream may change shape)
         run: list[tuple[ReceivedFrame, np.ndarray]] = []
         run_geometry = None
+        shown = 0
         for frame in update.frames:
+            if frame.array.size == 0:
+                self._skip_empty(update.stream, frame)
+                continue
             kind = "labels" if frame.header.display.kind == "labels" else "image"
-            array = display_array(frame, kind)
-            geometry = (update.mode, kind, array.shape, array.dtype.str)
+            array = frame_array(frame)  # converted to its display dtype only where kept
+            geometry = (update.mode, kind, array.shape, display_dtype(array.dtype, kind).str,
+                        own_axis_names(frame.header, array.ndim - 2))
             if run and geometry != run_geometry:
                 self._apply_run(state, run_geometry, run)
                 run = []
             run.append((frame, array))
             run_geometry = geometry
+            shown += 1
         if run:
             self._apply_run(state, run_geometry, run)
-        self.updates += 1
-        self.frames += len(update.frames)
+        if shown:
+            self.updates += 1
+            self.frames += shown
 
     def _apply_run(self, state: _ImageStream, geometry: tuple, run: list) -> None:
         mode, kind = geometry[0], geometry[1]
+        refit = False  # the layer is kept for frames of another shape or dtype
         if state.geometry != geometry:
+            old = state.geometry
             if state.layer is not None and self._layer_kind(state.layer) != kind:
-                self.viewer.layers.remove(state.layer)
-                state.layer = None
+                layer, state.layer = state.layer, None
+                self.viewer.layers.remove(layer)
+            refit = state.layer is not None and old is not None and old[2:4] != geometry[2:4]
             state.reset()
             state.geometry = geometry
         if mode == "stack":
             stack = self._stack_frames if kind == "image" else self._stack
-            data, labels, follow_axis = stack(state, run)
+            data, labels, follow_axis, newest = stack(state, run)
         elif mode == "place":
-            data, labels, follow_axis = self._place(state, run)
+            data, labels, follow_axis, newest = self._place(state, run)
         else:
-            data, labels, follow_axis = self._replace(state, run[-1][1])
-        frame, newest = run[-1]
+            data, labels, follow_axis, newest = self._replace(state, run[-1][1], kind)
+        frame = run[-1][0]
         if state.layer is None:
-            state.layer = self._create(state, data, frame, kind)
+            state.layer = self._create(state, data, frame, kind, newest)
             state.layer.axis_labels = labels
             if follow_axis is not None:  # napari opens new axes in the middle; show the newest
                 self._show_last(state.layer, follow_axis)
         elif data is not None:
-            old_len = state.layer.data.shape[follow_axis] if follow_axis is not None else 0
-            follow = follow_axis is not None and self._at_end(state.layer, old_len, follow_axis)
+            follow = follow_axis is not None and (
+                refit or follow_axis >= state.layer.ndim  # a new axis, or another geometry
+                or self._at_end(state.layer, state.layer.data.shape[follow_axis], follow_axis))
             state.layer.data = data
             if tuple(state.layer.axis_labels) != tuple(labels):
                 state.layer.axis_labels = labels
@@ -273,17 +350,27 @@ class LayerManager:
             if thumbnail:
                 state.thumbnail_at = now
             state.layer.refresh(thumbnail=thumbnail)
+        if refit and kind == "image" and not frame.header.display.contrast_limits:
+            # limits of the old data can hide the new (uint16 at 4000, then float32 at 0.5)
+            state.layer.contrast_limits = list(data_limits(newest))
         self._apply_hints(state, frame, newest, kind)
 
-    def _replace(self, state: _ImageStream, array: np.ndarray):
-        """Copy into the array the layer already shows (None: nothing to swap)."""
-        labels = unique_labels(trailing_labels(array.ndim))
+    @staticmethod
+    def _labels(state: _ImageStream, lead: list[str]) -> list[str]:
+        """Layer axis labels: `lead`, the frame's own leading dims, rows, columns."""
+        return unique_labels([*lead, *state.geometry[4], "y", "x"])
+
+    def _replace(self, state: _ImageStream, array: np.ndarray, kind: str):
+        """Copy into the array the layer already shows (data None: nothing to swap)."""
+        labels = self._labels(state, [])
         if state.backing is not None and state.layer is not None and \
                 state.layer.data is state.backing:
-            np.copyto(state.backing, array)
-            return None, labels, None
-        state.backing = array  # received arrays are our own copies: no copy needed
-        return array, labels, None
+            # converts while copying: no intermediate float32/int32 copy of the frame
+            np.copyto(state.backing, array, casting="unsafe")
+            return None, labels, None, state.backing
+        # received arrays are our own copies: no copy needed unless the dtype changes
+        state.backing = as_display(array, kind)
+        return state.backing, labels, None, state.backing
 
     def _stack_frames(self, state: _ImageStream, run: list):
         """Image stacks: keep the newest `stack_capacity` received arrays and show them as
@@ -292,9 +379,8 @@ class LayerManager:
         if state.frames is None or state.frames.maxlen != capacity:
             state.frames = deque(state.frames or (), maxlen=capacity)
         for _frame, array in run[-capacity:]:
-            state.frames.append(array)
-        labels = unique_labels(["t", *trailing_labels(run[0][1].ndim)])
-        return FrameStack(state.frames), labels, 0
+            state.frames.append(as_display(array, "image"))
+        return FrameStack(state.frames), self._labels(state, ["t"]), 0, state.frames[-1]
 
     def _stack(self, state: _ImageStream, run: list):
         """Labels stacks (a writable array, so they can be painted): append along a leading
@@ -304,7 +390,7 @@ class LayerManager:
         [start, end). When the window reaches the end it moves back to the front (one copy
         per `capacity` frames), so appending costs O(1) frames amortised."""
         capacity = self.stack_capacity
-        shape, dtype = run[0][1].shape, run[0][1].dtype
+        shape, dtype = run[0][1].shape, np.dtype(state.geometry[3])
         if len(run) > capacity:
             run = run[-capacity:]
         before = (state.start, state.end, id(state.backing))
@@ -314,16 +400,17 @@ class LayerManager:
                 state.start = state.end = 0
             if state.end == len(state.backing):
                 self._make_room(state, capacity)
-            state.backing[state.end] = array
+            state.backing[state.end] = array  # converts to the labels dtype as it copies
             state.end += 1
             if state.end - state.start > capacity:
                 state.start = state.end - capacity
         if state.end - state.start > capacity:  # capacity lowered since the last frame
             state.start = state.end - capacity
-        labels = unique_labels(["t", *trailing_labels(len(shape))])
+        labels = self._labels(state, ["t"])
+        newest = state.backing[state.end - 1]
         if (state.start, state.end, id(state.backing)) == before and state.layer is not None:
-            return None, labels, 0
-        return state.backing[state.start:state.end], labels, 0
+            return None, labels, 0, newest
+        return state.backing[state.start:state.end], labels, 0, newest
 
     @staticmethod
     def _make_room(state: _ImageStream, capacity: int) -> None:
@@ -342,37 +429,57 @@ class LayerManager:
 
     def _place(self, state: _ImageStream, run: list):
         """Write each frame at its position in an nD array that grows (geometrically) as new
-        positions arrive; the layer shows the used extent."""
+        positions arrive; the layer shows the used extent.
+
+        The layer's leading axes are the frame's position axes (``axes``) and its own leading
+        dimensions (named by the rest of ``axis_names``), in ``axis_names`` order: with
+        ``axes={"t": 1}``, ``axis_names=["t", "c", "z"]``, a (2, 3, Y, X) frame is the block
+        ``[1, 0:2, 0:3]`` of a (T, C, Z, Y, X) layer."""
+        own = state.geometry[4]  # the same for every frame of this geometry
+        lead = len(own)
         before = (tuple(state.extent), id(state.backing))
+        index: tuple = ()
         for frame, array in run:
             header = frame.header
-            names = list(header.axis_names or header.axes)
+            size = dict(zip(own, array.shape[:lead], strict=True))
+            names = place_names(header, own)
             if state.backing is None:
                 state.names = names
-                state.extent = [0] * len(names)
-                state.backing = np.zeros((1,) * len(names) + array.shape, array.dtype)
-            new = [n for n in names if n not in state.names]
-            if new:  # a new axis: old frames sit at index 0 of it
-                lead = len(state.names)
-                state.backing = state.backing.reshape(
-                    state.backing.shape[:lead] + (1,) * len(new) + state.backing.shape[lead:])
-                state.names += new
-                state.extent += [1] * len(new)
-            index = tuple(header.axes.get(n, 0) for n in state.names)
-            if any(i >= s for i, s in zip(index, state.backing.shape, strict=False)):
-                shape = tuple(max(s, 2 * s if i >= s else s, i + 1)
-                              for i, s in zip(index, state.backing.shape, strict=False))
-                grown = np.zeros(shape + array.shape, array.dtype)
+                state.extent = [size.get(n, 0) for n in names]
+                state.backing = np.zeros(tuple(size.get(n, 1) for n in names)
+                                         + array.shape[lead:], np.dtype(state.geometry[3]))
+            new = [n for n in names if n not in state.names]  # only position axes can be new
+            if new:  # a new axis: old frames sit at index 0 of it, inserted before own dims
+                at = next((i for i, n in enumerate(state.names) if n in size),
+                          len(state.names))
+                shape = state.backing.shape
+                state.backing = state.backing.reshape(shape[:at] + (1,) * len(new) + shape[at:])
+                state.names[at:at] = new
+                state.extent[at:at] = [1] * len(new)
+            index = tuple(slice(None) if n in size else header.axes.get(n, 0)
+                          for n in state.names)
+            shape = state.backing.shape[:len(state.names)]
+            if any(not isinstance(i, slice) and i >= s for i, s in zip(index, shape,
+                                                                         strict=True)):
+                grown_shape = tuple(s if isinstance(i, slice) or i < s else max(2 * s, i + 1)
+                                    for i, s in zip(index, shape, strict=True))
+                grown = np.zeros(grown_shape + state.backing.shape[len(shape):],
+                                 state.backing.dtype)
                 grown[tuple(slice(0, s) for s in state.backing.shape)] = state.backing
                 state.backing = grown
+            # own dims keep their order in state.names, so the block lands as it is;
+            # assigning converts to the display dtype
             state.backing[index] = array
-            state.extent = [max(e, i + 1) for e, i in zip(state.extent, index, strict=True)]
-        labels = unique_labels(state.names + trailing_labels(run[0][1].ndim))
+            state.extent = [e if isinstance(i, slice) else max(e, i + 1)
+                            for e, i in zip(state.extent, index, strict=True)]
+        labels = unique_labels(state.names + ["y", "x"])
         # a live time series follows its newest time point, as a stack does
-        follow = next((i for i, n in enumerate(state.names) if n.lower() in TIME_AXES), None)
+        follow = next((i for i, n in enumerate(state.names)
+                       if n not in own and n.lower() in TIME_AXES), None)
+        newest = state.backing[index]
         if (tuple(state.extent), id(state.backing)) == before and state.layer is not None:
-            return None, labels, follow
-        return state.backing[tuple(slice(0, e) for e in state.extent)], labels, follow
+            return None, labels, follow, newest
+        return state.backing[tuple(slice(0, e) for e in state.extent)], labels, follow, newest
 
     def _at_end(self, layer, length: int, layer_axis: int = 0) -> bool:
         """Whether the slider of `layer_axis` shows the last of `length` positions (the user
@@ -391,14 +498,14 @@ class LayerManager:
         # isinstance, not type(): plugin widgets get layers wrapped in napari's proxies
         return "labels" if isinstance(layer, Labels) else "image"
 
-    def _create(self, state: _ImageStream, data: np.ndarray, frame: ReceivedFrame, kind: str):
+    def _create(self, state: _ImageStream, data, frame: ReceivedFrame, kind: str,
+                newest: np.ndarray):
         hints = frame.header.display
         kwargs: dict = {"name": state.stream, "metadata": {STREAM_KEY: state.stream}}
         if hints.opacity is not None:
             kwargs["opacity"] = hints.opacity
         if kind == "labels":
             return self.viewer.add_labels(data, **kwargs)
-        newest = display_array(frame, kind)
         limits = hints.contrast_limits or data_limits(newest)
         kwargs["contrast_limits"] = list(limits)
         if hints.colormap:
@@ -437,8 +544,10 @@ class LayerManager:
         state = self.rois.setdefault(update.stream, _RoiStream(update.stream))
         for item in update.items:
             self._apply_roi_set(state, item)
-        self.updates += 1
+        self.roi_updates += 1
         if state.shapes is not None:
+            # counted here, once per ROI update, not by every report snapshot
+            state.shape_types = dict(Counter(state.shapes.shape_type))
             state.shapes.features = {"label": np.array(state.shape_labels, dtype=object)}
             if any(state.shape_labels) and not state.text_shown:
                 state.text_shown = True
@@ -486,6 +595,7 @@ class LayerManager:
                     self.viewer.layers.remove(layer)
             state.shapes = state.points = None
             state.shape_pos, state.shape_labels, state.point_sets = [], [], {}
+            state.shape_types = {}
             state.text_shown = False
             state.names = names
         lead = [float(item.header.axes.get(n, 0)) for n in state.names]
@@ -501,12 +611,12 @@ class LayerManager:
                 (r0, c0), (r1, c1) = roi.coords
                 coords = [[*lead, r, c] for r, c in ((r0, c0), (r0, c1), (r1, c1), (r1, c0))]
             shapes.append(np.array(coords))
-            types.append("path" if roi.kind == "line" and len(coords) > 2 else roi.kind)
+            types.append(roi.kind)
             labels.append(roi.label or "")
         nd = len(state.names) + 2
         if state.shapes is not None and not self._alive(state.shapes):
             state.shapes, state.shape_pos, state.shape_labels = None, [], []
-            state.text_shown = False
+            state.shape_types, state.text_shown = {}, False
         if state.shapes is not None:
             old = [i for i, p in enumerate(state.shape_pos) if p == pos]
             if old:
@@ -549,8 +659,7 @@ class LayerManager:
             if self._alive(state.shapes):
                 layers.append({
                     "name": state.shapes.name, "stream": state.stream, "kind": "shapes",
-                    "count": len(state.shapes.data),
-                    "types": dict(Counter(state.shapes.shape_type)),
+                    "count": state.shapes.nshapes, "types": dict(state.shape_types),
                 })  # fmt: skip
             if self._alive(state.points):
                 layers.append({
@@ -558,7 +667,8 @@ class LayerManager:
                     "count": len(state.points.data),
                 })  # fmt: skip
         self.snapshot = {"layers": layers, "layer_updates": self.updates,
-                         "frames_displayed": self.frames}
+                         "roi_updates": self.roi_updates, "frames_displayed": self.frames,
+                         "frames_skipped": self.skipped}
 
 
 class DisplayTimer(QObject):
@@ -599,5 +709,6 @@ class DisplayTimer(QObject):
             t0 = time.perf_counter()
             self.manager.apply(batch)
             self.busy_s += time.perf_counter() - t0
-            buffer.display_state = self.manager.snapshot
+        # also after a layer was deleted between batches
+        buffer.display_state = self.manager.snapshot
         self.ticks += 1
