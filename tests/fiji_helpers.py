@@ -4,8 +4,11 @@ runs), talk raw protocol to it, and read back the TIFFs it saves."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -230,3 +233,107 @@ def image(state: dict, title: str) -> dict:
             return entry
     titles = [i["title"] for i in state["images"]]
     raise KeyError(f"no image {title!r} in the report; have {titles}")
+
+
+# -- GUI: closing a window the way a user does (the window manager's close button) ---------------
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def x_display(receiver: FijiReceiver) -> tuple[str, str | None]:
+    """DISPLAY and XAUTHORITY of a receiver started with gui=True (xvfb-run picks them)."""
+    for pid in _descendants(receiver.proc.pid):
+        try:
+            raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        env = dict(kv.decode(errors="replace").split("=", 1) for kv in raw if b"=" in kv)
+        if b"java" in cmdline and "DISPLAY" in env:
+            return env["DISPLAY"], env.get("XAUTHORITY")
+    raise RuntimeError("the receiver's JVM and its DISPLAY were not found")
+
+
+class _XClientMessageEvent(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_int), ("serial", ctypes.c_ulong), ("send_event", ctypes.c_int),
+        ("display", ctypes.c_void_p), ("window", ctypes.c_ulong),
+        ("message_type", ctypes.c_ulong), ("format", ctypes.c_int), ("l", ctypes.c_long * 5),
+    ]  # fmt: skip
+
+
+class _XEvent(ctypes.Union):
+    _fields_ = [("xclient", _XClientMessageEvent), ("pad", ctypes.c_long * 24)]
+
+
+def x_windows(receiver: FijiReceiver, title: str) -> list[int]:
+    """The receiver's top-level X windows titled `title` (its gui=True display)."""
+    display, xauthority = x_display(receiver)
+    env = dict(os.environ, DISPLAY=display)
+    if xauthority:
+        env["XAUTHORITY"] = xauthority
+    tree = subprocess.run(["xwininfo", "-root", "-children"], env=env, capture_output=True,
+                          text=True, check=True).stdout  # fmt: skip
+    return [int(m.group(1), 16) for m in re.finditer(r'^\s+(0x[0-9a-f]+) "(.*)": \(', tree, re.M)
+            if m.group(2) == title]  # fmt: skip
+
+
+def x_close_window(receiver: FijiReceiver, title: str, timeout: float = 20.0) -> int:
+    """Send WM_DELETE_WINDOW to the receiver's top-level windows titled `title`, as a window
+    manager does when the user clicks a window's close button, and wait until they are gone.
+    Returns how many there were."""
+    display, xauthority = x_display(receiver)
+    windows = x_windows(receiver, title)
+    libx11 = ctypes.CDLL(ctypes.util.find_library("X11") or "libX11.so.6")
+    libx11.XOpenDisplay.restype = ctypes.c_void_p
+    libx11.XOpenDisplay.argtypes = [ctypes.c_char_p]
+    libx11.XInternAtom.restype = ctypes.c_ulong
+    libx11.XInternAtom.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+    libx11.XSendEvent.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_long,
+                                  ctypes.POINTER(_XEvent)]  # fmt: skip
+    libx11.XFlush.argtypes = libx11.XCloseDisplay.argtypes = [ctypes.c_void_p]
+    saved = os.environ.get("XAUTHORITY")
+    if xauthority:  # Xlib reads it from the environment when it connects
+        os.environ["XAUTHORITY"] = xauthority
+    try:
+        dpy = libx11.XOpenDisplay(display.encode())
+    finally:
+        if saved is None:
+            os.environ.pop("XAUTHORITY", None)
+        else:
+            os.environ["XAUTHORITY"] = saved
+    if not dpy:
+        raise RuntimeError(f"cannot open display {display}")
+    try:
+        for window in windows:
+            event = _XEvent()
+            event.xclient.type = 33  # ClientMessage
+            event.xclient.window = window
+            event.xclient.message_type = libx11.XInternAtom(dpy, b"WM_PROTOCOLS", 0)
+            event.xclient.format = 32
+            event.xclient.l[0] = libx11.XInternAtom(dpy, b"WM_DELETE_WINDOW", 0)
+            libx11.XSendEvent(dpy, window, 0, 0, ctypes.byref(event))
+        libx11.XFlush(dpy)
+    finally:
+        libx11.XCloseDisplay(dpy)
+    deadline = time.monotonic() + timeout
+    while windows and x_windows(receiver, title):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"window {title!r} did not close")
+        time.sleep(0.05)
+    return len(windows)

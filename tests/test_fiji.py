@@ -29,6 +29,7 @@ from tests.fiji_helpers import (
     read_tiff,
     roi_summary,
     start_receiver,
+    x_close_window,
 )
 
 pytestmark = [
@@ -257,6 +258,65 @@ def test_placement_beyond_memory_is_too_large(fiji, backend, fm, key, axes):
     assert saved(state, key)[0].min() == 1
 
 
+def test_placement_whose_size_overflows_is_too_large(fiji, key):
+    """c x z x t planes beyond 2^63 must not wrap around into a small number that passes the
+    memory check (and then allocate planes for ever): too_large, at once."""
+    shape = [16_777_334, 1, 1]  # one leading dim (z) of 16 Mi planes of 1 x 1
+    with RawClient(fiji.endpoint) as raw:
+        assert raw.hello()["type"] == "welcome"
+        started = time.monotonic()
+        reply = raw.request(raw.frame(stream=key, shape=shape, nbytes=shape[0],
+                                      axes={"c": 999_999, "t": 999_999}),
+                            b"\0" * shape[0], timeout=30)  # fmt: skip
+        assert reply["type"] == "error" and reply["code"] == "too_large", reply
+        assert time.monotonic() - started < 5
+        assert key not in [i["title"] for i in raw_report(raw)["images"]]
+
+
+BAD_OFFSET = 2**63 - 1  # offset + nbytes wraps around in a Java long
+
+
+@pytest.mark.parametrize("how", ["bad_segment", "too_large"])
+def test_rejected_frame_on_a_new_stream_leaves_no_image(fiji, key, how):
+    with RawClient(fiji.endpoint) as raw:
+        segment = shared_memory.SharedMemory(name=f"{raw.prefix}0", create=True, size=4096)
+        try:
+            assert raw.hello()["type"] == "welcome"
+            if how == "bad_segment":
+                bad = raw.frame(stream=key, segment=segment.name, offset=BAD_OFFSET)
+            else:
+                bad = raw.frame(stream=key, segment=segment.name, shape=[32, 32], nbytes=1024,
+                                axes={"t": 999_999, "c": 999_999})  # fmt: skip
+            reply = raw.request(bad)
+            assert reply["type"] == "error" and reply["code"] == how, reply
+            assert key not in [i["title"] for i in raw_report(raw)["images"]]
+        finally:
+            segment.close()
+            segment.unlink()
+
+
+def test_rejected_frame_leaves_the_image_untouched(fiji, key):
+    """A frame of another shape rejected at the segment check must not reshape or zero the
+    stream's image first."""
+    with RawClient(fiji.endpoint) as raw:
+        segment = shared_memory.SharedMemory(name=f"{raw.prefix}0", create=True, size=4096)
+        try:
+            assert raw.hello()["type"] == "welcome"
+            pixels = bytes(range(1, 7))
+            assert raw.request(raw.frame(stream=key), pixels)["type"] == "ack"
+            bad = raw.frame(stream=key, segment=segment.name, shape=[4, 5], nbytes=20,
+                            offset=BAD_OFFSET)  # fmt: skip
+            reply = raw.request(bad)
+            assert reply["type"] == "error" and reply["code"] == "bad_segment", reply
+            state = raw_report(raw)
+        finally:
+            segment.close()
+            segment.unlink()
+    entry = image(state, key)
+    assert (entry["width"], entry["height"], entry["framesReceived"]) == (3, 2, 1)
+    np.testing.assert_array_equal(saved(state, key)[0], np.arange(1, 7).reshape(2, 3))
+
+
 # -- type mapping -----------------------------------------------------------------------------
 
 DTYPE_VALUES = {
@@ -474,10 +534,8 @@ def endpoint(request):
     return request.getfixturevalue("python_receiver").endpoint
 
 
-# Where the Python reference receiver itself strays from docs/protocol.md (reported upstream):
-# msgspec raises UnicodeDecodeError (invalid UTF-8 inside a string) and RecursionError (deep
-# nesting, well under the 64 KiB header cap), which decode_sender_message does not catch, so
-# the receiver answers `internal` instead of `bad_json`.
+# Where the Python reference receiver strays from docs/protocol.md: test ids (without the
+# receiver) mapped to the reason, marked xfail(strict) for it while the receivers disagree.
 PYTHON_RECEIVER_BUGS: dict[str, str] = {}  # name -> reason, while the receivers disagree
 
 
@@ -548,6 +606,10 @@ BAD = [
     bad("slash_name", header(segment="fiji_0/x"), "bad_message"),
     bad("shape_beyond_segment", header(segment=SEG, shape=[99, 99], nbytes=9801), "bad_segment"),
     bad("offset_beyond_segment", header(segment=SEG, offset=4093), "bad_segment"),
+    bad("offset_wraps_int64", header(segment=SEG, offset=2**63 - 1), "bad_segment"),
+    bad("offset_beyond_int64", header(segment=SEG, offset=2**64), "bad_segment"),
+    bad("offset_beyond_int64_missing",
+        lambda r, s: header(segment=r.prefix + "999", offset=2**64)(r, s), "segment_missing"),
     bad("segment_missing", lambda r, s: header(segment=r.prefix + "999")(r, s), "segment_missing"),
     bad("negative_dim", inline(shape=[-2, 3]), "bad_message"),
     bad("dim_too_big", header(shape=[2**31, 1], nbytes=2**31), "bad_message"),
@@ -623,6 +685,41 @@ def test_rejections_are_counted_and_reported(fiji, backend):
         after = raw_report(raw)
     assert after["rejected"] == before["rejected"] + 1
     assert after["last_error"].startswith("bad_json")
+
+
+@pytest.mark.parametrize("depth,answer", [(600, "report"), (1100, "bad_json")])
+def test_nesting_depth_matches_python_receiver(endpoint, depth, answer):
+    """An unknown field nested `depth` deep: both receivers answer alike. The Python
+    receiver's limit is msgspec's, 994 containers on CPython 3.11; Fiji uses the same."""
+    deep = b'{"v": 1, "type": "control", "seq": 7, "command": "report", "x": '
+    deep += b"[" * depth + b"]" * depth + b"}"
+    with RawClient(endpoint) as raw:
+        assert raw.hello()["type"] == "welcome"
+        reply = raw.request(deep)
+    assert (reply["type"] if reply["type"] != "error" else reply["code"]) == answer, reply
+    assert reply["seq"] == (7 if answer == "report" else None)
+
+
+def test_dropped_counts_frames_never_sent(endpoint):
+    """`dropped` = segment_missing frames + increases of each sender's own (cumulative)
+    header count; a second hello from the same sender keeps its baseline."""
+    with RawClient(endpoint) as raw:
+        assert raw.hello()["type"] == "welcome"
+        before = raw_report(raw)["dropped"]
+
+        def send(dropped):
+            reply = raw.request(raw.frame(stream="dropped", dropped=dropped), PAD6)
+            assert reply["type"] == "ack", reply
+            return raw_report(raw)["dropped"] - before
+
+        assert send(3) == 3
+        assert raw.hello()["type"] == "welcome"  # reconnect: same sender, same count
+        assert send(3) == 3
+        assert send(5) == 5
+        assert send(4) == 5  # never goes back
+        reply = raw.request(raw.frame(segment=raw.prefix + "999"))
+        assert reply["code"] == "segment_missing", reply
+        assert raw_report(raw)["dropped"] - before == 6
 
 
 def test_flood_of_garbage_then_real_frames(fiji, backend, fm, key):
@@ -711,6 +808,23 @@ def test_gui_mode_windows_and_roi_manager(tmp_path):
             assert image(state, "hs")["composite"]
             assert image(state, "hs")["luts"] == ["magenta", "green"]
             np.testing.assert_array_equal(saved(state, "hs")[0][1, 1], np.full((30, 40), 11))
+            # The user closes a window whose newest frame is not saved yet: ImageJ flushes its
+            # image. Reports (which save every changed image) go on, and say it is not shown;
+            # the next frame opens a new window.
+            b.save(np.full((30, 40), 9, np.uint8), "hs.tif", stream="hs", axes={"t": 1, "c": 1})
+            b.flush()
+            time.sleep(0.5)  # drawn (the receiver redraws within ~0.1 s), then closed
+            assert x_close_window(receiver, "hs") == 1
+            time.sleep(0.5)  # ImageJ flushes the image after its window is gone
+            state = report(b)
+            assert state["windows"] == 2
+            assert [i["shown"] for i in state["images"]] == [True, False, True]
+            assert image(report(b), "hs")["width"] == 0  # and again, with the image gone
+            b.save(np.full((30, 40), 7, np.uint8), "hs.tif", stream="hs", axes={"t": 0, "c": 0})
+            state = report(b)
+            assert state["windows"] == 3 and image(state, "hs")["shown"]
+            assert state["roi_manager"] == 1 + 3
+            np.testing.assert_array_equal(saved(state, "hs")[0], np.full((30, 40), 7))
             b.request("clear")
             state = b.request("report")
             assert state["windows"] == 0 and state["roi_manager"] == 0 and state["images"] == []

@@ -486,7 +486,11 @@ class JsonError extends Exception {
 /** Strict on purpose: what msgspec refuses (NaN, trailing data, bad UTF-8...) this refuses too. */
 @CompileStatic
 class Json {
-    static final int MAX_DEPTH = 512
+    // As deep as the Python receiver goes: msgspec stops at Python's recursion limit (1000)
+    // less the frames already on the receiver thread's stack, which is 994 nested containers
+    // (the header object included) for polystore.streaming.Receiver on CPython 3.11 with
+    // msgspec 0.22 (tests/test_fiji.py: test_nesting_depth_matches_python_receiver).
+    static final int MAX_DEPTH = 994
     private final String s
     private int i = 0
     private int depth = 0
@@ -794,7 +798,7 @@ class SegmentReader {
                 unmap(maps.remove(eldest).buffer)
             }
         }
-        if (offset + nbytes > m.size) {
+        if (nbytes > m.size || offset > m.size - nbytes) {  // (offset + nbytes could wrap)
             throw new SegmentError("segment ${name} holds ${m.size} bytes; offset ${offset} + nbytes ${nbytes} would read past its end".toString(), false)
         }
         View v = new View()
@@ -909,8 +913,6 @@ class Pixels {
     static int bitsFor(String dtype) { dtype == 'uint8' ? 8 : dtype == 'uint16' ? 16 : 32 }
 
     static Object newPlane(int bits, int n) { bits == 8 ? new byte[n] : bits == 16 ? (Object) new short[n] : new float[n] }
-
-    static int bitsOf(Object plane) { plane instanceof byte[] ? 8 : plane instanceof short[] ? 16 : 32 }
 
     static ByteBuffer at(ByteBuffer src, long position) {
         ByteBuffer b = src.duplicate().order(ByteOrder.LITTLE_ENDIAN)
@@ -1093,7 +1095,6 @@ class Luts {
 @CompileStatic
 class Layout {
     static final int C = 0, Z = 1, T = 2
-    static final String[] AXIS = ['c', 'z', 't'] as String[]
     String title
     int[] pos = new int[3]                // (c, z, t) of the frame's first plane
     boolean[] given = new boolean[3]      // which of c, z, t the message positions
@@ -1214,7 +1215,6 @@ class Images {
     final File outputDir
     long emptyFrames
     long roiIds
-    Closure log = { String msg -> System.err.println("polystore-fiji: ${msg}") }
 
     Images(String defaultMode, String channelDisplay, boolean gui, boolean useRoiManager, File outputDir) {
         this.defaultMode = defaultMode
@@ -1222,6 +1222,12 @@ class Images {
         this.gui = gui
         this.useRoiManager = useRoiManager
         this.outputDir = outputDir
+    }
+
+    /** Warnings and errors: standard error, and with a display also Fiji's Log window. */
+    void log(String msg) {
+        System.err.println("polystore-fiji: ${msg}")
+        if (gui) IJ.log("polystore: ${msg}")
     }
 
     Stream stream(String title) {
@@ -1236,7 +1242,9 @@ class Images {
     /**
      * Copy one validated frame into its image, then call `ack` (the copy is ours: the sender
      * may reuse its segment), then apply display hints. Everything that can reject the frame
-     * has run before: placement itself always succeeds (the image grows or starts over).
+     * (checkRoom included) runs before the stream is created or its image changed, so a
+     * rejected frame leaves no trace; placement itself always succeeds (the image grows or
+     * starts over).
      */
     void put(Map f, Layout L, View src, Closure ack) {
         String dtype = (String) f.get('dtype')
@@ -1249,8 +1257,9 @@ class Images {
             return
         }
         boolean labels = display.get('kind') == 'labels'
-        Stream s = stream(L.title)
-        sync(s)
+        Stream s = streams.get(L.title)  // created below, once the frame is accepted
+        if (s != null) sync(s)
+        boolean exists = s != null && s.imp != null
         int bits = labels ? Pixels.labelBits(src.buffer, src.position, dtype, planeValues * L.planes) : Pixels.bitsFor(dtype)
         String how = L.placed || display.get('mode') == 'place' ? 'place' : (String) (display.get('mode') ?: defaultMode)
 
@@ -1262,20 +1271,19 @@ class Images {
         if (how == 'replace') {  // the image becomes exactly this frame
             base = new int[3]
             for (int a = 0; a < 3; a++) dims[a] = L.ext[a]
-            restart = (s.imp == null || s.width != L.cols || s.height != L.rows || s.bits != bits
+            restart = (!exists || s.width != L.cols || s.height != L.rows || s.bits != bits
                 || s.C != L.ext[0] || s.Z != L.ext[1] || s.T != L.ext[2])
         } else {
-            boolean resized = s.imp != null && (s.width != L.cols || s.height != L.rows)
+            boolean resized = exists && (s.width != L.cols || s.height != L.rows)
             if (how == 'stack') {  // appended as new slices of a plain stack
-                restart = s.imp == null || resized || s.C != 1 || s.T != 1
+                restart = !exists || resized || s.C != 1 || s.T != 1
                 base = [0, restart ? 0 : s.Z, 0] as int[]
                 dims = [1L, (long) base[1] + L.planes, 1L] as long[]
             } else {  // placed at its c/z/t position; the hyperstack grows to hold it
-                restart = s.imp == null || resized
-                int[] cur = [s.C, s.Z, s.T] as int[]
+                restart = !exists || resized
                 for (int a = 0; a < 3; a++) {
                     long need = (long) base[a] + L.ext[a]
-                    dims[a] = restart ? need : Math.max(need, (long) cur[a])
+                    dims[a] = restart ? need : Math.max(need, (long) (a == 0 ? s.C : a == 1 ? s.Z : s.T))
                 }
             }
             if (!restart && s.bits != bits) {  // one type per image: 32-bit float holds both
@@ -1283,10 +1291,9 @@ class Images {
                 bits = 32
             }
         }
-        long planes = dims[0] * dims[1] * dims[2]
         long current = restart ? 0 : (long) s.C * s.Z * s.T
-        long bytes = (planes - current) * planeValues * (bits >> 3) + (promoteFirst ? current * planeValues * 4 : 0)
-        checkRoom(s.title, planes, bytes, f.get('seq'))
+        checkRoom(L.title, dims, current, planeValues, bits, promoteFirst, f.get('seq'))
+        if (s == null) s = stream(L.title)
         if (promoteFirst) promote(s)
         if (restart) fresh(s, L.cols, L.rows, bits, (int) dims[0], (int) dims[1], (int) dims[2])
         else grow(s, (int) dims[0], (int) dims[1], (int) dims[2])
@@ -1331,7 +1338,7 @@ class Images {
         } catch (ThreadDeath td) {
             throw td
         } catch (Throwable t) {
-            log.call("display of ${s.title} failed: ${t}".toString())
+            log("display of ${s.title} failed: ${t}".toString())
         }
     }
 
@@ -1342,14 +1349,9 @@ class Images {
      * is started over.
      */
     void sync(Stream s) {
+        if (forgetIfClosed(s)) return
         ImagePlus imp = s.imp
         if (imp == null) return
-        if (s.shown && imp.getWindow() == null) {  // closed by the user
-            s.imp = null
-            s.stack = null
-            s.shown = false
-            return
-        }
         Object current = imp.getProcessor()?.getPixels()
         if (s.stack != null && imp.getStackSize() == s.stack.getSize() && current != null
             && current.is(s.stack.getPixels(imp.getCurrentSlice()))) return
@@ -1363,11 +1365,44 @@ class Images {
         if (s.bits < 0 || s.stack.getPixels(1) == null) s.width = -1  // start over: new stack
     }
 
-    /** Reject (too_large, before anything changes) what ImageJ or the heap cannot hold: a
-     * stray `t: 999999` must not allocate terabytes or run Fiji out of memory. */
-    static void checkRoom(String title, long planes, long bytes, Object seq) {
-        if (planes > Integer.MAX_VALUE - 8) {
-            throw new ProtocolError(P.TOO_LARGE, "${title} would need ${planes} planes; an ImageJ stack holds at most 2^31".toString(), seq)
+    /**
+     * The user closed the stream's window: ImageJ has flushed its ImagePlus (no processor, no
+     * pixels), so forget it; the next frame opens a new window. True if it was closed.
+     */
+    static boolean forgetIfClosed(Stream s) {
+        if (s.imp == null || !s.shown || s.imp.getWindow() != null) return false
+        s.imp = null
+        s.stack = null
+        s.shown = false
+        return true
+    }
+
+    /** forgetIfClosed for every stream: before anything reads the images (save, describe). */
+    void forgetClosed() {
+        for (Stream s : streams.values()) forgetIfClosed(s)
+    }
+
+    /** What one plane costs beyond its pixels: the array's header, its slots in the stack's
+     * pixel and label arrays (many tiny planes are not free). */
+    static final long PLANE_OVERHEAD = 64
+
+    /**
+     * Reject (too_large, before anything changes) what ImageJ or the heap cannot hold: a
+     * stray `t: 999999` must not allocate terabytes or run Fiji out of memory. `dims` are the
+     * image's (c, z, t) after the frame, `current` its planes now (kept), `promoteFirst` whether
+     * they become 32-bit first. Every product is checked: nothing here may wrap around.
+     */
+    static void checkRoom(String title, long[] dims, long current, long planeValues, int bits, boolean promoteFirst, Object seq) {
+        long bytes
+        try {
+            for (long d : dims) if (d > Integer.MAX_VALUE - 8) throw new ArithmeticException()
+            long planes = Math.multiplyExact(Math.multiplyExact(dims[0], dims[1]), dims[2])
+            if (planes > Integer.MAX_VALUE - 8) throw new ArithmeticException()
+            long planeBytes = Math.addExact(Math.multiplyExact(planeValues, (long) (bits >> 3)), PLANE_OVERHEAD)
+            bytes = Math.multiplyExact(planes - current, planeBytes)
+            if (promoteFirst) bytes = Math.addExact(bytes, Math.multiplyExact(current, Math.multiplyExact(planeValues, 4L)))
+        } catch (ArithmeticException ignored) {
+            throw new ProtocolError(P.TOO_LARGE, "${title} would need ${dims[0]} x ${dims[1]} x ${dims[2]} (c x z x t) planes; an ImageJ stack holds fewer than 2^31".toString(), seq)
         }
         Runtime rt = Runtime.getRuntime()
         for (int attempt = 0; attempt < 2 && bytes > 0; attempt++) {
@@ -1383,7 +1418,8 @@ class Images {
     /** A new stack of the given geometry (pixel arrays allocated zeroed). */
     void fresh(Stream s, int w, int h, int bits, int C, int Z, int T) {
         ImageStack stack = new ImageStack(w, h)
-        for (int k = 0; k < C * Z * T; k++) stack.addSlice('', Pixels.newPlane(bits, w * h))
+        int n = C * Z * T  // < 2^31: checkRoom
+        for (int k = 0; k < n; k++) stack.addSlice('', Pixels.newPlane(bits, w * h))
         s.width = w
         s.height = h
         s.bits = bits
@@ -1521,6 +1557,7 @@ class Images {
     /** ROIs of one path; a second message for the same path replaces the first (like a file). */
     void putRois(Map m, Layout L) {
         Stream s = stream(L.title)
+        forgetIfClosed(s)  // not onto the flushed image of a closed window
         String path = (String) m.get('path')
         List<Roi> list = []
         int n = 0
@@ -1578,6 +1615,7 @@ class Images {
 
     /** GUI only: show new windows and redraw changed ones (called at most ~20 times a second). */
     void refresh() {
+        forgetClosed()
         for (Stream s : streams.values()) {
             if (!s.dirty || s.imp == null) continue
             s.dirty = false
@@ -1592,6 +1630,7 @@ class Images {
     }
 
     List<Map> describe() {
+        forgetClosed()  // a closed window's image is gone: not shown, nothing to describe
         List<Map> out = []
         for (Stream s : streams.values()) {
             ImagePlus imp = s.imp
@@ -1611,6 +1650,7 @@ class Images {
      * (for checks from outside the JVM). */
     void save() {
         if (outputDir == null) return
+        forgetClosed()  // ImageJ flushed the image of a closed window: nothing to save
         outputDir.mkdirs()
         Set<String> names = new HashSet<String>()
         for (Stream s : streams.values()) {
@@ -1648,10 +1688,8 @@ class Images {
 
 @CompileStatic
 class SenderInfo {
-    String token, prefix
-    Object pid
-    boolean shm
-    long dropped, frames
+    String prefix
+    long dropped  // the sender's own count of frames it never sent (its header's `dropped`)
     final long since = System.nanoTime()
 }
 
@@ -1665,7 +1703,6 @@ class Core {
     long frames, rois, bytes, rejected, missing, senderDropped, shmFrames, inlineFrames
     double fps
     String lastError = ''
-    Closure log = { String msg -> System.err.println("polystore-fiji: ${msg}") }
 
     Core(Images images) { this.images = images }
 
@@ -1707,7 +1744,7 @@ class Core {
         } catch (Throwable t) {  // never die on a message (OutOfMemoryError included)
             StringWriter trace = new StringWriter()
             t.printStackTrace(new PrintWriter(trace))
-            log.call("internal error handling a message: ${trace}".toString())
+            images.log("internal error handling a message: ${trace}".toString())
             reject(identity, P.INTERNAL, "internal receiver error: ${t}".toString(), seq, reply)
         }
     }
@@ -1737,8 +1774,10 @@ class Core {
         if (!senders.containsKey(identity) && senders.size() >= P.MAX_SENDERS) {
             bye(senders.entrySet().min { Map.Entry<String, SenderInfo> e -> e.value.since }.key)
         }
-        SenderInfo s = new SenderInfo(token: (String) h.get('sender'), pid: h.get('pid'), prefix: expected, shm: shm)
-        senders.put(identity, s)
+        // The same sender (routing id) saying hello again keeps its baseline: its `dropped`
+        // is cumulative, and what it dropped before is counted already.
+        SenderInfo known = senders.get(identity)
+        senders.put(identity, new SenderInfo(prefix: expected, dropped: known != null ? known.dropped : 0L))
         return P.welcome(id, pid, shm)
     }
 
@@ -1764,9 +1803,8 @@ class Core {
                 throw new ProtocolError(P.BAD_SEGMENT, "segment ${Json.quote(segment)} is not one of this sender's (${sender.prefix}*)".toString(), seq)
             }
             Object offset = f.get('offset')
-            if (!(offset instanceof Long)) throw new ProtocolError(P.BAD_SEGMENT, "offset ${offset} is beyond any segment".toString(), seq)
-            try {
-                view = reader.view(segment, (Long) offset, nbytes)
+            try {  // an offset of 2^63 or more is beyond any segment: bad_segment, once it exists
+                view = reader.view(segment, offset instanceof Long ? (Long) offset : Long.MAX_VALUE, nbytes)
             } catch (SegmentError e) {
                 if (e.missing) {
                     missing++
@@ -1782,7 +1820,6 @@ class Core {
         } finally {
             SegmentReader.unmap(view.temporary)
         }
-        sender.frames++
         long dropped = Check.big(f.get('dropped')).min(BigInteger.valueOf(Long.MAX_VALUE)).longValue()
         if (dropped > sender.dropped) {
             senderDropped += dropped - sender.dropped
@@ -1820,7 +1857,7 @@ class Core {
     void reject(String identity, String code, String message, Object seq, Closure reply) {
         rejected++
         lastError = "${code}: ${message}".toString()
-        log.call("rejected message ${seq}: ${lastError}".toString())
+        images.log("rejected message ${seq}: ${lastError}".toString())
         reply.call(P.error(seq, code, message))
     }
 
@@ -1878,7 +1915,6 @@ try {
 
 Images images = new Images(modeParam, channelDisplayParam, gui, useRoiManager, outputDir)
 Core core = new Core(images)
-if (gui) core.log = images.log = { String msg -> System.err.println("polystore-fiji: ${msg}"); IJ.log("polystore: ${msg}") }
 
 def ctx = zmq.context(1)
 def sock = ctx.socket(zmq.ROUTER)
@@ -1948,7 +1984,7 @@ try {
             identity = sock.recv(0)
         } catch (Exception e) {
             if (stop.get() || loopThread.isInterrupted()) break
-            core.log.call("receive failed: ${e}")
+            images.log("receive failed: ${e}")
             Thread.sleep(100)  // a broken socket must not become a busy loop
         }
         if (identity != null) {
@@ -1976,7 +2012,7 @@ try {
                 if (statusLabel != null) statusLabel.text = "${bound}: ${core.frames} frames, ${String.format('%.1f', core.fps)} fps, ${core.rejected} rejected"
             }
         } catch (Exception e) {
-            core.log.call("housekeeping failed: ${e}")
+            images.log("housekeeping failed: ${e}")
         }
     }
 } finally {
