@@ -241,14 +241,15 @@ def main(argv: list[str] | None = None) -> int:
           "x raw zmq | idle p50 / p99 ms | loaded p50 / p99 ms | memcpy hot / working set "
           "GB/s | raw zmq GB/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for label, nbytes, ours, hot, cold, rawzmq in rows:
+    table = [_table_row(*row) for row in rows]  # computed once: printed and saved
+    for r in table:
         print(
-            f"| {label} | {ours['fps']:,.0f} | {ours['gbps']:.2f} | "
-            f"{ours['fps'] * nbytes / (hot / 2):.2f} | {ours['fps'] * nbytes / (cold / 2):.2f} | "
-            f"{ours['gbps'] * 1e9 / rawzmq:.2f} | "
-            f"{ours['idle_p50_ms']:.3f} / {ours['idle_p99_ms']:.3f} | "
-            f"{ours['load_p50_ms']:.3f} / {ours['load_p99_ms']:.3f} | "
-            f"{hot / 1e9:.1f} / {cold / 1e9:.1f} | {rawzmq / 1e9:.2f} |"
+            f"| {r['frame']} | {r['polystore_fps']:,.0f} | {r['polystore_gbps']:.2f} | "
+            f"{r['x_memcpy_half_hot']:.2f} | {r['x_memcpy_half_working_set']:.2f} | "
+            f"{r['x_raw_zmq']:.2f} | {r['idle_p50_ms']:.3f} / {r['idle_p99_ms']:.3f} | "
+            f"{r['load_p50_ms']:.3f} / {r['load_p99_ms']:.3f} | "
+            f"{r['memcpy_hot_gbps']:.1f} / {r['memcpy_working_set_gbps']:.1f} | "
+            f"{r['raw_zmq_gbps']:.2f} |"
         )
     print()
     print("| pipeline step (np.add) + stream, 2048x2048 uint16 | fps |")
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "title": title,
             "quick": args.quick,
-            "rows": [_table_row(*row) for row in rows],
+            "rows": table,
             "pipeline_step_fps": lease,
             "verified_frames": checked["checked"],
             "torn_frames": checked["torn"],

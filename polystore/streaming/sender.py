@@ -274,7 +274,7 @@ class StreamSender:
         )
         deadline = time.monotonic() + self.connect_timeout
         self._hello = (probe, deadline)
-        self._send(p.encode(hello), deadline)  # if nobody takes it, no welcome comes
+        self._send_parts([p.encode(hello)], deadline)  # if nobody takes it, no welcome comes
 
     def _drop_probe(self) -> None:
         if self._hello is not None:
@@ -610,9 +610,6 @@ class StreamSender:
             )
 
     # -- socket plumbing -----------------------------------------------------------------------
-
-    def _send(self, data: bytes, deadline: float) -> bool:
-        return self._send_parts([data], deadline)
 
     def _send_parts(self, parts: list, deadline: float | None = None) -> bool:
         """Send without ever blocking past `deadline`; False if nobody took it in time."""
