@@ -7,26 +7,41 @@ to the backend named by ``backend=``.
 
 from polystore import backends  # noqa: F401  (registers 'disk' and 'memory')
 from polystore.backends import DiskBackend, MemoryBackend
+from polystore import exceptions  # noqa: F401  (upstream's polystore.exceptions names)
 from polystore.base import (
     Backend,
+    BackendName,
     ReadOnlyBackend,
     StorageBackend,
     WriteOnlyBackend,
     registered_backend_classes,
 )
 from polystore.errors import (
+    BackendLoadError,
     BackendNotFoundError,
     BackendNotInstantiableError,
+    DeliveryNotConfirmedError,
     DuplicateBackendError,
+    FormatDataError,
+    NotFoundOnBackendError,
     PathEscapeError,
     PolystoreError,
     ReadOnlyBackendError,
+    StorageResolutionError,
+    TransferError,
     UnsupportedFormatError,
     UnsupportedOperationError,
 )
-from polystore.filemanager import FileManager
+from polystore.filemanager import DEFAULT_IMAGE_EXTENSIONS, FileManager
 from polystore.metadata import update_json
-from polystore.registry import BackendRegistry, available_backends
+from polystore.registry import (
+    BackendRegistry,
+    available_backends,
+    ensure_storage_registry,
+    get_backend,
+    register_backend,
+    storage_registry,
+)
 from polystore.streaming import (  # registers napari_stream and fiji_stream
     FijiStreamingBackend,
     NapariStreamingBackend,
@@ -36,27 +51,39 @@ from polystore.streaming import (  # registers napari_stream and fiji_stream
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_IMAGE_EXTENSIONS",
     "Backend",
+    "BackendLoadError",
+    "BackendName",
     "BackendNotFoundError",
     "BackendNotInstantiableError",
     "BackendRegistry",
+    "DeliveryNotConfirmedError",
     "DiskBackend",
     "DuplicateBackendError",
     "FijiStreamingBackend",
     "FileManager",
+    "FormatDataError",
     "MemoryBackend",
     "NapariStreamingBackend",
+    "NotFoundOnBackendError",
     "PathEscapeError",
     "PolystoreError",
     "ReadOnlyBackend",
     "ReadOnlyBackendError",
     "StorageBackend",
+    "StorageResolutionError",
     "StreamingBackend",
+    "TransferError",
     "UnsupportedFormatError",
     "UnsupportedOperationError",
     "WriteOnlyBackend",
     "available_backends",
+    "ensure_storage_registry",
+    "get_backend",
+    "register_backend",
     "registered_backend_classes",
+    "storage_registry",
     "update_json",
 ]
 

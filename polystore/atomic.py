@@ -5,6 +5,10 @@ and fsynced, then moved over the target with :func:`os.replace`. On Linux the te
 file is created with ``O_TMPFILE``: it has no name until the write has finished, so even a
 process killed with SIGKILL mid-write leaves nothing behind. Where ``O_TMPFILE`` is not
 available a hidden named temporary file is used and removed on any error.
+
+Replacing a file keeps what the user set on it: the new file gets the old one's permission
+bits, and its owner and group where this process may set them (root, or a group the user
+belongs to); a new file gets the usual mode from the umask.
 """
 
 from __future__ import annotations
@@ -50,6 +54,22 @@ def _link_anonymous(fd: int, dir_fd: int, target_name: str) -> str:
             return name
         except FileExistsError:
             continue
+
+
+def _copy_ownership(fd: int, dir_fd: int, target_name: str) -> None:
+    """Give the new file the mode (and owner/group where permitted) of the file it replaces."""
+    try:
+        old = os.stat(target_name, dir_fd=dir_fd, follow_symlinks=True)
+    except FileNotFoundError:
+        return
+    new = os.fstat(fd)
+    if (old.st_uid, old.st_gid) != (new.st_uid, new.st_gid):
+        try:
+            os.fchown(fd, old.st_uid, old.st_gid)
+        except PermissionError:
+            with suppress(PermissionError):
+                os.fchown(fd, -1, old.st_gid)  # a group the user is in: allowed
+    os.fchmod(fd, old.st_mode & 0o7777)
 
 
 def _tmpfile_works(dir_fd: int) -> bool:
@@ -107,6 +127,7 @@ def atomic_write(
                     break
                 except FileExistsError:
                     continue
+        _copy_ownership(fd, dir_fd, target.name)
         text_args = {"encoding": encoding, "newline": newline} if mode == "w" else {}
         with os.fdopen(fd, mode, **text_args) as handle:
             # Some writers (tifffile) need a str name; a raw fd's name is an int.

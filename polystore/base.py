@@ -8,6 +8,13 @@ backend only implements what it can actually do. :class:`StorageBackend`,
 
 A subclass that sets ``_backend_type`` in its own class body is registered under that name
 when the class is created; :class:`polystore.registry.BackendRegistry` builds on that table.
+Names are case-insensitive (registered in lower case).
+
+Upstream PolyStore's ``Backend`` was an enum of names (``Backend.DISK.value == "disk"``) while
+here it is the abstract base class the custom-backends guide subclasses. Both work: the ABC's
+metaclass answers ``Backend.DISK``, ``Backend("disk")``, ``Backend["DISK"]`` and
+``list(Backend)`` with members of :class:`BackendName`, a ``StrEnum``, so a member is also
+the plain name string wherever a backend name is accepted.
 """
 
 from __future__ import annotations
@@ -15,8 +22,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from abc import ABCMeta, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from enum import Enum, StrEnum
 from typing import Any, ClassVar
 
 from polystore.errors import (
@@ -27,10 +35,13 @@ from polystore.errors import (
 
 __all__ = [
     "Backend",
+    "BackendMeta",
+    "BackendName",
     "ReadOnlyBackend",
     "StorageBackend",
     "WriteOnlyBackend",
     "backend_label",
+    "backend_name",
     "registered_backend_classes",
 ]
 
@@ -40,6 +51,33 @@ _registry_lock = threading.Lock()
 _backend_classes: dict[str, type[Backend]] = {}
 
 
+class BackendName(StrEnum):
+    """Upstream PolyStore's backend identifiers; each member *is* its name string."""
+
+    AUTO = "auto"
+    DISK = "disk"
+    MEMORY = "memory"
+    ZARR = "zarr"
+    OME_ZARR = "ome_zarr"
+    STREAMING = "streaming"
+    NAPARI_STREAM = "napari_stream"
+    FIJI_STREAM = "fiji_stream"
+    OMERO_LOCAL = "omero_local"
+    VIRTUAL_WORKSPACE = "virtual_workspace"
+    BIOFORMATS = "bioformats"
+
+
+def backend_name(name: Any) -> str:
+    """The registry key for ``name``: a str, or an enum member (its value), in lower case."""
+    if isinstance(name, Enum):
+        name = name.value
+    if not isinstance(name, str):
+        raise TypeError(
+            f"backend must be a backend name (str or polystore.Backend.<NAME>), got {name!r}"
+        )
+    return name.strip().lower()
+
+
 def registered_backend_classes() -> dict[str, type[Backend]]:
     """Return a copy of the name -> class table filled by auto-registration."""
     with _registry_lock:
@@ -47,8 +85,9 @@ def registered_backend_classes() -> dict[str, type[Backend]]:
 
 
 def _register(name: str, cls: type[Backend]) -> None:
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str) or not name.strip():
         raise TypeError(f"{cls.__qualname__}._backend_type must be a non-empty str, got {name!r}")
+    name = backend_name(name)
     with _registry_lock:
         existing = _backend_classes.get(name)
         if existing is not None and existing is not cls:
@@ -56,7 +95,9 @@ def _register(name: str, cls: type[Backend]) -> None:
             def key(c: type) -> tuple[str, str]:
                 return (c.__module__, c.__qualname__)
 
-            if key(existing) != key(cls):
+            if cls.__dict__.get("__replaces_registered__", False):
+                logger.info("backend %r: %s replaces %s on purpose", name, key(cls), key(existing))
+            elif key(existing) != key(cls):
                 raise DuplicateBackendError(name, existing, cls)
             logger.debug("re-registering backend %r (%s re-imported)", name, cls.__qualname__)
         _backend_classes[name] = cls
@@ -68,20 +109,54 @@ def backend_label(backend: Backend | type[Backend]) -> str:
     return getattr(cls, "_backend_type", None) or cls.__name__
 
 
-class Backend(ABC):
+class BackendMeta(ABCMeta):
+    """ABCMeta that also lets the root ``Backend`` class act as upstream's name enum."""
+
+    def _is_root(cls) -> bool:
+        return cls.__dict__.get("_enum_root", False)
+
+    def __getattr__(cls, name: str) -> Any:
+        if name in BackendName.__members__ and cls._is_root():
+            return BackendName[name]
+        raise AttributeError(f"type object {cls.__name__!r} has no attribute {name!r}")
+
+    def __getitem__(cls, name: str) -> BackendName:
+        if not cls._is_root():
+            raise TypeError(f"{cls.__name__!r} class is not subscriptable")
+        return BackendName[name]
+
+    def __iter__(cls) -> Iterator[BackendName]:
+        if not cls._is_root():
+            raise TypeError(f"{cls.__name__!r} class is not iterable")
+        return iter(BackendName)
+
+
+class Backend(metaclass=BackendMeta):
     """Abstract storage backend.
 
     Capability flags are class attributes so callers can check them without an instance.
     ``can_list`` defaults to whether the class overrides :meth:`list_files`.
+    ``can_hold_bytes`` says that :meth:`read_bytes`/:meth:`write_bytes` store a file's exact
+    bytes, so copy and move between two such backends never decode and re-encode.
+    A subclass that sets ``__replaces_registered__ = True`` may take over a name another
+    class already registered (on purpose, e.g. a patched disk backend).
     """
 
+    _enum_root: ClassVar[bool] = True
     _backend_type: ClassVar[str | None] = None
     can_read: ClassVar[bool] = True
     can_write: ClassVar[bool] = True
     can_list: ClassVar[bool] = False
+    can_hold_bytes: ClassVar[bool] = False
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls.__dict__.get("_enum_root") and len(args) == 1 and not kwargs:
+            return BackendName(backend_name(args[0]))  # Backend("disk"), as with the enum
+        return super().__new__(cls)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        cls._enum_root = False
         if "can_list" not in cls.__dict__:
             cls.can_list = cls.list_files is not Backend.list_files
         if cls.__dict__.get("_backend_type") is not None:
@@ -148,6 +223,33 @@ class Backend(ABC):
     def ensure_directory(self, path: Any) -> None:
         """Create ``path`` and its parents if missing (unsupported unless implemented)."""
         raise self._unsupported("ensure_directory")
+
+    def delete_all(self, path: Any) -> None:
+        """Delete a file, a symlink or a whole directory tree (``delete(recursive=True)``)."""
+        self.delete(path, recursive=True)
+
+    # -- byte level (only where can_hold_bytes) -----------------------------------------
+    def read_bytes(self, path: Any, **kwargs: Any) -> bytes:
+        """The exact stored bytes of the file at ``path`` (backends with can_hold_bytes)."""
+        raise self._unsupported("read_bytes")
+
+    def write_bytes(self, data: bytes, path: Any, **kwargs: Any) -> None:
+        """Store ``data`` as the exact content of ``path`` (backends with can_hold_bytes)."""
+        raise self._unsupported("write_bytes")
+
+    def rename(self, src: Any, dst: Any) -> None:
+        """Move an item within this backend without copying it (unsupported unless
+        implemented; FileManager.move then copies and deletes)."""
+        raise self._unsupported("rename")
+
+    # -- symlinks (only where the backend has them) -------------------------------------
+    def create_symlink(self, source: Any, link: Any, overwrite: bool = False) -> None:
+        """Make ``link`` point at ``source`` (unsupported unless implemented)."""
+        raise self._unsupported("create_symlink")
+
+    def is_symlink(self, path: Any) -> bool:
+        """Whether ``path`` is a symbolic link; False where the backend has none."""
+        return False
 
     def same_path(self, a: Any, b: Any) -> bool:
         """Whether two spellings name the same stored item (so moving one onto the other

@@ -11,14 +11,26 @@ from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
+    "BackendLoadError",
     "BackendNotFoundError",
     "BackendNotInstantiableError",
+    "DeliveryNotConfirmedError",
     "DuplicateBackendError",
+    "FormatDataError",
+    "ImageLoadError",
+    "ImageSaveError",
+    "MetadataNotFoundError",
+    "NotFoundOnBackendError",
     "PathEscapeError",
+    "PathMismatchError",
     "PolystoreError",
     "ReadOnlyBackendError",
+    "StorageResolutionError",
+    "StorageWriteError",
+    "TransferError",
     "UnsupportedFormatError",
     "UnsupportedOperationError",
+    "VFSTypeError",
 ]
 
 
@@ -45,7 +57,40 @@ class PolystoreError(Exception):
         return (type(self), self._reduce_args)
 
 
-class BackendNotFoundError(PolystoreError, KeyError):
+# -- upstream PolyStore's names (polystore.exceptions re-exports them) ------------------------
+# Each is a PolystoreError *and* the built-in upstream derived it from, and this project's
+# specific errors derive from the upstream name that covers them, so `except
+# StorageResolutionError` (upstream style) and `except BackendNotFoundError` (this project)
+# both catch the same failure.
+class StorageResolutionError(PolystoreError, ValueError):
+    """A backend, path or stored item could not be resolved (upstream's catch-all)."""
+
+
+class ImageLoadError(PolystoreError, RuntimeError):
+    """Decoding a stored item failed."""
+
+
+class ImageSaveError(PolystoreError, RuntimeError):
+    """Encoding data for storage failed."""
+
+
+class StorageWriteError(PolystoreError, RuntimeError):
+    """Writing to storage failed."""
+
+
+class MetadataNotFoundError(PolystoreError, ValueError):
+    """Required metadata could not be found."""
+
+
+class PathMismatchError(PolystoreError, ValueError):
+    """A path does not fit the backend it was given to."""
+
+
+class VFSTypeError(PolystoreError, TypeError):
+    """A value of the wrong type crossed the storage boundary."""
+
+
+class BackendNotFoundError(StorageResolutionError, KeyError):
     """No backend of that name is registered (the message lists the available ones)."""
 
     def __init__(self, name: str, available: Iterable[str] = ()) -> None:
@@ -56,7 +101,7 @@ class BackendNotFoundError(PolystoreError, KeyError):
         self._reduce_args = (name, self.available)
 
 
-class BackendNotInstantiableError(PolystoreError, KeyError):
+class BackendNotInstantiableError(StorageResolutionError, KeyError):
     """A backend class is registered but cannot be created without arguments."""
 
     def __init__(self, name: str, cls: type | str, reason: str = "its constructor needs arguments"):
@@ -84,7 +129,7 @@ class DuplicateBackendError(PolystoreError, TypeError):
         self._reduce_args = (name, self.existing, self.new)
 
 
-class ReadOnlyBackendError(PolystoreError, PermissionError):
+class ReadOnlyBackendError(StorageWriteError, PermissionError):
     """A write was attempted on a read-only backend."""
 
     def __init__(self, backend: str, operation: str = "write") -> None:
@@ -97,7 +142,7 @@ class ReadOnlyBackendError(PolystoreError, PermissionError):
         self._reduce_args = (backend, operation)
 
 
-class UnsupportedOperationError(PolystoreError, NotImplementedError):
+class UnsupportedOperationError(StorageResolutionError, NotImplementedError):
     """The backend lacks the capability needed for an operation."""
 
     def __init__(self, backend: str, operation: str, reason: str = "") -> None:
@@ -108,21 +153,25 @@ class UnsupportedOperationError(PolystoreError, NotImplementedError):
         self._reduce_args = (backend, operation, reason)
 
 
-class UnsupportedFormatError(PolystoreError, ValueError):
+class UnsupportedFormatError(StorageResolutionError):
     """The file extension is not one the backend can read or write."""
 
-    def __init__(self, path: str, supported: Iterable[str], backend: str = "disk") -> None:
+    def __init__(
+        self, path: str, supported: Iterable[str], backend: str = "disk", detail: str = ""
+    ) -> None:
         self.path = path
         self.supported = sorted(supported)
         self.backend = backend
+        self.detail = detail
         super().__init__(
-            f"Backend {backend!r} cannot handle {path!r}: unsupported file extension. "
+            f"Backend {backend!r} cannot handle {path!r}: "
+            f"{detail or 'unsupported file extension'}. "
             f"Supported extensions: {', '.join(self.supported)}."
         )
-        self._reduce_args = (path, self.supported, backend)
+        self._reduce_args = (path, self.supported, backend, detail)
 
 
-class PathEscapeError(PolystoreError, ValueError):
+class PathEscapeError(PathMismatchError):
     """A path resolves outside the backend's root directory."""
 
     def __init__(self, path: str, root: str) -> None:
@@ -130,3 +179,44 @@ class PathEscapeError(PolystoreError, ValueError):
         self.root = root
         super().__init__(f"Path {path!r} escapes the backend root {root!r}; refusing to use it.")
         self._reduce_args = (path, root)
+
+
+class BackendLoadError(StorageResolutionError, KeyError):
+    """An installed plugin advertises a backend name, but importing it failed."""
+
+    def __init__(self, name: str, source: str, reason: str) -> None:
+        self.name = name
+        self.source = source
+        self.reason = reason
+        super().__init__(
+            f"Backend {name!r} is advertised by the entry point {source!r}, but loading it "
+            f"failed: {reason}. Reinstall or fix the package that provides it, or use another "
+            "backend."
+        )
+        self._reduce_args = (name, source, reason)
+
+
+class NotFoundOnBackendError(StorageResolutionError, FileNotFoundError):
+    """A path does not exist on a backend (a FileNotFoundError that names both)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+class FormatDataError(ImageSaveError, TypeError):
+    """Data of a type the path's format cannot hold (the message says what it accepts)."""
+
+    def __init__(self, path: str, given: str, accepts: str) -> None:
+        self.path = path
+        self.given = given
+        self.accepts = accepts
+        super().__init__(f"Cannot save {given} to {path!r}: this extension takes {accepts}.")
+        self._reduce_args = (path, given, accepts)
+
+
+class TransferError(StorageWriteError):
+    """A copy or move did not complete; the message says where the data are now."""
+
+
+class DeliveryNotConfirmedError(TransferError):
+    """A move to a sink that cannot confirm delivery (or did not): the source was kept."""

@@ -2,32 +2,66 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Iterable, Mapping
+from collections import deque
+from collections.abc import Iterable, Mapping, MutableMapping
+from pathlib import PurePosixPath
 from typing import Any, NoReturn
 
-from polystore.base import Backend, check_batch_lengths
-from polystore.errors import BackendNotFoundError, ReadOnlyBackendError, UnsupportedOperationError
+from polystore.base import Backend, backend_name, check_batch_lengths
+from polystore.errors import (
+    BackendNotFoundError,
+    DeliveryNotConfirmedError,
+    NotFoundOnBackendError,
+    PolystoreError,
+    ReadOnlyBackendError,
+    TransferError,
+    UnsupportedFormatError,
+    UnsupportedOperationError,
+)
+from polystore.paths import natural_sort_key
 
-__all__ = ["FileManager"]
+__all__ = ["DEFAULT_IMAGE_EXTENSIONS", "FileManager"]
 
 logger = logging.getLogger(__name__)
 
+#: Extensions ``list_image_files`` looks for unless told otherwise.
+DEFAULT_IMAGE_EXTENSIONS = frozenset(
+    {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".npy"}
+)
+
 
 def _raise_not_found(exc: FileNotFoundError, path: Any, backend: str) -> NoReturn:
-    """Re-raise with a message that names both the path and the backend."""
-    message = str(exc)
-    if str(path) in message and backend in message:
+    """Re-raise as a NotFoundOnBackendError (a FileNotFoundError and upstream's
+    StorageResolutionError) whose message names both the path and the backend."""
+    if isinstance(exc, NotFoundOnBackendError):
         raise exc
-    raise FileNotFoundError(f"{str(path)!r} not found on backend {backend!r}: {message}") from exc
+    message = str(exc)
+    if not (str(path) in message and backend in message):
+        message = f"{str(path)!r} not found on backend {backend!r}: {message}"
+    raise NotFoundOnBackendError(message) from exc
+
+
+def _overrides(backend: Backend, method: str) -> bool:
+    return getattr(type(backend), method) is not getattr(Backend, method)
+
+
+def _join(base: Any, rel: str) -> str:
+    return str(PurePosixPath(str(base)) / rel) if rel else str(base)
 
 
 class FileManager:
-    """Route storage calls to the backend named by the ``backend=`` keyword.
+    """Route storage calls to the backend each call names.
 
     ``registry`` is a :class:`~polystore.registry.BackendRegistry` or any mapping of name
-    to backend instance. There is no default backend and no guessing: an unknown name
-    raises BackendNotFoundError listing the available ones.
+    to backend instance. Every method takes the backend's name, positionally (as upstream
+    PolyStore documents) or as ``backend=``; names are case-insensitive and upstream's
+    ``Backend.DISK`` enum members work too. There is no default backend and no guessing:
+    an unknown name raises BackendNotFoundError listing the available ones.
+
+    A FileManager pickles with its registry (as configuration), so one instance can be
+    handed to multiprocessing, ProcessPoolExecutor or Dask workers.
     """
 
     def __init__(self, registry: Mapping[str, Backend]) -> None:
@@ -38,27 +72,58 @@ class FileManager:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.registry!r})"
 
-    def get_backend(self, backend: str) -> Backend:
+    def get_backend(self, backend: Any) -> Backend:
         """The backend instance registered as ``backend``."""
-        if not isinstance(backend, str):
-            raise TypeError(f"backend= must be a backend name (str), got {backend!r}")
-        if backend not in self.registry:
-            raise BackendNotFoundError(backend, list(self.registry))
-        return self.registry[backend]
+        key = backend_name(backend)
+        if key in self.registry:
+            return self.registry[key]
+        if isinstance(backend, str) and backend in self.registry:  # a plain dict, mixed case
+            return self.registry[backend]
+        raise BackendNotFoundError(str(backend), list(self.registry))
+
+    def register_backend(self, name: Any, backend: Backend) -> None:
+        """Add or replace a backend in this FileManager's registry."""
+        if not isinstance(self.registry, MutableMapping):
+            raise TypeError(
+                f"this FileManager's registry ({type(self.registry).__name__}) is read-only; "
+                "build the FileManager on a BackendRegistry or a dict to register backends"
+            )
+        self.registry[backend_name(name)] = backend
 
     # -- data -----------------------------------------------------------------------
-    def save(self, data: Any, file_path: Any, *, backend: str, **kwargs: Any) -> None:
-        self.get_backend(backend).save(data, file_path, **kwargs)
+    def save(self, data: Any, file_path: Any, backend: Any, **kwargs: Any) -> Any:
+        """Store ``data`` at ``file_path``; keyword arguments go to the backend."""
+        return self.get_backend(backend).save(data, file_path, **kwargs)
 
-    def load(self, file_path: Any, *, backend: str, **kwargs: Any) -> Any:
+    def load(self, file_path: Any, backend: Any, **kwargs: Any) -> Any:
+        """Return the item at ``file_path``; keyword arguments go to the backend."""
         target = self.get_backend(backend)
         try:
             return target.load(file_path, **kwargs)
         except FileNotFoundError as exc:
-            _raise_not_found(exc, file_path, backend)
+            _raise_not_found(exc, file_path, str(backend))
+
+    def load_text(self, file_path: Any, backend: Any) -> str:
+        """The stored item as text: bytes decoded as UTF-8, a str as it is."""
+        target = self.get_backend(backend)
+        try:
+            raw = target.read_bytes(file_path) if target.can_hold_bytes else None
+        except FileNotFoundError as exc:
+            _raise_not_found(exc, file_path, str(backend))
+        except UnsupportedFormatError:
+            raw = None
+        data = raw if raw is not None else self.load(file_path, backend)
+        if isinstance(data, bytes | bytearray | memoryview):
+            return bytes(data).decode("utf-8")
+        if isinstance(data, str):
+            return data
+        raise TypeError(
+            f"load_text({str(file_path)!r}): backend {backend!r} holds "
+            f"{type(data).__name__}, not text; use load()"
+        )
 
     def save_batch(
-        self, data_list: Iterable[Any], file_paths: Iterable[Any], *, backend: str, **kwargs: Any
+        self, data_list: Iterable[Any], file_paths: Iterable[Any], backend: Any, **kwargs: Any
     ) -> None:
         """Save several items; a length mismatch raises ValueError before anything is written."""
         target = self.get_backend(backend)
@@ -66,7 +131,7 @@ class FileManager:
         check_batch_lengths(data_list, file_paths)
         target.save_batch(data_list, file_paths, **kwargs)
 
-    def load_batch(self, file_paths: Iterable[Any], *, backend: str, **kwargs: Any) -> list[Any]:
+    def load_batch(self, file_paths: Iterable[Any], backend: Any, **kwargs: Any) -> list[Any]:
         target = self.get_backend(backend)
         file_paths = list(file_paths)
         try:
@@ -75,43 +140,93 @@ class FileManager:
             missing = exc.filename or next(
                 (p for p in file_paths if str(p) in str(exc)), ", ".join(map(str, file_paths))
             )
-            _raise_not_found(exc, missing, backend)
+            _raise_not_found(exc, missing, str(backend))
 
     # -- navigation -----------------------------------------------------------------
     def list_files(
         self,
         directory: Any,
-        *,
-        backend: str,
+        backend: Any,
         pattern: str | None = None,
         extensions: Iterable[str] | None = None,
         recursive: bool = False,
+        **kwargs: Any,
     ) -> list[str]:
+        """Files under ``directory`` in natural order ('t2' before 't10'); extra keyword
+        arguments go to the backend."""
         target = self.get_backend(backend)
         try:
-            return target.list_files(
-                directory, pattern=pattern, extensions=extensions, recursive=recursive
+            found = target.list_files(
+                directory, pattern=pattern, extensions=extensions, recursive=recursive, **kwargs
             )
         except FileNotFoundError as exc:
-            _raise_not_found(exc, directory, backend)
+            _raise_not_found(exc, directory, str(backend))
+        return sorted((str(f) for f in found), key=natural_sort_key)
 
-    def list_dir(self, path: Any, *, backend: str) -> list[str]:
+    def list_image_files(
+        self,
+        directory: Any,
+        backend: Any,
+        pattern: str | None = None,
+        extensions: Iterable[str] = DEFAULT_IMAGE_EXTENSIONS,
+        recursive: bool = False,
+    ) -> list[str]:
+        """Image files under ``directory`` (``DEFAULT_IMAGE_EXTENSIONS``), natural order."""
+        return self.list_files(
+            directory, backend, pattern=pattern, extensions=extensions, recursive=recursive
+        )
+
+    def find_file_recursive(self, directory: Any, filename: str, backend: Any) -> str | None:
+        """The first file named ``filename`` under ``directory`` (natural order), else None."""
+        for path in self.list_files(directory, backend, recursive=True):
+            if PurePosixPath(path).name == filename:
+                return path
+        return None
+
+    def list_dir(self, path: Any, backend: Any) -> list[str]:
         target = self.get_backend(backend)
         try:
-            return target.list_dir(path)
+            return sorted(target.list_dir(path), key=natural_sort_key)
         except FileNotFoundError as exc:
-            _raise_not_found(exc, path, backend)
+            _raise_not_found(exc, path, str(backend))
 
-    def exists(self, path: Any, *, backend: str) -> bool:
+    def collect_dirs_and_files(
+        self, base_dir: Any, backend: Any, recursive: bool = True
+    ) -> tuple[list[str], list[str]]:
+        """Every directory (``base_dir`` included) and file below ``base_dir``, breadth
+        first, each list in natural order."""
+        target = self.get_backend(backend)
+        dirs: list[str] = []
+        files: list[str] = []
+        queue = deque([str(base_dir)])
+        while queue:
+            current = queue.popleft()
+            dirs.append(current)
+            for name in self.list_dir(current, backend):
+                full = _join(current, name)
+                if target.is_dir(full):
+                    if recursive:
+                        queue.append(full)
+                    else:
+                        dirs.append(full)
+                else:
+                    files.append(full)
+        return sorted(dirs, key=natural_sort_key), sorted(files, key=natural_sort_key)
+
+    def exists(self, path: Any, backend: Any) -> bool:
         return self.get_backend(backend).exists(path)
 
-    def is_file(self, path: Any, *, backend: str) -> bool:
+    def is_file(self, path: Any, backend: Any) -> bool:
         return self.get_backend(backend).is_file(path)
 
-    def is_dir(self, path: Any, *, backend: str) -> bool:
+    def is_dir(self, path: Any, backend: Any) -> bool:
         return self.get_backend(backend).is_dir(path)
 
-    def delete(self, path: Any, *, backend: str, recursive: bool = False) -> None:
+    def is_symlink(self, path: Any, backend: Any) -> bool:
+        return self.get_backend(backend).is_symlink(path)
+
+    def delete(self, path: Any, backend: Any, recursive: bool = False) -> bool:
+        """Delete a file, an empty directory, or (``recursive=True``) a tree; True when done."""
         target = self.get_backend(backend)
         try:
             # Only pass recursive when asked: third-party delete(path) may not accept it.
@@ -120,33 +235,326 @@ class FileManager:
             else:
                 target.delete(path)
         except FileNotFoundError as exc:
-            _raise_not_found(exc, path, backend)
+            _raise_not_found(exc, path, str(backend))
+        return True
 
-    def ensure_directory(self, path: Any, *, backend: str) -> None:
+    def delete_all(self, path: Any, backend: Any) -> bool:
+        """Delete a file, a symlink or a whole directory tree; True when done."""
+        target = self.get_backend(backend)
+        try:
+            target.delete_all(path)
+        except FileNotFoundError as exc:
+            _raise_not_found(exc, path, str(backend))
+        return True
+
+    def ensure_directory(self, path: Any, backend: Any) -> str:
+        """Create ``path`` and its parents if missing; returns the path (as upstream)."""
         self.get_backend(backend).ensure_directory(path)
+        return str(path)
+
+    # -- symlinks -------------------------------------------------------------------
+    def create_symlink(
+        self, source_path: Any, symlink_path: Any, backend: Any, overwrite_symlinks_only: bool = False
+    ) -> bool:
+        """Make ``symlink_path`` a link to ``source_path``. An existing path is an error,
+        except a symlink when ``overwrite_symlinks_only`` (a regular file is never replaced)."""
+        self.get_backend(backend).create_symlink(
+            source_path, symlink_path, overwrite=overwrite_symlinks_only
+        )
+        return True
+
+    def mirror_directory_with_symlinks(
+        self,
+        source_dir: Any,
+        target_dir: Any,
+        backend: Any,
+        recursive: bool = True,
+        overwrite_symlinks_only: bool = False,
+    ) -> int:
+        """Recreate ``source_dir``'s tree under ``target_dir`` with a symlink per file;
+        returns the number of links made."""
+        _, files = self.collect_dirs_and_files(source_dir, backend, recursive=recursive)
+        self.ensure_directory(target_dir, backend)
+        for path in files:
+            rel = PurePosixPath(path).relative_to(PurePosixPath(str(source_dir)))
+            self.create_symlink(
+                path, _join(target_dir, str(rel)), backend, overwrite_symlinks_only
+            )
+        return len(files)
 
     # -- between backends -----------------------------------------------------------
+    def _endpoints(
+        self, backend: Any, src_backend: Any, dst_backend: Any, operation: str
+    ) -> tuple[str, str, bool]:
+        """(source name, destination name, upstream-style single backend?)."""
+        if backend is not None:
+            if src_backend is not None or dst_backend is not None:
+                raise TypeError(f"{operation}() takes backend= or src_backend=/dst_backend=, not both")
+            return str(backend), str(backend), True
+        if src_backend is None or dst_backend is None:
+            raise TypeError(
+                f"{operation}() needs a backend: {operation}(src, dst, 'disk') within one "
+                f"backend, or {operation}(src, dst, src_backend=..., dst_backend=...)"
+            )
+        return str(src_backend), str(dst_backend), False
+
+    def _items(self, source: Backend, src: Any) -> tuple[list[str], list[str]] | None:
+        """For a directory: its sub-directories and files relative to it; None for a file."""
+        if not (_overrides(source, "is_dir") and source.is_dir(src)):
+            return None
+        dirs: list[str] = []
+        files: list[str] = []
+        queue = deque([""])
+        while queue:
+            rel = queue.popleft()
+            for name in source.list_dir(_join(src, rel)):
+                child = f"{rel}/{name}" if rel else name
+                if source.is_dir(_join(src, child)):
+                    dirs.append(child)
+                    queue.append(child)
+                else:
+                    files.append(child)
+        return dirs, files
+
+    @staticmethod
+    def _transfer_file(
+        source: Backend, dest: Backend, src: Any, dst: Any, kwargs: dict[str, Any]
+    ) -> str | None:
+        """Copy one item; returns the sha256 of its bytes when they were copied verbatim."""
+        if source.can_hold_bytes and dest.can_hold_bytes and not kwargs:
+            try:
+                raw = source.read_bytes(src)
+            except UnsupportedFormatError:
+                raw = None  # an object the source holds decoded, with no file format
+            if raw is not None:
+                dest.write_bytes(raw, dst)
+                return hashlib.sha256(raw).hexdigest()
+        dest.save(source.load(src), dst, **kwargs)
+        return None
+
     def copy(
-        self, src: Any, dst: Any, *, src_backend: str, dst_backend: str, **kwargs: Any
+        self,
+        src: Any,
+        dst: Any,
+        backend: Any = None,
+        *,
+        src_backend: Any = None,
+        dst_backend: Any = None,
+        overwrite: bool | None = None,
+        **kwargs: Any,
+    ) -> bool:
+        """Copy a file or a directory tree, within one backend (``copy(src, dst, 'disk')``)
+        or between two (``src_backend=``, ``dst_backend=``).
+
+        Between backends that can hold bytes (disk, memory, custom ones declaring
+        ``can_hold_bytes``) the stored bytes are copied exactly; otherwise the item is
+        loaded and given to the destination's ``save()`` with ``kwargs``. ``overwrite``
+        defaults to False in the one-backend form (upstream never overwrote) and to True
+        with ``src_backend``/``dst_backend``; an existing destination with
+        ``overwrite=False`` raises FileExistsError. Returns True.
+        """
+        src_name, dst_name, single = self._endpoints(backend, src_backend, dst_backend, "copy")
+        source, dest = self.get_backend(src_name), self.get_backend(dst_name)
+        self._check_transfer(source, dest, src, dst, src_name, dst_name, overwrite, single)
+        self._copy(source, dest, src, dst, kwargs)
+        return True
+
+    def _check_transfer(
+        self,
+        source: Backend,
+        dest: Backend,
+        src: Any,
+        dst: Any,
+        src_name: str,
+        dst_name: str,
+        overwrite: bool | None,
+        single: bool,
     ) -> None:
-        """Load ``src`` from one backend and save it as ``dst`` on another (or the same)."""
-        source, dest = self.get_backend(src_backend), self.get_backend(dst_backend)
         if not source.can_read:
-            raise UnsupportedOperationError(src_backend, "load", "cannot copy from a sink")
+            raise UnsupportedOperationError(src_name, "load", "cannot copy from a sink")
         if not dest.can_write:
-            raise ReadOnlyBackendError(dst_backend, "save")
-        data = self.load(src, backend=src_backend)
-        dest.save(data, dst, **kwargs)
+            raise ReadOnlyBackendError(dst_name, "save")
+        if _overrides(source, "exists") and not source.exists(src):
+            raise NotFoundOnBackendError(f"{str(src)!r} not found on backend {src_name!r}")
+        if overwrite is None:
+            overwrite = not single
+        if not overwrite and _overrides(dest, "exists") and dest.exists(dst):
+            raise FileExistsError(
+                f"{str(dst)!r} already exists on backend {dst_name!r}; pass overwrite=True "
+                "to replace it"
+            )
+
+    def _copy(
+        self, source: Backend, dest: Backend, src: Any, dst: Any, kwargs: dict[str, Any]
+    ) -> dict[str, str | None]:
+        """Copy a file or tree; returns destination path -> sha256 (None: re-encoded)."""
+        tree = self._items(source, src)
+        if tree is None:
+            return {str(dst): self._transfer_file(source, dest, src, dst, kwargs)}
+        dirs, files = tree
+        written: dict[str, str | None] = {}
+        if _overrides(dest, "ensure_directory"):
+            dest.ensure_directory(dst)
+            for rel in dirs:
+                dest.ensure_directory(_join(dst, rel))
+        for rel in files:
+            target = _join(dst, rel)
+            written[target] = self._transfer_file(source, dest, _join(src, rel), target, kwargs)
+        return written
 
     def move(
-        self, src: Any, dst: Any, *, src_backend: str, dst_backend: str, **kwargs: Any
-    ) -> None:
-        """Copy, then delete the source; the source is kept if the copy fails."""
-        source = self.get_backend(src_backend)
+        self,
+        src: Any,
+        dst: Any,
+        backend: Any = None,
+        *,
+        src_backend: Any = None,
+        dst_backend: Any = None,
+        overwrite: bool | None = None,
+        replace_symlinks: bool = False,
+        **kwargs: Any,
+    ) -> bool:
+        """Move a file or a directory tree; the source is deleted only once the destination
+        verifiably holds everything.
+
+        * Within one backend that can rename (disk on one filesystem, memory): a rename.
+        * Between backends that hold bytes: the bytes are copied, read back and compared
+          (sha256), then the source is deleted.
+        * To a sink such as a live viewer: every item must have an extension it takes, the
+          backend must confirm delivery (policy 'block' or 'raise': ``flush()`` waits for
+          the receiver's acknowledgement), else DeliveryNotConfirmedError and the source
+          stays.
+        * If the source cannot be deleted, the copy is removed again and TransferError says
+          so; if even that fails, TransferError says plainly that both exist.
+
+        ``overwrite`` as in :meth:`copy`; ``replace_symlinks=True`` (upstream) allows
+        replacing a destination that is a symlink. Returns True.
+        """
+        src_name, dst_name, single = self._endpoints(backend, src_backend, dst_backend, "move")
+        source, dest = self.get_backend(src_name), self.get_backend(dst_name)
+        if source is dest and source.same_path(src, dst):
+            return True  # moving an item onto itself: nothing to do, and nothing to delete
         if not source.can_write:
-            raise ReadOnlyBackendError(src_backend, "delete (needed to move)")
-        if source is self.get_backend(dst_backend) and source.same_path(src, dst):
-            return  # moving a file onto itself: nothing to do, and nothing to delete
-        self.copy(src, dst, src_backend=src_backend, dst_backend=dst_backend, **kwargs)
-        self.delete(src, backend=src_backend)
-        logger.debug("moved %s (%s) -> %s (%s)", src, src_backend, dst, dst_backend)
+            raise ReadOnlyBackendError(src_name, "delete (needed to move)")
+        if not _overrides(source, "delete"):
+            raise UnsupportedOperationError(
+                src_name, "delete", "needed to move; nothing was copied. Use copy() instead"
+            )
+        if replace_symlinks and dest.is_symlink(dst):
+            overwrite = True
+        self._check_transfer(source, dest, src, dst, src_name, dst_name, overwrite, single)
+        if source is dest and self._try_rename(source, src, dst):
+            return True
+        if dest.can_read:
+            written = self._copy(source, dest, src, dst, kwargs)
+            self._verify(dest, written, dst_name, src)
+        else:
+            self._deliver(source, dest, src, dst, dst_name, kwargs)
+            written = {}
+        self._delete_source(source, dest, src, dst, src_name, dst_name, written)
+        logger.debug("moved %s (%s) -> %s (%s)", src, src_name, dst, dst_name)
+        return True
+
+    @staticmethod
+    def _try_rename(backend: Backend, src: Any, dst: Any) -> bool:
+        try:
+            backend.rename(src, dst)
+        except UnsupportedOperationError:
+            return False
+        except OSError as exc:
+            if exc.errno == 18:  # EXDEV: another filesystem, so copy and delete instead
+                return False
+            raise
+        return True
+
+    def _verify(self, dest: Backend, written: dict[str, str | None], dst_name: str, src: Any):
+        """Read back what was written before anything is deleted."""
+        for path, digest in written.items():
+            if digest is not None:
+                ok = hashlib.sha256(dest.read_bytes(path)).hexdigest() == digest
+            else:
+                ok = not _overrides(dest, "exists") or dest.exists(path)
+            if not ok:
+                raise TransferError(
+                    f"move of {str(src)!r}: {path!r} on backend {dst_name!r} does not hold what "
+                    "was written; the source was kept"
+                )
+
+    def _deliver(
+        self,
+        source: Backend,
+        dest: Backend,
+        src: Any,
+        dst: Any,
+        dst_name: str,
+        kwargs: dict[str, Any],
+    ) -> None:
+        """Send to a sink and wait until it confirms it holds everything."""
+        tree = self._items(source, src)
+        pairs = [(src, dst)] if tree is None else [
+            (_join(src, rel), _join(dst, rel)) for rel in tree[1]
+        ]
+        accepted = getattr(dest, "SUPPORTED_EXTENSIONS", None)
+        if accepted:
+            refused = [d for _, d in pairs if not str(d).lower().endswith(tuple(accepted))]
+            if refused:
+                raise DeliveryNotConfirmedError(
+                    f"move to {dst_name!r}: it does not take {refused[:5]} (it takes "
+                    f"{', '.join(sorted(accepted))}); nothing was sent and the source was kept"
+                )
+        flush = getattr(dest, "flush", None)
+        policy = getattr(dest, "policy", None) or getattr(
+            getattr(dest, "sender", None), "policy", None
+        )
+        if flush is None or policy == "latest":
+            why = (
+                "its policy 'latest' may drop frames without telling the sender"
+                if policy == "latest"
+                else "it cannot confirm delivery (no flush())"
+            )
+            raise DeliveryNotConfirmedError(
+                f"move to {dst_name!r} refused: {why}. Nothing was sent and the source was "
+                "kept; use copy(), or a backend with policy='block'"
+            )
+        try:
+            for item_src, item_dst in pairs:
+                dest.save(source.load(item_src), item_dst, **kwargs)
+            flush()
+        except PolystoreError as exc:
+            raise DeliveryNotConfirmedError(
+                f"move to {dst_name!r}: delivery was not confirmed ({exc}); the source was kept"
+            ) from exc
+
+    def _delete_source(
+        self,
+        source: Backend,
+        dest: Backend,
+        src: Any,
+        dst: Any,
+        src_name: str,
+        dst_name: str,
+        written: dict[str, str | None],
+    ) -> None:
+        try:
+            source.delete(src, recursive=True) if self._items(source, src) else source.delete(src)
+        except Exception as exc:
+            if not dest.can_read:
+                raise TransferError(
+                    f"move: {str(src)!r} was delivered to {dst_name!r} but could not be deleted "
+                    f"from {src_name!r} ({type(exc).__name__}: {exc}); it still exists there"
+                ) from exc
+            try:
+                dest.delete(dst, recursive=True) if len(written) > 1 or (
+                    _overrides(dest, "is_dir") and dest.is_dir(dst)
+                ) else dest.delete(dst)
+            except Exception as undo:
+                raise TransferError(
+                    f"move: could not delete the source {str(src)!r} on {src_name!r} "
+                    f"({type(exc).__name__}: {exc}), nor remove the copy {str(dst)!r} on "
+                    f"{dst_name!r} ({type(undo).__name__}: {undo}): BOTH EXIST now"
+                ) from exc
+            raise TransferError(
+                f"move: could not delete the source {str(src)!r} on {src_name!r} "
+                f"({type(exc).__name__}: {exc}); the copy on {dst_name!r} was removed again, "
+                "so nothing moved"
+            ) from exc

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from polystore.errors import PathEscapeError
 __all__ = [
     "ensure_within",
     "name_matches",
+    "natural_sort_key",
     "normalize_extensions",
     "normalize_relative",
     "resolve_within",
@@ -89,3 +91,14 @@ def name_matches(name: str, pattern: str | None, extensions: tuple[str, ...] | N
     if pattern is not None and not fnmatch.fnmatchcase(name, pattern):
         return False
     return extensions is None or name.lower().endswith(extensions)
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_sort_key(text: Any) -> tuple[tuple[tuple[int, int | str], ...], str]:
+    """Sort key that orders digit runs by value: 't2' < 't10' (ties such as 't2'/'t02' are
+    broken by the plain text, so the order never depends on the input order)."""
+    parts = _DIGITS.split(str(text))
+    key = tuple((1, int(part)) if i % 2 else (0, part) for i, part in enumerate(parts))
+    return key, str(text)

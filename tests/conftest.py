@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import sys
+import tempfile
+import tomllib
 from pathlib import Path
 
 import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+PLUGIN_PACKAGES_DIR = TESTS_DIR / "packages"
 
 SHM_DIR = Path("/dev/shm")
 # Every prefix a polystore sender may use, including the guide's custom example.
@@ -82,3 +89,50 @@ def figure():
         old = json.loads(path.read_text()) if path.exists() else {}
         old.update(measured)
         path.write_text(json.dumps(old, indent=2, sort_keys=True))
+
+
+# -- test-only plugin packages ------------------------------------------------------------
+# tests/packages/* are installed for this test session only, never by scripts/install.sh: a
+# temporary directory gets a minimal ``*.dist-info`` (METADATA + entry_points.txt) per package
+# and goes on sys.path (and PYTHONPATH, for subprocesses) with the package's sources. So a
+# user's environment keeps the guide's example names ("mybackend") free.
+PLUGIN_PATHS: list[str] = []
+_plugin_metadata_dir: str | None = None
+
+
+def install_test_plugins(metadata_dir: Path) -> list[str]:
+    """Make every package under tests/packages importable with its entry points; returns
+    the paths to put on sys.path."""
+    paths = [str(metadata_dir)]
+    for project in sorted(PLUGIN_PACKAGES_DIR.glob("*/pyproject.toml")):
+        meta = tomllib.loads(project.read_text())["project"]
+        name, version = meta["name"], meta["version"]
+        info = metadata_dir / f"{name.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+        )
+        groups = meta.get("entry-points", {})
+        (info / "entry_points.txt").write_text(
+            "".join(
+                f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()) + "\n"
+                for group, eps in groups.items()
+            )
+        )
+        paths.append(str(project.parent))
+    return paths
+
+
+def pytest_configure(config):
+    global _plugin_metadata_dir
+    _plugin_metadata_dir = tempfile.mkdtemp(prefix="polystore-test-plugins-")
+    PLUGIN_PATHS[:] = install_test_plugins(Path(_plugin_metadata_dir))
+    sys.path[:0] = PLUGIN_PATHS
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        PLUGIN_PATHS + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
+
+
+def pytest_unconfigure(config):
+    if _plugin_metadata_dir:
+        shutil.rmtree(_plugin_metadata_dir, ignore_errors=True)

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 import polystore
 from polystore import (
     Backend,
+    BackendLoadError,
     BackendNotFoundError,
     BackendNotInstantiableError,
     BackendRegistry,
@@ -292,7 +293,9 @@ def _fake_distribution(root: Path, entry_points: str) -> None:
     (info / "entry_points.txt").write_text(entry_points)
 
 
-def test_broken_entry_points_warn_and_are_skipped(tmp_path, monkeypatch, caplog):
+def test_entry_points_are_listed_by_name_and_imported_on_first_use(tmp_path, monkeypatch):
+    """Issue 10 item 6: listing names imports nothing; a broken plugin fails only when its
+    name is used, with an error naming the entry point and the cause."""
     _fake_distribution(
         tmp_path,
         "[polystore.backends]\n"
@@ -300,27 +303,44 @@ def test_broken_entry_points_warn_and_are_skipped(tmp_path, monkeypatch, caplog)
         "notabackend = json:dumps\n"
         "badattr = json:no_such_attribute_xyz\n"
         "clash = core_clashing_plugin:ClashingDisk\n"
-        "memalias = polystore.backends.memory:MemoryBackend\n",
+        "memalias = polystore.backends.memory:MemoryBackend\n"
+        "lazyone = core_lazy_plugin:LazyBackend\n",
     )
     (tmp_path / "core_clashing_plugin.py").write_text(
         "from polystore import StorageBackend\n\n"
         "class ClashingDisk(StorageBackend):\n"
         "    _backend_type = 'disk'  # already taken by polystore's DiskBackend\n"
     )
+    (tmp_path / "core_lazy_plugin.py").write_text(
+        "from polystore.backends.memory import MemoryBackend\n\n"
+        "class LazyBackend(MemoryBackend):\n"
+        "    _backend_type = 'lazyone'\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="polystore.registry"):
-        registry = BackendRegistry()
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("'broken'" in w and "polystore_no_such_module_xyz" in w for w in warnings)
-    assert any("'notabackend'" in w and "not a polystore Backend" in w for w in warnings)
-    assert any("'badattr'" in w and "AttributeError" in w for w in warnings)
-    assert any("'clash'" in w and "DuplicateBackendError" in w for w in warnings)
-    for name in ("broken", "notabackend", "badattr", "clash"):
-        assert name not in registry
+    registry = BackendRegistry()
+    names = list(registry)
+    for name in ("broken", "notabackend", "badattr", "clash", "memalias", "lazyone"):
+        assert name in names and name in registry
+    assert "core_lazy_plugin" not in sys.modules  # listing imported nothing
+    assert "core_clashing_plugin" not in sys.modules
+    assert "LazyOne" in registry  # names are case-insensitive
+
+    assert type(registry["LAZYONE"]).__name__ == "LazyBackend"  # imported on first use
+    assert "core_lazy_plugin" in sys.modules
+    for name, cause in [
+        ("broken", "polystore_no_such_module_xyz"),
+        ("notabackend", "not a polystore Backend"),
+        ("badattr", "AttributeError"),
+        ("clash", "DuplicateBackendError"),
+    ]:
+        with pytest.raises(BackendLoadError, match=cause) as info:
+            registry[name]
+        assert f"'{name}'" in str(info.value) and "entry point" in str(info.value)
+        assert isinstance(info.value, KeyError) and registry.get(name) is None
     assert registered_backend_classes()["disk"] is DiskBackend
-    assert "mybackend" in registry  # the good plugin still loads
     assert isinstance(registry["memalias"], MemoryBackend)  # listed under its entry-point name
     assert "memalias" not in BackendRegistry(entry_points=False)
+    sys.modules.pop("core_lazy_plugin", None)
 
 
 # =========================================================================================
@@ -418,8 +438,8 @@ def test_filemanager_routes_explicitly():
     fm.save(np.arange(3), "x.npy", backend="a")
     assert a.exists("x.npy") and not b.exists("x.npy")
     assert not fm.exists("x.npy", backend="b")
-    with pytest.raises(TypeError):
-        fm.save(np.arange(3), "x.npy", "a")  # backend is keyword-only
+    fm.save(np.arange(3), "y.npy", "b")  # backend may be positional, as upstream documents
+    assert b.exists("y.npy") and not a.exists("y.npy")
     with pytest.raises(TypeError):
         fm.load("x.npy")  # and required: there is no default backend
 
@@ -431,8 +451,9 @@ def test_filemanager_unknown_backend_lists_names(kind):
     with pytest.raises(BackendNotFoundError) as info:
         fm.load("x.npy", backend="s3")
     assert "Unknown backend 's3'" in str(info.value) and "'memory'" in str(info.value)
+    fm.save(1, "x", backend="Memory")  # names are case-insensitive (as upstream) ...
     with pytest.raises(BackendNotFoundError):
-        fm.save(1, "x", backend="Memory")  # no case-folding or other guessing
+        fm.save(1, "x", backend="memory_")  # ... but nothing else is guessed
 
 
 def test_filemanager_rejects_non_mapping():
@@ -534,10 +555,11 @@ def test_copy_and_move_between_backends(tmp_path, direction):
 def test_move_keeps_source_when_copy_fails(tmp_path):
     fm = FileManager({"disk": DiskBackend(base_dir=tmp_path), "memory": MemoryBackend()})
     fm.save(np.arange(4), "a.npy", backend="memory")
-    with pytest.raises(UnsupportedFormatError):
-        fm.move("a.npy", "a.zarr", src_backend="memory", dst_backend="disk")
+    (tmp_path / "taken.npy").mkdir()  # the destination is a directory: the write fails
+    with pytest.raises(IsADirectoryError):
+        fm.move("a.npy", "taken.npy", src_backend="memory", dst_backend="disk")
     assert fm.exists("a.npy", backend="memory")
-    assert leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == ["taken.npy"]  # no temporary file left behind
 
 
 def test_copy_to_read_only_and_from_sink_fail_before_reading(tmp_path):
@@ -605,8 +627,8 @@ def test_disk_json_and_text(tmp_path):
     disk.save(table, "results.csv")
     assert disk.load("results.csv") == table
     assert (tmp_path / "results.csv").read_bytes() == table.encode("utf-8")
-    with pytest.raises(TypeError, match="take str"):
-        disk.save(b"bytes", "bad.txt")
+    with pytest.raises(TypeError, match="takes str"):
+        disk.save(42, "bad.txt")
     with pytest.raises(TypeError, match="unexpected keyword"):
         disk.save(np.zeros(2), "x.npy", compression="zlib")
     assert not (tmp_path / "bad.txt").exists() and not (tmp_path / "x.npy").exists()
@@ -617,13 +639,13 @@ def test_disk_unknown_extension_lists_supported_and_writes_nothing(tmp_path):
     with pytest.raises(UnsupportedFormatError) as info:
         disk.save(np.zeros(3), "deep/dir/a.zarr")
     message = str(info.value)
-    for ext in (".csv", ".json", ".npy", ".tif", ".tiff", ".txt"):
+    for ext in (".csv", ".json", ".npy", ".npz", ".png", ".tif", ".tiff", ".txt"):
         assert ext in message
     assert "a.zarr" in message and isinstance(info.value, ValueError)
+    assert "float64 array" in message and "bytes are written verbatim" in message
     assert leftovers(tmp_path) == []
-    (tmp_path / "foreign.png").write_bytes(b"\x89PNG")
-    with pytest.raises(UnsupportedFormatError, match=r"\.npy"):
-        disk.load("foreign.png")
+    (tmp_path / "foreign.xyz").write_bytes(b"\x89PNG")
+    assert disk.load("foreign.xyz") == b"\x89PNG"  # an unknown extension loads as bytes
     with pytest.raises(UnsupportedFormatError):
         disk.save("x", "noextension")
 

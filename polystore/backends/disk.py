@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -10,26 +9,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
-import tifffile
-
+from polystore import formats
 from polystore.atomic import atomic_write, is_temp_name
 from polystore.base import StorageBackend
-from polystore.errors import UnsupportedFormatError
-from polystore.paths import name_matches, normalize_extensions, resolve_within
+from polystore.paths import name_matches, natural_sort_key, normalize_extensions, resolve_within
 
 __all__ = ["DiskBackend"]
 
 logger = logging.getLogger(__name__)
-
-
-def _json_default(obj: Any) -> Any:
-    """Let numpy scalars and arrays pass through json.dump as plain numbers and lists."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
 class DiskBackend(StorageBackend):
@@ -37,21 +24,15 @@ class DiskBackend(StorageBackend):
 
     Without ``base_dir`` paths are used exactly as given. With ``base_dir`` relative paths
     are taken inside it and any path that resolves outside it (``..``, an absolute path
-    elsewhere, a symlink) raises PathEscapeError. Writes are atomic (see polystore.atomic).
+    elsewhere, a symlink) raises PathEscapeError. Writes are atomic (see polystore.atomic)
+    and an overwritten file keeps its mode (and owner, where permitted). Formats come from
+    :mod:`polystore.formats`; ``bytes`` are written verbatim to any extension and files of an
+    unknown extension load as ``bytes``.
     """
 
     _backend_type = "disk"
     can_list: ClassVar[bool] = True
-
-    #: extension -> format; anything else raises UnsupportedFormatError.
-    FORMATS: ClassVar[dict[str, str]] = {
-        ".npy": "npy",
-        ".tif": "tiff",
-        ".tiff": "tiff",
-        ".json": "json",
-        ".txt": "text",
-        ".csv": "text",
-    }
+    can_hold_bytes: ClassVar[bool] = True
 
     def __init__(self, base_dir: str | os.PathLike[str] | None = None) -> None:
         self.base_dir: Path | None = None if base_dir is None else Path(base_dir).resolve()
@@ -69,71 +50,84 @@ class DiskBackend(StorageBackend):
         """Same file after resolving the base directory, '..' and symlinks."""
         return self._path(a).resolve() == self._path(b).resolve()
 
-    def _format(self, path: Any) -> str:
-        suffix = Path(path).suffix.lower()
-        try:
-            return self.FORMATS[suffix]
-        except KeyError:
-            raise UnsupportedFormatError(str(path), self.FORMATS, "disk") from None
-
     def _not_found(self, path: Any) -> FileNotFoundError:
         where = f" under {str(self.base_dir)!r}" if self.base_dir is not None else ""
         return FileNotFoundError(f"File not found: {str(path)!r} on backend 'disk'{where}")
 
-    # -- primitives -------------------------------------------------------------------
-    def save(self, data: Any, file_path: Any, **kwargs: Any) -> None:
-        """Write ``data`` atomically in the format given by the extension.
-
-        Extra keyword arguments go to tifffile.imwrite (.tif) or json.dump (.json); other
-        formats take none.
-        """
-        fmt = self._format(file_path)
-        if fmt in ("npy", "text") and kwargs:
-            raise TypeError(f"save() to {fmt} got unexpected keyword arguments {sorted(kwargs)}")
-        if fmt == "text" and not isinstance(data, str):
-            raise TypeError(f"{file_path!s}: .txt/.csv files take str, not {type(data).__name__}")
+    def _writable_target(self, file_path: Any) -> Path:
         target = self._path(file_path)
         if target.is_dir():
             raise IsADirectoryError(f"Cannot save to {str(file_path)!r}: it is a directory")
         target.parent.mkdir(parents=True, exist_ok=True)
-        if fmt == "npy":
-            array = np.asarray(data)
-            with atomic_write(target, "wb") as handle:
-                np.save(handle, array, allow_pickle=False)
-        elif fmt == "tiff":
-            array = np.asarray(data)
-            if array.ndim >= 2:
-                # Never guess RGB from a trailing axis of 3/4: N-D data are stacks of planes.
-                kwargs.setdefault("photometric", "minisblack")
-            with atomic_write(target, "wb") as handle:
-                tifffile.imwrite(handle, array, **kwargs)
-        elif fmt == "json":
-            kwargs.setdefault("indent", 2)
-            kwargs.setdefault("default", _json_default)
-            with atomic_write(target, "w", encoding="utf-8") as handle:
-                json.dump(data, handle, **kwargs)
-        else:
-            with atomic_write(target, "w", encoding="utf-8", newline="") as handle:
-                handle.write(data)
-        logger.debug("saved %s (%s)", target, fmt)
+        return target
 
-    def load(self, file_path: Any, **kwargs: Any) -> Any:
-        """Read a file written by :meth:`save` (or any file of a supported format)."""
-        fmt = self._format(file_path)
+    def _readable_file(self, file_path: Any) -> Path:
         target = self._path(file_path)
         if not target.exists():
             raise self._not_found(file_path)
         if target.is_dir():
             raise IsADirectoryError(f"Cannot load {str(file_path)!r}: it is a directory")
-        if fmt == "npy":
-            return np.load(target, allow_pickle=False, **kwargs)
-        if fmt == "tiff":
-            return tifffile.imread(target, **kwargs)
-        if fmt == "json":
-            with open(target, encoding="utf-8") as handle:
-                return json.load(handle, **kwargs)
-        with open(target, encoding="utf-8", newline="") as handle:
-            return handle.read()
+        return target
+
+    # -- primitives -------------------------------------------------------------------
+    def save(self, data: Any, file_path: Any, **kwargs: Any) -> None:
+        """Write ``data`` atomically in the format given by the extension.
+
+        Extra keyword arguments go to the format's writer (tifffile.imwrite for .tif,
+        json.dumps for .json, imageio for images, csv.writer for rows); the others take none.
+        Bad data raises before the target is touched.
+        """
+        # Encode first: a bad item must fail before anything on disk changes.
+        payload = formats.encode(data, file_path, "disk", **kwargs)
+        self.write_bytes(payload, file_path)
+
+    def load(self, file_path: Any, **kwargs: Any) -> Any:
+        """Read a file by its extension (``mmap_mode="r"`` for a lazy .npy, ``key=``/
+        ``series=`` for one page or series of a TIFF, ``as_=`` for CSV)."""
+        target = self._readable_file(file_path)
+        return formats.read(str(target), file_path, **kwargs)
+
+    # -- byte level -------------------------------------------------------------------
+    def read_bytes(self, path: Any, **kwargs: Any) -> bytes:
+        """The file's exact bytes."""
+        return self._readable_file(path).read_bytes()
+
+    def write_bytes(self, data: bytes, path: Any, **kwargs: Any) -> None:
+        """Replace the file's content with ``data``, atomically."""
+        target = self._writable_target(path)
+        with atomic_write(target, "wb") as handle:
+            handle.write(data)
+        logger.debug("saved %s (%d bytes)", target, len(data))
+
+    def rename(self, src: Any, dst: Any) -> None:
+        """``os.replace`` within one filesystem (OSError EXDEV across filesystems)."""
+        source, target = self._path(src), self._path(dst)
+        if not source.exists() and not source.is_symlink():
+            raise self._not_found(src)
+        if source.is_dir() and target.exists():
+            raise FileExistsError(f"Cannot move directory {str(src)!r} onto existing {str(dst)!r}")
+        if target.is_dir() and not source.is_dir():
+            raise IsADirectoryError(f"Cannot move {str(src)!r} onto directory {str(dst)!r}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+
+    # -- symlinks ---------------------------------------------------------------------
+    def create_symlink(self, source: Any, link: Any, overwrite: bool = False) -> None:
+        """Make ``link`` a symbolic link to ``source`` (replacing a link if ``overwrite``)."""
+        target, link_path = self._path(source), self._path(link)
+        if link_path.is_symlink() or link_path.exists():
+            if not overwrite:
+                raise FileExistsError(f"Cannot create symlink {str(link)!r}: it exists")
+            if not link_path.is_symlink():
+                raise FileExistsError(
+                    f"Refusing to replace {str(link)!r} with a symlink: it is not a symlink"
+                )
+            link_path.unlink()
+        link_path.parent.mkdir(parents=True, exist_ok=True)
+        link_path.symlink_to(target)
+
+    def is_symlink(self, path: Any) -> bool:
+        return self._path(path).is_symlink()
 
     # -- navigation -------------------------------------------------------------------
     def exists(self, path: Any) -> bool:
@@ -155,7 +149,8 @@ class DiskBackend(StorageBackend):
 
     def list_dir(self, path: Any) -> list[str]:
         """Sorted entry names of a directory (in-progress temporary files excluded)."""
-        return sorted(n for n in os.listdir(self._directory(path)) if not is_temp_name(n))
+        names = (n for n in os.listdir(self._directory(path)) if not is_temp_name(n))
+        return sorted(names, key=natural_sort_key)
 
     def list_files(
         self,
@@ -165,7 +160,8 @@ class DiskBackend(StorageBackend):
         recursive: bool = False,
         **kwargs: Any,
     ) -> list[str]:
-        """Sorted file paths under ``directory``, in the same form as ``directory``.
+        """File paths under ``directory`` in natural order ('t2' before 't10'), in the same
+        form as ``directory``.
 
         ``pattern`` is a glob matched against file names, ``extensions`` a set of suffixes
         (case-insensitive, compound ones such as '.ome.tif' work).
@@ -181,7 +177,7 @@ class DiskBackend(StorageBackend):
                     found.append(str(Path(directory) / rel_dir / name))
             if not recursive:
                 break
-        return sorted(found)
+        return sorted(found, key=natural_sort_key)
 
     def delete(self, path: Any, recursive: bool = False) -> None:
         """Delete a file, an empty directory, or (``recursive=True``) a directory tree."""
@@ -200,3 +196,4 @@ class DiskBackend(StorageBackend):
 
     def ensure_directory(self, path: Any) -> None:
         self._path(path).mkdir(parents=True, exist_ok=True)
+

@@ -8,12 +8,24 @@ import threading
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
+from polystore import formats
 from polystore.base import StorageBackend
-from polystore.paths import name_matches, normalize_extensions, normalize_relative
+from polystore.paths import (
+    name_matches,
+    natural_sort_key,
+    normalize_extensions,
+    normalize_relative,
+)
 
 __all__ = ["MemoryBackend"]
 
 _ROOT = "memory root"
+
+
+class _RawFile(bytes):
+    """A file held as its exact bytes (from write_bytes); load() decodes it by extension."""
+
+    __slots__ = ()
 
 
 def _parents(key: str) -> list[str]:
@@ -28,15 +40,30 @@ class MemoryBackend(StorageBackend):
     Paths are '/'-separated and relative to the store's root ('/a' means 'a'); '..' that
     climbs above the root raises PathEscapeError. Stored data are deep copies, and loads
     return copies, so callers mutating their arrays never change what is stored.
+
+    It can hold bytes: a file copied in from disk is kept as its exact bytes (``load``
+    decodes them by extension, as disk would), so disk -> memory -> disk is bit-exact.
+
+    One store per process: pickling a MemoryBackend (to a worker process, with a
+    FileManager) sends its configuration, not its content, so the copy in a worker starts
+    empty and what a worker saves stays in that worker. Share data between processes
+    through disk (or another store both can reach).
     """
 
     _backend_type = "memory"
     can_list: ClassVar[bool] = True
+    can_hold_bytes: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._files: dict[str, Any] = {}
         self._dirs: set[str] = {""}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}  # configuration only: see the class docstring
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        MemoryBackend.__init__(self)
 
     def __repr__(self) -> str:
         with self._lock:
@@ -74,18 +101,68 @@ class MemoryBackend(StorageBackend):
             self._make_parents(key, file_path, include_self=False)
             self._files[key] = stored
 
-    def load(self, file_path: Any, **kwargs: Any) -> Any:
+    def _stored(self, file_path: Any) -> Any:
         key = self._key(file_path)
         with self._lock:
             if key in self._dirs:
                 raise IsADirectoryError(f"Cannot load {str(file_path)!r}: it is a directory")
             try:
-                stored = self._files[key]
+                return self._files[key]
             except KeyError:
                 raise self._not_found(file_path) from None
+
+    def load(self, file_path: Any, **kwargs: Any) -> Any:
+        """A copy of what was saved; a file held as bytes is decoded by its extension."""
+        stored = self._stored(file_path)
+        if isinstance(stored, _RawFile):
+            return formats.decode(bytes(stored), file_path, **kwargs)
         # Stored objects are never mutated in place (save replaces them), so copying
         # outside the lock is safe.
         return copy.deepcopy(stored)
+
+    # -- byte level -------------------------------------------------------------------
+    def read_bytes(self, path: Any, **kwargs: Any) -> bytes:
+        """The exact bytes of a file held as bytes; other items are encoded by extension
+        (UnsupportedFormatError when the extension has no format)."""
+        stored = self._stored(path)
+        if isinstance(stored, formats.BYTES_TYPES):
+            return bytes(stored)
+        return formats.encode(stored, path, "memory", **kwargs)
+
+    def write_bytes(self, data: bytes, path: Any, **kwargs: Any) -> None:
+        """Hold ``data`` as the exact content of ``path``."""
+        key = self._key(path)
+        raw = _RawFile(data)
+        with self._lock:
+            if key in self._dirs:
+                raise IsADirectoryError(f"Cannot save to {str(path)!r}: it is a directory")
+            self._make_parents(key, path, include_self=False)
+            self._files[key] = raw
+
+    def rename(self, src: Any, dst: Any) -> None:
+        """Move a file or a directory tree to another key, without copying the data."""
+        old, new = self._key(src), self._key(dst)
+        with self._lock:
+            if old in self._files:
+                if new in self._dirs:
+                    raise IsADirectoryError(f"Cannot move {str(src)!r} onto directory {str(dst)!r}")
+                self._make_parents(new, dst, include_self=False)
+                self._files[new] = self._files.pop(old)
+                return
+            if old not in self._dirs or not old:
+                raise self._not_found(src)
+            if new in self._files or new in self._dirs:
+                raise FileExistsError(f"Cannot move directory {str(src)!r} onto {str(dst)!r}")
+            if new.startswith(f"{old}/"):
+                raise ValueError(f"Cannot move {str(src)!r} into itself ({str(dst)!r})")
+            files, dirs = self._children(old)
+            self._make_parents(new, dst, include_self=True)
+            for file_key in files:
+                self._files[new + file_key[len(old) :]] = self._files.pop(file_key)
+            for dir_key in dirs:
+                self._dirs.discard(dir_key)
+                self._dirs.add(new + dir_key[len(old) :])
+            self._dirs.discard(old)
 
     # -- navigation -------------------------------------------------------------------
     def exists(self, path: Any) -> bool:
@@ -123,7 +200,8 @@ class MemoryBackend(StorageBackend):
             self._check_dir(key, path)
             files, dirs = self._children(key)
         start = len(key) + 1 if key else 0
-        return sorted({k[start:] for k in files + dirs if "/" not in k[start:]})
+        names = {k[start:] for k in files + dirs if "/" not in k[start:]}
+        return sorted(names, key=natural_sort_key)
 
     def list_files(
         self,
@@ -133,7 +211,7 @@ class MemoryBackend(StorageBackend):
         recursive: bool = False,
         **kwargs: Any,
     ) -> list[str]:
-        """Sorted file keys under ``directory`` (same filters as the disk backend)."""
+        """File keys under ``directory`` in natural order (same filters as disk)."""
         key = self._key(directory)
         exts = normalize_extensions(extensions)
         with self._lock:
@@ -147,7 +225,7 @@ class MemoryBackend(StorageBackend):
                 continue
             if name_matches(rel.rsplit("/", 1)[-1], pattern, exts):
                 found.append(file_key)
-        return sorted(found)
+        return sorted(found, key=natural_sort_key)
 
     def delete(self, path: Any, recursive: bool = False) -> None:
         """Delete a file, an empty directory, or (``recursive=True``) a directory tree."""

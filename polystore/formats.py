@@ -1,0 +1,380 @@
+"""File formats by extension: one table of encoders and decoders shared by disk and memory.
+
+Each :class:`Format` turns data into bytes written to a binary file object (``write``) and a
+path or binary file object back into data (``read``). The disk backend writes through
+:func:`polystore.atomic.atomic_write`; the memory backend uses the same table to decode
+files it holds as raw bytes. Other modules add formats with :func:`register_format`.
+
+Every format uses a well-kept library: NumPy (``.npy``, ``.npz``), tifffile (``.tif``),
+imageio (``.png``, ``.jpg``, ``.bmp``, ``.gif``: one NumPy-in, NumPy-out call per format on
+top of Pillow, with multi-frame GIFs as stacks, where Pillow alone would need per-mode
+conversions), the standard library's ``json`` and ``csv``, and pandas for a DataFrame when
+it is installed. ``bytes`` are written verbatim to any extension.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import IO, Any
+
+import numpy as np
+import tifffile
+
+from polystore.errors import FormatDataError, ImageLoadError, UnsupportedFormatError
+
+__all__ = [
+    "BYTES_TYPES",
+    "FORMATS",
+    "Format",
+    "decode",
+    "encode",
+    "format_for",
+    "register_format",
+    "to_numpy",
+    "write",
+]
+
+BYTES_TYPES = (bytes, bytearray, memoryview)
+Source = str | IO[bytes]
+
+
+@dataclass(frozen=True)
+class Format:
+    """How one family of extensions is written and read."""
+
+    name: str
+    extensions: tuple[str, ...]
+    #: What ``save`` accepts, for error messages ("a NumPy-compatible array", ...).
+    accepts: str
+    write: Callable[[Any, IO[bytes], str, dict[str, Any]], None]
+    read: Callable[[Source, str, dict[str, Any]], Any]
+
+
+#: extension (lower case, with its dot; compound ones like ".ome.tif" allowed) -> Format
+FORMATS: dict[str, Format] = {}
+
+
+def register_format(fmt: Format) -> None:
+    """Add (or replace) the format for each of ``fmt.extensions``."""
+    for ext in fmt.extensions:
+        FORMATS[ext.lower()] = fmt
+
+
+def format_for(path: Any) -> Format | None:
+    """The format of the longest registered extension ``path`` ends with, else None."""
+    name = PurePath(str(path)).name.lower()
+    best = None
+    for ext in FORMATS:
+        if name.endswith(ext) and (best is None or len(ext) > len(best)):
+            best = ext
+    return FORMATS[best] if best else None
+
+
+def supported_extensions() -> list[str]:
+    return sorted(FORMATS)
+
+
+def to_numpy(data: Any) -> np.ndarray:
+    """A NumPy array from NumPy, torch (any device) or CuPy data, without importing them."""
+    module = type(data).__module__.split(".", 1)[0]
+    if module == "torch":
+        return data.detach().cpu().numpy()
+    if module == "cupy":
+        return data.get()
+    return np.asarray(data)
+
+
+def _describe(data: Any) -> str:
+    if isinstance(data, np.ndarray):
+        return f"a {data.dtype} array of shape {data.shape}"
+    return f"a {type(data).__module__}.{type(data).__qualname__}".replace("builtins.", "")
+
+
+def _numeric_array(data: Any, path: str, accepts: str) -> np.ndarray:
+    if isinstance(data, str | Mapping) or data is None:
+        raise FormatDataError(path, _describe(data), accepts)
+    try:
+        array = to_numpy(data)
+    except (TypeError, ValueError):
+        raise FormatDataError(path, _describe(data), accepts) from None
+    if array.dtype.kind not in "biufc":
+        raise FormatDataError(path, _describe(array), accepts)
+    return array
+
+
+def _no_kwargs(fmt: str, kwargs: dict[str, Any]) -> None:
+    if kwargs:
+        raise TypeError(f"save() to {fmt} got unexpected keyword arguments {sorted(kwargs)}")
+
+
+# -- NumPy ----------------------------------------------------------------------------------
+_NPY_ACCEPTS = "a numeric array (NumPy, torch, CuPy, or nested lists of numbers)"
+
+
+def _write_npy(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any]) -> None:
+    _no_kwargs(".npy", kwargs)
+    np.save(handle, _numeric_array(data, path, _NPY_ACCEPTS), allow_pickle=False)
+
+
+def _read_npy(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
+    return np.load(source, allow_pickle=False, **kwargs)
+
+
+_NPZ_ACCEPTS = "a numeric array, a list of arrays, or a dict of name -> array"
+
+
+def _write_npz(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any]) -> None:
+    compress = kwargs.pop("compress", False)
+    _no_kwargs(".npz", kwargs)
+    if isinstance(data, Mapping):
+        arrays = {str(k): _numeric_array(v, path, _NPZ_ACCEPTS) for k, v in data.items()}
+    elif isinstance(data, list | tuple) and data and all(np.ndim(d) > 0 for d in data):
+        arrays = {f"arr_{i}": _numeric_array(v, path, _NPZ_ACCEPTS) for i, v in enumerate(data)}
+    else:
+        arrays = {"arr_0": _numeric_array(data, path, _NPZ_ACCEPTS)}
+    (np.savez_compressed if compress else np.savez)(handle, allow_pickle=False, **arrays)
+
+
+def _read_npz(source: Source, path: str, kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
+    with np.load(source, allow_pickle=False, **kwargs) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+# -- TIFF -----------------------------------------------------------------------------------
+_TIFF_ACCEPTS = "a numeric array (NumPy, torch or CuPy); tifffile.imwrite keywords apply"
+
+
+def _write_tiff(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any]) -> None:
+    array = _numeric_array(data, path, _TIFF_ACCEPTS)
+    if array.ndim >= 2:
+        # Never guess RGB from a trailing axis of 3/4: N-D data are stacks of planes.
+        kwargs.setdefault("photometric", "minisblack")
+    tifffile.imwrite(handle, array, **kwargs)
+
+
+def _read_tiff(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
+    return tifffile.imread(source, **kwargs)
+
+
+# -- 8-bit images through imageio -----------------------------------------------------------
+def _image_format(name: str, extensions: tuple[str, ...], dtypes: tuple[str, ...]) -> Format:
+    accepts = (
+        f"a {' or '.join(dtypes)} array of shape (y, x), (y, x, 3) or (y, x, 4)"
+        + (" or a stack (n, y, x[, 3|4])" if name == "gif" else "")
+    )
+
+    def write_image(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any]) -> None:
+        import imageio.v3 as iio
+
+        array = _numeric_array(data, path, accepts)
+        channels_ok = array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))
+        if name == "gif":
+            channels_ok = channels_ok or (array.ndim == 3 or array.ndim == 4)
+        if array.dtype.name not in dtypes or not channels_ok:
+            raise FormatDataError(path, _describe(array), accepts)
+        iio.imwrite(handle, array, extension=extensions[0], **kwargs)
+
+    def read_image(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
+        import imageio.v3 as iio
+
+        try:
+            return iio.imread(source, extension=extensions[0], **kwargs)
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ImageLoadError(f"Cannot read {path!r} as {name.upper()}: {exc}") from exc
+
+    return Format(name, extensions, accepts, write_image, read_image)
+
+
+# -- text -----------------------------------------------------------------------------------
+def _json_default(obj: Any) -> Any:
+    """Let numpy scalars and arrays pass through json.dump as plain numbers and lists."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def _write_json(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any]) -> None:
+    kwargs.setdefault("indent", 2)
+    kwargs.setdefault("default", _json_default)
+    try:
+        text = json.dumps(data, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise FormatDataError(path, _describe(data), f"JSON-serialisable data ({exc})") from exc
+    handle.write(text.encode("utf-8"))
+
+
+def _text(source: Source) -> str:
+    if isinstance(source, str):
+        with open(source, encoding="utf-8", newline="") as handle:
+            return handle.read()
+    return io.TextIOWrapper(source, encoding="utf-8", newline="").read()
+
+
+def _read_json(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
+    return json.loads(_text(source), **kwargs)
+
+
+def _write_text(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any]) -> None:
+    _no_kwargs(".txt", kwargs)
+    if not isinstance(data, str):
+        raise FormatDataError(path, _describe(data), "str (or bytes, written verbatim)")
+    handle.write(data.encode("utf-8"))
+
+
+def _read_text(source: Source, path: str, kwargs: dict[str, Any]) -> str:
+    _no_kwargs(".txt", kwargs)
+    return _text(source)
+
+
+# -- CSV ------------------------------------------------------------------------------------
+_CSV_ACCEPTS = (
+    "str (written as is), a 2-D numeric array, a list of rows, a list of dicts, "
+    "or a pandas DataFrame"
+)
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_INTEGER = re.compile(r"^[+-]?\d+$")
+
+
+def _cell(text: str) -> Any:
+    """A CSV cell back as the number it was written from, else the text."""
+    if _INTEGER.match(text):
+        return int(text)
+    if _NUMBER.match(text):
+        return float(text)
+    return text
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _write_csv(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any]) -> None:
+    text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
+    try:
+        if isinstance(data, str):
+            _no_kwargs(".csv text", kwargs)
+            text.write(data)
+        elif type(data).__name__ == "DataFrame" and hasattr(data, "to_csv"):
+            kwargs.setdefault("index", False)
+            data.to_csv(text, **kwargs)
+        elif isinstance(data, Sequence) and data and all(isinstance(r, Mapping) for r in data):
+            fields: dict[str, None] = {}
+            for row in data:
+                fields.update(dict.fromkeys(map(str, row)))
+            writer = csv.DictWriter(text, fieldnames=list(fields), **kwargs)
+            writer.writeheader()
+            writer.writerows({str(k): _plain(v) for k, v in row.items()} for row in data)
+        elif isinstance(data, np.ndarray) or type(data).__module__.split(".")[0] in (
+            "torch",
+            "cupy",
+        ):
+            array = _numeric_array(data, path, _CSV_ACCEPTS)
+            if array.ndim != 2:
+                raise FormatDataError(path, _describe(array), _CSV_ACCEPTS)
+            csv.writer(text, **kwargs).writerows(array.tolist())
+        elif isinstance(data, Sequence) and all(
+            isinstance(r, Sequence) and not isinstance(r, str | bytes) for r in data
+        ):
+            csv.writer(text, **kwargs).writerows([[_plain(v) for v in r] for r in data])
+        else:
+            raise FormatDataError(path, _describe(data), _CSV_ACCEPTS)
+        text.flush()
+    finally:
+        text.detach()
+
+
+_CSV_FORMS = ("text", "rows", "dicts", "array", "dataframe")
+
+
+def _read_csv(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
+    """``as_="text"`` (default: the file's text), ``"rows"``, ``"dicts"``, ``"array"`` or
+    ``"dataframe"``; numbers come back as int/float in rows and dicts."""
+    form = kwargs.pop("as_", "text")
+    if form not in _CSV_FORMS:
+        raise ValueError(f"load({path!r}, as_={form!r}): as_ must be one of {_CSV_FORMS}")
+    if form == "dataframe":
+        import pandas as pd
+
+        return pd.read_csv(source, **kwargs)
+    dtype = kwargs.pop("dtype", None) if form == "array" else None
+    lines = io.StringIO(_text(source), newline="")
+    if form == "text":
+        _no_kwargs(".csv text", kwargs)
+        return lines.getvalue()
+    if form == "dicts":
+        return [{k: _cell(v) for k, v in row.items()} for row in csv.DictReader(lines, **kwargs)]
+    rows = [[_cell(v) for v in row] for row in csv.reader(lines, **kwargs)]
+    if form == "rows":
+        return rows
+    return np.asarray(rows, dtype=dtype)
+
+
+for _fmt in (
+    Format("npy", (".npy",), _NPY_ACCEPTS, _write_npy, _read_npy),
+    Format("npz", (".npz",), _NPZ_ACCEPTS, _write_npz, _read_npz),
+    Format("tiff", (".tif", ".tiff"), _TIFF_ACCEPTS, _write_tiff, _read_tiff),
+    _image_format("png", (".png",), ("uint8", "uint16")),
+    _image_format("jpeg", (".jpg", ".jpeg"), ("uint8",)),
+    _image_format("bmp", (".bmp",), ("uint8",)),
+    _image_format("gif", (".gif",), ("uint8",)),
+    Format("json", (".json",), "JSON-serialisable data", _write_json, _read_json),
+    Format("text", (".txt",), "str", _write_text, _read_text),
+    Format("csv", (".csv",), _CSV_ACCEPTS, _write_csv, _read_csv),
+):
+    register_format(_fmt)
+
+
+# -- entry points used by the backends ------------------------------------------------------
+def write(data: Any, handle: IO[bytes], path: Any, backend: str, **kwargs: Any) -> None:
+    """Encode ``data`` for ``path`` into ``handle``; bytes go in verbatim."""
+    if isinstance(data, BYTES_TYPES):
+        if kwargs:
+            raise TypeError(f"save() of raw bytes takes no keyword arguments, got {sorted(kwargs)}")
+        handle.write(data)
+        return
+    fmt = format_for(path)
+    if fmt is None:
+        raise UnsupportedFormatError(
+            str(path),
+            supported_extensions(),
+            backend,
+            f"unsupported file extension for {_describe(data)} (bytes are written verbatim "
+            "to any extension)",
+        )
+    fmt.write(data, handle, str(path), dict(kwargs))
+
+
+def encode(data: Any, path: Any, backend: str, **kwargs: Any) -> bytes:
+    """The bytes :func:`write` would store."""
+    buffer = io.BytesIO()
+    write(data, buffer, path, backend, **kwargs)
+    return buffer.getvalue()
+
+
+def read(source: Source, path: Any, **kwargs: Any) -> Any:
+    """Decode the file at ``source`` by ``path``'s extension; unknown extensions: bytes."""
+    fmt = format_for(path)
+    if fmt is None:
+        if kwargs:
+            raise TypeError(
+                f"load({str(path)!r}): files of an unknown extension load as bytes and take "
+                f"no keyword arguments, got {sorted(kwargs)}"
+            )
+        if isinstance(source, str):
+            with open(source, "rb") as handle:
+                return handle.read()
+        return source.read()
+    return fmt.read(source, str(path), dict(kwargs))
+
+
+def decode(data: bytes, path: Any, **kwargs: Any) -> Any:
+    """Decode stored bytes by ``path``'s extension."""
+    return read(io.BytesIO(data), path, **kwargs)
