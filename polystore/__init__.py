@@ -5,9 +5,11 @@ Backends register themselves by name when their class is defined (``_backend_typ
 to the backend named by ``backend=``.
 """
 
-from polystore import backends  # noqa: F401  (registers 'disk' and 'memory')
+from polystore import (
+    backends,  # noqa: F401  (registers 'disk' and 'memory')
+    exceptions,  # noqa: F401  (upstream's polystore.exceptions names)
+)
 from polystore.backends import DiskBackend, MemoryBackend
-from polystore import exceptions  # noqa: F401  (upstream's polystore.exceptions names)
 from polystore.base import (
     Backend,
     BackendName,

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping, MutableMapping
 from pathlib import PurePosixPath
 from typing import Any, NoReturn
 
+from polystore import formats
 from polystore.base import Backend, backend_name, check_batch_lengths
 from polystore.errors import (
     BackendNotFoundError,
@@ -254,7 +255,11 @@ class FileManager:
 
     # -- symlinks -------------------------------------------------------------------
     def create_symlink(
-        self, source_path: Any, symlink_path: Any, backend: Any, overwrite_symlinks_only: bool = False
+        self,
+        source_path: Any,
+        symlink_path: Any,
+        backend: Any,
+        overwrite_symlinks_only: bool = False,
     ) -> bool:
         """Make ``symlink_path`` a link to ``source_path``. An existing path is an error,
         except a symlink when ``overwrite_symlinks_only`` (a regular file is never replaced)."""
@@ -277,9 +282,7 @@ class FileManager:
         self.ensure_directory(target_dir, backend)
         for path in files:
             rel = PurePosixPath(path).relative_to(PurePosixPath(str(source_dir)))
-            self.create_symlink(
-                path, _join(target_dir, str(rel)), backend, overwrite_symlinks_only
-            )
+            self.create_symlink(path, _join(target_dir, str(rel)), backend, overwrite_symlinks_only)
         return len(files)
 
     # -- between backends -----------------------------------------------------------
@@ -289,7 +292,9 @@ class FileManager:
         """(source name, destination name, upstream-style single backend?)."""
         if backend is not None:
             if src_backend is not None or dst_backend is not None:
-                raise TypeError(f"{operation}() takes backend= or src_backend=/dst_backend=, not both")
+                raise TypeError(
+                    f"{operation}() takes backend= or src_backend=/dst_backend=, not both"
+                )
             return str(backend), str(backend), True
         if src_backend is None or dst_backend is None:
             raise TypeError(
@@ -320,8 +325,13 @@ class FileManager:
     def _transfer_file(
         source: Backend, dest: Backend, src: Any, dst: Any, kwargs: dict[str, Any]
     ) -> str | None:
-        """Copy one item; returns the sha256 of its bytes when they were copied verbatim."""
-        if source.can_hold_bytes and dest.can_hold_bytes and not kwargs:
+        """Copy one item; returns the sha256 of its bytes when they were copied verbatim.
+
+        Bytes travel as they are when both backends hold bytes and the two paths name the
+        same format ('a.tif' -> 'b.tiff', 'x.bin' -> 'y.bin'); a change of format
+        ('a.tif' -> 'a.npy') or keyword arguments for the writer mean decode and re-encode."""
+        same_format = formats.format_for(src) is formats.format_for(dst)
+        if source.can_hold_bytes and dest.can_hold_bytes and same_format and not kwargs:
             try:
                 raw = source.read_bytes(src)
             except UnsupportedFormatError:
@@ -491,9 +501,11 @@ class FileManager:
     ) -> None:
         """Send to a sink and wait until it confirms it holds everything."""
         tree = self._items(source, src)
-        pairs = [(src, dst)] if tree is None else [
-            (_join(src, rel), _join(dst, rel)) for rel in tree[1]
-        ]
+        pairs = (
+            [(src, dst)]
+            if tree is None
+            else [(_join(src, rel), _join(dst, rel)) for rel in tree[1]]
+        )
         accepted = getattr(dest, "SUPPORTED_EXTENSIONS", None)
         if accepted:
             refused = [d for _, d in pairs if not str(d).lower().endswith(tuple(accepted))]

@@ -164,9 +164,8 @@ def _read_tiff(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
 
 # -- 8-bit images through imageio -----------------------------------------------------------
 def _image_format(name: str, extensions: tuple[str, ...], dtypes: tuple[str, ...]) -> Format:
-    accepts = (
-        f"a {' or '.join(dtypes)} array of shape (y, x), (y, x, 3) or (y, x, 4)"
-        + (" or a stack (n, y, x[, 3|4])" if name == "gif" else "")
+    accepts = f"a {' or '.join(dtypes)} array of shape (y, x), (y, x, 3) or (y, x, 4)" + (
+        " or a stack (n, y, x[, 3|4])" if name == "gif" else ""
     )
 
     def write_image(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any]) -> None:

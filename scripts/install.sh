@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs on a fresh Debian machine: apt packages
 # (Xvfb + GL for napari, ImageJ/JeroMQ/Groovy for the Fiji script) and the Python
-# packages (polystore with its extras, the napari plugin, the test-only entry-point package).
+# packages (polystore with its extras and the napari plugin). Nothing from tests/ is installed:
+# the test session installs its test-only plugin packages itself (tests/conftest.py), so the
+# custom-backends guide's example names stay free in this environment.
 # Idempotent: skips apt when every package is already present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,5 +30,4 @@ PY=${PYTHON:-python3}
 echo "[install] python packages"
 $PY -m pip install -q --disable-pip-version-check \
   -e ".[napari,dev]" \
-  -e viewers/napari \
-  -e tests/packages/polystore-mybackend
+  -e viewers/napari

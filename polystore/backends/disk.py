@@ -196,4 +196,3 @@ class DiskBackend(StorageBackend):
 
     def ensure_directory(self, path: Any) -> None:
         self._path(path).mkdir(parents=True, exist_ok=True)
-
