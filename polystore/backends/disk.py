@@ -113,8 +113,9 @@ class DiskBackend(StorageBackend):
 
     # -- symlinks ---------------------------------------------------------------------
     def create_symlink(self, source: Any, link: Any, overwrite: bool = False) -> None:
-        """Make ``link`` a symbolic link to ``source`` (replacing a link if ``overwrite``)."""
-        target, link_path = self._path(source), self._path(link)
+        """Make ``link`` a symbolic link to ``source``'s absolute path (replacing an existing
+        link, never a regular file, when ``overwrite``)."""
+        target, link_path = Path(os.path.abspath(self._path(source))), self._path(link)
         if link_path.is_symlink() or link_path.exists():
             if not overwrite:
                 raise FileExistsError(f"Cannot create symlink {str(link)!r}: it exists")
