@@ -20,7 +20,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-RUNNABLE_PAGES = ["quickstart.md", "concepts.md", "custom_backends.md", "streaming.md"]
+RUNNABLE_PAGES = ["quickstart.md", "concepts.md", "custom_backends.md", "streaming.md",
+                  "migrating.md"]
 
 BLOCK = re.compile(r"^(?P<marker><!-- no-test[^>]*-->\n)?```python\n(?P<code>.*?)^```$",
                    re.MULTILINE | re.DOTALL)
