@@ -26,6 +26,7 @@ __all__ = [
     "ensure_storage_registry",
     "get_backend",
     "load_entry_point",
+    "load_entry_points",
     "register_backend",
     "storage_registry",
 ]
@@ -54,6 +55,19 @@ def load_entry_point(name: str, ep: EntryPoint) -> type[Backend] | Backend:
     if isinstance(obj, Backend) or (isinstance(obj, type) and issubclass(obj, Backend)):
         return obj
     raise BackendLoadError(name, ep.value, f"{obj!r} is not a polystore Backend")
+
+
+def load_entry_points(group: str = ENTRY_POINT_GROUP) -> dict[str, type[Backend] | Backend]:
+    """Import *every* advertised backend now (for tools that need all the classes, such as
+    ``polystore shm ls`` looking for streaming prefixes). A registry never needs this: it
+    imports a plugin when its name is first used. Failures are logged and skipped."""
+    loaded: dict[str, type[Backend] | Backend] = {}
+    for name, ep in discover_entry_points(group).items():
+        try:
+            loaded[name] = load_entry_point(name, ep)
+        except BackendLoadError as exc:
+            logger.warning("skipping backend entry point: %s", exc)
+    return loaded
 
 
 def _instantiate(name: str, cls: type[Backend]) -> Backend:
@@ -205,14 +219,39 @@ def available_backends() -> list[str]:
     return list(BackendRegistry())
 
 
-#: Upstream PolyStore's process-wide registry (lazy: nothing is created or imported until a
-#: backend is used). New code should prefer its own ``BackendRegistry()``.
-storage_registry = BackendRegistry()
+class StorageRegistry(BackendRegistry):
+    """Upstream's ``storage_registry``: iterating it yields only the backends that can be
+    created without arguments (creating them, importing their plugins), so
+    ``FileManager(dict(storage_registry))`` works as upstream's README shows. Backends that
+    need arguments stay reachable by name once added (``storage_registry[name] = ...``)."""
+
+    def _ready_names(self) -> list[str]:
+        ready = []
+        for name in self._names():
+            try:
+                self[name]
+            except (BackendNotInstantiableError, BackendLoadError) as exc:
+                logger.debug("storage_registry skips %r: %s", name, exc)
+            else:
+                ready.append(name)
+        return ready
+
+    def __iter__(self) -> Iterator[str]:
+        with self._lock:
+            return iter(self._ready_names())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._ready_names())
+
+
+#: Upstream PolyStore's process-wide registry. Nothing is created until it is used; new
+#: code should prefer its own ``BackendRegistry()``.
+storage_registry = StorageRegistry()
 
 
 def ensure_storage_registry() -> None:
-    """Upstream compatibility: ``storage_registry`` is always ready; this reads the list of
-    installed plugins now instead of on first use."""
+    """Upstream compatibility: create every backend that needs no arguments now."""
     len(storage_registry)
 
 

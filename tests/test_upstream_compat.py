@@ -214,3 +214,25 @@ def test_upstream_exception_names_catch_this_projects_errors(in_tmp):
     assert issubclass(ReadOnlyBackendError, PermissionError)
     with pytest.raises(FileNotFoundError):  # this project's style catches the same failure
         fm.load("missing.npy", "disk")
+
+
+def test_storage_registry_as_a_dict_skips_backends_that_need_arguments():
+    from polystore import BackendNotInstantiableError, StorageBackend, storage_registry
+
+    class NeedsArgs(StorageBackend):
+        _backend_type = "compat_needs_args"
+
+        def __init__(self, url):
+            self.url = url
+
+        def save(self, data, file_path, **kwargs): ...
+
+        def load(self, file_path, **kwargs): ...
+
+    everything = dict(storage_registry)  # upstream's README: FileManager(dict(storage_registry))
+    assert {"disk", "memory"} <= set(everything) and "compat_needs_args" not in everything
+    with pytest.raises(BackendNotInstantiableError, match="needs arguments"):
+        storage_registry["compat_needs_args"]
+    storage_registry["compat_needs_args"] = NeedsArgs("http://127.0.0.1:1/")
+    assert dict(storage_registry)["compat_needs_args"].url == "http://127.0.0.1:1/"
+    del storage_registry["compat_needs_args"]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import suppress
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import IO, Any, ClassVar
 
 from polystore import formats
 from polystore.atomic import atomic_write, is_temp_name
@@ -54,11 +55,22 @@ class DiskBackend(StorageBackend):
         where = f" under {str(self.base_dir)!r}" if self.base_dir is not None else ""
         return FileNotFoundError(f"File not found: {str(path)!r} on backend 'disk'{where}")
 
-    def _writable_target(self, file_path: Any) -> Path:
+    def _write(self, file_path: Any, write: Callable[[IO[bytes]], None]) -> Path:
+        """Run ``write`` on an atomic handle for ``file_path``. Missing parent directories
+        are created, and removed again if the write fails, so a failed save leaves nothing."""
         target = self._path(file_path)
         if target.is_dir():
             raise IsADirectoryError(f"Cannot save to {str(file_path)!r}: it is a directory")
+        missing = [d for d in (target.parent, *target.parent.parents) if not d.exists()]
         target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with atomic_write(target, "wb") as handle:
+                write(handle)
+        except BaseException:
+            for directory in missing:  # innermost first
+                with suppress(OSError):
+                    directory.rmdir()
+            raise
         return target
 
     def _readable_file(self, file_path: Any) -> Path:
@@ -77,9 +89,10 @@ class DiskBackend(StorageBackend):
         json.dumps for .json, imageio for images, csv.writer for rows); the others take none.
         Bad data raises before the target is touched.
         """
-        # Encode first: a bad item must fail before anything on disk changes.
-        payload = formats.encode(data, file_path, "disk", **kwargs)
-        self.write_bytes(payload, file_path)
+        target = self._write(
+            file_path, lambda handle: formats.write(data, handle, file_path, "disk", **kwargs)
+        )
+        logger.debug("saved %s", target)
 
     def load(self, file_path: Any, **kwargs: Any) -> Any:
         """Read a file by its extension (``mmap_mode="r"`` for a lazy .npy, ``key=``/
@@ -94,9 +107,7 @@ class DiskBackend(StorageBackend):
 
     def write_bytes(self, data: bytes, path: Any, **kwargs: Any) -> None:
         """Replace the file's content with ``data``, atomically."""
-        target = self._writable_target(path)
-        with atomic_write(target, "wb") as handle:
-            handle.write(data)
+        target = self._write(path, lambda handle: handle.write(data))
         logger.debug("saved %s (%d bytes)", target, len(data))
 
     def rename(self, src: Any, dst: Any) -> None:
