@@ -18,7 +18,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import IO, Any
@@ -31,6 +31,7 @@ from polystore.errors import FormatDataError, ImageLoadError, UnsupportedFormatE
 __all__ = [
     "BYTES_TYPES",
     "FORMATS",
+    "FORMAT_NAMES",
     "Format",
     "decode",
     "encode",
@@ -58,6 +59,23 @@ class Format:
 
 #: extension (lower case, with its dot; compound ones like ".ome.tif" allowed) -> Format
 FORMATS: dict[str, Format] = {}
+
+
+class _FormatNames(Mapping[str, str]):
+    """A live, read-only view extension -> format name ('.tif' -> 'tiff')."""
+
+    def __getitem__(self, ext: str) -> str:
+        return FORMATS[ext].name
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(FORMATS)
+
+    def __len__(self) -> int:
+        return len(FORMATS)
+
+
+#: extension -> format name, always in step with FORMATS (``DiskBackend.FORMATS`` too).
+FORMAT_NAMES: Mapping[str, str] = _FormatNames()
 
 
 def register_format(fmt: Format) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from pathlib import Path
 from typing import IO, Any, ClassVar
@@ -34,6 +34,8 @@ class DiskBackend(StorageBackend):
     _backend_type = "disk"
     can_list: ClassVar[bool] = True
     can_hold_bytes: ClassVar[bool] = True
+    #: extension -> format name; the formats themselves live in polystore.formats.
+    FORMATS: ClassVar[Mapping[str, str]] = formats.FORMAT_NAMES
 
     def __init__(self, base_dir: str | os.PathLike[str] | None = None) -> None:
         self.base_dir: Path | None = None if base_dir is None else Path(base_dir).resolve()
