@@ -10,6 +10,7 @@ from pathlib import PurePosixPath
 from typing import Any, NoReturn
 
 from polystore import formats
+from polystore.backends.disk import DiskBackend
 from polystore.base import Backend, backend_name, check_batch_lengths
 from polystore.errors import (
     BackendNotFoundError,
@@ -453,7 +454,7 @@ class FileManager:
         if replace_symlinks and dest.is_symlink(dst):
             overwrite = True
         self._check_transfer(source, dest, src, dst, src_name, dst_name, overwrite, single)
-        if source is dest and self._try_rename(source, src, dst):
+        if self._try_rename(source, dest, src, dst):
             return True
         if dest.can_read:
             written = self._copy(source, dest, src, dst, kwargs)
@@ -466,9 +467,20 @@ class FileManager:
         return True
 
     @staticmethod
-    def _try_rename(backend: Backend, src: Any, dst: Any) -> bool:
+    def _try_rename(source: Backend, dest: Backend, src: Any, dst: Any) -> bool:
+        """Move without copying where possible: within one backend that can rename, or
+        between two disk backends on one filesystem; never when the format changes."""
+        if formats.format_for(src) is not formats.format_for(dst) and not (
+            _overrides(source, "is_dir") and source.is_dir(src)
+        ):
+            return False  # 'a.tif' -> 'a.npy' is a conversion, not a rename
         try:
-            backend.rename(src, dst)
+            if source is dest:
+                source.rename(src, dst)
+            elif isinstance(source, DiskBackend) and isinstance(dest, DiskBackend):
+                dest.rename(src, dst, from_backend=source)
+            else:
+                return False
         except UnsupportedOperationError:
             return False
         except OSError as exc:

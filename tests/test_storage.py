@@ -175,11 +175,22 @@ def test_memory_decodes_bytes_it_holds_like_disk(tmp_path):
 
 
 def test_same_filesystem_move_is_a_rename(tmp_path):
-    disk = DiskBackend(tmp_path)
+    (tmp_path / "other").mkdir()
+    fm = FileManager({"disk": DiskBackend(tmp_path), "other": DiskBackend(tmp_path / "other")})
     make_imagej_hyperstack(tmp_path / "a.tif")
     inode = os.stat(tmp_path / "a.tif").st_ino
-    FileManager({"disk": disk}).move("a.tif", "archive/a.tif", "disk")
+    fm.move("a.tif", "archive/a.tif", "disk")
     assert os.stat(tmp_path / "archive" / "a.tif").st_ino == inode
+    fm.move("archive/a.tif", "b.tif", src_backend="disk", dst_backend="other")
+    assert os.stat(tmp_path / "other" / "b.tif").st_ino == inode
+
+
+def test_move_to_another_format_converts(tmp_path):
+    fm = FileManager({"disk": DiskBackend(tmp_path)})
+    tifffile.imwrite(tmp_path / "a.tif", np.arange(6, dtype=np.uint16).reshape(2, 3))
+    fm.move("a.tif", "a.npy", "disk")
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.arange(6).reshape(2, 3))
+    assert not (tmp_path / "a.tif").exists()
 
 
 def test_copy_does_not_overwrite_in_upstreams_one_backend_form(tmp_path):

@@ -112,9 +112,11 @@ class DiskBackend(StorageBackend):
         target = self._write(path, lambda handle: handle.write(data))
         logger.debug("saved %s (%d bytes)", target, len(data))
 
-    def rename(self, src: Any, dst: Any) -> None:
-        """``os.replace`` within one filesystem (OSError EXDEV across filesystems)."""
-        source, target = self._path(src), self._path(dst)
+    def rename(self, src: Any, dst: Any, *, from_backend: DiskBackend | None = None) -> None:
+        """``os.replace`` within one filesystem (OSError EXDEV across filesystems).
+        ``from_backend``: ``src`` is a path of that disk backend (another base directory)."""
+        source = (from_backend or self)._path(src)
+        target = self._path(dst)
         if not source.exists() and not source.is_symlink():
             raise self._not_found(src)
         if source.is_dir() and target.exists():
