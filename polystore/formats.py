@@ -318,7 +318,13 @@ def _read_csv(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
     if form not in _CSV_FORMS:
         raise ValueError(f"load({path!r}, as_={form!r}): as_ must be one of {_CSV_FORMS}")
     if form == "dataframe":
-        import pandas as pd
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError(
+                f"load({path!r}, as_='dataframe') needs pandas: pip install pandas "
+                "(or use as_='dicts' or 'rows')"
+            ) from None
 
         return pd.read_csv(source, **kwargs)
     dtype = kwargs.pop("dtype", None) if form == "array" else None

@@ -589,3 +589,16 @@ def test_replacing_a_registered_name_on_purpose(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_move_replaces_a_symlink_only_when_asked(tmp_path):
+    fm = FileManager({"disk": DiskBackend(tmp_path)})
+    fm.save(b"target", "target.bin", "disk")
+    fm.save(b"new", "new.bin", "disk")
+    fm.create_symlink("target.bin", "link.bin", "disk")
+    with pytest.raises(FileExistsError):
+        fm.move("new.bin", "link.bin", "disk")
+    fm.move("new.bin", "link.bin", "disk", replace_symlinks=True)
+    assert not (tmp_path / "link.bin").is_symlink()
+    assert (tmp_path / "link.bin").read_bytes() == b"new"
+    assert (tmp_path / "target.bin").read_bytes() == b"target"  # the link's target untouched
