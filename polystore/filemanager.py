@@ -16,7 +16,6 @@ from polystore.errors import (
     BackendNotFoundError,
     DeliveryNotConfirmedError,
     NotFoundOnBackendError,
-    PolystoreError,
     ReadOnlyBackendError,
     TransferError,
     UnsupportedFormatError,
@@ -47,6 +46,16 @@ def _raise_not_found(exc: FileNotFoundError, path: Any, backend: str) -> NoRetur
 
 def _overrides(backend: Backend, method: str) -> bool:
     return getattr(type(backend), method) is not getattr(Backend, method)
+
+
+def _delivery_policy(sink: Backend) -> str | None:
+    """A streaming sink's back-pressure policy ('block', 'raise', 'latest'), wherever the
+    backend exposes it; None for sinks without one."""
+    for holder in (sink, getattr(sink, "options", None), getattr(sink, "sender", None)):
+        policy = getattr(holder, "policy", None)
+        if isinstance(policy, str):
+            return policy
+    return None
 
 
 def _join(base: Any, rel: str) -> str:
@@ -527,9 +536,7 @@ class FileManager:
                     f"{', '.join(sorted(accepted))}); nothing was sent and the source was kept"
                 )
         flush = getattr(dest, "flush", None)
-        policy = getattr(dest, "policy", None) or getattr(
-            getattr(dest, "sender", None), "policy", None
-        )
+        policy = _delivery_policy(dest)
         if flush is None or policy == "latest":
             why = (
                 "its policy 'latest' may drop frames without telling the sender"
@@ -544,7 +551,7 @@ class FileManager:
             for item_src, item_dst in pairs:
                 dest.save(source.load(item_src), item_dst, **kwargs)
             flush()
-        except PolystoreError as exc:
+        except Exception as exc:
             raise DeliveryNotConfirmedError(
                 f"move to {dst_name!r}: delivery was not confirmed ({exc}); the source was kept"
             ) from exc
