@@ -602,3 +602,15 @@ def test_move_replaces_a_symlink_only_when_asked(tmp_path):
     assert not (tmp_path / "link.bin").is_symlink()
     assert (tmp_path / "link.bin").read_bytes() == b"new"
     assert (tmp_path / "target.bin").read_bytes() == b"target"  # the link's target untouched
+
+
+def test_memory_backend_copies_keep_items_but_pickles_do_not():
+    import copy
+
+    store = MemoryBackend()
+    store.save(np.arange(3), "a/x.npy")
+    for clone in (copy.copy(store), copy.deepcopy(store)):
+        np.testing.assert_array_equal(clone.load("a/x.npy"), np.arange(3))
+        clone.delete("a/x.npy")
+        assert store.exists("a/x.npy")  # independent stores
+    assert not pickle.loads(pickle.dumps(store)).exists("a/x.npy")  # one store per process

@@ -59,11 +59,33 @@ class MemoryBackend(StorageBackend):
         self._files: dict[str, Any] = {}
         self._dirs: set[str] = {""}
 
+    _STORE_ATTRIBUTES = ("_lock", "_files", "_dirs")
+
     def __getstate__(self) -> dict[str, Any]:
-        return {}  # configuration only: see the class docstring
+        """Configuration only (a subclass's own attributes), not the stored items."""
+        return {k: v for k, v in self.__dict__.items() if k not in self._STORE_ATTRIBUTES}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         MemoryBackend.__init__(self)
+        self.__dict__.update(state)
+
+    def __copy__(self) -> MemoryBackend:
+        """An independent store holding the same items (stored items are never mutated)."""
+        clone = type(self).__new__(type(self))
+        clone.__setstate__(self.__getstate__())
+        with self._lock:
+            clone._files = dict(self._files)
+            clone._dirs = set(self._dirs)
+        return clone
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> MemoryBackend:
+        """A full, independent copy of the store (unlike pickling, which copies none)."""
+        clone = type(self).__new__(type(self))
+        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        with self._lock:
+            clone._files = copy.deepcopy(self._files, memo)
+            clone._dirs = set(self._dirs)
+        return clone
 
     def __repr__(self) -> str:
         with self._lock:
