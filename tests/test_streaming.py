@@ -28,6 +28,7 @@ from polystore.streaming import (
     sweep,
 )
 from polystore.streaming import protocol as p
+from polystore.streaming.auth import client_keys, resolve_auth
 from tests.stream_helpers import digest, start_receiver
 
 DTYPES = list(p.DTYPES)
@@ -373,6 +374,9 @@ class RawClient:
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.ROUTING_ID, token.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
+        user_keys = client_keys(resolve_auth(None))  # the same user as the receiver
+        if user_keys is not None:
+            user_keys.apply(self.sock)
         self.sock.connect(endpoint)
         self.token = token
         self.prefix = f"napari_{os.getpid()}_{token}_"

@@ -23,7 +23,8 @@ import numpy as np
 import zmq
 
 from polystore.streaming import protocol as p
-from polystore.streaming.keys import secret_key
+from polystore.streaming.auth import ServerAuth, resolve_auth
+from polystore.streaming.keys import public_key, secret_key
 from polystore.streaming.shm import SegmentError, SegmentReader, sweep
 
 log = logging.getLogger(__name__)
@@ -133,14 +134,18 @@ class Receiver:
         max_header_bytes: int = p.MAX_HEADER_BYTES,
         allow_remote: bool = False,
         curve_secret_key: str | bytes | None = None,
+        curve_client_keys: list[str | bytes] | None = None,
+        auth: str | None = None,
         sweep_orphans: bool = True,
     ) -> None:
         self.endpoint = check_bind_endpoint(endpoint, allow_remote)
+        self.auth = resolve_auth(auth)
         if curve_secret_key is not None:
             curve_secret_key = secret_key(curve_secret_key)
-        elif allow_remote and not _is_loopback(self.endpoint):
+        elif allow_remote and not _is_loopback(self.endpoint) and self.auth == "none":
             log.warning("%s receiver on %s without CURVE keys: anyone who can reach this port "
                         "can send frames (see `polystore keys`)", viewer, self.endpoint)
+        self.curve_client_keys = tuple(public_key(k) for k in curve_client_keys or ())
         self.shm_prefix = shm_prefix
         self.viewer = viewer
         self.on_frame = on_frame
@@ -159,6 +164,7 @@ class Receiver:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sock: zmq.Socket | None = None
+        self._server_auth: ServerAuth | None = None
         self._ready = threading.Event()
         self._bind_error: BaseException | None = None
 
@@ -192,17 +198,22 @@ class Receiver:
     def bind(self) -> zmq.Socket:
         if self.sweep_orphans:
             sweep([self.shm_prefix])
-        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        # Explicit keys without a client list keep the remote model: knowing the server's
+        # public key is the permission to connect.
+        server_auth = self._server_auth = ServerAuth(
+            self.auth, self.curve_secret_key, self.curve_client_keys,
+            allow_any_client=self.curve_secret_key is not None and not self.curve_client_keys,
+        )
+        sock = server_auth.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes + self.max_header_bytes)
         sock.setsockopt(zmq.RCVHWM, 1000)
-        if self.curve_secret_key is not None:
-            sock.curve_server = True
-            sock.curve_secretkey = self.curve_secret_key
+        server_auth.apply(sock)
         try:
             sock.bind(self.endpoint)
         except zmq.ZMQError as exc:
             sock.close()
+            self._close_auth()
             raise OSError(
                 f"cannot listen on {self.endpoint}: {exc}. Is another {self.viewer} receiver "
                 "already running there? Stop it or choose another endpoint"
@@ -215,6 +226,7 @@ class Receiver:
         try:
             self._sock = sock = self.bind()
         except BaseException as exc:  # noqa: BLE001 - reported to start()
+            self._close_auth()
             self._bind_error = exc
             self._ready.set()
             return
@@ -237,7 +249,13 @@ class Receiver:
         finally:
             sock.close(linger=0)
             self._sock = None
+            self._close_auth()
             self._reader.close()
+
+    def _close_auth(self) -> None:
+        if self._server_auth is not None:
+            self._server_auth.close()
+            self._server_auth = None
 
     # -- messages ----------------------------------------------------------------------------
 
