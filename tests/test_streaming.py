@@ -388,8 +388,17 @@ class RawClient:
         return p.decode_receiver_message(self.sock.recv())
 
     def hello(self):
-        return self.request({"v": 1, "type": "hello", "sender": self.token, "pid": os.getpid(),
-                             "viewer": "napari", "segment_prefix": self.prefix})
+        """An honest hello: with the probe that lets frames name segments (issue 11)."""
+        probe = shared_memory.SharedMemory(name=self.prefix + "probe", create=True, size=4096)
+        probe.buf[:8] = b"probe123"
+        try:
+            return self.request({"v": 1, "type": "hello", "sender": self.token,
+                                 "pid": os.getpid(), "viewer": "napari",
+                                 "segment_prefix": self.prefix,
+                                 "probe": {"segment": self.prefix + "probe", "token": "probe123"}})
+        finally:
+            probe.close()
+            probe.unlink()
 
     def close(self):
         self.sock.close(0)
@@ -641,7 +650,7 @@ def test_frame_answered_hello_required_makes_flush_raise(local_receiver):
     try:
         b.save(np.zeros((4, 4), np.uint8), "h/0.tif")
         b.flush()
-        local_receiver._senders.clear()  # a restart the sender has not noticed yet
+        local_receiver._sessions.clear()  # a restart the sender has not noticed yet
         b.save(np.zeros((4, 4), np.uint8), "h/1.tif")
         with pytest.raises(ReceiverLostError):
             b.flush()
