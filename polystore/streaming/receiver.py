@@ -39,6 +39,9 @@ RECEIVE_HWM = 32
 HANDSHAKE_TIMEOUT_MS = 5000
 #: Acks still queued at shutdown get this long to leave.
 CLOSE_LINGER_MS = 1000
+#: ...and senders this long to read them: a sender socket (ZMQ_IMMEDIATE) discards what it
+#: has not read yet when the connection closes.
+CLOSE_GRACE_S = 0.25
 
 
 @dataclass
@@ -139,6 +142,7 @@ class Receiver:
         self._sock: zmq.Socket | None = None
         self._server_auth: ServerAuth | None = None
         self._ready = threading.Event()
+        self._last_reply = 0.0
         self._bind_error: BaseException | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -232,6 +236,7 @@ class Receiver:
                     last_tick, frames_at_tick = now, self.stats.frames
                     self._reader.forget_unlinked()
         finally:
+            time.sleep(max(0.0, self._last_reply + CLOSE_GRACE_S - time.monotonic()))
             guard.close()
             self._guard = None
             sock.close(linger=CLOSE_LINGER_MS)  # acks already queued still leave
@@ -386,6 +391,7 @@ class Receiver:
         self._reply(identity, p.Error(v=p.VERSION, seq=seq, code=code, message=message))
 
     def _reply(self, identity: bytes, message) -> None:
+        self._last_reply = time.monotonic()
         try:
             self._sock.send_multipart([identity, p.encode(message)], zmq.NOBLOCK)
         except zmq.ZMQError:

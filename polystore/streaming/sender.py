@@ -229,7 +229,9 @@ class StreamSender:
             self._curve.apply(sock)
         sock.connect(self.endpoint)
         self._monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+                                                | zmq.EVENT_HANDSHAKE_SUCCEEDED
                                                 | _HANDSHAKE_FAILED)
+        self._handshaking = False  # connected, handshake not (yet) succeeded
         self._transport_up = False
         self._handshake_failed = False  # ZeroMQ never retries after that: reopen the socket
         self._sock = sock
@@ -668,7 +670,13 @@ class StreamSender:
                 event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
             except zmq.Again:
                 return
-            self._handshake_failed |= bool(event & _HANDSHAKE_FAILED)
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshaking = False
+                continue
+            # a peer that hangs up mid-handshake refused it too
+            self._handshake_failed |= bool(event & _HANDSHAKE_FAILED) or (
+                event == zmq.EVENT_DISCONNECTED and self._handshaking)
+            self._handshaking = event == zmq.EVENT_CONNECTED
             self._transport_up = event == zmq.EVENT_CONNECTED
             if self._transport_up and not self._connected:
                 self._drop_probe()  # a hello sent to an earlier peer will not be answered
