@@ -16,7 +16,6 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import zmq
@@ -26,6 +25,7 @@ from polystore.streaming.auth import ServerAuth, resolve_auth
 from polystore.streaming.connections import ConnectionGuard, default_max_connections
 from polystore.streaming.endpoints import check_bind_endpoint, is_loopback
 from polystore.streaming.keys import public_key, secret_key
+from polystore.streaming.received import ReceivedFrame, ReceivedRois, ReceiverStats
 from polystore.streaming.segment_reader import SegmentError, SegmentReader
 from polystore.streaming.sessions import MAX_SENDERS, Session, SessionTable
 from polystore.streaming.shm import sweep
@@ -42,45 +42,6 @@ CLOSE_LINGER_MS = 1000
 #: ...and senders this long to read them: a sender socket (ZMQ_IMMEDIATE) discards what it
 #: has not read yet when the connection closes.
 CLOSE_GRACE_S = 0.25
-
-
-@dataclass
-class ReceivedFrame:
-    array: np.ndarray
-    header: p.Frame
-    sender: str
-    received_ns: int
-
-    @property
-    def stream(self) -> str:
-        return self.header.stream
-
-
-@dataclass
-class ReceivedRois:
-    header: p.Rois
-    sender: str
-
-    @property
-    def stream(self) -> str:
-        return self.header.stream
-
-
-@dataclass
-class ReceiverStats:
-    frames: int = 0
-    rois: int = 0
-    bytes: int = 0
-    rejected: int = 0
-    missing: int = 0  # frames whose segment the sender had already given up (policy latest)
-    sender_dropped: int = 0  # frames senders dropped by policy without sending them
-    senders: int = 0
-    fps: float = 0.0
-    last_error: str = ""
-
-    @property
-    def dropped(self) -> int:
-        return self.missing + self.sender_dropped
 
 
 class Receiver:

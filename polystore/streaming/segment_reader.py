@@ -2,23 +2,27 @@
 
 Nothing another process puts in /dev/shm can hang or crash the reader. A name is opened
 with ``O_NOFOLLOW | O_NONBLOCK`` (a symlink fails, a FIFO does not block) and then checked
-with ``fstat``: a regular file, owned by this user, large enough. Bytes are copied with
-``pread`` into the receiver's own array instead of through a long-lived ``mmap``: a segment
-truncated by its owner then gives a short read (an error reply) where a mapped read would
-kill the process with SIGBUS. scripts/bench_auth.py measures what that costs.
+with ``fstat``: a regular file, owned by this user, large enough. Before every copy the
+segment's current size is checked again (``fstat``, about a microsecond), so a segment
+truncated after it was mapped is an error reply, not a SIGBUS on the next frame. Copies
+go through a read-only ``mmap``: ``pread`` would close the remaining race (a truncation by
+the segment's owner, this same user, between the check and the copy) but copies 8 MiB
+2-4x slower (scripts/bench_auth.py measures both).
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 import threading
 from collections import OrderedDict
 
+import numpy as np
+
 from polystore.streaming.shm import SEGMENT_NAME_RE, SHM_DIR
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
-_MAX_READ = 1 << 30  # Linux reads at most ~2 GiB per call
 
 
 class SegmentError(Exception):
@@ -29,48 +33,69 @@ class SegmentError(Exception):
         self.missing = missing
 
 
+class _Mapping:
+    __slots__ = ("fd", "map", "size")
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd, self.size = fd, size
+        self.map = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        except BufferError:
+            pass  # a view is still alive; the GC unmaps it later
+        os.close(self.fd)
+
+
 class SegmentReader:
-    """Cached read-only file descriptors of other processes' segments (at most `max_cached`)."""
+    """Cached read-only mappings of other processes' segments (at most `max_cached`)."""
 
     def __init__(self, max_cached: int = 64) -> None:
         self.max_cached = max_cached
-        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._maps: OrderedDict[str, _Mapping] = OrderedDict()
         self._uid = os.getuid()
         self._lock = threading.Lock()
 
     def read_into(self, name: str, offset: int, out: memoryview) -> None:
         """Fill `out` (a writable byte buffer) from `name` at `offset`, or raise SegmentError
         if the name is not a segment of this user or the bytes are not all there."""
-        fd = self._fd(name)
-        nbytes, done = out.nbytes, 0
-        out = out.cast("B")
-        while done < nbytes:
-            chunk = out[done : done + _MAX_READ]
-            got = os.preadv(fd, [chunk], offset + done)
-            if got == 0:
-                size = os.fstat(fd).st_size
+        nbytes = out.nbytes
+        with self._lock:
+            mapping = self._mapping(name)
+            size = os.fstat(mapping.fd).st_size  # now, not when it was mapped
+            if offset < 0 or offset + nbytes > size:
                 raise SegmentError(
                     f"segment {name} holds {size} bytes; offset {offset} + nbytes {nbytes} "
                     "would read past its end"
                 )
-            done += got
+            if offset + nbytes > mapping.size:  # it grew: map it again
+                self._maps.pop(name).close()
+                mapping = self._mapping(name)
+            source = np.frombuffer(mapping.map, np.uint8, nbytes, offset)
+            np.frombuffer(out.cast("B"), np.uint8)[:] = source
+            del source
 
     def read(self, name: str, offset: int, nbytes: int) -> bytes:
         out = bytearray(nbytes)
         self.read_into(name, offset, memoryview(out))
         return bytes(out)
 
-    def _fd(self, name: str) -> int:
-        with self._lock:
-            fd = self._fds.get(name)
-            if fd is not None:
-                self._fds.move_to_end(name)
-                return fd
-            fd = self._open(name)
-            self._fds[name] = fd
-            while len(self._fds) > self.max_cached:
-                os.close(self._fds.popitem(last=False)[1])
-            return fd
+    def _mapping(self, name: str) -> _Mapping:
+        mapping = self._maps.get(name)
+        if mapping is not None:
+            self._maps.move_to_end(name)
+            return mapping
+        fd = self._open(name)
+        try:
+            mapping = _Mapping(fd, os.fstat(fd).st_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._maps[name] = mapping
+        while len(self._maps) > self.max_cached:
+            self._maps.popitem(last=False)[1].close()
+        return mapping
 
     def _open(self, name: str) -> int:
         if not SEGMENT_NAME_RE.fullmatch(name):
@@ -95,19 +120,19 @@ class SegmentReader:
         return fd
 
     def forget_unlinked(self) -> int:
-        """Close descriptors of segments their sender has unlinked (st_nlink drops to 0)."""
+        """Unmap segments their sender has unlinked (st_nlink drops to 0)."""
         with self._lock:
-            gone = [n for n, fd in self._fds.items() if os.fstat(fd).st_nlink == 0]
+            gone = [n for n, m in self._maps.items() if os.fstat(m.fd).st_nlink == 0]
             for name in gone:
-                os.close(self._fds.pop(name))
+                self._maps.pop(name).close()
         return len(gone)
 
     def forget_prefix(self, prefix: str) -> None:
         with self._lock:
-            for name in [n for n in self._fds if n.startswith(prefix)]:
-                os.close(self._fds.pop(name))
+            for name in [n for n in self._maps if n.startswith(prefix)]:
+                self._maps.pop(name).close()
 
     def close(self) -> None:
         with self._lock:
-            while self._fds:
-                os.close(self._fds.popitem()[1])
+            while self._maps:
+                self._maps.popitem()[1].close()
