@@ -227,6 +227,10 @@ def decode_sender_message(header: bytes, max_bytes: int = MAX_HEADER_BYTES) -> S
     if len(header) > max_bytes:
         raise ProtocolError(TOO_LARGE, f"header of {len(header)} bytes exceeds {max_bytes}")
     try:
+        header.decode("utf-8")  # in any field, known or not: bad_json, as the spec says
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(BAD_JSON, f"header is not UTF-8: {exc}") from None
+    try:
         envelope = _envelope_decoder.decode(header)
     except msgspec.ValidationError as exc:
         raise ProtocolError(BAD_MESSAGE, f"unreadable header: {exc}") from None

@@ -1,0 +1,138 @@
+"""The receiver's side of shared memory: copy a frame out of another process's segment.
+
+Nothing another process puts in /dev/shm can hang or crash the reader. A name is opened
+with ``O_NOFOLLOW | O_NONBLOCK`` (a symlink fails, a FIFO does not block) and then checked
+with ``fstat``: a regular file, owned by this user, large enough. Before every copy the
+segment's current size is checked again (``fstat``, about a microsecond), so a segment
+truncated after it was mapped is an error reply, not a SIGBUS on the next frame. Copies
+go through a read-only ``mmap``: ``pread`` would close the remaining race (a truncation by
+the segment's owner, this same user, between the check and the copy) but copies 8 MiB
+2-4x slower (scripts/bench_auth.py measures both).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+from polystore.streaming.shm import SEGMENT_NAME_RE, SHM_DIR
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+
+
+class SegmentError(Exception):
+    """A segment could not be read: `missing` tells a vanished one from a forbidden one."""
+
+    def __init__(self, message: str, missing: bool = False) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+class _Mapping:
+    __slots__ = ("fd", "map", "size")
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd, self.size = fd, size
+        self.map = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        except BufferError:
+            pass  # a view is still alive; the GC unmaps it later
+        os.close(self.fd)
+
+
+class SegmentReader:
+    """Cached read-only mappings of other processes' segments (at most `max_cached`)."""
+
+    def __init__(self, max_cached: int = 64) -> None:
+        self.max_cached = max_cached
+        self._maps: OrderedDict[str, _Mapping] = OrderedDict()
+        self._uid = os.getuid()
+        self._lock = threading.Lock()
+
+    def read_into(self, name: str, offset: int, out: memoryview) -> None:
+        """Fill `out` (a writable byte buffer) from `name` at `offset`, or raise SegmentError
+        if the name is not a segment of this user or the bytes are not all there."""
+        nbytes = out.nbytes
+        with self._lock:
+            mapping = self._mapping(name)
+            size = os.fstat(mapping.fd).st_size  # now, not when it was mapped
+            if offset < 0 or offset + nbytes > size:
+                raise SegmentError(
+                    f"segment {name} holds {size} bytes; offset {offset} + nbytes {nbytes} "
+                    "would read past its end"
+                )
+            if offset + nbytes > mapping.size:  # it grew: map it again
+                self._maps.pop(name).close()
+                mapping = self._mapping(name)
+            source = np.frombuffer(mapping.map, np.uint8, nbytes, offset)
+            np.frombuffer(out.cast("B"), np.uint8)[:] = source
+            del source
+
+    def read(self, name: str, offset: int, nbytes: int) -> bytes:
+        out = bytearray(nbytes)
+        self.read_into(name, offset, memoryview(out))
+        return bytes(out)
+
+    def _mapping(self, name: str) -> _Mapping:
+        mapping = self._maps.get(name)
+        if mapping is not None:
+            self._maps.move_to_end(name)
+            return mapping
+        fd = self._open(name)
+        try:
+            mapping = _Mapping(fd, os.fstat(fd).st_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._maps[name] = mapping
+        while len(self._maps) > self.max_cached:
+            self._maps.popitem(last=False)[1].close()
+        return mapping
+
+    def _open(self, name: str) -> int:
+        if not SEGMENT_NAME_RE.fullmatch(name):
+            raise SegmentError(f"{name!r} is not a segment name (<prefix><pid>_<token>_<n>)")
+        try:
+            fd = os.open(SHM_DIR / name, _OPEN_FLAGS)
+        except FileNotFoundError:
+            raise SegmentError(
+                f"segment {name} does not exist (unlinked by its sender?)", True
+            ) from None
+        except OSError as exc:
+            raise SegmentError(f"segment {name} cannot be opened: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != self._uid:
+                raise SegmentError(f"segment {name} is not a shared-memory segment of this user")
+            if st.st_size == 0:
+                raise SegmentError(f"segment {name} is empty")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def forget_unlinked(self) -> int:
+        """Unmap segments their sender has unlinked (st_nlink drops to 0)."""
+        with self._lock:
+            gone = [n for n, m in self._maps.items() if os.fstat(m.fd).st_nlink == 0]
+            for name in gone:
+                self._maps.pop(name).close()
+        return len(gone)
+
+    def forget_prefix(self, prefix: str) -> None:
+        with self._lock:
+            for name in [n for n in self._maps if n.startswith(prefix)]:
+                self._maps.pop(name).close()
+
+    def close(self) -> None:
+        with self._lock:
+            while self._maps:
+                self._maps.popitem()[1].close()

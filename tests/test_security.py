@@ -1,0 +1,891 @@
+"""Issue 11: another account on the machine can neither hang, crash, read nor steer a receiver.
+
+Attacks run for real: a second account (a `setuid` subprocess; CI runs as root), FIFOs and
+truncated segments in /dev/shm, floods of connections and parts, a full tmpfs, pid namespaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from polystore.streaming import NapariStreamingBackend, ViewerNotRunningError, receiver_for
+from polystore.streaming import protocol as p
+from polystore.streaming.credential import CredentialError, credential_path, load_credential
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- the credential ------------------------------------------------------------------------------
+
+
+def test_credential_is_made_on_first_use_readable_only_by_the_user(tmp_path, monkeypatch):
+    path = tmp_path / "config" / "polystore" / "credential.json"
+    monkeypatch.setenv("POLYSTORE_CREDENTIAL", str(path))
+    assert credential_path() == path
+    made = load_credential()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    content = json.loads(path.read_text())
+    assert content["version"] == 1 and content["curve_public"] == made.curve_public.decode()
+    assert zmq.curve_public(made.curve_secret) == made.curve_public
+    assert load_credential() == made  # read again, not replaced
+
+
+def test_credential_path_follows_xdg_config_home(tmp_path, monkeypatch):
+    monkeypatch.delenv("POLYSTORE_CREDENTIAL")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    assert credential_path() == tmp_path / "polystore" / "credential.json"
+
+
+def test_concurrent_first_use_agrees_on_one_credential(tmp_path):
+    path = tmp_path / "credential.json"
+    code = ("import sys; from polystore.streaming.credential import load_credential; "
+            "print(load_credential(sys.argv[1]).curve_public.decode())")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE,
+                              text=True) for _ in range(6)]
+    keys = {proc.communicate(timeout=60)[0].strip() for proc in procs}
+    assert keys == {json.loads(path.read_text())["curve_public"]}
+    assert [p.name for p in tmp_path.iterdir()] == ["credential.json"]  # no temp files left
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o660])
+def test_credential_readable_by_others_is_refused_with_the_fix(tmp_path, mode):
+    path = tmp_path / "credential.json"
+    load_credential(path)
+    path.chmod(mode)
+    with pytest.raises(CredentialError, match=r"chmod 600"):
+        load_credential(path)
+
+
+def test_credential_symlink_is_refused(tmp_path):
+    real = tmp_path / "real.json"
+    load_credential(real)
+    link = tmp_path / "credential.json"
+    link.symlink_to(real)
+    with pytest.raises(CredentialError, match="symbolic link"):
+        load_credential(link)
+
+
+def test_damaged_credential_is_refused(tmp_path):
+    path = tmp_path / "credential.json"
+    load_credential(path)
+    content = json.loads(path.read_text())
+    content["curve_public"] = content["curve_public"][::-1]
+    path.write_text(json.dumps(content))
+    with pytest.raises(CredentialError, match="damaged"):
+        load_credential(path)
+
+
+def test_bad_auth_value_is_refused_when_the_backend_is_made(monkeypatch):
+    with pytest.raises(ValueError, match="'user'.*'none'"):
+        NapariStreamingBackend("tcp://127.0.0.1:1", auth="maybe")
+    monkeypatch.setenv("POLYSTORE_AUTH", "off")
+    with pytest.raises(ValueError, match="POLYSTORE_AUTH"):
+        receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0")
+
+
+def test_receiver_and_sender_refuse_a_loosened_credential(tmp_path, monkeypatch):
+    path = tmp_path / "credential.json"
+    monkeypatch.setenv("POLYSTORE_CREDENTIAL", str(path))
+    load_credential()
+    path.chmod(0o644)
+    with pytest.raises(CredentialError, match="chmod 600"):
+        receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0").start()
+    b = NapariStreamingBackend("tcp://127.0.0.1:9")
+    with pytest.raises(CredentialError, match="chmod 600"):
+        b.save(np.zeros((2, 2), np.uint8), "x.tif")
+    b.close()
+
+
+# -- the handshake -------------------------------------------------------------------------------
+
+
+def _other_credential_env(tmp_path) -> dict:
+    """The environment of a process holding a credential that is not this user's."""
+    return {**os.environ, "POLYSTORE_CREDENTIAL": str(tmp_path / "other" / "credential.json")}
+
+
+def test_sender_without_the_credential_is_refused_at_the_handshake(tmp_path):
+    seen = []
+    with receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0",
+                      on_frame=seen.append) as rx:
+        code = (
+            "import sys, numpy as np\n"
+            "from polystore.streaming import NapariStreamingBackend, ViewerNotRunningError\n"
+            "b = NapariStreamingBackend(sys.argv[1], connect_timeout=1.0)\n"
+            "try:\n"
+            "    b.save(np.ones((8, 8), np.uint8), 'x.tif')\n"
+            "except ViewerNotRunningError as exc:\n"
+            "    print('REFUSED', exc)\n"
+            "finally:\n"
+            "    b.close()\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code, rx.endpoint], capture_output=True,
+                             text=True, timeout=60, env=_other_credential_env(tmp_path))
+        assert "REFUSED" in out.stdout, out.stdout + out.stderr
+        with NapariStreamingBackend(rx.endpoint) as own:  # the user's own sender still works
+            own.save(np.ones((8, 8), np.uint8), "mine.tif")
+            own.flush()
+        assert [f.header.path for f in seen] == ["mine.tif"]
+        assert rx.stats.rejected == 0  # nothing of the stranger's got as far as a message
+
+
+def test_receiver_without_the_credential_gets_nothing_from_a_sender(tmp_path):
+    """An impostor receiver (here: one with another credential) on the viewer's port: the
+    sender's handshake fails, it raises, and not one frame reaches the impostor."""
+    code = (
+        "import sys, time\n"
+        "from polystore.streaming import NapariStreamingBackend, receiver_for\n"
+        "seen = []\n"
+        "rx = receiver_for(NapariStreamingBackend, 'tcp://127.0.0.1:0',\n"
+        "                  on_frame=seen.append).start()\n"
+        "print(rx.endpoint, flush=True)\n"
+        "sys.stdin.readline()\n"
+        "print('FRAMES', len(seen), rx.stats.rejected, flush=True)\n"
+        "rx.stop()\n"
+    )
+    impostor = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True,
+                                env=_other_credential_env(tmp_path))
+    try:
+        endpoint = impostor.stdout.readline().strip()
+        b = NapariStreamingBackend(endpoint, connect_timeout=1.0)
+        with pytest.raises(ViewerNotRunningError, match="authentication handshake"):
+            b.save(np.ones((8, 8), np.uint8), "secret.tif")
+        b.close()
+        impostor.stdin.write("\n")
+        impostor.stdin.flush()
+        assert impostor.stdout.readline().split() == ["FRAMES", "0", "0"]
+    finally:
+        impostor.kill()
+        impostor.wait()
+
+
+def test_auth_none_on_both_sides_still_works(monkeypatch):
+    """The documented opt-out for Fiji on JeroMQ 0.3."""
+    monkeypatch.setenv("POLYSTORE_AUTH", "none")
+    seen = []
+    with receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", on_frame=seen.append) as rx:
+        with NapariStreamingBackend(rx.endpoint) as b:
+            b.save(np.ones((4, 4), np.uint8), "open.tif")
+            b.flush()
+    assert len(seen) == 1
+
+
+def test_user_sender_refuses_an_unauthenticated_receiver():
+    """auth='user' never falls back to talking to a receiver that cannot prove itself."""
+    with receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", auth="none") as rx:
+        start = time.monotonic()
+        b = NapariStreamingBackend(rx.endpoint, connect_timeout=1.0)
+        with pytest.raises(ViewerNotRunningError, match="auth='none'"):
+            b.save(np.ones((4, 4), np.uint8), "x.tif")
+        b.close()
+        assert time.monotonic() - start < 10
+        assert rx.stats.frames == 0
+
+
+# -- attack tools --------------------------------------------------------------------------------
+
+STRANGER_UID = 65534  # "nobody": another local account
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another account "
+                                "(setuid) or to mount a small /dev/shm (CI runs as root)")
+
+# Runs as root only long enough to import, then becomes another account for the attack.
+_STRANGER_PREAMBLE = f"""
+import encodings.idna, json, os, socket, struct, sys, time  # before setuid: later imports fail
+import zmq
+os.setgroups([])
+os.setgid({STRANGER_UID})
+os.setuid({STRANGER_UID})
+assert os.getuid() == {STRANGER_UID}
+"""
+
+
+def start_stranger(code: str, *args: str) -> subprocess.Popen:
+    """Start `code` as another local account, with pipes to talk to it."""
+    return subprocess.Popen([sys.executable, "-c", _STRANGER_PREAMBLE + code, *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HOME": "/tmp"})
+
+
+def run_as_stranger(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `code` as another local account; its stdout is returned."""
+    env = {**os.environ, "HOME": "/tmp"}
+    return subprocess.run([sys.executable, "-c", _STRANGER_PREAMBLE + code, *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+_RECEIVER_PROCESS = """
+import json, logging, os, resource, sys, time
+nofile = int(sys.argv[2])
+if nofile:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+logging.basicConfig(level=logging.WARNING)
+from polystore.streaming import NapariStreamingBackend, receiver_for
+delay = float(sys.argv[1])
+rx = receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0",
+                  on_frame=lambda f: time.sleep(delay)).start()
+print(rx.endpoint, flush=True)
+for line in sys.stdin:
+    if line.strip() == "rss":
+        status = open("/proc/self/status").read()
+        print(int(status.split("VmRSS:")[1].split()[0]), flush=True)
+    elif line.strip() == "state":
+        print(json.dumps(rx.state()), flush=True)
+rx.stop()
+"""
+
+
+class ReceiverProcess:
+    """A napari-prefix receiver in its own process (so a crash or a flood is measurable)."""
+
+    def __init__(self, frame_delay: float = 0.0, nofile: int = 0) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _RECEIVER_PROCESS, str(frame_delay), str(nofile)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.endpoint = self.proc.stdout.readline().strip()
+        assert self.endpoint.startswith("tcp://"), self.proc.stderr.read()
+
+    def ask(self, command: str) -> str:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def rss_mib(self) -> float:
+        return int(self.ask("rss")) / 1024
+
+    def state(self) -> dict:
+        return json.loads(self.ask("state"))
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> str:
+        """Stop it; returns its stderr."""
+        if self.alive():
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return self.proc.stderr.read()
+
+
+class Peer:
+    """A hand-driven DEALER of this user (with the credential unless `keys=False`)."""
+
+    def __init__(self, endpoint: str, token: str, keys: bool = True) -> None:
+        from polystore.streaming.auth import client_keys, resolve_auth
+
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.ROUTING_ID, token.encode())
+        self.sock.setsockopt(zmq.LINGER, 0)
+        user_keys = client_keys(resolve_auth(None)) if keys else None
+        if user_keys is not None:
+            user_keys.apply(self.sock)
+        self.sock.connect(endpoint)
+        self.token = token
+        self.prefix = f"napari_{os.getpid()}_{token}_"
+
+    def request(self, *parts: bytes | dict, timeout: float = 5.0):
+        self.sock.send_multipart([json.dumps(x).encode() if isinstance(x, dict) else x
+                                  for x in parts])
+        if not self.sock.poll(timeout * 1000):
+            return None
+        return p.decode_receiver_message(self.sock.recv())
+
+    def hello(self, probe: bool = True):
+        header = {"v": 1, "type": "hello", "sender": self.token, "pid": os.getpid(),
+                  "viewer": "napari", "segment_prefix": self.prefix}
+        if not probe:
+            return self.request(header)
+        name = self.prefix + "probe"
+        make_segment(name, b"probetoken1")
+        try:
+            header["probe"] = {"segment": name, "token": "probetoken1"}
+            return self.request(header)
+        finally:
+            remove_segment(name)
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+def frame_header(segment: str | None, nbytes: int = 16, seq: int = 1, offset: int = 0) -> dict:
+    return {"v": 1, "type": "frame", "seq": seq, "stream": "s", "path": "s.tif",
+            "shape": [nbytes], "dtype": "uint8", "nbytes": nbytes, "sent_ns": 0,
+            "segment": segment, "offset": offset}
+
+
+def make_segment(name: str, data: bytes, size: int | None = None) -> None:
+    fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, size or max(len(data), 4096))
+        os.pwrite(fd, data, 0)
+    finally:
+        os.close(fd)
+
+
+def remove_segment(name: str) -> None:
+    try:
+        os.unlink(f"/dev/shm/{name}")
+    except FileNotFoundError:
+        pass
+
+
+@pytest.fixture
+def receiver():
+    seen = []
+    rx = receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", on_frame=seen.append,
+                      on_clear=lambda: seen.append("clear")).start()
+    rx.seen = seen
+    yield rx
+    rx.stop()
+
+
+# -- 1: a FIFO (or anything not a regular file) cannot hang the receiver -------------------------
+
+
+def test_fifo_named_by_probe_and_frame_does_not_hang_the_receiver(receiver):
+    peer = Peer(receiver.endpoint, "fifo0001")
+    fifos = [peer.prefix + "probe", peer.prefix + "0"]
+    for name in fifos:
+        os.mkfifo(f"/dev/shm/{name}", 0o600)
+    try:
+        header = {"v": 1, "type": "hello", "sender": peer.token, "pid": os.getpid(),
+                  "viewer": "napari", "segment_prefix": peer.prefix,
+                  "probe": {"segment": fifos[0], "token": "x"}}
+        welcome = peer.request(header, timeout=5)
+        assert welcome is not None, "the receiver hung on a FIFO named by a probe"
+        assert welcome.shm is False
+        # with a real probe, then a frame naming the FIFO
+        os.unlink(f"/dev/shm/{fifos[0]}")
+        welcome = peer.hello()
+        assert welcome.shm is True, welcome
+        reply = peer.request(frame_header(fifos[1]), timeout=5)
+        assert reply is not None, "the receiver hung on a FIFO named by a frame"
+        assert reply.code == "bad_segment" and "not a shared-memory segment" in reply.message
+    finally:
+        for name in fifos:
+            remove_segment(name)
+        peer.close()
+    start = time.monotonic()
+    receiver.stop()
+    assert not receiver.running and time.monotonic() - start < 5
+    with socket_bound(receiver.endpoint):
+        pass  # the port is free again
+
+
+class socket_bound:
+    """Bind a plain TCP socket to a tcp:// endpoint (raises if it is still taken)."""
+
+    def __init__(self, endpoint: str) -> None:
+        import socket
+
+        host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                self.sock.bind((host, int(port)))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+
+# -- 3: a segment truncated after the receiver read it cannot SIGBUS the receiver ----------------
+
+
+def test_truncated_segment_is_an_error_reply_not_a_crash():
+    rx = ReceiverProcess()
+    peer = Peer(rx.endpoint, "trunc001")
+    name = peer.prefix + "0"
+    make_segment(name, bytes(range(256)) * 256, 65536)
+    try:
+        assert peer.hello().shm is True
+        assert isinstance(peer.request(frame_header(name, 65536, seq=1)), p.Ack)
+        os.truncate(f"/dev/shm/{name}", 0)
+        reply = peer.request(frame_header(name, 65536, seq=2), timeout=10)
+        assert rx.alive(), "the receiver died (SIGBUS) reading a truncated segment"
+        assert reply is not None and reply.code == "bad_segment" and "past its end" in reply.message
+        os.truncate(f"/dev/shm/{name}", 65536)
+        assert isinstance(peer.request(frame_header(name, 65536, seq=3)), p.Ack)
+        assert rx.state()["frames"] == 2
+    finally:
+        remove_segment(name)
+        peer.close()
+        rx.close()
+
+
+# -- 2: a full /dev/shm is an exception in the sender, not SIGBUS --------------------------------
+
+_FULL_SHM_PIPELINE = """
+import os, sys, numpy as np
+from polystore.streaming import NapariStreamingBackend, receiver_for
+# Another account fills /dev/shm (a file is enough: tmpfs space is shared).
+filler = os.open("/dev/shm/filler", os.O_CREAT | os.O_WRONLY, 0o600)
+try:
+    while True:
+        os.write(filler, b"\\0" * 4096)
+except OSError:
+    os.close(filler)
+b = NapariStreamingBackend("tcp://127.0.0.1:9", connect_timeout=0.5)  # no viewer running
+try:
+    b.save(np.ones((8, 8), np.uint8), "x.tif")
+    print("NO ERROR")
+except OSError as exc:
+    print("PROBE:", exc)
+os.unlink("/dev/shm/filler")
+with receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", on_frame=print) as rx:
+    with NapariStreamingBackend(rx.endpoint) as b:
+        try:
+            b.save(np.ones((4096, 2048), np.uint8), "big.tif")  # 8 MiB > the 4 MiB tmpfs
+            print("NO ERROR")
+        except OSError as exc:
+            print("FRAME:", exc)
+print("ALIVE")
+"""
+
+
+@needs_root
+def test_full_dev_shm_raises_naming_free_and_needed_space():
+    out = subprocess.run(
+        ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=4m tmpfs /dev/shm && exec "$@"',
+         "sh", sys.executable, "-c", _FULL_SHM_PIPELINE],
+        capture_output=True, text=True, timeout=120)
+    if "mount" in out.stderr and "ALIVE" not in out.stdout:
+        pytest.skip(f"cannot mount a private tmpfs here: {out.stderr.strip()}")
+    assert out.returncode == 0, f"the pipeline died (rc {out.returncode}): {out.stderr}"
+    lines = dict(line.split(": ", 1) for line in out.stdout.splitlines() if ": " in line)
+    assert "shared memory is full" in lines["PROBE"] and "free" in lines["PROBE"]
+    assert "8.0 MiB" in lines["FRAME"] and "MiB free" in lines["FRAME"]
+    assert "--shm-size" in lines["FRAME"]
+    assert "ALIVE" in out.stdout
+
+
+# -- 4: a connection cannot claim another pipeline's segments ------------------------------------
+
+_SPOOF_HELLO = """
+endpoint, prefix, victim_segment = sys.argv[1:4]
+sock = zmq.Context.instance().socket(zmq.DEALER)
+sock.setsockopt(zmq.LINGER, 0)
+sock.connect(endpoint)
+probe = prefix + "probe"
+with open("/dev/shm/" + probe, "wb") as f:  # the stranger can make a file of that name
+    f.write(b"spoof1")
+def ask(header):
+    try:
+        sock.send(json.dumps(header).encode(), zmq.NOBLOCK)
+    except zmq.Again:  # no connection would take it
+        return None
+    return json.loads(sock.recv()) if sock.poll(3000) else None
+token = prefix.split("_")[2]
+pid = int(prefix.split("_")[1])
+print(json.dumps(ask({"v": 1, "type": "hello", "sender": token, "pid": pid,
+                      "viewer": "napari", "segment_prefix": prefix,
+                      "probe": {"segment": probe, "token": "spoof1"}})))
+print(json.dumps(ask({"v": 1, "type": "frame", "seq": 1, "stream": "s", "path": "x.tif",
+                      "shape": [16], "dtype": "uint8", "nbytes": 16, "sent_ns": 0,
+                      "segment": victim_segment, "offset": 0})))
+os.unlink("/dev/shm/" + probe)
+"""
+
+
+def _victim_segment(token: str) -> tuple[str, str]:
+    prefix = f"napari_{os.getpid()}_{token}_"
+    make_segment(prefix + "0", b"victim's pixels!")
+    return prefix, prefix + "0"
+
+
+@needs_root
+@pytest.mark.parametrize("auth", ["user", "none"])
+def test_another_account_cannot_read_a_pipeline_s_segments_by_repeating_its_name(auth):
+    """The stranger repeats a live pipeline's pid and token (both visible in /dev/shm). With
+    auth (the default) it cannot even connect; without, the receiver still refuses frames
+    naming segments because the stranger's probe is not this user's."""
+    seen = []
+    prefix, victim = _victim_segment("cafe0042")
+    try:
+        with receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", on_frame=seen.append,
+                          auth=auth) as rx:
+            out = run_as_stranger(_SPOOF_HELLO, rx.endpoint, prefix, victim)
+            assert out.returncode == 0, out.stderr
+            welcome, frame_reply = (json.loads(line) for line in out.stdout.splitlines())
+            if auth == "user":
+                assert welcome is None and frame_reply is None  # refused at the handshake
+            else:
+                assert welcome["type"] == "welcome" and welcome["shm"] is False
+                assert frame_reply["code"] == "bad_segment", frame_reply
+            assert seen == []
+    finally:
+        remove_segment(victim)
+        remove_segment(prefix + "probe")
+
+
+def test_a_prefix_in_use_cannot_be_claimed_by_another_connection(receiver):
+    owner = Peer(receiver.endpoint, "owner001")
+    thief = Peer(receiver.endpoint, "thief001")
+    thief.prefix = owner.prefix
+    try:
+        assert owner.hello().shm is True
+        header = {"v": 1, "type": "hello", "sender": owner.token, "pid": os.getpid(),
+                  "viewer": "napari", "segment_prefix": owner.prefix}
+        reply = thief.request(header)
+        assert reply.code == "bad_segment" and "another connection" in reply.message
+    finally:
+        owner.close()
+        thief.close()
+
+
+# -- 5: memory per connection is bounded ---------------------------------------------------------
+
+_UNFINISHED_PARTS = """
+# Raw ZMTP 3.0 (libzmq itself never transmits a message before its last part).
+endpoint, parts = sys.argv[1], int(sys.argv[2])
+host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+conn = socket.socket()
+conn.connect((host, int(port)))
+conn.sendall(b"\\xff" + bytes(8) + b"\\x7f\\x03\\x00" + b"NULL".ljust(20, b"\\0") + bytes(32))
+ready = (b"\\x05READY\\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
+         + b"\\x08Identity" + struct.pack(">I", 0))
+chunk = bytes(8 << 20)
+sent = 0
+try:
+    conn.sendall(b"\\x04" + bytes([len(ready)]) + ready)
+    for _ in range(parts):  # MORE | LONG: never the last part
+        conn.sendall(b"\\x03" + struct.pack(">Q", len(chunk)) + chunk)
+        sent += 1
+except OSError:
+    pass  # the receiver hung up
+print("SENT", sent, flush=True)
+sys.stdin.readline()  # keep the connection (and whatever it made the receiver hold) open
+"""
+
+
+@needs_root
+def test_unfinished_multipart_flood_from_another_account_does_not_grow_the_receiver(figure):
+    rx = ReceiverProcess()
+    try:
+        before = rx.rss_mib()
+        stranger = start_stranger(_UNFINISHED_PARTS, rx.endpoint, "40")
+        try:
+            line = stranger.stdout.readline()
+            assert line.startswith("SENT"), stranger.stderr.read()
+            time.sleep(1)
+            growth = rx.rss_mib() - before
+        finally:
+            stranger.kill()
+            stranger.wait()
+        figure("flood_unfinished_parts_40x8MiB_rss_growth_mib", round(growth, 1))
+        assert growth < 32, f"40 unfinished 8 MiB parts grew the receiver by {growth:.0f} MiB"
+        assert rx.alive()
+    finally:
+        rx.close()
+
+
+def test_sender_ignoring_credits_cannot_grow_a_slow_receiver_much(figure):
+    """An authenticated sender (this user) that never waits for acks: ZeroMQ stops reading its
+    connection after RECEIVE_HWM messages, so the receiver holds a bounded number."""
+    rx = ReceiverProcess(frame_delay=0.5)
+    peer = Peer(rx.endpoint, "greedy01")
+    try:
+        assert isinstance(peer.hello(probe=False), p.Welcome)
+        before = rx.rss_mib()
+        payload = b"\1" * (1 << 20)
+        header = json.dumps(frame_header(None, 1 << 20)).encode()
+        sent = 0
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline and sent < 400:
+            try:
+                peer.sock.send_multipart([header, payload], zmq.NOBLOCK)
+                sent += 1
+            except zmq.Again:
+                time.sleep(0.01)
+        time.sleep(1)
+        growth = rx.rss_mib() - before
+        figure("flood_ignoring_credits_1MiB_frames_rss_growth_mib", round(growth, 1))
+        figure("flood_ignoring_credits_frames_sent", sent)
+        assert growth < 80, f"{sent} unacknowledged 1 MiB frames grew it by {growth:.0f} MiB"
+    finally:
+        peer.close()
+        rx.close()
+
+
+# -- 6: floods cannot evict a live sender or use up the receiver's descriptors -------------------
+
+_HELLO_FLOOD = """
+endpoint, count = sys.argv[1], int(sys.argv[2])
+ctx = zmq.Context.instance()
+ctx.set(zmq.MAX_SOCKETS, 4096)
+socks, answered = [], 0
+for i in range(count):
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    socks.append(s)
+hello = {"v": 1, "type": "hello", "pid": 1, "viewer": "napari", "versions": [1]}
+for i, s in enumerate(socks):
+    token = f"flood{i}"
+    try:
+        s.send(json.dumps({**hello, "sender": token,
+                           "segment_prefix": f"napari_1_{token}_"}).encode(), zmq.NOBLOCK)
+    except zmq.Again:
+        pass
+deadline = time.monotonic() + 3
+for s in socks:
+    if s.poll(max(0, deadline - time.monotonic()) * 1000):
+        answered += 1
+print("ANSWERED", answered, flush=True)
+for s in socks:
+    s.close(0)
+"""
+
+
+@needs_root
+def test_hello_flood_from_another_account_does_not_evict_a_live_sender(receiver, figure):
+    with NapariStreamingBackend(receiver.endpoint) as live:
+        live.save(np.zeros((8, 8), np.uint8), "live/0.tif")
+        live.flush()
+        out = run_as_stranger(_HELLO_FLOOD, receiver.endpoint, "1100")
+        assert "ANSWERED" in out.stdout, out.stderr
+        answered = int(out.stdout.split()[-1])
+        figure("hello_flood_1100_answered", answered)
+        assert answered == 0
+        for i in range(1, 6):
+            live.save(np.zeros((8, 8), np.uint8), f"live/{i}.tif")
+        live.flush()  # old code: ReceiverLostError, the flood had evicted it
+    assert [f.header.path for f in receiver.seen] == [f"live/{i}.tif" for i in range(6)]
+
+
+def test_full_sender_table_refuses_newcomers_and_keeps_the_senders_it_has():
+    """Even for this user's own connections: a full table never evicts."""
+    seen = []
+    with receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", on_frame=seen.append,
+                      max_senders=4) as rx:
+        senders = [NapariStreamingBackend(rx.endpoint) for _ in range(4)]
+        try:
+            for b in senders:
+                b.save(np.zeros((4, 4), np.uint8), "a.tif")
+            extra = NapariStreamingBackend(rx.endpoint, connect_timeout=1)
+            with pytest.raises(ViewerNotRunningError, match="at most 4 senders"):
+                extra.save(np.zeros((4, 4), np.uint8), "b.tif")
+            extra.close()
+            for b in senders:
+                b.save(np.zeros((4, 4), np.uint8), "c.tif")
+                b.flush()
+        finally:
+            for b in senders:
+                b.close()
+        assert rx.stats.rejected == 1, rx.stats.last_error  # the newcomer's hello only
+    assert sorted(f.header.path for f in seen) == ["a.tif"] * 4 + ["c.tif"] * 4, rx.stats
+
+
+def test_idle_connection_flood_does_not_use_up_the_receiver_s_descriptors():
+    """1,100 idle TCP connections against a receiver limited to 1,024 descriptors: it keeps
+    at most its connection limit open and a new sender still gets through."""
+    import socket
+
+    rx = ReceiverProcess(nofile=1024)
+    idle = []
+    try:
+        host, port = rx.endpoint.removeprefix("tcp://").rsplit(":", 1)
+        for _ in range(1100):
+            conn = socket.socket()
+            conn.connect((host, int(port)))
+            idle.append(conn)
+        time.sleep(1)
+        with NapariStreamingBackend(rx.endpoint, connect_timeout=5) as b:
+            b.save(np.zeros((8, 8), np.uint8), "after-flood.tif")
+            b.flush()
+        assert rx.state()["frames"] == 1
+    finally:
+        for conn in idle:
+            conn.close()
+        log = rx.close()
+    assert "connections open, the limit" in log
+
+
+# -- 7: other accounts can neither steer a receiver nor pose as one ------------------------------
+
+_CONTROL = """
+endpoint = sys.argv[1]
+sock = zmq.Context.instance().socket(zmq.DEALER)
+sock.setsockopt(zmq.LINGER, 0)
+sock.connect(endpoint)
+time.sleep(0.3)
+for seq, command in enumerate(["clear", "report"]):
+    try:
+        sock.send(json.dumps({"v": 1, "type": "control", "seq": seq,
+                              "command": command}).encode(), zmq.NOBLOCK)
+    except zmq.Again:
+        pass
+print("REPLIES", sum(1 for _ in range(2) if sock.poll(1500) and sock.recv()), flush=True)
+"""
+
+
+@needs_root
+def test_another_account_can_neither_clear_nor_read_a_receiver(receiver):
+    out = run_as_stranger(_CONTROL, receiver.endpoint)
+    assert out.stdout.split() == ["REPLIES", "0"], out.stdout + out.stderr
+    assert "clear" not in receiver.seen
+
+
+_IMPOSTOR = """
+port = int(sys.argv[1])
+sock = zmq.Context.instance().socket(zmq.ROUTER)
+sock.setsockopt(zmq.LINGER, 0)
+sock.bind(f"tcp://127.0.0.1:{port}")
+print("LISTENING", flush=True)
+received, deadline = 0, time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    if sock.poll(100):
+        received += len(sock.recv_multipart())
+print("RECEIVED", received, flush=True)
+"""
+
+
+@needs_root
+def test_another_account_binding_the_viewer_port_first_receives_nothing():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HOME": "/tmp"}
+    impostor = subprocess.Popen([sys.executable, "-c", _STRANGER_PREAMBLE + _IMPOSTOR, str(port),
+                                 "6"], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert impostor.stdout.readline().strip() == "LISTENING"
+        b = NapariStreamingBackend(f"tcp://127.0.0.1:{port}", connect_timeout=1.5)
+        with pytest.raises(ViewerNotRunningError, match="authentication handshake"):
+            b.save(np.full((8, 8), 7, np.uint8), "secret.tif")
+        b.close()
+        assert impostor.stdout.readline().split() == ["RECEIVED", "0"]
+    finally:
+        impostor.kill()
+        impostor.wait()
+
+
+# -- 8: the sweep does not take a live segment whose owner is in another pid namespace -----------
+
+_NAMESPACED_SENDER = """
+import os, sys
+pid = int(sys.argv[1])
+with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+    f.write(str(pid - 1))
+child = os.fork()
+if child == 0:
+    from polystore.streaming.shm import SegmentPool
+    pool = SegmentPool("napari_", 1 << 20)
+    segment = pool.acquire(0, 4096)
+    print(os.getpid(), segment.name, flush=True)
+    sys.stdin.readline()
+    os._exit(0)  # dies without unlinking: an orphan once its lock is gone
+os.waitpid(child, 0)
+"""
+
+
+def _pid_not_used_here() -> int:
+    for pid in range(30000, 300, -7):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            continue
+    pytest.skip("no free pid found")
+
+
+@needs_root
+def test_sweep_keeps_live_segments_of_a_sender_in_another_pid_namespace():
+    from polystore.streaming import sweep
+
+    pid = _pid_not_used_here()
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", _NAMESPACED_SENDER,
+         str(pid)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    line = proc.stdout.readline().split()
+    if len(line) != 2:
+        proc.kill()
+        pytest.skip(f"cannot make a pid namespace here: {proc.stderr.read().strip()}")
+    inner_pid, name = int(line[0]), line[1]
+    try:
+        assert inner_pid == pid and name.startswith(f"napari_{pid}_")
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # from here, the owner looks dead...
+        assert name not in [s.name for s in sweep(["napari_"])]
+        assert os.path.exists(f"/dev/shm/{name}")  # ...but its lock says it is alive
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        proc.wait(30)
+        assert name in [s.name for s in sweep(["napari_"])]  # now a true orphan
+    finally:
+        proc.kill()
+        proc.wait()
+        remove_segment(name)
+
+
+# -- 10: shutdown does not discard acks already queued -------------------------------------------
+
+
+def test_acks_queued_at_shutdown_still_reach_the_sender():
+    """The receiver stops right after the last frame; the sender's flush must still see every
+    ack (old code closed with linger 0 and lost some: about 1 run in 25)."""
+    failures = 0
+    for _ in range(30):
+        state = {}
+
+        def on_frame(item, state=state):
+            if item.header.path.endswith("last.tif"):
+                state["rx"].stop()  # from the receiver thread: exits right after this frame
+
+        rx = receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", on_frame=on_frame)
+        state["rx"] = rx.start()
+        with NapariStreamingBackend(rx.endpoint) as b:
+            for i in range(20):
+                b.save(np.zeros((64, 64), np.uint16), f"f{i}.tif")
+            b.save(np.zeros((64, 64), np.uint16), "last.tif")
+            try:
+                b.flush()
+            except Exception:  # noqa: BLE001 - counted
+                failures += 1
+        rx.stop()
+    assert failures == 0, f"{failures} of 30 flushes lost acks the receiver had queued"
+
+
+# -- 11: a header that is not UTF-8 is bad_json ---------------------------------------------------
+
+
+@pytest.mark.parametrize("header", [
+    b'{"v": 1, "type": "hello", "sender": "\xff\xfe"}',
+    b'{"v": 1, "type": "bye", "note": "\xc3"}',
+    b"\xff{}",
+])
+def test_header_that_is_not_utf8_is_bad_json(receiver, header):
+    peer = Peer(receiver.endpoint, "utf8test")
+    try:
+        reply = peer.request(header)
+        assert reply.code == "bad_json", reply
+    finally:
+        peer.close()
