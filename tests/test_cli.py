@@ -341,7 +341,7 @@ def test_fiji_run_says_what_is_missing():
 
 
 def _fiji_missing() -> str | None:
-    from polystore.cli import _fiji_missing
+    from polystore.apps.cli import _fiji_missing
 
     missing = _fiji_missing()
     return "; ".join(missing) if missing else None

@@ -28,7 +28,7 @@ from polystore.streaming import (
     sweep,
 )
 from polystore.streaming import protocol as p
-from tests.stream_helpers import digest, start_receiver
+from tests.stream_helpers import ScriptedReceiver, digest, start_receiver
 
 DTYPES = list(p.DTYPES)
 
@@ -82,7 +82,7 @@ def test_round_trip_every_dtype_and_shape_is_bit_exact(receiver_proc, transport)
         for i, a in enumerate(arrays):
             b.save(a, f"rt/{transport}_{i:03d}.tif")
         got = received(b)[start:]
-        assert b.sender._use_shm is (transport == "shm")
+        assert b.sender.uses_shared_memory is (transport == "shm")
     assert [g["digest"] for g in got] == [digest(a) for a in arrays]
 
 
@@ -318,7 +318,7 @@ def test_inflight_bytes_bound_and_oversized_frame():
         with NapariStreamingBackend(proc.endpoint, max_inflight_bytes=1 << 20) as b:
             for i in range(20):
                 b.save(np.full((256, 1024), i, np.uint16), f"big/{i}.tif")  # 512 KiB each
-                assert b.sender._pool.total_bytes <= 1 << 20
+                assert b.sender.pool_bytes <= 1 << 20
             with pytest.raises(UnstreamableDataError, match="max_inflight_bytes"):
                 b.save(np.zeros((1024, 1024), np.uint16), "too_big.tif")
             b.flush()
@@ -586,7 +586,7 @@ def test_numpy_roi_coordinates_and_pickled_backend_for_workers(backend):
     backend.flush()
     clone = pickle.loads(pickle.dumps(backend))  # what Dask does with a task's arguments
     try:
-        assert clone._sender is None and clone.endpoint == backend.endpoint
+        assert clone.endpoint == backend.endpoint and clone.options == backend.options
         clone.save(np.ones((4, 4), np.uint8), "np/t2.tif")
         clone.flush()
     finally:
@@ -601,7 +601,7 @@ def test_lease_computes_in_shared_memory_and_sends_without_a_copy(backend):
     with backend.lease("lease/t001.tif", a.shape, "uint16", axes={"t": 1}) as frame:
         assert frame.shape == a.shape and frame.dtype == np.uint16
         mine = [s.name for s in list_segments(["napari_"]) if s.pid == os.getpid()]
-        assert any(n.startswith(backend.sender._pool.prefix) for n in mine)
+        assert any(n.startswith(backend.sender.segment_prefix) for n in mine)
         np.copyto(frame, a)  # a pipeline would compute into it (out=frame)
     with pytest.raises(RuntimeError, match="boom"):  # an error sends nothing
         with backend.lease("lease/t002.tif", (4, 4), "float32") as frame:
@@ -613,7 +613,7 @@ def test_lease_computes_in_shared_memory_and_sends_without_a_copy(backend):
     assert [g["path"] for g in got] == ["lease/t001.tif", "lease/t003.tif"]
     assert [g["digest"] for g in got] == [digest(a), digest(b)]
     assert got[0]["axes"] == {"t": 1}
-    assert backend.sender.inflight == 0 and backend.sender._pool.busy_count == 0
+    assert backend.sender.inflight == 0 and backend.sender.segments_in_use == 0
     with pytest.raises(UnstreamableDataError, match="lease"):
         backend.lease("lease/table.csv", (4, 4))
     with pytest.raises(UnstreamableDataError, match="dtype"):
@@ -632,19 +632,24 @@ def test_lease_falls_back_to_a_copy_for_inline_transport(receiver_proc):
 # -- regressions found in review ---------------------------------------------------------------
 
 
-def test_frame_answered_hello_required_makes_flush_raise(local_receiver):
-    b = NapariStreamingBackend(local_receiver.endpoint)
-    try:
-        b.save(np.zeros((4, 4), np.uint8), "h/0.tif")
-        b.flush()
-        local_receiver._senders.clear()  # a restart the sender has not noticed yet
-        b.save(np.zeros((4, 4), np.uint8), "h/1.tif")
-        with pytest.raises(ReceiverLostError):
+def test_frame_answered_hello_required_makes_flush_raise():
+    # a receiver that lost track of this sender (restarted) while the connection stayed up
+    forgot = {"type": "error", "v": 1, "seq": 1, "code": "hello_required",
+              "message": "send hello first (receiver restarted?)"}
+    with ScriptedReceiver(answers={1: forgot}) as rx:
+        b = NapariStreamingBackend(rx.endpoint)
+        try:
+            b.save(np.zeros((4, 4), np.uint8), "h/0.tif")
             b.flush()
-    finally:
-        b.close()
-        while not local_receiver.queue.empty():
-            local_receiver.queue.get()
+            b.save(np.zeros((4, 4), np.uint8), "h/1.tif")
+            with pytest.raises(ReceiverLostError, match="restarted"):
+                b.flush()
+            b.save(np.zeros((4, 4), np.uint8), "h/2.tif")  # handshakes again, then sends
+            b.flush()
+            assert [m["type"] for m in rx.seen] == ["hello", "frame", "frame", "hello", "frame"]
+            assert b.sender.stats.handshakes == 2
+        finally:
+            b.close()
 
 
 @pytest.mark.parametrize("policy", ["raise", "latest"])
@@ -668,7 +673,7 @@ def test_lease_gives_its_segment_back_when_the_viewer_left():
             with b.lease("l/1.tif", (512, 512), "uint16"):
                 rx.stop()
                 time.sleep(0.3)
-        assert b.sender._pool.busy_count == 0
+        assert b.sender.segments_in_use == 0
     finally:
         b.close()
 
