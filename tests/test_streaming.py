@@ -19,6 +19,7 @@ from polystore.streaming import (
     FijiStreamingBackend,
     NapariStreamingBackend,
     ReceiverLostError,
+    SenderOptions,
     StreamingBackend,
     UnstreamableDataError,
     ViewerNotRunningError,
@@ -28,6 +29,7 @@ from polystore.streaming import (
     sweep,
 )
 from polystore.streaming import protocol as p
+from polystore.streaming.connection import State
 from tests.stream_helpers import ScriptedReceiver, digest, start_receiver
 
 DTYPES = list(p.DTYPES)
@@ -748,3 +750,92 @@ def test_threads_saving_first_share_one_sender(receiver_proc):
         b.flush()
     finally:
         b.close()
+
+
+# -- value objects: options and per-stream metadata, checked once ----------------------------
+
+
+@pytest.mark.parametrize("bad", [{"timeout": 0}, {"connect_timeout": -1}, {"max_inflight": True},
+                                 {"max_inflight_bytes": 1.5}, {"policy": "newest"},
+                                 {"transport": "udp"}, {"auth": "nobody"}])
+def test_bad_sender_options_fail_when_the_backend_is_made(bad):
+    key = next(iter(bad))
+    with pytest.raises(ValueError, match=key):
+        NapariStreamingBackend("tcp://127.0.0.1:9", **bad)
+
+
+def test_options_are_stored_once_and_pickled_as_configuration():
+    import pickle
+
+    backend = NapariStreamingBackend("tcp://127.0.0.1:9", policy="latest", max_inflight=3)
+    assert backend.options == SenderOptions(policy="latest", max_inflight=3)
+    clone = pickle.loads(pickle.dumps(backend))
+    assert clone.options == backend.options and clone.endpoint == backend.endpoint
+
+
+def test_stream_metadata_is_built_once_per_stream_and_reused():
+    backend = NapariStreamingBackend("tcp://127.0.0.1:9")
+    first = backend.stream_meta("A01/t001.tif", axis_names=["t", "y", "x"], colormap="green")
+    again = backend.stream_meta("A01/t002.tif", axis_names=["t", "y", "x"], colormap="green")
+    assert again is first and first.stream == "A01" and first.display.colormap == "green"
+    assert backend.stream_meta("A02/t001.tif") is not first
+    with pytest.raises(UnstreamableDataError, match="B01/t001.tif"):
+        backend.stream_meta("B01/t001.tif", opacity=2.0)
+    with pytest.raises(TypeError, match="colourmap"):
+        backend.stream_meta("B01/t001.tif", colourmap="red")
+
+
+def test_frame_positions_are_checked_per_frame_and_numpy_indices_travel(backend):
+    img = np.zeros((4, 4), np.uint8)
+    backend.save(img, "pos/t001.tif", axes={"t": np.int64(1), "c": np.uint8(2)})
+    for axes, problem in [({"t": -1}, "0 to 1,000,000"), ({"t": 1.5}, "whole number"),
+                          ({"": 1}, "1 to 32 characters"), ({"t": True}, "whole number")]:
+        with pytest.raises(UnstreamableDataError, match=problem):
+            backend.save(img, "pos/t002.tif", axes=axes)
+    with pytest.raises(UnstreamableDataError, match="must name every key"):
+        backend.save(img, "pos/t003.tif", axes={"z": 1}, axis_names=["t", "y", "x"])
+    got = received(backend)
+    assert [(g["path"], g["axes"]) for g in got] == [("pos/t001.tif", {"t": 1, "c": 2})]
+
+
+def test_sender_state_follows_the_handshake_and_the_receiver():
+    rx = receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", on_frame=lambda f: None)
+    rx.start()
+    backend = NapariStreamingBackend(rx.endpoint, timeout=2, connect_timeout=0.3)
+    try:
+        assert backend.sender.state is State.CLOSED
+        backend.save(np.zeros((4, 4), np.uint8), "state/t0.tif")
+        backend.flush()
+        assert backend.sender.state is State.CONNECTED
+        assert backend.sender.stats.handshakes == 1 and backend.sender.stats.acked == 1
+        rx.stop()
+        time.sleep(0.3)  # the socket's monitor reports the disconnect
+        with pytest.raises(ViewerNotRunningError):  # noticed before sending; no one answers
+            backend.save(np.zeros((4, 4), np.uint8), "state/t1.tif")
+        assert backend.sender.state is State.CLOSED
+    finally:
+        backend.close()
+        rx.stop()
+
+
+def test_a_receiver_refusing_the_handshake_leaves_the_sender_refused():
+    refusal = {"type": "error", "v": 1, "seq": None, "code": "bad_segment",
+               "message": "segment_prefix must be ..."}
+
+    class Refusing(ScriptedReceiver):
+        def _serve(self) -> None:  # answers every hello with an error
+            while not self._stop.is_set():
+                if self._sock.poll(50, zmq.POLLIN):
+                    identity, header = self._sock.recv_multipart()[:2]
+                    self.seen.append(json.loads(header))
+                    self._sock.send_multipart([identity, json.dumps(refusal).encode()])
+
+    with Refusing() as rx:
+        backend = NapariStreamingBackend(rx.endpoint)
+        try:
+            with pytest.raises(ViewerNotRunningError, match="refused the handshake"):
+                backend.save(np.zeros((4, 4), np.uint8), "r/t0.tif")
+            assert backend.sender.state is State.REFUSED
+            assert backend.sender.segments_in_use == 0
+        finally:
+            backend.close()

@@ -407,15 +407,6 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from polystore.apps import bench
-
-    argv = ["--quick"] if args.quick else []
-    if args.json:
-        argv += ["--json", args.json]
-    return bench.main(argv)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from polystore.apps.demo import run_demo
     from polystore.streaming import StreamingError
@@ -523,13 +514,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also for prefixes of backends not installed here")
     clean.set_defaults(func=cmd_shm_clean)
 
+    from polystore.apps import bench as benchmark
+
     bench = sub.add_parser("bench", help="run the streaming benchmark",
                            description="polystore save() into a receiver process, next to "
-                           "memcpy and raw ZeroMQ, on this machine.")
-    bench.add_argument("--quick", action="store_true", help="few frames (a smoke run)")
-    bench.add_argument("--json", metavar="OUT",
-                       help="also write the figures as JSON (for scripts/plot_bench.py)")
-    bench.set_defaults(func=cmd_bench)
+                           "memcpy, raw ZeroMQ and a raw shared-memory ring, on this machine.")
+    benchmark.add_arguments(bench)
+    bench.set_defaults(func=benchmark.run)
     return parser
 
 

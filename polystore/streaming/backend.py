@@ -200,10 +200,11 @@ class StreamingBackend(WriteOnlyBackend):
         ``labels=True``) shows an integer mask as labels; `colormap`, `contrast_limits`,
         `mode` and `opacity` are display hints."""
         path = str(file_path)
+        axes = options.pop("axes", None)
         meta = self.stream_meta(path, **options)
         if path.lower().endswith(ROI_EXTENSION):
-            return self.sender.send_rois(to_rois(data), path, meta)
-        return self.sender.send_array(data, path, meta)
+            return self.sender.send_rois(to_rois(data), path, meta, axes)
+        return self.sender.send_array(data, path, meta, axes)
 
     def lease(self, file_path: Any, shape: Sequence[int], dtype: Any = "uint16",
               **options: Any):
@@ -221,31 +222,30 @@ class StreamingBackend(WriteOnlyBackend):
             raise UnstreamableDataError(
                 f"cannot lease a frame for {path}: use an image extension of "
                 f"{sorted(self.SUPPORTED_EXTENSIONS - {ROI_EXTENSION})}")
-        return self.sender.lease(shape, dtype, path, self.stream_meta(path, **options))
+        axes = options.pop("axes", None)
+        return self.sender.lease(shape, dtype, path, self.stream_meta(path, **options), axes)
 
     def stream_meta(
         self,
         file_path: str,
         *,
         stream: str | None = None,
-        axes: dict[str, int] | None = None,
         axis_names: Sequence[str] | None = None,
         **display: Any,
     ) -> StreamMeta:
-        """The stream, axes, axis names and display hints of one `save` call, validated the
-        first time they are seen and reused for every later frame that repeats them.
-        `display` takes kind, labels, colormap, contrast_limits, mode and opacity."""
+        """The stream, axis names and display hints of one `save` call, validated the first
+        time they are seen and reused for every later frame that repeats them (a frame's
+        `axes` are its own). `display` takes labels and the fields of `protocol.Display`."""
         stream = stream or stream_key(file_path, self.SUPPORTED_EXTENSIONS)
         try:
-            key = (stream, tuple(axes.items()) if axes else (),
-                   tuple(axis_names) if axis_names is not None else None,
+            key = (stream, tuple(axis_names) if axis_names is not None else None,
                    tuple(sorted((k, _hashable(v)) for k, v in display.items())))
             meta = self._streams.get(key)
         except TypeError:  # unhashable hints: validate without remembering
             key, meta = None, None
         if meta is None:
             hints = display_hints(what=file_path, **display)
-            meta = StreamMeta.build(stream, axes, axis_names, hints, what=file_path)
+            meta = StreamMeta.build(stream, axis_names, hints, what=file_path)
             if key is not None:
                 if len(self._streams) >= 4096:
                     self._streams.clear()

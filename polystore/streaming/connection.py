@@ -23,6 +23,10 @@ from polystore.streaming.errors import ViewerNotRunningError
 from polystore.streaming.options import SenderOptions
 from polystore.streaming.shm import create_probe, destroy
 
+# zmq's flags as plain ints: enum arithmetic costs more than the send it configures.
+_NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+
 
 class State(enum.Enum):
     CLOSED = "closed"
@@ -209,7 +213,7 @@ class Connection:
         """Send without ever blocking past `deadline`; False if nobody took it in time."""
         sock = self._sock
         first = parts[0]
-        flags = zmq.NOBLOCK | (zmq.SNDMORE if len(parts) > 1 else 0)
+        flags = (_NOBLOCK | _SNDMORE) if len(parts) > 1 else _NOBLOCK
         while True:
             try:
                 sock.send(first, flags, copy=len(first) < 65536)
@@ -221,14 +225,14 @@ class Connection:
                         return False
         last = len(parts) - 1
         for i in range(1, len(parts)):
-            sock.send(parts[i], 0 if i == last else zmq.SNDMORE, copy=False)
+            sock.send(parts[i], 0 if i == last else _SNDMORE, copy=False)
         return True
 
     def drain(self) -> None:
         """Hand every reply already waiting to `on_reply`, without blocking."""
         sock = self._sock
-        while sock is not None and sock.get(zmq.EVENTS) & zmq.POLLIN:
-            self.on_reply(sock.recv(zmq.NOBLOCK))
+        while sock is not None and sock.get(_EVENTS) & _POLLIN:
+            self.on_reply(sock.recv(_NOBLOCK))
             sock = self._sock  # a handler may have closed it
 
     def poll(self, timeout: float) -> None:
@@ -242,7 +246,7 @@ class Connection:
     def check_link(self) -> None:
         """Notice a receiver that left (or a link that came up) before sending to nobody."""
         monitor = self._monitor
-        while monitor is not None and monitor.get(zmq.EVENTS) & zmq.POLLIN:
+        while monitor is not None and monitor.get(_EVENTS) & _POLLIN:
             event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
             self.transport_up = event == zmq.EVENT_CONNECTED
             if self.transport_up and not self.connected:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 import numpy as np
+from msgspec import Meta
 
 from polystore.streaming import protocol as p
 from polystore.streaming.errors import UnstreamableDataError
@@ -66,18 +67,21 @@ class _StreamFields(msgspec.Struct, omit_defaults=True):
     """The frame header fields a `StreamMeta` holds, with the protocol's own constraints."""
 
     stream: p.StreamKey
-    axes: p.Axes = msgspec.field(default_factory=dict)
-    axis_names: list[p.AxisName] | None = None
+    axis_names: Annotated[list[p.AxisName], Meta(max_length=6)] | None = None
     display: p.Display = msgspec.field(default_factory=p.Display)
+
+
+_AXIS_LIMIT = 1_000_000  # protocol.Axes: an index is 0..1,000,000
 
 
 @dataclass(frozen=True, eq=False)
 class StreamMeta:
-    """What every frame of one stream repeats: built by `StreamMeta.build`, which checks it
-    exactly as a receiver will, so a frame header needs only its own fields checked."""
+    """What every frame of one stream repeats (stream key, axis names, display hints):
+    built by `StreamMeta.build`, which checks it exactly as a receiver will, so a frame
+    header needs only its own fields checked: path, shape, dtype and `axes`, the frame's
+    position, which changes from frame to frame."""
 
     stream: str
-    axes: dict[str, int]
     axis_names: list[str] | None
     display: p.Display
 
@@ -85,30 +89,55 @@ class StreamMeta:
     def build(
         cls,
         stream: str,
-        axes: dict[str, int] | None = None,
         axis_names: Sequence[str] | None = None,
         display: p.Display | None = None,
         *,
         what: str = "",
     ) -> StreamMeta:
         """Validate once; `what` names the item in the error (e.g. its path)."""
-        raw = {"stream": stream, "axes": dict(axes or {}),
+        raw = {"stream": stream,
                "axis_names": list(axis_names) if axis_names is not None else None,
                "display": display if display is not None else p.Display()}  # fmt: skip
         try:
             fields = msgspec.convert(raw, _StreamFields, from_attributes=True)
-            if fields.axis_names is not None and (
-                len(set(fields.axis_names)) != len(fields.axis_names)
-                or not set(fields.axes) <= set(fields.axis_names)
-            ):
-                raise ValueError(f"axis_names {fields.axis_names} must be unique and name "
-                                 f"every key of axes {list(fields.axes)}")
         except (msgspec.ValidationError, TypeError, ValueError) as exc:
             raise UnstreamableDataError(f"cannot stream {what or stream}: {exc}") from None
-        return cls(fields.stream, fields.axes, fields.axis_names, fields.display)
+        if fields.axis_names is not None and len(set(fields.axis_names)) != len(
+                fields.axis_names):
+            raise UnstreamableDataError(f"cannot stream {what or stream}: axis_names "
+                                        f"{fields.axis_names} must be unique")
+        return cls(fields.stream, fields.axis_names, fields.display)
+
+    def checked_axes(self, axes: dict[str, int] | None, what: str) -> dict[str, int]:
+        """A frame's position (``{"t": 3, "c": 1}``) under the protocol's rules: at most 6
+        names of 1..32 characters, each named by `axis_names` if given, and whole-number
+        indices 0..1,000,000."""
+        if not axes:
+            return {}
+        problem = ""
+        if not isinstance(axes, dict) or len(axes) > 6:
+            problem = "axes must be a dict of at most 6 axis names to indices"
+        else:
+            checked = {}
+            for name, index in axes.items():
+                if not isinstance(name, str) or not 1 <= len(name) <= 32:
+                    problem = f"axis name {name!r} must be a string of 1 to 32 characters"
+                elif isinstance(index, bool) or not isinstance(index, (int, np.integer)) \
+                        or not 0 <= index <= _AXIS_LIMIT:
+                    problem = (f"axes[{name!r}] = {index!r} must be a whole number from 0 to "
+                               f"{_AXIS_LIMIT:,}")
+                elif self.axis_names is not None and name not in self.axis_names:
+                    problem = (f"axis_names {self.axis_names} must name every key of axes "
+                               f"{list(axes)}")
+                if problem:
+                    break
+                checked[name] = int(index)
+        if problem:
+            raise UnstreamableDataError(f"cannot stream {what}: {problem}")
+        return checked
 
     def frame_header(self, seq: int, path: str, shape: tuple[int, ...], dtype: np.dtype,
-                     max_frame_bytes: int, dropped: int) -> p.Frame:
+                     axes: dict[str, int], max_frame_bytes: int, dropped: int) -> p.Frame:
         """The header of one frame of this stream. Only the frame's own fields are checked,
         exactly as a receiver will check them: the rest was checked by `build`."""
         nbytes = dtype.itemsize
@@ -124,8 +153,8 @@ class StreamMeta:
         if problem:
             raise UnstreamableDataError(f"cannot stream {path}: {problem}")
         return p.Frame(v=p.VERSION, seq=seq, stream=self.stream, path=path, shape=list(shape),
-                       dtype=dtype.name, nbytes=nbytes, sent_ns=time.time_ns(), axes=self.axes,
-                       axis_names=self.axis_names, display=self.display,
+                       dtype=wire_dtype_name(dtype), nbytes=nbytes, sent_ns=time.time_ns(),
+                       axes=axes, axis_names=self.axis_names, display=self.display,
                        dropped=dropped)  # fmt: skip
 
 
@@ -175,6 +204,19 @@ def display_hints(
         raise UnstreamableDataError(f"bad display hint for {what}: {exc}") from None
 
 
+_WIRE_NAMES: dict[np.dtype, str] = {}  # dtype -> protocol name ('' if not allowed)
+
+
+def wire_dtype_name(dtype: np.dtype) -> str:
+    """The protocol's name of `dtype` ('' if it cannot travel), cached: NumPy computes
+    ``dtype.name`` in Python every time."""
+    name = _WIRE_NAMES.get(dtype)
+    if name is None:
+        name = dtype.name if dtype.name in p.DTYPES else ""  # .name ignores byte order
+        _WIRE_NAMES[dtype] = name
+    return name
+
+
 def to_wire_array(data: Any) -> np.ndarray:
     """View `data` as a NumPy array of an allowed dtype, copying only when unavoidable.
 
@@ -197,7 +239,7 @@ def to_wire_array(data: Any) -> np.ndarray:
     dtype = data.dtype
     if dtype.kind == "b":
         data = data.view(np.uint8)
-    elif dtype.name not in p.DTYPES:  # .name ignores byte order
+    elif not wire_dtype_name(dtype):
         raise UnstreamableDataError(
             f"cannot stream dtype {dtype}: allowed are {', '.join(p.DTYPES)}; convert first "
             "(e.g. np.abs(z).astype('float32') for complex data)"

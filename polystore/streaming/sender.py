@@ -162,16 +162,18 @@ class StreamSender:
 
     # -- sending -------------------------------------------------------------------------------
 
-    def send_array(self, data: Any, path: str, meta: StreamMeta) -> int:
-        """Send one array of stream `meta`; returns its sequence number (-1: dropped by
-        policy 'latest')."""
+    def send_array(self, data: Any, path: str, meta: StreamMeta,
+                   axes: dict[str, int] | None = None) -> int:
+        """Send one array of stream `meta` at position `axes`; returns its sequence number
+        (-1: dropped by policy 'latest')."""
         started = time.perf_counter()
         array = to_wire_array(data)
+        axes = meta.checked_axes(axes, path)
         with self._lock:
             seq = self._admit()
             if seq < 0:
                 return seq
-            header = meta.frame_header(seq, path, array.shape, array.dtype,
+            header = meta.frame_header(seq, path, array.shape, array.dtype, axes,
                                        self._connection.max_frame_bytes, self.stats.unsent)
             connection = self._connection
             nbytes = header.nbytes
@@ -197,7 +199,8 @@ class StreamSender:
             connection.drain()
             return seq
 
-    def lease(self, shape: Any, dtype: Any, path: str, meta: StreamMeta
+    def lease(self, shape: Any, dtype: Any, path: str, meta: StreamMeta,
+              axes: dict[str, int] | None = None
               ) -> contextlib.AbstractContextManager[np.ndarray]:
         """Yield an array in a reserved segment; send it (no copy) when the block ends.
 
@@ -207,16 +210,17 @@ class StreamSender:
         """
         shape = tuple(int(n) for n in np.atleast_1d(shape))
         dtype = to_wire_array(np.empty((0,) * max(len(shape), 1), dtype)).dtype
-        return self._lease(shape, dtype.newbyteorder("<"), path, meta)
+        return self._lease(shape, dtype.newbyteorder("<"), path, meta,
+                           meta.checked_axes(axes, path))
 
     @contextlib.contextmanager
-    def _lease(self, shape: tuple, dtype: np.dtype, path: str, meta: StreamMeta
-               ) -> Iterator[np.ndarray]:
+    def _lease(self, shape: tuple, dtype: np.dtype, path: str, meta: StreamMeta,
+               axes: dict[str, int]) -> Iterator[np.ndarray]:
         started = time.perf_counter()
         with self._lock:
             seq = self._admit()
             if seq >= 0:
-                header = meta.frame_header(seq, path, shape, dtype,
+                header = meta.frame_header(seq, path, shape, dtype, axes,
                                            self._connection.max_frame_bytes, self.stats.unsent)
                 use_shm = self._connection.use_shm and header.nbytes > 0
                 segment = self._reserve(seq, header.nbytes, True) if use_shm else None
@@ -226,7 +230,7 @@ class StreamSender:
         if segment is None:  # inline transport: an ordinary array, sent on exit
             array = np.empty(shape, dtype)
             yield array
-            self.send_array(array, path, meta)
+            self.send_array(array, path, meta, axes)
             return
         try:
             yield np.ndarray(shape, dtype=dtype, buffer=segment.buf)
@@ -251,15 +255,18 @@ class StreamSender:
                 self.stats.bytes += header.nbytes
                 self._connection.drain()
 
-    def send_rois(self, rois: list[p.Roi], path: str, meta: StreamMeta) -> int:
-        """Send regions of interest for image stream `meta.stream` (-1: dropped by policy)."""
+    def send_rois(self, rois: list[p.Roi], path: str, meta: StreamMeta,
+                  axes: dict[str, int] | None = None) -> int:
+        """Send regions of interest for image stream `meta.stream` at position `axes` (-1:
+        dropped by policy)."""
         started = time.perf_counter()
+        axes = meta.checked_axes(axes, path)
         with self._lock:
             seq = self._admit()
             if seq < 0:
                 return seq
             message = p.Rois(v=p.VERSION, seq=seq, stream=meta.stream, path=path,
-                             sent_ns=time.time_ns(), rois=rois, axes=meta.axes,
+                             sent_ns=time.time_ns(), rois=rois, axes=axes,
                              axis_names=meta.axis_names)  # fmt: skip
             try:
                 p.check_rois(message)
