@@ -320,7 +320,7 @@ def test_inflight_bytes_bound_and_oversized_frame():
         with NapariStreamingBackend(proc.endpoint, max_inflight_bytes=1 << 20) as b:
             for i in range(20):
                 b.save(np.full((256, 1024), i, np.uint16), f"big/{i}.tif")  # 512 KiB each
-                assert b.sender.pool_bytes <= 1 << 20
+                assert b.sender.pool.total_bytes <= 1 << 20
             with pytest.raises(UnstreamableDataError, match="max_inflight_bytes"):
                 b.save(np.zeros((1024, 1024), np.uint16), "too_big.tif")
             b.flush()
@@ -603,7 +603,7 @@ def test_lease_computes_in_shared_memory_and_sends_without_a_copy(backend):
     with backend.lease("lease/t001.tif", a.shape, "uint16", axes={"t": 1}) as frame:
         assert frame.shape == a.shape and frame.dtype == np.uint16
         mine = [s.name for s in list_segments(["napari_"]) if s.pid == os.getpid()]
-        assert any(n.startswith(backend.sender.segment_prefix) for n in mine)
+        assert any(n.startswith(backend.sender.pool.prefix) for n in mine)
         np.copyto(frame, a)  # a pipeline would compute into it (out=frame)
     with pytest.raises(RuntimeError, match="boom"):  # an error sends nothing
         with backend.lease("lease/t002.tif", (4, 4), "float32") as frame:
@@ -615,7 +615,7 @@ def test_lease_computes_in_shared_memory_and_sends_without_a_copy(backend):
     assert [g["path"] for g in got] == ["lease/t001.tif", "lease/t003.tif"]
     assert [g["digest"] for g in got] == [digest(a), digest(b)]
     assert got[0]["axes"] == {"t": 1}
-    assert backend.sender.inflight == 0 and backend.sender.segments_in_use == 0
+    assert backend.sender.inflight == 0 and backend.sender.pool.busy_count == 0
     with pytest.raises(UnstreamableDataError, match="lease"):
         backend.lease("lease/table.csv", (4, 4))
     with pytest.raises(UnstreamableDataError, match="dtype"):
@@ -675,7 +675,7 @@ def test_lease_gives_its_segment_back_when_the_viewer_left():
             with b.lease("l/1.tif", (512, 512), "uint16"):
                 rx.stop()
                 time.sleep(0.3)
-        assert b.sender.segments_in_use == 0
+        assert b.sender.pool.busy_count == 0
     finally:
         b.close()
 
@@ -836,6 +836,6 @@ def test_a_receiver_refusing_the_handshake_leaves_the_sender_refused():
             with pytest.raises(ViewerNotRunningError, match="refused the handshake"):
                 backend.save(np.zeros((4, 4), np.uint8), "r/t0.tif")
             assert backend.sender.state is State.REFUSED
-            assert backend.sender.segments_in_use == 0
+            assert backend.sender.pool.busy_count == 0
         finally:
             backend.close()

@@ -32,6 +32,8 @@ from polystore.streaming.errors import (
     ViewerNotRunningError,
 )
 from polystore.streaming.options import SenderOptions, SenderStats, StreamMeta, to_wire_array
+from polystore.streaming.replies import ReplyHandler
+from polystore.streaming.shm import SegmentPool
 
 log = logging.getLogger(__name__)
 
@@ -73,21 +75,22 @@ class StreamSender:
         self._closed = False
         self._reset_process_state()
         _live_senders.add(self)
-        self._handlers = {p.Ack: self._on_ack, p.Error: self._on_error,
-                          p.Welcome: self._on_welcome, p.Report: self._on_report}
 
     def _reset_process_state(self) -> None:
         """Fresh connection and credits for this process (also after a fork)."""
         self._inherited = False
         self._pid = os.getpid()
-        self._credits = CreditWindow(
-            self.options, self.shm_prefix, stats=self.stats, latencies=self.latencies,
-            describe=f"the {self.viewer} receiver at {self.endpoint}", start_hint=self.start_hint)
-        self._connection = Connection(self.endpoint, self.options, viewer=self.viewer,
-                                      on_reply=self._on_reply,
-                                      on_disconnect=self._on_disconnect)  # fmt: skip
+        describe = f"the {self.viewer} receiver at {self.endpoint}"
+        self._credits = CreditWindow(self.options, self.shm_prefix, stats=self.stats,
+                                     latencies=self.latencies, describe=describe,
+                                     start_hint=self.start_hint)  # fmt: skip
+        self._connection = Connection(
+            self.endpoint, self.options, viewer=self.viewer, on_reply=lambda data: None,
+            on_disconnect=lambda: self._receiver_lost("the receiver disconnected"))
+        self._replies = ReplyHandler(self._connection, self._credits, self.stats,
+                                     describe=describe, receiver_lost=self._receiver_lost)
+        self._connection.on_reply = self._replies
         self._seq = itertools.count()
-        self._answers: dict[int, dict | None] = {}  # control seq -> its answer
 
     # -- public state ----------------------------------------------------------------------------
 
@@ -109,18 +112,10 @@ class StreamSender:
         return len(self._credits)
 
     @property
-    def segment_prefix(self) -> str:
-        return self._credits.pool.prefix
-
-    @property
-    def segments_in_use(self) -> int:
-        """Pool segments reserved for messages in flight or leased right now."""
-        return self._credits.pool.busy_count
-
-    @property
-    def pool_bytes(self) -> int:
-        """Shared memory the segment pool holds now (at most max_inflight_bytes)."""
-        return self._credits.pool.total_bytes
+    def pool(self) -> SegmentPool:
+        """This process's segments: `.prefix`, `.busy_count` (reserved for messages in
+        flight or leased), `.total_bytes` (at most max_inflight_bytes)."""
+        return self._credits.pool
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -134,7 +129,7 @@ class StreamSender:
                 return  # a forked child never owned the parent's state
             if self._connection.connected and len(self._credits):
                 with contextlib.suppress(Exception):  # close must not raise over delivery
-                    self._wait_until_idle(self._or_default(flush_timeout))
+                    self._wait_until(lambda: not self._credits, self._or_default(flush_timeout))
             self._connection.close(goodbye=_BYE, linger_ms=200)
             self._credits.close()
 
@@ -156,7 +151,7 @@ class StreamSender:
         if self._closed:
             raise RuntimeError(f"this {self.viewer} stream sender is closed")
         return self._connection.ensure(
-            identity=self._credits.pool.token, segment_prefix=self.segment_prefix, pid=self._pid,
+            identity=self.pool.token, segment_prefix=self.pool.prefix, pid=self._pid,
             wait=not (self.options.policy == "latest" and self.stats.handshakes),
             start_hint=self.start_hint)
 
@@ -170,34 +165,22 @@ class StreamSender:
         array = to_wire_array(data)
         axes = meta.checked_axes(axes, path)
         with self._lock:
-            seq = self._admit()
+            seq, header = self._admit_frame(path, meta, axes, array.shape, array.dtype)
             if seq < 0:
                 return seq
-            header = meta.frame_header(seq, path, array.shape, array.dtype, axes,
-                                       self._connection.max_frame_bytes, self.stats.unsent)
-            connection = self._connection
-            nbytes = header.nbytes
-            segment = None
-            if connection.use_shm and nbytes:
-                segment = self._reserve(seq, nbytes, True)
+            wire_dtype = array.dtype.newbyteorder("<")
+            if self._connection.use_shm and header.nbytes:
+                segment = self._reserve(seq, header.nbytes, True)
                 header.segment = segment.name
-                target = np.ndarray(array.shape, dtype=array.dtype.newbyteorder("<"),
-                                    buffer=segment.buf)
-                np.copyto(target, array, casting="equiv")
-                del target
-                parts = [p.encode(header)]
-            else:
-                self._reserve(seq, nbytes, False)
-                payload = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-                if payload is array or payload.base is not None:
-                    payload = payload.copy()  # the caller may reuse its buffer after save()
-                parts = [p.encode(header), payload]
-            if not self._dispatch(seq, parts, started, 0 if segment is not None else nbytes):
-                return -1
-            self.stats.frames += 1
-            self.stats.bytes += nbytes
-            connection.drain()
-            return seq
+                np.copyto(np.ndarray(array.shape, wire_dtype, segment.buf), array,
+                          casting="equiv")
+                return self._send_frame(seq, header, [p.encode(header)], started, 0)
+            self._reserve(seq, header.nbytes, False)
+            payload = np.ascontiguousarray(array, dtype=wire_dtype)
+            if payload is array or payload.base is not None:
+                payload = payload.copy()  # the caller may reuse its buffer after save()
+            return self._send_frame(seq, header, [p.encode(header), payload], started,
+                                    header.nbytes)
 
     def lease(self, shape: Any, dtype: Any, path: str, meta: StreamMeta,
               axes: dict[str, int] | None = None
@@ -218,42 +201,49 @@ class StreamSender:
                axes: dict[str, int]) -> Iterator[np.ndarray]:
         started = time.perf_counter()
         with self._lock:
-            seq = self._admit()
-            if seq >= 0:
-                header = meta.frame_header(seq, path, shape, dtype, axes,
-                                           self._connection.max_frame_bytes, self.stats.unsent)
-                use_shm = self._connection.use_shm and header.nbytes > 0
-                segment = self._reserve(seq, header.nbytes, True) if use_shm else None
-        if seq < 0:
-            yield np.empty(shape, dtype)  # dropped by policy: computed, not sent
-            return
-        if segment is None:  # inline transport: an ordinary array, sent on exit
+            seq, header = self._admit_frame(path, meta, axes, shape, dtype)
+            shm = seq >= 0 and self._connection.use_shm and header.nbytes > 0
+            segment = self._reserve(seq, header.nbytes, True) if shm else None
+        if segment is None:  # dropped by policy (not sent) or inline (sent on exit)
             array = np.empty(shape, dtype)
             yield array
-            self.send_array(array, path, meta, axes)
+            if seq >= 0:
+                self.send_array(array, path, meta, axes)
             return
         try:
             yield np.ndarray(shape, dtype=dtype, buffer=segment.buf)
+            with self._lock:
+                connected = self._ensure_connected()  # the viewer may have left meanwhile
         except BaseException:
             with self._lock:
                 self._credits.release_unsent(seq)
             raise
         with self._lock:
-            try:
-                connected = self._ensure_connected()
-            except BaseException:  # viewer gone, sender closed: give the segment back
-                self._credits.release_unsent(seq)
-                raise
-            if not connected:  # policy latest, receiver gone meanwhile
+            if not connected:  # policy latest
                 self._credits.release_unsent(seq)
                 self._count_unsent()
                 return
             header.segment, header.sent_ns = segment.name, time.time_ns()
             header.dropped = self.stats.unsent
-            if self._dispatch(seq, [p.encode(header)], started, 0):
-                self.stats.frames += 1
-                self.stats.bytes += header.nbytes
-                self._connection.drain()
+            self._send_frame(seq, header, [p.encode(header)], started, 0)
+
+    def _admit_frame(self, path: str, meta: StreamMeta, axes: dict[str, int], shape: tuple,
+                     dtype: np.dtype) -> tuple[int, p.Frame | None]:
+        """A sequence number and header for a frame, or (-1, None) if policy drops it."""
+        seq = self._admit()
+        if seq < 0:
+            return seq, None
+        return seq, meta.frame_header(seq, path, shape, dtype, axes,
+                                      self._connection.max_frame_bytes, self.stats.unsent)
+
+    def _send_frame(self, seq: int, header: p.Frame, parts: list, started: float,
+                    inline_bytes: int) -> int:
+        if not self._dispatch(seq, parts, started, inline_bytes):
+            return -1
+        self.stats.frames += 1
+        self.stats.bytes += header.nbytes
+        self._connection.drain()
+        return seq
 
     def send_rois(self, rois: list[p.Roi], path: str, meta: StreamMeta,
                   axes: dict[str, int] | None = None) -> int:
@@ -287,15 +277,16 @@ class StreamSender:
                 raise ViewerNotRunningError(
                     f"the {self.viewer} receiver at {self.endpoint} is not connected (yet)")
             seq = next(self._seq)
-            self._answers[seq] = None  # answer wanted: Report (state) or Ack ({})
+            answers = self._replies.answers
+            answers[seq] = None  # answer wanted: Report (state) or Ack ({})
             try:
                 message = p.encode(p.Control(v=p.VERSION, seq=seq, command=command))
                 if self._dispatch(seq, [message], started, 0):
                     self._wait_until(lambda: seq not in self._credits, self._or_default(timeout))
-                self._raise_pending()
-                answer = self._answers.get(seq)
+                self._credits.raise_pending()
+                answer = answers.get(seq)
             finally:
-                self._answers.pop(seq, None)
+                answers.pop(seq, None)
             if answer is None:
                 raise ReceiverLostError(
                     f"the {self.viewer} receiver at {self.endpoint} did not answer {command!r}")
@@ -306,8 +297,8 @@ class StreamSender:
         rejected."""
         with self._lock:
             if not self._inherited and self._connection.connected:
-                self._wait_until_idle(self._or_default(timeout))
-            self._raise_pending()
+                self._wait_until(lambda: not self._credits, self._or_default(timeout))
+            self._credits.raise_pending()
 
     # -- credits and delivery ----------------------------------------------------------------
 
@@ -316,7 +307,7 @@ class StreamSender:
         if not self._ensure_connected():
             self._count_unsent()
             return -1
-        self._raise_pending()
+        self._credits.raise_pending()
         return next(self._seq)
 
     def _count_unsent(self) -> None:
@@ -336,7 +327,7 @@ class StreamSender:
         else:
             self._connection.poll(timeout)
         if not self._connection.connected:
-            self._raise_pending()
+            self._credits.raise_pending()
             raise ReceiverLostError(f"the {self.viewer} receiver at {self.endpoint} left")
 
     def _dispatch(self, seq: int, parts: list, started: float, inline_bytes: int) -> bool:
@@ -345,12 +336,9 @@ class StreamSender:
         if self._connection.send(parts, time.monotonic() + self.options.timeout):
             return True
         self._receiver_lost("could not send within the timeout")  # counts `seq` too
-        self._raise_pending()  # policies block/raise: ReceiverLostError
+        self._credits.raise_pending()  # policies block/raise: ReceiverLostError
         self.stats.unsent += 1  # policy latest: a live preview drops, never stalls
         return False
-
-    def _wait_until_idle(self, timeout: float) -> None:
-        self._wait_until(lambda: not self._credits, timeout)
 
     def _wait_until(self, done, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -366,45 +354,3 @@ class StreamSender:
         """Give up everything in flight; the next message handshakes again."""
         self._credits.lose_all(why)
         self._connection.lost()
-
-    def _raise_pending(self) -> None:
-        self._credits.raise_pending()
-
-    # -- replies: one handler per message type ---------------------------------------------------
-
-    def _on_reply(self, data: bytes) -> None:
-        try:
-            message = p.decode_receiver_message(data)
-        except Exception as exc:  # noqa: BLE001 - a bad reply must not break the pipeline
-            log.warning("ignoring unreadable reply from %s: %s", self.endpoint, exc)
-            return
-        self._handlers[type(message)](message)
-
-    def _on_disconnect(self) -> None:
-        self._receiver_lost("the receiver disconnected")
-
-    def _on_ack(self, ack: p.Ack) -> None:
-        if self._credits.ack(ack.seq) and ack.seq in self._answers:
-            self._answers[ack.seq] = {}
-
-    def _on_report(self, report: p.Report) -> None:
-        if report.seq in self._answers and self._credits.complete(report.seq):
-            self._answers[report.seq] = report.state
-
-    def _on_welcome(self, welcome: p.Welcome) -> None:
-        if self._connection.accept(welcome):
-            self.stats.handshakes += 1
-
-    def _on_error(self, error: p.Error) -> None:
-        if error.seq is not None and error.seq not in self._credits:
-            return  # a frame we already gave up on (policy latest): counted
-        if error.code == p.HELLO_REQUIRED:
-            # a new receiver that never saw our hello: this frame is lost with the rest
-            self.stats.rejected += 1
-            self._receiver_lost("the receiver restarted")
-        elif error.seq is None and self._connection.state is State.HELLO_SENT:
-            self.stats.rejected += 1
-            self._connection.refuse(f"the {self.viewer} receiver at {self.endpoint} refused "
-                                    f"the handshake: {error.message}")
-        else:
-            self._credits.reject(error)
