@@ -4,10 +4,10 @@ Every figure comes from this one run on this machine, so the ratios are fair:
 
 * memcpy     -- np.copyto of one frame between two warm buffers (one copy, one core)
 * raw zmq    -- pyzmq PUSH -> PULL zero-copy send of the same frame to another process
-* raw ring   -- the same transport with nothing else: the frame copied into one of 8 reused
-  shared-memory segments, a 12-byte binary header over pyzmq DEALER -> ROUTER, the other
-  process copies it out and acknowledges; no validation, no JSON, no policies. This is the
-  floor polystore's own per-frame cost is measured against.
+* raw ring   -- the same transport with nothing else: the frame copied into the next of 8
+  reused shared-memory segments, taken in turn (a ring), a 12-byte binary header over pyzmq
+  DEALER -> ROUTER, the other process copies it out and acknowledges; no validation, no
+  JSON, no policies. This is the floor polystore's own per-frame cost is measured against.
 * polystore  -- NapariStreamingBackend.save() into a real Receiver in another process;
   the receiver copies the frame out of shared memory, acknowledges it, then checks the
   frame's stamp (its index, written into the first and last 8 bytes by the sender).
@@ -163,16 +163,19 @@ def bench_raw_ring(context, shape, count: int, latency_samples: int) -> dict:
     proc.start()
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.connect(endpoint_q.get(timeout=30))
-    free, inflight, seq = list(range(RING_SLOTS)), {}, 0
+    inflight: dict[int, float] = {}  # seq -> send time; slot = seq % RING_SLOTS
     latencies: list[float] = []
+    seq = 0
+
+    def take_ack() -> None:
+        acked, _slot = _RING_HEADER.unpack(sock.recv())
+        latencies.append(time.perf_counter() - inflight.pop(acked))
 
     def send(i: int) -> None:
         nonlocal seq
-        while not free:
-            acked, slot = _RING_HEADER.unpack(sock.recv())
-            latencies.append(time.perf_counter() - inflight.pop(acked))
-            free.append(slot)
-        slot = free.pop()
+        while seq - RING_SLOTS in inflight:  # the slot's previous frame is not acked yet
+            take_ack()
+        slot = seq % RING_SLOTS
         inflight[seq] = time.perf_counter()
         np.copyto(targets[slot], frames[i % 4])
         sock.send(_RING_HEADER.pack(seq, slot))
@@ -180,9 +183,7 @@ def bench_raw_ring(context, shape, count: int, latency_samples: int) -> dict:
 
     def drain() -> None:
         while inflight:
-            acked, slot = _RING_HEADER.unpack(sock.recv())
-            latencies.append(time.perf_counter() - inflight.pop(acked))
-            free.append(slot)
+            take_ack()
 
     try:
         for i in range(20):
