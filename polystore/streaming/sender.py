@@ -1,10 +1,11 @@
 """`StreamSender`: the sending side of wire protocol v1, as a thin facade.
 
 A frame costs one copy into a reused shared-memory segment plus one small JSON header; the
-receiver returns the segment (an ``ack``) once it holds its own copy. Three parts do the work:
-`connection.Connection` (socket, monitor, handshake state), `credits.CreditWindow` (what is
-in flight, the segment pool, the policies) and `options` (values checked once). Everything
-runs in the caller's thread: no background thread, no sleeps.
+receiver returns the segment (an ``ack``) once it holds its own copy. The facade only
+sequences the parts that do the work: `connection.Connection` (socket, monitor, handshake
+state), `credits.CreditWindow` (what is in flight, the segment pool, the policies),
+`replies.ReplyHandler` (one handler per reply type) and `options` (values checked once).
+Everything runs in the caller's thread: no background thread, no sleeps.
 """
 
 from __future__ import annotations
