@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         for _ in range(args.rounds):
             for name, sender in senders.items():
                 rounds[name].append(sender.round(args.frames))
-        transport = "shm" if senders["fiji"].backend.sender._use_shm else "inline"
+        transport = "shm" if senders["fiji"].backend.sender.uses_shared_memory else "inline"
     finally:
         for sender in senders.values():
             sender.close()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Streaming benchmark from a source checkout: the same run as ``polystore bench``.
 
-The code lives in ``polystore/bench.py`` (so the installed ``polystore`` command has it too);
+The code lives in ``polystore/apps/bench.py`` (so the installed ``polystore`` command has it too);
 see its docstring for what is measured.
 
     python scripts/bench_stream.py            # full run (about a minute)
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from polystore.bench import main
+from polystore.apps.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

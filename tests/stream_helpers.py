@@ -8,6 +8,7 @@ bit-exactness end to end without any side channel.
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing as mp
 import os
 import signal
@@ -122,7 +123,7 @@ def send_frames(endpoint: str, stream: str, count: int, shape=(64, 64), policy: 
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         result["error"] = f"{type(exc).__name__}: {exc}"
     finally:
-        result["stats"] = dict(backend.sender.stats) if backend._sender else {}
+        result["stats"] = backend.sender.stats.as_dict()
         backend.close()
     if conn is not None:
         conn.send(result)
@@ -135,3 +136,57 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+class ScriptedReceiver:
+    """A real ROUTER socket (in a thread) that answers like a receiver: welcome to hello,
+    ack to every message, except the message seqs in `answers`, which get that reply
+    instead. For states a real receiver cannot be put into on demand (say, one that lost
+    track of a sender while its connection stayed up)."""
+
+    def __init__(self, answers: dict[int, dict] | None = None) -> None:
+        import threading
+
+        import zmq
+
+        from polystore.streaming.auth import ServerAuth, resolve_auth
+
+        self.answers = answers or {}
+        self.seen: list[dict] = []
+        self._auth = ServerAuth(resolve_auth(None))  # the same user's credential, as a receiver
+        self._sock = self._auth.context.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._auth.apply(self._sock)
+        port = self._sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import zmq
+
+        while not self._stop.is_set():
+            if not self._sock.poll(50, zmq.POLLIN):
+                continue
+            identity, header, *_ = self._sock.recv_multipart()
+            message = json.loads(header)
+            self.seen.append(message)
+            if message["type"] == "hello":
+                reply = {"type": "welcome", "v": 1, "receiver": "scripted", "viewer": "napari",
+                         "pid": os.getpid(), "shm": False}
+            elif "seq" in message:
+                reply = self.answers.get(message["seq"],
+                                         {"type": "ack", "v": 1, "seq": message["seq"]})
+            else:
+                continue
+            self._sock.send_multipart([identity, json.dumps(reply).encode()])
+
+    def __enter__(self) -> ScriptedReceiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close(linger=0)
+        self._auth.close()

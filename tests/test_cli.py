@@ -114,6 +114,33 @@ def test_console_script_is_installed():
         assert command in result.stdout
 
 
+def test_the_library_never_imports_the_applications_or_the_plugin():
+    package = ROOT / "polystore"
+    for source in package.rglob("*.py"):
+        if source.is_relative_to(package / "apps") or source == package / "cli.py":
+            continue  # the applications (and the python -m polystore.cli shim)
+        text = source.read_text()
+        assert "polystore_napari" not in text, source
+        assert "polystore.apps" not in text, source
+    code = ("import sys, polystore, polystore.streaming; from polystore import FileManager; "
+            "print(sorted(m for m in sys.modules if m.startswith(('polystore_napari', "
+            "'polystore.apps'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "[]"
+
+
+def test_polystore_napari_comes_from_the_plugins_entry_point():
+    from importlib.metadata import entry_points
+
+    pytest.importorskip("polystore_napari")
+    (entry,) = [e for e in entry_points(group="polystore.cli") if e.name == "napari"]
+    assert entry.value == "polystore_napari.cli:add_napari_command"
+    result = cli("napari", "--help")
+    assert result.returncode == 0 and "--stack-capacity" in result.stdout
+
+
 def test_no_command_says_what_to_do():
     result = cli()
     assert result.returncode == 2
@@ -288,6 +315,13 @@ def test_bench_quick_writes_json_that_plots(tmp_path):
                                                   "16x512x1024 uint16"]
     assert all(r["polystore_fps"] > 0 and r["idle_p50_ms"] > 0 for r in data["rows"])
     assert data["torn_frames"] == 0 and data["verified_frames"] > 0
+    # the raw shared-memory ring, measured in the same run, and polystore's ratios to it
+    assert "| frame | polystore fps | raw ring fps | x raw ring |" in result.stdout
+    ring = {r["frame"]: r for r in data["raw_ring"]}
+    assert set(ring) == {r["frame"] for r in data["rows"]}
+    for r in ring.values():
+        assert r["x_raw_ring"] == pytest.approx(r["polystore_fps"] / r["ring_fps"])
+        assert r["x_ring_idle_p50"] == pytest.approx(r["idle_p50_ms"] / r["ring_idle_p50_ms"])
 
     # the printed table and the JSON carry the same figures; both plot
     (tmp_path / "bench.md").write_text(result.stdout)
@@ -341,7 +375,7 @@ def test_fiji_run_says_what_is_missing():
 
 
 def _fiji_missing() -> str | None:
-    from polystore.cli import _fiji_missing
+    from polystore.apps.cli import _fiji_missing
 
     missing = _fiji_missing()
     return "; ".join(missing) if missing else None

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from polystore.demo import (
+from polystore.apps.demo import (
     CellSimulation,
     label_components,
     otsu_threshold,

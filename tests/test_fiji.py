@@ -90,7 +90,7 @@ def saved(state: dict, title: str):
 
 def test_handshake_uses_shared_memory(fiji, backend, fm, key):
     fm.save(np.zeros((4, 4), np.uint8), f"{key}/t000.tif", backend="fiji_stream")
-    assert backend.sender._use_shm, "the receiver should have read the probe segment"
+    assert backend.sender.uses_shared_memory, "the receiver should have read the probe segment"
     state = report(backend)
     assert state["viewer"] == "fiji"
     assert state["shm_frames"] >= 1
@@ -467,7 +467,7 @@ def test_inline_transport(fiji, key):
         before = b.request("report")["inline_frames"]
         FileManager({"fiji_stream": b}).save(data, f"{key}.tif", backend="fiji_stream", stream=key)
         state = report(b)
-        assert not b.sender._use_shm
+        assert not b.sender.uses_shared_memory
     assert state["inline_frames"] == before + 1
     np.testing.assert_array_equal(saved(state, key)[0], data.astype(np.float32))
 

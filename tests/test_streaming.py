@@ -19,6 +19,7 @@ from polystore.streaming import (
     FijiStreamingBackend,
     NapariStreamingBackend,
     ReceiverLostError,
+    SenderOptions,
     StreamingBackend,
     UnstreamableDataError,
     ViewerNotRunningError,
@@ -29,7 +30,8 @@ from polystore.streaming import (
 )
 from polystore.streaming import protocol as p
 from polystore.streaming.auth import client_keys, resolve_auth
-from tests.stream_helpers import digest, start_receiver
+from polystore.streaming.connection import State
+from tests.stream_helpers import ScriptedReceiver, digest, start_receiver
 
 DTYPES = list(p.DTYPES)
 
@@ -83,7 +85,7 @@ def test_round_trip_every_dtype_and_shape_is_bit_exact(receiver_proc, transport)
         for i, a in enumerate(arrays):
             b.save(a, f"rt/{transport}_{i:03d}.tif")
         got = received(b)[start:]
-        assert b.sender._use_shm is (transport == "shm")
+        assert b.sender.uses_shared_memory is (transport == "shm")
     assert [g["digest"] for g in got] == [digest(a) for a in arrays]
 
 
@@ -319,7 +321,7 @@ def test_inflight_bytes_bound_and_oversized_frame():
         with NapariStreamingBackend(proc.endpoint, max_inflight_bytes=1 << 20) as b:
             for i in range(20):
                 b.save(np.full((256, 1024), i, np.uint16), f"big/{i}.tif")  # 512 KiB each
-                assert b.sender._pool.total_bytes <= 1 << 20
+                assert b.sender.pool.total_bytes <= 1 << 20
             with pytest.raises(UnstreamableDataError, match="max_inflight_bytes"):
                 b.save(np.zeros((1024, 1024), np.uint16), "too_big.tif")
             b.flush()
@@ -599,7 +601,7 @@ def test_numpy_roi_coordinates_and_pickled_backend_for_workers(backend):
     backend.flush()
     clone = pickle.loads(pickle.dumps(backend))  # what Dask does with a task's arguments
     try:
-        assert clone._sender is None and clone.endpoint == backend.endpoint
+        assert clone.endpoint == backend.endpoint and clone.options == backend.options
         clone.save(np.ones((4, 4), np.uint8), "np/t2.tif")
         clone.flush()
     finally:
@@ -614,7 +616,7 @@ def test_lease_computes_in_shared_memory_and_sends_without_a_copy(backend):
     with backend.lease("lease/t001.tif", a.shape, "uint16", axes={"t": 1}) as frame:
         assert frame.shape == a.shape and frame.dtype == np.uint16
         mine = [s.name for s in list_segments(["napari_"]) if s.pid == os.getpid()]
-        assert any(n.startswith(backend.sender._pool.prefix) for n in mine)
+        assert any(n.startswith(backend.sender.pool.prefix) for n in mine)
         np.copyto(frame, a)  # a pipeline would compute into it (out=frame)
     with pytest.raises(RuntimeError, match="boom"):  # an error sends nothing
         with backend.lease("lease/t002.tif", (4, 4), "float32") as frame:
@@ -626,7 +628,7 @@ def test_lease_computes_in_shared_memory_and_sends_without_a_copy(backend):
     assert [g["path"] for g in got] == ["lease/t001.tif", "lease/t003.tif"]
     assert [g["digest"] for g in got] == [digest(a), digest(b)]
     assert got[0]["axes"] == {"t": 1}
-    assert backend.sender.inflight == 0 and backend.sender._pool.busy_count == 0
+    assert backend.sender.inflight == 0 and backend.sender.pool.busy_count == 0
     with pytest.raises(UnstreamableDataError, match="lease"):
         backend.lease("lease/table.csv", (4, 4))
     with pytest.raises(UnstreamableDataError, match="dtype"):
@@ -645,19 +647,24 @@ def test_lease_falls_back_to_a_copy_for_inline_transport(receiver_proc):
 # -- regressions found in review ---------------------------------------------------------------
 
 
-def test_frame_answered_hello_required_makes_flush_raise(local_receiver):
-    b = NapariStreamingBackend(local_receiver.endpoint)
-    try:
-        b.save(np.zeros((4, 4), np.uint8), "h/0.tif")
-        b.flush()
-        local_receiver._sessions.clear()  # a restart the sender has not noticed yet
-        b.save(np.zeros((4, 4), np.uint8), "h/1.tif")
-        with pytest.raises(ReceiverLostError):
+def test_frame_answered_hello_required_makes_flush_raise():
+    # a receiver that lost track of this sender (restarted) while the connection stayed up
+    forgot = {"type": "error", "v": 1, "seq": 1, "code": "hello_required",
+              "message": "send hello first (receiver restarted?)"}
+    with ScriptedReceiver(answers={1: forgot}) as rx:
+        b = NapariStreamingBackend(rx.endpoint)
+        try:
+            b.save(np.zeros((4, 4), np.uint8), "h/0.tif")
             b.flush()
-    finally:
-        b.close()
-        while not local_receiver.queue.empty():
-            local_receiver.queue.get()
+            b.save(np.zeros((4, 4), np.uint8), "h/1.tif")
+            with pytest.raises(ReceiverLostError, match="restarted"):
+                b.flush()
+            b.save(np.zeros((4, 4), np.uint8), "h/2.tif")  # handshakes again, then sends
+            b.flush()
+            assert [m["type"] for m in rx.seen] == ["hello", "frame", "frame", "hello", "frame"]
+            assert b.sender.stats.handshakes == 2
+        finally:
+            b.close()
 
 
 @pytest.mark.parametrize("policy", ["raise", "latest"])
@@ -681,7 +688,7 @@ def test_lease_gives_its_segment_back_when_the_viewer_left():
             with b.lease("l/1.tif", (512, 512), "uint16"):
                 rx.stop()
                 time.sleep(0.3)
-        assert b.sender._pool.busy_count == 0
+        assert b.sender.pool.busy_count == 0
     finally:
         b.close()
 
@@ -756,3 +763,92 @@ def test_threads_saving_first_share_one_sender(receiver_proc):
         b.flush()
     finally:
         b.close()
+
+
+# -- value objects: options and per-stream metadata, checked once ----------------------------
+
+
+@pytest.mark.parametrize("bad", [{"timeout": 0}, {"connect_timeout": -1}, {"max_inflight": True},
+                                 {"max_inflight_bytes": 1.5}, {"policy": "newest"},
+                                 {"transport": "udp"}, {"auth": "nobody"}])
+def test_bad_sender_options_fail_when_the_backend_is_made(bad):
+    key = next(iter(bad))
+    with pytest.raises(ValueError, match=key):
+        NapariStreamingBackend("tcp://127.0.0.1:9", **bad)
+
+
+def test_options_are_stored_once_and_pickled_as_configuration():
+    import pickle
+
+    backend = NapariStreamingBackend("tcp://127.0.0.1:9", policy="latest", max_inflight=3)
+    assert backend.options == SenderOptions(policy="latest", max_inflight=3)
+    clone = pickle.loads(pickle.dumps(backend))
+    assert clone.options == backend.options and clone.endpoint == backend.endpoint
+
+
+def test_stream_metadata_is_built_once_per_stream_and_reused():
+    backend = NapariStreamingBackend("tcp://127.0.0.1:9")
+    first = backend.stream_meta("A01/t001.tif", axis_names=["t", "y", "x"], colormap="green")
+    again = backend.stream_meta("A01/t002.tif", axis_names=["t", "y", "x"], colormap="green")
+    assert again is first and first.stream == "A01" and first.display.colormap == "green"
+    assert backend.stream_meta("A02/t001.tif") is not first
+    with pytest.raises(UnstreamableDataError, match="B01/t001.tif"):
+        backend.stream_meta("B01/t001.tif", opacity=2.0)
+    with pytest.raises(TypeError, match="colourmap"):
+        backend.stream_meta("B01/t001.tif", colourmap="red")
+
+
+def test_frame_positions_are_checked_per_frame_and_numpy_indices_travel(backend):
+    img = np.zeros((4, 4), np.uint8)
+    backend.save(img, "pos/t001.tif", axes={"t": np.int64(1), "c": np.uint8(2)})
+    for axes, problem in [({"t": -1}, "0 to 1,000,000"), ({"t": 1.5}, "whole number"),
+                          ({"": 1}, "1 to 32 characters"), ({"t": True}, "whole number")]:
+        with pytest.raises(UnstreamableDataError, match=problem):
+            backend.save(img, "pos/t002.tif", axes=axes)
+    with pytest.raises(UnstreamableDataError, match="must name every key"):
+        backend.save(img, "pos/t003.tif", axes={"z": 1}, axis_names=["t", "y", "x"])
+    got = received(backend)
+    assert [(g["path"], g["axes"]) for g in got] == [("pos/t001.tif", {"t": 1, "c": 2})]
+
+
+def test_sender_state_follows_the_handshake_and_the_receiver():
+    rx = receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", on_frame=lambda f: None)
+    rx.start()
+    backend = NapariStreamingBackend(rx.endpoint, timeout=2, connect_timeout=0.3)
+    try:
+        assert backend.sender.state is State.CLOSED
+        backend.save(np.zeros((4, 4), np.uint8), "state/t0.tif")
+        backend.flush()
+        assert backend.sender.state is State.CONNECTED
+        assert backend.sender.stats.handshakes == 1 and backend.sender.stats.acked == 1
+        rx.stop()
+        time.sleep(0.3)  # the socket's monitor reports the disconnect
+        with pytest.raises(ViewerNotRunningError):  # noticed before sending; no one answers
+            backend.save(np.zeros((4, 4), np.uint8), "state/t1.tif")
+        assert backend.sender.state is State.CLOSED
+    finally:
+        backend.close()
+        rx.stop()
+
+
+def test_a_receiver_refusing_the_handshake_leaves_the_sender_refused():
+    refusal = {"type": "error", "v": 1, "seq": None, "code": "bad_segment",
+               "message": "segment_prefix must be ..."}
+
+    class Refusing(ScriptedReceiver):
+        def _serve(self) -> None:  # answers every hello with an error
+            while not self._stop.is_set():
+                if self._sock.poll(50, zmq.POLLIN):
+                    identity, header = self._sock.recv_multipart()[:2]
+                    self.seen.append(json.loads(header))
+                    self._sock.send_multipart([identity, json.dumps(refusal).encode()])
+
+    with Refusing() as rx:
+        backend = NapariStreamingBackend(rx.endpoint)
+        try:
+            with pytest.raises(ViewerNotRunningError, match="refused the handshake"):
+                backend.save(np.zeros((4, 4), np.uint8), "r/t0.tif")
+            assert backend.sender.state is State.REFUSED
+            assert backend.sender.pool.busy_count == 0
+        finally:
+            backend.close()

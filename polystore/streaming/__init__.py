@@ -1,7 +1,8 @@
 """Live streaming of arrays into viewers (napari, Fiji) over wire protocol v1.
 
-Data path: `backend` (the storage API) -> `sender` (credits, ZeroMQ) -> `shm` (segment pool)
--> `receiver` (validate, copy out, ack) -> a viewer. `protocol` defines every message.
+Data path: `backend` (the storage API) -> `sender` (a facade over `options`, `credits` and
+`connection`) -> `shm` (segment pool) -> `receiver` (validate, copy out, ack) -> a viewer.
+`protocol` defines every message. docs/architecture.md says which module to change for what.
 """
 
 from polystore.streaming.backend import StreamingBackend, stream_key
@@ -15,8 +16,10 @@ from polystore.streaming.errors import (
 )
 from polystore.streaming.fiji import FijiStreamingBackend
 from polystore.streaming.napari import NapariStreamingBackend
+from polystore.streaming.options import SenderOptions, StreamMeta
 from polystore.streaming.protocol import Roi
 from polystore.streaming.receiver import ReceivedFrame, ReceivedRois, Receiver
+from polystore.streaming.sender import SenderStats, StreamSender
 from polystore.streaming.shm import list_segments, sweep
 
 #: Every segment prefix polystore's own backends use.
@@ -45,6 +48,10 @@ __all__ = [
     "Receiver",
     "ReceiverLostError",
     "Roi",
+    "SenderOptions",
+    "SenderStats",
+    "StreamMeta",
+    "StreamSender",
     "StreamingBackend",
     "StreamingError",
     "UnstreamableDataError",

@@ -13,7 +13,6 @@ import re
 import threading
 import zlib
 from collections.abc import Iterable, Sequence
-from pathlib import PurePosixPath
 from typing import Any, ClassVar
 
 import msgspec
@@ -24,7 +23,15 @@ from polystore.streaming import protocol as p
 from polystore.streaming.auth import resolve_auth
 from polystore.streaming.errors import UnstreamableDataError
 from polystore.streaming.keys import public_key
-from polystore.streaming.sender import Policy, StreamSender, Transport
+from polystore.streaming.options import (
+    Auth,
+    Policy,
+    SenderOptions,
+    StreamMeta,
+    Transport,
+    display_hints,
+)
+from polystore.streaming.sender import StreamSender
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +43,18 @@ _SENDER_CREATION = threading.Lock()
 _INDEX_SUFFIX = re.compile(r"(?:^\d+|[_\-. ]+\d+|(?<=[a-z])\d+|[_\-. ]*(?:[tczsfp]|ch)\d+)$")
 
 
+def _folder_and_name(path: Any) -> tuple[str, str]:
+    """A path's folder and file name, '/' or '\\' separated, without '.' or empty parts
+    (string work only: this runs for every frame)."""
+    parts = [part for part in str(path).replace("\\", "/").split("/") if part not in ("", ".")]
+    if not parts:
+        return "", ""
+    return "/".join(parts[:-1]), parts[-1]
+
+
 def matching_extension(path: Any, extensions: Iterable[str]) -> str | None:
     """The longest of `extensions` that `path` ends with (so '.roi.zip' beats '.zip')."""
-    name = PurePosixPath(str(path).replace("\\", "/")).name.lower()
+    name = _folder_and_name(path)[1].lower()
     best = None
     for ext in extensions:
         if name.endswith(ext.lower()) and (best is None or len(ext) > len(best)):
@@ -51,13 +67,15 @@ def stream_key(path: Any, extensions: Iterable[str] = ()) -> str:
     without trailing indices (``t003``, ``c1``, ``z05``, ``s2``, ``_007``), so
     ``well_A01/t003c1.tif`` and ``well_A01/t004c0.tif`` update one ``well_A01`` layer and
     ``out/smooth_007.tif`` goes to ``out/smooth``. Pass ``stream=`` to choose the key."""
-    pure = PurePosixPath(str(path).replace("\\", "/"))
-    ext = matching_extension(pure, extensions) or pure.suffix
-    stem = pure.name[: len(pure.name) - len(ext)] if ext else pure.name
+    parent, name = _folder_and_name(path)
+    ext = matching_extension(name, extensions)
+    if ext is None:
+        dot = name.rfind(".")
+        ext = name[dot:] if 0 < dot < len(name) - 1 else ""
+    stem = name[: len(name) - len(ext)] if ext else name
     base = stem
     while (stripped := _INDEX_SUFFIX.sub("", base)) != base:
         base = stripped
-    parent = "" if str(pure.parent) in (".", "/") else str(pure.parent).lstrip("/")
     key = "/".join(part for part in (parent, base) if part)
     return (key or stem or "stream")[:256]
 
@@ -86,7 +104,7 @@ class StreamingBackend(WriteOnlyBackend):
         connect_timeout: float = 1.0,
         transport: Transport = "auto",
         curve_server_key: str | bytes | None = None,
-        auth: str | None = None,
+        auth: Auth | None = None,
     ) -> None:
         if not re.fullmatch(r"[A-Za-z0-9]+_", self.SHM_PREFIX):
             raise ValueError(f"SHM_PREFIX must be letters/digits ending in '_', got "
@@ -94,21 +112,22 @@ class StreamingBackend(WriteOnlyBackend):
         self.endpoint = endpoint or self.default_endpoint()
         if curve_server_key is None:
             curve_server_key = os.environ.get(f"POLYSTORE_{self.VIEWER_TYPE.upper()}_SERVER_KEY")
-        if curve_server_key is not None:
-            curve_server_key = public_key(curve_server_key)
-        self._sender_options = dict(
+        #: the transport configuration, checked here once (pickled with the backend)
+        self.options = SenderOptions(
             policy=policy, max_inflight=max_inflight, max_inflight_bytes=max_inflight_bytes,
             timeout=timeout, connect_timeout=connect_timeout, transport=transport,
-            curve_server_key=curve_server_key, auth=resolve_auth(auth),
+            curve_server_key=public_key(curve_server_key) if curve_server_key else None,
+            auth=resolve_auth(auth),
         )  # fmt: skip
-        StreamSender._check_options(**self._sender_options)
         self._sender: StreamSender | None = None
+        self._streams: dict[tuple, StreamMeta] = {}
 
     def __getstate__(self) -> dict:
         """Pickle the configuration, not the connection: a backend (or a FileManager holding
         one) sent to a Dask or multiprocessing worker opens its own socket and pool there."""
         state = self.__dict__.copy()
         state["_sender"] = None
+        state["_streams"] = {}
         return state
 
     @classmethod
@@ -131,7 +150,7 @@ class StreamingBackend(WriteOnlyBackend):
                 if self._sender is None:
                     self._sender = StreamSender(
                         self.endpoint, viewer=self.VIEWER_TYPE, shm_prefix=self.SHM_PREFIX,
-                        start_hint=self.START_HINT, **self._sender_options,
+                        options=self.options, start_hint=self.START_HINT,
                     )  # fmt: skip
         return self._sender
 
@@ -139,7 +158,11 @@ class StreamingBackend(WriteOnlyBackend):
 
     def save(self, data: Any, file_path: Any, **kwargs: Any) -> None:
         """Stream one array (or a list of ROIs for ``*.roi.zip``). See `_stream_data`."""
-        self.save_batch([data], [file_path], **kwargs)
+        path = str(file_path)
+        if matching_extension(path, self.SUPPORTED_EXTENSIONS):
+            self._stream_data(data, path, **kwargs)
+        else:
+            self._log_skipped([path])
 
     def save_batch(self, data_list: Sequence[Any], file_paths: Sequence[Any], **kwargs: Any):
         """Stream each supported item; unsupported extensions are skipped and logged."""
@@ -161,25 +184,28 @@ class StreamingBackend(WriteOnlyBackend):
                 kept_paths.append(path)
             else:
                 skipped.append(path)
+        self._log_skipped(skipped)
+        return kept_data, kept_paths, skipped
+
+    def _log_skipped(self, skipped: list[Any]) -> None:
         if skipped:
             log.info(
                 "%s: skipped %d file(s) with unsupported extensions (supported: %s): %s",
                 self._backend_type or type(self).__name__, len(skipped),
                 ", ".join(sorted(self.SUPPORTED_EXTENSIONS)), [str(s) for s in skipped[:10]],
             )  # fmt: skip
-        return kept_data, kept_paths, skipped
 
     def _stream_data(self, data: Any, file_path: Any, **options: Any) -> int:
         """Send one item. `stream` overrides the layer key derived from the path; `axes`
         (e.g. ``{"t": 3, "c": 1}``) places the frame in an nD layer; `kind="labels"` (or
         ``labels=True``) shows an integer mask as labels; `colormap`, `contrast_limits`,
-        `mode` and `opacity` are display hints."""
-        if str(file_path).lower().endswith(ROI_EXTENSION):
-            frame = self._frame_options(file_path, **options)
-            return self.sender.send_rois(to_rois(data), str(file_path), stream=frame["stream"],
-                                         axes=frame["axes"], axis_names=frame["axis_names"])
-        return self.sender.send_array(data, str(file_path),
-                                      **self._frame_options(file_path, **options))
+        `mode`, `opacity` and every other field of `protocol.Display` are display hints."""
+        path = str(file_path)
+        axes = options.pop("axes", None)
+        meta = self.stream_meta(path, **options)
+        if path.lower().endswith(ROI_EXTENSION):
+            return self.sender.send_rois(to_rois(data), path, meta, axes)
+        return self.sender.send_array(data, path, meta, axes)
 
     def lease(self, file_path: Any, shape: Sequence[int], dtype: Any = "uint16",
               **options: Any):
@@ -191,46 +217,41 @@ class StreamingBackend(WriteOnlyBackend):
         >>> with viewer.lease("well_A01/t003.tif", (2048, 2048), "uint16") as frame:
         ...     np.multiply(raw, gain, out=frame, casting="unsafe")
         """
-        if not matching_extension(file_path, self.SUPPORTED_EXTENSIONS) or \
-                str(file_path).lower().endswith(ROI_EXTENSION):
+        path = str(file_path)
+        if not matching_extension(path, self.SUPPORTED_EXTENSIONS) or \
+                path.lower().endswith(ROI_EXTENSION):
             raise UnstreamableDataError(
-                f"cannot lease a frame for {file_path}: use an image extension of "
+                f"cannot lease a frame for {path}: use an image extension of "
                 f"{sorted(self.SUPPORTED_EXTENSIONS - {ROI_EXTENSION})}")
-        return self.sender.lease(shape, dtype, str(file_path),
-                                 **self._frame_options(file_path, **options))
+        axes = options.pop("axes", None)
+        return self.sender.lease(shape, dtype, path, self.stream_meta(path, **options), axes)
 
-    def _frame_options(
+    def stream_meta(
         self,
-        file_path: Any,
+        file_path: str,
         *,
         stream: str | None = None,
-        axes: dict[str, int] | None = None,
         axis_names: Sequence[str] | None = None,
-        kind: str | None = None,
-        labels: bool = False,
-        colormap: str | None = None,
-        contrast_limits: Sequence[float] | None = None,
-        mode: str | None = None,
-        opacity: float | None = None,
-    ) -> dict[str, Any]:
-        """The keyword arguments `save` accepts, as the sender's stream/axes/display."""
+        **display: Any,
+    ) -> StreamMeta:
+        """The stream, axis names and display hints of one `save` call, validated the first
+        time they are seen and reused for every later frame that repeats them (a frame's
+        `axes` are its own). `display` takes labels and the fields of `protocol.Display`."""
+        stream = stream or stream_key(file_path, self.SUPPORTED_EXTENSIONS)
         try:
-            display = p.Display(
-                kind="labels" if labels else (kind or "image"),
-                colormap=colormap,
-                contrast_limits=[float(v) for v in contrast_limits] if contrast_limits else None,
-                mode=mode,
-                opacity=opacity,
-            )
-            display = msgspec.convert(msgspec.to_builtins(display), p.Display)
-        except (msgspec.ValidationError, TypeError, ValueError) as exc:
-            raise UnstreamableDataError(f"bad display hint for {file_path}: {exc}") from None
-        return {
-            "stream": stream or stream_key(file_path, self.SUPPORTED_EXTENSIONS),
-            "axes": axes,
-            "axis_names": list(axis_names) if axis_names is not None else None,
-            "display": display,
-        }
+            key = (stream, tuple(axis_names) if axis_names is not None else None,
+                   tuple(sorted((k, _hashable(v)) for k, v in display.items())))
+            meta = self._streams.get(key)
+        except TypeError:  # unhashable hints: validate without remembering
+            key, meta = None, None
+        if meta is None:
+            hints = display_hints(what=file_path, **display)
+            meta = StreamMeta.build(stream, axis_names, hints, what=file_path)
+            if key is not None:
+                if len(self._streams) >= 4096:
+                    self._streams.clear()
+                self._streams[key] = meta
+        return meta
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -254,6 +275,13 @@ class StreamingBackend(WriteOnlyBackend):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _hashable(value: Any) -> Any:
+    """Display hints as a cache key: sequences (contrast limits) as tuples."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return tuple(float(v) for v in value)
+    return value
 
 
 def to_rois(data: Any) -> list[p.Roi]:

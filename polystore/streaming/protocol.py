@@ -230,24 +230,36 @@ def decode_sender_message(header: bytes, max_bytes: int = MAX_HEADER_BYTES) -> S
         header.decode("utf-8")  # in any field, known or not: bad_json, as the spec says
     except UnicodeDecodeError as exc:
         raise ProtocolError(BAD_JSON, f"header is not UTF-8: {exc}") from None
+    try:  # the common case, a valid message, is decoded once
+        message = _sender_decoder.decode(header)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        message = None  # find out why below, through the envelope
+    if message is not None:
+        if message.v not in SUPPORTED_VERSIONS:
+            raise _unsupported(message.v, getattr(message, "seq", None))
+        return message
     try:
         envelope = _envelope_decoder.decode(header)
     except msgspec.ValidationError as exc:
         raise ProtocolError(BAD_MESSAGE, f"unreadable header: {exc}") from None
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError(BAD_JSON, f"header is not UTF-8 JSON: {exc}") from None
-    seq = envelope.seq
     if envelope.v not in SUPPORTED_VERSIONS:
-        raise ProtocolError(
-            UNSUPPORTED_VERSION,
-            f"protocol version {envelope.v} is not supported (supported: "
-            f"{list(SUPPORTED_VERSIONS)}); upgrade the older of sender and receiver",
-            seq,
-        )
+        raise _unsupported(envelope.v, envelope.seq)
     try:
         return _sender_decoder.decode(header)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ProtocolError(BAD_MESSAGE, f"invalid {envelope.type!r} message: {exc}", seq) from None
+        raise ProtocolError(BAD_MESSAGE, f"invalid {envelope.type!r} message: {exc}",
+                            envelope.seq) from None
+
+
+def _unsupported(version: int, seq: int | None) -> ProtocolError:
+    return ProtocolError(
+        UNSUPPORTED_VERSION,
+        f"protocol version {version} is not supported (supported: "
+        f"{list(SUPPORTED_VERSIONS)}); upgrade the older of sender and receiver",
+        seq,
+    )
 
 
 def decode_receiver_message(data: bytes) -> ReceiverMessage:

@@ -4,6 +4,10 @@ Every figure comes from this one run on this machine, so the ratios are fair:
 
 * memcpy     -- np.copyto of one frame between two warm buffers (one copy, one core)
 * raw zmq    -- pyzmq PUSH -> PULL zero-copy send of the same frame to another process
+* raw ring   -- the same transport with nothing else: the frame copied into the next of 8
+  reused shared-memory segments, taken in turn (a ring), a 12-byte binary header over pyzmq
+  DEALER -> ROUTER, the other process copies it out and acknowledges; no validation, no
+  JSON, no policies. This is the floor polystore's own per-frame cost is measured against.
 * polystore  -- NapariStreamingBackend.save() into a real Receiver in another process;
   the receiver copies the frame out of shared memory, acknowledges it, then checks the
   frame's stamp (its index, written into the first and last 8 bytes by the sender).
@@ -23,11 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import multiprocessing as mp
+import os
 import platform
 import statistics
+import struct
 import sys
 import time
+from multiprocessing import shared_memory
 
 import numpy as np
 import zmq
@@ -109,6 +117,97 @@ def bench_raw_zmq(context, shape, count: int) -> float:
     proc.join()
     sock.close(linger=0)
     return frame.nbytes * count / elapsed
+
+
+RING_SLOTS = 8  # as many segments as polystore's max_inflight below
+_RING_HEADER = struct.Struct("<qi")  # seq, slot
+
+
+def ring_receiver_process(endpoint_q, stop, prefix: str, nbytes: int) -> None:
+    """The raw ring's receiving side: copy each frame out of its segment, acknowledge it."""
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    endpoint_q.put(f"tcp://127.0.0.1:{port}")
+    views: dict[int, memoryview] = {}
+    while not stop.is_set():
+        if not sock.poll(100, zmq.POLLIN):
+            continue
+        while True:
+            try:
+                identity, header = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            seq, slot = _RING_HEADER.unpack(header)
+            view = views.get(slot)
+            if view is None:
+                with open(f"/dev/shm/{prefix}{slot}", "rb") as handle:
+                    views[slot] = view = memoryview(
+                        mmap.mmap(handle.fileno(), nbytes, prot=mmap.PROT_READ))
+            copy = np.empty(nbytes, np.uint8)
+            copy[:] = np.frombuffer(view, np.uint8)
+            sock.send_multipart([identity, header])
+    sock.close(linger=0)
+
+
+def bench_raw_ring(context, shape, count: int, latency_samples: int) -> dict:
+    """Throughput and idle-pipe latency of the raw ring (see the module docstring)."""
+    frames = [np.random.default_rng(i).integers(0, 65535, shape, dtype=np.uint16)
+              for i in range(4)]
+    nbytes = frames[0].nbytes
+    prefix = f"polystoreringbench_{os.getpid()}_"
+    segments = [shared_memory.SharedMemory(f"{prefix}{i}", create=True, size=nbytes)
+                for i in range(RING_SLOTS)]
+    targets = [np.ndarray(shape, np.uint16, buffer=s.buf) for s in segments]
+    endpoint_q, stop = context.Queue(), context.Event()
+    proc = context.Process(target=ring_receiver_process, args=(endpoint_q, stop, prefix, nbytes))
+    proc.start()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(endpoint_q.get(timeout=30))
+    inflight: dict[int, float] = {}  # seq -> send time; slot = seq % RING_SLOTS
+    latencies: list[float] = []
+    seq = 0
+
+    def take_ack() -> None:
+        acked, _slot = _RING_HEADER.unpack(sock.recv())
+        latencies.append(time.perf_counter() - inflight.pop(acked))
+
+    def send(i: int) -> None:
+        nonlocal seq
+        while seq - RING_SLOTS in inflight:  # the slot's previous frame is not acked yet
+            take_ack()
+        slot = seq % RING_SLOTS
+        inflight[seq] = time.perf_counter()
+        np.copyto(targets[slot], frames[i % 4])
+        sock.send(_RING_HEADER.pack(seq, slot))
+        seq += 1
+
+    def drain() -> None:
+        while inflight:
+            take_ack()
+
+    try:
+        for i in range(20):
+            send(i)
+        drain()
+        latencies.clear()
+        for i in range(latency_samples):
+            send(i)
+            drain()
+        idle = sorted(latencies)
+        t = time.perf_counter()
+        for i in range(count):
+            send(i)
+        drain()
+        elapsed = time.perf_counter() - t
+    finally:
+        stop.set()
+        proc.join(30)
+        sock.close(linger=0)
+        targets.clear()
+        for segment in segments:
+            segment.close()
+            segment.unlink()
+    return {"fps": count / elapsed, "idle_p50_ms": 1e3 * statistics.median(idle)}
 
 
 def bench_polystore(endpoint: str, shape, count: int, latency_samples: int) -> dict:
@@ -196,18 +295,43 @@ def _table_row(label: str, nbytes: int, ours: dict, hot: float, cold: float,
     }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="polystore bench",
-                                     description=__doc__.splitlines()[0])
+def _median_round(rounds: list[dict]) -> dict:
+    """Each figure's median over rounds (a noisy machine slows single rounds)."""
+    return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+
+
+def _ring_row(label: str, ours: dict, ring: dict) -> dict:
+    """polystore against the raw ring: > 1 means faster (fps) / slower (latency) than it."""
+    return {
+        "frame": label,
+        "polystore_fps": ours["fps"],
+        "ring_fps": ring["fps"],
+        "x_raw_ring": ours["fps"] / ring["fps"],
+        "idle_p50_ms": ours["idle_p50_ms"],
+        "ring_idle_p50_ms": ring["idle_p50_ms"],
+        "x_ring_idle_p50": ours["idle_p50_ms"] / ring["idle_p50_ms"],
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's options (shared by ``polystore bench`` and scripts/bench_stream.py)."""
     parser.add_argument("--quick", action="store_true", help="few frames, for a smoke test")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds of polystore and the raw ring (default 3)")
     parser.add_argument("--json", metavar="OUT", help="also write the figures as JSON to OUT "
                         "(input of scripts/plot_bench.py)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = argparse.ArgumentParser(prog="bench_stream.py", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark with parsed options; 1 if the receiver saw a torn frame."""
     scale = 0.05 if args.quick else 1.0
+    rounds = 1 if args.quick else max(1, args.rounds)
 
     # spawn: the receiver process must not inherit this process's ZeroMQ state
     spawn = mp.get_context("spawn")
@@ -219,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"polystore streaming benchmark ({platform.machine()}, "
              f"{mp.cpu_count()} cores, Python {platform.python_version()})")
     print(f"# {title}")
-    rows = []
+    rows, ring_rows = [], []
     try:
         for label, shape in SHAPES.items():
             nbytes = int(np.prod(shape)) * 2
@@ -227,8 +351,15 @@ def main(argv: list[str] | None = None) -> int:
             hot = bench_memcpy(shape, max(10, count // 4), working_set=False)
             cold = bench_memcpy(shape, max(10, count // 4), working_set=True)
             rawzmq = bench_raw_zmq(spawn, shape, max(10, count // 2))
-            ours = bench_polystore(endpoint, shape, count, max(20, int(300 * scale)))
+            samples = max(20, int(300 * scale))
+            ring_rounds, our_rounds = [], []
+            for _ in range(rounds):  # alternated, so load from elsewhere hits both alike
+                ring_rounds.append(bench_raw_ring(spawn, shape, count, samples))
+                our_rounds.append(bench_polystore(endpoint, shape, count, samples))
+            ours = _median_round(our_rounds)
+            ring = _median_round(ring_rounds)
             rows.append((label, nbytes, ours, hot, cold, rawzmq))
+            ring_rows.append(_ring_row(label, ours, ring))
         lease_shape = SHAPES["2048x2048 uint16"]
         lease = bench_lease(endpoint, lease_shape, max(20, int(scale * 2000)))
     finally:
@@ -252,6 +383,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['raw_zmq_gbps']:.2f} |"
         )
     print()
+    print(f"| frame | polystore fps | raw ring fps | x raw ring | idle p50 ms polystore / ring "
+          f"| x ring idle p50 |   (median of {rounds} alternating rounds)")
+    print("|---|---|---|---|---|---|")
+    for r in ring_rows:
+        print(f"| {r['frame']} | {r['polystore_fps']:,.0f} | {r['ring_fps']:,.0f} | "
+              f"{r['x_raw_ring']:.2f} | {r['idle_p50_ms']:.3f} / {r['ring_idle_p50_ms']:.3f} | "
+              f"{r['x_ring_idle_p50']:.2f} |")
+    print()
     print("| pipeline step (np.add) + stream, 2048x2048 uint16 | fps |")
     print("|---|---|")
     print(f"| compute into an array, then save() | {lease['save']:,.0f} |")
@@ -264,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             "title": title,
             "quick": args.quick,
             "rows": table,
+            "raw_ring": ring_rows,
             "pipeline_step_fps": lease,
             "verified_frames": checked["checked"],
             "torn_frames": checked["torn"],

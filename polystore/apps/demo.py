@@ -631,7 +631,7 @@ def _run_window(out: Path, frames: int, fps: float, progress: bool,
     """napari in a subprocess (`polystore napari --endpoint ...`); stream into it once it
     listens. Returns with napari still open."""
     endpoint = endpoint or _free_endpoint()
-    cmd = [sys.executable, "-m", "polystore.cli", "napari", "--endpoint", endpoint,
+    cmd = [sys.executable, "-m", "polystore.apps.cli", "napari", "--endpoint", endpoint,
            "--mode", "auto"]
     print(f"starting napari: polystore napari --endpoint {endpoint} ...", flush=True)
     proc = subprocess.Popen(cmd)

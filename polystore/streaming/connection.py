@@ -1,0 +1,290 @@
+"""A sender's connection: one DEALER socket, its monitor, and the handshake's state machine.
+
+    closed --send_hello()--> hello_sent --welcome--> connected
+                                        --error or shm refused--> refused
+    any --receiver lost / transport dropped--> closed
+
+The connection moves bytes and tracks its state; it knows nothing of credits or frames. Each
+reply is handed to `on_reply` (the sender's dispatch table), and a receiver that disconnects
+while connected is reported to `on_disconnect`.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from polystore.streaming import protocol as p
+from polystore.streaming.auth import client_keys
+from polystore.streaming.errors import ViewerNotRunningError
+from polystore.streaming.options import SenderOptions
+from polystore.streaming.shm import create_probe, destroy
+
+# zmq's flags as plain ints: enum arithmetic costs more than the send it configures.
+_NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+_LINK_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                | _HANDSHAKE_FAILED)
+
+
+def impostor_message(viewer: str, endpoint: str) -> str:
+    return (f"the process listening at {endpoint} failed the authentication handshake, so "
+            f"nothing was sent to it: it is not a {viewer} receiver of your account (it lacks "
+            "your polystore credential, or runs with auth='none' while this sender uses "
+            "auth='user'). Stop it, or pick the same auth on both sides (docs/protocol.md)")
+
+
+class State(enum.Enum):
+    CLOSED = "closed"
+    HELLO_SENT = "hello sent"
+    CONNECTED = "connected"
+    REFUSED = "refused"
+
+
+def create_dealer_socket(endpoint: str, identity: str, options: SenderOptions) -> zmq.Socket:
+    """The one place a sender's socket is made and configured (authentication included)."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.ROUTING_ID, identity.encode())
+    sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a receiver that isn't there
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RECONNECT_IVL, 50)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+    keys = client_keys(options.auth, options.curve_server_key)  # see streaming/auth.py
+    if keys is not None:
+        keys.apply(sock)
+    sock.connect(endpoint)
+    return sock
+
+
+class Connection:
+    """The socket to one receiver endpoint and where its handshake stands."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        options: SenderOptions,
+        *,
+        viewer: str,
+        on_reply: Callable[[bytes], None],
+        on_disconnect: Callable[[], None],
+    ) -> None:
+        self.endpoint = endpoint
+        self.options = options
+        self.viewer = viewer
+        self.on_reply = on_reply
+        self.on_disconnect = on_disconnect
+        self.state = State.CLOSED
+        self.refusal = ""  # why the receiver refused the last handshake
+        self.receiver_id: str | None = None
+        self.use_shm = False  # frames travel by shared memory (else inline)
+        self.max_frame_bytes = p.MAX_FRAME_BYTES  # the receiver's, from its welcome
+        self.transport_up = False  # ZeroMQ has a TCP/IPC link (the monitor says so)
+        self._handshaking = False  # linked, ZMTP/CURVE handshake not (yet) succeeded
+        self._handshake_failed = False  # ZeroMQ never retries after that: reconnect
+        self._sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self._poller: zmq.Poller | None = None
+        self._probe = None  # the shared-memory probe of the pending hello
+        self._hello_deadline = 0.0
+
+    @property
+    def connected(self) -> bool:
+        return self.state is State.CONNECTED
+
+    @property
+    def is_open(self) -> bool:
+        return self._sock is not None
+
+    def open(self, identity: str) -> None:
+        if self._sock is not None:
+            return
+        sock = create_dealer_socket(self.endpoint, identity, self.options)
+        self._monitor = sock.get_monitor_socket(_LINK_EVENTS)
+        self._handshaking = self._handshake_failed = False
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+        self.transport_up = False
+        self._sock = sock
+
+    def close(self, goodbye: bytes | None = None, linger_ms: int = 0) -> None:
+        """Close the socket; say `goodbye` first when connected (best effort)."""
+        if self._sock is not None:
+            if goodbye is not None and self.connected:
+                try:
+                    self._sock.send(goodbye, zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._sock.close(linger=linger_ms)
+            self._sock = self._monitor = self._poller = None
+        self.abandon_hello()
+        self.state = State.CLOSED
+
+    def ensure(self, *, identity: str, segment_prefix: str, pid: int, wait: bool,
+               start_hint: str = "") -> bool:
+        """Connected, or handshake now. With `wait` False (policy 'latest' after a first
+        handshake) never wait: send a hello when the link is up and return False (drop this
+        message) until the welcome is in, so a live preview never stalls its pipeline."""
+        if self._sock is None:
+            self.open(identity)
+        else:
+            self.check_link()
+            if self.state is State.CONNECTED:
+                return True
+            if self._handshake_failed:
+                self._reconnect()
+        hello = dict(identity=identity, segment_prefix=segment_prefix, pid=pid)
+        if not wait:
+            self.drain()  # the welcome to an earlier hello may be here
+            if self.connected:
+                return True
+            if self.transport_up and self.hello_expired:
+                self.send_hello(**hello)
+            return False
+        self.send_hello(**hello)
+        self.wait_for_welcome()
+        if not self.connected:
+            self.abandon_hello()
+            self.check_link()
+            if self._handshake_failed:
+                self.refusal = impostor_message(self.viewer, self.endpoint)
+            raise ViewerNotRunningError(self.refusal or (
+                f"no {self.viewer} receiver answered at {self.endpoint} within "
+                f"{self.options.connect_timeout:g} s. {start_hint}".strip()))
+        return True
+
+    # -- the handshake -------------------------------------------------------------------------
+
+    def send_hello(self, *, identity: str, segment_prefix: str, pid: int) -> None:
+        """Send hello with a fresh shared-memory probe; a welcome completes it."""
+        self.abandon_hello()
+        self.refusal = ""
+        if self.options.transport != "inline":
+            self._probe, token = create_probe(segment_prefix)
+            probe = p.Probe(segment=self._probe.name, token=token)
+        else:
+            probe = None
+        hello = p.Hello(v=p.VERSION, sender=identity, pid=pid, viewer=self.viewer,
+                        segment_prefix=segment_prefix, versions=list(p.SUPPORTED_VERSIONS),
+                        probe=probe)  # fmt: skip
+        self._hello_deadline = time.monotonic() + self.options.connect_timeout
+        self.state = State.HELLO_SENT
+        self.send([p.encode(hello)], self._hello_deadline)  # if nobody takes it: no welcome
+
+    @property
+    def hello_expired(self) -> bool:
+        return self.state is not State.HELLO_SENT or time.monotonic() > self._hello_deadline
+
+    def wait_for_welcome(self) -> None:
+        """Handle replies until the handshake ends or its deadline passes."""
+        while self.state is State.HELLO_SENT:
+            remaining = self._hello_deadline - time.monotonic()
+            if remaining <= 0 or not self._sock.poll(remaining * 1000, zmq.POLLIN):
+                return
+            self.drain()
+
+    def accept(self, welcome: p.Welcome) -> bool:
+        """Complete a pending handshake; False if none was pending or it is refused."""
+        if self.state is not State.HELLO_SENT:
+            return False
+        self.abandon_hello()
+        if self.options.transport == "shm" and not welcome.shm:
+            self.refuse(f"the {self.viewer} receiver at {self.endpoint} cannot read this "
+                        "process's shared memory (another machine or container); use "
+                        "transport='auto' or 'inline'")  # fmt: skip
+            return False
+        self.use_shm = welcome.shm and self.options.transport != "inline"
+        self.max_frame_bytes = welcome.max_frame_bytes
+        self.receiver_id = welcome.receiver
+        self.state = State.CONNECTED
+        return True
+
+    def refuse(self, why: str) -> None:
+        self.abandon_hello()
+        self.refusal = why
+        self.state = State.REFUSED
+
+    def abandon_hello(self) -> None:
+        """Forget the pending hello (its welcome will not be trusted) and unlink its probe."""
+        if self._probe is not None:
+            destroy(self._probe)
+            self._probe = None
+        if self.state is State.HELLO_SENT:
+            self.state = State.CLOSED
+
+    def lost(self) -> None:
+        """The receiver is gone: the next message needs a new handshake."""
+        self.abandon_hello()
+        self.state = State.CLOSED
+
+    def _reconnect(self) -> None:
+        """ZeroMQ drops an endpoint whose handshake failed; connect to it again."""
+        self._handshake_failed = False
+        try:
+            self._sock.disconnect(self.endpoint)
+        except zmq.ZMQError:
+            pass
+        self._sock.connect(self.endpoint)
+
+    # -- bytes -----------------------------------------------------------------------------------
+
+    def send(self, parts: list, deadline: float) -> bool:
+        """Send without ever blocking past `deadline`; False if nobody took it in time."""
+        sock = self._sock
+        first = parts[0]
+        flags = (_NOBLOCK | _SNDMORE) if len(parts) > 1 else _NOBLOCK
+        while True:
+            try:
+                sock.send(first, flags, copy=len(first) < 65536)
+                break
+            except zmq.Again:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not sock.poll(remaining * 1000, zmq.POLLOUT):
+                    if time.monotonic() >= deadline:
+                        return False
+        last = len(parts) - 1
+        for i in range(1, len(parts)):
+            sock.send(parts[i], 0 if i == last else _SNDMORE, copy=False)
+        return True
+
+    def drain(self) -> None:
+        """Hand every reply already waiting to `on_reply`, without blocking."""
+        sock = self._sock
+        while sock is not None and sock.get(_EVENTS) & _POLLIN:
+            self.on_reply(sock.recv(_NOBLOCK))
+            sock = self._sock  # a handler may have closed it
+
+    def poll(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for replies or link events, and handle them."""
+        events = dict(self._poller.poll(max(0.0, timeout) * 1000))
+        if self._monitor in events:
+            self.check_link()
+        if self._sock in events:
+            self.drain()
+
+    def check_link(self) -> None:
+        """Notice a receiver that left (or a link that came up) before sending to nobody."""
+        monitor = self._monitor
+        while monitor is not None and monitor.get(_EVENTS) & _POLLIN:
+            event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshaking = False
+                continue
+            # a peer that hangs up mid-handshake refused it too
+            self._handshake_failed |= bool(event & _HANDSHAKE_FAILED) or (
+                event == zmq.EVENT_DISCONNECTED and self._handshaking)
+            self._handshaking = event == zmq.EVENT_CONNECTED
+            self.transport_up = event == zmq.EVENT_CONNECTED
+            if self.transport_up and not self.connected:
+                self.abandon_hello()  # a hello sent to an earlier peer will not be answered
+            if event == zmq.EVENT_DISCONNECTED and self.connected:
+                self.drain()  # acks that arrived before the disconnect still count
+                self.on_disconnect()
