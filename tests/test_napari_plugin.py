@@ -6,6 +6,7 @@ into a `ReceiverWidget` listening on an ephemeral port. pytest-xvfb provides the
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
@@ -19,8 +20,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-napari = pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
+
+def require(module: str):
+    """Import `module`, or skip this test module when it is missing, except in CI
+    (``CI=true``): there a missing napari must fail the run, not hide the viewer tests."""
+    if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
+napari = require("napari")
+require("pytestqt")
 
 from polystore_napari.buffer import CoalescingBuffer  # noqa: E402
 from polystore_napari.widget import ReceiverWidget  # noqa: E402
@@ -293,15 +303,17 @@ def test_place_builds_an_nd_layer_from_tcz_axes(docked, qtbot):
                      mode="place")
     """)
     wait_frames(qtbot, widget, 25)
-    layer = viewer.layers["embryo"]
-    assert layer.data.shape == (2, 3, 4, 48, 64)
-    assert layer.data.dtype == np.uint16
-    assert tuple(viewer.dims.axis_labels) == ("t", "c", "z", "y", "x")
-    assert tuple(layer.axis_labels) == ("t", "c", "z", "y", "x")
-    for t in range(2):
-        for c in range(3):
+    # one layer per channel (napari's channel_axis semantics), additive, own colormap
+    channels = [viewer.layers[f"embryo [c{c}]"] for c in range(3)]
+    assert "embryo" not in viewer.layers
+    assert [layer.colormap.name for layer in channels] == ["cyan", "yellow", "magenta"]
+    for c, layer in enumerate(channels):
+        assert layer.data.shape == (2, 4, 48, 64) and layer.data.dtype == np.uint16
+        assert tuple(layer.axis_labels) == ("t", "z", "y", "x")
+        assert layer.blending == "additive"
+        for t in range(2):
             for z in range(4):
-                np.testing.assert_array_equal(np.asarray(layer.data[t, c, z]),
+                np.testing.assert_array_equal(np.asarray(layer.data[t, z]),
                                               rand(100 * t + 10 * c + z, (48, 64)))
     plate = viewer.layers["plate/a"]
     assert plate.data.shape == (3, 2, 16, 16)
@@ -349,7 +361,7 @@ def test_place_follows_the_newest_time_point_unless_the_user_scrolled_back(docke
     try:
         sender.wait_line(qtbot)
         wait_frames(qtbot, widget, 10)
-        layer = viewer.layers["live"]
+        layer = viewer.layers["live [c0]"]
         t_axis = viewer.dims.ndim - layer.ndim
         qtbot.waitUntil(lambda: layer.data.shape[0] == 5, timeout=10000)
         assert viewer.dims.current_step[t_axis] == 4  # followed t while it grew
@@ -438,38 +450,47 @@ def test_labels_mask_becomes_a_labels_layer(docked, qtbot):
 
 
 def test_display_hints_and_contrast_following(docked, qtbot):
+    """Issue 14 item 4: contrast follows the data until the user sets it by hand; a
+    contrast_limits hint fixes it."""
     viewer, widget = docked
     sender = Sender(widget.endpoint, """
         backend.save(np.full((10, 10), 100, np.uint16) + np.eye(10, dtype=np.uint16),
                      "green/t000.tif", colormap="green", opacity=0.5)
         backend.save(np.arange(100, dtype=np.float32).reshape(10, 10), "fixed/t000.tif",
                      contrast_limits=[10, 20])
+        backend.save(np.eye(10, dtype=np.float32), "drift/t000.tif")
         barrier()
         backend.save(np.full((10, 10), 1000, np.uint16) + 9 * np.eye(10, dtype=np.uint16),
                      "green/t001.tif", colormap="green", opacity=0.5)
+        backend.save(np.arange(100, dtype=np.float32).reshape(10, 10) + 50, "fixed/t001.tif",
+                     contrast_limits=[10, 20])
+        backend.save(np.eye(10, dtype=np.float32) + 19, "drift/t001.tif")  # 0-1 -> 19-20
         barrier()
         backend.save(np.full((10, 10), 3000, np.uint16) + 2 * np.eye(10, dtype=np.uint16),
                      "green/t002.tif", colormap="green", opacity=0.5)
     """)
     try:
         sender.wait_line(qtbot)
-        wait_frames(qtbot, widget, 2)
+        wait_frames(qtbot, widget, 3)
         green = viewer.layers["green"]
         assert green.colormap.name == "green"
         assert green.opacity == pytest.approx(0.5)
         assert green.contrast_limits == [100, 101]  # from the first frame
         assert viewer.layers["fixed"].contrast_limits == [10, 20]  # the hint wins
+        assert viewer.layers["drift"].contrast_limits == [0, 1]
         sender.go()
         sender.wait_line(qtbot)
-        wait_frames(qtbot, widget, 3)
-        assert green.contrast_limits == [100, 101]  # not following: unchanged
-        widget.follow_box.setChecked(True)
+        wait_frames(qtbot, widget, 6)
+        assert green.contrast_limits == [1000, 1009]  # follows the data
+        assert viewer.layers["drift"].contrast_limits == [19, 20]  # not stuck at [0, 1]
+        assert viewer.layers["fixed"].contrast_limits == [10, 20]
+        green.contrast_limits = [0, 500]  # the user sets it by hand...
         sender.go()
         sender.finish(qtbot)
     finally:
         sender.kill()
-    wait_frames(qtbot, widget, 4)
-    assert green.contrast_limits == [3000, 3002]  # following the newest frame
+    wait_frames(qtbot, widget, 7)
+    assert green.contrast_limits == [0, 500]  # ...and it stays
 
 
 # -- ROIs ------------------------------------------------------------------------------------
@@ -558,6 +579,8 @@ def test_report_describes_the_layers_to_the_sender(docked, qtbot):
     assert layers["rep/a"]["shape"] == [20, 30] and layers["rep/a"]["dtype"] == "uint16"
     assert layers["rep/a"]["kind"] == "image" and layers["rep/a"]["mode"] == "replace"
     assert layers["rep/mask"]["kind"] == "labels" and layers["rep/mask"]["dtype"] == "uint8"
+    assert layers["rep/a"]["colormap"] == "gray" and layers["rep/a"]["channel"] is None
+    assert layers["rep/mask"]["colormap"] == "label_colormap"
     assert state["frames"] == 2 and state["frames_displayed"] == 2
     assert state["pending_frames"] == 0
 
@@ -811,7 +834,7 @@ def test_widget_with_live_layers_screenshot(docked, qtbot, tmp_path):
             sender.wait()
     qtbot.waitUntil(lambda: widget.buffer.pending == 0 and "camera points" in viewer.layers,
                     timeout=10000)
-    assert {"volume", "camera", "nuclei", "camera ROIs"} <= set(
+    assert {"volume [c0]", "volume [c1]", "camera", "nuclei", "camera ROIs"} <= set(
         layer.name for layer in viewer.layers)
     viewer.layers.selection.active = viewer.layers["camera"]
     viewer.reset_view()
@@ -835,7 +858,7 @@ def test_streams_survive_shape_axis_and_kind_changes(docked, qtbot):
         backend.save(rand(3, (8, 8)), "kind/a.tif")
         barrier()
         backend.save(rand(4, (5, 20, 30)), "chg/a.tif")  # 2D -> 3D
-        backend.save(rand(5, (8, 8)), "ax/a.tif", axes={"t": 0, "c": 2})  # a new axis
+        backend.save(rand(5, (8, 8)), "ax/a.tif", axes={"t": 0, "z": 2})  # a new axis
         backend.save(rand(6, (8, 8)), "kind/a.tif", labels=True)  # image -> labels
     """)
     try:
@@ -852,7 +875,7 @@ def test_streams_survive_shape_axis_and_kind_changes(docked, qtbot):
     np.testing.assert_array_equal(chg.data, rand(4, (5, 20, 30)))
     ax = viewer.layers["ax/a"]
     assert ax.data.shape == (2, 3, 8, 8)
-    assert tuple(ax.axis_labels) == ("t", "c", "y", "x")
+    assert tuple(ax.axis_labels) == ("t", "z", "y", "x")
     np.testing.assert_array_equal(np.asarray(ax.data[1, 0]), rand(2, (8, 8)))
     np.testing.assert_array_equal(np.asarray(ax.data[0, 2]), rand(5, (8, 8)))
     kind = viewer.layers["kind/a"]
@@ -884,18 +907,16 @@ def test_deleting_a_layer_frees_what_its_stream_holds(docked, qtbot):
         qtbot.waitUntil(lambda: widget.manager.frames >= 10 and "rep points" in viewer.layers,
                         timeout=10000)
         manager = widget.manager
-        assert len(manager.images["img"].frames) == 3
-        assert manager.images["lab"].backing is not None
-        assert manager.images["pl"].backing is not None
+        assert manager.held_bytes("img") == 3 * 16 * 16 * 2
+        assert manager.held_bytes("lab") >= 3 * 16 * 16 * 4
+        assert manager.held_bytes("pl") >= 3 * 16 * 16 * 2
+        assert manager.held_rois("rep") == 2
         for name in ("img", "lab", "pl", "rep", "rep ROIs", "rep points"):
             viewer.layers.remove(name)
         # freed at once, not at the stream's next frame
         for stream in ("img", "lab", "pl", "rep"):
-            state = manager.images[stream]
-            assert state.layer is None and state.frames is None and state.backing is None, stream
-        rois = manager.rois["rep"]
-        assert rois.shapes is None and rois.points is None
-        assert rois.shape_pos == [] and rois.point_sets == {}
+            assert manager.layer(stream) is None and manager.held_bytes(stream) == 0, stream
+        assert manager.roi_layers("rep") == (None, None) and manager.held_rois("rep") == 0
         widget.display.tick()
         assert widget.buffer.report()["layers"] == []
         sender.go()
@@ -984,26 +1005,28 @@ def test_place_names_a_blocks_own_dims_with_the_rest_of_axis_names(docked, qtbot
     try:
         sender.wait_line(qtbot)
         wait_frames(qtbot, widget, 3)
-        layer = viewer.layers["blk"]
-        assert layer.data.shape == (2, 2, 3, 16, 12)
-        assert tuple(layer.axis_labels) == ("t", "c", "z", "y", "x")
-        np.testing.assert_array_equal(np.asarray(layer.data[1]), rand(1, (2, 3, 16, 12)))
-        assert not np.asarray(layer.data[0]).any()  # t=0 not sent yet
-        mid = viewer.layers["mid"]  # axis_names order: c (the frame's), then t
-        assert mid.data.shape == (4, 1, 16, 12)
-        assert tuple(mid.axis_labels) == ("c", "t", "y", "x")
-        np.testing.assert_array_equal(np.asarray(mid.data[:, 0]), rand(2, (4, 16, 12)))
-        part = viewer.layers["part"]  # one leading dim named, the other by default
-        assert tuple(part.axis_labels) == ("t", "c", "d0", "y", "x")
-        assert part.data.shape == (1, 2, 5, 8, 8)
+        blocks = [viewer.layers[f"blk [c{c}]"] for c in range(2)]  # c splits into layers
+        for c, layer in enumerate(blocks):
+            assert layer.data.shape == (2, 3, 16, 12)
+            assert tuple(layer.axis_labels) == ("t", "z", "y", "x")
+            np.testing.assert_array_equal(np.asarray(layer.data[1]), rand(1, (2, 3, 16, 12))[c])
+            assert not np.asarray(layer.data[0]).any()  # t=0 not sent yet
+        layer = blocks[1]
+        for c in range(4):  # the frame's own c dimension: four channel layers over t
+            mid = viewer.layers[f"mid [c{c}]"]
+            assert mid.data.shape == (1, 16, 12) and tuple(mid.axis_labels) == ("t", "y", "x")
+            np.testing.assert_array_equal(np.asarray(mid.data[0]), rand(2, (4, 16, 12))[c])
+        part = viewer.layers["part [c1]"]  # c named; the other leading dim is z by default
+        assert tuple(part.axis_labels) == ("t", "z", "y", "x")
+        assert part.data.shape == (1, 5, 8, 8)
         sender.go()
         sender.finish(qtbot)
     finally:
         sender.kill()
     wait_frames(qtbot, widget, 5)
-    assert viewer.layers["blk"] is layer and layer.data.shape == (4, 2, 3, 16, 12)
+    assert viewer.layers["blk [c1]"] is layer and layer.data.shape == (4, 3, 16, 12)
     for t, seed in ((0, 0), (1, 1), (3, 4)):
-        np.testing.assert_array_equal(np.asarray(layer.data[t]), rand(seed, (2, 3, 16, 12)))
+        np.testing.assert_array_equal(np.asarray(layer.data[t]), rand(seed, (2, 3, 16, 12))[1])
     assert not np.asarray(layer.data[2]).any()
     assert widget.manager.last_error == ""
 
@@ -1069,7 +1092,7 @@ def test_float16_and_float_labels_convert_while_copying_into_the_layer(docked, q
             x = np.random.default_rng(i).random((1024, 1024)) * 100
             return {"half": (x.astype(np.float16), {}),
                     "single": (x.astype(np.float32), {}),
-                    "flabels": (x.astype(np.float32), {"labels": True}),
+                    "flabels": (np.floor(x).astype(np.float32), {"labels": True}),
                     "ilabels": (x.astype(np.int32), {"labels": True})}
         for i in range(3):
             for name, (array, hint) in frames(i).items():
@@ -1103,8 +1126,7 @@ def test_float16_and_float_labels_convert_while_copying_into_the_layer(docked, q
     x = np.random.default_rng(2).random((1024, 1024)) * 100
     np.testing.assert_array_equal(viewer.layers["half"].data,
                                   x.astype(np.float16).astype(np.float32))
-    np.testing.assert_array_equal(viewer.layers["flabels"].data, x.astype(np.float32)
-                                  .astype(np.int32))
+    np.testing.assert_array_equal(viewer.layers["flabels"].data, np.floor(x).astype(np.int32))
     for name, before in zip(streams, shown, strict=True):
         assert viewer.layers[name].data is before  # updated in place
     # replace frames after the first: converting must not allocate a converted copy (4 MiB)

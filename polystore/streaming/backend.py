@@ -171,7 +171,8 @@ class StreamingBackend(WriteOnlyBackend):
         """Send one item. `stream` overrides the layer key derived from the path; `axes`
         (e.g. ``{"t": 3, "c": 1}``) places the frame in an nD layer; `kind="labels"` (or
         ``labels=True``) shows an integer mask as labels; `colormap`, `contrast_limits`,
-        `mode` and `opacity` are display hints."""
+        `mode`, `opacity` and `rgb` (None: uint8 (..., 3|4) frames are colour) are display
+        hints."""
         if str(file_path).lower().endswith(ROI_EXTENSION):
             frame = self._frame_options(file_path, **options)
             return self.sender.send_rois(to_rois(data), str(file_path), stream=frame["stream"],
@@ -210,6 +211,7 @@ class StreamingBackend(WriteOnlyBackend):
         contrast_limits: Sequence[float] | None = None,
         mode: str | None = None,
         opacity: float | None = None,
+        rgb: bool | None = None,
     ) -> dict[str, Any]:
         """The keyword arguments `save` accepts, as the sender's stream/axes/display."""
         try:
@@ -219,6 +221,7 @@ class StreamingBackend(WriteOnlyBackend):
                 contrast_limits=[float(v) for v in contrast_limits] if contrast_limits else None,
                 mode=mode,
                 opacity=opacity,
+                rgb=rgb,
             )
             display = msgspec.convert(msgspec.to_builtins(display), p.Display)
         except (msgspec.ValidationError, TypeError, ValueError) as exc:
