@@ -1134,3 +1134,189 @@ def test_float16_and_float_labels_convert_while_copying_into_the_layer(docked, q
     mib = 1024**2
     assert max(peaks["half"][1:]) < min(peaks["single"][1:]) + mib, peaks
     assert max(peaks["flabels"][1:]) < min(peaks["ilabels"][1:]) + mib, peaks
+
+
+# -- issue 14: channels, colour, labels, contrast, settings; issue 11 item 9 -------------------
+
+
+def save_screenshot(viewer, name: str) -> None:
+    """POLYSTORE_NAPARI_SCREENSHOTS=DIR saves the canvas as DIR/<name>.png (docs/images)."""
+    target = os.environ.get("POLYSTORE_NAPARI_SCREENSHOTS")
+    if target:
+        from imageio.v3 import imwrite
+
+        viewer.reset_view()
+        imwrite(Path(target) / f"{name}.png", viewer.screenshot(canvas_only=True, flash=False))
+
+
+def test_t_by_c_frames_become_one_layer_per_channel_with_its_own_colormap(docked, qtbot):
+    """Issue 14 item 1: the docs/fiji.md example (green/magenta/cyan) was one layer whose
+    colormap flipped with every frame, with one contrast range for all channels."""
+    viewer, widget = docked
+    viewer.window._qt_window.resize(900, 700)
+    lines = send(qtbot, widget.endpoint, """
+        import time
+        yy, xx = np.mgrid[0:96, 0:128]
+        for t in range(4):
+            for c, colour in enumerate(["green", "magenta", "cyan"]):
+                cy, cx = 30 + 15 * c, 30 + 25 * c + 5 * t
+                plane = (1000 * (c + 1) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 200))
+                backend.save(plane.astype(np.uint16), f"cells/t{t}_c{c}.tif", stream="cells",
+                             axes={"t": t, "c": c}, axis_names=["t", "c"], colormap=colour)
+        for _ in range(200):
+            state = backend.request("report")
+            if len(state.get("layers", [])) == 3 and state["frames_displayed"] == 12:
+                break
+            time.sleep(0.05)
+        print(json.dumps(state))
+    """)
+    state = json.loads(lines[-1])
+    colours = ["green", "magenta", "cyan"]
+    reported = {e["name"]: e for e in state["layers"]}
+    assert {name: reported[name]["colormap"] for name in reported} == {
+        f"cells [c{c}]": colours[c] for c in range(3)}
+    assert [reported[f"cells [c{c}]"]["channel"] for c in range(3)] == [0, 1, 2]
+    layers = [viewer.layers[f"cells [c{c}]"] for c in range(3)]
+    for c, layer in enumerate(layers):
+        assert layer.colormap.name == colours[c]  # stays: not whichever hint came last
+        assert layer.blending == "additive" and layer.data.shape == (4, 96, 128)
+        assert tuple(layer.axis_labels) == ("t", "y", "x")
+    highs = [layer.contrast_limits[1] for layer in layers]  # one range per channel
+    assert highs[0] < highs[1] < highs[2] and highs[0] == pytest.approx(1000, abs=2)
+    qtbot.wait(200)
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    assert (shot[..., :3].max(axis=(0, 1)) > 100).sum() >= 2  # more than one colour drawn
+    save_screenshot(viewer, "napari_channels")
+
+
+def test_rgb_and_rgba_frames_become_rgb_layers(docked, qtbot):
+    """Issue 14 item 2: an (h, w, 3) uint8 frame raised ValueError in the plugin."""
+    viewer, widget = docked
+    send(qtbot, widget.endpoint, """
+        rgb = np.zeros((120, 160, 3), np.uint8)
+        rgb[..., 0] = np.linspace(0, 255, 160, dtype=np.uint8)  # red ramp left to right
+        rgb[:60, :, 1] = 200  # green top half
+        backend.save(rgb, "photo/t0.png")
+        rgba = np.concatenate([rgb, np.full((120, 160, 1), 255, np.uint8)], axis=-1)
+        backend.save(rgba, "overlay/t0.png")
+        backend.save(rgb, "planes/t0.tif", rgb=False)  # three z planes, not colour
+    """)
+    wait_frames(qtbot, widget, 3)
+    photo = viewer.layers["photo"]
+    assert photo.rgb and photo.data.shape == (120, 160, 3)
+    assert tuple(photo.axis_labels) == ("y", "x")  # napari labels only the spatial axes
+    assert viewer.layers["overlay"].rgb and viewer.layers["overlay"].data.shape[-1] == 4
+    planes = viewer.layers["planes"]
+    assert not planes.rgb and tuple(planes.axis_labels) == ("z", "y", "x")
+    assert widget.manager.last_error == ""
+    for name in ("overlay", "planes"):
+        viewer.layers[name].visible = False
+    qtbot.wait(200)
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    middle = shot[shot.shape[0] // 4, shot.shape[1] // 2, :3].astype(int)
+    assert middle[1] > 150 and middle[0] > 60  # green top half over the red ramp
+    save_screenshot(viewer, "napari_rgb")
+
+
+def test_a_frame_the_plugin_cannot_show_leaves_no_permanent_error(docked, qtbot):
+    """Issue 14 item 2: one bad frame left a permanent *Last error*."""
+    viewer, widget = docked
+    sender = Sender(widget.endpoint, """
+        backend.save(np.zeros((20, 30), np.uint8), "cam/t0.tif", rgb=True)  # not colour
+        backend.save(np.array([[0, 1.5]], np.float32), "seg/t0.tif", labels=True)
+        barrier()
+        backend.save(np.zeros((20, 30, 3), np.uint8), "cam/t1.tif", rgb=True)
+        backend.save(np.array([[0, 2]], np.float32), "seg/t1.tif", labels=True)
+    """)
+    try:
+        sender.wait_line(qtbot)
+        qtbot.waitUntil(lambda: len(widget.manager.errors) == 2, timeout=10000)
+        widget.update_status()
+        shown = widget.status_labels["error"].text()
+        assert "rgb=True needs a uint8 frame" in widget.manager.errors["cam"]
+        assert "whole numbers" in widget.manager.errors["seg"] and "seg" in shown
+        assert widget.manager.snapshot["frames_rejected"] == 2
+        sender.go()
+        sender.finish(qtbot)
+    finally:
+        sender.kill()
+    qtbot.waitUntil(lambda: "cam" in viewer.layers and "seg" in viewer.layers, timeout=10000)
+    widget.update_status()
+    assert widget.manager.last_error == "" and widget.status_labels["error"].text() == "-"
+    assert viewer.layers["cam"].rgb
+
+
+def test_many_labels_get_distinct_neighbouring_colours(docked, qtbot):
+    """Issue 14 item 3 (napari half): more than 300 touching objects stay distinguishable."""
+    viewer, widget = docked
+    send(qtbot, widget.endpoint, """
+        ids = np.arange(1, 401, dtype=np.uint16).reshape(20, 20)  # 400 touching squares
+        mask = np.kron(ids, np.ones((12, 12), np.uint16))
+        backend.save(mask, "cells/mask.tif", labels=True)
+    """)
+    wait_frames(qtbot, widget, 1)
+    layer = viewer.layers["cells/mask"]
+    assert isinstance(layer, napari.layers.Labels) and len(np.unique(layer.data)) == 400
+    colours = layer.colormap.map(np.arange(1, 401))
+    assert (colours[:, 3] > 0).all()  # none is transparent (the background's colour)
+    # neighbours (right and below in the grid) never share a colour
+    grid = colours.reshape(20, 20, 4)
+    assert (np.abs(grid[:, 1:] - grid[:, :-1]).sum(-1) > 0.05).all()
+    assert (np.abs(grid[1:] - grid[:-1]).sum(-1) > 0.05).all()
+    assert len({tuple(np.round(c, 3)) for c in colours}) >= 40  # a cycle of many colours
+    save_screenshot(viewer, "napari_labels")
+
+
+def test_place_refuses_far_apart_positions_without_growing(docked, qtbot):
+    """Issue 11 item 9: three 32 KiB frames at t = 0, 20000, 40001 grew the plugin by about
+    650 MiB and blocked the main thread for about a second."""
+    viewer, widget = docked
+    send(qtbot, widget.endpoint, """
+        for t in (0, 20000, 40001):
+            backend.save(np.full((128, 128), t % 7 + 1, np.uint16), f"far/t{t}.tif",
+                         axes={"t": t})
+        backend.save(np.full((128, 128), 9, np.uint16), "far/t1.tif", axes={"t": 1})
+    """)
+    qtbot.waitUntil(lambda: widget.buffer.stats.frames == 4 and not widget.buffer.pending,
+                    timeout=10000)
+    qtbot.waitUntil(lambda: viewer.layers["far"].data.shape == (2, 128, 128), timeout=10000)
+    manager = widget.manager
+    assert manager.held_bytes("far") <= 4 * 128 * 128 * 2
+    assert manager.snapshot["frames_rejected"] == 2
+    assert "closer together" in manager.errors.get("far", "") or manager.last_error == ""
+    assert widget.display.busy_s < 2.0  # generous: the old code spent ~1 s in one tick
+
+
+def test_command_line_and_environment_win_over_saved_settings(make_napari_viewer, qtbot,
+                                                              monkeypatch):
+    """Issue 14 item 7: `polystore napari` listened on the endpoint saved by an earlier Start
+    instead of its documented default, so senders found no receiver."""
+    import socket
+
+    from polystore_napari.launch import launch
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    default, saved = ports
+    monkeypatch.setattr(NapariStreamingBackend, "DEFAULT_PORT", default)
+    QSettings("polystore", "polystore-napari").setValue("endpoint", f"tcp://127.0.0.1:{saved}")
+    viewer = make_napari_viewer(show=True)
+    widget = launch(viewer=viewer, run=False)  # no --endpoint, no environment
+    try:
+        assert widget.endpoint == f"tcp://127.0.0.1:{default}"
+        widget.update_status()
+        # the widget shows where it listens
+        assert widget.status_labels["state"].text() == f"listening on tcp://127.0.0.1:{default}"
+        assert widget.endpoint_edit.text() == f"tcp://127.0.0.1:{default}"
+    finally:
+        widget.stop()
+    # the environment wins over the saved endpoint in a widget opened from the Plugins menu
+    monkeypatch.setenv("POLYSTORE_NAPARI_ENDPOINT", EPHEMERAL)
+    menu = ReceiverWidget(viewer, auto_start=False)
+    try:
+        assert menu.endpoint_edit.text() == EPHEMERAL
+    finally:
+        menu.deleteLater()

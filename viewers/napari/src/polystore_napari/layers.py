@@ -252,12 +252,14 @@ class LayerManager:
         except LayoutError as exc:
             self._reject(state.key[0], str(exc))
             return False
+        for message in state.layout.refused:
+            self._reject(state.key[0], message)
         if state.layer is None:
             self._create(state, view, piece)
         else:
             self._update(state, view, refit)
         self._apply_hints(state, piece, view)
-        return True
+        return not state.layout.refused
 
     def _create(self, state: _LayerState, view: View, piece: Piece) -> None:
         hints = piece.header.display

@@ -294,6 +294,8 @@ class LayerLayout:
         self.names: list[str] = []  # place: leading axis names (positions and own dims)
         self.extent: list[int] = []  # place: used size along each leading axis
         self.placed: set[tuple] = set()  # place: positions written
+        #: why pieces of the last `show` were refused (the others were shown)
+        self.refused: list[str] = []
 
     @property
     def mode(self) -> str | None:
@@ -309,6 +311,7 @@ class LayerLayout:
         """Lay out a run of pieces of one geometry. `shown`: the data the layer shows now
         (None if it has no layer), so a ``replace`` can write into it in place."""
         geometry = (mode, *run[0].geometry)
+        self.refused = []
         if geometry != self.geometry:
             self.reset()
             self.geometry = geometry
@@ -319,8 +322,8 @@ class LayerLayout:
         return self._replace(run[-1], shown)
 
     def _labels(self, lead: list[str], piece: Piece) -> list[str]:
-        colour = ["rgb"] if piece.rgb else []
-        return unique_labels([*lead, *piece.own, "y", "x", *colour])
+        """Axis labels: napari labels an RGB layer's spatial axes only."""
+        return unique_labels([*lead, *piece.own, "y", "x"])
 
     def _replace(self, piece: Piece, shown) -> View:
         labels = self._labels([], piece)
@@ -390,7 +393,7 @@ class LayerLayout:
         times the bytes placed into it is refused with a `LayoutError` (nothing changes):
         ``t = 40001`` after ``t = 0`` must not allocate 40,000 empty planes."""
         before = (tuple(self.extent), id(self.backing))
-        index: tuple = ()
+        index: tuple | None = None
         for piece in run:
             own = piece.own
             size = dict(zip(own, piece.array.shape[:len(own)], strict=True))
@@ -402,13 +405,17 @@ class LayerLayout:
                 at = next((i for i, n in enumerate(self.names) if n in size), len(self.names))
                 order = self.names[:at] + new + self.names[at:]
                 extent = self.extent[:at] + [1] * len(new) + self.extent[at:]
-            index = tuple(slice(None) if n in size else piece.axes.get(n, 0) for n in order)
+            at_index = tuple(slice(None) if n in size else piece.axes.get(n, 0) for n in order)
             extent = [e if isinstance(i, slice) else max(e, i + 1)
-                      for e, i in zip(extent, index, strict=True)]
-            position = tuple(i for i in index if not isinstance(i, slice))
-            cells = math.prod(e for e, i in zip(extent, index, strict=True)
+                      for e, i in zip(extent, at_index, strict=True)]
+            position = tuple(i for i in at_index if not isinstance(i, slice))
+            cells = math.prod(e for e, i in zip(extent, at_index, strict=True)
                               if not isinstance(i, slice))
-            self._check_sparsity(piece, cells, position)
+            try:
+                self._check_sparsity(piece, cells, position)
+            except LayoutError as exc:
+                self.refused.append(str(exc))
+                continue
             if self.backing is None:
                 self.backing = np.zeros(tuple(size.get(n, 1) for n in order)
                                         + piece.array.shape[len(own):], piece.dtype)
@@ -416,12 +423,15 @@ class LayerLayout:
                 shape = self.backing.shape
                 self.backing = self.backing.reshape(shape[:at] + (1,) * len(new) + shape[at:])
             self.names = order
-            self._grow_to(index)
-            self.backing[index] = piece.array
+            self._grow_to(at_index)
+            self.backing[at_index] = piece.array
             self.extent = extent
             self.placed.add(position)
+            index = at_index
+        if index is None:  # every piece refused
+            raise LayoutError(self.refused[-1])
         last = run[-1]
-        labels = unique_labels([*self.names, "y", "x", *(["rgb"] if last.rgb else [])])
+        labels = unique_labels([*self.names, "y", "x"])
         # a live time series follows its newest time point, as a stack does
         follow = next((i for i, n in enumerate(self.names)
                        if n not in last.own and n.lower() in TIME_AXES), None)
