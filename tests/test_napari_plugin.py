@@ -1144,7 +1144,10 @@ def save_screenshot(viewer, name: str) -> None:
     target = os.environ.get("POLYSTORE_NAPARI_SCREENSHOTS")
     if target:
         from imageio.v3 import imwrite
+        from qtpy.QtWidgets import QApplication
 
+        viewer.window._qt_window.resize(1400, 800)
+        QApplication.processEvents()
         viewer.reset_view()
         imwrite(Path(target) / f"{name}.png", viewer.screenshot(canvas_only=True, flash=False))
 
