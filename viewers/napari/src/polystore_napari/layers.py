@@ -12,14 +12,11 @@ import logging
 import time
 from collections import Counter
 
-import numpy as np
 from napari.layers import Labels
 from qtpy.QtCore import QObject, Qt, QTimer
 
-from polystore.streaming import ReceivedRois
-from polystore_napari.buffer import Batch, CoalescingBuffer, RoisUpdate, Update, position
+from polystore_napari.buffer import Batch, CoalescingBuffer, Update
 from polystore_napari.layout import (
-    CHANNEL_AXIS,
     LayerLayout,
     LayoutError,
     Piece,
@@ -27,13 +24,12 @@ from polystore_napari.layout import (
     channel_colormap,
     layer_name,
     pieces_of,
-    unique_labels,
 )
+from polystore_napari.roi_layers import STREAM_KEY, RoiLayers
 
 log = logging.getLogger(__name__)
 
 #: napari layer metadata keys naming the stream (and channel) a layer shows
-STREAM_KEY = "polystore_stream"
 CHANNEL_KEY = "polystore_channel"
 #: how often a layer updated in place redraws its thumbnail in the layer list
 THUMBNAIL_HZ = 4
@@ -58,21 +54,6 @@ class _LayerState:
         self.layout.contrast.user_set = False
 
 
-class _RoiStream:
-    """The Shapes and Points layers of the ROIs that belong to one image stream."""
-
-    def __init__(self, stream: str) -> None:
-        self.stream = stream
-        self.names: list[str] | None = None  # leading axes of the ROI layers
-        self.shapes = None
-        self.points = None
-        self.shape_pos: list[tuple] = []  # position of each shape in the Shapes layer
-        self.shape_labels: list[str] = []
-        self.shape_types: dict[str, int] = {}  # shape type counts, for the report
-        self.text_shown = False
-        self.point_sets: dict[tuple, tuple[list, list[str]]] = {}
-
-
 class LayerManager:
     """Owns the layers of the streams it has seen; everything here runs on the main thread."""
 
@@ -80,9 +61,8 @@ class LayerManager:
         self.viewer = viewer
         self.stack_capacity = max(1, int(stack_capacity))
         self.images: dict[tuple[str, int | None], _LayerState] = {}
-        self.rois: dict[str, _RoiStream] = {}
+        self.rois = RoiLayers(viewer, self._placed_names)
         self.updates = 0  # image/labels layer updates (one per stream per tick with pixels)
-        self.roi_updates = 0  # ROI layer updates (one per stream per tick with ROI sets)
         self.frames = 0  # frames written into layers
         self.skipped = 0  # empty frames (a 0 in their shape), not shown
         self.rejected = 0  # frames this display cannot show (see `errors`)
@@ -95,6 +75,11 @@ class LayerManager:
                                "frames_rejected": 0, "errors": {}}
         # a deleted layer frees what its stream holds at once, not at the stream's next frame
         viewer.layers.events.removed.connect(self._on_layer_removed)
+
+    @property
+    def roi_updates(self) -> int:
+        """ROI layer updates (one per stream per tick with ROI sets)."""
+        return self.rois.updates
 
     @property
     def last_error(self) -> str:
@@ -121,7 +106,7 @@ class LayerManager:
                 self._error(update.stream, f"could not show it ({exc})")
         for update in batch.rois:
             try:
-                self._apply_rois(update)
+                self.rois.apply(update)
             except Exception as exc:  # noqa: BLE001
                 log.exception("could not show ROIs of %s", update.stream)
                 self._error(update.stream, f"could not show its ROIs ({exc})")
@@ -129,11 +114,9 @@ class LayerManager:
 
     def clear(self) -> None:
         """Remove every layer this manager made (a sender's ``clear`` command)."""
-        layers = [s.layer for s in self.images.values()]
-        layers += [r.shapes for r in self.rois.values()] + [r.points for r in self.rois.values()]
-        for layer in layers:
-            if layer is not None and layer in self.viewer.layers:
-                self.viewer.layers.remove(layer)
+        for state in self.images.values():
+            if self._alive(state.layer):
+                self.viewer.layers.remove(state.layer)
         self.images.clear()
         self.rois.clear()
         self.errors.clear()
@@ -145,12 +128,7 @@ class LayerManager:
         for state in self.images.values():
             if state.layer is not None and not self._alive(state.layer):
                 state.forget()
-        for rois in self.rois.values():
-            if rois.shapes is not None and not self._alive(rois.shapes):
-                rois.shapes, rois.shape_pos, rois.shape_labels = None, [], []
-                rois.shape_types, rois.text_shown = {}, False
-            if rois.points is not None and not self._alive(rois.points):
-                rois.points, rois.point_sets = None, {}
+        self.rois.forget_removed()
         self._take_snapshot()
 
     def layer(self, stream: str, channel: int | None = None):
@@ -169,15 +147,17 @@ class LayerManager:
 
     def held_rois(self, stream: str) -> int:
         """ROI entries held for the image stream `stream`."""
-        state = self.rois.get(stream)
-        if state is None:
-            return 0
-        return len(state.shape_pos) + sum(len(c) for c, _ in state.point_sets.values())
+        return self.rois.held(stream)
 
     def roi_layers(self, stream: str):
         """(Shapes layer, Points layer) of the ROIs of image stream `stream`."""
-        state = self.rois.get(stream)
-        return (None, None) if state is None else (state.shapes, state.points)
+        return self.rois.layers(stream)
+
+    def _placed_names(self, stream: str) -> list[str]:
+        """Leading axes of the placed layers of `stream` (where its ROIs belong)."""
+        placed = [s.layout.names for key, s in self.images.items()
+                  if key[0] == stream and s.layout.mode == "place"]
+        return list(placed[0]) if placed else []
 
     # -- frames ------------------------------------------------------------------------------
 
@@ -368,113 +348,6 @@ class LayerManager:
         # isinstance, not type(): plugin widgets get layers wrapped in napari's proxies
         return "labels" if isinstance(layer, Labels) else "image"
 
-    # -- ROIs --------------------------------------------------------------------------------
-
-    def _apply_rois(self, update: RoisUpdate) -> None:
-        state = self.rois.setdefault(update.stream, _RoiStream(update.stream))
-        for item in update.items:
-            self._apply_roi_set(state, item)
-        self.roi_updates += 1
-        if state.shapes is not None:
-            # counted here, once per ROI update, not by every report snapshot
-            state.shape_types = dict(Counter(state.shapes.shape_type))
-            state.shapes.features = {"label": np.array(state.shape_labels, dtype=object)}
-            if any(state.shape_labels) and not state.text_shown:
-                state.text_shown = True
-                state.shapes.text = {"string": "{label}", "color": "yellow", "size": 9,
-                                     "anchor": "upper_left"}
-        if state.point_sets or self._alive(state.points):
-            coords = [c for cs, _ in state.point_sets.values() for c in cs]
-            labels = [lab for _, ls in state.point_sets.values() for lab in ls]
-            nd = len(state.names) + 2
-            data = np.array(coords, dtype=float).reshape(-1, nd)
-            if state.points is None or not self._alive(state.points):
-                if not coords:
-                    return
-                state.points = self.viewer.add_points(
-                    data, ndim=nd, name=f"{state.stream} points", size=7,
-                    face_color="#ff4040", border_color="white",
-                    features={"label": np.array(labels, dtype=object)},
-                    metadata={STREAM_KEY: state.stream})
-                state.points.axis_labels = self._roi_axis_labels(state)
-            else:
-                state.points.data = data
-                state.points.features = {"label": np.array(labels, dtype=object)}
-
-    def _roi_names(self, state: _RoiStream, item: ReceivedRois) -> list[str]:
-        """Leading axes of the ROI layers: those of the image stream when it is placed by
-        axes (so shapes sit on the right planes), plus the ROIs' own. The channel axis is
-        not one: each channel is a layer of its own, and ROIs show over all of them."""
-        placed = [s.layout.names for key, s in self.images.items()
-                  if key[0] == state.stream and s.layout.mode == "place"]
-        names = list(placed[0]) if placed else []
-        for name in item.header.axis_names or item.header.axes:
-            if name not in names:
-                names.append(name)
-        names = [n for n in names if n != CHANNEL_AXIS]
-        return names if item.header.axes else (state.names or [])
-
-    def _roi_axis_labels(self, state: _RoiStream) -> list[str]:
-        return unique_labels(list(state.names) + ["y", "x"])
-
-    def _apply_roi_set(self, state: _RoiStream, item: ReceivedRois) -> None:
-        names = self._roi_names(state, item)
-        if state.names is None:
-            state.names = names
-        elif names != state.names and (item.header.axes or set(names) - set(state.names)):
-            # new axes: the layers' dimensionality changes, so start them afresh (rare)
-            for layer in (state.shapes, state.points):
-                if self._alive(layer):
-                    self.viewer.layers.remove(layer)
-            state.shapes = state.points = None
-            state.shape_pos, state.shape_labels, state.point_sets = [], [], {}
-            state.shape_types = {}
-            state.text_shown = False
-            state.names = names
-        lead = [float(item.header.axes.get(n, 0)) for n in state.names]
-        pos = position(item.header.axes)
-        shapes, types, labels, points, point_labels = [], [], [], [], []
-        for roi in item.header.rois:
-            coords = [[*lead, float(r), float(c)] for r, c in roi.coords]
-            if roi.kind == "point":
-                points.append(coords[0])
-                point_labels.append(roi.label or "")
-                continue
-            if roi.kind in ("rectangle", "ellipse"):
-                (r0, c0), (r1, c1) = roi.coords
-                coords = [[*lead, r, c] for r, c in ((r0, c0), (r0, c1), (r1, c1), (r1, c0))]
-            shapes.append(np.array(coords))
-            types.append(roi.kind)
-            labels.append(roi.label or "")
-        nd = len(state.names) + 2
-        if state.shapes is not None and not self._alive(state.shapes):
-            state.shapes, state.shape_pos, state.shape_labels = None, [], []
-            state.shape_types, state.text_shown = {}, False
-        if state.shapes is not None:
-            old = [i for i, p in enumerate(state.shape_pos) if p == pos]
-            if old:
-                state.shapes.remove(old)
-                keep = set(old)
-                state.shape_pos = [p for i, p in enumerate(state.shape_pos) if i not in keep]
-                state.shape_labels = [la for i, la in enumerate(state.shape_labels)
-                                      if i not in keep]
-        if shapes:
-            if state.shapes is None:
-                state.shapes = self.viewer.add_shapes(
-                    ndim=nd, name=f"{state.stream} ROIs", edge_color="yellow",
-                    face_color="transparent", edge_width=2,
-                    metadata={STREAM_KEY: state.stream})
-                state.shapes.current_edge_color = "yellow"
-                state.shapes.current_face_color = "transparent"
-                state.shapes.current_edge_width = 2
-                state.shapes.axis_labels = self._roi_axis_labels(state)
-            state.shapes.add(shapes, shape_type=types)
-            state.shape_pos += [pos] * len(shapes)
-            state.shape_labels += labels
-        state.point_sets.pop(pos, None)
-        if points:
-            state.point_sets[pos] = (points, point_labels)
-
     # -- report ------------------------------------------------------------------------------
 
     def _take_snapshot(self) -> None:
@@ -493,19 +366,9 @@ class LayerManager:
                 entry.update(rgb=bool(layer.rgb), blending=str(layer.blending),
                              contrast_limits=[float(v) for v in layer.contrast_limits])
             layers.append(entry)
-        for state in self.rois.values():
-            if self._alive(state.shapes):
-                layers.append({
-                    "name": state.shapes.name, "stream": state.stream, "kind": "shapes",
-                    "count": state.shapes.nshapes, "types": dict(state.shape_types),
-                })  # fmt: skip
-            if self._alive(state.points):
-                layers.append({
-                    "name": state.points.name, "stream": state.stream, "kind": "points",
-                    "count": len(state.points.data),
-                })  # fmt: skip
+        layers += self.rois.report()
         self.snapshot = {"layers": layers, "layer_updates": self.updates,
-                         "roi_updates": self.roi_updates, "frames_displayed": self.frames,
+                         "roi_updates": self.rois.updates, "frames_displayed": self.frames,
                          "frames_skipped": self.skipped, "frames_rejected": self.rejected,
                          "errors": dict(self.errors)}
 
