@@ -37,6 +37,8 @@ def launch(
 
     if not isinstance(options, ReceiverOptions):
         options = ReceiverOptions(endpoint=options)
+    # contrast always follows the data until set by hand; older callers may still pass this
+    changes.pop("follow_contrast", None)
     options = options.replace(**changes)
     if viewer is None:
         viewer = napari.Viewer(show=show)
