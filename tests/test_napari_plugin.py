@@ -178,14 +178,14 @@ def test_npe2_manifest_is_discovered():
     pm = PluginManager.instance()
     pm.discover()
     manifest = pm.get_manifest("polystore-napari")
-    assert manifest.display_name == "polystore receiver"
+    assert manifest.display_name == "polystore"
     widgets = [w.display_name for w in manifest.contributions.widgets]
     assert widgets == ["polystore receiver"]
     listed = subprocess.run(
         [sys.executable, "-m", "npe2", "list", "--fields", "name,display_name", "--format",
          "json"], capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
-    assert {"name": "polystore-napari", "display_name": "polystore receiver"} in json.loads(listed)
+    assert {"name": "polystore-napari", "display_name": "polystore"} in json.loads(listed)
     valid = subprocess.run([sys.executable, "-m", "npe2", "validate", "polystore-napari"],
                            capture_output=True, text=True)
     assert valid.returncode == 0, valid.stdout + valid.stderr
@@ -196,6 +196,9 @@ def test_plugins_menu_docks_an_auto_starting_receiver(make_napari_viewer, qtbot,
     viewer = make_napari_viewer(show=True)
     actions = [a for a in viewer.window.plugins_menu.actions() if "polystore receiver" in a.text()]
     assert len(actions) == 1, [a.text() for a in viewer.window.plugins_menu.actions()]
+    # issue 14 item 8: napari titles it "<widget> (<plugin>)"; it read "polystore receiver
+    # (polystore receiver)"
+    assert actions[0].text() == "polystore receiver (polystore)"
     actions[0].trigger()
     widgets = [w for w in viewer.window.dock_widgets.values() if isinstance(w, ReceiverWidget)]
     assert len(widgets) == 1
