@@ -284,3 +284,15 @@ def test_place_with_only_a_channel_position_shows_each_channel_as_a_2d_layer():
     (piece,) = pieces(frame, axes={"c": 1})
     view = LayerLayout().show("place", [piece])
     assert piece.key == ("s", 1) and view.data.shape == (4, 4) and view.follow_axis is None
+
+
+def test_the_protocol_check_refuses_rgb_true_on_a_frame_that_is_not_colour():
+    """Shared decision 3: ``rgb: true`` on anything but uint8 (..., 3|4) is bad_message, in
+    the check every receiver (and the sender) runs."""
+    for array in (np.zeros((20, 30), np.uint8), np.zeros((20, 30, 3), np.uint16),
+                  np.zeros((20, 30, 5), np.uint8)):
+        with pytest.raises(p.ProtocolError, match="rgb=true needs a uint8 frame") as info:
+            p.check_frame(header(array, rgb=True))
+        assert info.value.code == p.BAD_MESSAGE
+    p.check_frame(header(np.zeros((20, 30, 4), np.uint8), rgb=True))
+    p.check_frame(header(np.zeros((20, 30), np.uint8), rgb=False))
