@@ -1228,10 +1228,11 @@ def test_a_frame_the_plugin_cannot_show_leaves_no_permanent_error(docked, qtbot)
     """Issue 14 item 2: one bad frame left a permanent *Last error*."""
     viewer, widget = docked
     sender = Sender(widget.endpoint, """
-        from polystore.streaming import UnstreamableDataError
-        try:  # refused by the protocol's frame check (sender and receiver) with the reason
+        from polystore.streaming import StreamingError
+        try:  # refused by the protocol's frame check (at save or by the receiver) with why
             backend.save(np.zeros((20, 30), np.uint8), "cam/t0.tif", rgb=True)
-        except UnstreamableDataError as exc:
+            backend.flush()
+        except StreamingError as exc:
             print("rejected", exc, flush=True)
         backend.save(np.array([[0, 1.5]], np.float32), "seg/t0.tif", labels=True)
         barrier()
