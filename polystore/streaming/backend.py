@@ -199,7 +199,8 @@ class StreamingBackend(WriteOnlyBackend):
         """Send one item. `stream` overrides the layer key derived from the path; `axes`
         (e.g. ``{"t": 3, "c": 1}``) places the frame in an nD layer; `kind="labels"` (or
         ``labels=True``) shows an integer mask as labels; `colormap`, `contrast_limits`,
-        `mode`, `opacity` and every other field of `protocol.Display` are display hints."""
+        `mode`, `opacity`, `rgb` (None: uint8 (..., 3|4) frames are colour) and every other
+        field of `protocol.Display` are display hints."""
         path = str(file_path)
         axes = options.pop("axes", None)
         meta = self.stream_meta(path, **options)

@@ -70,6 +70,7 @@ class Display(Struct, omit_defaults=True):
     contrast_limits: Annotated[list[float], Meta(min_length=2, max_length=2)] | None = None
     mode: Literal["replace", "stack", "place"] | None = None
     opacity: Annotated[float, Meta(ge=0, le=1)] | None = None
+    rgb: bool | None = None
 
 
 class Hello(Struct, tag="hello", tag_field="type"):
@@ -282,6 +283,14 @@ def check_frame(frame: Frame, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
             TOO_LARGE, f"frame of {frame.nbytes} bytes exceeds {max_frame_bytes}", frame.seq
         )
     _check_axes(frame.axes, frame.axis_names, frame.seq)
+    if frame.display.rgb and not (len(frame.shape) >= 3 and frame.shape[-1] in (3, 4)
+                                  and frame.dtype == "uint8"):
+        raise ProtocolError(
+            BAD_MESSAGE,
+            f"display.rgb=true needs a uint8 frame of shape (..., rows, columns, 3 or 4); got "
+            f"{frame.shape} {frame.dtype}. Send colour values last as uint8, or drop rgb",
+            frame.seq,
+        )
 
 
 def check_rois(message: Rois) -> None:

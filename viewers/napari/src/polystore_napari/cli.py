@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from polystore_napari.buffer import MODES
+from polystore_napari.options import ReceiverOptions
 
 
 def add_napari_command(subparsers: argparse._SubParsersAction) -> None:
@@ -21,18 +21,7 @@ def add_napari_command(subparsers: argparse._SubParsersAction) -> None:
         description="Open napari with the receiver docked and listening for frames saved with "
         "backend='napari_stream'.",
     )  # fmt: skip
-    parser.add_argument("--endpoint", help="where to listen (default $POLYSTORE_NAPARI_ENDPOINT "
-                        "or tcp://127.0.0.1:55555); senders must use the same one")
-    parser.add_argument("--mode", choices=MODES,
-                        help="display mode for frames without a mode hint (default auto)")
-    parser.add_argument("--stack-capacity", type=_positive_int,
-                        help="frames a stack layer keeps")
-    parser.add_argument("--follow-contrast", action="store_true", default=None,
-                        help="reset contrast limits to every new frame")
-    parser.add_argument("--allow-remote", action="store_true",
-                        help="allow an endpoint beyond 127.0.0.1 (use --curve-secret too)")
-    parser.add_argument("--curve-secret", metavar="FILE",
-                        help="CURVE secret key file from `polystore keys DIR`")
+    ReceiverOptions.add_arguments(parser)  # the one definition of the plugin's options
     parser.set_defaults(func=run_napari_command)
 
 
@@ -41,20 +30,14 @@ def run_napari_command(args: argparse.Namespace) -> int:
     reason = no_display_reason()
     if reason:
         return _fail(reason)
-    options = {"mode": args.mode, "stack_capacity": args.stack_capacity,
-               "follow_contrast": args.follow_contrast, "curve_secret_key": args.curve_secret}
     try:
-        from polystore_napari.launch import launch
+        from polystore_napari.launch import run_from_args
 
-        launch(args.endpoint, allow_remote=args.allow_remote,
-               **{name: value for name, value in options.items() if value is not None})
+        return run_from_args(args)
     except ImportError as exc:  # napari itself is imported when the viewer starts
         return _fail(f"napari cannot be imported ({exc}); install it: pip install "
                      "'napari[pyqt6]' (or run `bash scripts/install.sh` in the polystore "
                      "source folder)")
-    except (OSError, ValueError) as exc:
-        return _fail(str(exc))
-    return 0
 
 
 def no_display_reason() -> str | None:
@@ -70,16 +53,6 @@ def no_display_reason() -> str | None:
         "under a virtual display: xvfb-run polystore napari. To see the pipeline without a "
         "window: polystore demo --headless"
     )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
 
 
 def _fail(message: str) -> int:

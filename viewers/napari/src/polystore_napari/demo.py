@@ -35,14 +35,14 @@ def blobs(t: float, size: int = SIZE, n: int = 12, seed: int = 1) -> tuple[np.nd
 
 def stream_demo(endpoint: str | None = None, frames: int = 30, fps: float = 20.0) -> None:
     with NapariStreamingBackend(endpoint) as backend:
-        # a t/c/z volume placed by its axes into one 5D layer
+        # a t/c/z volume placed by its axes: one t/z layer per channel, each in its colour
         for t in range(3):
             for c in range(2):
                 for z in range(5):
                     plane, _ = blobs(t + 0.3 * z, seed=2 + c)
                     backend.save(plane, f"volume/t{t}_c{c}_z{z}.tif", stream="volume",
                                  axes={"t": t, "c": c, "z": z}, axis_names=["t", "c", "z"],
-                                 colormap="magma")
+                                 colormap=("green", "magenta")[c])
         # the live camera, its labels and ROIs
         for i in range(frames):
             t0 = time.perf_counter()

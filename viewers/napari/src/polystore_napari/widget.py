@@ -33,10 +33,14 @@ from qtpy.QtWidgets import (
 from polystore.streaming import NapariStreamingBackend, Receiver, receiver_for
 from polystore_napari.buffer import MODES, CoalescingBuffer
 from polystore_napari.layers import DisplayTimer, LayerManager
+from polystore_napari.options import ENV_ENDPOINT, REMEMBERED, ReceiverOptions
+
+__all__ = ["ENV_ENDPOINT", "ReceiverWidget"]
 
 SETTINGS = ("polystore", "polystore-napari")
-ENV_ENDPOINT = "POLYSTORE_NAPARI_ENDPOINT"
 ENV_NICE = "POLYSTORE_NAPARI_RECEIVER_NICE"
+#: how long the receiver's last rejected message stays in *Last error*
+ERROR_SHOWN_S = 60.0
 
 
 def receiver_nice_default() -> int:
@@ -134,47 +138,35 @@ class ReceiverWidget(QWidget):
         self,
         napari_viewer,
         *,
-        endpoint: str | None = None,
-        auto_start: bool | None = None,
-        mode: str | None = None,
-        stack_capacity: int | None = None,
-        follow_contrast: bool | None = None,
-        allow_remote: bool = False,
-        curve_secret_key: str | bytes | None = None,
+        options: ReceiverOptions | None = None,
         parent: QWidget | None = None,
+        **changes,
     ) -> None:
+        """`options`: how to listen and show (None: what the user chose in this widget last
+        time, `ReceiverOptions.from_settings`); `changes`: fields of `ReceiverOptions` that
+        override them (``endpoint=``, ``mode=``, ...)."""
         super().__init__(parent)
         self.viewer = napari_viewer
-        self.allow_remote = allow_remote
+        if options is None:
+            options = ReceiverOptions.from_settings(QSettings(*SETTINGS))
+        options = options.replace(**changes)
+        self.options = options
         #: whether changes of the options are remembered for the next napari session
         self.persist = True
-        #: CURVE secret key (or its file) for listening beyond loopback; see `polystore keys`
-        self.curve_secret_key = curve_secret_key
         #: how much lower the receiver thread's CPU priority is than the display's
         self.receiver_nice = receiver_nice_default()
-        settings = QSettings(*SETTINGS)
-        if endpoint is None:
-            endpoint = os.environ.get(ENV_ENDPOINT) or str(
-                settings.value("endpoint", NapariStreamingBackend.default_endpoint()))
-        if auto_start is None:
-            auto_start = settings.value("auto_start", True, type=bool)
-        if mode is None:
-            mode = str(settings.value("mode", "auto"))
-        mode = mode if mode in MODES else "auto"
-        if stack_capacity is None:
-            stack_capacity = settings.value("stack_capacity", 100, type=int)
-        if follow_contrast is None:
-            follow_contrast = settings.value("follow_contrast", False, type=bool)
+        endpoint, auto_start = options.listen_endpoint, options.auto_start
+        mode, stack_capacity = options.mode, options.stack_capacity
 
         self._session = _Session()
-        self.manager = LayerManager(napari_viewer, stack_capacity=stack_capacity,
-                                    follow_contrast=follow_contrast)
+        self.manager = LayerManager(napari_viewer, stack_capacity=stack_capacity)
         self.display = DisplayTimer(self.manager, parent=self)
         self._error = ""
         self._docked = False
         self._rate_mark = (time.monotonic(), 0)
         self.displayed_fps = 0.0
-        self._build(endpoint, auto_start, mode, stack_capacity, follow_contrast)
+        self._receiver_error: tuple[str, float] = ("", 0.0)  # (text, first seen)
+        self._build(endpoint, auto_start, mode, stack_capacity)
 
         # every way this widget can go away stops the receiver
         stop = functools.partial(_Session.stop, self._session)
@@ -195,7 +187,7 @@ class ReceiverWidget(QWidget):
 
     # -- UI ----------------------------------------------------------------------------------
 
-    def _build(self, endpoint, auto_start, mode, capacity, follow) -> None:
+    def _build(self, endpoint, auto_start, mode, capacity) -> None:
         self.endpoint_edit = QLineEdit(endpoint)
         self.endpoint_edit.setToolTip("tcp://127.0.0.1:PORT to listen on (port 0: any free "
                                       "port); senders use the same endpoint")
@@ -217,10 +209,6 @@ class ReceiverWidget(QWidget):
         self.capacity_box.setRange(1, 100_000)
         self.capacity_box.setValue(capacity)
         self.capacity_box.setToolTip("Frames a stack layer keeps (oldest dropped)")
-        self.follow_box = QCheckBox("Contrast follows data")
-        self.follow_box.setChecked(follow)
-        self.follow_box.setToolTip("Reset contrast limits to each new frame's min/max "
-                                   "(else they are set from the first frame)")
 
         buttons = QHBoxLayout()
         buttons.addWidget(self.start_button)
@@ -231,7 +219,6 @@ class ReceiverWidget(QWidget):
         form.addRow(self.auto_start_box)
         form.addRow("Default mode", self.mode_box)
         form.addRow("Stack capacity", self.capacity_box)
-        form.addRow(self.follow_box)
 
         status = QGroupBox("Status")
         grid = QFormLayout(status)
@@ -253,27 +240,44 @@ class ReceiverWidget(QWidget):
 
         self.mode_box.currentTextChanged.connect(self._options_changed)
         self.capacity_box.valueChanged.connect(self._options_changed)
-        self.follow_box.toggled.connect(self._options_changed)
         self.auto_start_box.toggled.connect(self._save_settings)
 
     def _options_changed(self, *_: object) -> None:
         self.manager.stack_capacity = self.capacity_box.value()
-        self.manager.follow_contrast = self.follow_box.isChecked()
         buffer = self._session.buffer
         if buffer is not None:
             buffer.default_mode = self.mode_box.currentText()
             buffer.stack_capacity = self.capacity_box.value()
         self._save_settings()
 
-    def _save_settings(self, *_: object) -> None:
-        """Remember what the user chose in the widget (not options a program passed in)."""
-        if not self.persist:
-            return
-        settings = QSettings(*SETTINGS)
-        settings.setValue("auto_start", self.auto_start_box.isChecked())
-        settings.setValue("mode", self.mode_box.currentText())
-        settings.setValue("stack_capacity", self.capacity_box.value())
-        settings.setValue("follow_contrast", self.follow_box.isChecked())
+    def _save_settings(self, *_: object, endpoint: bool = False) -> None:
+        """Remember what the user chose in the widget (not options a program passed in);
+        the endpoint only once the user started listening on it."""
+        if self.persist:
+            keys = REMEMBERED if endpoint else tuple(k for k in REMEMBERED if k != "endpoint")
+            self.current_options().save(QSettings(*SETTINGS), keys)
+
+    def apply_options(self, options: ReceiverOptions) -> None:
+        """Show `options` in the widget's fields; listen again if the receiver runs with
+        other listening options."""
+        listening = (options.listen_endpoint, options.allow_remote, options.curve_secret_key)
+        before = (self.options.listen_endpoint, self.options.allow_remote,
+                  self.options.curve_secret_key)
+        self.options = options
+        self.endpoint_edit.setText(options.listen_endpoint)
+        self.auto_start_box.setChecked(options.auto_start)
+        self.mode_box.setCurrentText(options.mode)
+        self.capacity_box.setValue(options.stack_capacity)
+        if self._session.receiver is not None and (
+                listening != before or self.endpoint != options.listen_endpoint):
+            self.stop()
+
+    def current_options(self) -> ReceiverOptions:
+        """The options as the widget's fields show them now."""
+        return self.options.replace(
+            endpoint=self.endpoint_edit.text().strip() or None,
+            auto_start=self.auto_start_box.isChecked(), mode=self.mode_box.currentText(),
+            stack_capacity=self.capacity_box.value())
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -307,7 +311,7 @@ class ReceiverWidget(QWidget):
             self.start()
         except Exception:  # noqa: BLE001 - shown in the status
             return
-        QSettings(*SETTINGS).setValue("endpoint", self.endpoint_edit.text().strip())
+        self._save_settings(endpoint=True)
 
     def start(self) -> None:
         """Listen on the endpoint in the field (raises OSError/ValueError if that fails)."""
@@ -315,15 +319,15 @@ class ReceiverWidget(QWidget):
             if self.running:
                 return
             self.stop()
-        endpoint = self.endpoint_edit.text().strip() or NapariStreamingBackend.default_endpoint()
-        buffer = CoalescingBuffer(default_mode=self.mode_box.currentText(),
-                                  stack_capacity=self.capacity_box.value())
+        options = self.options = self.current_options()
+        buffer = CoalescingBuffer(default_mode=options.mode,
+                                  stack_capacity=options.stack_capacity)
         try:
             receiver = receiver_for(
-                NapariStreamingBackend, endpoint,
+                NapariStreamingBackend, options.listen_endpoint,
                 on_frame=at_lower_priority(buffer.put_frame, self.receiver_nice),
                 on_rois=buffer.put_rois, on_clear=buffer.clear, report=buffer.report,
-                allow_remote=self.allow_remote, curve_secret_key=self.curve_secret_key,
+                allow_remote=options.allow_remote, curve_secret_key=options.curve_secret_key,
             )  # fmt: skip
             receiver.start()
         except Exception as exc:
@@ -402,7 +406,7 @@ class ReceiverWidget(QWidget):
             labels["fps"].setText(f"{s.fps:.1f}")
             labels["dropped"].setText(str(s.dropped))
             labels["coalesced"].setText(str(buffer.stats.coalesced if buffer else 0))
-            error = s.last_error or self.manager.last_error
+            error = self.manager.last_error or self._recent_receiver_error(s.last_error, now)
         else:
             labels["state"].setText("stopped")
             for key in ("senders", "fps"):
@@ -412,3 +416,13 @@ class ReceiverWidget(QWidget):
         labels["error"].setText(error or "-")
         self.start_button.setEnabled(receiver is None)
         self.stop_button.setEnabled(receiver is not None)
+
+    def _recent_receiver_error(self, text: str, now: float) -> str:
+        """The receiver's last rejected message, with its age, for `ERROR_SHOWN_S` seconds:
+        it is about one message, and must not stay on screen forever."""
+        if text != self._receiver_error[0]:
+            self._receiver_error = (text, now)
+        age = now - self._receiver_error[1]
+        if not text or age > ERROR_SHOWN_S:
+            return ""
+        return f"{text} ({age:.0f} s ago)"

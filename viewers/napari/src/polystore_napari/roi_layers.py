@@ -1,0 +1,191 @@
+"""ROIs as napari layers: per image stream, a Shapes layer (polygons, rectangles, ellipses,
+lines) and a Points layer, on the planes of the image they belong to."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+
+from polystore.streaming import ReceivedRois
+from polystore_napari.buffer import RoisUpdate, position
+from polystore_napari.layout import CHANNEL_AXIS, unique_labels
+
+#: napari layer metadata key naming the stream a layer shows
+STREAM_KEY = "polystore_stream"
+
+
+class _RoiStream:
+    """The Shapes and Points layers of the ROIs that belong to one image stream."""
+
+    def __init__(self, stream: str) -> None:
+        self.stream = stream
+        self.names: list[str] | None = None  # leading axes of the ROI layers
+        self.shapes = None
+        self.points = None
+        self.shape_pos: list[tuple] = []  # position of each shape in the Shapes layer
+        self.shape_labels: list[str] = []
+        self.shape_types: dict[str, int] = {}  # shape type counts, for the report
+        self.text_shown = False
+        self.point_sets: dict[tuple, tuple[list, list[str]]] = {}
+
+
+class RoiLayers:
+    """The ROI layers of every image stream; runs on the main thread."""
+
+    def __init__(self, viewer, placed_names: Callable[[str], list[str]]) -> None:
+        self.viewer = viewer
+        #: the leading axes of an image stream's placed layer (ROIs sit on its planes)
+        self.placed_names = placed_names
+        self.streams: dict[str, _RoiStream] = {}
+        self.updates = 0  # ROI layer updates (one per stream per tick with ROI sets)
+
+    def _alive(self, layer) -> bool:
+        return layer is not None and layer in self.viewer.layers
+
+    def layers(self, stream: str):
+        """(Shapes layer, Points layer) of the ROIs of image stream `stream`."""
+        state = self.streams.get(stream)
+        return (None, None) if state is None else (state.shapes, state.points)
+
+    def held(self, stream: str) -> int:
+        """ROI entries held for the image stream `stream`."""
+        state = self.streams.get(stream)
+        if state is None:
+            return 0
+        return len(state.shape_pos) + sum(len(c) for c, _ in state.point_sets.values())
+
+    def clear(self) -> None:
+        for state in self.streams.values():
+            for layer in (state.shapes, state.points):
+                if self._alive(layer):
+                    self.viewer.layers.remove(layer)
+        self.streams.clear()
+
+    def forget_removed(self) -> None:
+        """Forget the ROIs of layers the user deleted."""
+        for rois in self.streams.values():
+            if rois.shapes is not None and not self._alive(rois.shapes):
+                rois.shapes, rois.shape_pos, rois.shape_labels = None, [], []
+                rois.shape_types, rois.text_shown = {}, False
+            if rois.points is not None and not self._alive(rois.points):
+                rois.points, rois.point_sets = None, {}
+
+    def report(self) -> list[dict]:
+        entries = []
+        for state in self.streams.values():
+            if self._alive(state.shapes):
+                entries.append({
+                    "name": state.shapes.name, "stream": state.stream, "kind": "shapes",
+                    "count": state.shapes.nshapes, "types": dict(state.shape_types),
+                })  # fmt: skip
+            if self._alive(state.points):
+                entries.append({
+                    "name": state.points.name, "stream": state.stream, "kind": "points",
+                    "count": len(state.points.data),
+                })  # fmt: skip
+        return entries
+
+    def apply(self, update: RoisUpdate) -> None:
+        state = self.streams.setdefault(update.stream, _RoiStream(update.stream))
+        for item in update.items:
+            self._apply_roi_set(state, item)
+        self.updates += 1
+        if state.shapes is not None:
+            # counted here, once per ROI update, not by every report snapshot
+            state.shape_types = dict(Counter(state.shapes.shape_type))
+            state.shapes.features = {"label": np.array(state.shape_labels, dtype=object)}
+            if any(state.shape_labels) and not state.text_shown:
+                state.text_shown = True
+                state.shapes.text = {"string": "{label}", "color": "yellow", "size": 9,
+                                     "anchor": "upper_left"}
+        if state.point_sets or self._alive(state.points):
+            coords = [c for cs, _ in state.point_sets.values() for c in cs]
+            labels = [lab for _, ls in state.point_sets.values() for lab in ls]
+            nd = len(state.names) + 2
+            data = np.array(coords, dtype=float).reshape(-1, nd)
+            if state.points is None or not self._alive(state.points):
+                if not coords:
+                    return
+                state.points = self.viewer.add_points(
+                    data, ndim=nd, name=f"{state.stream} points", size=7,
+                    face_color="#ff4040", border_color="white",
+                    features={"label": np.array(labels, dtype=object)},
+                    metadata={STREAM_KEY: state.stream})
+                state.points.axis_labels = self._roi_axis_labels(state)
+            else:
+                state.points.data = data
+                state.points.features = {"label": np.array(labels, dtype=object)}
+
+    def _roi_names(self, state: _RoiStream, item: ReceivedRois) -> list[str]:
+        """Leading axes of the ROI layers: those of the image stream when it is placed by
+        axes (so shapes sit on the right planes), plus the ROIs' own. The channel axis is
+        not one: each channel is a layer of its own, and ROIs show over all of them."""
+        names = self.placed_names(state.stream)
+        for name in item.header.axis_names or item.header.axes:
+            if name not in names:
+                names.append(name)
+        names = [n for n in names if n != CHANNEL_AXIS]
+        return names if item.header.axes else (state.names or [])
+
+    def _roi_axis_labels(self, state: _RoiStream) -> list[str]:
+        return unique_labels(list(state.names) + ["y", "x"])
+
+    def _apply_roi_set(self, state: _RoiStream, item: ReceivedRois) -> None:
+        names = self._roi_names(state, item)
+        if state.names is None:
+            state.names = names
+        elif names != state.names and (item.header.axes or set(names) - set(state.names)):
+            # new axes: the layers' dimensionality changes, so start them afresh (rare)
+            for layer in (state.shapes, state.points):
+                if self._alive(layer):
+                    self.viewer.layers.remove(layer)
+            state.shapes = state.points = None
+            state.shape_pos, state.shape_labels, state.point_sets = [], [], {}
+            state.shape_types = {}
+            state.text_shown = False
+            state.names = names
+        lead = [float(item.header.axes.get(n, 0)) for n in state.names]
+        pos = position(item.header.axes)
+        shapes, types, labels, points, point_labels = [], [], [], [], []
+        for roi in item.header.rois:
+            coords = [[*lead, float(r), float(c)] for r, c in roi.coords]
+            if roi.kind == "point":
+                points.append(coords[0])
+                point_labels.append(roi.label or "")
+                continue
+            if roi.kind in ("rectangle", "ellipse"):
+                (r0, c0), (r1, c1) = roi.coords
+                coords = [[*lead, r, c] for r, c in ((r0, c0), (r0, c1), (r1, c1), (r1, c0))]
+            shapes.append(np.array(coords))
+            types.append(roi.kind)
+            labels.append(roi.label or "")
+        nd = len(state.names) + 2
+        if state.shapes is not None and not self._alive(state.shapes):
+            state.shapes, state.shape_pos, state.shape_labels = None, [], []
+            state.shape_types, state.text_shown = {}, False
+        if state.shapes is not None:
+            old = [i for i, p in enumerate(state.shape_pos) if p == pos]
+            if old:
+                state.shapes.remove(old)
+                keep = set(old)
+                state.shape_pos = [p for i, p in enumerate(state.shape_pos) if i not in keep]
+                state.shape_labels = [la for i, la in enumerate(state.shape_labels)
+                                      if i not in keep]
+        if shapes:
+            if state.shapes is None:
+                state.shapes = self.viewer.add_shapes(
+                    ndim=nd, name=f"{state.stream} ROIs", edge_color="yellow",
+                    face_color="transparent", edge_width=2,
+                    metadata={STREAM_KEY: state.stream})
+                state.shapes.current_edge_color = "yellow"
+                state.shapes.current_face_color = "transparent"
+                state.shapes.current_edge_width = 2
+                state.shapes.axis_labels = self._roi_axis_labels(state)
+            state.shapes.add(shapes, shape_type=types)
+            state.shape_pos += [pos] * len(shapes)
+            state.shape_labels += labels
+        state.point_sets.pop(pos, None)
+        if points:
+            state.point_sets[pos] = (points, point_labels)
