@@ -149,6 +149,11 @@ class StreamMeta:
             problem = f"shape {list(shape)} has a dimension above {p.MAX_DIM}"
         elif nbytes > max_frame_bytes:
             problem = f"frame of {nbytes} bytes exceeds the receiver's limit of {max_frame_bytes}"
+        elif self.display.rgb and not (len(shape) >= 3 and shape[-1] in (3, 4)
+                                       and dtype == np.uint8):
+            problem = (f"display.rgb=true needs a uint8 frame of shape (..., rows, columns, 3 "
+                       f"or 4); got {list(shape)} {dtype}. Send colour values last as uint8, "
+                       "or drop rgb")
         if problem:
             raise UnstreamableDataError(f"cannot stream {path}: {problem}")
         return p.Frame(v=p.VERSION, seq=seq, stream=self.stream, path=path, shape=list(shape),
