@@ -70,6 +70,8 @@ class DiskBackend(StorageBackend):
         return self._path(a).resolve() == self._path(b).resolve()
 
     def _format(self, path: Any) -> str:
+        if str(path).lower().endswith((".roi", ".roi.zip")):  # ImageJ ROIs: polystore.rois
+            return "roi"
         suffix = Path(path).suffix.lower()
         try:
             return self.FORMATS[suffix]
@@ -88,6 +90,14 @@ class DiskBackend(StorageBackend):
         formats take none.
         """
         fmt = self._format(file_path)
+        if fmt == "roi":  # list of Roi (axes= places them in c/z/t) -> ImageJ .roi/.roi.zip
+            from polystore.rois import encode_rois
+
+            payload = encode_rois(data, file_path, **kwargs)
+            self._path(file_path).parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(self._path(file_path), "wb") as handle:
+                handle.write(payload)
+            return
         if fmt in ("npy", "text") and kwargs:
             raise TypeError(f"save() to {fmt} got unexpected keyword arguments {sorted(kwargs)}")
         if fmt == "text" and not isinstance(data, str):
@@ -125,6 +135,10 @@ class DiskBackend(StorageBackend):
             raise self._not_found(file_path)
         if target.is_dir():
             raise IsADirectoryError(f"Cannot load {str(file_path)!r}: it is a directory")
+        if fmt == "roi":  # -> list of Roi (positions=True: PositionedRoi with c/z/t)
+            from polystore.rois import decode_rois
+
+            return decode_rois(target.read_bytes(), file_path, **kwargs)
         if fmt == "npy":
             return np.load(target, allow_pickle=False, **kwargs)
         if fmt == "tiff":
