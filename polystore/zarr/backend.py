@@ -501,23 +501,43 @@ def _clear_errors(zp: ZarrPath, writing: bool = False) -> Iterator[None]:
         yield
     except (IsADirectoryError, NotADirectoryError):
         raise
-    except FileNotFoundError as exc:
-        if zp.is_url and writing:
-            raise FileNotFoundError(
-                f"cannot write {str(zp)!r}: {exc}. Does the bucket exist? Create it first "
-                "(e.g. `aws s3 mb`); nothing was written"
-            ) from exc
-        raise FileNotFoundError(f"nothing at {str(zp)!r} on backend 'zarr'") from exc
-    except PermissionError as exc:
-        raise PermissionError(
-            f"access to {str(zp)!r} was refused: {exc}. Check the credentials in the "
-            "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws) or "
-            "storage_options"
-        ) from exc
     except OSError as exc:
-        if zp.is_url:
-            raise ConnectionError(
-                f"the object store did not answer for {str(zp)!r}: {exc}. Check the endpoint "
-                "and the network, then retry"
-            ) from exc
+        if getattr(exc, "polystore_explained", False):
+            raise  # already explained by an inner call
+        explained = _explain(exc, zp, writing)
+        explained.polystore_explained = True  # type: ignore[attr-defined]
+        raise explained from exc
+    except Exception as exc:
+        if zp.is_url and _looks_like_connection_error(exc):
+            explained = ConnectionError(
+                f"the object store did not answer for {str(zp)!r}: {type(exc).__name__}: "
+                f"{exc}. Check the endpoint and the network, then retry")
+            explained.polystore_explained = True  # type: ignore[attr-defined]
+            raise explained from exc
         raise
+
+
+def _looks_like_connection_error(exc: BaseException) -> bool:
+    """botocore/aiohttp connection failures, which are not OSErrors."""
+    name = type(exc).__name__
+    return any(word in name for word in ("Connect", "Endpoint", "Timeout", "Disconnected"))
+
+
+def _explain(exc: OSError, zp: ZarrPath, writing: bool) -> OSError:
+    """The error to raise instead of ``exc``: it names the path and says what to do."""
+    if isinstance(exc, FileNotFoundError):
+        if zp.is_url and writing:
+            return FileNotFoundError(
+                f"cannot write {str(zp)!r}: {exc}. Does the bucket exist? Create it first "
+                "(e.g. `aws s3 mb`); nothing was written")
+        return FileNotFoundError(f"nothing at {str(zp)!r} on backend 'zarr'")
+    if isinstance(exc, PermissionError):
+        return PermissionError(
+            f"access to {str(zp)!r} was refused: {exc}. Check the credentials in the "
+            "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws) or storage_options")
+    if zp.is_url:
+        return ConnectionError(
+            f"the object store did not answer for {str(zp)!r}: {type(exc).__name__}: {exc}. "
+            "Check the endpoint and the network, then retry"
+            + ("; no array was written" if writing else ""))
+    return exc

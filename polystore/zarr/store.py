@@ -93,7 +93,9 @@ class StoreCache:
 
         if _URL.match(root) and not root.startswith("file://"):
             try:
-                return FsspecStore.from_url(root, storage_options=self.storage_options or None)
+                # one filesystem per backend: credentials are read when it is created
+                options = {"skip_instance_cache": True, **self.storage_options}
+                return FsspecStore.from_url(root, storage_options=options)
             except (ImportError, ValueError) as exc:
                 raise ImportError(
                     f"cannot open {root!r}: {exc}. Object stores need fsspec and the "
