@@ -365,3 +365,71 @@ def test_napari_opens_the_plate_with_its_ome_zarr_reader(fm, tmp_path, make_napa
     assert [int(np.unique(p[64:128, 0:64])[0]) for p in planes] == [200, 201]
     assert [int(np.unique(p[0:64, 64:128])[0]) for p in planes] == [100, 101]  # A/2
     assert not planes[0][64:128, 64:128].any()  # B/2 is no well: empty
+
+
+# -- polystore send x.zarr --------------------------------------------------------------------
+
+
+def send_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "polystore.cli", "send", *args],
+                          capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.parametrize("target", ["napari_stream", "fiji_stream"])
+def test_send_streams_an_ome_zarr_image_plane_by_plane(fm, tmp_path, target):
+    from polystore.streaming import FijiStreamingBackend, NapariStreamingBackend, receiver_for
+
+    data = series(2 * 3 * 4, (24, 32)).reshape(2, 3, 4, 24, 32)
+    path = tmp_path / "img.ome.zarr"
+    fm.save(data, path, backend="zarr", ome=True, levels=2)
+    backend_cls = NapariStreamingBackend if target == "napari_stream" else FijiStreamingBackend
+    frames: list = []
+    receiver = receiver_for(backend_cls, "tcp://127.0.0.1:0", on_frame=frames.append)
+    receiver.start()
+    try:
+        result = send_cli(str(path), "--to", target, "--endpoint", receiver.endpoint)
+    finally:
+        receiver.stop()
+    assert result.returncode == 0, result.stderr
+    assert len(frames) == 24
+    for frame in frames:
+        axes = frame.header.axes
+        assert frame.header.axis_names == ["t", "c", "z"]
+        assert frame.stream == "img.ome.zarr"
+        np.testing.assert_array_equal(frame.array, data[axes["t"], axes["c"], axes["z"]])
+    assert sorted((f.header.axes["t"], f.header.axes["c"], f.header.axes["z"]) for f in frames) \
+        == [(t, c, z) for t in range(2) for c in range(3) for z in range(4)]
+    assert "send -> " + target in result.stderr and "24/24" in result.stderr  # progress bar
+    assert "sent 24 plane(s) of 1 array(s)" in result.stdout
+    assert "(tczyx)" in result.stdout
+
+
+def test_send_streams_every_field_of_a_plate(fm, tmp_path):
+    from polystore.streaming import NapariStreamingBackend, receiver_for
+
+    path = tmp_path / "plate.ome.zarr"
+    write_test_plate(fm, path)
+    frames: list = []
+    receiver = receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", on_frame=frames.append)
+    receiver.start()
+    try:
+        result = send_cli(str(path), "--to", "napari_stream", "--endpoint", receiver.endpoint,
+                          "-q")
+    finally:
+        receiver.stop()
+    assert result.returncode == 0, result.stderr
+    streams = sorted({f.stream for f in frames})
+    assert streams == [f"plate.ome.zarr/{w}/{f}" for w in ("A/1", "A/2", "B/1", "B/3")
+                       for f in (0, 1)]
+    b3 = {f.header.axes["c"]: int(f.array[0, 0]) for f in frames
+          if f.stream == "plate.ome.zarr/B/3/1"}
+    assert b3 == {0: 310, 1: 311}  # well index 3, field 1, channel c
+    assert "send -> " not in result.stderr  # -q
+
+
+def test_send_a_missing_store_fails_clearly(tmp_path):
+    result = send_cli(str(tmp_path / "none.zarr"), "--to", "napari_stream",
+                      "--endpoint", "tcp://127.0.0.1:9")
+    assert result.returncode == 1
+    assert "nothing at" in result.stderr and "none.zarr" in result.stderr
+    assert "Traceback" not in result.stderr
