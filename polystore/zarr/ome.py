@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from polystore.zarr.backend import default_chunks, frame_axis_names
+from polystore.zarr.backend import WRITE_CONFIG, default_chunks, frame_axis_names
 from polystore.zarr.store import require_zarr
 
 __all__ = [
@@ -168,7 +168,7 @@ def write_image(
             options["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
         target = group.create_array(str(level), shape=level_data.shape, dtype=level_data.dtype,
                                     fill_value=0, **options)
-        target[...] = level_data
+        target.with_config(WRITE_CONFIG)[...] = level_data
     group.update_attributes(_ome_attributes(image_attrs, zarr_format))
 
 
@@ -208,7 +208,7 @@ def append_frame(group: Any, t: int, frame: np.ndarray) -> None:
             )
         if t >= array.shape[0]:
             array.resize((t + 1, *array.shape[1:]))
-        array[t] = level_frame
+        array.with_config(WRITE_CONFIG)[t] = level_frame
 
 
 def _well_key(key: str) -> tuple[str, str]:
