@@ -160,6 +160,11 @@ def test_bad_paths_explain_themselves(fm, tmp_path):
         fm.save(np.zeros((2, 2)), tmp_path / "g.zarr", backend="zarr")
     with pytest.raises(TypeError, match="unexpected keyword arguments \\['colour'\\]"):
         fm.save(np.zeros((2, 2)), tmp_path / "g.zarr" / "a", backend="zarr", colour="red")
+    # options zarr refuses are refused before the array already there is touched
+    fm.save(np.ones((4, 4)), tmp_path / "g.zarr" / "keep", backend="zarr")
+    with pytest.raises(ValueError, match="nothing was written"):
+        fm.save(np.zeros((4, 4)), tmp_path / "g.zarr" / "keep", backend="zarr", chunks=(2,))
+    assert fm.load(tmp_path / "g.zarr" / "keep", backend="zarr").sum() == 16
     contained = ZarrBackend(base_dir=tmp_path)
     with pytest.raises(ValueError, match="escapes the backend root"):
         contained.save(np.zeros((2, 2)), "../escape.zarr/a")

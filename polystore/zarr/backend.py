@@ -224,6 +224,12 @@ class ZarrBackend(StorageBackend):
         from zarr.storage import MemoryStore, StorePath
 
         options = self._array_options(array.shape, kwargs)
+        try:  # bad chunks, dtype or codecs fail here, before anything is touched
+            spec = zarr.create_array(MemoryStore(), shape=array.shape, dtype=array.dtype,
+                                     **options)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"cannot store {array.shape} {array.dtype} at {str(zp)!r} with "
+                             f"{options}: {exc}; nothing was written") from None
         store = self.stores.get(zp.root)
         with _clear_errors(zp, writing=True):
             with self._grow_lock(zp):
@@ -234,9 +240,7 @@ class ZarrBackend(StorageBackend):
                         "recursive=True)) or save the array under another name"
                     )
                 if existing == "array":
-                    self._delete_node(zp)
-                spec = zarr.create_array(MemoryStore(), shape=array.shape, dtype=array.dtype,
-                                         **options)
+                    self._delete_node(zp)  # replaced: an I/O failure from here loses it
                 target = zarr.Array(zarr.AsyncArray(spec.metadata, StorePath(store, zp.node),
                                                     config=WRITE_CONFIG))
                 try:
