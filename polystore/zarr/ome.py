@@ -160,7 +160,8 @@ def write_image(
     for level in range(count):
         if level:
             level_data = downsample(level_data, labels=labels)
-        options: dict[str, Any] = {"chunks": chunks or default_chunks(level_data.shape),
+        options: dict[str, Any] = {"chunks": chunks or default_chunks(level_data.shape,
+                                                                     level_data.dtype.itemsize),
                                    "compressors": compressors}
         if zarr_format == 3:
             options["dimension_names"] = names
