@@ -185,28 +185,40 @@ def test_interrupted_write_leaves_no_readable_array(tmp_path):
         backend.load(target)
 
 
-def _append_frames(root: str, ts: list[int]) -> None:
+def _append_frames(root: str, ts: list[int], start) -> None:
     backend = ZarrBackend()
+    start.wait(60)  # both processes begin together, so their first saves collide
     for t in ts:
-        backend.save(np.full((16, 16), t + 1, dtype="uint16"), f"{root}/cells/t{t:03d}")
+        backend.save(np.full((8, 8), t + 1, dtype="uint16"), f"{root}/cells/t{t:03d}")
 
 
 def test_two_processes_appending_to_one_series_lose_nothing(tmp_path):
-    """Both processes grow the same array; growing is locked, chunk writes are not."""
+    """Both processes create and grow the same array at once. Growing is locked across
+    processes: without the lock a process resizing from a stale shape shrinks the series
+    another one just grew, and frames vanish (a reader watching sees t go backwards)."""
     import multiprocessing
 
-    root = str(tmp_path / "shared.zarr")
     ctx = multiprocessing.get_context("spawn")
-    workers = [ctx.Process(target=_append_frames, args=(root, list(range(i, 40, 2))))
+    root = str(tmp_path / "shared.zarr")
+    start = ctx.Barrier(3)
+    workers = [ctx.Process(target=_append_frames, args=(root, list(range(i, 200, 2)), start))
                for i in (0, 1)]
     for worker in workers:
         worker.start()
+    start.wait(60)
+    watcher, lengths = ZarrBackend(), []
+    while any(worker.is_alive() for worker in workers):
+        if watcher.exists(f"{root}/cells"):
+            lengths.append(watcher.open(f"{root}/cells").shape[0])
     for worker in workers:
         worker.join(120)
         assert worker.exitcode == 0
+    shrinks = [(a, b) for a, b in zip(lengths, lengths[1:]) if b < a]
+    assert not shrinks, f"the series shrank while growing: {shrinks[:5]}"
+    assert len(lengths) > 10  # the watcher did see it grow
     stored = ZarrBackend().load(f"{root}/cells")
-    assert stored.shape == (40, 16, 16)
-    assert [int(stored[t, 0, 0]) for t in range(40)] == [t + 1 for t in range(40)]
+    assert stored.shape == (200, 8, 8)
+    assert [int(stored[t, 0, 0]) for t in range(200)] == [t + 1 for t in range(200)]
 
 
 def _write_block(path: str, start: int, stop: int) -> int:
