@@ -152,9 +152,19 @@ class ZarrBackend(StorageBackend):
     def _open(self, zp: ZarrPath, mode: str = "r") -> Any:
         """The zarr Array or Group at ``zp``; FileNotFoundError if there is none."""
         zarr = require_zarr()
+        from zarr.errors import ContainsArrayError, ContainsGroupError
+
         store = self.stores.get(zp.root)
         with _clear_errors(zp):
-            return zarr.open(store=store, path=zp.node, mode=mode, zarr_format=None)
+            # zarr.open tries an array, then a group on any failure; when another process
+            # rewrites the array's metadata meanwhile, the group attempt finds an array and
+            # raises ContainsArrayError. Such a node is there: open it again.
+            for attempt in range(5):
+                try:
+                    return zarr.open(store=store, path=zp.node, mode=mode, zarr_format=None)
+                except (ContainsArrayError, ContainsGroupError):
+                    if attempt == 4:
+                        raise
 
     def open(self, path: Any, mode: Literal["r", "r+"] = "r") -> Any:
         """The zarr Array or Group at ``path`` itself, for anything this API does not cover."""
