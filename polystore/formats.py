@@ -340,6 +340,21 @@ def _read_csv(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
     return np.asarray(rows, dtype=dtype)
 
 
+def _write_roi(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any]) -> None:
+    from polystore.rois import encode_rois  # roifile is imported only for ROI files
+
+    handle.write(encode_rois(data, path, **kwargs))
+
+
+def _read_roi(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
+    from polystore.rois import decode_rois
+
+    if isinstance(source, str):
+        with open(source, "rb") as handle:
+            return decode_rois(handle.read(), path, **kwargs)
+    return decode_rois(source.read(), path, **kwargs)
+
+
 for _fmt in (
     Format("npy", (".npy",), _NPY_ACCEPTS, _write_npy, _read_npy),
     Format("npz", (".npz",), _NPZ_ACCEPTS, _write_npz, _read_npz),
@@ -351,6 +366,9 @@ for _fmt in (
     Format("json", (".json",), "JSON-serialisable data", _write_json, _read_json),
     Format("text", (".txt",), "str", _write_text, _read_text),
     Format("csv", (".csv",), _CSV_ACCEPTS, _write_csv, _read_csv),
+    # ImageJ ROIs (polystore.rois, with roifile): a list of Roi, axes= places them in c/z/t
+    Format("roi", (".roi", ".roi.zip"), "a list of polystore Roi (ImageJ .roi/.roi.zip)",
+           _write_roi, _read_roi),
 ):
     register_format(_fmt)
 

@@ -29,5 +29,5 @@ fi
 PY=${PYTHON:-python3}
 echo "[install] python packages"
 $PY -m pip install -q --disable-pip-version-check \
-  -e ".[napari,dev]" \
+  -e ".[napari,zarr,s3,rois,dev]" \
   -e viewers/napari

@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 RUNNABLE_PAGES = ["quickstart.md", "concepts.md", "custom_backends.md", "streaming.md",
-                  "migrating.md"]
+                  "migrating.md", "zarr.md"]
 
 BLOCK = re.compile(r"^(?P<marker><!-- no-test[^>]*-->\n)?```python\n(?P<code>.*?)^```$",
                    re.MULTILINE | re.DOTALL)
@@ -86,7 +86,7 @@ def test_nav_lists_every_page():
     nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     for page in ["index.md", "quickstart.md", "concepts.md", "custom_backends.md",
                  "streaming.md", "protocol.md", "napari.md", "fiji.md", "performance.md",
-                 "reliability.md"]:  # fmt: skip
+                 "reliability.md", "zarr.md"]:  # fmt: skip
         assert re.search(rf":\s+{re.escape(page)}\s*$", nav, re.MULTILINE), page
 
 

@@ -3,7 +3,7 @@
     polystore demo                      the main job: a live pipeline streamed into napari
     polystore napari [--endpoint E]     napari with the receiver docked (from the napari plugin)
     polystore fiji [--run]              where the Fiji receiver script is (or run it headless)
-    polystore send PATHS... --to napari_stream|fiji_stream
+    polystore send PATHS... --to napari_stream|fiji_stream   (files, folders, x.zarr)
     polystore shm ls | clean            our shared-memory segments / sweep orphaned ones
     polystore bench [--quick]           the streaming benchmark
 
@@ -266,6 +266,17 @@ def cmd_send(args: argparse.Namespace) -> int:
         StreamingError,
         UnstreamableDataError,
     )
+    from polystore.zarr.planes import is_zarr_path, send_zarr
+
+    if any(is_zarr_path(p) for p in args.paths):  # zarr/OME-Zarr: plane by plane, t/c/z axes
+        if not all(is_zarr_path(p) for p in args.paths):
+            raise CommandError("send zarr stores (*.zarr) and files in separate commands")
+        try:
+            send_zarr(args.paths, args.to, endpoint=args.endpoint, policy=args.policy,
+                      stream=args.stream, quiet=args.quiet)
+        except (StreamingError, OSError, ValueError, ImportError) as exc:
+            raise CommandError(f"{type(exc).__name__}: {exc}") from None
+        return 0
 
     backend_cls = {"napari_stream": NapariStreamingBackend,
                    "fiji_stream": FijiStreamingBackend}[args.to]  # fmt: skip
@@ -485,10 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
     fiji.set_defaults(func=cmd_fiji)
 
     send = sub.add_parser(
-        "send", help="stream TIFF/NPY files or folders into napari or Fiji",
+        "send", help="stream TIFF/NPY files, folders or zarr stores into napari or Fiji",
         description="Load TIFF and NPY files (folders recursively) with the disk backend and "
         "stream them to a running viewer. Files the viewer backend does not accept are "
-        "skipped and reported.",
+        "skipped and reported. A zarr/OME-Zarr path (plate.zarr, plate.zarr/A/1/0, "
+        "s3://bucket/x.zarr) is streamed plane by plane with its t/c/z axes.",
     )  # fmt: skip
     send.add_argument("paths", nargs="+", metavar="PATH", help="files or folders")
     send.add_argument("--to", required=True, choices=STREAM_TARGETS, help="streaming backend")

@@ -1,0 +1,289 @@
+"""The ``objectstore`` backend: whole files at ``s3://bucket/key`` or any fsspec URL.
+
+Each file is one object written by a single request (``pipe``): S3 makes an object visible
+only when its upload completes, so a failed write leaves no partial object. Arrays and
+text are encoded by extension like the disk backend (.npy, .tif, .json, .txt/.csv, ImageJ
+.roi/.roi.zip); any other extension holds bytes. The backend declares the byte-level
+capability (``can_hold_bytes``): copies between such backends move the stored bytes.
+Credentials come from the standard environment and config files (for S3: the
+``AWS_*`` variables, ``~/.aws``) or ``storage_options``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import numpy as np
+
+from polystore.base import StorageBackend
+from polystore.paths import name_matches, normalize_extensions
+
+__all__ = ["ObjectStoreBackend"]
+
+logger = logging.getLogger(__name__)
+
+INSTALL_S3 = "pip install 'polystore[s3]' (fsspec, s3fs)"
+_ENCODED = (".npy", ".tif", ".tiff", ".json", ".txt", ".csv", ".roi", ".roi.zip")
+
+
+def _extension(path: str) -> str:
+    lower = path.lower()
+    for ext in sorted(_ENCODED, key=len, reverse=True):
+        if lower.endswith(ext):
+            return ext
+    return ""
+
+
+class ObjectStoreBackend(StorageBackend):
+    """Files as objects in an object store (S3, GCS, Azure, ... through fsspec).
+
+    Paths are URLs (``s3://bucket/run1/A01.tif``), or relative to ``base_url``.
+    ``storage_options`` go to fsspec (e.g. ``{"client_kwargs": {"endpoint_url": ...}}``
+    for an S3-compatible server); the filesystem is created once per backend, so the
+    credentials it uses are those in force when the backend first touches the store.
+    ``timeout`` (seconds, None = none) bounds every call on an async store such as S3: a
+    line that drops while an upload waits for the server's "100 Continue" would otherwise
+    hang in aiohttp.
+    """
+
+    _backend_type = "objectstore"
+    can_list: ClassVar[bool] = True
+    can_hold_bytes: ClassVar[bool] = True
+
+    def __init__(self, base_url: str | None = None, *,
+                 storage_options: dict[str, Any] | None = None,
+                 timeout: float | None = 300.0) -> None:
+        self.base_url = None if base_url is None else base_url.rstrip("/")
+        self.timeout = timeout
+        self.storage_options = dict(storage_options or {})
+        self._filesystems: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r})"
+
+    # -- paths ------------------------------------------------------------------------
+    def url(self, path: Any) -> str:
+        text = str(path)
+        if "://" in text:
+            return text
+        if self.base_url is None:
+            raise ValueError(f"objectstore paths are URLs such as 's3://bucket/key', got "
+                             f"{text!r}; or create ObjectStoreBackend(base_url='s3://bucket')")
+        if ".." in text.split("/"):
+            raise ValueError(f"objectstore path {text!r}: '..' is not allowed")
+        return f"{self.base_url}/{text.lstrip('/')}"
+
+    def _fs(self, url: str) -> tuple[Any, str]:
+        try:
+            import fsspec
+        except ImportError as exc:  # pragma: no cover - the s3 extra installs it
+            raise ImportError(f"the objectstore backend needs fsspec: {INSTALL_S3}") from exc
+        protocol = url.split("://", 1)[0]
+        fs = self._filesystems.get(protocol)
+        if fs is None:
+            try:
+                fs = fsspec.filesystem(protocol, skip_instance_cache=True,
+                                       **self.storage_options)
+            except ImportError as exc:
+                raise ImportError(f"cannot open {url!r}: {exc}. {INSTALL_S3}") from None
+            self._filesystems[protocol] = fs
+        return fs, fs._strip_protocol(url)
+
+    def _limits(self, fs: Any) -> dict[str, Any]:
+        """The per-call timeout, for filesystems whose calls take one (async ones)."""
+        return {"timeout": self.timeout} if getattr(fs, "async_impl", False) else {}
+
+    # -- bytes ------------------------------------------------------------------------
+    def write_bytes(self, data: bytes, path: Any, **kwargs: Any) -> None:
+        """Store ``data`` as one object, in a single request (all or nothing)."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"write_bytes takes bytes, not {type(data).__name__}")
+        url = self.url(path)
+        fs, key = self._fs(url)
+        with _clear_errors(url, writing=True):
+            fs.pipe_file(key, bytes(data), **self._limits(fs), **kwargs)
+            fs.invalidate_cache(key)
+
+    def read_bytes(self, path: Any, **kwargs: Any) -> bytes:
+        url = self.url(path)
+        fs, key = self._fs(url)
+        with _clear_errors(url):
+            return fs.cat_file(key, **self._limits(fs), **kwargs)
+
+    # -- arrays and text --------------------------------------------------------------
+    def save(self, data: Any, file_path: Any, **kwargs: Any) -> None:
+        """Encode ``data`` by the path's extension (bytes are stored as they are)."""
+        if isinstance(data, bytes | bytearray | memoryview):
+            self.write_bytes(bytes(data), file_path)
+            return
+        self.write_bytes(_encode(data, str(file_path), kwargs), file_path)
+
+    def load(self, file_path: Any, **kwargs: Any) -> Any:
+        """Decode by extension; other extensions (or ``raw=True``) give the bytes."""
+        raw = kwargs.pop("raw", False)
+        payload = self.read_bytes(file_path)
+        if raw:
+            return payload
+        return _decode(payload, str(file_path), kwargs)
+
+    # -- navigation -------------------------------------------------------------------
+    def exists(self, path: Any) -> bool:
+        url = self.url(path)
+        fs, key = self._fs(url)
+        with _clear_errors(url):
+            return bool(fs.exists(key, **self._limits(fs)))
+
+    def is_file(self, path: Any) -> bool:
+        url = self.url(path)
+        fs, key = self._fs(url)
+        with _clear_errors(url):
+            return bool(fs.isfile(key, **self._limits(fs)))
+
+    def is_dir(self, path: Any) -> bool:
+        url = self.url(path)
+        fs, key = self._fs(url)
+        with _clear_errors(url):
+            return bool(fs.isdir(key, **self._limits(fs)))
+
+    def list_dir(self, path: Any) -> list[str]:
+        url = self.url(path)
+        fs, key = self._fs(url)
+        with _clear_errors(url):
+            if not fs.isdir(key, **self._limits(fs)):
+                raise FileNotFoundError(f"no folder {url!r} in the object store")
+            return sorted(entry.rstrip("/").rsplit("/", 1)[-1]
+                          for entry in fs.ls(key, detail=False, refresh=True,
+                                               **self._limits(fs)))
+
+    def list_files(
+        self,
+        directory: Any,
+        pattern: str | None = None,
+        extensions: Iterable[str] | None = None,
+        recursive: bool = False,
+        **kwargs: Any,
+    ) -> list[str]:
+        """Object paths under ``directory``, spelled like it."""
+        url = self.url(directory)
+        fs, key = self._fs(url)
+        exts = normalize_extensions(extensions)
+        prefix, base = key.rstrip("/"), str(directory).rstrip("/")
+        with _clear_errors(url):
+            if not fs.isdir(key, **self._limits(fs)):
+                raise FileNotFoundError(f"no folder {url!r} in the object store")
+            found = fs.find(key, maxdepth=None if recursive else 1, withdirs=False,
+                            **self._limits(fs))
+        names = [f[len(prefix) + 1:] for f in found if f.startswith(prefix + "/")]
+        return sorted(f"{base}/{n}" for n in names
+                      if name_matches(n.rsplit("/", 1)[-1], pattern, exts))
+
+    def delete(self, path: Any, recursive: bool = False) -> None:
+        url = self.url(path)
+        fs, key = self._fs(url)
+        with _clear_errors(url, writing=True):
+            if fs.isfile(key, **self._limits(fs)):
+                fs.rm_file(key, **self._limits(fs))
+            elif fs.isdir(key, **self._limits(fs)):
+                if not recursive:
+                    raise OSError(f"{url!r} holds objects: delete(path, recursive=True) "
+                                  "removes them all")
+                fs.rm(key, recursive=True, **self._limits(fs))
+            else:
+                raise FileNotFoundError(f"nothing at {url!r} on backend 'objectstore'")
+            fs.invalidate_cache(key)
+
+    def ensure_directory(self, path: Any) -> None:
+        """Object stores have no folders; a prefix exists once an object is under it."""
+        self.url(path)
+
+
+def _encode(data: Any, path: str, kwargs: dict[str, Any]) -> bytes:
+    ext = _extension(path)
+    if ext in (".roi", ".roi.zip"):
+        from polystore.rois import encode_rois
+
+        return encode_rois(data, path, **kwargs)
+    if ext == ".npy":
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(data), allow_pickle=False)
+        return buffer.getvalue()
+    if ext in (".tif", ".tiff"):
+        import tifffile
+
+        array = np.asarray(data)
+        if array.ndim >= 2:
+            kwargs.setdefault("photometric", "minisblack")
+        buffer = io.BytesIO()
+        tifffile.imwrite(buffer, array, **kwargs)
+        return buffer.getvalue()
+    if ext == ".json":
+        from polystore.backends.disk import _json_default
+
+        kwargs.setdefault("indent", 2)
+        return json.dumps(data, default=_json_default, **kwargs).encode()
+    if ext in (".txt", ".csv"):
+        if not isinstance(data, str):
+            raise TypeError(f"{path}: .txt/.csv objects take str, not {type(data).__name__}")
+        return data.encode()
+    raise TypeError(f"{path}: no encoding for {type(data).__name__} with this extension; save "
+                    f"bytes, or use one of {', '.join(_ENCODED)}")
+
+
+def _decode(payload: bytes, path: str, kwargs: dict[str, Any]) -> Any:
+    ext = _extension(path)
+    if ext in (".roi", ".roi.zip"):
+        from polystore.rois import decode_rois
+
+        return decode_rois(payload, path, **kwargs)
+    if ext == ".npy":
+        return np.load(io.BytesIO(payload), allow_pickle=False)
+    if ext in (".tif", ".tiff"):
+        import tifffile
+
+        return tifffile.imread(io.BytesIO(payload), **kwargs)
+    if ext == ".json":
+        return json.loads(payload)
+    if ext in (".txt", ".csv"):
+        return payload.decode()
+    return payload
+
+
+@contextmanager
+def _clear_errors(url: str, writing: bool = False) -> Iterator[None]:
+    """Store failures as errors that name the URL and say what to do."""
+    try:
+        yield
+    except (IsADirectoryError, NotADirectoryError):
+        raise
+    except FileNotFoundError as exc:
+        if writing:
+            raise FileNotFoundError(
+                f"cannot write {url!r}: {exc}. Does the bucket exist? Create it first; "
+                "nothing was written") from exc
+        raise FileNotFoundError(f"nothing at {url!r} on backend 'objectstore': {exc}") from exc
+    except PermissionError as exc:
+        raise PermissionError(
+            f"access to {url!r} was refused: {exc}. Check the credentials in the environment "
+            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws) or storage_options"
+        ) from exc
+    except (OSError, TimeoutError) as exc:
+        if isinstance(exc, TimeoutError) and not str(exc):
+            exc = TimeoutError("no answer before the backend's timeout")
+        raise ConnectionError(
+            f"the object store did not answer for {url!r}: {type(exc).__name__}: {exc}. Check "
+            "the endpoint and the network, then retry" + ("; nothing was written" if writing
+                                                           else "")) from exc
+    except Exception as exc:
+        # botocore/aiohttp connection errors are not OSErrors
+        name = type(exc).__name__
+        if any(word in name for word in ("Connect", "Endpoint", "Timeout", "ClientOSError",
+                                         "ServerDisconnected", "ReadTimeout")):
+            raise ConnectionError(
+                f"the object store did not answer for {url!r}: {name}: {exc}. Check the "
+                "endpoint and the network, then retry") from exc
+        raise

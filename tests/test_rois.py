@@ -1,0 +1,218 @@
+"""ImageJ ROI files (roifile) on the disk backend, checked against the real ImageJ (Debian's
+ij.jar, run with -batch on the Xvfb display pytest-xvfb provides), and the same ROI objects
+streamed to a real receiver."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("roifile")
+
+from polystore import DiskBackend, FileManager  # noqa: E402
+from polystore.rois import PositionedRoi, group_by_position, labels_to_rois  # noqa: E402
+from polystore.streaming import NapariStreamingBackend, Receiver, Roi  # noqa: E402
+
+IJ_JAR = Path(os.environ.get("IJ_JAR", "/usr/share/java/ij.jar"))
+
+ROIS = [
+    Roi(kind="polygon", coords=[[10, 20], [30, 20], [30, 45.5]], label="cell 1"),
+    Roi(kind="rectangle", coords=[[5, 6], [15, 26]], label="box"),
+    Roi(kind="ellipse", coords=[[40, 40], [60, 70]], label="oval"),
+    Roi(kind="line", coords=[[1.5, 2], [50, 60]], label="track"),
+    Roi(kind="point", coords=[[7, 9]], label="spot"),
+]
+POSITIONS = [{"c": 1, "z": 2, "t": 3}, {"t": 1}, {}, {"z": 3}, {"c": 0, "z": 0, "t": 4}]
+
+READ_MACRO = """
+newImage("img", "16-bit black", 128, 128, 2, 4, 5);
+roiManager("Open", getArgument());
+for (i = 0; i < roiManager("count"); i++) {
+  roiManager("select", i);
+  Roi.getPosition(ch, sl, fr);
+  getSelectionCoordinates(xs, ys);
+  s = "";
+  for (k = 0; k < xs.length; k++) s = s + xs[k] + "," + ys[k] + ";";
+  print("ROI|" + Roi.getName + "|" + selectionType() + "|" + ch + "," + sl + "," + fr + "|" + s);
+}
+"""
+
+WRITE_MACRO = """
+newImage("img", "16-bit black", 128, 128, 2, 4, 5);
+makePolygon(10, 20, 40, 20, 40, 50, 12, 44);
+Roi.setName("nucleus A");
+Roi.setPosition(2, 3, 4);
+roiManager("Add");
+makeRectangle(5, 6, 20, 10);
+Roi.setName("box");
+Roi.setPosition(1, 1, 2);
+roiManager("Add");
+makeOval(30, 40, 20, 10);
+Roi.setName("oval");
+roiManager("Add");
+makeLine(3, 4, 50, 60);
+Roi.setName("line");
+roiManager("Add");
+makePoint(7, 9);
+Roi.setName("spot");
+roiManager("Add");
+roiManager("Save", getArgument());
+"""
+
+
+def run_imagej(tmp_path: Path, macro: str, argument: str) -> list[str]:
+    """Run an ImageJ macro with -batch; its print() lines come back on stdout."""
+    if shutil.which("java") is None or not IJ_JAR.is_file():
+        pytest.skip("ImageJ is not installed (scripts/install.sh installs libij-java)")
+    if not os.environ.get("DISPLAY"):
+        pytest.skip("ImageJ's ROI Manager needs a display (pytest-xvfb provides one)")
+    script = tmp_path / "macro.ijm"
+    script.write_text(macro)
+    done = subprocess.run(["java", "-jar", str(IJ_JAR), "-batch", str(script), argument],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_rois_written_by_polystore_open_in_imagej(tmp_path):
+    path = tmp_path / "cells.roi.zip"
+    DiskBackend().save([PositionedRoi(r, a) for r, a in zip(ROIS, POSITIONS)], path)
+    lines = [line.split("|") for line in run_imagej(tmp_path, READ_MACRO, str(path))
+             if line.startswith("ROI|")]
+    names = [line[1] for line in lines]
+    assert names == ["cell 1", "box", "oval", "track", "spot"]
+    types = [int(line[2]) for line in lines]
+    assert types == [2, 0, 1, 5, 10]  # polygon, rectangle, oval, straight line, point
+    # ImageJ positions are 1-based channel, slice, frame; 0 = every plane along that axis
+    positions = [tuple(map(int, line[3].split(","))) for line in lines]
+    assert positions == [(2, 3, 4), (0, 0, 2), (0, 0, 0), (0, 4, 0), (1, 1, 5)]
+
+    def xy(line):
+        return [tuple(map(float, p.split(","))) for p in line[4].split(";") if p]
+
+    assert xy(lines[0]) == [(20, 10), (20, 30), (45.5, 30)]  # x, y = column, row
+    assert xy(lines[1]) == [(6, 5), (26, 5), (26, 15), (6, 15)]
+    oval = np.array(xy(lines[2]))
+    assert oval[:, 0].min() == pytest.approx(40, abs=0.01)
+    assert oval[:, 0].max() == pytest.approx(70, abs=0.01)
+    assert oval[:, 1].min() == pytest.approx(40, abs=0.01)
+    assert oval[:, 1].max() == pytest.approx(60, abs=0.01)
+    assert xy(lines[3]) == [(2, 1.5), (60, 50)]
+    assert xy(lines[4]) == [(9, 7)]
+
+
+def test_rois_written_by_imagej_load_back(tmp_path):
+    path = tmp_path / "from_imagej.roi.zip"
+    run_imagej(tmp_path, WRITE_MACRO, str(path))
+    fm = FileManager({"disk": DiskBackend()})
+    placed = fm.load(path, backend="disk", positions=True)
+    assert [p.roi.label for p in placed] == ["nucleus A", "box", "oval", "line", "spot"]
+    assert [p.roi.kind for p in placed] == ["polygon", "rectangle", "ellipse", "line", "point"]
+    assert placed[0].roi.coords == [[20, 10], [20, 40], [50, 40], [44, 12]]  # (row, column)
+    assert placed[1].roi.coords == [[6, 5], [16, 25]]
+    assert placed[2].roi.coords == [[40, 30], [50, 50]]
+    assert placed[3].roi.coords == [[4, 3], [60, 50]]
+    assert placed[4].roi.coords == [[9, 7]]
+    assert placed[0].axes == {"c": 1, "z": 2, "t": 3}
+    assert placed[1].axes == {"c": 0, "z": 0, "t": 1}
+    assert placed[2].axes == {}
+    # without positions=True: the plain Roi objects streaming sends
+    assert fm.load(path, backend="disk") == [p.roi for p in placed]
+
+
+def test_disk_round_trip_of_roi_files(tmp_path):
+    disk = DiskBackend()
+    disk.save(ROIS, tmp_path / "a.roi.zip", axes={"t": 7})
+    assert disk.load(tmp_path / "a.roi.zip") == ROIS
+    assert {tuple(p.axes.items()) for p in disk.load(tmp_path / "a.roi.zip", positions=True)} \
+        == {(("t", 7),)}
+    # dicts work like on the streaming backends; one ROI per .roi file
+    disk.save({"kind": "polygon", "coords": [[0, 0], [0, 5], [5, 5]], "label": "x"},
+              tmp_path / "one.roi")
+    assert disk.load(tmp_path / "one.roi") == [Roi("polygon", [[0, 0], [0, 5], [5, 5]], "x")]
+    # same labels twice: both kept (zip entry names are made unique)
+    disk.save([ROIS[0], ROIS[0]], tmp_path / "twice.roi.zip")
+    assert len(disk.load(tmp_path / "twice.roi.zip")) == 2
+    assert disk.list_files(tmp_path, extensions=[".roi.zip"]) == [
+        str(tmp_path / n) for n in ("a.roi.zip", "twice.roi.zip")]
+
+
+def test_bad_roi_input_is_refused_and_writes_nothing(tmp_path):
+    disk = DiskBackend()
+    with pytest.raises(ValueError, match="a .roi file holds exactly one ROI, got 2.*roi.zip"):
+        disk.save(ROIS[:2], tmp_path / "two.roi")
+    with pytest.raises(ValueError, match="c, z and t only.*'q'"):
+        disk.save(ROIS, tmp_path / "q.roi.zip", axes={"q": 1})
+    with pytest.raises(ValueError, match="whole number"):
+        disk.save(ROIS, tmp_path / "neg.roi.zip", axes={"z": -1})
+    with pytest.raises(ValueError, match="ROIs must be polystore Roi objects"):
+        disk.save([{"kind": "blob", "coords": [[0, 0]]}], tmp_path / "blob.roi.zip")
+    with pytest.raises(ValueError, match="a polygon ROI needs >= 3 point"):
+        disk.save([{"kind": "polygon", "coords": [[0, 0], [1, 1]]}], tmp_path / "p.roi.zip")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "junk.roi").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="not an ImageJ ROI"):
+        disk.load(tmp_path / "junk.roi")
+    (tmp_path / "junk.roi.zip").write_bytes(b"PK\x03\x04 broken")
+    with pytest.raises(ValueError, match="not a readable ROI zip"):
+        disk.load(tmp_path / "junk.roi.zip")
+
+
+def test_labels_become_one_polygon_per_label(tmp_path):
+    from skimage.draw import disk as draw_disk
+    from skimage.draw import polygon2mask
+
+    labels = np.zeros((80, 100), dtype=np.uint16)
+    labels[draw_disk((25, 30), 12)] = 3
+    labels[50:70, 60:90] = 9
+    rois = labels_to_rois(labels, prefix="cell ")
+    assert [r.label for r in rois] == ["cell 3", "cell 9"]
+    assert all(r.kind == "polygon" for r in rois)
+    for roi, value in zip(rois, (3, 9)):
+        drawn = polygon2mask(labels.shape, np.asarray(roi.coords))
+        truth = labels == value
+        overlap = (drawn & truth).sum() / (drawn | truth).sum()
+        assert overlap > 0.9, (roi.label, overlap)
+    # a (z, y, x) labels stack gives positioned ROIs, which ImageJ files keep
+    stack = np.stack([labels, np.where(labels == 9, 9, 0)])
+    placed = labels_to_rois(stack)
+    assert [(p.roi.label, p.axes) for p in placed] == [
+        ("3", {"z": 0}), ("9", {"z": 0}), ("9", {"z": 1})]
+    DiskBackend().save(placed, tmp_path / "seg.roi.zip")
+    assert DiskBackend().load(tmp_path / "seg.roi.zip", positions=True) == placed
+    with pytest.raises(ValueError, match="integer array"):
+        labels_to_rois(np.zeros((4, 4), float))
+
+
+def test_rois_loaded_from_disk_stream_unchanged(tmp_path):
+    """One ROI model: what the disk backend loads is what the streaming backend sends."""
+    disk = DiskBackend()
+    disk.save([PositionedRoi(r, a) for r, a in zip(ROIS, POSITIONS)], tmp_path / "c.roi.zip")
+    placed = disk.load(tmp_path / "c.roi.zip", positions=True)
+    got, arrived = [], threading.Event()
+
+    def on_rois(item):
+        got.append((dict(item.header.axes), list(item.header.rois)))
+        if len(got) == len(group_by_position(placed)):
+            arrived.set()
+
+    receiver = Receiver("tcp://127.0.0.1:0", shm_prefix="napari_", on_rois=on_rois)
+    receiver.start()
+    sender = NapariStreamingBackend(receiver.endpoint)
+    try:
+        for position, rois in group_by_position(placed).items():
+            sender.save(rois, "well/t000.roi.zip", axes=dict(position))
+        sender.flush()
+        assert arrived.wait(20)
+    finally:
+        sender.close()
+        receiver.stop()
+    received = [PositionedRoi(roi, axes) for axes, rois in got for roi in rois]
+    assert sorted(received, key=lambda p: p.roi.label) == sorted(
+        [PositionedRoi(r, a) for r, a in zip(ROIS, POSITIONS)], key=lambda p: p.roi.label)

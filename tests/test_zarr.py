@@ -1,0 +1,452 @@
+"""The zarr backend (zarr-python 3) and OME-Zarr writing: real stores on disk, real worker
+processes, an independent OME-Zarr reader (ome-zarr-py) and napari's OME-Zarr plugin."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+zarr = pytest.importorskip("zarr")
+
+from polystore import BackendRegistry, FileManager  # noqa: E402
+from polystore.zarr import ZarrBackend  # noqa: E402
+
+
+@pytest.fixture
+def fm() -> FileManager:
+    return FileManager(BackendRegistry(entry_points=False))
+
+
+def series(n: int = 4, shape: tuple[int, ...] = (32, 48), dtype: str = "uint16") -> np.ndarray:
+    rng = np.random.default_rng(7)
+    return rng.integers(0, 4000, size=(n, *shape)).astype(dtype)
+
+
+# -- the backend ------------------------------------------------------------------------------
+
+
+def test_import_polystore_does_not_import_zarr():
+    code = "import sys, polystore; print('zarr' in sys.modules, 'ome_zarr_models' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_round_trip_through_filemanager(fm, tmp_path):
+    data = series(3, (2, 40, 50))
+    path = tmp_path / "plate.zarr" / "A" / "1" / "0"
+    fm.save(data, path, backend="zarr")
+    loaded = fm.load(path, backend="zarr")
+    assert isinstance(loaded, np.ndarray)
+    np.testing.assert_array_equal(loaded, data)
+    assert loaded.dtype == data.dtype
+    # an ordinary zarr v3 array any zarr reader opens
+    plain = zarr.open_array(str(tmp_path / "plate.zarr"), path="A/1/0", mode="r")
+    assert plain.shape == (3, 2, 40, 50)
+    # saving again replaces the array
+    fm.save(data[:1], path, backend="zarr")
+    assert fm.load(path, backend="zarr").shape == (1, 2, 40, 50)
+
+
+def test_default_chunks_are_planes_and_compression_is_configurable(fm, tmp_path):
+    data = np.zeros((4, 256, 256), dtype="uint16")
+    data[:, 100:120, 100:120] = 1000
+    fm.save(data, tmp_path / "a.zarr" / "zstd", backend="zarr")
+    fm.save(data, tmp_path / "a.zarr" / "raw", backend="zarr", compression="none")
+    compressed = fm.load(tmp_path / "a.zarr" / "zstd", backend="zarr", lazy=True)
+    raw = fm.load(tmp_path / "a.zarr" / "raw", backend="zarr", lazy=True)
+    assert compressed.chunks == (1, 256, 256)
+    assert compressed.nbytes_stored() < data.nbytes / 20
+    assert raw.nbytes_stored() >= data.nbytes
+    np.testing.assert_array_equal(compressed[...], raw[...])
+    with pytest.raises(ValueError, match="unknown compression 'gzip9'.*zstd, lz4, none"):
+        fm.save(data, tmp_path / "a.zarr" / "bad", backend="zarr", compression="gzip9")
+    with pytest.raises(ValueError, match="unknown compression"):
+        ZarrBackend(compression="brotli")
+
+
+def test_saving_time_points_grows_the_series(fm, tmp_path):
+    frames = series(5)
+    root = tmp_path / "live.zarr"
+    for t in (0, 1, 2):
+        fm.save(frames[t], root / "cells" / f"t{t:03d}", backend="zarr")
+    assert fm.load(root / "cells", backend="zarr").shape == (3, 32, 48)
+    fm.save(frames[4], root / "cells" / "t004", backend="zarr")  # a gap is filled with zeros
+    stored = fm.load(root / "cells", backend="zarr")
+    assert stored.shape == (5, 32, 48)
+    np.testing.assert_array_equal(stored[[0, 1, 2, 4]], frames[[0, 1, 2, 4]])
+    assert not stored[3].any()
+    np.testing.assert_array_equal(fm.load(root / "cells" / "t002", backend="zarr"), frames[2])
+    assert fm.exists(root / "cells" / "t004", backend="zarr")
+    assert not fm.exists(root / "cells" / "t005", backend="zarr")
+    with pytest.raises(FileNotFoundError, match="time point 9 is not stored.*t0..t4"):
+        fm.load(root / "cells" / "t009", backend="zarr")
+    # the frame axes are named like the viewers name them
+    assert fm.load(root / "cells", backend="zarr", lazy=True).metadata.dimension_names == (
+        "t", "y", "x")
+
+
+def test_a_frame_that_does_not_fit_the_series_writes_nothing(fm, tmp_path):
+    root = tmp_path / "live.zarr"
+    fm.save(series(1)[0], root / "s" / "t000", backend="zarr")
+    with pytest.raises(ValueError, match=r"frame \(10, 10\) uint16 does not fit .* \(32, 48\)"):
+        fm.save(np.zeros((10, 10), "uint16"), root / "s" / "t001", backend="zarr")
+    with pytest.raises(ValueError, match="float32 does not fit"):
+        fm.save(np.zeros((32, 48), "float32"), root / "s" / "t001", backend="zarr")
+    assert fm.load(root / "s", backend="zarr").shape == (1, 32, 48)
+
+
+def test_lazy_load_reads_only_the_chunks_indexed(fm, tmp_path):
+    frames = series(4)
+    root = tmp_path / "lazy.zarr"
+    fm.save(frames, root / "s", backend="zarr")
+    # damage the chunk of the last plane: a full read fails, a lazy read of plane 0 does not
+    chunk = root / "s" / "c" / "3" / "0" / "0"
+    assert chunk.is_file()
+    chunk.write_bytes(b"not a blosc frame")
+    lazy = fm.load(root / "s", backend="zarr", lazy=True)
+    assert isinstance(lazy, zarr.Array)
+    np.testing.assert_array_equal(lazy[0], frames[0])
+    lazy_dask = fm.load(root / "s", backend="zarr", lazy="dask")
+    np.testing.assert_array_equal(lazy_dask[1].compute(), frames[1])
+    with pytest.raises(Exception):  # noqa: B017 - the damaged chunk is read only here
+        fm.load(root / "s", backend="zarr")
+    one = fm.load(root / "s" / "t002", backend="zarr", lazy=True)
+    np.testing.assert_array_equal(np.asarray(one), frames[2])
+
+
+def test_navigation_over_groups_and_arrays(fm, tmp_path):
+    root = tmp_path / "plate.zarr"
+    for well in ("A/1", "A/2", "B/1"):
+        fm.save(series(1)[0], f"{root}/{well}/0", backend="zarr")
+    fm.ensure_directory(f"{root}/empty", backend="zarr")
+    assert fm.list_dir(root, backend="zarr") == ["A", "B", "empty"]
+    assert fm.list_files(root, backend="zarr") == []
+    assert fm.list_files(root, backend="zarr", recursive=True) == [
+        f"{root}/A/1/0", f"{root}/A/2/0", f"{root}/B/1/0"]
+    assert fm.list_files(f"{root}/A/1", backend="zarr") == [f"{root}/A/1/0"]
+    assert fm.is_dir(f"{root}/A", backend="zarr") and not fm.is_file(f"{root}/A", backend="zarr")
+    assert fm.is_file(f"{root}/A/1/0", backend="zarr")
+    assert fm.exists(root, backend="zarr") and not fm.exists(f"{root}/C", backend="zarr")
+    with pytest.raises(NotADirectoryError, match="is a zarr array"):
+        fm.list_dir(f"{root}/A/1/0", backend="zarr")
+    with pytest.raises(IsADirectoryError, match="is a zarr group, not an array"):
+        fm.load(f"{root}/A", backend="zarr")
+    with pytest.raises(OSError, match="not empty.*recursive=True"):
+        fm.delete(f"{root}/A", backend="zarr")
+    fm.delete(f"{root}/A/1/0", backend="zarr")
+    assert not fm.exists(f"{root}/A/1/0", backend="zarr")
+    assert fm.exists(f"{root}/A/2/0", backend="zarr")
+    fm.delete(f"{root}/A", backend="zarr", recursive=True)
+    fm.delete(f"{root}/empty", backend="zarr")
+    assert fm.list_dir(root, backend="zarr") == ["B"]
+    with pytest.raises(FileNotFoundError, match="plate.zarr/A"):
+        fm.delete(f"{root}/A", backend="zarr")
+    with pytest.raises(FileNotFoundError, match="nothing at .*plate.zarr/Z"):
+        fm.load(f"{root}/Z", backend="zarr")
+
+
+def test_bad_paths_explain_themselves(fm, tmp_path):
+    with pytest.raises(ValueError, match="names no store.*'.zarr'.*plate.zarr/A/1/0"):
+        fm.save(np.zeros((2, 2)), tmp_path / "plain" / "x", backend="zarr")
+    fm.ensure_directory(tmp_path / "g.zarr" / "group", backend="zarr")
+    with pytest.raises(IsADirectoryError, match="is a zarr group"):
+        fm.save(np.zeros((2, 2)), tmp_path / "g.zarr" / "group", backend="zarr")
+    with pytest.raises(IsADirectoryError, match="inside the store"):
+        fm.save(np.zeros((2, 2)), tmp_path / "g.zarr", backend="zarr")
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['colour'\\]"):
+        fm.save(np.zeros((2, 2)), tmp_path / "g.zarr" / "a", backend="zarr", colour="red")
+    # options zarr refuses are refused before the array already there is touched
+    fm.save(np.ones((4, 4)), tmp_path / "g.zarr" / "keep", backend="zarr")
+    with pytest.raises(ValueError, match="nothing was written"):
+        fm.save(np.zeros((4, 4)), tmp_path / "g.zarr" / "keep", backend="zarr", chunks=(2,))
+    assert fm.load(tmp_path / "g.zarr" / "keep", backend="zarr").sum() == 16
+    contained = ZarrBackend(base_dir=tmp_path)
+    with pytest.raises(ValueError, match="escapes the backend root"):
+        contained.save(np.zeros((2, 2)), "../escape.zarr/a")
+
+
+def test_interrupted_write_leaves_no_readable_array(tmp_path):
+    """Chunks are written before the metadata: a write that dies half-way is invisible."""
+    backend = ZarrBackend()
+    target = tmp_path / "x.zarr" / "arr"
+    # a file where the chunk folder of plane 2 must go: that chunk write fails mid-save
+    (target / "c").mkdir(parents=True)
+    (target / "c" / "2").write_bytes(b"in the way")
+    with pytest.raises(OSError):
+        backend.save(series(4), target)
+    assert not backend.exists(target)
+    assert not (target / "zarr.json").exists()
+    with pytest.raises(FileNotFoundError):
+        backend.load(target)
+
+
+def _append_frames(root: str, ts: list[int], start) -> None:
+    backend = ZarrBackend()
+    start.wait(60)  # both processes begin together, so their first saves collide
+    for t in ts:
+        backend.save(np.full((8, 8), t + 1, dtype="uint16"), f"{root}/cells/t{t:03d}")
+
+
+def test_two_processes_appending_to_one_series_lose_nothing(tmp_path):
+    """Both processes create and grow the same array at once. Growing is locked across
+    processes: without the lock a process resizing from a stale shape shrinks the series
+    another one just grew, and frames vanish (a reader watching sees t go backwards)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    root = str(tmp_path / "shared.zarr")
+    start = ctx.Barrier(3)
+    workers = [ctx.Process(target=_append_frames, args=(root, list(range(i, 200, 2)), start))
+               for i in (0, 1)]
+    for worker in workers:
+        worker.start()
+    start.wait(60)
+    watcher, lengths = ZarrBackend(), []
+    while any(worker.is_alive() for worker in workers):
+        if watcher.exists(f"{root}/cells"):
+            lengths.append(watcher.open(f"{root}/cells").shape[0])
+    for worker in workers:
+        worker.join(120)
+        assert worker.exitcode == 0
+    shrinks = [(a, b) for a, b in zip(lengths, lengths[1:]) if b < a]
+    assert not shrinks, f"the series shrank while growing: {shrinks[:5]}"
+    assert len(lengths) > 10  # the watcher did see it grow
+    stored = ZarrBackend().load(f"{root}/cells")
+    assert stored.shape == (200, 8, 8)
+    assert [int(stored[t, 0, 0]) for t in range(200)] == [t + 1 for t in range(200)]
+
+
+def _write_block(path: str, start: int, stop: int) -> int:
+    backend = ZarrBackend()
+    array = backend.open(path, mode="r+")
+    for t in range(start, stop):
+        array[t] = np.full(array.shape[1:], t, dtype=array.dtype)
+    return stop - start
+
+
+def test_dask_workers_writing_different_chunks_lose_nothing(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    path = str(tmp_path / "dask.zarr" / "stack")
+    backend = ZarrBackend()
+    backend.save(np.zeros((12, 64, 64), dtype="uint16"), path)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None, host="127.0.0.1") as cluster, \
+            distributed.Client(cluster) as client:
+        futures = [client.submit(_write_block, path, start, start + 3, pure=False)
+                   for start in range(0, 12, 3)]
+        assert sum(client.gather(futures)) == 12
+        pids = set(client.run(lambda: __import__("os").getpid()).values())
+        assert len(pids) == 2
+    stored = backend.load(path)
+    assert [int(stored[t].min()) for t in range(12)] == list(range(12))
+    assert [int(stored[t].max()) for t in range(12)] == list(range(12))
+    # dask itself writes through the backend's lazy array too
+    import dask.array as da
+
+    doubled = backend.load(path, lazy="dask") * 2
+    da.to_zarr(doubled, backend.open(path, mode="r+"))
+    assert int(backend.load(path)[11].max()) == 22
+
+
+# -- OME-Zarr ---------------------------------------------------------------------------------
+
+
+def test_ome_image_is_valid_ngff_05_with_axes_units_and_pyramid(fm, tmp_path):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+    from ome_zarr_models.v05.image import Image
+
+    data = series(2 * 3 * 4, (128, 96)).reshape(2, 3, 4, 128, 96)
+    path = tmp_path / "img.ome.zarr"
+    fm.save(data, path, backend="zarr", ome=True, scale={"z": 2.0, "y": 0.5, "x": 0.5},
+            levels=3)
+    # validated by ome-zarr-models (pydantic models of the spec) ...
+    image = Image.from_zarr(zarr.open_group(str(path), mode="r"))
+    multiscale = image.ome_attributes.multiscales[0]
+    assert [a.name for a in multiscale.axes] == ["t", "c", "z", "y", "x"]
+    assert [a.unit for a in multiscale.axes] == ["second", None, "micrometer", "micrometer",
+                                                 "micrometer"]
+    assert json.loads((path / "zarr.json").read_text())["attributes"]["ome"]["version"] == "0.5"
+    # ... and read back by an independent reader, ome-zarr-py
+    node = next(iter(Reader(parse_url(str(path)))()))
+    assert [tuple(level.shape) for level in node.data] == [
+        (2, 3, 4, 128, 96), (2, 3, 4, 64, 48), (2, 3, 4, 32, 24)]
+    assert node.metadata["coordinateTransformations"][1][0]["scale"] == [1, 1, 2, 1, 1]
+    np.testing.assert_array_equal(np.asarray(node.data[0]), data)
+    # the pyramid is means of 2x2 blocks
+    expected = data[..., :2, :2].mean(axis=(-2, -1))
+    np.testing.assert_array_equal(np.asarray(node.data[1])[..., 0, 0], np.rint(expected))
+    # polystore loads full resolution by default, any level on request
+    np.testing.assert_array_equal(fm.load(path, backend="zarr"), data)
+    assert fm.load(path, backend="zarr", level=2).shape == (2, 3, 4, 32, 24)
+    with pytest.raises(IndexError, match="levels 0..2"):
+        fm.load(path, backend="zarr", level=3)
+
+
+def test_ome_image_grows_one_time_point_at_a_time(fm, tmp_path):
+    from ome_zarr_models.v05.image import Image
+
+    frames = series(3, (2, 64, 64))
+    path = tmp_path / "live.ome.zarr"
+    fm.save(frames[:1], path, backend="zarr", ome=True, axes="tcyx", levels=2)
+    fm.save(frames[1], path / "t001", backend="zarr")
+    fm.save(frames[2], path / "t002", backend="zarr")
+    Image.from_zarr(zarr.open_group(str(path), mode="r"))
+    np.testing.assert_array_equal(fm.load(path, backend="zarr"), frames)
+    assert fm.load(path, backend="zarr", level=1).shape == (3, 2, 32, 32)
+    with pytest.raises(ValueError, match="does not fit the image"):
+        fm.save(np.zeros((2, 10, 10), "uint16"), path / "t003", backend="zarr")
+
+
+def test_bad_ome_input_is_refused_before_writing(fm, tmp_path):
+    path = tmp_path / "bad.ome.zarr"
+    with pytest.raises(ValueError, match="axes are t, c, z, y, x"):
+        fm.save(np.zeros((2, 8, 8)), path, backend="zarr", ome=True, axes="qyx")
+    with pytest.raises(ValueError, match="names 2 dimensions"):
+        fm.save(np.zeros((2, 8, 8)), path, backend="zarr", ome=True, axes="yx")
+    with pytest.raises(ValueError, match="below one pixel"):
+        fm.save(np.zeros((8, 8)), path, backend="zarr", ome=True, levels=5)
+    with pytest.raises(ValueError, match="'ROW/COLUMN' like 'A/1'"):
+        fm.save({"A1": [np.zeros((8, 8))]}, path, backend="zarr", ome="plate")
+    assert not path.exists() or not any(path.iterdir())
+
+
+def test_ngff_04_on_zarr_v2_for_older_readers(tmp_path):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+    from ome_zarr_models.v04.image import Image
+
+    backend = ZarrBackend(zarr_format=2)
+    data = series(3, (64, 64))
+    path = tmp_path / "old.ome.zarr"
+    backend.save(data, path, ome=True, axes="zyx", levels=2)
+    assert json.loads((path / ".zattrs").read_text())["multiscales"][0]["version"] == "0.4"
+    Image.from_zarr(zarr.open_group(str(path), mode="r", zarr_format=2))
+    node = next(iter(Reader(parse_url(str(path)))()))
+    assert [tuple(level.shape) for level in node.data] == [(3, 64, 64), (3, 32, 32)]
+    np.testing.assert_array_equal(backend.load(path), data)
+
+
+def write_test_plate(fm: FileManager, path: Path) -> dict[str, list[np.ndarray]]:
+    wells = {
+        # pixel value 100 * well index + 10 * field + channel
+        f"{row}/{col}": [np.stack([np.full((64, 64), 100 * i + 10 * f + c, dtype="uint16")
+                                   for c in range(2)]) for f in range(2)]
+        for i, (row, col) in enumerate([("A", "1"), ("A", "2"), ("B", "1"), ("B", "3")])
+    }
+    fm.save(wells, path, backend="zarr", ome="plate", levels=2, axes="cyx", name="demo")
+    return wells
+
+
+def test_hcs_plate_layout_is_valid(fm, tmp_path):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+    from ome_zarr_models.v05.hcs import HCS
+
+    path = tmp_path / "plate.ome.zarr"
+    wells = write_test_plate(fm, path)
+    plate = HCS.from_zarr(zarr.open_group(str(path), mode="r"))
+    meta = plate.ome_attributes.plate
+    assert [r.name for r in meta.rows] == ["A", "B"]
+    assert [c.name for c in meta.columns] == ["1", "2", "3"]
+    assert [w.path for w in meta.wells] == ["A/1", "A/2", "B/1", "B/3"]
+    assert meta.field_count == 2
+    assert len(plate.get_well_group(3).ome_attributes.well.images) == 2
+    np.testing.assert_array_equal(fm.load(path / "B" / "3" / "1", backend="zarr"),
+                                  wells["B/3"][1])
+    node = next(iter(Reader(parse_url(str(path)))()))
+    # ome-zarr-py tiles the plate: 2 rows x 3 columns of 64x64 fields at full resolution
+    assert tuple(node.data[0].shape) == (2, 128, 192)
+
+
+def test_napari_opens_the_plate_with_its_ome_zarr_reader(fm, tmp_path, make_napari_viewer):
+    pytest.importorskip("napari_ome_zarr")
+    path = tmp_path / "plate.ome.zarr"
+    write_test_plate(fm, path)
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(path), plugin="napari-ome-zarr")
+    assert layers, "napari-ome-zarr returned no layers"
+    shapes = {tuple(layer.data[0].shape) if layer.multiscale else tuple(layer.data.shape)
+              for layer in layers}
+    # one layer per channel (napari splits c) or one with c: 2 rows x 3 columns of 64x64
+    assert shapes <= {(128, 192), (2, 128, 192)}, shapes
+    planes = [np.asarray(layer.data[0] if layer.multiscale else layer.data) for layer in layers]
+    if len(planes) == 1:
+        planes = list(planes[0])
+    # well B/1 (index 2) sits in row 1, column 0 of the tiling and shows its field 0
+    assert [int(np.unique(p[64:128, 0:64])[0]) for p in planes] == [200, 201]
+    assert [int(np.unique(p[0:64, 64:128])[0]) for p in planes] == [100, 101]  # A/2
+    assert not planes[0][64:128, 64:128].any()  # B/2 is no well: empty
+
+
+# -- polystore send x.zarr --------------------------------------------------------------------
+
+
+def send_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "polystore.cli", "send", *args],
+                          capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.parametrize("target", ["napari_stream", "fiji_stream"])
+def test_send_streams_an_ome_zarr_image_plane_by_plane(fm, tmp_path, target):
+    from polystore.streaming import FijiStreamingBackend, NapariStreamingBackend, receiver_for
+
+    data = series(2 * 3 * 4, (24, 32)).reshape(2, 3, 4, 24, 32)
+    path = tmp_path / "img.ome.zarr"
+    fm.save(data, path, backend="zarr", ome=True, levels=2)
+    backend_cls = NapariStreamingBackend if target == "napari_stream" else FijiStreamingBackend
+    frames: list = []
+    receiver = receiver_for(backend_cls, "tcp://127.0.0.1:0", on_frame=frames.append)
+    receiver.start()
+    try:
+        result = send_cli(str(path), "--to", target, "--endpoint", receiver.endpoint)
+    finally:
+        receiver.stop()
+    assert result.returncode == 0, result.stderr
+    assert len(frames) == 24
+    for frame in frames:
+        axes = frame.header.axes
+        assert frame.header.axis_names == ["t", "c", "z"]
+        assert frame.stream == "img.ome.zarr"
+        np.testing.assert_array_equal(frame.array, data[axes["t"], axes["c"], axes["z"]])
+    assert sorted((f.header.axes["t"], f.header.axes["c"], f.header.axes["z"]) for f in frames) \
+        == [(t, c, z) for t in range(2) for c in range(3) for z in range(4)]
+    assert "send -> " + target in result.stderr and "24/24" in result.stderr  # progress bar
+    assert "sent 24 plane(s) of 1 array(s)" in result.stdout
+    assert "(tczyx)" in result.stdout
+
+
+def test_send_streams_every_field_of_a_plate(fm, tmp_path):
+    from polystore.streaming import NapariStreamingBackend, receiver_for
+
+    path = tmp_path / "plate.ome.zarr"
+    write_test_plate(fm, path)
+    frames: list = []
+    receiver = receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", on_frame=frames.append)
+    receiver.start()
+    try:
+        result = send_cli(str(path), "--to", "napari_stream", "--endpoint", receiver.endpoint,
+                          "-q")
+    finally:
+        receiver.stop()
+    assert result.returncode == 0, result.stderr
+    streams = sorted({f.stream for f in frames})
+    assert streams == [f"plate.ome.zarr/{w}/{f}" for w in ("A/1", "A/2", "B/1", "B/3")
+                       for f in (0, 1)]
+    b3 = {f.header.axes["c"]: int(f.array[0, 0]) for f in frames
+          if f.stream == "plate.ome.zarr/B/3/1"}
+    assert b3 == {0: 310, 1: 311}  # well index 3, field 1, channel c
+    assert "send -> " not in result.stderr  # -q
+
+
+def test_send_a_missing_store_fails_clearly(tmp_path):
+    result = send_cli(str(tmp_path / "none.zarr"), "--to", "napari_stream",
+                      "--endpoint", "tcp://127.0.0.1:9")
+    assert result.returncode == 1
+    assert "nothing at" in result.stderr and "none.zarr" in result.stderr
+    assert "Traceback" not in result.stderr
