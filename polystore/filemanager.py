@@ -6,12 +6,13 @@ import hashlib
 import logging
 from collections import deque
 from collections.abc import Iterable, Mapping, MutableMapping
+from contextlib import suppress
 from pathlib import PurePosixPath
 from typing import Any, NoReturn
 
 from polystore import formats
 from polystore.backends.disk import DiskBackend
-from polystore.base import Backend, backend_name, check_batch_lengths
+from polystore.base import Backend, backend_label, backend_name, check_batch_lengths
 from polystore.errors import (
     BackendNotFoundError,
     DeliveryNotConfirmedError,
@@ -314,7 +315,12 @@ class FileManager:
         return str(src_backend), str(dst_backend), False
 
     def _items(self, source: Backend, src: Any) -> tuple[list[str], list[str]] | None:
-        """For a directory: its sub-directories and files relative to it; None for a file."""
+        """For a directory: its sub-directories and files relative to it; None for a file.
+
+        A symbolic link to a file counts as that file (its content is copied; a move
+        removes only the link). A symbolic link to a directory is refused before anything
+        is written: following it could loop, and a move would have to delete files that
+        live outside the tree."""
         if not (_overrides(source, "is_dir") and source.is_dir(src)):
             return None
         dirs: list[str] = []
@@ -325,6 +331,15 @@ class FileManager:
             for name in source.list_dir(_join(src, rel)):
                 child = f"{rel}/{name}" if rel else name
                 if source.is_dir(_join(src, child)):
+                    if source.is_symlink(_join(src, child)):
+                        raise UnsupportedOperationError(
+                            backend_label(source),
+                            "copy",
+                            f"{_join(src, child)!r} is a symbolic link to a directory: "
+                            "following it could loop, and a move would delete files outside "
+                            "the tree. Nothing was copied; copy its target separately, or "
+                            "move the tree within one filesystem (a rename)",
+                        )
                     dirs.append(child)
                     queue.append(child)
                 else:
@@ -405,10 +420,18 @@ class FileManager:
             )
 
     def _copy(
-        self, source: Backend, dest: Backend, src: Any, dst: Any, kwargs: dict[str, Any]
+        self,
+        source: Backend,
+        dest: Backend,
+        src: Any,
+        dst: Any,
+        kwargs: dict[str, Any],
+        tree: tuple[list[str], list[str]] | None | bool = False,
     ) -> dict[str, str | None]:
-        """Copy a file or tree; returns destination path -> sha256 (None: re-encoded)."""
-        tree = self._items(source, src)
+        """Copy a file or tree (``tree``: from :meth:`_items`, listed here when not given);
+        returns destination path -> sha256 (None: re-encoded)."""
+        if tree is False:
+            tree = self._items(source, src)
         if tree is None:
             return {str(dst): self._transfer_file(source, dest, src, dst, kwargs)}
         dirs, files = tree
@@ -465,13 +488,13 @@ class FileManager:
         self._check_transfer(source, dest, src, dst, src_name, dst_name, overwrite, single)
         if self._try_rename(source, dest, src, dst):
             return True
+        tree = self._items(source, src)  # listed once: only what was copied is deleted
         if dest.can_read:
-            written = self._copy(source, dest, src, dst, kwargs)
+            written = self._copy(source, dest, src, dst, kwargs, tree)
             self._verify(dest, written, dst_name, src)
         else:
-            self._deliver(source, dest, src, dst, dst_name, kwargs)
-            written = {}
-        self._delete_source(source, dest, src, dst, src_name, dst_name, written)
+            self._deliver(source, dest, src, dst, dst_name, kwargs, tree)
+        self._delete_source(source, dest, src, dst, src_name, dst_name, tree)
         logger.debug("moved %s (%s) -> %s (%s)", src, src_name, dst, dst_name)
         return True
 
@@ -519,9 +542,9 @@ class FileManager:
         dst: Any,
         dst_name: str,
         kwargs: dict[str, Any],
+        tree: tuple[list[str], list[str]] | None,
     ) -> None:
         """Send to a sink and wait until it confirms it holds everything."""
-        tree = self._items(source, src)
         pairs = (
             [(src, dst)]
             if tree is None
@@ -564,28 +587,86 @@ class FileManager:
         dst: Any,
         src_name: str,
         dst_name: str,
-        written: dict[str, str | None],
+        tree: tuple[list[str], list[str]] | None,
     ) -> None:
-        try:
-            source.delete(src, recursive=True) if self._items(source, src) else source.delete(src)
-        except Exception as exc:
-            if not dest.can_read:
-                raise TransferError(
-                    f"move: {str(src)!r} was delivered to {dst_name!r} but could not be deleted "
-                    f"from {src_name!r} ({type(exc).__name__}: {exc}); it still exists there"
-                ) from exc
+        """Delete what was copied from the source, one file at a time, so a failure half
+        way never loses a file: the files already deleted stay at the destination, and the
+        copies of the others are removed again (or the error says that both exist).
+        Directories are removed last and only when empty, so a file that appeared in the
+        source during the move is never deleted."""
+        pairs = (
+            [(src, dst)]
+            if tree is None
+            else [(_join(src, rel), _join(dst, rel)) for rel in tree[1]]
+        )
+        for done, (item_src, _) in enumerate(pairs):
             try:
-                dest.delete(dst, recursive=True) if len(written) > 1 or (
-                    _overrides(dest, "is_dir") and dest.is_dir(dst)
-                ) else dest.delete(dst)
-            except Exception as undo:
-                raise TransferError(
-                    f"move: could not delete the source {str(src)!r} on {src_name!r} "
-                    f"({type(exc).__name__}: {exc}), nor remove the copy {str(dst)!r} on "
-                    f"{dst_name!r} ({type(undo).__name__}: {undo}): BOTH EXIST now"
-                ) from exc
+                source.delete(item_src)
+            except Exception as exc:
+                self._undo_copies(
+                    dest, pairs, done, tree, src, dst, src_name, dst_name, item_src, exc
+                )
+        if tree is not None:
+            for rel in [*reversed(tree[0]), ""]:
+                directory = _join(src, rel)
+                try:
+                    source.delete(directory)
+                except Exception as exc:
+                    raise TransferError(
+                        f"move: all {len(pairs)} files of {str(src)!r} are now at {str(dst)!r} "
+                        f"on {dst_name!r}, but the directory {directory!r} could not be removed "
+                        f"from {src_name!r} ({type(exc).__name__}: {exc}); anything still in it "
+                        "was not part of the move"
+                    ) from exc
+
+    def _undo_copies(
+        self,
+        dest: Backend,
+        pairs: list[tuple[Any, Any]],
+        done: int,
+        tree: tuple[list[str], list[str]] | None,
+        src: Any,
+        dst: Any,
+        src_name: str,
+        dst_name: str,
+        failed: Any,
+        exc: Exception,
+    ) -> NoReturn:
+        """The source's ``pairs[done]`` could not be deleted: remove the copies of the items
+        still in the source (never of those already deleted there) and raise TransferError
+        saying where every item is."""
+        cause = f"could not delete {str(failed)!r} on {src_name!r} ({type(exc).__name__}: {exc})"
+        moved = (
+            f"; {done} of {len(pairs)} files were already moved and are only at {str(dst)!r} "
+            f"on {dst_name!r}"
+            if done
+            else ""
+        )
+        if not dest.can_read:
             raise TransferError(
-                f"move: could not delete the source {str(src)!r} on {src_name!r} "
-                f"({type(exc).__name__}: {exc}); the copy on {dst_name!r} was removed again, "
-                "so nothing moved"
+                f"move: {str(src)!r} was delivered to {dst_name!r} but {cause}{moved}; the "
+                "files not moved still exist on both"
             ) from exc
+        both: list[str] = []
+        for _, item_dst in pairs[done:]:
+            try:
+                dest.delete(item_dst)
+            except Exception:
+                both.append(str(item_dst))
+        if tree is not None and not done:  # nothing moved: remove the directories copied
+            for rel in [*reversed(tree[0]), ""]:
+                with suppress(Exception):
+                    dest.delete(_join(dst, rel))  # only when empty
+        if both:
+            raise TransferError(
+                f"move: {cause}{moved}, nor remove the copies {both[:5]} on {dst_name!r}: "
+                "BOTH EXIST now"
+            ) from exc
+        if done:
+            raise TransferError(
+                f"move: {cause}{moved}; the copies of the other {len(pairs) - done} were "
+                f"removed again, so they are only on {src_name!r}"
+            ) from exc
+        raise TransferError(
+            f"move: {cause}; the copy on {dst_name!r} was removed again, so nothing moved"
+        ) from exc

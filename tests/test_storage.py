@@ -614,3 +614,65 @@ def test_memory_backend_copies_keep_items_but_pickles_do_not():
         clone.delete("a/x.npy")
         assert store.exists("a/x.npy")  # independent stores
     assert not pickle.loads(pickle.dumps(store)).exists("a/x.npy")  # one store per process
+
+
+def _lock_against_deletion(path: Path) -> bool:
+    """Make files in ``path`` undeletable for real: no write permission on the directory
+    (an ordinary user) or the immutable attribute (root, which ignores permissions)."""
+    if os.geteuid() != 0:
+        path.chmod(0o500)
+        return True
+    for file in path.iterdir():
+        if subprocess.run(["chattr", "+i", str(file)], capture_output=True).returncode != 0:
+            return False
+    return True
+
+
+def _unlock(path: Path) -> None:
+    if os.geteuid() != 0:
+        path.chmod(0o700)
+    else:
+        for file in path.iterdir():
+            subprocess.run(["chattr", "-i", str(file)], capture_output=True)
+
+
+def test_move_of_a_tree_whose_source_is_deleted_only_in_part_loses_no_file(tmp_path):
+    """Deleting a moved tree's source can fail half way (a file that cannot be removed):
+    each file must then still exist somewhere, and the error must say where."""
+    src = tmp_path / "src"
+    (src / "zlocked").mkdir(parents=True)
+    # Many files beside the locked one: whatever order a recursive delete takes, it is
+    # all but certain to remove some of them before it fails.
+    contents = {f"f{i}.bin": f"data {i}".encode() for i in range(30)}
+    contents["zlocked/keep.bin"] = b"locked"
+    for rel, data in contents.items():
+        (src / rel).write_bytes(data)
+    if not _lock_against_deletion(src / "zlocked"):
+        pytest.skip("cannot make a file undeletable on this filesystem")
+    memory = MemoryBackend()
+    fm = FileManager({"disk": DiskBackend(tmp_path), "memory": memory})
+    try:
+        with pytest.raises(TransferError) as raised:
+            fm.move("src", "moved", src_backend="disk", dst_backend="memory")
+    finally:
+        _unlock(src / "zlocked")
+    for rel, data in contents.items():
+        on_disk = (src / rel).read_bytes() if (src / rel).exists() else None
+        in_memory = memory.read_bytes(f"moved/{rel}") if memory.exists(f"moved/{rel}") else None
+        assert data in (on_disk, in_memory), f"{rel} was lost: {raised.value}"
+    assert "nothing moved" not in str(raised.value)
+    assert "only on 'disk'" in str(raised.value)  # says where the rest are
+
+
+def test_a_tree_with_a_symlink_to_a_directory_is_refused_before_anything_is_written(tmp_path):
+    """A link back up the tree made copy follow it 40 levels deep, writing a partial
+    tree before failing; a move would delete through the link."""
+    (tmp_path / "tree/x").mkdir(parents=True)
+    (tmp_path / "tree/x/f.bin").write_bytes(b"f")
+    (tmp_path / "tree/x/loop").symlink_to(tmp_path / "tree")
+    fm = FileManager({"disk": DiskBackend(tmp_path), "memory": MemoryBackend()})
+    for operation in (fm.copy, fm.move):
+        with pytest.raises(UnsupportedOperationError, match="symbolic link to a directory"):
+            operation("tree", "out", src_backend="disk", dst_backend="memory")
+        assert not fm.exists("out", "memory")
+    assert (tmp_path / "tree/x/f.bin").read_bytes() == b"f"
