@@ -16,6 +16,7 @@ from polystore.base import Backend, backend_label, backend_name, check_batch_len
 from polystore.errors import (
     BackendNotFoundError,
     DeliveryNotConfirmedError,
+    DestinationExistsError,
     NotFoundOnBackendError,
     ReadOnlyBackendError,
     TransferError,
@@ -386,7 +387,7 @@ class FileManager:
         loaded and given to the destination's ``save()`` with ``kwargs``. ``overwrite``
         defaults to False in the one-backend form (upstream never overwrote) and to True
         with ``src_backend``/``dst_backend``; an existing destination with
-        ``overwrite=False`` raises FileExistsError. Returns True.
+        ``overwrite=False`` raises DestinationExistsError (a FileExistsError). Returns True.
         """
         src_name, dst_name, single = self._endpoints(backend, src_backend, dst_backend, "copy")
         source, dest = self.get_backend(src_name), self.get_backend(dst_name)
@@ -414,7 +415,7 @@ class FileManager:
         if overwrite is None:
             overwrite = not single
         if not overwrite and _overrides(dest, "exists") and dest.exists(dst):
-            raise FileExistsError(
+            raise DestinationExistsError(
                 f"{str(dst)!r} already exists on backend {dst_name!r}; pass overwrite=True "
                 "to replace it"
             )

@@ -676,3 +676,12 @@ def test_a_tree_with_a_symlink_to_a_directory_is_refused_before_anything_is_writ
             operation("tree", "out", src_backend="disk", dst_backend="memory")
         assert not fm.exists("out", "memory")
     assert (tmp_path / "tree/x/f.bin").read_bytes() == b"f"
+
+
+@pytest.mark.parametrize("kind", ["disk", "memory"])
+def test_moving_a_directory_into_itself_is_a_clear_error(tmp_path, kind):
+    fm = FileManager({"disk": DiskBackend(tmp_path), "memory": MemoryBackend()})
+    fm.save(b"a", "d/a.bin", kind)
+    with pytest.raises(ValueError, match="into itself"):
+        fm.move("d", "d/sub/inner", kind)
+    assert fm.list_files("d", kind, recursive=True) == ["d/a.bin"]

@@ -13,6 +13,7 @@ from typing import IO, Any, ClassVar
 from polystore import formats
 from polystore.atomic import atomic_write, is_temp_name
 from polystore.base import StorageBackend
+from polystore.errors import DestinationExistsError
 from polystore.paths import name_matches, natural_sort_key, normalize_extensions, resolve_within
 
 __all__ = ["DiskBackend"]
@@ -119,8 +120,13 @@ class DiskBackend(StorageBackend):
         target = self._path(dst)
         if not source.exists() and not source.is_symlink():
             raise self._not_found(src)
+        is_tree = source.is_dir() and not source.is_symlink()
         if source.is_dir() and target.exists():
-            raise FileExistsError(f"Cannot move directory {str(src)!r} onto existing {str(dst)!r}")
+            raise DestinationExistsError(
+                f"Cannot move directory {str(src)!r} onto existing {str(dst)!r}"
+            )
+        if is_tree and target.resolve().is_relative_to(source.resolve()):
+            raise ValueError(f"Cannot move {str(src)!r} into itself ({str(dst)!r})")
         if target.is_dir() and not source.is_dir():
             raise IsADirectoryError(f"Cannot move {str(src)!r} onto directory {str(dst)!r}")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -133,9 +139,9 @@ class DiskBackend(StorageBackend):
         target, link_path = Path(os.path.abspath(self._path(source))), self._path(link)
         if link_path.is_symlink() or link_path.exists():
             if not overwrite:
-                raise FileExistsError(f"Cannot create symlink {str(link)!r}: it exists")
+                raise DestinationExistsError(f"Cannot create symlink {str(link)!r}: it exists")
             if not link_path.is_symlink():
-                raise FileExistsError(
+                raise DestinationExistsError(
                     f"Refusing to replace {str(link)!r} with a symlink: it is not a symlink"
                 )
             link_path.unlink()
