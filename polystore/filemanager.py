@@ -437,13 +437,36 @@ class FileManager:
             return {str(dst): self._transfer_file(source, dest, src, dst, kwargs)}
         dirs, files = tree
         written: dict[str, str | None] = {}
-        if _overrides(dest, "ensure_directory"):
-            dest.ensure_directory(dst)
-            for rel in dirs:
-                dest.ensure_directory(_join(dst, rel))
-        for rel in files:
-            target = _join(dst, rel)
-            written[target] = self._transfer_file(source, dest, _join(src, rel), target, kwargs)
+        created: list[str] = []  # what did not exist before, in creation order
+        can_check = _overrides(dest, "exists")
+
+        def note_new(path: str) -> None:
+            if can_check and not dest.exists(path):
+                created.append(path)
+
+        try:
+            if _overrides(dest, "ensure_directory"):
+                for rel in ["", *dirs]:
+                    note_new(_join(dst, rel))
+                    dest.ensure_directory(_join(dst, rel))
+            for rel in files:
+                target = _join(dst, rel)
+                note_new(target)
+                written[target] = self._transfer_file(
+                    source, dest, _join(src, rel), target, kwargs
+                )
+        except BaseException as exc:
+            # A tree copy that stops half way (a full disk, a file that cannot be read)
+            # leaves nothing of itself behind: a partial tree would look like a finished one.
+            for path in reversed(created):
+                with suppress(Exception):
+                    dest.delete(path)  # a directory only when empty
+            exc.add_note(
+                f"polystore: the copy of {str(src)!r} stopped; the source is untouched and "
+                f"the {len(created)} files and directories it had created at {str(dst)!r} "
+                "were removed again"
+            )
+            raise
         return written
 
     def move(

@@ -685,3 +685,39 @@ def test_moving_a_directory_into_itself_is_a_clear_error(tmp_path, kind):
     with pytest.raises(ValueError, match="into itself"):
         fm.move("d", "d/sub/inner", kind)
     assert fm.list_files("d", kind, recursive=True) == ["d/a.bin"]
+
+
+_FULL_DISK_SCRIPT = """
+import os, sys
+from polystore import DiskBackend, FileManager
+src, small = sys.argv[1], sys.argv[2]
+fm = FileManager({"disk": DiskBackend()})
+try:
+    fm.move(src, os.path.join(small, "tree"), "disk")  # another filesystem: copy, then delete
+except OSError as error:
+    print("refused", error.errno)
+print("left", sorted(os.listdir(small)))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_disk_mid_move_keeps_the_source_and_leaves_no_partial_tree(tmp_path):
+    """A 1 MiB tmpfs (in a private mount namespace) fills up half way through a tree."""
+    src = tmp_path / "tree"
+    (src / "sub").mkdir(parents=True)
+    files = {f"f{i}.bin": os.urandom(300_000) for i in range(4)} | {"sub/g.bin": b"g" * 10}
+    for rel, data in files.items():
+        (src / rel).write_bytes(data)
+    small = tmp_path / "small"
+    small.mkdir()
+    command = (
+        f"mount -t tmpfs -o size=1M tmpfs {small} && "
+        f"{sys.executable} -c '{_FULL_DISK_SCRIPT}' {src} {small}"
+    )
+    result = subprocess.run(["unshare", "-m", "sh", "-c", command], capture_output=True, text=True)
+    if "refused" not in result.stdout and "left" not in result.stdout:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr[-300:]}")
+    assert "refused 28" in result.stdout, result.stdout + result.stderr  # ENOSPC reported
+    assert "left []" in result.stdout, result.stdout  # no partial tree
+    for rel, data in files.items():
+        assert (src / rel).read_bytes() == data
