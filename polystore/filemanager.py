@@ -499,7 +499,7 @@ class FileManager:
         """
         src_name, dst_name, single = self._endpoints(backend, src_backend, dst_backend, "move")
         source, dest = self.get_backend(src_name), self.get_backend(dst_name)
-        if source is dest and source.same_path(src, dst):
+        if self._same_item(source, dest, src, dst):
             return True  # moving an item onto itself: nothing to do, and nothing to delete
         if not source.can_write:
             raise ReadOnlyBackendError(src_name, "delete (needed to move)")
@@ -521,6 +521,16 @@ class FileManager:
         self._delete_source(source, dest, src, dst, src_name, dst_name, tree)
         logger.debug("moved %s (%s) -> %s (%s)", src, src_name, dst, dst_name)
         return True
+
+    @staticmethod
+    def _same_item(source: Backend, dest: Backend, src: Any, dst: Any) -> bool:
+        """Whether ``src`` and ``dst`` name one stored item (also through two disk
+        backends, or a symbolic link and its target)."""
+        if source is dest:
+            return source.same_path(src, dst)
+        if isinstance(source, DiskBackend) and isinstance(dest, DiskBackend):
+            return dest.same_path(src, dst, from_backend=source)
+        return False
 
     @staticmethod
     def _try_rename(source: Backend, dest: Backend, src: Any, dst: Any) -> bool:

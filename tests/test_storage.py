@@ -721,3 +721,24 @@ def test_a_full_disk_mid_move_keeps_the_source_and_leaves_no_partial_tree(tmp_pa
     assert "left []" in result.stdout, result.stdout  # no partial tree
     for rel, data in files.items():
         assert (src / rel).read_bytes() == data
+
+
+def test_moving_a_link_onto_its_target_through_two_disk_backends_keeps_the_file(tmp_path):
+    """Through two disk backends (one filesystem: a rename) a symlink moved onto its own
+    target replaced the file with a link to itself, and the content was gone."""
+    (tmp_path / "real.bin").write_bytes(b"content")
+    (tmp_path / "link.bin").symlink_to(tmp_path / "real.bin")
+    fm = FileManager({"disk": DiskBackend(), "lab": DiskBackend(tmp_path)})
+    fm.move(str(tmp_path / "link.bin"), "real.bin", src_backend="disk", dst_backend="lab")
+    assert (tmp_path / "real.bin").read_bytes() == b"content"
+
+
+def test_moving_a_hard_link_onto_another_link_of_the_same_file_moves_it(tmp_path):
+    """rename() between two hard links of one file does nothing: the move returned True
+    and left the source in place."""
+    (tmp_path / "a.bin").write_bytes(b"content")
+    os.link(tmp_path / "a.bin", tmp_path / "b.bin")
+    fm = FileManager({"disk": DiskBackend(tmp_path)})
+    assert fm.move("a.bin", "b.bin", "disk", overwrite=True) is True
+    assert not (tmp_path / "a.bin").exists()
+    assert (tmp_path / "b.bin").read_bytes() == b"content"

@@ -50,9 +50,10 @@ class DiskBackend(StorageBackend):
             return Path(path)
         return resolve_within(self.base_dir, path)
 
-    def same_path(self, a: Any, b: Any) -> bool:
-        """Same file after resolving the base directory, '..' and symlinks."""
-        return self._path(a).resolve() == self._path(b).resolve()
+    def same_path(self, a: Any, b: Any, *, from_backend: DiskBackend | None = None) -> bool:
+        """Same file after resolving the base directory, '..' and symlinks
+        (``from_backend``: ``a`` is a path of that disk backend)."""
+        return (from_backend or self)._path(a).resolve() == self._path(b).resolve()
 
     def _not_found(self, path: Any) -> FileNotFoundError:
         where = f" under {str(self.base_dir)!r}" if self.base_dir is not None else ""
@@ -129,6 +130,11 @@ class DiskBackend(StorageBackend):
             raise ValueError(f"Cannot move {str(src)!r} into itself ({str(dst)!r})")
         if target.is_dir() and not source.is_dir():
             raise IsADirectoryError(f"Cannot move {str(src)!r} onto directory {str(dst)!r}")
+        if source.resolve() == target.resolve():
+            return  # one file spelt twice (or a link onto its target): replacing would lose it
+        if target.exists() and not is_tree and os.path.samefile(source, target):
+            source.unlink()  # hard links of one file: rename() would do nothing
+            return
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(source, target)
 
