@@ -126,9 +126,9 @@ def _numeric_array(data: Any, path: str, accepts: str) -> np.ndarray:
     return array
 
 
-def _no_kwargs(fmt: str, kwargs: dict[str, Any]) -> None:
+def _no_kwargs(fmt: str, kwargs: dict[str, Any], operation: str = "save() to") -> None:
     if kwargs:
-        raise TypeError(f"save() to {fmt} got unexpected keyword arguments {sorted(kwargs)}")
+        raise TypeError(f"{operation} {fmt} got unexpected keyword arguments {sorted(kwargs)}")
 
 
 # -- NumPy ----------------------------------------------------------------------------------
@@ -247,7 +247,7 @@ def _write_text(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any])
 
 
 def _read_text(source: Source, path: str, kwargs: dict[str, Any]) -> str:
-    _no_kwargs(".txt", kwargs)
+    _no_kwargs(".txt", kwargs, "load() of")
     return _text(source)
 
 
@@ -260,11 +260,15 @@ _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _INTEGER = re.compile(r"^[+-]?\d+$")
 
 
+_FLOAT_WORDS = frozenset({"nan", "inf", "-inf"})  # how str() writes them
+
+
 def _cell(text: str) -> Any:
-    """A CSV cell back as the number it was written from, else the text."""
+    """A CSV cell back as the number it was written from, else the text. An integer only
+    in the form str() writes it: '007' or '+5' stay text (identifiers, not numbers)."""
     if _INTEGER.match(text):
-        return int(text)
-    if _NUMBER.match(text):
+        return int(text) if str(int(text)) == text else text
+    if _NUMBER.match(text) or text in _FLOAT_WORDS:
         return float(text)
     return text
 
@@ -330,7 +334,7 @@ def _read_csv(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
     dtype = kwargs.pop("dtype", None) if form == "array" else None
     lines = io.StringIO(_text(source), newline="")
     if form == "text":
-        _no_kwargs(".csv text", kwargs)
+        _no_kwargs(".csv text", kwargs, "load() of")
         return lines.getvalue()
     if form == "dicts":
         return [{k: _cell(v) for k, v in row.items()} for row in csv.DictReader(lines, **kwargs)]

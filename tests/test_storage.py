@@ -398,6 +398,20 @@ def test_csv_forms_load_back_as_written(tmp_path):
     assert disk.load("records.csv").startswith("well,cells,mean")  # default: the text
 
 
+def test_csv_keeps_identifiers_that_look_like_numbers_and_floats_that_are_not_finite(tmp_path):
+    """'007' came back as 7 (a plate or zip code silently changed), and a NaN in a float
+    array came back as the text 'nan', turning the whole array into strings."""
+    disk = DiskBackend(tmp_path)
+    rows = [["id", "count", "ratio"], ["007", 3, float("inf")], ["+5", -2, 0.5]]
+    disk.save(rows, "ids.csv")
+    assert disk.load("ids.csv", as_="rows") == rows
+    with_nan = np.array([[1.0, np.nan], [-np.inf, 2.5]])
+    disk.save(with_nan, "nan.csv")
+    loaded = disk.load("nan.csv", as_="array")
+    assert loaded.dtype == np.float64
+    np.testing.assert_array_equal(loaded, with_nan)
+
+
 def test_csv_from_a_pandas_dataframe(tmp_path):
     pd = pytest.importorskip("pandas")
     frame = pd.DataFrame({"well": ["A01", "B02"], "cells": [42, 7], "mean": [1.5, 0.25]})
