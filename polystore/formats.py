@@ -181,20 +181,58 @@ def _read_tiff(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
 
 
 # -- 8-bit images through imageio -----------------------------------------------------------
-def _image_format(name: str, extensions: tuple[str, ...], dtypes: tuple[str, ...]) -> Format:
-    accepts = f"a {' or '.join(dtypes)} array of shape (y, x), (y, x, 3) or (y, x, 4)" + (
-        " or a stack (n, y, x[, 3|4])" if name == "gif" else ""
+def _image_shape_ok(name: str, array: np.ndarray) -> bool:
+    """What the Pillow writer behind imageio stores exactly: 16 bits only for grey PNG,
+    alpha only in PNG (JPEG refuses it, BMP and GIF drop it)."""
+    dtype, ndim, last = array.dtype.name, array.ndim, array.shape[-1] if array.ndim else 0
+    if name == "png":
+        rgb_or_rgba = ndim == 3 and last in (3, 4)
+        return (dtype == "uint8" and (ndim == 2 or rgb_or_rgba)) or (
+            dtype == "uint16" and ndim == 2
+        )
+    if dtype != "uint8":
+        return False
+    if name == "gif":  # a frame (y, x[, 3]) or a stack (n, y, x[, 3])
+        return ndim == 2 or (ndim == 3 and last != 4) or (ndim == 4 and last == 3)
+    return ndim == 2 or (ndim == 3 and last == 3)
+
+
+def _most_gif_colours(array: np.ndarray) -> int:
+    """The largest number of distinct colours in one frame (GIF keeps at most 256; Pillow
+    silently quantises the rest)."""
+    if array.shape[-1] != 3 or array.ndim == 2:
+        return 0  # grey frames: at most 256 levels
+    frames = array.reshape(-1, *array.shape[-3:]) if array.ndim == 4 else array[None]
+    packed = (
+        frames[..., 0].astype(np.uint32) << 16
+        | frames[..., 1].astype(np.uint32) << 8
+        | frames[..., 2]
     )
+    return max(len(np.unique(frame)) for frame in packed)
+
+
+_IMAGE_ACCEPTS = {
+    "png": "a uint8 or uint16 array of shape (y, x), or a uint8 (y, x, 3) or (y, x, 4)",
+    "jpeg": "a uint8 array of shape (y, x) or (y, x, 3) (no alpha; lossy)",
+    "bmp": "a uint8 array of shape (y, x) or (y, x, 3) (no alpha)",
+    "gif": "a uint8 frame (y, x) or (y, x, 3), or a stack (n, y, x[, 3]), with at most 256 "
+    "colours per frame (no alpha)",
+}
+
+
+def _image_format(name: str, extensions: tuple[str, ...]) -> Format:
+    accepts = _IMAGE_ACCEPTS[name]
 
     def write_image(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any]) -> None:
         import imageio.v3 as iio
 
         array = _numeric_array(data, path, accepts)
-        channels_ok = array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))
-        if name == "gif":
-            channels_ok = channels_ok or (array.ndim == 3 or array.ndim == 4)
-        if array.dtype.name not in dtypes or not channels_ok:
+        if not _image_shape_ok(name, array):
             raise FormatDataError(path, _describe(array), accepts)
+        if name == "gif" and (colours := _most_gif_colours(array)) > 256:
+            raise FormatDataError(
+                path, f"{_describe(array)} with {colours} colours in a frame", accepts
+            )
         iio.imwrite(handle, array, extension=extensions[0], **kwargs)
 
     def read_image(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
@@ -348,10 +386,10 @@ for _fmt in (
     Format("npy", (".npy",), _NPY_ACCEPTS, _write_npy, _read_npy),
     Format("npz", (".npz",), _NPZ_ACCEPTS, _write_npz, _read_npz),
     Format("tiff", (".tif", ".tiff"), _TIFF_ACCEPTS, _write_tiff, _read_tiff),
-    _image_format("png", (".png",), ("uint8", "uint16")),
-    _image_format("jpeg", (".jpg", ".jpeg"), ("uint8",)),
-    _image_format("bmp", (".bmp",), ("uint8",)),
-    _image_format("gif", (".gif",), ("uint8",)),
+    _image_format("png", (".png",)),
+    _image_format("jpeg", (".jpg", ".jpeg")),
+    _image_format("bmp", (".bmp",)),
+    _image_format("gif", (".gif",)),
     Format("json", (".json",), "JSON-serialisable data", _write_json, _read_json),
     Format("text", (".txt",), "str", _write_text, _read_text),
     Format("csv", (".csv",), _CSV_ACCEPTS, _write_csv, _read_csv),

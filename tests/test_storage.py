@@ -365,6 +365,35 @@ def test_jpeg_and_gif(tmp_path):
     np.testing.assert_array_equal(fm.load("movie.gif", "disk", mode="L"), frames)
 
 
+@pytest.mark.parametrize(
+    ("name", "array"),
+    [
+        ("rgba.jpg", np.full((8, 8, 4), 200, np.uint8)),  # Pillow: a bare OSError
+        ("rgba.bmp", np.full((8, 8, 4), 200, np.uint8)),  # saved, alpha silently dropped
+        ("deep-rgb.png", np.full((8, 8, 3), 40000, np.uint16)),  # Pillow: a bare TypeError
+        ("rgba.gif", np.full((8, 8, 4), 200, np.uint8)),  # alpha silently dropped
+        # 1024 colours in one frame: Pillow silently quantised it to 256
+        ("many.gif", np.random.default_rng(7).integers(0, 256, (32, 32, 3), dtype=np.uint8)),
+    ],
+)
+def test_images_a_format_cannot_hold_exactly_are_refused_with_a_clear_error(
+    tmp_path, name, array
+):
+    fm = FileManager({"disk": DiskBackend(tmp_path)})
+    with pytest.raises(FormatDataError, match=name) as raised:
+        fm.save(array, name, "disk")
+    assert "this extension takes" in str(raised.value)
+    assert not (tmp_path / name).exists()
+
+
+def test_a_gif_with_up_to_256_colours_per_frame_round_trips(tmp_path):
+    palette = np.random.default_rng(8).integers(0, 256, (256, 3), dtype=np.uint8)
+    frames = palette[np.random.default_rng(9).integers(0, 256, (2, 24, 24))]
+    fm = FileManager({"disk": DiskBackend(tmp_path)})
+    fm.save(frames, "palette.gif", "disk")
+    np.testing.assert_array_equal(fm.load("palette.gif", "disk"), frames)
+
+
 def test_npz(tmp_path):
     disk = DiskBackend(tmp_path)
     arrays = {"raw": np.arange(6).reshape(2, 3), "mask": np.eye(3, dtype=bool)}
