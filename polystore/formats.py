@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import re
+import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
@@ -140,8 +141,18 @@ def _write_npy(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any]) 
     np.save(handle, _numeric_array(data, path, _NPY_ACCEPTS), allow_pickle=False)
 
 
+def _damaged(path: str, kind: str, exc: BaseException) -> ImageLoadError:
+    return ImageLoadError(
+        f"Cannot read {path!r} as {kind}: {exc} (the file is damaged, truncated, or not "
+        f"a {kind} file; load it as bytes with read_bytes() to inspect it)"
+    )
+
+
 def _read_npy(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
-    return np.load(source, allow_pickle=False, **kwargs)
+    try:
+        return np.load(source, allow_pickle=False, **kwargs)
+    except (ValueError, EOFError) as exc:  # numpy calls any bad header "pickled data"
+        raise _damaged(path, "NPY", exc) from exc
 
 
 _NPZ_ACCEPTS = "a numeric array, a list of arrays, or a dict of name -> array"
@@ -160,8 +171,11 @@ def _write_npz(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any]) 
 
 
 def _read_npz(source: Source, path: str, kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
-    with np.load(source, allow_pickle=False, **kwargs) as archive:
-        return {name: archive[name] for name in archive.files}
+    try:
+        with np.load(source, allow_pickle=False, **kwargs) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise _damaged(path, "NPZ", exc) from exc
 
 
 # -- TIFF -----------------------------------------------------------------------------------
@@ -177,7 +191,17 @@ def _write_tiff(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any])
 
 
 def _read_tiff(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
-    return tifffile.imread(source, **kwargs)
+    try:
+        array = tifffile.imread(source, **kwargs)
+    except tifffile.TiffFileError as exc:
+        raise _damaged(path, "TIFF", exc) from exc
+    if getattr(array, "size", 1) == 0:  # tifffile returns an empty array when no page reads
+        if not isinstance(source, str):
+            source.seek(0)
+        with tifffile.TiffFile(source) as tif:
+            if len(tif.pages) == 0:
+                raise _damaged(path, "TIFF", "no readable page")
+    return array
 
 
 # -- 8-bit images through imageio -----------------------------------------------------------

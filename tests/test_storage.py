@@ -394,6 +394,25 @@ def test_a_gif_with_up_to_256_colours_per_frame_round_trips(tmp_path):
     np.testing.assert_array_equal(fm.load("palette.gif", "disk"), frames)
 
 
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("damaged.tif", b"II*\x00garbage"),  # tifffile: a TiffFileError without the path
+        ("damaged.npy", b"\x93NUMPY\x01\x00garbage"),  # numpy: "contains pickled data"
+        ("damaged.npz", b"PK\x03\x04garbage"),  # zipfile.BadZipFile without the path
+    ],
+)
+def test_a_damaged_file_is_an_error_that_names_it(tmp_path, name, content):
+    from polystore.exceptions import ImageLoadError
+
+    (tmp_path / name).write_bytes(content)
+    for backend in (DiskBackend(tmp_path), MemoryBackend()):
+        if isinstance(backend, MemoryBackend):
+            backend.write_bytes(content, name)
+        with pytest.raises(ImageLoadError, match=f"{name}.*damaged"):
+            FileManager({"b": backend}).load(name, "b")
+
+
 def test_npz(tmp_path):
     disk = DiskBackend(tmp_path)
     arrays = {"raw": np.arange(6).reshape(2, 3), "mask": np.eye(3, dtype=bool)}
