@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from collections import deque
 from collections.abc import Iterable, Mapping, MutableMapping
 from contextlib import suppress
 from pathlib import PurePosixPath
 from typing import Any, NoReturn
+
+import numpy as np
+import tifffile
 
 from polystore import formats
 from polystore.backends.disk import DiskBackend
@@ -58,6 +62,30 @@ def _delivery_policy(sink: Backend) -> str | None:
         if isinstance(policy, str):
             return policy
     return None
+
+
+def _refuse_partial_decode(source: Backend, src: Any, dst: Any) -> None:
+    """A TIFF of several series decodes to its first series only: a move that converted
+    it would delete the others, so say so before anything is written."""
+    fmt = formats.format_for(src)
+    if fmt is None or fmt.name != "tiff" or not source.can_hold_bytes:
+        return
+    try:
+        raw = source.read_bytes(src)
+    except UnsupportedFormatError:
+        return
+    try:
+        with tifffile.TiffFile(io.BytesIO(raw)) as tif:
+            count = len(tif.series)
+    except tifffile.TiffFileError:
+        return  # load() reports a damaged file
+    if count > 1:
+        raise TransferError(
+            f"{str(src)!r} holds {count} TIFF series and load() reads only the first, so "
+            f"moving it to {str(dst)!r} would convert it and drop the rest; nothing was "
+            "written and the source was kept. Keep "
+            "the extension (bytes are copied exactly), or load(..., series=i) each and save it"
+        )
 
 
 def _join(base: Any, rel: str) -> str:
@@ -349,13 +377,20 @@ class FileManager:
 
     @staticmethod
     def _transfer_file(
-        source: Backend, dest: Backend, src: Any, dst: Any, kwargs: dict[str, Any]
+        source: Backend,
+        dest: Backend,
+        src: Any,
+        dst: Any,
+        kwargs: dict[str, Any],
+        for_move: bool = False,
     ) -> str | None:
         """Copy one item; returns the sha256 of its bytes when they were copied verbatim.
 
         Bytes travel as they are when both backends hold bytes and the two paths name the
         same format ('a.tif' -> 'b.tiff', 'x.bin' -> 'y.bin'); a change of format
-        ('a.tif' -> 'a.npy') or keyword arguments for the writer mean decode and re-encode."""
+        ('a.tif' -> 'a.npy') or keyword arguments for the writer mean decode and re-encode.
+        For a move (``for_move``) a conversion that would keep only part of the item (a
+        TIFF of several series) is refused, and the converted array must load back equal."""
         same_format = formats.format_for(src) is formats.format_for(dst)
         if source.can_hold_bytes and dest.can_hold_bytes and same_format and not kwargs:
             try:
@@ -365,7 +400,22 @@ class FileManager:
             if raw is not None:
                 dest.write_bytes(raw, dst)
                 return hashlib.sha256(raw).hexdigest()
-        dest.save(source.load(src), dst, **kwargs)
+        if for_move:
+            _refuse_partial_decode(source, src, dst)
+        data = source.load(src)
+        dest.save(data, dst, **kwargs)
+        if for_move and dest.can_read and isinstance(data, np.ndarray):
+            back = dest.load(dst)
+            if not (
+                isinstance(back, np.ndarray)
+                and back.dtype == data.dtype
+                and np.array_equal(back, data, equal_nan=data.dtype.kind in "fc")
+            ):
+                raise TransferError(
+                    f"move of {str(src)!r}: converting it to {str(dst)!r} changed the data (a "
+                    "lossy format, or writer options); the source was kept, the converted copy "
+                    "stays at the destination"
+                )
         return None
 
     def copy(
@@ -428,13 +478,14 @@ class FileManager:
         dst: Any,
         kwargs: dict[str, Any],
         tree: tuple[list[str], list[str]] | None | bool = False,
+        for_move: bool = False,
     ) -> dict[str, str | None]:
         """Copy a file or tree (``tree``: from :meth:`_items`, listed here when not given);
         returns destination path -> sha256 (None: re-encoded)."""
         if tree is False:
             tree = self._items(source, src)
         if tree is None:
-            return {str(dst): self._transfer_file(source, dest, src, dst, kwargs)}
+            return {str(dst): self._transfer_file(source, dest, src, dst, kwargs, for_move)}
         dirs, files = tree
         written: dict[str, str | None] = {}
         created: list[str] = []  # what did not exist before, in creation order
@@ -453,7 +504,7 @@ class FileManager:
                 target = _join(dst, rel)
                 note_new(target)
                 written[target] = self._transfer_file(
-                    source, dest, _join(src, rel), target, kwargs
+                    source, dest, _join(src, rel), target, kwargs, for_move
                 )
         except BaseException as exc:
             # A tree copy that stops half way (a full disk, a file that cannot be read)
@@ -514,7 +565,7 @@ class FileManager:
             return True
         tree = self._items(source, src)  # listed once: only what was copied is deleted
         if dest.can_read:
-            written = self._copy(source, dest, src, dst, kwargs, tree)
+            written = self._copy(source, dest, src, dst, kwargs, tree, for_move=True)
             self._verify(dest, written, dst_name, src)
         else:
             self._deliver(source, dest, src, dst, dst_name, kwargs, tree)

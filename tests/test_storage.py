@@ -193,6 +193,30 @@ def test_move_to_another_format_converts(tmp_path):
     assert not (tmp_path / "a.tif").exists()
 
 
+def test_a_move_converting_a_multi_series_tiff_is_refused_before_anything_is_written(
+    tmp_path,
+):
+    """load() reads series 0, so moving 'two.tif' to 'two.npy' kept one series of two and
+    deleted the source. (copy() still converts series 0: the source stays.)"""
+    make_multi_series(tmp_path / "two.tif")
+    before = sha256(tmp_path / "two.tif")
+    fm = FileManager({"disk": DiskBackend(tmp_path)})
+    with pytest.raises(TransferError, match="2 TIFF series"):
+        fm.move("two.tif", "two.npy", "disk")
+    assert sha256(tmp_path / "two.tif") == before
+    assert not (tmp_path / "two.npy").exists()
+
+
+def test_a_move_whose_conversion_changes_the_data_keeps_the_source(tmp_path):
+    """'a.png' -> 'a.jpg' re-encoded lossily and deleted the exact original."""
+    fm = FileManager({"disk": DiskBackend(tmp_path)})
+    noise = np.random.default_rng(10).integers(0, 256, (16, 16), dtype=np.uint8)
+    fm.save(noise, "a.png", "disk")
+    with pytest.raises(TransferError, match="changed the data"):
+        fm.move("a.png", "a.jpg", "disk")
+    np.testing.assert_array_equal(fm.load("a.png", "disk"), noise)
+
+
 def test_copy_does_not_overwrite_in_upstreams_one_backend_form(tmp_path):
     (tmp_path / "a.bin").write_bytes(b"new")
     (tmp_path / "b.bin").write_bytes(b"old")
