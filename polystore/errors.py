@@ -15,6 +15,7 @@ __all__ = [
     "BackendNotFoundError",
     "BackendNotInstantiableError",
     "DeliveryNotConfirmedError",
+    "DestinationExistsError",
     "DuplicateBackendError",
     "FormatDataError",
     "ImageLoadError",
@@ -198,6 +199,14 @@ class BackendLoadError(StorageResolutionError, KeyError):
 
 class NotFoundOnBackendError(StorageResolutionError, FileNotFoundError):
     """A path does not exist on a backend (a FileNotFoundError that names both)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+class DestinationExistsError(StorageResolutionError, FileExistsError):
+    """A copy, move or symlink would replace an existing item without being asked to (a
+    FileExistsError; upstream's FileManager reported it as StorageResolutionError)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

@@ -10,7 +10,8 @@ upstream name              raised here as (subclasses)
 =========================  ===========================================================
 StorageResolutionError     BackendNotFoundError, BackendNotInstantiableError,
                            BackendLoadError, NotFoundOnBackendError (a missing path),
-                           UnsupportedOperationError, UnsupportedFormatError
+                           DestinationExistsError (copy/move/symlink onto an existing
+                           item), UnsupportedOperationError, UnsupportedFormatError
 StorageWriteError          ReadOnlyBackendError, TransferError, DeliveryNotConfirmedError
 ImageSaveError             FormatDataError (data the extension cannot hold)
 ImageLoadError             decoding failures of a stored file

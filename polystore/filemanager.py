@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from collections import deque
 from collections.abc import Iterable, Mapping, MutableMapping
+from contextlib import suppress
 from pathlib import PurePosixPath
 from typing import Any, NoReturn
 
+import numpy as np
+import tifffile
+
 from polystore import formats
 from polystore.backends.disk import DiskBackend
-from polystore.base import Backend, backend_name, check_batch_lengths
+from polystore.base import Backend, backend_label, backend_name, check_batch_lengths
 from polystore.errors import (
     BackendNotFoundError,
     DeliveryNotConfirmedError,
+    DestinationExistsError,
     NotFoundOnBackendError,
     ReadOnlyBackendError,
     TransferError,
@@ -56,6 +62,30 @@ def _delivery_policy(sink: Backend) -> str | None:
         if isinstance(policy, str):
             return policy
     return None
+
+
+def _refuse_partial_decode(source: Backend, src: Any, dst: Any) -> None:
+    """A TIFF of several series decodes to its first series only: a move that converted
+    it would delete the others, so say so before anything is written."""
+    fmt = formats.format_for(src)
+    if fmt is None or fmt.name != "tiff" or not source.can_hold_bytes:
+        return
+    try:
+        raw = source.read_bytes(src)
+    except UnsupportedFormatError:
+        return
+    try:
+        with tifffile.TiffFile(io.BytesIO(raw)) as tif:
+            count = len(tif.series)
+    except tifffile.TiffFileError:
+        return  # load() reports a damaged file
+    if count > 1:
+        raise TransferError(
+            f"{str(src)!r} holds {count} TIFF series and load() reads only the first, so "
+            f"moving it to {str(dst)!r} would convert it and drop the rest; nothing was "
+            "written and the source was kept. Keep "
+            "the extension (bytes are copied exactly), or load(..., series=i) each and save it"
+        )
 
 
 def _join(base: Any, rel: str) -> str:
@@ -314,7 +344,12 @@ class FileManager:
         return str(src_backend), str(dst_backend), False
 
     def _items(self, source: Backend, src: Any) -> tuple[list[str], list[str]] | None:
-        """For a directory: its sub-directories and files relative to it; None for a file."""
+        """For a directory: its sub-directories and files relative to it; None for a file.
+
+        A symbolic link to a file counts as that file (its content is copied; a move
+        removes only the link). A symbolic link to a directory is refused before anything
+        is written: following it could loop, and a move would have to delete files that
+        live outside the tree."""
         if not (_overrides(source, "is_dir") and source.is_dir(src)):
             return None
         dirs: list[str] = []
@@ -325,6 +360,15 @@ class FileManager:
             for name in source.list_dir(_join(src, rel)):
                 child = f"{rel}/{name}" if rel else name
                 if source.is_dir(_join(src, child)):
+                    if source.is_symlink(_join(src, child)):
+                        raise UnsupportedOperationError(
+                            backend_label(source),
+                            "copy",
+                            f"{_join(src, child)!r} is a symbolic link to a directory: "
+                            "following it could loop, and a move would delete files outside "
+                            "the tree. Nothing was copied; copy its target separately, or "
+                            "move the tree within one filesystem (a rename)",
+                        )
                     dirs.append(child)
                     queue.append(child)
                 else:
@@ -333,13 +377,20 @@ class FileManager:
 
     @staticmethod
     def _transfer_file(
-        source: Backend, dest: Backend, src: Any, dst: Any, kwargs: dict[str, Any]
+        source: Backend,
+        dest: Backend,
+        src: Any,
+        dst: Any,
+        kwargs: dict[str, Any],
+        for_move: bool = False,
     ) -> str | None:
         """Copy one item; returns the sha256 of its bytes when they were copied verbatim.
 
         Bytes travel as they are when both backends hold bytes and the two paths name the
         same format ('a.tif' -> 'b.tiff', 'x.bin' -> 'y.bin'); a change of format
-        ('a.tif' -> 'a.npy') or keyword arguments for the writer mean decode and re-encode."""
+        ('a.tif' -> 'a.npy') or keyword arguments for the writer mean decode and re-encode.
+        For a move (``for_move``) a conversion that would keep only part of the item (a
+        TIFF of several series) is refused, and the converted array must load back equal."""
         same_format = formats.format_for(src) is formats.format_for(dst)
         if source.can_hold_bytes and dest.can_hold_bytes and same_format and not kwargs:
             try:
@@ -349,7 +400,22 @@ class FileManager:
             if raw is not None:
                 dest.write_bytes(raw, dst)
                 return hashlib.sha256(raw).hexdigest()
-        dest.save(source.load(src), dst, **kwargs)
+        if for_move:
+            _refuse_partial_decode(source, src, dst)
+        data = source.load(src)
+        dest.save(data, dst, **kwargs)
+        if for_move and dest.can_read and isinstance(data, np.ndarray):
+            back = dest.load(dst)
+            if not (
+                isinstance(back, np.ndarray)
+                and back.dtype == data.dtype
+                and np.array_equal(back, data, equal_nan=data.dtype.kind in "fc")
+            ):
+                raise TransferError(
+                    f"move of {str(src)!r}: converting it to {str(dst)!r} changed the data (a "
+                    "lossy format, or writer options); the source was kept, the converted copy "
+                    "stays at the destination"
+                )
         return None
 
     def copy(
@@ -371,7 +437,7 @@ class FileManager:
         loaded and given to the destination's ``save()`` with ``kwargs``. ``overwrite``
         defaults to False in the one-backend form (upstream never overwrote) and to True
         with ``src_backend``/``dst_backend``; an existing destination with
-        ``overwrite=False`` raises FileExistsError. Returns True.
+        ``overwrite=False`` raises DestinationExistsError (a FileExistsError). Returns True.
         """
         src_name, dst_name, single = self._endpoints(backend, src_backend, dst_backend, "copy")
         source, dest = self.get_backend(src_name), self.get_backend(dst_name)
@@ -399,27 +465,59 @@ class FileManager:
         if overwrite is None:
             overwrite = not single
         if not overwrite and _overrides(dest, "exists") and dest.exists(dst):
-            raise FileExistsError(
+            raise DestinationExistsError(
                 f"{str(dst)!r} already exists on backend {dst_name!r}; pass overwrite=True "
                 "to replace it"
             )
 
     def _copy(
-        self, source: Backend, dest: Backend, src: Any, dst: Any, kwargs: dict[str, Any]
+        self,
+        source: Backend,
+        dest: Backend,
+        src: Any,
+        dst: Any,
+        kwargs: dict[str, Any],
+        tree: tuple[list[str], list[str]] | None | bool = False,
+        for_move: bool = False,
     ) -> dict[str, str | None]:
-        """Copy a file or tree; returns destination path -> sha256 (None: re-encoded)."""
-        tree = self._items(source, src)
+        """Copy a file or tree (``tree``: from :meth:`_items`, listed here when not given);
+        returns destination path -> sha256 (None: re-encoded)."""
+        if tree is False:
+            tree = self._items(source, src)
         if tree is None:
-            return {str(dst): self._transfer_file(source, dest, src, dst, kwargs)}
+            return {str(dst): self._transfer_file(source, dest, src, dst, kwargs, for_move)}
         dirs, files = tree
         written: dict[str, str | None] = {}
-        if _overrides(dest, "ensure_directory"):
-            dest.ensure_directory(dst)
-            for rel in dirs:
-                dest.ensure_directory(_join(dst, rel))
-        for rel in files:
-            target = _join(dst, rel)
-            written[target] = self._transfer_file(source, dest, _join(src, rel), target, kwargs)
+        created: list[str] = []  # what did not exist before, in creation order
+        can_check = _overrides(dest, "exists")
+
+        def note_new(path: str) -> None:
+            if can_check and not dest.exists(path):
+                created.append(path)
+
+        try:
+            if _overrides(dest, "ensure_directory"):
+                for rel in ["", *dirs]:
+                    note_new(_join(dst, rel))
+                    dest.ensure_directory(_join(dst, rel))
+            for rel in files:
+                target = _join(dst, rel)
+                note_new(target)
+                written[target] = self._transfer_file(
+                    source, dest, _join(src, rel), target, kwargs, for_move
+                )
+        except BaseException as exc:
+            # A tree copy that stops half way (a full disk, a file that cannot be read)
+            # leaves nothing of itself behind: a partial tree would look like a finished one.
+            for path in reversed(created):
+                with suppress(Exception):
+                    dest.delete(path)  # a directory only when empty
+            exc.add_note(
+                f"polystore: the copy of {str(src)!r} stopped; the source is untouched and "
+                f"the {len(created)} files and directories it had created at {str(dst)!r} "
+                "were removed again"
+            )
+            raise
         return written
 
     def move(
@@ -452,7 +550,7 @@ class FileManager:
         """
         src_name, dst_name, single = self._endpoints(backend, src_backend, dst_backend, "move")
         source, dest = self.get_backend(src_name), self.get_backend(dst_name)
-        if source is dest and source.same_path(src, dst):
+        if self._same_item(source, dest, src, dst):
             return True  # moving an item onto itself: nothing to do, and nothing to delete
         if not source.can_write:
             raise ReadOnlyBackendError(src_name, "delete (needed to move)")
@@ -465,15 +563,25 @@ class FileManager:
         self._check_transfer(source, dest, src, dst, src_name, dst_name, overwrite, single)
         if self._try_rename(source, dest, src, dst):
             return True
+        tree = self._items(source, src)  # listed once: only what was copied is deleted
         if dest.can_read:
-            written = self._copy(source, dest, src, dst, kwargs)
+            written = self._copy(source, dest, src, dst, kwargs, tree, for_move=True)
             self._verify(dest, written, dst_name, src)
         else:
-            self._deliver(source, dest, src, dst, dst_name, kwargs)
-            written = {}
-        self._delete_source(source, dest, src, dst, src_name, dst_name, written)
+            self._deliver(source, dest, src, dst, dst_name, kwargs, tree)
+        self._delete_source(source, dest, src, dst, src_name, dst_name, tree)
         logger.debug("moved %s (%s) -> %s (%s)", src, src_name, dst, dst_name)
         return True
+
+    @staticmethod
+    def _same_item(source: Backend, dest: Backend, src: Any, dst: Any) -> bool:
+        """Whether ``src`` and ``dst`` name one stored item (also through two disk
+        backends, or a symbolic link and its target)."""
+        if source is dest:
+            return source.same_path(src, dst)
+        if isinstance(source, DiskBackend) and isinstance(dest, DiskBackend):
+            return dest.same_path(src, dst, from_backend=source)
+        return False
 
     @staticmethod
     def _try_rename(source: Backend, dest: Backend, src: Any, dst: Any) -> bool:
@@ -519,9 +627,9 @@ class FileManager:
         dst: Any,
         dst_name: str,
         kwargs: dict[str, Any],
+        tree: tuple[list[str], list[str]] | None,
     ) -> None:
         """Send to a sink and wait until it confirms it holds everything."""
-        tree = self._items(source, src)
         pairs = (
             [(src, dst)]
             if tree is None
@@ -564,28 +672,86 @@ class FileManager:
         dst: Any,
         src_name: str,
         dst_name: str,
-        written: dict[str, str | None],
+        tree: tuple[list[str], list[str]] | None,
     ) -> None:
-        try:
-            source.delete(src, recursive=True) if self._items(source, src) else source.delete(src)
-        except Exception as exc:
-            if not dest.can_read:
-                raise TransferError(
-                    f"move: {str(src)!r} was delivered to {dst_name!r} but could not be deleted "
-                    f"from {src_name!r} ({type(exc).__name__}: {exc}); it still exists there"
-                ) from exc
+        """Delete what was copied from the source, one file at a time, so a failure half
+        way never loses a file: the files already deleted stay at the destination, and the
+        copies of the others are removed again (or the error says that both exist).
+        Directories are removed last and only when empty, so a file that appeared in the
+        source during the move is never deleted."""
+        pairs = (
+            [(src, dst)]
+            if tree is None
+            else [(_join(src, rel), _join(dst, rel)) for rel in tree[1]]
+        )
+        for done, (item_src, _) in enumerate(pairs):
             try:
-                dest.delete(dst, recursive=True) if len(written) > 1 or (
-                    _overrides(dest, "is_dir") and dest.is_dir(dst)
-                ) else dest.delete(dst)
-            except Exception as undo:
-                raise TransferError(
-                    f"move: could not delete the source {str(src)!r} on {src_name!r} "
-                    f"({type(exc).__name__}: {exc}), nor remove the copy {str(dst)!r} on "
-                    f"{dst_name!r} ({type(undo).__name__}: {undo}): BOTH EXIST now"
-                ) from exc
+                source.delete(item_src)
+            except Exception as exc:
+                self._undo_copies(
+                    dest, pairs, done, tree, src, dst, src_name, dst_name, item_src, exc
+                )
+        if tree is not None:
+            for rel in [*reversed(tree[0]), ""]:
+                directory = _join(src, rel)
+                try:
+                    source.delete(directory)
+                except Exception as exc:
+                    raise TransferError(
+                        f"move: all {len(pairs)} files of {str(src)!r} are now at {str(dst)!r} "
+                        f"on {dst_name!r}, but the directory {directory!r} could not be removed "
+                        f"from {src_name!r} ({type(exc).__name__}: {exc}); anything still in it "
+                        "was not part of the move"
+                    ) from exc
+
+    def _undo_copies(
+        self,
+        dest: Backend,
+        pairs: list[tuple[Any, Any]],
+        done: int,
+        tree: tuple[list[str], list[str]] | None,
+        src: Any,
+        dst: Any,
+        src_name: str,
+        dst_name: str,
+        failed: Any,
+        exc: Exception,
+    ) -> NoReturn:
+        """The source's ``pairs[done]`` could not be deleted: remove the copies of the items
+        still in the source (never of those already deleted there) and raise TransferError
+        saying where every item is."""
+        cause = f"could not delete {str(failed)!r} on {src_name!r} ({type(exc).__name__}: {exc})"
+        moved = (
+            f"; {done} of {len(pairs)} files were already moved and are only at {str(dst)!r} "
+            f"on {dst_name!r}"
+            if done
+            else ""
+        )
+        if not dest.can_read:
             raise TransferError(
-                f"move: could not delete the source {str(src)!r} on {src_name!r} "
-                f"({type(exc).__name__}: {exc}); the copy on {dst_name!r} was removed again, "
-                "so nothing moved"
+                f"move: {str(src)!r} was delivered to {dst_name!r} but {cause}{moved}; the "
+                "files not moved still exist on both"
             ) from exc
+        both: list[str] = []
+        for _, item_dst in pairs[done:]:
+            try:
+                dest.delete(item_dst)
+            except Exception:
+                both.append(str(item_dst))
+        if tree is not None and not done:  # nothing moved: remove the directories copied
+            for rel in [*reversed(tree[0]), ""]:
+                with suppress(Exception):
+                    dest.delete(_join(dst, rel))  # only when empty
+        if both:
+            raise TransferError(
+                f"move: {cause}{moved}, nor remove the copies {both[:5]} on {dst_name!r}: "
+                "BOTH EXIST now"
+            ) from exc
+        if done:
+            raise TransferError(
+                f"move: {cause}{moved}; the copies of the other {len(pairs) - done} were "
+                f"removed again, so they are only on {src_name!r}"
+            ) from exc
+        raise TransferError(
+            f"move: {cause}; the copy on {dst_name!r} was removed again, so nothing moved"
+        ) from exc

@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import re
+import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
@@ -126,9 +127,9 @@ def _numeric_array(data: Any, path: str, accepts: str) -> np.ndarray:
     return array
 
 
-def _no_kwargs(fmt: str, kwargs: dict[str, Any]) -> None:
+def _no_kwargs(fmt: str, kwargs: dict[str, Any], operation: str = "save() to") -> None:
     if kwargs:
-        raise TypeError(f"save() to {fmt} got unexpected keyword arguments {sorted(kwargs)}")
+        raise TypeError(f"{operation} {fmt} got unexpected keyword arguments {sorted(kwargs)}")
 
 
 # -- NumPy ----------------------------------------------------------------------------------
@@ -140,8 +141,18 @@ def _write_npy(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any]) 
     np.save(handle, _numeric_array(data, path, _NPY_ACCEPTS), allow_pickle=False)
 
 
+def _damaged(path: str, kind: str, exc: BaseException) -> ImageLoadError:
+    return ImageLoadError(
+        f"Cannot read {path!r} as {kind}: {exc} (the file is damaged, truncated, or not "
+        f"a {kind} file; load it as bytes with read_bytes() to inspect it)"
+    )
+
+
 def _read_npy(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
-    return np.load(source, allow_pickle=False, **kwargs)
+    try:
+        return np.load(source, allow_pickle=False, **kwargs)
+    except (ValueError, EOFError) as exc:  # numpy calls any bad header "pickled data"
+        raise _damaged(path, "NPY", exc) from exc
 
 
 _NPZ_ACCEPTS = "a numeric array, a list of arrays, or a dict of name -> array"
@@ -160,8 +171,11 @@ def _write_npz(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any]) 
 
 
 def _read_npz(source: Source, path: str, kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
-    with np.load(source, allow_pickle=False, **kwargs) as archive:
-        return {name: archive[name] for name in archive.files}
+    try:
+        with np.load(source, allow_pickle=False, **kwargs) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise _damaged(path, "NPZ", exc) from exc
 
 
 # -- TIFF -----------------------------------------------------------------------------------
@@ -177,24 +191,72 @@ def _write_tiff(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any])
 
 
 def _read_tiff(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
-    return tifffile.imread(source, **kwargs)
+    try:
+        array = tifffile.imread(source, **kwargs)
+    except tifffile.TiffFileError as exc:
+        raise _damaged(path, "TIFF", exc) from exc
+    if getattr(array, "size", 1) == 0:  # tifffile returns an empty array when no page reads
+        if not isinstance(source, str):
+            source.seek(0)
+        with tifffile.TiffFile(source) as tif:
+            if len(tif.pages) == 0:
+                raise _damaged(path, "TIFF", "no readable page")
+    return array
 
 
 # -- 8-bit images through imageio -----------------------------------------------------------
-def _image_format(name: str, extensions: tuple[str, ...], dtypes: tuple[str, ...]) -> Format:
-    accepts = f"a {' or '.join(dtypes)} array of shape (y, x), (y, x, 3) or (y, x, 4)" + (
-        " or a stack (n, y, x[, 3|4])" if name == "gif" else ""
+def _image_shape_ok(name: str, array: np.ndarray) -> bool:
+    """What the Pillow writer behind imageio stores exactly: 16 bits only for grey PNG,
+    alpha only in PNG (JPEG refuses it, BMP and GIF drop it)."""
+    dtype, ndim, last = array.dtype.name, array.ndim, array.shape[-1] if array.ndim else 0
+    if name == "png":
+        rgb_or_rgba = ndim == 3 and last in (3, 4)
+        return (dtype == "uint8" and (ndim == 2 or rgb_or_rgba)) or (
+            dtype == "uint16" and ndim == 2
+        )
+    if dtype != "uint8":
+        return False
+    if name == "gif":  # a frame (y, x[, 3]) or a stack (n, y, x[, 3])
+        return ndim == 2 or (ndim == 3 and last != 4) or (ndim == 4 and last == 3)
+    return ndim == 2 or (ndim == 3 and last == 3)
+
+
+def _most_gif_colours(array: np.ndarray) -> int:
+    """The largest number of distinct colours in one frame (GIF keeps at most 256; Pillow
+    silently quantises the rest)."""
+    if array.shape[-1] != 3 or array.ndim == 2:
+        return 0  # grey frames: at most 256 levels
+    frames = array.reshape(-1, *array.shape[-3:]) if array.ndim == 4 else array[None]
+    packed = (
+        frames[..., 0].astype(np.uint32) << 16
+        | frames[..., 1].astype(np.uint32) << 8
+        | frames[..., 2]
     )
+    return max(len(np.unique(frame)) for frame in packed)
+
+
+_IMAGE_ACCEPTS = {
+    "png": "a uint8 or uint16 array of shape (y, x), or a uint8 (y, x, 3) or (y, x, 4)",
+    "jpeg": "a uint8 array of shape (y, x) or (y, x, 3) (no alpha; lossy)",
+    "bmp": "a uint8 array of shape (y, x) or (y, x, 3) (no alpha)",
+    "gif": "a uint8 frame (y, x) or (y, x, 3), or a stack (n, y, x[, 3]), with at most 256 "
+    "colours per frame (no alpha)",
+}
+
+
+def _image_format(name: str, extensions: tuple[str, ...]) -> Format:
+    accepts = _IMAGE_ACCEPTS[name]
 
     def write_image(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any]) -> None:
         import imageio.v3 as iio
 
         array = _numeric_array(data, path, accepts)
-        channels_ok = array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))
-        if name == "gif":
-            channels_ok = channels_ok or (array.ndim == 3 or array.ndim == 4)
-        if array.dtype.name not in dtypes or not channels_ok:
+        if not _image_shape_ok(name, array):
             raise FormatDataError(path, _describe(array), accepts)
+        if name == "gif" and (colours := _most_gif_colours(array)) > 256:
+            raise FormatDataError(
+                path, f"{_describe(array)} with {colours} colours in a frame", accepts
+            )
         iio.imwrite(handle, array, extension=extensions[0], **kwargs)
 
     def read_image(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
@@ -247,7 +309,7 @@ def _write_text(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any])
 
 
 def _read_text(source: Source, path: str, kwargs: dict[str, Any]) -> str:
-    _no_kwargs(".txt", kwargs)
+    _no_kwargs(".txt", kwargs, "load() of")
     return _text(source)
 
 
@@ -260,11 +322,15 @@ _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _INTEGER = re.compile(r"^[+-]?\d+$")
 
 
+_FLOAT_WORDS = frozenset({"nan", "inf", "-inf"})  # how str() writes them
+
+
 def _cell(text: str) -> Any:
-    """A CSV cell back as the number it was written from, else the text."""
+    """A CSV cell back as the number it was written from, else the text. An integer only
+    in the form str() writes it: '007' or '+5' stay text (identifiers, not numbers)."""
     if _INTEGER.match(text):
-        return int(text)
-    if _NUMBER.match(text):
+        return int(text) if str(int(text)) == text else text
+    if _NUMBER.match(text) or text in _FLOAT_WORDS:
         return float(text)
     return text
 
@@ -330,7 +396,7 @@ def _read_csv(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
     dtype = kwargs.pop("dtype", None) if form == "array" else None
     lines = io.StringIO(_text(source), newline="")
     if form == "text":
-        _no_kwargs(".csv text", kwargs)
+        _no_kwargs(".csv text", kwargs, "load() of")
         return lines.getvalue()
     if form == "dicts":
         return [{k: _cell(v) for k, v in row.items()} for row in csv.DictReader(lines, **kwargs)]
@@ -359,10 +425,10 @@ for _fmt in (
     Format("npy", (".npy",), _NPY_ACCEPTS, _write_npy, _read_npy),
     Format("npz", (".npz",), _NPZ_ACCEPTS, _write_npz, _read_npz),
     Format("tiff", (".tif", ".tiff"), _TIFF_ACCEPTS, _write_tiff, _read_tiff),
-    _image_format("png", (".png",), ("uint8", "uint16")),
-    _image_format("jpeg", (".jpg", ".jpeg"), ("uint8",)),
-    _image_format("bmp", (".bmp",), ("uint8",)),
-    _image_format("gif", (".gif",), ("uint8",)),
+    _image_format("png", (".png",)),
+    _image_format("jpeg", (".jpg", ".jpeg")),
+    _image_format("bmp", (".bmp",)),
+    _image_format("gif", (".gif",)),
     Format("json", (".json",), "JSON-serialisable data", _write_json, _read_json),
     Format("text", (".txt",), "str", _write_text, _read_text),
     Format("csv", (".csv",), _CSV_ACCEPTS, _write_csv, _read_csv),

@@ -193,6 +193,30 @@ def test_move_to_another_format_converts(tmp_path):
     assert not (tmp_path / "a.tif").exists()
 
 
+def test_a_move_converting_a_multi_series_tiff_is_refused_before_anything_is_written(
+    tmp_path,
+):
+    """load() reads series 0, so moving 'two.tif' to 'two.npy' kept one series of two and
+    deleted the source. (copy() still converts series 0: the source stays.)"""
+    make_multi_series(tmp_path / "two.tif")
+    before = sha256(tmp_path / "two.tif")
+    fm = FileManager({"disk": DiskBackend(tmp_path)})
+    with pytest.raises(TransferError, match="2 TIFF series"):
+        fm.move("two.tif", "two.npy", "disk")
+    assert sha256(tmp_path / "two.tif") == before
+    assert not (tmp_path / "two.npy").exists()
+
+
+def test_a_move_whose_conversion_changes_the_data_keeps_the_source(tmp_path):
+    """'a.png' -> 'a.jpg' re-encoded lossily and deleted the exact original."""
+    fm = FileManager({"disk": DiskBackend(tmp_path)})
+    noise = np.random.default_rng(10).integers(0, 256, (16, 16), dtype=np.uint8)
+    fm.save(noise, "a.png", "disk")
+    with pytest.raises(TransferError, match="changed the data"):
+        fm.move("a.png", "a.jpg", "disk")
+    np.testing.assert_array_equal(fm.load("a.png", "disk"), noise)
+
+
 def test_copy_does_not_overwrite_in_upstreams_one_backend_form(tmp_path):
     (tmp_path / "a.bin").write_bytes(b"new")
     (tmp_path / "b.bin").write_bytes(b"old")
@@ -365,6 +389,54 @@ def test_jpeg_and_gif(tmp_path):
     np.testing.assert_array_equal(fm.load("movie.gif", "disk", mode="L"), frames)
 
 
+@pytest.mark.parametrize(
+    ("name", "array"),
+    [
+        ("rgba.jpg", np.full((8, 8, 4), 200, np.uint8)),  # Pillow: a bare OSError
+        ("rgba.bmp", np.full((8, 8, 4), 200, np.uint8)),  # saved, alpha silently dropped
+        ("deep-rgb.png", np.full((8, 8, 3), 40000, np.uint16)),  # Pillow: a bare TypeError
+        ("rgba.gif", np.full((8, 8, 4), 200, np.uint8)),  # alpha silently dropped
+        # 1024 colours in one frame: Pillow silently quantised it to 256
+        ("many.gif", np.random.default_rng(7).integers(0, 256, (32, 32, 3), dtype=np.uint8)),
+    ],
+)
+def test_images_a_format_cannot_hold_exactly_are_refused_with_a_clear_error(
+    tmp_path, name, array
+):
+    fm = FileManager({"disk": DiskBackend(tmp_path)})
+    with pytest.raises(FormatDataError, match=name) as raised:
+        fm.save(array, name, "disk")
+    assert "this extension takes" in str(raised.value)
+    assert not (tmp_path / name).exists()
+
+
+def test_a_gif_with_up_to_256_colours_per_frame_round_trips(tmp_path):
+    palette = np.random.default_rng(8).integers(0, 256, (256, 3), dtype=np.uint8)
+    frames = palette[np.random.default_rng(9).integers(0, 256, (2, 24, 24))]
+    fm = FileManager({"disk": DiskBackend(tmp_path)})
+    fm.save(frames, "palette.gif", "disk")
+    np.testing.assert_array_equal(fm.load("palette.gif", "disk"), frames)
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("damaged.tif", b"II*\x00garbage"),  # tifffile: a TiffFileError without the path
+        ("damaged.npy", b"\x93NUMPY\x01\x00garbage"),  # numpy: "contains pickled data"
+        ("damaged.npz", b"PK\x03\x04garbage"),  # zipfile.BadZipFile without the path
+    ],
+)
+def test_a_damaged_file_is_an_error_that_names_it(tmp_path, name, content):
+    from polystore.exceptions import ImageLoadError
+
+    (tmp_path / name).write_bytes(content)
+    for backend in (DiskBackend(tmp_path), MemoryBackend()):
+        if isinstance(backend, MemoryBackend):
+            backend.write_bytes(content, name)
+        with pytest.raises(ImageLoadError, match=f"{name}.*damaged"):
+            FileManager({"b": backend}).load(name, "b")
+
+
 def test_npz(tmp_path):
     disk = DiskBackend(tmp_path)
     arrays = {"raw": np.arange(6).reshape(2, 3), "mask": np.eye(3, dtype=bool)}
@@ -396,6 +468,20 @@ def test_csv_forms_load_back_as_written(tmp_path):
     disk.save(records, "records.csv")
     assert disk.load("records.csv", as_="dicts") == records
     assert disk.load("records.csv").startswith("well,cells,mean")  # default: the text
+
+
+def test_csv_keeps_identifiers_that_look_like_numbers_and_floats_that_are_not_finite(tmp_path):
+    """'007' came back as 7 (a plate or zip code silently changed), and a NaN in a float
+    array came back as the text 'nan', turning the whole array into strings."""
+    disk = DiskBackend(tmp_path)
+    rows = [["id", "count", "ratio"], ["007", 3, float("inf")], ["+5", -2, 0.5]]
+    disk.save(rows, "ids.csv")
+    assert disk.load("ids.csv", as_="rows") == rows
+    with_nan = np.array([[1.0, np.nan], [-np.inf, 2.5]])
+    disk.save(with_nan, "nan.csv")
+    loaded = disk.load("nan.csv", as_="array")
+    assert loaded.dtype == np.float64
+    np.testing.assert_array_equal(loaded, with_nan)
 
 
 def test_csv_from_a_pandas_dataframe(tmp_path):
@@ -614,3 +700,131 @@ def test_memory_backend_copies_keep_items_but_pickles_do_not():
         clone.delete("a/x.npy")
         assert store.exists("a/x.npy")  # independent stores
     assert not pickle.loads(pickle.dumps(store)).exists("a/x.npy")  # one store per process
+
+
+def _lock_against_deletion(path: Path) -> bool:
+    """Make files in ``path`` undeletable for real: no write permission on the directory
+    (an ordinary user) or the immutable attribute (root, which ignores permissions)."""
+    if os.geteuid() != 0:
+        path.chmod(0o500)
+        return True
+    for file in path.iterdir():
+        if subprocess.run(["chattr", "+i", str(file)], capture_output=True).returncode != 0:
+            return False
+    return True
+
+
+def _unlock(path: Path) -> None:
+    if os.geteuid() != 0:
+        path.chmod(0o700)
+    else:
+        for file in path.iterdir():
+            subprocess.run(["chattr", "-i", str(file)], capture_output=True)
+
+
+def test_move_of_a_tree_whose_source_is_deleted_only_in_part_loses_no_file(tmp_path):
+    """Deleting a moved tree's source can fail half way (a file that cannot be removed):
+    each file must then still exist somewhere, and the error must say where."""
+    src = tmp_path / "src"
+    (src / "zlocked").mkdir(parents=True)
+    # Many files beside the locked one: whatever order a recursive delete takes, it is
+    # all but certain to remove some of them before it fails.
+    contents = {f"f{i}.bin": f"data {i}".encode() for i in range(30)}
+    contents["zlocked/keep.bin"] = b"locked"
+    for rel, data in contents.items():
+        (src / rel).write_bytes(data)
+    if not _lock_against_deletion(src / "zlocked"):
+        pytest.skip("cannot make a file undeletable on this filesystem")
+    memory = MemoryBackend()
+    fm = FileManager({"disk": DiskBackend(tmp_path), "memory": memory})
+    try:
+        with pytest.raises(TransferError) as raised:
+            fm.move("src", "moved", src_backend="disk", dst_backend="memory")
+    finally:
+        _unlock(src / "zlocked")
+    for rel, data in contents.items():
+        on_disk = (src / rel).read_bytes() if (src / rel).exists() else None
+        in_memory = memory.read_bytes(f"moved/{rel}") if memory.exists(f"moved/{rel}") else None
+        assert data in (on_disk, in_memory), f"{rel} was lost: {raised.value}"
+    assert "nothing moved" not in str(raised.value)
+    assert "only on 'disk'" in str(raised.value)  # says where the rest are
+
+
+def test_a_tree_with_a_symlink_to_a_directory_is_refused_before_anything_is_written(tmp_path):
+    """A link back up the tree made copy follow it 40 levels deep, writing a partial
+    tree before failing; a move would delete through the link."""
+    (tmp_path / "tree/x").mkdir(parents=True)
+    (tmp_path / "tree/x/f.bin").write_bytes(b"f")
+    (tmp_path / "tree/x/loop").symlink_to(tmp_path / "tree")
+    fm = FileManager({"disk": DiskBackend(tmp_path), "memory": MemoryBackend()})
+    for operation in (fm.copy, fm.move):
+        with pytest.raises(UnsupportedOperationError, match="symbolic link to a directory"):
+            operation("tree", "out", src_backend="disk", dst_backend="memory")
+        assert not fm.exists("out", "memory")
+    assert (tmp_path / "tree/x/f.bin").read_bytes() == b"f"
+
+
+@pytest.mark.parametrize("kind", ["disk", "memory"])
+def test_moving_a_directory_into_itself_is_a_clear_error(tmp_path, kind):
+    fm = FileManager({"disk": DiskBackend(tmp_path), "memory": MemoryBackend()})
+    fm.save(b"a", "d/a.bin", kind)
+    with pytest.raises(ValueError, match="into itself"):
+        fm.move("d", "d/sub/inner", kind)
+    assert fm.list_files("d", kind, recursive=True) == ["d/a.bin"]
+
+
+_FULL_DISK_SCRIPT = """
+import os, sys
+from polystore import DiskBackend, FileManager
+src, small = sys.argv[1], sys.argv[2]
+fm = FileManager({"disk": DiskBackend()})
+try:
+    fm.move(src, os.path.join(small, "tree"), "disk")  # another filesystem: copy, then delete
+except OSError as error:
+    print("refused", error.errno)
+print("left", sorted(os.listdir(small)))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_disk_mid_move_keeps_the_source_and_leaves_no_partial_tree(tmp_path):
+    """A 1 MiB tmpfs (in a private mount namespace) fills up half way through a tree."""
+    src = tmp_path / "tree"
+    (src / "sub").mkdir(parents=True)
+    files = {f"f{i}.bin": os.urandom(300_000) for i in range(4)} | {"sub/g.bin": b"g" * 10}
+    for rel, data in files.items():
+        (src / rel).write_bytes(data)
+    small = tmp_path / "small"
+    small.mkdir()
+    command = (
+        f"mount -t tmpfs -o size=1M tmpfs {small} && "
+        f"{sys.executable} -c '{_FULL_DISK_SCRIPT}' {src} {small}"
+    )
+    result = subprocess.run(["unshare", "-m", "sh", "-c", command], capture_output=True, text=True)
+    if "refused" not in result.stdout and "left" not in result.stdout:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr[-300:]}")
+    assert "refused 28" in result.stdout, result.stdout + result.stderr  # ENOSPC reported
+    assert "left []" in result.stdout, result.stdout  # no partial tree
+    for rel, data in files.items():
+        assert (src / rel).read_bytes() == data
+
+
+def test_moving_a_link_onto_its_target_through_two_disk_backends_keeps_the_file(tmp_path):
+    """Through two disk backends (one filesystem: a rename) a symlink moved onto its own
+    target replaced the file with a link to itself, and the content was gone."""
+    (tmp_path / "real.bin").write_bytes(b"content")
+    (tmp_path / "link.bin").symlink_to(tmp_path / "real.bin")
+    fm = FileManager({"disk": DiskBackend(), "lab": DiskBackend(tmp_path)})
+    fm.move(str(tmp_path / "link.bin"), "real.bin", src_backend="disk", dst_backend="lab")
+    assert (tmp_path / "real.bin").read_bytes() == b"content"
+
+
+def test_moving_a_hard_link_onto_another_link_of_the_same_file_moves_it(tmp_path):
+    """rename() between two hard links of one file does nothing: the move returned True
+    and left the source in place."""
+    (tmp_path / "a.bin").write_bytes(b"content")
+    os.link(tmp_path / "a.bin", tmp_path / "b.bin")
+    fm = FileManager({"disk": DiskBackend(tmp_path)})
+    assert fm.move("a.bin", "b.bin", "disk", overwrite=True) is True
+    assert not (tmp_path / "a.bin").exists()
+    assert (tmp_path / "b.bin").read_bytes() == b"content"

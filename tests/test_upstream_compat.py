@@ -97,7 +97,8 @@ def test_copy_and_move_refuse_to_overwrite_as_upstream(in_tmp):
     fm = FileManager({"disk": DiskBackend()})
     fm.save(b"1", "a.bin", "disk")
     fm.save(b"2", "b.bin", "disk")
-    # ---- upstream ----
+    # Upstream's backends raised FileExistsError (its FileManager wrapped it in
+    # StorageResolutionError: see the next test); both names catch the refusal here.
     try:
         fm.copy("a.bin", "b.bin", "disk")
     except FileExistsError:
@@ -106,7 +107,6 @@ def test_copy_and_move_refuse_to_overwrite_as_upstream(in_tmp):
         fm.move("a.bin", "b.bin", "disk")
     except FileExistsError:
         refused_move = True
-    # ---- end upstream ----
     assert refused_copy and refused_move
     assert (in_tmp / "b.bin").read_bytes() == b"2" and (in_tmp / "a.bin").exists()
 
@@ -236,3 +236,30 @@ def test_storage_registry_as_a_dict_skips_backends_that_need_arguments():
     storage_registry["compat_needs_args"] = NeedsArgs("http://127.0.0.1:1/")
     assert dict(storage_registry)["compat_needs_args"].url == "http://127.0.0.1:1/"
     del storage_registry["compat_needs_args"]
+
+
+def test_an_existing_destination_is_a_storage_resolution_error_as_upstream(in_tmp):
+    """Upstream's FileManager.copy/move/mirror_directory_with_symlinks wrapped the
+    FileExistsError in StorageResolutionError, so upstream code catches that name."""
+    from polystore import DiskBackend, FileManager
+    from polystore.exceptions import StorageResolutionError
+
+    fm = FileManager({"disk": DiskBackend()})
+    fm.save(b"1", "a.bin", "disk")
+    fm.save(b"2", "b.bin", "disk")
+    fm.save(b"3", "plate/t1.bin", "disk")
+    fm.mirror_directory_with_symlinks("plate", "mirror", "disk")
+    refused = []
+    # ---- upstream ----
+    for operation in (fm.copy, fm.move):
+        try:
+            operation("a.bin", "b.bin", "disk")
+        except StorageResolutionError as error:
+            refused.append(str(error))
+    try:
+        fm.mirror_directory_with_symlinks("plate", "mirror", "disk")
+    except StorageResolutionError as error:
+        refused.append(str(error))
+    # ---- end upstream ----
+    assert len(refused) == 3 and all("exists" in message for message in refused)
+    assert (in_tmp / "b.bin").read_bytes() == b"2" and (in_tmp / "a.bin").exists()

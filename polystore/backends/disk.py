@@ -13,6 +13,7 @@ from typing import IO, Any, ClassVar
 from polystore import formats
 from polystore.atomic import atomic_write, is_temp_name
 from polystore.base import StorageBackend
+from polystore.errors import DestinationExistsError
 from polystore.paths import name_matches, natural_sort_key, normalize_extensions, resolve_within
 
 __all__ = ["DiskBackend"]
@@ -49,9 +50,10 @@ class DiskBackend(StorageBackend):
             return Path(path)
         return resolve_within(self.base_dir, path)
 
-    def same_path(self, a: Any, b: Any) -> bool:
-        """Same file after resolving the base directory, '..' and symlinks."""
-        return self._path(a).resolve() == self._path(b).resolve()
+    def same_path(self, a: Any, b: Any, *, from_backend: DiskBackend | None = None) -> bool:
+        """Same file after resolving the base directory, '..' and symlinks
+        (``from_backend``: ``a`` is a path of that disk backend)."""
+        return (from_backend or self)._path(a).resolve() == self._path(b).resolve()
 
     def _not_found(self, path: Any) -> FileNotFoundError:
         where = f" under {str(self.base_dir)!r}" if self.base_dir is not None else ""
@@ -119,10 +121,20 @@ class DiskBackend(StorageBackend):
         target = self._path(dst)
         if not source.exists() and not source.is_symlink():
             raise self._not_found(src)
+        is_tree = source.is_dir() and not source.is_symlink()
         if source.is_dir() and target.exists():
-            raise FileExistsError(f"Cannot move directory {str(src)!r} onto existing {str(dst)!r}")
+            raise DestinationExistsError(
+                f"Cannot move directory {str(src)!r} onto existing {str(dst)!r}"
+            )
+        if is_tree and target.resolve().is_relative_to(source.resolve()):
+            raise ValueError(f"Cannot move {str(src)!r} into itself ({str(dst)!r})")
         if target.is_dir() and not source.is_dir():
             raise IsADirectoryError(f"Cannot move {str(src)!r} onto directory {str(dst)!r}")
+        if source.resolve() == target.resolve():
+            return  # one file spelt twice (or a link onto its target): replacing would lose it
+        if target.exists() and not is_tree and os.path.samefile(source, target):
+            source.unlink()  # hard links of one file: rename() would do nothing
+            return
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(source, target)
 
@@ -133,9 +145,9 @@ class DiskBackend(StorageBackend):
         target, link_path = Path(os.path.abspath(self._path(source))), self._path(link)
         if link_path.is_symlink() or link_path.exists():
             if not overwrite:
-                raise FileExistsError(f"Cannot create symlink {str(link)!r}: it exists")
+                raise DestinationExistsError(f"Cannot create symlink {str(link)!r}: it exists")
             if not link_path.is_symlink():
-                raise FileExistsError(
+                raise DestinationExistsError(
                     f"Refusing to replace {str(link)!r} with a symlink: it is not a symlink"
                 )
             link_path.unlink()

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 from polystore import formats
 from polystore.base import StorageBackend
+from polystore.errors import DestinationExistsError
 from polystore.paths import (
     name_matches,
     natural_sort_key,
@@ -174,7 +175,9 @@ class MemoryBackend(StorageBackend):
             if old not in self._dirs or not old:
                 raise self._not_found(src)
             if new in self._files or new in self._dirs:
-                raise FileExistsError(f"Cannot move directory {str(src)!r} onto {str(dst)!r}")
+                raise DestinationExistsError(
+                    f"Cannot move directory {str(src)!r} onto {str(dst)!r}"
+                )
             if new.startswith(f"{old}/"):
                 raise ValueError(f"Cannot move {str(src)!r} into itself ({str(dst)!r})")
             files, dirs = self._children(old)
