@@ -11,15 +11,12 @@ Credentials come from the standard environment and config files (for S3: the
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
-import numpy as np
-
+from polystore import formats
 from polystore.base import StorageBackend
 from polystore.paths import name_matches, normalize_extensions
 
@@ -28,15 +25,6 @@ __all__ = ["ObjectStoreBackend"]
 logger = logging.getLogger(__name__)
 
 INSTALL_S3 = "pip install 'polystore[s3]' (fsspec, s3fs)"
-_ENCODED = (".npy", ".tif", ".tiff", ".json", ".txt", ".csv", ".roi", ".roi.zip")
-
-
-def _extension(path: str) -> str:
-    lower = path.lower()
-    for ext in sorted(_ENCODED, key=len, reverse=True):
-        if lower.endswith(ext):
-            return ext
-    return ""
 
 
 class ObjectStoreBackend(StorageBackend):
@@ -121,7 +109,8 @@ class ObjectStoreBackend(StorageBackend):
         if isinstance(data, bytes | bytearray | memoryview):
             self.write_bytes(bytes(data), file_path)
             return
-        self.write_bytes(_encode(data, str(file_path), kwargs), file_path)
+        # the same formats table as disk and memory (polystore.formats)
+        self.write_bytes(formats.encode(data, str(file_path), "objectstore", **kwargs), file_path)
 
     def load(self, file_path: Any, **kwargs: Any) -> Any:
         """Decode by extension; other extensions (or ``raw=True``) give the bytes."""
@@ -129,7 +118,7 @@ class ObjectStoreBackend(StorageBackend):
         payload = self.read_bytes(file_path)
         if raw:
             return payload
-        return _decode(payload, str(file_path), kwargs)
+        return formats.decode(payload, str(file_path), **kwargs)
 
     # -- navigation -------------------------------------------------------------------
     def exists(self, path: Any) -> bool:
@@ -200,57 +189,6 @@ class ObjectStoreBackend(StorageBackend):
     def ensure_directory(self, path: Any) -> None:
         """Object stores have no folders; a prefix exists once an object is under it."""
         self.url(path)
-
-
-def _encode(data: Any, path: str, kwargs: dict[str, Any]) -> bytes:
-    ext = _extension(path)
-    if ext in (".roi", ".roi.zip"):
-        from polystore.rois import encode_rois
-
-        return encode_rois(data, path, **kwargs)
-    if ext == ".npy":
-        buffer = io.BytesIO()
-        np.save(buffer, np.asarray(data), allow_pickle=False)
-        return buffer.getvalue()
-    if ext in (".tif", ".tiff"):
-        import tifffile
-
-        array = np.asarray(data)
-        if array.ndim >= 2:
-            kwargs.setdefault("photometric", "minisblack")
-        buffer = io.BytesIO()
-        tifffile.imwrite(buffer, array, **kwargs)
-        return buffer.getvalue()
-    if ext == ".json":
-        from polystore.backends.disk import _json_default
-
-        kwargs.setdefault("indent", 2)
-        return json.dumps(data, default=_json_default, **kwargs).encode()
-    if ext in (".txt", ".csv"):
-        if not isinstance(data, str):
-            raise TypeError(f"{path}: .txt/.csv objects take str, not {type(data).__name__}")
-        return data.encode()
-    raise TypeError(f"{path}: no encoding for {type(data).__name__} with this extension; save "
-                    f"bytes, or use one of {', '.join(_ENCODED)}")
-
-
-def _decode(payload: bytes, path: str, kwargs: dict[str, Any]) -> Any:
-    ext = _extension(path)
-    if ext in (".roi", ".roi.zip"):
-        from polystore.rois import decode_rois
-
-        return decode_rois(payload, path, **kwargs)
-    if ext == ".npy":
-        return np.load(io.BytesIO(payload), allow_pickle=False)
-    if ext in (".tif", ".tiff"):
-        import tifffile
-
-        return tifffile.imread(io.BytesIO(payload), **kwargs)
-    if ext == ".json":
-        return json.loads(payload)
-    if ext in (".txt", ".csv"):
-        return payload.decode()
-    return payload
 
 
 @contextmanager
