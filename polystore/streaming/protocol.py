@@ -70,6 +70,7 @@ class Display(Struct, omit_defaults=True):
     contrast_limits: Annotated[list[float], Meta(min_length=2, max_length=2)] | None = None
     mode: Literal["replace", "stack", "place"] | None = None
     opacity: Annotated[float, Meta(ge=0, le=1)] | None = None
+    rgb: bool | None = None
 
 
 class Hello(Struct, tag="hello", tag_field="type"):
