@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import json
 import os
 import re
-import secrets
 import shutil
 import socket
 import subprocess
@@ -18,26 +16,87 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import zmq
+from polystore.testing.receiver import RawClient  # noqa: F401 - re-exported for the tests
 
 ROOT = Path(__file__).resolve().parents[1]
 FIJI_DIR = ROOT / "viewers" / "fiji"
 SCRIPT = FIJI_DIR / "polystore_receiver.groovy"
 LAUNCHER = FIJI_DIR / "run_headless.sh"
 IJ_JAR = Path(os.environ.get("IJ_JAR", "/usr/share/java/ij.jar"))
-JEROMQ_JAR = Path(os.environ.get("JEROMQ_JAR", "/usr/share/java/jeromq.jar"))
+VENDOR = Path(os.environ.get("POLYSTORE_VENDOR", ROOT.parent / "shared" / "vendor"))
 
 
-def missing_requirements() -> str | None:
-    """Why the headless receiver cannot run here, or None if it can."""
-    if shutil.which("groovy") is None:
-        return "groovy is not installed (scripts/install.sh installs it)"
-    for jar in (IJ_JAR, JEROMQ_JAR):
-        if not jar.is_file():
-            return f"{jar} is missing (scripts/install.sh installs libij-java and libjeromq-java)"
-    if not Path("/dev/shm").is_dir():
-        return "no /dev/shm on this system"
+@dataclass(frozen=True)
+class Stack:
+    """A Groovy + JeroMQ + Java combination the script runs on (run_headless.sh's variables)."""
+
+    name: str
+    jeromq_jar: Path
+    groovy_jars: tuple[Path, ...] = ()  # empty: Debian's `groovy` command
+    java_home: Path | None = None
+
+    def env(self) -> dict[str, str]:
+        env = {"JEROMQ_JAR": str(self.jeromq_jar)}
+        if self.groovy_jars:
+            env["GROOVY_JARS"] = ":".join(str(j) for j in self.groovy_jars)
+        if self.java_home is not None:
+            env["JAVA_HOME"] = str(self.java_home)
+        return env
+
+    def missing(self) -> str | None:
+        """Why this stack cannot run here, or None if it can."""
+        if not self.groovy_jars and shutil.which("groovy") is None:
+            return "groovy is not installed (scripts/install.sh installs it)"
+        for jar in (IJ_JAR, self.jeromq_jar, *self.groovy_jars):
+            if not jar.is_file():
+                return f"{jar} is missing ({self.name} stack; see scripts/install.sh)"
+        if self.java_home is not None and not (self.java_home / "bin" / "java").is_file():
+            return f"no Java at {self.java_home}"
+        if not Path("/dev/shm").is_dir():
+            return "no /dev/shm on this system"
+        return None
+
+
+def _modern_java() -> Path | None:
+    """The newest JDK here that Groovy 4 runs on (Fiji ships Java 21; 17 stands in)."""
+    if "POLYSTORE_MODERN_JAVA_HOME" in os.environ:
+        return Path(os.environ["POLYSTORE_MODERN_JAVA_HOME"])
+    for candidate in ("/usr/lib/jvm/java-21-openjdk-amd64", "/usr/lib/jvm/java-17-openjdk-amd64"):
+        if Path(candidate, "bin", "java").is_file():
+            return Path(candidate)
     return None
+
+
+#: Debian's packages (Groovy 2.4, JeroMQ 0.3.6: no CURVE) and what current Fiji runs
+#: (Groovy 4.0.26 and a downloaded JeroMQ 0.6.0, see ../shared/vendor/README.md).
+STACKS = {
+    "debian": Stack("debian", Path(os.environ.get("JEROMQ_JAR", "/usr/share/java/jeromq.jar"))),
+    "modern": Stack(
+        "modern",
+        VENDOR / "jeromq-0.6.0.jar",
+        (VENDOR / "groovy-4.0.26.jar", VENDOR / "groovy-json-4.0.26.jar"),
+        _modern_java(),
+    ),
+}
+DEFAULT_STACK = STACKS["debian"]
+
+
+def missing_requirements(stack: Stack = DEFAULT_STACK) -> str | None:
+    """Why the headless receiver cannot run here on `stack`, or None if it can."""
+    return stack.missing()
+
+
+def require(stack: Stack = DEFAULT_STACK) -> None:
+    """Skip the calling test with the reason `stack` cannot run here; in CI (CI=true) fail
+    instead, so a broken install step cannot pass with the Fiji tests gone."""
+    import pytest
+
+    why = stack.missing()
+    if why is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and the Fiji {stack.name} stack cannot run: {why}")
+    pytest.skip(f"Fiji {stack.name} stack: {why}")
 
 
 def free_port() -> int:
@@ -99,6 +158,7 @@ def start_receiver(
     wait: bool = True,
     timeout: float = 60.0,
     gui: bool = False,
+    stack: Stack = DEFAULT_STACK,
     **params,
 ) -> FijiReceiver:
     """Start viewers/fiji/run_headless.sh; with `wait`, return once it listens (or raise).
@@ -108,7 +168,7 @@ def start_receiver(
     if output_dir is not None:
         args["output_dir"] = str(output_dir)
     command = [str(LAUNCHER), fiji_args(**args)]
-    env = dict(os.environ)
+    env = dict(os.environ, **stack.env())
     if gui:
         command = ["xvfb-run", "-a", *command]
         env["POLYSTORE_FIJI_GUI"] = "1"
@@ -137,68 +197,6 @@ def start_receiver(
             receiver.stop(5)
             raise RuntimeError(f"the Fiji receiver did not start:\n{receiver.log}")
     return receiver
-
-
-class RawClient:
-    """A DEALER socket speaking raw protocol v1, for messages no well-behaved sender makes."""
-
-    def __init__(self, endpoint: str, prefix: str = "fiji_") -> None:
-        self.token = secrets.token_hex(4)
-        self.pid = os.getpid()
-        self.prefix = f"{prefix}{self.pid}_{self.token}_"
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.ROUTING_ID, self.token.encode())
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-        self.seq = 0
-
-    def close(self) -> None:
-        try:
-            self.sock.send(json.dumps({"v": 1, "type": "bye"}).encode(), zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
-        self.sock.close(linger=100)
-
-    def __enter__(self) -> RawClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def send(self, *parts: bytes | dict) -> None:
-        data = [json.dumps(p).encode() if isinstance(p, dict) else p for p in parts]
-        self.sock.send_multipart(data)
-
-    def recv(self, timeout: float = 5.0) -> dict:
-        if not self.sock.poll(timeout * 1000):
-            raise TimeoutError("no reply from the receiver")
-        return json.loads(self.sock.recv())
-
-    def request(self, *parts: bytes | dict, timeout: float = 5.0) -> dict:
-        self.send(*parts)
-        return self.recv(timeout)
-
-    def hello(self, **override) -> dict:
-        message = {
-            "v": 1, "type": "hello", "sender": self.token, "pid": self.pid, "viewer": "fiji",
-            "segment_prefix": self.prefix, "versions": [1], "probe": None,
-        }  # fmt: skip
-        message.update(override)
-        return self.request(message)
-
-    def next_seq(self) -> int:
-        self.seq += 1
-        return self.seq
-
-    def frame(self, **override) -> dict:
-        """A valid inline 2x3 uint8 frame header; `override` breaks it."""
-        message = {
-            "v": 1, "type": "frame", "seq": self.next_seq(), "stream": "raw", "path": "raw.tif",
-            "shape": [2, 3], "dtype": "uint8", "nbytes": 6, "sent_ns": time.time_ns(),
-            "segment": None,
-        }  # fmt: skip
-        message.update(override)
-        return message
 
 
 def read_tiff(path: str | Path):

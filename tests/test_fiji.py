@@ -9,47 +9,69 @@ streams to it with `FijiStreamingBackend` through a FileManager, as a pipeline w
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
 import time
 from multiprocessing import shared_memory
+from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pytest
 
 from polystore.filemanager import FileManager
-from polystore.streaming import FijiStreamingBackend, FrameRejectedError, Receiver
+from polystore.streaming import FijiStreamingBackend, FrameRejectedError
+from polystore.testing.receiver import ReceiverConformance, ReceiverUnderTest
 from tests.fiji_helpers import (
+    DEFAULT_STACK,
+    STACKS,
     RawClient,
+    Stack,
     free_port,
     image,
-    missing_requirements,
     read_tiff,
+    require,
     roi_summary,
     start_receiver,
     x_close_window,
 )
 
-pytestmark = [
-    pytest.mark.fiji,
-    pytest.mark.skipif(missing_requirements() is not None, reason=str(missing_requirements())),
-]
+pytestmark = [pytest.mark.fiji]
 
 
 # -- fixtures ------------------------------------------------------------------------------
+# Each test that needs the script skips with the reason when a stack is missing here, or fails
+# in CI (CI=true): a broken install step must not pass with the Fiji tests gone (issue 14).
+
+
+@pytest.fixture(scope="session", params=list(STACKS))
+def stack(request) -> Stack:
+    """Both stacks: Debian's (Groovy 2.4, JeroMQ 0.3.6) and current Fiji's (Groovy 4, JeroMQ 0.6)."""
+    stack = STACKS[request.param]
+    require(stack)
+    return stack
 
 
 @pytest.fixture(scope="session")
-def fiji(tmp_path_factory):
-    """One headless receiver for the session; it must stop cleanly when its stdin closes."""
-    out = tmp_path_factory.mktemp("fiji_out")
-    receiver = start_receiver(out)
+def fiji(tmp_path_factory, stack):
+    """One headless receiver per stack for the session; it must stop cleanly when its stdin
+    closes."""
+    out = tmp_path_factory.mktemp(f"fiji_out_{stack.name}")
+    receiver = start_receiver(out, stack=stack, timeout=180)
     yield receiver
     rc = receiver.stop()
     assert rc == 0, f"the receiver did not exit cleanly (rc={rc}):\n{receiver.log[-3000:]}"
     assert "stopped after" in receiver.log
+
+
+@pytest.fixture
+def debian():
+    """Tests that start their own receivers run on Debian's stack only: what they check is
+    the script's, and Groovy 4 takes long to compile it (tests/test_fiji.py runs the shared
+    receiver and the Script Editor harness on both)."""
+    require(DEFAULT_STACK)
+    return DEFAULT_STACK
 
 
 @pytest.fixture
@@ -148,7 +170,7 @@ def test_stack_mode_appends_slices(fiji, backend, fm, key):
     np.testing.assert_array_equal(data, np.stack(frames))
 
 
-def test_stack_mode_parameter(tmp_path):
+def test_stack_mode_parameter(debian, tmp_path):
     """mode="stack" as the script parameter applies to frames without a mode hint."""
     receiver = start_receiver(tmp_path, mode="stack")
     try:
@@ -515,211 +537,13 @@ def test_segment_mappings_are_bounded_and_dropped_when_unlinked(fiji):
                     pass
 
 
-# -- bad messages: same codes as the Python reference receiver, and the receiver goes on ----------
+# -- the receiver conformance suite (polystore.testing.receiver), run by both receivers ------------
 
 
-@pytest.fixture(scope="session")
-def python_receiver():
-    receiver = Receiver("tcp://127.0.0.1:0", shm_prefix="fiji_", viewer="fiji",
-                        on_frame=lambda f: None, on_rois=lambda r: None).start()  # fmt: skip
-    yield receiver
-    receiver.stop()
-
-
-@pytest.fixture(params=["fiji", "python"])
-def endpoint(request):
-    """The Fiji script, and the Python reference receiver given the same messages."""
-    if request.param == "fiji":
-        return request.getfixturevalue("fiji").endpoint
-    return request.getfixturevalue("python_receiver").endpoint
-
-
-# Where the Python reference receiver strays from docs/protocol.md: test ids (without the
-# receiver) mapped to the reason, marked xfail(strict) for it while the receivers disagree.
-PYTHON_RECEIVER_BUGS: dict[str, str] = {}  # name -> reason, while the receivers disagree
-
-
-OVERSIZED = {"v": 1, "type": "control", "seq": 5, "command": "report", "pad": "x" * 70_000}
-PAD6 = b"\0" * 6  # the payload of the 2x3 uint8 inline frame RawClient.frame() describes
-
-
-SEG = object()  # stands for the name of a real 4 KiB segment of the sender's prefix
-
-
-def header(**fields):
-    """Parts of a frame with only a header (shared memory), RawClient.frame() plus `fields`;
-    a field set to None is left out, SEG becomes the segment's name."""
-
-    def make(r, segment):
-        message = r.frame(**{k: segment if v is SEG else v for k, v in fields.items()})
-        return [{k: v for k, v in message.items() if v is not None or k == "segment"}]
-
-    return make
-
-
-def inline(**fields):
-    """Parts of an inline frame: header(**fields) plus the 6 payload bytes."""
-    return lambda r, segment: header(**fields)(r, segment) + [PAD6]
-
-
-def message(value):
-    """Parts of a single raw header (bytes, or a dict sent as JSON)."""
-    return lambda r, segment: [value(r) if callable(value) else value]
-
-
-def rois(seq, kind, coords):
-    roi = {"kind": kind, "coords": coords}
-    return message({"v": 1, "type": "rois", "seq": seq, "stream": "x", "path": "x.roi.zip",
-                    "sent_ns": 0, "rois": [roi]})  # fmt: skip
-
-
-def hello(**override):
-    return message(lambda r: {"v": 1, "type": "hello", "sender": r.token, "pid": r.pid,
-                              "viewer": "fiji", "segment_prefix": r.prefix} | override)  # fmt: skip
-
-
-def bad(name, make, code, seq="same", hello=True):
-    """A bad message: `make(raw, segment)` gives its parts; the reply must be an `error` with
-    `code` and `seq` ("same": the header's own seq). hello=False: sent without handshake."""
-    return pytest.param(hello, make, code, seq, id=name)
-
-
-DEEP = b'{"v": 1, "type": "bye", "x": ' + b"[" * 20000 + b"]" * 20000 + b"}"
-NAPARI = "napari_1_deadbeef_"
-
-BAD = [
-    bad("broken_json", message(b'{"v": 1, "type": "frame",'), "bad_json", None),
-    bad("not_utf8", message(b'{"v": 1, "type": "\xff"}'), "bad_json", None),
-    bad("lone_surrogate", message(b'{"v": 1, "type": "bye", "x": "\\ud800"}'), "bad_json", None),
-    bad("deeply_nested", message(DEEP), "bad_json", None),
-    bad("not_an_object", message(b"[1, 2, 3]"), "bad_message", None),
-    bad("v_is_text", message({"v": "1", "type": "bye"}), "bad_message", None),
-    bad("v_is_float", message({"v": 1.0, "type": "bye"}), "bad_message", None),
-    bad("unknown_version", message({"v": 2, "type": "frame", "seq": 9}), "unsupported_version", 9),
-    bad("unknown_type", message({"v": 1, "type": "dance", "seq": 3}), "bad_message", 3),
-    bad("three_parts", lambda r, s: inline()(r, s) + [b"extra"], "bad_message", None),
-    bad("oversized_header", message(OVERSIZED), "too_large", None),
-    bad("frame_before_hello", inline(seq=4), "hello_required", 4, hello=False),
-    bad("foreign_prefix", header(segment="fiji_1_deadbeef_0"), "bad_segment"),
-    bad("napari_prefix", header(segment=NAPARI + "0"), "bad_segment"),
-    bad("dotdot_name", header(segment="../../etc/passwd"), "bad_message"),
-    bad("slash_name", header(segment="fiji_0/x"), "bad_message"),
-    bad("shape_beyond_segment", header(segment=SEG, shape=[99, 99], nbytes=9801), "bad_segment"),
-    bad("offset_beyond_segment", header(segment=SEG, offset=4093), "bad_segment"),
-    bad("offset_wraps_int64", header(segment=SEG, offset=2**63 - 1), "bad_segment"),
-    bad("offset_beyond_int64", header(segment=SEG, offset=2**64), "bad_segment"),
-    bad("offset_beyond_int64_missing",
-        lambda r, s: header(segment=r.prefix + "999", offset=2**64)(r, s), "segment_missing"),
-    bad("segment_missing", lambda r, s: header(segment=r.prefix + "999")(r, s), "segment_missing"),
-    bad("negative_dim", inline(shape=[-2, 3]), "bad_message"),
-    bad("dim_too_big", header(shape=[2**31, 1], nbytes=2**31), "bad_message"),
-    bad("nine_dims", header(shape=[1] * 9, nbytes=1), "bad_message"),
-    bad("object_dtype", inline(dtype="object"), "bad_message"),
-    bad("big_endian_dtype", inline(dtype=">u2", nbytes=12), "bad_message"),
-    bad("nbytes_mismatch", inline(nbytes=7), "bad_shape"),
-    bad("too_large", header(shape=[2**30, 4], nbytes=2**32), "too_large"),
-    bad("inline_short_payload", lambda r, s: header()(r, s) + [b"\0" * 5], "bad_shape"),
-    bad("inline_no_payload", header(), "bad_shape"),
-    bad("segment_and_payload", inline(segment=SEG), "bad_message"),
-    bad("axis_names_missing_key", inline(axes={"t": 1}, axis_names=["z"]), "bad_message"),
-    bad("axis_names_repeated", inline(axes={"t": 1}, axis_names=["t", "t"]), "bad_message"),
-    bad("seven_axes", inline(axes=dict.fromkeys("abcdefg", 0)), "bad_message"),
-    bad("negative_seq", inline(seq=-1), "bad_message", -1),
-    bad("seq_is_text", inline(seq="1"), "bad_message", None),
-    bad("empty_stream", inline(stream=""), "bad_message"),
-    bad("bad_display_kind", inline(display={"kind": "movie"}), "bad_message"),
-    bad("opacity_above_one", inline(display={"opacity": 2}), "bad_message"),
-    bad("missing_field", inline(dtype=None), "bad_message"),
-    bad("rectangle_3_points", rois(21, "rectangle", [[0, 0], [1, 1], [2, 2]]), "bad_message", 21),
-    bad("polygon_2_points", rois(22, "polygon", [[0, 0], [1, 1]]), "bad_message", 22),
-    bad("unknown_roi_kind", rois(23, "blob", [[0, 0]]), "bad_message", 23),
-    bad("unknown_command", message({"v": 1, "type": "control", "seq": 24, "command": "stop"}),
-        "bad_message", 24),
-    bad("hello_wrong_prefix", hello(segment_prefix=NAPARI), "bad_segment", None, hello=False),
-    bad("hello_only_v2", hello(versions=[2]), "unsupported_version", None, hello=False),
-    bad("hello_bad_token", hello(sender="no-dashes"), "bad_message", None, hello=False),
-    bad("symlink_segment", "symlink", "bad_segment"),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize("hello,make,code,seq", BAD)
-def test_bad_message_is_answered_and_receiver_goes_on(request, endpoint, hello, make, code, seq,
-                                                      tmp_path):  # fmt: skip
-    name = request.node.callspec.id.split("-", 1)[1]
-    if request.node.callspec.id.startswith("python") and name in PYTHON_RECEIVER_BUGS:
-        request.applymarker(pytest.mark.xfail(reason=PYTHON_RECEIVER_BUGS[name], strict=True))
-    with RawClient(endpoint) as raw:
-        segment = shared_memory.SharedMemory(name=f"{raw.prefix}0", create=True, size=4096)
-        link = None
-        try:
-            if hello:
-                assert raw.hello()["type"] == "welcome"
-            if make == "symlink":  # a segment name that is a link to a file elsewhere
-                target = tmp_path / "target"
-                target.write_bytes(b"\0" * 4096)
-                link = f"/dev/shm/{raw.prefix}7"
-                os.symlink(target, link)
-                parts = [raw.frame(segment=f"{raw.prefix}7")]
-            else:
-                parts = make(raw, segment.name)
-            reply = raw.request(*parts)
-            assert reply["type"] == "error", reply
-            assert reply["code"] == code, reply
-            assert reply["seq"] == (parts[0]["seq"] if seq == "same" else seq), reply
-            # ...and it still works: handshake (again) and a valid inline frame.
-            assert raw.hello()["type"] == "welcome"
-            ok = raw.request(raw.frame(stream="after_bad"), b"\1" * 6)
-            assert ok == {"v": 1, "type": "ack", "seq": raw.seq}
-        finally:
-            if link:
-                os.unlink(link)
-            segment.close()
-            segment.unlink()
-
-
-def test_rejections_are_counted_and_reported(fiji, backend):
-    with RawClient(fiji.endpoint) as raw:
-        raw.hello()
-        before = raw_report(raw)
-        raw.request(b"{nope")
-        after = raw_report(raw)
-    assert after["rejected"] == before["rejected"] + 1
-    assert after["last_error"].startswith("bad_json")
-
-
-@pytest.mark.parametrize("depth,answer", [(600, "report"), (1100, "bad_json")])
-def test_nesting_depth_matches_python_receiver(endpoint, depth, answer):
-    """An unknown field nested `depth` deep: both receivers answer alike. The Python
-    receiver's limit is msgspec's, 994 containers on CPython 3.11; Fiji uses the same."""
-    deep = b'{"v": 1, "type": "control", "seq": 7, "command": "report", "x": '
-    deep += b"[" * depth + b"]" * depth + b"}"
-    with RawClient(endpoint) as raw:
-        assert raw.hello()["type"] == "welcome"
-        reply = raw.request(deep)
-    assert (reply["type"] if reply["type"] != "error" else reply["code"]) == answer, reply
-    assert reply["seq"] == (7 if answer == "report" else None)
-
-
-def test_dropped_counts_frames_never_sent(endpoint):
-    """`dropped` = segment_missing frames + increases of each sender's own (cumulative)
-    header count; a second hello from the same sender keeps its baseline."""
-    with RawClient(endpoint) as raw:
-        assert raw.hello()["type"] == "welcome"
-        before = raw_report(raw)["dropped"]
-
-        def send(dropped):
-            reply = raw.request(raw.frame(stream="dropped", dropped=dropped), PAD6)
-            assert reply["type"] == "ack", reply
-            return raw_report(raw)["dropped"] - before
-
-        assert send(3) == 3
-        assert raw.hello()["type"] == "welcome"  # reconnect: same sender, same count
-        assert send(3) == 3
-        assert send(5) == 5
-        assert send(4) == 5  # never goes back
-        reply = raw.request(raw.frame(segment=raw.prefix + "999"))
-        assert reply["code"] == "segment_missing", reply
-        assert raw_report(raw)["dropped"] - before == 6
+class TestFijiReceiver(ReceiverConformance):
+    @pytest.fixture(scope="class")
+    def receiver_under_test(self, fiji):
+        return ReceiverUnderTest(fiji.endpoint, shm_prefix="fiji_", viewer="fiji")
 
 
 def test_flood_of_garbage_then_real_frames(fiji, backend, fm, key):
@@ -739,20 +563,20 @@ def test_flood_of_garbage_then_real_frames(fiji, backend, fm, key):
 # -- process: binding, stopping ------------------------------------------------------------------
 
 
-def test_refuses_to_listen_beyond_loopback(tmp_path):
+def test_refuses_to_listen_beyond_loopback(debian, tmp_path):
     receiver = start_receiver(endpoint=f"tcp://0.0.0.0:{free_port()}", wait=False)
     rc = receiver.wait(60)
     assert rc != 0
     assert "refusing to listen on 0.0.0.0" in receiver.log
 
 
-def test_port_in_use_is_a_clear_error(fiji):
+def test_port_in_use_is_a_clear_error(fiji, debian):
     receiver = start_receiver(endpoint=fiji.endpoint, wait=False)
     rc = receiver.wait(60)
     assert rc != 0 and "cannot listen on" in receiver.log
 
 
-def test_sigterm_stops_cleanly(tmp_path):
+def test_sigterm_stops_cleanly(debian, tmp_path):
     receiver = start_receiver(tmp_path)
     with FijiStreamingBackend(receiver.endpoint) as b:
         b.save(np.zeros((8, 8), np.uint8), "x.tif")
@@ -763,7 +587,7 @@ def test_sigterm_stops_cleanly(tmp_path):
     assert "stopped after 1 frames" in receiver.log
 
 
-def test_sender_goes_on_after_receiver_restart(tmp_path):
+def test_sender_goes_on_after_receiver_restart(debian, tmp_path):
     """Fiji closed and started again on the same port: the next saves handshake again."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     first = start_receiver(tmp_path, endpoint=endpoint)
@@ -786,7 +610,7 @@ def test_sender_goes_on_after_receiver_restart(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("xvfb-run") is None, reason="xvfb-run is not installed")
-def test_gui_mode_windows_and_roi_manager(tmp_path):
+def test_gui_mode_windows_and_roi_manager(debian, tmp_path):
     """The GUI path Fiji takes (windows, CompositeImage, ROI Manager), on a virtual display."""
     receiver = start_receiver(tmp_path, gui=True)
     try:
@@ -832,3 +656,51 @@ def test_gui_mode_windows_and_roi_manager(tmp_path):
         rc = receiver.stop()
     assert rc == 0, receiver.log
     assert "Exception" not in receiver.log and "failed" not in receiver.log, receiver.log
+
+
+# -- one protocol source ------------------------------------------------------------------------
+
+
+def load_generator():
+    """scripts/gen_groovy_protocol.py as a module (scripts/ is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gen_groovy_protocol.py"
+    spec = importlib.util.spec_from_file_location("gen_groovy_protocol", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_committed_script_matches_the_generator():
+    """The Groovy message tables are protocol.py's: run scripts/gen_groovy_protocol.py."""
+    generator = load_generator()
+    assert generator.SCRIPT.read_text(encoding="utf-8") == generator.expected_script(), (
+        "viewers/fiji/polystore_receiver.groovy is out of date with protocol.py: "
+        "run python scripts/gen_groovy_protocol.py"
+    )
+
+
+def test_generator_follows_protocol_changes(monkeypatch):
+    """A field added to protocol.py appears in the generated table (the generator reads the
+    structs, it does not copy a list), and a type it cannot translate stops it loudly."""
+    import msgspec
+
+    from polystore.streaming import protocol
+
+    generator = load_generator()
+
+    class Display(protocol.Display, omit_defaults=True):
+        gamma: Annotated[float, msgspec.Meta(ge=0.1, le=10)] | None = None
+
+    class Frame(protocol.Frame, tag="frame", tag_field="type", omit_defaults=True):
+        display: Display = msgspec.field(default_factory=Display)
+
+    monkeypatch.setattr(protocol, "SenderMessage", protocol.Hello | Frame | protocol.Bye)
+    section = generator.generate_section(protocol)
+    assert "Fld.opt('gamma', Check.nullable(Check.number(0.1d, 10.0d)), null)," in section
+    assert "'rois': ROIS" not in section
+
+    monkeypatch.setattr(protocol, "NEW_LIMITS", (1, 2), raising=False)
+    with pytest.raises(NotImplementedError, match="NEW_LIMITS"):
+        generator.generate_section(protocol)

@@ -1948,40 +1948,122 @@ try {
 Images images = new Images(modeParam, channelDisplayParam, gui, useRoiManager, outputDir)
 Core core = new Core(images)
 
-def ctx = zmq.context(1)
-def sock = ctx.socket(zmq.ROUTER)
-sock.setLinger(0)
-sock.setRcvHWM(1000)
-sock.setMaxMsgSize(Local.MAX_FRAME_BYTES + P.MAX_HEADER_BYTES)
-sock.setReceiveTimeOut(100)  // wake up to stop, housekeep and redraw
-String bound
-try {
-    if (port == '0' || port == '*') bound = "tcp://${host}:${sock.bindToRandomPort("tcp://${host}")}"
-    else { sock.bind(endpointParam); bound = endpointParam }
-} catch (Exception e) {
-    sock.close()
-    ctx.term()
-    fail("cannot listen on ${endpointParam}: ${e.message ?: e}. Is another polystore receiver already running there? Stop it or choose another endpoint")
-}
+/*
+ * The socket lives on a worker thread outside the script's ThreadGroup. Fiji's Script Editor
+ * runs a script in a ThreadGroup of its own and "Kill" interrupts (then, where the JVM still
+ * can, stops) every thread of that group. JeroMQ's I/O and reaper threads inherit the group of
+ * the thread that creates the context; interrupted, their selectors break and they spin while
+ * the port stays bound (JeroMQ issues #251, #172). Here the script's own thread only waits:
+ * interrupted or stopped, it tells the worker to stop, and the worker closes the socket and
+ * terminates the context, which frees the port.
+ */
+ThreadGroup outside = Thread.currentThread().getThreadGroup()
+while (outside.getParent() != null) outside = outside.getParent()
 
 AtomicBoolean stop = new AtomicBoolean(false)
-CountDownLatch done = new CountDownLatch(1)
-Thread loopThread = Thread.currentThread()
-Thread hook = new Thread({
+CountDownLatch started = new CountDownLatch(1)  // bound (or failed to)
+CountDownLatch done = new CountDownLatch(1)     // socket closed, context terminated
+String bound = null
+String startError = null
+def window = null
+def statusLabel = null
+
+Runnable receive = {
+    def ctx = zmq.context(1)
+    def sock = ctx.socket(zmq.ROUTER)
+    try {
+        sock.setLinger(0)
+        sock.setRcvHWM(1000)
+        sock.setMaxMsgSize(Local.MAX_FRAME_BYTES + P.MAX_HEADER_BYTES)
+        sock.setReceiveTimeOut(100)  // wake up to stop, housekeep and redraw
+        try {
+            if (port == '0' || port == '*') bound = "tcp://${host}:${sock.bindToRandomPort("tcp://${host}")}"
+            else { sock.bind(endpointParam); bound = endpointParam }
+        } catch (Exception e) {
+            startError = "cannot listen on ${endpointParam}: ${e.message ?: e}. Is another polystore receiver already running there? Stop it or choose another endpoint"
+            return
+        }
+        started.countDown()
+        int sendMore = zmq.SNDMORE | zmq.DONTWAIT, sendLast = zmq.DONTWAIT  // looked up once, not per reply
+        byte[] current = null  // routing id of the message being handled
+        def replyToCurrent = { Map message ->
+            try {
+                sock.send(current, sendMore)
+                sock.send(Json.encodeUtf8(message), sendLast)
+            } catch (Exception ignored) {
+                // the sender is gone or not reading; it times out on its own
+            }
+        }
+        long lastTick = System.nanoTime(), lastDraw = 0, framesAtTick = 0
+        while (!stop.get()) {
+            byte[] identity = null
+            try {
+                identity = sock.recv(0)
+            } catch (Exception e) {
+                if (stop.get()) break
+                images.log("receive failed: ${e}")
+                Thread.sleep(100)  // a broken socket must not become a busy loop
+            }
+            if (identity != null) {
+                List<byte[]> parts = []
+                int count = 0
+                while (sock.hasReceiveMore()) {
+                    byte[] part = sock.recv(0)
+                    count++
+                    if (parts.size() < 2) parts << part  // more parts are counted, not kept
+                }
+                current = identity
+                core.handle(new String(identity, 'ISO-8859-1'), parts, count, replyToCurrent)
+            }
+            long now = System.nanoTime()
+            try {  // housekeeping; a failure here is logged, never fatal
+                if (gui && now - lastDraw > 50_000_000L) {  // redraw at most ~20 times a second
+                    lastDraw = now
+                    images.refresh()
+                }
+                if (now - lastTick >= 1_000_000_000L) {
+                    core.fps = (core.frames - framesAtTick) * 1e9 / (now - lastTick)
+                    lastTick = now
+                    framesAtTick = core.frames
+                    core.reader.forgetUnlinked()
+                    if (statusLabel != null) statusLabel.text = "${bound}: ${core.frames} frames, ${String.format('%.1f', core.fps)} fps, ${core.rejected} rejected"
+                }
+            } catch (Exception e) {
+                images.log("housekeeping failed: ${e}")
+            }
+        }
+    } catch (Throwable t) {
+        images.log("receiver stopped by an error: ${t}")
+    } finally {
+        try { sock.close() } catch (Exception ignored) { }
+        try { ctx.term() } catch (Exception ignored) { }
+        core.close()
+        started.countDown()
+        done.countDown()
+    }
+} as Runnable
+Thread worker = new Thread(outside, receive, 'polystore-fiji-receiver')
+worker.daemon = true  // never keeps Fiji's JVM alive
+worker.start()
+started.await()
+if (startError != null) {
+    done.await(5, TimeUnit.SECONDS)
+    fail(startError)
+}
+
+Thread hook = new Thread(outside, {
     stop.set(true)
-    done.await(3, TimeUnit.SECONDS)  // let the loop close the socket cleanly
+    done.await(3, TimeUnit.SECONDS)  // let the worker close the socket cleanly
 } as Runnable, 'polystore-fiji-shutdown')
 Runtime.runtime.addShutdownHook(hook)
 if (stopOnEof) {
-    Thread watcher = new Thread({
+    Thread watcher = new Thread(outside, {
         try { while (System.in.read() >= 0) { } } catch (IOException ignored) { }
         stop.set(true)
     } as Runnable, 'polystore-fiji-stdin')
     watcher.daemon = true
     watcher.start()
 }
-def window = null
-def statusLabel = null
 if (gui) {  // a small window with counters and a Stop button
     window = new java.awt.Frame("polystore receiver - ${bound}")
     statusLabel = new java.awt.Label("listening on ${bound}")
@@ -1996,63 +2078,17 @@ if (gui) {  // a small window with counters and a Stop button
 
 say("listening on ${bound} (ImageJ ${IJ.getVersion()}, ${gui ? 'GUI' : 'headless'}, mode ${modeParam}${outputDir ? ', output ' + outputDir : ''})")
 
-int sendMore = zmq.SNDMORE | zmq.DONTWAIT, sendLast = zmq.DONTWAIT  // looked up once, not per reply
-def sendReply = { byte[] identity, Map message ->
-    try {
-        sock.send(identity, sendMore)
-        sock.send(Json.encodeUtf8(message), sendLast)
-    } catch (Exception ignored) {
-        // the sender is gone or not reading; it times out on its own
-    }
-}
-
-byte[] current = null  // routing id of the message being handled
-def replyToCurrent = { Map m -> sendReply(current, m) }
-long lastTick = System.nanoTime(), lastDraw = 0, framesAtTick = 0
 try {
-    while (!stop.get() && !loopThread.isInterrupted()) {
-        byte[] identity = null
-        try {
-            identity = sock.recv(0)
-        } catch (Exception e) {
-            if (stop.get() || loopThread.isInterrupted()) break
-            images.log("receive failed: ${e}")
-            Thread.sleep(100)  // a broken socket must not become a busy loop
-        }
-        if (identity != null) {
-            List<byte[]> parts = []
-            int count = 0
-            while (sock.hasReceiveMore()) {
-                byte[] part = sock.recv(0)
-                count++
-                if (parts.size() < 2) parts << part  // more parts are counted, not kept
-            }
-            current = identity
-            core.handle(new String(identity, 'ISO-8859-1'), parts, count, replyToCurrent)
-        }
-        long now = System.nanoTime()
-        try {  // housekeeping; a failure here is logged, never fatal
-            if (gui && now - lastDraw > 50_000_000L) {  // redraw at most ~20 times a second
-                lastDraw = now
-                images.refresh()
-            }
-            if (now - lastTick >= 1_000_000_000L) {
-                core.fps = (core.frames - framesAtTick) * 1e9 / (now - lastTick)
-                lastTick = now
-                framesAtTick = core.frames
-                core.reader.forgetUnlinked()
-                if (statusLabel != null) statusLabel.text = "${bound}: ${core.frames} frames, ${String.format('%.1f', core.fps)} fps, ${core.rejected} rejected"
-            }
-        } catch (Exception e) {
-            images.log("housekeeping failed: ${e}")
-        }
+    done.await()  // until Stop, the window closed, stdin closed, SIGTERM, or Kill (interrupt)
+} catch (InterruptedException ignored) {
+    // Script Editor's Kill: stop below
+} finally {  // also on Thread.stop (ThreadDeath): the worker frees the port
+    stop.set(true)
+    long deadline = System.nanoTime() + 3_000_000_000L
+    while (done.getCount() > 0 && System.nanoTime() < deadline) {
+        try { done.await(50, TimeUnit.MILLISECONDS) } catch (InterruptedException ignored) { }  // a second Kill
     }
-} finally {
-    try { sock.close() } catch (Exception ignored) { }
-    try { ctx.term() } catch (Exception ignored) { }
-    core.close()
     if (window != null) window.dispose()
     say("stopped after ${core.frames} frames, ${core.rejected} rejected")
-    done.countDown()
     try { Runtime.runtime.removeShutdownHook(hook) } catch (IllegalStateException ignored) { }  // already shutting down
 }
