@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import os
 import re
 import shutil
@@ -335,3 +336,106 @@ def x_close_window(receiver: FijiReceiver, title: str, timeout: float = 20.0) ->
             raise TimeoutError(f"window {title!r} did not close")
         time.sleep(0.05)
     return len(windows)
+
+
+# -- the Script Editor: run, kill, stop and re-run in one JVM ------------------------------------
+
+EDITOR = FIJI_DIR / "script_editor.groovy"
+
+
+class ScriptEditor:
+    """viewers/fiji/script_editor.groovy: the receiver script run several times in one JVM the
+    way Fiji's Script Editor runs it (own ThreadGroup; Kill = interrupt, then Thread.stop)."""
+
+    def __init__(self, stack: Stack = DEFAULT_STACK, gui: bool = False) -> None:
+        env = dict(os.environ, **stack.env())
+        java_home = env.get("JAVA_HOME") or "/usr/lib/jvm/java-17-openjdk-amd64"
+        env["JAVA_HOME"] = java_home
+        options = [] if gui else ["-Djava.awt.headless=true"]
+        jars = [str(IJ_JAR), str(stack.jeromq_jar)]
+        if stack.groovy_jars:
+            classpath = ":".join([*map(str, stack.groovy_jars), *jars])
+            command = [f"{java_home}/bin/java", *options, "-cp", classpath, "groovy.ui.GroovyMain"]
+        else:
+            env["JAVA_OPTS"] = " ".join(options)
+            command = ["groovy", "-cp", ":".join(jars)]
+        command += [str(EDITOR), str(SCRIPT)]
+        if gui:
+            command = ["xvfb-run", "-a", *command]
+            env["POLYSTORE_FIJI_GUI"] = "1"
+        self.proc = subprocess.Popen(command, env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     cwd=ROOT)  # fmt: skip
+        self.lines: list[str] = []
+        self._answers: list[str] = []
+        self._event = threading.Condition()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            with self._event:
+                self.lines.append(line)
+                if line.startswith("= "):
+                    self._answers.append(line[2:])
+                self._event.notify_all()
+        with self._event:
+            self._answers.append("<ended>")
+            self._event.notify_all()
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def send(self, text: str):
+        """Send one command; returns a function that waits for its answer line."""
+        with self._event:
+            seen = len(self._answers)
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+
+        def answer(timeout: float = 120.0) -> str:
+            with self._event:
+                if not self._event.wait_for(lambda: len(self._answers) > seen, timeout):
+                    raise TimeoutError(f"no answer to {text!r}:\n{self.log[-3000:]}")
+                return self._answers[seen]
+
+        return answer
+
+    def command(self, text: str, timeout: float = 120.0) -> str:
+        """Send one command and return its answer line."""
+        return self.send(text)(timeout)
+
+    def threads(self) -> list[dict]:
+        return json.loads(self.command("threads"))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.command("quit", timeout=10)
+            except (TimeoutError, OSError):
+                pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def seconds_until_free(port: int, limit: float = 10.0) -> float:
+    """How long until 127.0.0.1:`port` can be bound again (inf after `limit`)."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        if port_is_free(port):
+            return time.monotonic() - start
+        time.sleep(0.02)
+    return float("inf")

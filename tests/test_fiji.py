@@ -27,12 +27,14 @@ from tests.fiji_helpers import (
     DEFAULT_STACK,
     STACKS,
     RawClient,
+    ScriptEditor,
     Stack,
     free_port,
     image,
     read_tiff,
     require,
     roi_summary,
+    seconds_until_free,
     start_receiver,
     x_close_window,
 )
@@ -47,7 +49,7 @@ pytestmark = [pytest.mark.fiji]
 
 @pytest.fixture(scope="session", params=list(STACKS))
 def stack(request) -> Stack:
-    """Both stacks: Debian's (Groovy 2.4, JeroMQ 0.3.6) and current Fiji's (Groovy 4, JeroMQ 0.6)."""
+    """Debian's stack (Groovy 2.4, JeroMQ 0.3.6) and current Fiji's (Groovy 4, JeroMQ 0.6)."""
     stack = STACKS[request.param]
     require(stack)
     return stack
@@ -704,3 +706,44 @@ def test_generator_follows_protocol_changes(monkeypatch):
     monkeypatch.setattr(protocol, "NEW_LIMITS", (1, 2), raising=False)
     with pytest.raises(NotImplementedError, match="NEW_LIMITS"):
         generator.generate_section(protocol)
+
+
+# -- Fiji's Script Editor: Kill, Stop and re-run in one JVM (issue 14) ---------------------------
+
+SPINNING = 0.3  # CPU seconds in one second: a thread busier than this while idle spins
+
+
+@pytest.mark.skipif(shutil.which("xvfb-run") is None, reason="xvfb-run is not installed")
+def test_script_editor_kill_stop_and_rerun_free_the_port(stack):
+    """Run the script as the Script Editor does; Kill (interrupt, then Thread.stop where the
+    JVM has it), the Stop button and a re-run each leave the port free within about a second,
+    with no thread left spinning, and the re-run on the same port works."""
+    port = free_port()
+    params = f'endpoint="tcp://127.0.0.1:{port}"'
+    editor = ScriptEditor(stack, gui=True)
+    try:
+        started = editor.command(f"run {params}", timeout=300)
+        assert started.startswith("listening"), editor.log[-3000:]
+        with RawClient(f"tcp://127.0.0.1:{port}") as raw:
+            assert raw.hello()["type"] == "welcome"
+
+        killed = editor.send("kill")
+        assert seconds_until_free(port) < 3, editor.log[-3000:]
+        assert "script thread ended" in killed(30)
+        busy = [t for t in editor.threads() if t["cpu"] > SPINNING]
+        assert busy == [], f"threads spinning after Kill: {busy}"
+        assert not [t for t in editor.threads() if t["name"].startswith(("reaper", "iothread"))]
+
+        assert editor.command(f"run {params}", timeout=300).startswith("listening")  # re-run
+        with RawClient(f"tcp://127.0.0.1:{port}") as raw:
+            assert raw.hello()["type"] == "welcome"
+            assert raw.request(raw.frame(), b"\0" * 6)["type"] == "ack"
+        assert "ended" in editor.command("stop", timeout=30), editor.log[-3000:]
+        assert seconds_until_free(port) < 3
+        assert [t for t in editor.threads() if t["cpu"] > SPINNING] == []
+
+        assert editor.command(f"run {params}", timeout=300).startswith("listening")  # again
+        assert "ended" in editor.command("stop", timeout=30)
+        assert seconds_until_free(port) < 3
+    finally:
+        editor.close()

@@ -2045,40 +2045,38 @@ Runnable receive = {
 Thread worker = new Thread(outside, receive, 'polystore-fiji-receiver')
 worker.daemon = true  // never keeps Fiji's JVM alive
 worker.start()
-started.await()
-if (startError != null) {
-    done.await(5, TimeUnit.SECONDS)
-    fail(startError)
-}
+Thread hook = null
+try {  // from here on, whatever happens (Kill included), the worker is told to stop
+    started.await()
+    if (startError != null) return  // reported below, once the worker has cleaned up
 
-Thread hook = new Thread(outside, {
-    stop.set(true)
-    done.await(3, TimeUnit.SECONDS)  // let the worker close the socket cleanly
-} as Runnable, 'polystore-fiji-shutdown')
-Runtime.runtime.addShutdownHook(hook)
-if (stopOnEof) {
-    Thread watcher = new Thread(outside, {
-        try { while (System.in.read() >= 0) { } } catch (IOException ignored) { }
+    hook = new Thread(outside, {
         stop.set(true)
-    } as Runnable, 'polystore-fiji-stdin')
-    watcher.daemon = true
-    watcher.start()
-}
-if (gui) {  // a small window with counters and a Stop button
-    window = new java.awt.Frame("polystore receiver - ${bound}")
-    statusLabel = new java.awt.Label("listening on ${bound}")
-    def button = new java.awt.Button('Stop')
-    button.addActionListener({ stop.set(true) } as java.awt.event.ActionListener)
-    window.add(statusLabel, java.awt.BorderLayout.CENTER)
-    window.add(button, java.awt.BorderLayout.EAST)
-    window.addWindowListener([windowClosing: { stop.set(true) }] as java.awt.event.WindowAdapter)
-    window.setSize(460, 70)
-    window.visible = true
-}
+        done.await(3, TimeUnit.SECONDS)  // let the worker close the socket cleanly
+    } as Runnable, 'polystore-fiji-shutdown')
+    Runtime.runtime.addShutdownHook(hook)
+    if (stopOnEof) {
+        Thread watcher = new Thread(outside, {
+            try { while (System.in.read() >= 0) { } } catch (IOException ignored) { }
+            stop.set(true)
+        } as Runnable, 'polystore-fiji-stdin')
+        watcher.daemon = true
+        watcher.start()
+    }
+    if (gui) {  // a small window with counters and a Stop button
+        window = new java.awt.Frame("polystore receiver - ${bound}")
+        statusLabel = new java.awt.Label("listening on ${bound}")
+        def button = new java.awt.Button('Stop')
+        button.addActionListener({ stop.set(true) } as java.awt.event.ActionListener)
+        window.add(statusLabel, java.awt.BorderLayout.CENTER)
+        window.add(button, java.awt.BorderLayout.EAST)
+        window.addWindowListener([windowClosing: { stop.set(true) }] as java.awt.event.WindowAdapter)
+        window.setSize(460, 70)
+        window.visible = true
+    }
 
-say("listening on ${bound} (ImageJ ${IJ.getVersion()}, ${gui ? 'GUI' : 'headless'}, mode ${modeParam}${outputDir ? ', output ' + outputDir : ''})")
+    say("listening on ${bound} (ImageJ ${IJ.getVersion()}, ${gui ? 'GUI' : 'headless'}, mode ${modeParam}${outputDir ? ', output ' + outputDir : ''})")
 
-try {
     done.await()  // until Stop, the window closed, stdin closed, SIGTERM, or Kill (interrupt)
 } catch (InterruptedException ignored) {
     // Script Editor's Kill: stop below
@@ -2089,6 +2087,7 @@ try {
         try { done.await(50, TimeUnit.MILLISECONDS) } catch (InterruptedException ignored) { }  // a second Kill
     }
     if (window != null) window.dispose()
+    if (startError != null) fail(startError)
     say("stopped after ${core.frames} frames, ${core.rejected} rejected")
-    try { Runtime.runtime.removeShutdownHook(hook) } catch (IllegalStateException ignored) { }  // already shutting down
+    try { if (hook != null) Runtime.runtime.removeShutdownHook(hook) } catch (IllegalStateException ignored) { }  // already shutting down
 }
