@@ -404,6 +404,135 @@ def test_labels_16_bit_with_glasbey(fiji, backend, fm, key):
     got, _, meta = saved(state, key)
     np.testing.assert_array_equal(got, labels)
     assert meta["min"] == 0 and meta["max"] == 300  # display range 0..max(255, largest label)
+    assert rendered(state, key)[0, 1].max() > 0  # label 1 is not black (issue 14)
+
+
+def rendered(state: dict, title: str) -> np.ndarray:
+    """The RGB pixels of what the image's window shows (the PNG the receiver renders)."""
+    from PIL import Image
+
+    entry = image(state, title)
+    assert entry["rendered"], f"{title} was not rendered"
+    with Image.open(entry["rendered"]) as png:
+        return np.asarray(png.convert("RGB"))
+
+
+@pytest.mark.parametrize("dtype,count", [("uint16", 1000), ("int32", 70_000)])
+def test_labels_distinguishable_at_any_count(fiji, backend, fm, key, dtype, count):
+    """Issue 14: over 255 labels, ImageJ's linear display range made labels 1-3 black and let
+    neighbours share a colour. Each label now has a colour of a cycling glasbey LUT: 0 black,
+    every other label coloured, neighbouring labels different (labels stay exact)."""
+    labels = np.zeros((4, count + 1), dtype=dtype)
+    labels[:, :] = np.arange(count + 1)  # column j holds label j: 0, 1, 2, ...
+    labels[:, -1] = count - 1 if dtype == "uint16" else 69_999
+    fm.save(labels, f"{key}.tif", backend="fiji_stream", stream=key, labels=True)
+    state = report(backend)
+    np.testing.assert_array_equal(saved(state, key)[0], labels.astype(saved(state, key)[0].dtype))
+    colours = rendered(state, key)[0]  # one row: the colour of label j at column j
+    assert (colours[0] == 0).all(), "label 0 (background) is black"
+    assert (colours[1:].max(axis=1) > 0).all(), "no label is black"
+    assert (np.abs(np.diff(colours[1:-1].astype(int), axis=0)).sum(axis=1) > 0).all(), (
+        "neighbouring labels share a colour"
+    )
+
+
+@pytest.mark.parametrize("value", [2**24 + 1, 2**32 - 1])
+def test_labels_a_float_cannot_hold_are_rejected_not_merged(fiji, backend, fm, key, value):
+    """Issue 14: labels >= 2^24 were merged silently by the float32 conversion (2^24 + 1 became
+    2^24). Now the frame is refused with a message saying what to do, and nothing changes."""
+    fm.save(np.ones((2, 2), np.uint8), f"{key}.tif", backend="fiji_stream", stream=key,
+            labels=True)  # fmt: skip
+    labels = np.array([[0, 2**24], [value, 1]], dtype=np.uint32)
+    with pytest.raises(FrameRejectedError) as err:
+        fm.save(labels, f"{key}.tif", backend="fiji_stream", stream=key, labels=True)
+        backend.flush()
+    assert err.value.code == "too_large"
+    assert str(value) in str(err.value) and "relabel" in str(err.value)
+    np.testing.assert_array_equal(saved(report(backend), key)[0], np.ones((2, 2)))
+
+
+# -- colour, contrast, leading axes (issue 14) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("samples", [3, 4])
+def test_rgb_and_rgba_frames_become_rgb_images(fiji, backend, fm, key, samples):
+    """Issue 14: a (120, 160, 3) uint8 frame became 120 slices of 160 x 3. It is an RGB image
+    now (auto-detected; RGBA loses its alpha: ImageJ's RGB has none)."""
+    rng = np.random.default_rng(samples)
+    frame = rng.integers(0, 256, (120, 160, samples), dtype=np.uint8)
+    fm.save(frame, f"{key}.png", backend="fiji_stream", stream=key)
+    state = report(backend)
+    entry = image(state, key)
+    assert (entry["width"], entry["height"], entry["bitDepth"]) == (160, 120, 24)
+    assert (entry["slices"], entry["luts"]) == (1, ["rgb"])
+    data, axes, _ = saved(state, key)
+    assert axes == "YXS"
+    np.testing.assert_array_equal(data, frame[..., :3])
+    np.testing.assert_array_equal(rendered(state, key), frame[..., :3])
+
+
+def test_rgb_time_series_and_detection_off(fiji, key):
+    with RawClient(fiji.endpoint) as raw:
+        assert raw.hello()["type"] == "welcome"
+        frames = np.arange(2 * 5 * 6 * 3, dtype=np.uint8).reshape(2, 5, 6, 3)
+        for t in range(2):
+            reply = raw.request(raw.frame(stream=key, shape=[5, 6, 3], nbytes=90, axes={"t": t}),
+                                frames[t].tobytes())  # fmt: skip
+            assert reply["type"] == "ack", reply
+        off = raw.frame(stream=key + "_grey", shape=[5, 6, 3], nbytes=90,
+                        display={"rgb": False})  # fmt: skip
+        assert raw.request(off, frames[0].tobytes())["type"] == "ack"
+        state = raw.report()
+    entry = image(state, key)
+    assert (entry["frames"], entry["bitDepth"]) == (2, 24)
+    np.testing.assert_array_equal(saved(state, key)[0], frames)
+    grey = image(state, key + "_grey")  # detection off: 5 slices (z) of 6 x 3
+    assert (grey["slices"], grey["width"], grey["height"], grey["bitDepth"]) == (5, 3, 6, 8)
+
+
+@pytest.mark.parametrize("dtype,shape,kind", [("uint16", [4, 5, 3], "image"),
+                                              ("uint8", [4, 5], "image"),
+                                              ("uint8", [4, 5, 3], "labels")])  # fmt: skip
+def test_rgb_true_on_anything_else_is_bad_message(fiji, dtype, shape, kind):
+    with RawClient(fiji.endpoint) as raw:
+        assert raw.hello()["type"] == "welcome"
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        reply = raw.request(raw.frame(shape=shape, dtype=dtype, nbytes=nbytes,
+                                      display={"rgb": True, "kind": kind}),
+                            b"\0" * nbytes)  # fmt: skip
+    assert reply["type"] == "error" and reply["code"] == "bad_message", reply
+    assert "rgb=true needs" in reply["message"]
+
+
+def test_contrast_follows_the_data_unless_given(fiji, backend, fm, key):
+    """Issue 14: the first frame fixed the contrast, so a signal drifting from 0-1 to 19-20
+    was all white. Without contrast_limits the range follows each frame, per channel."""
+    for t, offset in enumerate([0.0, 5.0, 19.0]):
+        frame = (offset + np.linspace(0, 1, 24, dtype=np.float32)).reshape(4, 6)
+        fm.save(frame, f"{key}.tif", backend="fiji_stream", stream=key, axes={"t": t})
+        fm.save(frame * 100, f"{key}_c.tif", backend="fiji_stream", stream=f"{key}_c",
+                axes={"t": t, "c": 1})  # fmt: skip
+        fm.save(frame, f"{key}_fixed.tif", backend="fiji_stream", stream=f"{key}_fixed",
+                contrast_limits=(0, 1))  # fmt: skip
+    state = report(backend)
+    np.testing.assert_allclose(image(state, key)["displayRanges"], [[19, 20]], rtol=1e-6)
+    ranges = image(state, f"{key}_c")["displayRanges"]
+    np.testing.assert_allclose(ranges[1], [1900, 2000], rtol=1e-5)
+    assert image(state, f"{key}_fixed")["displayRanges"] == [[0, 1]]
+
+
+@pytest.mark.parametrize("shape,axes,dims", [
+    ([3, 4, 5], {}, (1, 3, 1)),              # one leading axis: z
+    ([2, 3, 4, 5], {}, (2, 3, 1)),           # two: c, z
+    ([2, 4, 5], {"z": 1}, (2, 2, 1)),        # z taken by axes: the next from the end, c
+    ([2, 4, 5], {"t": 0, "c": 0}, (1, 2, 1)),
+])  # fmt: skip
+def test_leading_axis_rule(fiji, backend, fm, key, shape, axes, dims):
+    """Shared with napari (docs/protocol.md): unnamed leading dims are named, innermost
+    first, from the end of t, c, z, skipping names already used."""
+    fm.save(np.ones(shape, np.uint8), f"{key}.tif", backend="fiji_stream", stream=key, axes=axes)
+    entry = image(report(backend), key)
+    assert (entry["channels"], entry["slices"], entry["frames"]) == dims
 
 
 def test_labels_beyond_16_bit_are_32_bit(fiji, backend, fm, key):
@@ -745,5 +874,32 @@ def test_script_editor_kill_stop_and_rerun_free_the_port(stack):
         assert editor.command(f"run {params}", timeout=300).startswith("listening")  # again
         assert "ended" in editor.command("stop", timeout=30)
         assert seconds_until_free(port) < 3
+    finally:
+        editor.close()
+
+
+@pytest.mark.skipif(shutil.which("xvfb-run") is None, reason="xvfb-run is not installed")
+def test_rerun_in_one_session_continues_cleanly(debian):
+    """Issue 14: run again in the same Fiji session, ROI ids restarted, so the ROI Manager
+    skipped the new ROIs as already present, and a second window of the same title opened.
+    Now the new run's ROIs are added and the open window is taken over."""
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    editor = ScriptEditor(debian, gui=True)
+    try:
+        for run in (1, 2):
+            assert editor.command(f'run endpoint="{endpoint}"', timeout=300).startswith("listening")
+            with RawClient(endpoint) as raw:
+                assert raw.hello()["type"] == "welcome"
+                pixels = bytes([run] * 6)
+                assert raw.request(raw.frame(stream="cells"), pixels)["type"] == "ack"
+                rois = {"v": 1, "type": "rois", "seq": raw.next_seq(), "stream": "cells",
+                        "path": "cells.roi.zip", "sent_ns": 0, "rois": ROIS[:2]}  # fmt: skip
+                assert raw.request(rois)["type"] == "ack"
+                state = raw.report()
+            assert state["windows"] == 1, f"run {run}: {state['windows']} windows"
+            assert state["roi_manager"] == 2 * run, f"run {run}: {state['roi_manager']} ROIs"
+            assert image(state, "cells")["framesReceived"] == 1
+            assert "ended" in editor.command("stop", timeout=30)
     finally:
         editor.close()

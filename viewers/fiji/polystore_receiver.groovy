@@ -234,6 +234,12 @@ class Fields {
 }
 // <<< END GENERATED
 
+/** A label value ImageJ cannot hold exactly. */
+@CompileStatic
+class LabelRange extends Exception {
+    LabelRange(String message) { super(message) }
+}
+
 /** A message broke the protocol; `code` is one of the error codes above. */
 @CompileStatic
 class ProtocolError extends Exception {
@@ -481,6 +487,28 @@ class Messages {
             throw new ProtocolError(P.TOO_LARGE, "frame of ${nbytes} bytes exceeds this receiver's max_frame_bytes=${Local.MAX_FRAME_BYTES}".toString(), f.get('seq'))
         }
         checkAxes(f)
+        checkRgb(f)
+    }
+
+    /** RGB(A) (docs/protocol.md): display.rgb, else auto-detected for a uint8 frame whose last
+     * dimension is 3 or 4 (ndim >= 3), never for labels. */
+    static boolean isRgb(Map f) {
+        Map display = (Map) f.get('display')
+        Object rgb = display.get('rgb')
+        List shape = (List) f.get('shape')
+        boolean fits = f.get('dtype') == 'uint8' && shape.size() >= 3 && ((Long) shape.get(shape.size() - 1)) in [3L, 4L]
+        if (rgb == null) return fits && display.get('kind') != 'labels'
+        return (Boolean) rgb
+    }
+
+    static void checkRgb(Map f) {
+        Map display = (Map) f.get('display')
+        if (display.get('rgb') != Boolean.TRUE) return
+        List shape = (List) f.get('shape')
+        boolean fits = f.get('dtype') == 'uint8' && shape.size() >= 3 && ((Long) shape.get(shape.size() - 1)) in [3L, 4L]
+        if (!fits || display.get('kind') == 'labels') {
+            throw new ProtocolError(P.BAD_MESSAGE, "rgb=true needs an image (not labels) of dtype uint8 whose last dimension is 3 (RGB) or 4 (RGBA), at least 3-D; got ${f.get('dtype')} ${shape}${display.get('kind') == 'labels' ? ' labels' : ''}".toString(), f.get('seq'))
+        }
     }
 
     /** Step 6 for ROIs: point counts per kind, axis names. */
@@ -944,7 +972,26 @@ class SegmentReader {
 class Pixels {
     static int bitsFor(String dtype) { dtype == 'uint8' ? 8 : dtype == 'uint16' ? 16 : 32 }
 
-    static Object newPlane(int bits, int n) { bits == 8 ? new byte[n] : bits == 16 ? (Object) new short[n] : new float[n] }
+    static Object newPlane(int bits, int n) {
+        bits == 8 ? new byte[n] : bits == 16 ? (Object) new short[n] : bits == 24 ? (Object) new int[n] : new float[n]
+    }
+
+    /** Bytes one pixel of an ImageJ image of `bits` takes in memory. */
+    static int bytesPerPixel(int bits) { bits == 24 ? 4 : bits >> 3 }
+
+    /** `n` RGB(A) pixels of `samples` bytes each into an ImageJ RGB plane (alpha dropped:
+     * ImageJ's RGB images have none). */
+    static void copyRgb(ByteBuffer src, long position, int n, int samples, int[] dest) {
+        ByteBuffer b = at(src, position)
+        for (int k = 0; k < n; k++) {
+            int r = b.get() & 0xff, g = b.get() & 0xff, bl = b.get() & 0xff
+            if (samples == 4) b.get()
+            dest[k] = (int) (0xff000000 | (r << 16) | (g << 8) | bl)
+        }
+    }
+
+    /** Largest integer a 32-bit float holds exactly, with every integer below it. */
+    static final long FLOAT_EXACT = 1L << 24
 
     static ByteBuffer at(ByteBuffer src, long position) {
         ByteBuffer b = src.duplicate().order(ByteOrder.LITTLE_ENDIAN)
@@ -952,11 +999,13 @@ class Pixels {
         return b
     }
 
-    /** Labels: 16-bit when every value is an integer in 0..65535, else 32-bit. */
-    static int labelBits(ByteBuffer src, long position, String dtype, long count) {
+    /** Labels: 16-bit when every value is an integer in 0..65535, else 32-bit; a label a 32-bit
+     * float cannot hold exactly (|v| > 2^24) would merge with its neighbours: LabelRange. */
+    static int labelBits(ByteBuffer src, long position, String dtype, long count) throws LabelRange {
         if (dtype == 'uint8' || dtype == 'uint16') return 16
         if (dtype.startsWith('float')) return 32
         ByteBuffer b = at(src, position)
+        int bits = 16
         for (long k = 0; k < count; k++) {
             long v
             switch (dtype) {
@@ -967,9 +1016,13 @@ class Pixels {
                 default:  // int64, uint64 (a negative long is a huge uint64)
                     v = b.getLong()
             }
-            if (v < 0 || v > 65535) return 32
+            if (v < 0 || v > 65535) bits = 32
+            if (v > FLOAT_EXACT || v < -FLOAT_EXACT || (dtype == 'uint64' && v < 0)) {
+                String shown = dtype == 'uint64' ? Long.toUnsignedString(v) : Long.toString(v)
+                throw new LabelRange("label ${shown} cannot be held exactly by ImageJ (32-bit float images hold integer labels up to 2^24 = 16777216); it would merge with its neighbours. Renumber the labels (e.g. skimage.segmentation.relabel_sequential) before sending".toString())
+            }
         }
-        return 16
+        return bits
     }
 
     /** Copy `n` values of `dtype` at `position` into `dest` (byte[], short[] or float[]). */
@@ -1037,6 +1090,15 @@ class Pixels {
         float[] f = new float[p.length]
         for (int k = 0; k < p.length; k++) f[k] = (float) (p[k] & 0xff)
         return f
+    }
+
+    static double[] minMax(Object plane) {
+        double lo = Double.POSITIVE_INFINITY, hi = Double.NEGATIVE_INFINITY
+        if (plane instanceof byte[]) { for (byte v : (byte[]) plane) { int x = v & 0xff; if (x < lo) lo = x; if (x > hi) hi = x } }
+        else if (plane instanceof short[]) { for (short v : (short[]) plane) { int x = v & 0xffff; if (x < lo) lo = x; if (x > hi) hi = x } }
+        else if (plane instanceof float[]) { for (float v : (float[]) plane) { if (Float.isFinite(v)) { if (v < lo) lo = v; if (v > hi) hi = v } } }
+        if (lo > hi) { lo = 0; hi = 1 }  // nothing finite
+        return [lo, hi] as double[]
     }
 
     static double maxOf(Object plane) {
@@ -1119,6 +1181,62 @@ class Luts {
     }
 }
 
+/**
+ * Labels shown so that neighbours differ at any count, as napari does: label v > 0 gets colour
+ * 1 + (v - 1) mod 255 of the glasbey LUT (0 stays black), instead of ImageJ's linear display
+ * range, which makes labels 1-3 black and lets about max/255 neighbours share a colour. The
+ * pixels stay the exact label values (measurements, saved TIFFs); only the drawing differs.
+ */
+@CompileStatic
+class LabelColors {
+    static IndexColorModel model
+
+    static IndexColorModel model() {
+        if (model == null) {
+            LUT g = Luts.glasbey()
+            byte[] r = new byte[256], gr = new byte[256], b = new byte[256]
+            g.getReds(r); g.getGreens(gr); g.getBlues(b)
+            r[0] = 0; gr[0] = 0; b[0] = 0
+            model = new IndexColorModel(8, 256, r, gr, b)
+        }
+        return model
+    }
+
+    static int index(double v) {
+        if (v == 0 || Double.isNaN(v)) return 0
+        long label = (long) Math.abs(v)
+        return (int) (1 + (label - 1) % 255)
+    }
+
+    static java.awt.Image render(int w, int h, Object pixels) {
+        byte[] idx = new byte[w * h]
+        if (pixels instanceof short[]) {
+            short[] p = (short[]) pixels
+            for (int k = 0; k < idx.length; k++) idx[k] = (byte) index(p[k] & 0xffff)
+        } else {
+            float[] p = (float[]) pixels
+            for (int k = 0; k < idx.length; k++) idx[k] = (byte) index(p[k])
+        }
+        return new ij.process.ByteProcessor(w, h, idx, model()).createImage()
+    }
+}
+
+@CompileStatic
+class LabelShortProcessor extends ij.process.ShortProcessor {
+    LabelShortProcessor(int w, int h, short[] pixels) { super(w, h, pixels, null) }
+
+    @Override
+    java.awt.Image createImage() { LabelColors.render(getWidth(), getHeight(), getPixels()) }
+}
+
+@CompileStatic
+class LabelFloatProcessor extends ij.process.FloatProcessor {
+    LabelFloatProcessor(int w, int h, float[] pixels) { super(w, h, pixels, null) }
+
+    @Override
+    java.awt.Image createImage() { LabelColors.render(getWidth(), getHeight(), getPixels()) }
+}
+
 // ==========================================================================================
 // 6. Images: one ImagePlus per stream, hyperstack placement, display hints, ROIs
 // ==========================================================================================
@@ -1134,6 +1252,7 @@ class Layout {
     int[] leadAxis = new int[0]           // ImageJ axis of each leading dim of the frame
     int[] leadSize = new int[0]
     int rows = 1, cols = 1, planes = 1
+    int samples = 1                       // 3 (RGB) or 4 (RGBA) bytes per pixel of an RGB frame
     boolean placed
 
     static int canonical(String name) {
@@ -1145,8 +1264,9 @@ class Layout {
         }
     }
 
-    /** Layout of a frame (shape given) or of a ROI set (shape null). */
-    static Layout of(Map m, List shape) {
+    /** Layout of a frame (shape given) or of a ROI set (shape null); `rgb`: the frame's last
+     * dimension holds the colour samples. */
+    static Layout of(Map m, List shape, boolean rgb = false) {
         Layout L = new Layout()
         Map<String, Object> axes = (Map<String, Object>) m.get('axes')
         List<String> names = (List<String>) m.get('axis_names')
@@ -1164,15 +1284,14 @@ class Layout {
         L.title = m.get('stream').toString() + (suffix.length() > 0 ? suffix.append(']').toString() : '')
         if (shape == null) return L
         int n = shape.size()
+        if (rgb) {  // (..., rows, columns, 3 or 4)
+            L.samples = (int) (Long) shape.get(n - 1)
+            n--
+        }
         L.rows = n >= 2 ? (int) (Long) shape.get(n - 2) : 1
         L.cols = (int) (Long) shape.get(n - 1)
         int lead = Math.max(0, n - 2)
-        List<String> leadNames = null
-        if (names != null) {
-            List<String> rest = names.findAll { String it -> !axes.containsKey(it) }
-            if (rest.size() == lead) leadNames = rest
-        }
-        if (leadNames == null) leadNames = (['t', 'c', 'z'] as List<String>).subList(Math.max(0, 3 - lead), 3)
+        List<String> leadNames = leadingNames(axes.keySet(), names, lead)
         if (lead > 3) {
             throw new ProtocolError(P.BAD_SHAPE, "a frame of shape ${shape} has ${lead} leading dimensions; ImageJ images have at most c, z and t".toString(), m.get('seq'))
         }
@@ -1181,7 +1300,7 @@ class Layout {
         boolean[] used = (boolean[]) L.given.clone()
         for (int d = 0; d < lead; d++) {
             int a = canonical(leadNames.get(d))
-            if (a < 0 || used[a]) {  // unnamed, unknown or taken: the first free of z, t, c
+            if (a < 0 || used[a]) {  // unknown (d0...) or taken: the first free of z, t, c
                 a = -1
                 for (int x : [Z, T, C]) if (!used[x]) { a = x; break }
             }
@@ -1195,6 +1314,36 @@ class Layout {
             L.planes *= L.leadSize[d]
         }
         return L
+    }
+
+    /**
+     * Names of a frame's `lead` leading dims (docs/protocol.md, the leading-axis rule): the
+     * entries of `axis_names` that are not keys of `axes` name the innermost ones; the others
+     * are named, innermost first, from the end of t, c, z, skipping names already used, then
+     * d0, d1, ... So one unnamed leading dim is z, two are c, z, three t, c, z.
+     */
+    static List<String> leadingNames(Collection<String> axes, List<String> axisNames, int lead) {
+        String[] out = new String[lead]
+        Set<Integer> used = new HashSet<Integer>()
+        for (String a : axes) used.add(canonical(a))
+        if (axisNames != null) {
+            List<String> rest = axisNames.findAll { String it -> !axes.contains(it) }
+            int k = Math.min(rest.size(), lead)
+            for (int i = 0; i < k; i++) {
+                out[lead - k + i] = rest.get(rest.size() - k + i)
+                used.add(canonical(out[lead - k + i]))
+            }
+        }
+        List<String> defaults = ['z', 'c', 't'] as List<String>  // the end of t, c, z first
+        int extra = 0
+        for (int d = lead - 1; d >= 0; d--) {
+            if (out[d] != null) continue
+            String name = defaults.find { String x -> !used.contains(canonical(x)) }
+            if (name == null) name = "d${extra++}".toString()
+            used.add(canonical(name))
+            out[d] = name
+        }
+        return Arrays.asList(out)
     }
 
     /** (c, z, t) offset of plane `p` (C order over the leading dims) from the first plane. */
@@ -1222,8 +1371,11 @@ class Stream {
     final Map<Integer, double[]> ranges = new TreeMap<Integer, double[]>()    // channel -> [lo, hi]
     final LinkedHashMap<String, List<Roi>> rois = new LinkedHashMap<String, List<Roi>>()  // by path
     int[] last = new int[3]  // (c, z, t) of the newest plane, shown in the GUI
-    boolean shown, dirty, displayDirty, rangeSet
-    String file
+    boolean shown, dirty, displayDirty
+    final Map<Integer, double[]> autoRanges = new TreeMap<Integer, double[]>()  // channel -> range set by "auto"
+    final Set<Integer> userRanges = new HashSet<Integer>()  // channels whose contrast the user set by hand
+    boolean rangesStale  // the image was rebuilt: ImageJ may have reset its ranges itself
+    String file, rendered  // the saved TIFF, and a PNG of what its window shows
     long version, savedVersion = -1  // changes, and the change last saved to `file`
 
     Stream(String title) { this.title = title }
@@ -1247,6 +1399,7 @@ class Images {
     final File outputDir
     long emptyFrames
     long roiIds
+    final String runId = Long.toHexString(new Random().nextLong() & 0xffffffffL)  // ROI ids unique across re-runs
 
     Images(String defaultMode, String channelDisplay, boolean gui, boolean useRoiManager, File outputDir) {
         this.defaultMode = defaultMode
@@ -1281,8 +1434,9 @@ class Images {
     void put(Map f, Layout L, View src, Closure ack) {
         String dtype = (String) f.get('dtype')
         Map display = (Map) f.get('display')
+        boolean rgb = L.samples > 1
         long planeValues = (long) L.rows * L.cols
-        long planeBytes = planeValues * P.DTYPES.get(dtype)
+        long planeBytes = planeValues * P.DTYPES.get(dtype) * L.samples
         if (planeValues == 0 || L.planes == 0) {  // nothing ImageJ can show
             ack.call()
             emptyFrames++
@@ -1291,8 +1445,14 @@ class Images {
         boolean labels = display.get('kind') == 'labels'
         Stream s = streams.get(L.title)  // created below, once the frame is accepted
         if (s != null) sync(s)
+        if (gui && (s == null || s.imp == null)) s = adopt(L.title, s)
         boolean exists = s != null && s.imp != null
-        int bits = labels ? Pixels.labelBits(src.buffer, src.position, dtype, planeValues * L.planes) : Pixels.bitsFor(dtype)
+        int bits
+        try {
+            bits = rgb ? 24 : labels ? Pixels.labelBits(src.buffer, src.position, dtype, planeValues * L.planes) : Pixels.bitsFor(dtype)
+        } catch (LabelRange e) {
+            throw new ProtocolError(P.TOO_LARGE, e.message, f.get('seq'))
+        }
         String how = L.placed || display.get('mode') == 'place' ? 'place' : (String) (display.get('mode') ?: defaultMode)
 
         // Plan first (where the planes go, the image's new dimensions), check there is memory
@@ -1318,10 +1478,16 @@ class Images {
                     dims[a] = restart ? need : Math.max(need, (long) (a == 0 ? s.C : a == 1 ? s.Z : s.T))
                 }
             }
+            if (!restart && s.bits != bits && (s.bits == 24 || bits == 24)) {
+                throw new ProtocolError(P.BAD_SHAPE, "${L.title} holds ${s.bits == 24 ? 'RGB' : s.bits + '-bit'} images; a ${bits == 24 ? 'RGB' : dtype} frame cannot join it (send it to another stream, or mode=replace)".toString(), f.get('seq'))
+            }
             if (!restart && s.bits != bits) {  // one type per image: 32-bit float holds both
                 promoteFirst = s.bits != 32
                 bits = 32
             }
+        }
+        if (bits == 24 && dims[0] > 1) {
+            throw new ProtocolError(P.BAD_SHAPE, "ImageJ cannot hold several channels of RGB images (${L.title}: c=${dims[0]}); send each channel as a grey frame, or the colours to separate streams".toString(), f.get('seq'))
         }
         long current = restart ? 0 : (long) s.C * s.Z * s.T
         checkRoom(L.title, dims, current, planeValues, bits, promoteFirst, f.get('seq'))
@@ -1338,7 +1504,8 @@ class Images {
             int[] o = how == 'stack' ? ([0, p, 0] as int[]) : L.offsetOf(p)
             for (int a = 0; a < 3; a++) at[a] = base[a] + o[a]
             indices[p] = s.index(at[0], at[1], at[2])
-            Pixels.copy(src.buffer, src.position + p * planeBytes, dtype, (int) planeValues, stack.getPixels(indices[p]))
+            if (rgb) Pixels.copyRgb(src.buffer, src.position + p * planeBytes, (int) planeValues, L.samples, (int[]) stack.getPixels(indices[p]))
+            else Pixels.copy(src.buffer, src.position + p * planeBytes, dtype, (int) planeValues, stack.getPixels(indices[p]))
         }
         ack.call()
 
@@ -1365,6 +1532,8 @@ class Images {
                 }
             }
             if (s.displayDirty) applyDisplay(s)
+            if (!labels && !rgb) followData(s, stack, indices, L, how, base, limits != null)
+            if (labels) labelView(s)
             s.dirty = true
             s.version++
         } catch (ThreadDeath td) {
@@ -1390,7 +1559,7 @@ class Images {
         s.stack = imp.getStack()
         s.width = imp.getWidth()
         s.height = imp.getHeight()
-        s.bits = imp.getBitDepth() in [8, 16, 32] ? imp.getBitDepth() : -1
+        s.bits = imp.getBitDepth() in [8, 16, 24, 32] ? imp.getBitDepth() : -1
         s.C = imp.getNChannels()
         s.Z = imp.getNSlices()
         s.T = imp.getNFrames()
@@ -1430,7 +1599,7 @@ class Images {
             for (long d : dims) if (d > Integer.MAX_VALUE - 8) throw new ArithmeticException()
             long planes = Math.multiplyExact(Math.multiplyExact(dims[0], dims[1]), dims[2])
             if (planes > Integer.MAX_VALUE - 8) throw new ArithmeticException()
-            long planeBytes = Math.addExact(Math.multiplyExact(planeValues, (long) (bits >> 3)), PLANE_OVERHEAD)
+            long planeBytes = Math.addExact(Math.multiplyExact(planeValues, (long) Pixels.bytesPerPixel(bits)), PLANE_OVERHEAD)
             bytes = Math.multiplyExact(planes - current, planeBytes)
             if (promoteFirst) bytes = Math.addExact(bytes, Math.multiplyExact(current, Math.multiplyExact(planeValues, 4L)))
         } catch (ArithmeticException ignored) {
@@ -1492,6 +1661,7 @@ class Images {
     }
 
     void setStack(Stream s, ImageStack stack, int C, int Z, int T) {
+        s.rangesStale = true
         if (s.imp == null) {
             s.imp = new ImagePlus(s.title, stack)
             s.imp.setDimensions(C, Z, T)
@@ -1529,7 +1699,7 @@ class Images {
 
     void applyDisplay(Stream s) {
         s.displayDirty = false
-        if (s.imp == null) return
+        if (s.imp == null || s.bits == 24) return
         s.unknownColormap = null
         for (int c = 0; c < s.C; c++) {
             String name = s.labels ? 'glasbey' : s.colormaps.get(c)
@@ -1554,12 +1724,104 @@ class Images {
         if (s.imp instanceof CompositeImage) ((CompositeImage) s.imp).setMode(compositeMode)
     }
 
+    // -- contrast (docs/protocol.md, the contrast rule) ------------------------------------
+
+    double[] rangeOf(Stream s, int c) {
+        if (s.imp instanceof CompositeImage) {
+            LUT l = ((CompositeImage) s.imp).getChannelLut(c + 1)
+            return [l.min, l.max] as double[]
+        }
+        return [s.imp.getDisplayRangeMin(), s.imp.getDisplayRangeMax()] as double[]
+    }
+
+    void setRange(Stream s, int c, double lo, double hi) {
+        if (s.imp instanceof CompositeImage) {
+            CompositeImage ci = (CompositeImage) s.imp
+            LUT l = (LUT) ci.getChannelLut(c + 1).clone()
+            l.min = lo
+            l.max = hi
+            ci.setChannelLut(l, c + 1)
+            if (ci.getChannel() == c + 1) ci.setDisplayRange(lo, hi)
+        } else {
+            s.imp.setDisplayRange(lo, hi)
+        }
+    }
+
+    List<List<Double>> displayRanges(Stream s) {
+        List<List<Double>> out = []
+        if (s.bits == 24) return out
+        for (int c = 0; c < s.C; c++) {
+            double[] r = rangeOf(s, c)
+            out.add([r[0], r[1]] as List<Double>)
+        }
+        return out
+    }
+
+    /**
+     * Without contrast_limits the displayed range follows the data: each new frame's min..max,
+     * per channel, until the user sets that channel's contrast by hand (then it stays theirs).
+     * A hand-set range is told apart from ours by comparing with what we set last; headless
+     * nobody can touch it.
+     */
+    void followData(Stream s, ImageStack stack, int[] indices, Layout L, String how, int[] base, boolean hinted) {
+        Map<Integer, double[]> seen = new TreeMap<Integer, double[]>()
+        for (int p = 0; p < indices.length; p++) {
+            int c = how == 'stack' ? 0 : base[0] + L.offsetOf(p)[0]
+            if (hinted || s.ranges.containsKey(c)) continue  // fixed by a hint
+            double[] mm = Pixels.minMax(stack.getPixels(indices[p]))
+            double[] acc = seen.get(c)
+            seen.put(c, acc == null ? mm : ([Math.min(acc[0], mm[0]), Math.max(acc[1], mm[1])] as double[]))
+        }
+        for (Map.Entry<Integer, double[]> e : seen.entrySet()) {
+            int c = e.key
+            if (gui && !s.rangesStale && !s.userRanges.contains(c) && s.autoRanges.containsKey(c)) {
+                if (!Arrays.equals(rangeOf(s, c), s.autoRanges.get(c))) s.userRanges.add(c)  // touched by hand
+            }
+            if (s.userRanges.contains(c)) continue
+            double lo = e.value[0], hi = e.value[1]
+            if (!(hi > lo)) hi = lo + 1  // a flat frame
+            setRange(s, c, lo, hi)
+            s.autoRanges.put(c, rangeOf(s, c))
+        }
+        if (!seen.isEmpty()) s.rangesStale = false
+    }
+
+    /** Labels are drawn through LabelColors (single-channel images; composites keep LUTs). */
+    void labelView(Stream s) {
+        ImagePlus imp = s.imp
+        if (imp == null || imp instanceof CompositeImage) return
+        ij.process.ImageProcessor ip = imp.getProcessor()
+        if (ip instanceof LabelShortProcessor || ip instanceof LabelFloatProcessor) return
+        double lo = ip.getMin(), hi = ip.getMax()
+        ij.process.ImageProcessor view = null
+        if (ip.getPixels() instanceof short[]) view = new LabelShortProcessor(ip.getWidth(), ip.getHeight(), (short[]) ip.getPixels())
+        else if (ip.getPixels() instanceof float[]) view = new LabelFloatProcessor(ip.getWidth(), ip.getHeight(), (float[]) ip.getPixels())
+        if (view == null) return
+        view.setMinAndMax(lo, hi)
+        imp.setProcessor(view)
+    }
+
+    /** Re-runs in one Fiji session: a window left open by an earlier run with this stream's
+     * title is taken over (its image goes on), instead of a second window of the same title. */
+    Stream adopt(String title, Stream s) {
+        ImagePlus open = ij.WindowManager.getImage(title)
+        if (open == null || open.getWindow() == null) return s
+        for (Stream other : streams.values()) if (other.imp.is(open)) return s
+        if (s == null) s = stream(title)
+        s.imp = open
+        s.shown = true
+        s.stack = null
+        sync(s)
+        return s
+    }
+
     /** LUT name per channel as reported: the hint that was applied, or 'grays'/'default'. */
     List<String> lutNames(Stream s) {
         List<String> out = []
         for (int c = 0; c < s.C; c++) {
             String name = s.labels ? 'glasbey' : s.colormaps.get(c)
-            out.add(name == null ? 'default' : (Luts.get(name) == null ? 'grays' : name.toLowerCase()))
+            if (s.bits == 24) out.add('rgb')
+            else out.add(name == null ? 'default' : (Luts.get(name) == null ? 'grays' : name.toLowerCase()))
         }
         return out
     }
@@ -1599,7 +1861,7 @@ class Images {
             roi.setName((String) (r.get('label') ?: "${path}#${n}".toString()))
             roi.setProperty('polystore_stream', (String) m.get('stream'))
             roi.setProperty('polystore_path', path)
-            roi.setProperty('polystore_id', Long.toString(++roiIds))
+            roi.setProperty('polystore_id', "${runId}:${++roiIds}".toString())
             if (L.placed) {
                 roi.setPosition(L.given[0] ? L.pos[0] + 1 : 0, L.given[1] ? L.pos[1] + 1 : 0, L.given[2] ? L.pos[2] + 1 : 0)
             }
@@ -1652,10 +1914,6 @@ class Images {
             if (!s.dirty || s.imp == null) continue
             s.dirty = false
             if (s.C * s.Z * s.T > 1) s.imp.setPosition(s.last[0] + 1, s.last[1] + 1, s.last[2] + 1)
-            if (!s.rangeSet && !s.labels && s.ranges.isEmpty() && s.bits != 8) {
-                s.imp.resetDisplayRange()  // first look: fit the contrast once, then leave it to the user
-            }
-            s.rangeSet = true
             if (!s.shown) { s.imp.show(); s.shown = true }
             else s.imp.updateAndDraw()
         }
@@ -1673,6 +1931,7 @@ class Images {
                 rois: s.roiCount(), overlay: imp?.getOverlay() ? imp.getOverlay().size() : 0,
                 framesReceived: s.framesReceived, labels: s.labels, composite: imp ? imp.isComposite() : false,
                 luts: lutNames(s), unknownColormap: s.unknownColormap, file: s.file, shown: s.shown,
+                displayRanges: imp ? displayRanges(s) : [], userRanges: new ArrayList(s.userRanges), rendered: s.rendered,
             ] as Map)
         }
         return out
@@ -1694,6 +1953,16 @@ class Images {
             if (s.savedVersion == s.version && f.path == s.file && f.isFile()) continue
             if (!new FileSaver(s.imp).saveAsTiff(f.path)) throw new IOException("could not save ${f}".toString())
             s.imp.setTitle(s.title)  // FileSaver renames the image after its file
+            File png = new File(outputDir, name + '.png')  // what the window shows (LUTs, labels, overlay)
+            try {
+                ImagePlus shown = s.imp.flatten()
+                if (!new FileSaver(shown).saveAsPng(png.path)) throw new IOException("could not save ${png}".toString())
+                s.rendered = png.path
+            } catch (IOException e) {
+                throw e
+            } catch (Exception e) {
+                log("could not render ${s.title}: ${e}".toString())
+            }
             s.imp.changes = false
             s.file = f.path
             s.savedVersion = s.version
@@ -1846,7 +2115,7 @@ class Core {
             }
         }
         try {
-            Layout L = Layout.of(f, (List) f.get('shape'))
+            Layout L = Layout.of(f, (List) f.get('shape'), Messages.isRgb(f))
             // Copy out, then the credit goes back at once, then the image is updated.
             images.put(f, L, view, { reply.call(P.ack(seq)) })
         } finally {
