@@ -28,6 +28,7 @@ from polystore.streaming import (
     sweep,
 )
 from polystore.streaming import protocol as p
+from polystore.streaming.auth import client_keys, resolve_auth
 from tests.stream_helpers import digest, start_receiver
 
 DTYPES = list(p.DTYPES)
@@ -373,6 +374,9 @@ class RawClient:
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.ROUTING_ID, token.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
+        user_keys = client_keys(resolve_auth(None))  # the same user as the receiver
+        if user_keys is not None:
+            user_keys.apply(self.sock)
         self.sock.connect(endpoint)
         self.token = token
         self.prefix = f"napari_{os.getpid()}_{token}_"
@@ -384,8 +388,17 @@ class RawClient:
         return p.decode_receiver_message(self.sock.recv())
 
     def hello(self):
-        return self.request({"v": 1, "type": "hello", "sender": self.token, "pid": os.getpid(),
-                             "viewer": "napari", "segment_prefix": self.prefix})
+        """An honest hello: with the probe that lets frames name segments (issue 11)."""
+        probe = shared_memory.SharedMemory(name=self.prefix + "probe", create=True, size=4096)
+        probe.buf[:8] = b"probe123"
+        try:
+            return self.request({"v": 1, "type": "hello", "sender": self.token,
+                                 "pid": os.getpid(), "viewer": "napari",
+                                 "segment_prefix": self.prefix,
+                                 "probe": {"segment": self.prefix + "probe", "token": "probe123"}})
+        finally:
+            probe.close()
+            probe.unlink()
 
     def close(self):
         self.sock.close(0)
@@ -637,7 +650,7 @@ def test_frame_answered_hello_required_makes_flush_raise(local_receiver):
     try:
         b.save(np.zeros((4, 4), np.uint8), "h/0.tif")
         b.flush()
-        local_receiver._senders.clear()  # a restart the sender has not noticed yet
+        local_receiver._sessions.clear()  # a restart the sender has not noticed yet
         b.save(np.zeros((4, 4), np.uint8), "h/1.tif")
         with pytest.raises(ReceiverLostError):
             b.flush()

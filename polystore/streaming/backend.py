@@ -21,6 +21,7 @@ import numpy as np
 
 from polystore.base import WriteOnlyBackend, check_batch_lengths
 from polystore.streaming import protocol as p
+from polystore.streaming.auth import resolve_auth
 from polystore.streaming.errors import UnstreamableDataError
 from polystore.streaming.keys import public_key
 from polystore.streaming.sender import Policy, StreamSender, Transport
@@ -85,6 +86,7 @@ class StreamingBackend(WriteOnlyBackend):
         connect_timeout: float = 1.0,
         transport: Transport = "auto",
         curve_server_key: str | bytes | None = None,
+        auth: str | None = None,
     ) -> None:
         if not re.fullmatch(r"[A-Za-z0-9]+_", self.SHM_PREFIX):
             raise ValueError(f"SHM_PREFIX must be letters/digits ending in '_', got "
@@ -97,7 +99,7 @@ class StreamingBackend(WriteOnlyBackend):
         self._sender_options = dict(
             policy=policy, max_inflight=max_inflight, max_inflight_bytes=max_inflight_bytes,
             timeout=timeout, connect_timeout=connect_timeout, transport=transport,
-            curve_server_key=curve_server_key,
+            curve_server_key=curve_server_key, auth=resolve_auth(auth),
         )  # fmt: skip
         StreamSender._check_options(**self._sender_options)
         self._sender: StreamSender | None = None

@@ -1,14 +1,14 @@
 """The viewer-agnostic receiving side of wire protocol v1.
 
-Bind, handshake, validate, attach read-only, copy out, return the credit, hand
-``ReceivedFrame``/``ReceivedRois`` to a callback (or a bounded queue). The napari plugin and
-tests use this class; the Fiji Groovy script mirrors it. A bad message is answered with an
-``error`` reply and the loop goes on: no message can stop a receiver.
+Bind, authenticate (`auth`), handshake (`sessions`), validate, copy out of shared memory
+(`segment_reader`), return the credit, hand ``ReceivedFrame``/``ReceivedRois`` to a callback
+(or a bounded queue). The napari plugin and tests use this class; the Fiji Groovy script
+mirrors it. A bad message is answered with an ``error`` reply and the loop goes on: no
+message can stop a receiver.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import queue
@@ -16,19 +16,29 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from dataclasses import dataclass
 
 import numpy as np
 import zmq
 
 from polystore.streaming import protocol as p
-from polystore.streaming.keys import secret_key
-from polystore.streaming.shm import SegmentError, SegmentReader, sweep
+from polystore.streaming.auth import ServerAuth, resolve_auth
+from polystore.streaming.connections import ConnectionGuard, default_max_connections
+from polystore.streaming.endpoints import check_bind_endpoint, is_loopback
+from polystore.streaming.keys import public_key, secret_key
+from polystore.streaming.segment_reader import SegmentError, SegmentReader
+from polystore.streaming.sessions import MAX_SENDERS, Session, SessionTable
+from polystore.streaming.shm import sweep
 
 log = logging.getLogger(__name__)
 
-MAX_SENDERS = 1024
+#: Complete messages ZeroMQ queues per connection before it stops reading that connection
+#: (senders keep at most `max_inflight`, 16 by default, unacknowledged).
+RECEIVE_HWM = 32
+#: Unauthenticated handshakes are closed after this long.
+HANDSHAKE_TIMEOUT_MS = 5000
+#: Acks still queued at shutdown get this long to leave.
+CLOSE_LINGER_MS = 1000
 
 
 @dataclass
@@ -70,46 +80,6 @@ class ReceiverStats:
         return self.missing + self.sender_dropped
 
 
-@dataclass
-class _Sender:
-    token: str
-    pid: int
-    prefix: str
-    shm: bool
-    dropped: int = 0
-    frames: int = 0
-    since: float = field(default_factory=time.monotonic)
-
-
-def _is_loopback(endpoint: str) -> bool:
-    parts = urlsplit(endpoint)
-    if parts.scheme in ("ipc", "inproc"):
-        return True
-    host = parts.hostname or ""
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_bind_endpoint(endpoint: str, allow_remote: bool) -> str:
-    """Refuse to listen beyond loopback unless asked; ``:0`` means any free port."""
-    parts = urlsplit(endpoint)
-    if parts.scheme == "ipc" or parts.scheme == "inproc":
-        return endpoint
-    if parts.scheme != "tcp" or not parts.hostname:
-        raise ValueError(f"endpoint must look like tcp://127.0.0.1:PORT, got {endpoint!r}")
-    host = parts.hostname
-    if not _is_loopback(endpoint) and not allow_remote:
-        raise ValueError(
-            f"refusing to listen on {host}: that exposes the receiver beyond this machine. "
-            "Pass allow_remote=True (and CURVE keys, see docs/streaming.md) to do it on purpose"
-        )
-    if endpoint.endswith(":0"):
-        endpoint = endpoint[:-2] + ":*"
-    return endpoint
-
-
 class Receiver:
     """Receives frames for one viewer kind (its `shm_prefix`) on one endpoint.
 
@@ -133,14 +103,20 @@ class Receiver:
         max_header_bytes: int = p.MAX_HEADER_BYTES,
         allow_remote: bool = False,
         curve_secret_key: str | bytes | None = None,
+        curve_client_keys: list[str | bytes] | None = None,
+        auth: str | None = None,
         sweep_orphans: bool = True,
+        max_senders: int = MAX_SENDERS,
+        max_connections: int | None = None,
     ) -> None:
         self.endpoint = check_bind_endpoint(endpoint, allow_remote)
+        self.auth = resolve_auth(auth)
         if curve_secret_key is not None:
             curve_secret_key = secret_key(curve_secret_key)
-        elif allow_remote and not _is_loopback(self.endpoint):
+        elif allow_remote and not is_loopback(self.endpoint) and self.auth == "none":
             log.warning("%s receiver on %s without CURVE keys: anyone who can reach this port "
                         "can send frames (see `polystore keys`)", viewer, self.endpoint)
+        self.curve_client_keys = tuple(public_key(k) for k in curve_client_keys or ())
         self.shm_prefix = shm_prefix
         self.viewer = viewer
         self.on_frame = on_frame
@@ -154,11 +130,14 @@ class Receiver:
         self.sweep_orphans = sweep_orphans
         self.id = secrets.token_hex(6)
         self.stats = ReceiverStats()
-        self._senders: dict[bytes, _Sender] = {}
         self._reader = SegmentReader()
+        self._sessions = SessionTable(shm_prefix, viewer, self._reader, max_senders)
+        self.max_connections = max_connections or default_max_connections()
+        self._guard: ConnectionGuard | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sock: zmq.Socket | None = None
+        self._server_auth: ServerAuth | None = None
         self._ready = threading.Event()
         self._bind_error: BaseException | None = None
 
@@ -175,9 +154,12 @@ class Receiver:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving; acks already queued still leave (up to CLOSE_LINGER_MS)."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("%s receiver thread did not stop within %g s", self.viewer, timeout)
 
     def __enter__(self) -> Receiver:
         return self.start()
@@ -192,22 +174,29 @@ class Receiver:
     def bind(self) -> zmq.Socket:
         if self.sweep_orphans:
             sweep([self.shm_prefix])
-        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        # Explicit keys without a client list keep the remote model: knowing the server's
+        # public key is the permission to connect.
+        server_auth = self._server_auth = ServerAuth(
+            self.auth, self.curve_secret_key, self.curve_client_keys,
+            allow_any_client=self.curve_secret_key is not None and not self.curve_client_keys,
+        )
+        sock = server_auth.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes + self.max_header_bytes)
-        sock.setsockopt(zmq.RCVHWM, 1000)
-        if self.curve_secret_key is not None:
-            sock.curve_server = True
-            sock.curve_secretkey = self.curve_secret_key
+        sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_TIMEOUT_MS)
+        server_auth.apply(sock)
         try:
             sock.bind(self.endpoint)
         except zmq.ZMQError as exc:
             sock.close()
+            self._close_auth()
             raise OSError(
                 f"cannot listen on {self.endpoint}: {exc}. Is another {self.viewer} receiver "
                 "already running there? Stop it or choose another endpoint"
             ) from None
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._guard = ConnectionGuard(sock, self.max_connections, self.viewer)
         return sock
 
     def run(self) -> None:
@@ -215,14 +204,22 @@ class Receiver:
         try:
             self._sock = sock = self.bind()
         except BaseException as exc:  # noqa: BLE001 - reported to start()
+            self._close_auth()
             self._bind_error = exc
             self._ready.set()
             return
         self._ready.set()
         last_tick, frames_at_tick = time.monotonic(), 0
+        guard = self._guard
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(guard.monitor, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                if sock.poll(100, zmq.POLLIN):
+                ready = dict(poller.poll(100))
+                if guard.monitor in ready:
+                    self._connection_events()
+                if sock in ready:
                     for _ in range(256):  # bounded so housekeeping and stop stay responsive
                         try:
                             parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -235,9 +232,25 @@ class Receiver:
                     last_tick, frames_at_tick = now, self.stats.frames
                     self._reader.forget_unlinked()
         finally:
-            sock.close(linger=0)
+            guard.close()
+            self._guard = None
+            sock.close(linger=CLOSE_LINGER_MS)  # acks already queued still leave
             self._sock = None
+            self._close_auth()
             self._reader.close()
+
+    def _connection_events(self) -> None:
+        """Bound the connections; forget the sessions of connections that closed (a disconnect
+        is seen before any message of a connection that reuses its descriptor)."""
+        self._guard.handle_events()
+        for fd in self._guard.take_closed():
+            self._sessions.disconnected(fd)
+        self.stats.senders = len(self._sessions)
+
+    def _close_auth(self) -> None:
+        if self._server_auth is not None:
+            self._server_auth.close()
+            self._server_auth = None
 
     # -- messages ----------------------------------------------------------------------------
 
@@ -252,12 +265,13 @@ class Receiver:
             seq = getattr(message, "seq", None)
             payload = parts[2] if len(parts) == 3 else None
             if isinstance(message, p.Hello):
-                self._reply(identity, self._hello(identity, message))
+                connection = parts[1].get(zmq.SRCFD)  # to forget it when it closes
+                self._reply(identity, self._hello(identity, message, connection))
                 return
             if isinstance(message, p.Bye):
                 self._bye(identity)
                 return
-            sender = self._senders.get(identity)
+            sender = self._sessions.get(identity)
             if sender is None:
                 raise p.ProtocolError(p.HELLO_REQUIRED, "send hello first (receiver restarted?)",
                                       seq)
@@ -277,72 +291,48 @@ class Receiver:
             log.exception("internal error handling a message")
             self._reject(identity, p.INTERNAL, f"internal receiver error: {exc}", seq)
 
-    def _hello(self, identity: bytes, hello: p.Hello) -> p.Welcome:
-        if p.VERSION not in hello.versions:
-            raise p.ProtocolError(p.UNSUPPORTED_VERSION, f"sender speaks versions "
-                                  f"{hello.versions}; this receiver speaks {p.VERSION}")
-        expected = f"{self.shm_prefix}{hello.pid}_{hello.sender}_"
-        if hello.segment_prefix != expected:
-            raise p.ProtocolError(
-                p.BAD_SEGMENT,
-                f"segment_prefix must be {expected!r} (prefix {self.shm_prefix!r} of this "
-                f"{self.viewer} receiver, then pid and sender token); got {hello.segment_prefix!r}",
-            )
-        shm = False
-        if hello.probe is not None and hello.probe.segment == expected + "probe":
-            try:
-                view = self._reader.view(hello.probe.segment, 0, len(hello.probe.token))
-                shm = bytes(view) == hello.probe.token.encode()
-                view.release()
-            except SegmentError:
-                shm = False
-            self._reader.forget_prefix(hello.probe.segment)
-        if identity not in self._senders and len(self._senders) >= MAX_SENDERS:
-            oldest = min(self._senders, key=lambda k: self._senders[k].since)
-            self._bye(oldest)
-        known = self._senders.get(identity)
-        self._senders[identity] = _Sender(hello.sender, hello.pid, expected, shm,
-                                          dropped=known.dropped if known else 0)
-        self.stats.senders = len(self._senders)
+    def _hello(self, identity: bytes, hello: p.Hello, connection: int) -> p.Welcome:
+        session = self._sessions.hello(identity, hello, connection)
+        self.stats.senders = len(self._sessions)
         return p.Welcome(v=p.VERSION, receiver=self.id, viewer=self.viewer, pid=os.getpid(),
-                         shm=shm, max_frame_bytes=self.max_frame_bytes)
+                         shm=session.shm, max_frame_bytes=self.max_frame_bytes)
 
     def _bye(self, identity: bytes) -> None:
-        sender = self._senders.pop(identity, None)
-        if sender is not None:
-            self._reader.forget_prefix(sender.prefix)
-        self.stats.senders = len(self._senders)
+        self._sessions.bye(identity)
+        self.stats.senders = len(self._sessions)
 
-    def _frame(self, identity: bytes, sender: _Sender, frame: p.Frame, payload) -> None:
+    def _frame(self, identity: bytes, sender: Session, frame: p.Frame, payload) -> None:
         if frame.segment is None:
             if payload is None or len(payload.buffer) != frame.nbytes:
                 got = "no payload" if payload is None else f"{len(payload.buffer)} bytes"
                 raise p.ProtocolError(p.BAD_SHAPE, f"inline frame needs exactly {frame.nbytes} "
                                       f"payload bytes, got {got}", frame.seq)
-            view = payload.buffer
+        elif payload is not None:
+            raise p.ProtocolError(p.BAD_MESSAGE, "a frame names a segment or carries a "
+                                  "payload, not both", frame.seq)
+        elif not sender.shm:
+            raise p.ProtocolError(p.BAD_SEGMENT, "this connection's hello did not prove it "
+                                  "shares this machine's shared memory as this user (probe); "
+                                  "send the pixels inline", frame.seq)
+        elif not frame.segment.startswith(sender.prefix):
+            raise p.ProtocolError(
+                p.BAD_SEGMENT,
+                f"segment {frame.segment!r} is not one of this sender's ({sender.prefix}*)",
+                frame.seq,
+            )
+        # Validated: only now allocate, then copy out of the sender's memory.
+        array = np.empty(frame.shape, dtype=np.dtype(frame.dtype).newbyteorder("<"))
+        target = memoryview(array.reshape(-1).view(np.uint8))
+        if frame.segment is None:
+            target[:] = payload.buffer
         else:
-            if payload is not None:
-                raise p.ProtocolError(p.BAD_MESSAGE, "a frame names a segment or carries a "
-                                      "payload, not both", frame.seq)
-            if not frame.segment.startswith(sender.prefix):
-                raise p.ProtocolError(
-                    p.BAD_SEGMENT,
-                    f"segment {frame.segment!r} is not one of this sender's ({sender.prefix}*)",
-                    frame.seq,
-                )
             try:
-                view = self._reader.view(frame.segment, frame.offset, frame.nbytes)
+                self._reader.read_into(frame.segment, frame.offset, target)
             except SegmentError as exc:
                 if exc.missing:
                     self.stats.missing += 1
                     raise p.ProtocolError(p.SEGMENT_MISSING, str(exc), frame.seq) from None
                 raise p.ProtocolError(p.BAD_SEGMENT, str(exc), frame.seq) from None
-        # Validated: only now allocate, then copy out of the sender's memory.
-        array = np.empty(frame.shape, dtype=np.dtype(frame.dtype).newbyteorder("<"))
-        try:
-            array.reshape(-1).view(np.uint8)[:] = np.frombuffer(view, dtype=np.uint8)
-        finally:
-            view.release()
         sender.frames += 1
         if frame.dropped > sender.dropped:
             self.stats.sender_dropped += frame.dropped - sender.dropped

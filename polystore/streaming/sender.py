@@ -23,6 +23,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from polystore.streaming import protocol as p
+from polystore.streaming.auth import client_keys, resolve_auth
 from polystore.streaming.errors import (
     BackpressureError,
     FrameRejectedError,
@@ -80,6 +81,17 @@ def to_wire_array(data: Any) -> np.ndarray:
     return data
 
 
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+def _impostor_message(viewer: str, endpoint: str) -> str:
+    return (f"the process listening at {endpoint} failed the authentication handshake, so "
+            f"nothing was sent to it: it is not a {viewer} receiver of your account (it lacks "
+            "your polystore credential, or runs with auth='none' while this sender uses "
+            "auth='user'). Stop it, or pick the same auth on both sides (docs/protocol.md)")
+
+
 class StreamSender:
     """Sends arrays and ROIs to one receiver endpoint with credit-based flow control.
 
@@ -103,7 +115,9 @@ class StreamSender:
         transport: Transport = "auto",
         start_hint: str = "",
         curve_server_key: bytes | None = None,
+        auth: str | None = None,
     ) -> None:
+        self._curve = client_keys(resolve_auth(auth), curve_server_key)  # see streaming/auth.py
         self._check_options(policy=policy, transport=transport, max_inflight=max_inflight,
                             max_inflight_bytes=max_inflight_bytes)
         self.endpoint = endpoint
@@ -211,18 +225,24 @@ class StreamSender:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 50)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-        if self.curve_server_key is not None:
-            public, secret = zmq.curve_keypair()
-            sock.curve_serverkey = self.curve_server_key
-            sock.curve_publickey = public
-            sock.curve_secretkey = secret
+        if self._curve is not None:
+            self._curve.apply(sock)
         sock.connect(self.endpoint)
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+                                                | _HANDSHAKE_FAILED)
         self._transport_up = False
+        self._handshake_failed = False  # ZeroMQ never retries after that: reopen the socket
         self._sock = sock
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
+
+    def _reconnect(self) -> None:
+        """ZeroMQ drops an endpoint whose handshake failed; connect to it again."""
+        self._handshake_failed = False
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.disconnect(self.endpoint)
+        self._sock.connect(self.endpoint)
 
     def _ensure_connected(self) -> bool:
         """Handshake if needed. False means: drop this message (policy 'latest' while the
@@ -236,6 +256,8 @@ class StreamSender:
             self._drain_monitor()  # notice a receiver that left before we send to nobody
         if self._connected:
             return True
+        if self._sock is not None and self._handshake_failed:
+            self._reconnect()
         if self._sock is None:
             self._open_socket()
         if self.policy == "latest" and self.stats["handshakes"]:
@@ -250,6 +272,9 @@ class StreamSender:
         self._wait_for(p.Welcome, self._hello[1])
         if not self._connected:
             self._drop_probe()
+            self._drain_monitor()
+            if self._handshake_failed:
+                self._refused = _impostor_message(self.viewer, self.endpoint)
             raise ViewerNotRunningError(self._refused or (
                 f"no {self.viewer} receiver answered at {self.endpoint} within "
                 f"{self.connect_timeout:g} s. {self.start_hint}".strip()
@@ -643,6 +668,7 @@ class StreamSender:
                 event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
             except zmq.Again:
                 return
+            self._handshake_failed |= bool(event & _HANDSHAKE_FAILED)
             self._transport_up = event == zmq.EVENT_CONNECTED
             if self._transport_up and not self._connected:
                 self._drop_probe()  # a hello sent to an earlier peer will not be answered

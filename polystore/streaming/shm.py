@@ -5,11 +5,18 @@ dead sender, the token keeps two senders of one pid apart, and ``n`` only grows,
 never reused for different memory. A segment whose frame is still unacknowledged is never
 rewritten: if the sender must give up on it, it unlinks it (a reader that already mapped it
 keeps valid memory) and makes a new one.
+
+Every segment is allocated with ``posix_fallocate`` (a full /dev/shm is an `OSError` naming
+the free space, never a SIGBUS on first write) and its creator holds a shared ``flock`` on it
+for as long as it lives, so a sweep can tell a live segment from an orphan even when the
+owner's pid means nothing here (a container sharing /dev/shm has its own pid namespace).
 """
 
 from __future__ import annotations
 
 import _posixshmem  # CPython's shm_open/shm_unlink, used without the resource tracker
+import errno
+import fcntl
 import itertools
 import logging
 import mmap
@@ -17,11 +24,8 @@ import os
 import re
 import secrets
 import stat
-import threading
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
-from multiprocessing import shared_memory
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -32,9 +36,68 @@ SEGMENT_NAME_RE = re.compile(
     r"^(?P<prefix>[A-Za-z0-9]+_)(?P<pid>\d+)_(?P<token>[A-Za-z0-9]+)_(?P<n>\w+)$"
 )
 
-# Python < 3.13 registers every SharedMemory it creates with the resource tracker, which then
-# warns about (and unlinks) "leaked" segments at exit. We unlink ours explicitly, so that is
-# right for the creator; readers never go through SharedMemory at all (see SegmentReader).
+
+
+class Segment:
+    """One shared-memory segment this process created: its name, size, writable `buf`.
+
+    Not `multiprocessing.shared_memory.SharedMemory`: we need its file descriptor for
+    `posix_fallocate` and the liveness `flock`, and no resource tracker (we unlink our own).
+    """
+
+    def __init__(self, name: str, size: int) -> None:
+        fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # "alive" for as long as this fd is open
+            os.ftruncate(fd, size)
+            _allocate(fd, name, size)
+            self._map = mmap.mmap(fd, size)
+        except BaseException:
+            _posixshmem.shm_unlink("/" + name)
+            os.close(fd)
+            raise
+        self.name, self.size, self._fd = name, size, fd
+        self.buf: memoryview | None = memoryview(self._map)
+
+    def unlink(self) -> None:
+        _posixshmem.shm_unlink("/" + self.name)
+
+    def close(self) -> None:
+        """Unmap and drop the lock; raises BufferError while a NumPy view still uses it."""
+        if self.buf is not None:
+            self.buf.release()
+            self.buf = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _allocate(fd: int, name: str, size: int) -> None:
+    """Reserve the pages now, so a full /dev/shm raises here instead of SIGBUS later."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EFBIG):
+            raise
+        raise OSError(exc.errno, (
+            f"shared memory is full: segment {name} needs {_mib(size)} but {SHM_DIR} has "
+            f"{_mib(shm_free_bytes())} free. Remove stale segments (`polystore shm --sweep`), "
+            "give the machine or container more /dev/shm (docker run --shm-size=1g), lower "
+            "max_inflight_bytes, or stream with transport='inline'"
+        )) from None
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+def shm_free_bytes() -> int:
+    """Bytes still free in /dev/shm for this user."""
+    st = os.statvfs(SHM_DIR)
+    return st.f_bavail * st.f_frsize
 
 
 def segment_prefix(shm_prefix: str, pid: int, token: str) -> str:
@@ -53,8 +116,8 @@ class SegmentPool:
         self.prefix = segment_prefix(shm_prefix, self.pid, self.token)
         self.max_bytes = -(-max_bytes // PAGE) * PAGE  # segments are whole pages
         self._counter = itertools.count()
-        self._free: list[shared_memory.SharedMemory] = []
-        self._busy: dict[int, shared_memory.SharedMemory] = {}
+        self._free: list[Segment] = []
+        self._busy: dict[int, Segment] = {}
         self._total = 0
         # A pool dropped without close() (or still open at exit) still unlinks its segments.
         weakref.finalize(self, _unlink_leftovers, self._free, self._busy, self.pid)
@@ -67,7 +130,7 @@ class SegmentPool:
     def total_bytes(self) -> int:
         return self._total
 
-    def acquire(self, seq: int, nbytes: int) -> shared_memory.SharedMemory | None:
+    def acquire(self, seq: int, nbytes: int) -> Segment | None:
         """A segment of at least `nbytes` reserved for message `seq`, or None if the byte
         budget is used up by unacknowledged frames (the caller waits for credits)."""
         best = None
@@ -109,13 +172,12 @@ class SegmentPool:
         for segment in list(self._free):
             self._destroy(segment, free=True)
 
-    def _create(self, size: int) -> shared_memory.SharedMemory:
-        name = f"{self.prefix}{next(self._counter)}"
-        segment = shared_memory.SharedMemory(name=name, create=True, size=size)
+    def _create(self, size: int) -> Segment:
+        segment = Segment(f"{self.prefix}{next(self._counter)}", size)
         self._total += segment.size
         return segment
 
-    def _destroy(self, segment: shared_memory.SharedMemory, *, free: bool, seq: int = -1) -> None:
+    def _destroy(self, segment: Segment, *, free: bool, seq: int = -1) -> None:
         if free:
             self._free.remove(segment)
         else:
@@ -143,116 +205,21 @@ def _unlink_leftovers(free: list, busy: dict, pid: int) -> None:
             pass
 
 
-def create_probe(prefix: str) -> tuple[shared_memory.SharedMemory, str]:
+def create_probe(prefix: str) -> tuple[Segment, str]:
     """A one-page segment holding a random token; a reader that can read it back shares
     our /dev/shm (same machine, same container)."""
     token = secrets.token_hex(8)
-    segment = shared_memory.SharedMemory(name=f"{prefix}probe", create=True, size=PAGE)
+    segment = Segment(f"{prefix}probe", PAGE)
     segment.buf[: len(token)] = token.encode()
     return segment, token
 
 
-def destroy(segment: shared_memory.SharedMemory) -> None:
+def destroy(segment: Segment) -> None:
     try:
         segment.unlink()
     except FileNotFoundError:
         pass
     segment.close()
-
-
-class SegmentError(Exception):
-    """A segment could not be read: `missing` tells a vanished one from a forbidden one."""
-
-    def __init__(self, message: str, missing: bool = False) -> None:
-        super().__init__(message)
-        self.missing = missing
-
-
-class _Mapping:
-    __slots__ = ("fd", "map", "size")
-
-    def __init__(self, fd: int, mapping: mmap.mmap, size: int) -> None:
-        self.fd, self.map, self.size = fd, mapping, size
-
-    def close(self) -> None:
-        try:
-            self.map.close()
-        except BufferError:
-            pass  # a view is still alive; the GC unmaps it later
-        os.close(self.fd)
-
-
-class SegmentReader:
-    """Read-only, cached mappings of other processes' segments.
-
-    Opened with ``shm_open(O_RDONLY)`` and ``mmap(PROT_READ)``: a reader can neither write the
-    sender's memory nor, unlike ``SharedMemory(name)`` on Python 3.11, hand it to a resource
-    tracker that would unlink it when the reader exits.
-    """
-
-    def __init__(self, max_cached: int = 64) -> None:
-        self.max_cached = max_cached
-        self._maps: OrderedDict[str, _Mapping] = OrderedDict()
-        self._uid = os.getuid()
-        self._lock = threading.Lock()
-
-    def view(self, name: str, offset: int, nbytes: int) -> memoryview:
-        """`nbytes` at `offset` of segment `name`; raises SegmentError if that is not all
-        inside the segment, or the segment is missing, not ours, or not a regular file."""
-        with self._lock:
-            mapping = self._maps.get(name)
-            if mapping is None:
-                mapping = self._open(name)
-                self._maps[name] = mapping
-                while len(self._maps) > self.max_cached:
-                    self._maps.popitem(last=False)[1].close()
-            else:
-                self._maps.move_to_end(name)
-        if offset + nbytes > mapping.size:
-            raise SegmentError(
-                f"segment {name} holds {mapping.size} bytes; offset {offset} + nbytes {nbytes}"
-                " would read past its end"
-            )
-        return memoryview(mapping.map)[offset : offset + nbytes]
-
-    def _open(self, name: str) -> _Mapping:
-        try:
-            fd = _posixshmem.shm_open("/" + name, os.O_RDONLY, 0o600)
-        except FileNotFoundError:
-            raise SegmentError(
-                f"segment {name} does not exist (unlinked by its sender?)", True
-            ) from None
-        except OSError as exc:
-            raise SegmentError(f"segment {name} cannot be opened: {exc.strerror}") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != self._uid:
-                raise SegmentError(f"segment {name} is not a shared-memory segment of this user")
-            if st.st_size == 0:
-                raise SegmentError(f"segment {name} is empty")
-            mapping = mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ)
-        except BaseException:
-            os.close(fd)
-            raise
-        return _Mapping(fd, mapping, st.st_size)
-
-    def forget_unlinked(self) -> int:
-        """Drop mappings whose segment its sender has unlinked (st_nlink drops to 0)."""
-        with self._lock:
-            gone = [n for n, m in self._maps.items() if os.fstat(m.fd).st_nlink == 0]
-            for name in gone:
-                self._maps.pop(name).close()
-        return len(gone)
-
-    def forget_prefix(self, prefix: str) -> None:
-        with self._lock:
-            for name in [n for n in self._maps if n.startswith(prefix)]:
-                self._maps.pop(name).close()
-
-    def close(self) -> None:
-        with self._lock:
-            while self._maps:
-                self._maps.popitem()[1].close()
 
 
 @dataclass(frozen=True)
@@ -274,8 +241,33 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def held_open(name: str) -> bool:
+    """Whether a live process holds segment `name`'s liveness lock (see `Segment`).
+
+    True also when we cannot tell (not a regular file, not readable by us): such an entry is
+    not ours to remove.
+    """
+    try:
+        fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return False  # closing the fd drops our probe lock
+    finally:
+        os.close(fd)
+
+
 def list_segments(prefixes: tuple[str, ...] | list[str]) -> list[SegmentInfo]:
-    """Our segments in /dev/shm (Linux), with owner pid and whether it still runs."""
+    """Our segments in /dev/shm (Linux), with owner pid and whether the owner still runs:
+    its pid is alive here, or a process anywhere (another pid namespace) holds its lock."""
     if not SHM_DIR.is_dir():
         return []
     found = []
@@ -284,16 +276,17 @@ def list_segments(prefixes: tuple[str, ...] | list[str]) -> list[SegmentInfo]:
         if not match or match["prefix"] not in prefixes:
             continue
         try:
-            size = entry.stat().st_size
+            size = entry.stat(follow_symlinks=False).st_size
         except FileNotFoundError:
             continue
         pid = int(match["pid"])
-        found.append(SegmentInfo(entry.name, match["prefix"], pid, size, pid_alive(pid)))
+        alive = pid_alive(pid) or held_open(entry.name)
+        found.append(SegmentInfo(entry.name, match["prefix"], pid, size, alive))
     return sorted(found, key=lambda s: s.name)
 
 
 def sweep(prefixes: tuple[str, ...] | list[str]) -> list[SegmentInfo]:
-    """Unlink the segments of our prefixes whose owner process is dead; return them."""
+    """Unlink the segments of our prefixes whose owner is gone (`list_segments`); return them."""
     removed = []
     for info in list_segments(prefixes):
         if info.owner_alive:

@@ -1,0 +1,111 @@
+"""The receiver's table of senders: who said hello, and which segments each may name.
+
+A connection's segment prefix is not taken on its word: it must be the one its pid and token
+spell, no other live connection may hold it, and frames may name segments only after the
+hello's probe proved (by a token read back from a regular file owned by this user) that the
+sender writes this /dev/shm. The table is bounded; a full table refuses newcomers and never
+evicts a sender that is already there.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from polystore.streaming import protocol as p
+from polystore.streaming.segment_reader import SegmentError, SegmentReader
+
+log = logging.getLogger(__name__)
+
+MAX_SENDERS = 256
+
+
+@dataclass
+class Session:
+    """One sender that completed its hello on one connection."""
+
+    token: str
+    pid: int
+    prefix: str
+    shm: bool
+    connection: int = -1  # the connection's file descriptor in this process
+    dropped: int = 0
+    frames: int = 0
+    since: float = field(default_factory=time.monotonic)
+
+
+class SessionTable:
+    """Sessions by ZeroMQ routing identity, at most `max_sessions` of them."""
+
+    def __init__(self, shm_prefix: str, viewer: str, reader: SegmentReader,
+                 max_sessions: int = MAX_SENDERS) -> None:
+        self.shm_prefix = shm_prefix
+        self.viewer = viewer
+        self.reader = reader
+        self.max_sessions = max_sessions
+        self.refused_full = 0
+        self._sessions: dict[bytes, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, identity: bytes) -> Session | None:
+        return self._sessions.get(identity)
+
+    def hello(self, identity: bytes, hello: p.Hello, connection: int = -1) -> Session:
+        """Admit (or re-admit) the connection `identity`; raises `ProtocolError` if not."""
+        if p.VERSION not in hello.versions:
+            raise p.ProtocolError(p.UNSUPPORTED_VERSION, f"sender speaks versions "
+                                  f"{hello.versions}; this receiver speaks {p.VERSION}")
+        expected = f"{self.shm_prefix}{hello.pid}_{hello.sender}_"
+        if hello.segment_prefix != expected:
+            raise p.ProtocolError(
+                p.BAD_SEGMENT,
+                f"segment_prefix must be {expected!r} (prefix {self.shm_prefix!r} of this "
+                f"{self.viewer} receiver, then pid and sender token); got {hello.segment_prefix!r}",
+            )
+        holder = next((i for i, s in self._sessions.items() if s.prefix == expected), None)
+        if holder is not None and holder != identity:
+            raise p.ProtocolError(p.BAD_SEGMENT, f"segment prefix {expected!r} belongs to "
+                                  "another connection; each sender needs its own token")
+        known = self._sessions.get(identity)
+        if known is None and len(self._sessions) >= self.max_sessions:
+            self.refused_full += 1
+            if self.refused_full in (1, 10, 100) or self.refused_full % 1000 == 0:
+                log.warning("%s receiver serves %d senders already; refused %d more (the ones "
+                            "connected keep streaming)", self.viewer, len(self._sessions),
+                            self.refused_full)
+            raise p.ProtocolError(p.TOO_LARGE, f"this {self.viewer} receiver serves at most "
+                                  f"{self.max_sessions} senders; close one and retry")
+        session = Session(hello.sender, hello.pid, expected, self._probe(hello, expected),
+                          connection, dropped=known.dropped if known else 0)
+        self._sessions[identity] = session
+        return session
+
+    def _probe(self, hello: p.Hello, expected: str) -> bool:
+        """Whether the sender proved it writes our /dev/shm as this user (see module doc)."""
+        probe = hello.probe
+        if probe is None or probe.segment != expected + "probe":
+            return False
+        try:
+            token = self.reader.read(probe.segment, 0, len(probe.token.encode()))
+        except SegmentError:
+            return False
+        finally:
+            self.reader.forget_prefix(probe.segment)
+        return token == probe.token.encode()
+
+    def bye(self, identity: bytes) -> None:
+        session = self._sessions.pop(identity, None)
+        if session is not None:
+            self.reader.forget_prefix(session.prefix)
+
+    def clear(self) -> None:
+        """Forget everyone (as a restarted receiver would)."""
+        self._sessions.clear()
+
+    def disconnected(self, connection: int) -> None:
+        """Forget the sessions of a connection that closed."""
+        for identity in [i for i, s in self._sessions.items() if s.connection == connection]:
+            self.bye(identity)
