@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -17,7 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from polystore.testing.receiver import RawClient  # noqa: F401 - re-exported for the tests
+from polystore.testing.receiver import RawClient as _RawClient
+from polystore.testing.receiver import user_curve
 
 ROOT = Path(__file__).resolve().parents[1]
 FIJI_DIR = ROOT / "viewers" / "fiji"
@@ -35,6 +37,7 @@ class Stack:
     jeromq_jar: Path
     groovy_jars: tuple[Path, ...] = ()  # empty: Debian's `groovy` command
     java_home: Path | None = None
+    curve: bool = True  # JeroMQ >= 0.5: senders authenticate (JeroMQ 0.3 has no CURVE)
 
     def env(self) -> dict[str, str]:
         env = {"JEROMQ_JAR": str(self.jeromq_jar)}
@@ -71,7 +74,8 @@ def _modern_java() -> Path | None:
 #: Debian's packages (Groovy 2.4, JeroMQ 0.3.6: no CURVE) and what current Fiji runs
 #: (Groovy 4.0.26 and a downloaded JeroMQ 0.6.0, see ../shared/vendor/README.md).
 STACKS = {
-    "debian": Stack("debian", Path(os.environ.get("JEROMQ_JAR", "/usr/share/java/jeromq.jar"))),
+    "debian": Stack("debian", Path(os.environ.get("JEROMQ_JAR", "/usr/share/java/jeromq.jar")),
+                    curve=False),
     "modern": Stack(
         "modern",
         VENDOR / "jeromq-0.6.0.jar",
@@ -98,6 +102,17 @@ def require(stack: Stack = DEFAULT_STACK) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"CI=true and the Fiji {stack.name} stack cannot run: {why}")
     pytest.skip(f"Fiji {stack.name} stack: {why}")
+
+
+class RawClient(_RawClient):
+    """polystore.testing.receiver.RawClient that authenticates with the user's credential
+    unless POLYSTORE_AUTH=none (the Debian stack's tests set it)."""
+
+    def __init__(self, endpoint: str, prefix: str = "fiji_", viewer: str = "fiji",
+                 curve: tuple[bytes, bytes, bytes] | None | str = "auto") -> None:  # fmt: skip
+        if curve == "auto":
+            curve = None if os.environ.get("POLYSTORE_AUTH") == "none" else user_curve()
+        super().__init__(endpoint, prefix, viewer, curve)
 
 
 def free_port() -> int:
@@ -165,6 +180,8 @@ def start_receiver(
     """Start viewers/fiji/run_headless.sh; with `wait`, return once it listens (or raise).
     `gui=True` runs it with ImageJ's GUI on a virtual display (xvfb-run)."""
     endpoint = endpoint or f"tcp://127.0.0.1:{free_port()}"
+    if not stack.curve:  # JeroMQ 0.3 refuses to run unauthenticated unless asked
+        params.setdefault("allow_unauthenticated", True)
     args = dict(endpoint=endpoint, stop_on_stdin_eof=True, **params)
     if output_dir is not None:
         args["output_dir"] = str(output_dir)
@@ -365,7 +382,7 @@ class ScriptEditor:
             env["POLYSTORE_FIJI_GUI"] = "1"
         self.proc = subprocess.Popen(command, env=env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     cwd=ROOT)  # fmt: skip
+                                     cwd=ROOT, start_new_session=True)  # fmt: skip
         self.lines: list[str] = []
         self._answers: list[str] = []
         self._event = threading.Condition()
@@ -417,8 +434,8 @@ class ScriptEditor:
                 pass
         try:
             self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        except subprocess.TimeoutExpired:  # xvfb-run, Xvfb and the JVM: its whole session
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
 

@@ -22,7 +22,7 @@ import pytest
 
 from polystore.filemanager import FileManager
 from polystore.streaming import FijiStreamingBackend, FrameRejectedError
-from polystore.testing.receiver import ReceiverConformance, ReceiverUnderTest
+from polystore.testing.receiver import ReceiverConformance, ReceiverUnderTest, user_curve
 from tests.fiji_helpers import (
     DEFAULT_STACK,
     STACKS,
@@ -68,17 +68,32 @@ def fiji(tmp_path_factory, stack):
 
 
 @pytest.fixture
-def debian():
+def debian(monkeypatch):
     """Tests that start their own receivers run on Debian's stack only: what they check is
     the script's, and Groovy 4 takes long to compile it (tests/test_fiji.py runs the shared
-    receiver and the Script Editor harness on both)."""
+    receiver and the Script Editor harness on both). JeroMQ 0.3 has no CURVE: the script runs
+    with allow_unauthenticated and senders with auth="none"."""
     require(DEFAULT_STACK)
+    monkeypatch.setenv("POLYSTORE_AUTH", "none")
     return DEFAULT_STACK
+
+
+@pytest.fixture(autouse=True)
+def sender_auth(request, monkeypatch):
+    """Senders talk to the stack under test its way: auth="none" to JeroMQ 0.3 (Debian),
+    the user's credential (the default) to JeroMQ 0.6."""
+    if "stack" in request.fixturenames:
+        stack = request.getfixturevalue("stack")
+        if stack.curve:
+            monkeypatch.delenv("POLYSTORE_AUTH", raising=False)
+        else:
+            monkeypatch.setenv("POLYSTORE_AUTH", "none")
 
 
 @pytest.fixture
 def backend(fiji):
-    with FijiStreamingBackend(fiji.endpoint) as b:
+    # Generous timeouts: two shared cores and a JVM still compiling its hot paths.
+    with FijiStreamingBackend(fiji.endpoint, timeout=60, connect_timeout=20) as b:
         yield b
 
 
@@ -633,14 +648,21 @@ def test_clear_closes_images(fiji, backend, fm, key):
 
 
 def test_bye_forgets_the_sender_and_its_segments(fiji, key):
-    with FijiStreamingBackend(fiji.endpoint) as first:
-        for i in range(3):
-            first.save(np.zeros((64, 64), np.uint16), f"{key}/{i}.tif")
-        first.flush()
-    with FijiStreamingBackend(fiji.endpoint, transport="inline") as second:
-        state = second.request("report")
-    assert state["senders"] == 1
-    assert state["mapped_segments"] == 0
+    with FijiStreamingBackend(fiji.endpoint, transport="inline", timeout=60) as second:
+        before = second.request("report", timeout=30)
+        with FijiStreamingBackend(fiji.endpoint, timeout=60) as first:
+            for i in range(3):
+                first.save(np.zeros((64, 64), np.uint16), f"{key}/{i}.tif")
+            first.flush()
+            assert second.request("report", timeout=30)["senders"] == before["senders"] + 1
+        deadline = time.monotonic() + 10  # the bye arrives after close() returns
+        while time.monotonic() < deadline:
+            state = second.request("report", timeout=30)
+            if state["senders"] == before["senders"]:
+                break
+            time.sleep(0.1)
+    assert state["senders"] == before["senders"]
+    assert state["mapped_segments"] == before["mapped_segments"]
 
 
 def test_segment_mappings_are_bounded_and_dropped_when_unlinked(fiji):
@@ -673,8 +695,9 @@ def test_segment_mappings_are_bounded_and_dropped_when_unlinked(fiji):
 
 class TestFijiReceiver(ReceiverConformance):
     @pytest.fixture(scope="class")
-    def receiver_under_test(self, fiji):
-        return ReceiverUnderTest(fiji.endpoint, shm_prefix="fiji_", viewer="fiji")
+    def receiver_under_test(self, fiji, stack):
+        return ReceiverUnderTest(fiji.endpoint, shm_prefix="fiji_", viewer="fiji",
+                                 curve=user_curve() if stack.curve else None)
 
 
 def test_flood_of_garbage_then_real_frames(fiji, backend, fm, key):
@@ -821,11 +844,12 @@ def test_generator_follows_protocol_changes(monkeypatch):
 
     generator = load_generator()
 
-    class Display(protocol.Display, omit_defaults=True):
-        gamma: Annotated[float, msgspec.Meta(ge=0.1, le=10)] | None = None
-
-    class Frame(protocol.Frame, tag="frame", tag_field="type", omit_defaults=True):
-        display: Display = msgspec.field(default_factory=Display)
+    gamma = Annotated[float, msgspec.Meta(ge=0.1, le=10)] | None
+    Display = msgspec.defstruct("Display", [("gamma", gamma, None)], bases=(protocol.Display,),
+                                omit_defaults=True)  # fmt: skip
+    display = ("display", Display, msgspec.field(default_factory=Display))
+    Frame = msgspec.defstruct("Frame", [display], bases=(protocol.Frame,), tag="frame",
+                              tag_field="type", omit_defaults=True)  # fmt: skip
 
     monkeypatch.setattr(protocol, "SenderMessage", protocol.Hello | Frame | protocol.Bye)
     section = generator.generate_section(protocol)
@@ -849,6 +873,8 @@ def test_script_editor_kill_stop_and_rerun_free_the_port(stack):
     with no thread left spinning, and the re-run on the same port works."""
     port = free_port()
     params = f'endpoint="tcp://127.0.0.1:{port}"'
+    if not stack.curve:
+        params += ",allow_unauthenticated=true"
     editor = ScriptEditor(stack, gui=True)
     try:
         started = editor.command(f"run {params}", timeout=300)
@@ -888,7 +914,8 @@ def test_rerun_in_one_session_continues_cleanly(debian):
     editor = ScriptEditor(debian, gui=True)
     try:
         for run in (1, 2):
-            assert editor.command(f'run endpoint="{endpoint}"', timeout=300).startswith("listening")
+            run_params = f'endpoint="{endpoint}",allow_unauthenticated=true'
+            assert editor.command(f"run {run_params}", timeout=300).startswith("listening")
             with RawClient(endpoint) as raw:
                 assert raw.hello()["type"] == "welcome"
                 pixels = bytes([run] * 6)
@@ -903,3 +930,71 @@ def test_rerun_in_one_session_continues_cleanly(debian):
             assert "ended" in editor.command("stop", timeout=30)
     finally:
         editor.close()
+
+
+# -- same-user authentication (issue 11, Fiji side) -----------------------------------------------
+
+
+@pytest.fixture
+def modern(monkeypatch):
+    """Current Fiji's stack (JeroMQ 0.6: CURVE), senders with the user's credential."""
+    require(STACKS["modern"])
+    monkeypatch.delenv("POLYSTORE_AUTH", raising=False)
+    return STACKS["modern"]
+
+
+def test_jeromq_without_curve_refuses_unless_allowed(debian, tmp_path):
+    """JeroMQ 0.3 cannot authenticate: the script refuses with upgrade instructions, or runs
+    with a clear warning when the user allows unauthenticated senders on purpose."""
+    refused = start_receiver(stack=debian, allow_unauthenticated=False, wait=False)
+    assert refused.wait(120) != 0
+    assert "jeromq-0.6.0.jar" in refused.log and "Fiji.app/jars/" in refused.log, refused.log
+    assert "allow_unauthenticated=true" in refused.log
+    allowed = start_receiver(tmp_path, stack=debian)  # allow_unauthenticated by default here
+    try:
+        assert "authentication is OFF" in allowed.log
+    finally:
+        assert allowed.stop() == 0
+
+
+def test_credential_made_on_first_use_and_shared_with_python(modern, tmp_path, monkeypatch):
+    """No credential yet: the script makes it (0700 directory, 0600 file, the format Python
+    reads), and a Python sender with auth="user" streams to it."""
+    from polystore.streaming.credential import load_credential
+
+    path = tmp_path / "config" / "polystore" / "credential.json"
+    monkeypatch.setenv("POLYSTORE_CREDENTIAL", str(path))
+    receiver = start_receiver(tmp_path / "out", stack=modern, timeout=300)
+    try:
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert path.parent.stat().st_mode & 0o777 == 0o700
+        assert len(load_credential(path).curve_public) == 40
+        with FijiStreamingBackend(receiver.endpoint) as b:
+            b.save(np.full((4, 4), 7, np.uint8), "cred.tif", stream="cred")
+            assert image(report(b), "cred")["framesReceived"] == 1
+        with RawClient(receiver.endpoint, curve=None) as stranger:  # no credential
+            stranger.send({"v": 1, "type": "bye"})
+            stranger.send(stranger.frame(), b"\0" * 6)
+            with pytest.raises(TimeoutError):
+                stranger.recv(timeout=1.5)
+    finally:
+        assert receiver.stop() == 0, receiver.log
+
+
+@pytest.mark.parametrize("how", ["group_readable", "symlink"])
+def test_unsafe_credential_is_refused(modern, tmp_path, monkeypatch, how):
+    from polystore.streaming.credential import load_credential
+
+    real = tmp_path / "real.json"
+    load_credential(real)  # a valid credential...
+    path = tmp_path / "credential.json"
+    if how == "group_readable":
+        path.write_bytes(real.read_bytes())
+        path.chmod(0o640)  # ...that another account could read
+    else:
+        path.symlink_to(real)
+    monkeypatch.setenv("POLYSTORE_CREDENTIAL", str(path))
+    receiver = start_receiver(stack=modern, wait=False)
+    assert receiver.wait(300) != 0
+    expected = "chmod 600" if how == "group_readable" else "symbolic link"
+    assert expected in receiver.log, receiver.log

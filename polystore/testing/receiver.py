@@ -41,6 +41,14 @@ class ReceiverUnderTest:
     curve: tuple[bytes, bytes, bytes] | None = None
 
 
+def user_curve() -> tuple[bytes, bytes, bytes]:
+    """(server key, public, secret) of a sender with the user's credential (auth="user")."""
+    from polystore.streaming.credential import load_credential
+
+    credential = load_credential()
+    return credential.curve_public, credential.curve_public, credential.curve_secret
+
+
 class RawClient:
     """A DEALER socket speaking raw protocol v1, for messages no well-behaved sender makes."""
 
@@ -94,12 +102,24 @@ class RawClient:
         return self.recv(timeout)
 
     def hello(self, **override) -> dict:
+        """Handshake as a sender does: with a probe segment proving it shares this machine's
+        shared memory (so its segments may be named in frames); `probe=None` leaves it out."""
         message = {
             "v": 1, "type": "hello", "sender": self.token, "pid": self.pid, "viewer": self.viewer,
-            "segment_prefix": self.prefix, "versions": [1], "probe": None,
+            "segment_prefix": self.prefix, "versions": [1],
         }  # fmt: skip
         message.update(override)
-        return self.request(message)
+        if "probe" in message:
+            return self.request(message)
+        token = secrets.token_hex(8)
+        probe = shared_memory.SharedMemory(name=f"{self.prefix}probe", create=True, size=64)
+        try:
+            probe.buf[: len(token)] = token.encode()
+            message["probe"] = {"segment": probe.name, "token": token}
+            return self.request(message)
+        finally:
+            probe.close()
+            probe.unlink()
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -286,11 +306,30 @@ class ReceiverConformance:
             segment.close()
             segment.unlink()
 
+    @pytest.mark.parametrize("client", ["plain", "stranger"])
+    def test_a_client_without_the_credential_gets_nothing(self, receiver_under_test, client):
+        """Same-user authentication: a peer without the user's credential (no CURVE, or its
+        own key pair) is refused at the handshake; no message of it is read or answered."""
+        if receiver_under_test.curve is None:
+            pytest.skip("this receiver runs without authentication")
+        server = receiver_under_test.curve[0]
+        curve = None if client == "plain" else (server, *zmq.curve_keypair())
+        with RawClient(receiver_under_test.endpoint, receiver_under_test.shm_prefix,
+                       receiver_under_test.viewer, curve) as stranger:  # fmt: skip
+            stranger.send({"v": 1, "type": "hello", "sender": stranger.token,
+                           "pid": stranger.pid, "viewer": stranger.viewer,
+                           "segment_prefix": stranger.prefix})  # fmt: skip
+            with pytest.raises(TimeoutError):
+                stranger.recv(timeout=1.5)
+        with RawClient.to(receiver_under_test) as friend:  # and the user still gets in
+            assert friend.hello()["type"] == "welcome"
+
     def test_welcome_answers_hello(self, raw, receiver_under_test):
         reply = raw.hello()
         assert reply["type"] == "welcome" and reply["v"] == 1, reply
         assert reply["viewer"] == receiver_under_test.viewer
-        assert reply["shm"] is False  # no probe: frames must come inline
+        assert reply["shm"] is True  # RawClient.hello sends a probe of a real segment
+        assert raw.hello(probe=None)["shm"] is False  # no probe: frames must come inline
         assert isinstance(reply["pid"], int) and reply["max_frame_bytes"] > 0
 
     def test_probe_enables_shared_memory(self, raw):

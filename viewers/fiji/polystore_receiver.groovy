@@ -3,7 +3,8 @@
 #@ String (label="Multichannel display", choices={"composite", "color", "grayscale"}, value="composite") channel_display
 #@ File (label="Output directory (optional)", style="directory", required=false, description="If set, every 'report' request also saves each image as <title>.tif and writes report.json here") output_dir
 #@ Boolean (label="Add ROIs to the ROI Manager (needs a display)", value=true) roi_manager
-#@ Boolean (label="Allow remote senders (listen beyond 127.0.0.1, unencrypted)", value=false) allow_remote
+#@ Boolean (label="Allow remote senders (listen beyond 127.0.0.1)", value=false) allow_remote
+#@ Boolean (label="Allow unauthenticated senders (JeroMQ 0.3 only: any local account could send)", value=false) allow_unauthenticated
 #@ Boolean (label="Stop when standard input closes (headless use)", value=false) stop_on_stdin_eof
 
 /*
@@ -1990,6 +1991,7 @@ class Images {
 @CompileStatic
 class SenderInfo {
     String prefix
+    boolean shm  // its hello's probe proved it shares our /dev/shm as this user
     long dropped  // the sender's own count of frames it never sent (its header's `dropped`)
     final long since = System.nanoTime()
 }
@@ -2002,6 +2004,7 @@ class Core {
     final String id = Long.toHexString(new Random().nextLong() & 0xffffffffffffL)
     final long pid = Long.parseLong(ManagementFactory.getRuntimeMXBean().getName().split('@')[0])
     long frames, rois, bytes, rejected, missing, senderDropped, shmFrames, inlineFrames
+    volatile long authRefused  // connections refused at the handshake (ZAP thread)
     double fps
     String lastError = ''
 
@@ -2078,7 +2081,7 @@ class Core {
         // The same sender (routing id) saying hello again keeps its baseline: its `dropped`
         // is cumulative, and what it dropped before is counted already.
         SenderInfo known = senders.get(identity)
-        senders.put(identity, new SenderInfo(prefix: expected, dropped: known != null ? known.dropped : 0L))
+        senders.put(identity, new SenderInfo(prefix: expected, shm: shm, dropped: known != null ? known.dropped : 0L))
         return P.welcome(id, Local.VIEWER, pid, shm, Local.MAX_FRAME_BYTES)
     }
 
@@ -2100,6 +2103,9 @@ class Core {
             view = new View(buffer: ByteBuffer.wrap(payload), position: 0)
         } else {  // step 7, shared memory
             if (payload != null) throw new ProtocolError(P.BAD_MESSAGE, 'a frame names a segment or carries a payload, not both', seq)
+            if (!sender.shm) {  // only a probe binds segment names to this connection
+                throw new ProtocolError(P.BAD_SEGMENT, "this connection's hello did not prove it shares this machine's shared memory as this user (probe); send the pixels inline", seq)
+            }
             if (!segment.startsWith(sender.prefix)) {
                 throw new ProtocolError(P.BAD_SEGMENT, "segment ${Json.quote(segment)} is not one of this sender's (${sender.prefix}*)".toString(), seq)
             }
@@ -2141,7 +2147,7 @@ class Core {
             last_error: lastError, missing: missing, sender_dropped: senderDropped,
             shm_frames: shmFrames, inline_frames: inlineFrames, empty_frames: images.emptyFrames,
             fps: fps, mapped_segments: reader.maps.size(), imagej: IJ.getVersion(),
-            output_dir: images.outputDir?.path, images: images.describe(),
+            output_dir: images.outputDir?.path, auth_refused: authRefused, images: images.describe(),
         ] as LinkedHashMap
         if (images.gui) {  // what a user sees: open image windows, ROI Manager entries
             state.put('windows', ij.WindowManager.getImageCount())
@@ -2166,7 +2172,91 @@ class Core {
 }
 
 // ==========================================================================================
-// 8. Main: parameters, socket, loop, stopping (JeroMQ is used dynamically so that a missing
+// 8. Authentication (docs/protocol.md, "Handshake and authentication"): the user's credential
+//    file, the same one Python reads (polystore/streaming/credential.py)
+// ==========================================================================================
+
+@CompileStatic
+class CredentialError extends Exception {
+    CredentialError(String message) { super(message) }
+}
+
+/**
+ * The user's CURVE key pair in $POLYSTORE_CREDENTIAL, else
+ * ${XDG_CONFIG_HOME:-~/.config}/polystore/credential.json: made on first use (directory 0700,
+ * file 0600, linked into place so a concurrent creator's file wins), and refused unless it is
+ * a regular file (not a link) of this user that nobody else can read or write.
+ */
+@CompileStatic
+class Credentials {
+    static final Pattern Z85_KEY = Pattern.compile('[0-9a-zA-Z.:+=^!/*?&<>()\\[\\]{}@%$#-]{40}')
+
+    static Path path() {
+        String explicit = System.getenv('POLYSTORE_CREDENTIAL')
+        if (explicit) return Paths.get(explicit)
+        String config = System.getenv('XDG_CONFIG_HOME') ?: System.getProperty('user.home') + '/.config'
+        return Paths.get(config, 'polystore', 'credential.json')
+    }
+
+    /** (curve_public, curve_secret) as Z85 text; `keypair` makes a new pair if needed. */
+    static Map<String, String> load(Closure<List<String>> keypair) throws CredentialError {
+        Path p = path()
+        if (!Files.exists(p, LinkOption.NOFOLLOW_LINKS)) create(p, keypair.call())
+        return read(p)
+    }
+
+    static void create(Path p, List<String> keys) throws CredentialError {
+        try {
+            def owner = java.nio.file.attribute.PosixFilePermissions.fromString('rwx------')
+            Files.createDirectories(p.getParent(), java.nio.file.attribute.PosixFilePermissions.asFileAttribute(owner))
+            Path tmp = p.resolveSibling(".${p.getFileName()}.${Long.toHexString(new Random().nextLong())}.tmp".toString())
+            def rw = java.nio.file.attribute.PosixFilePermissions.fromString('rw-------')
+            Files.createFile(tmp, java.nio.file.attribute.PosixFilePermissions.asFileAttribute(rw))
+            try {
+                Files.write(tmp, Json.encodeUtf8([version: 1, curve_public: keys[0], curve_secret: keys[1]]))
+                try {
+                    Files.createLink(p, tmp)  // never overwrites: a concurrent creator's file stays
+                } catch (java.nio.file.FileAlreadyExistsException ignored) {
+                    // another process made it first: read theirs
+                }
+            } finally {
+                Files.deleteIfExists(tmp)
+            }
+        } catch (IOException e) {
+            throw new CredentialError("cannot create the polystore credential ${p}: ${e}".toString())
+        }
+    }
+
+    static Map<String, String> read(Path p) throws CredentialError {
+        Map<String, Object> a
+        try {
+            a = Files.readAttributes(p, 'unix:uid,mode,isRegularFile,isSymbolicLink,size', LinkOption.NOFOLLOW_LINKS)
+        } catch (IOException e) {
+            throw new CredentialError("cannot read the polystore credential ${p}: ${e}".toString())
+        }
+        if (a.get('isSymbolicLink')) throw new CredentialError("the polystore credential ${p} is a symbolic link; replace it by the file itself".toString())
+        if (!a.get('isRegularFile')) throw new CredentialError("the polystore credential ${p} is not a regular file; remove it (a new one is made on the next start)".toString())
+        if (a.get('uid') != SegmentReader.ownUid()) throw new CredentialError("the polystore credential ${p} belongs to another user; remove it (a new one is made on the next start)".toString())
+        if ((((Integer) a.get('mode')) & 0077) != 0) throw new CredentialError("the polystore credential ${p} can be read or written by other accounts; run: chmod 600 ${p}".toString())
+        if (((Long) a.get('size')) > 4096) throw new CredentialError("the polystore credential ${p} is too large to be one; remove it".toString())
+        Object json
+        try {
+            json = Json.parseUtf8(Files.readAllBytes(p))
+        } catch (Exception e) {
+            throw new CredentialError("the polystore credential ${p} is not valid JSON (${e.message}); remove it".toString())
+        }
+        Map m = json instanceof Map ? (Map) json : [:]
+        String pub = m.get('curve_public') instanceof String ? (String) m.get('curve_public') : ''
+        String sec = m.get('curve_secret') instanceof String ? (String) m.get('curve_secret') : ''
+        if (m.get('version') != (Object) 1L || !Z85_KEY.matcher(pub).matches() || !Z85_KEY.matcher(sec).matches()) {
+            throw new CredentialError("the polystore credential ${p} is not a version 1 credential with two 40-character Z85 keys; remove it".toString())
+        }
+        return [curve_public: pub, curve_secret: sec]
+    }
+}
+
+// ==========================================================================================
+// 9. Main: parameters, socket, loop, stopping (JeroMQ is used dynamically so that a missing
 //    jar gives a readable message instead of a compile error)
 // ==========================================================================================
 
@@ -2181,6 +2271,7 @@ File outputDir = outParam == null || outParam.toString().trim().isEmpty() ? null
 boolean allowRemote = param('allow_remote', false) as boolean
 boolean useRoiManager = param('roi_manager', true) as boolean
 boolean stopOnEof = param('stop_on_stdin_eof', false) as boolean
+boolean allowUnauthenticated = param('allow_unauthenticated', false) as boolean
 boolean gui = !GraphicsEnvironment.isHeadless() && IJ.getInstance() != null
 
 def say = { String msg ->
@@ -2204,7 +2295,7 @@ String port = matcher.group(2)
 String bareHost = host.startsWith('[') ? host[1..-2] : host
 boolean loopback = bareHost == 'localhost' || bareHost == '::1' || bareHost ==~ /127\.\d+\.\d+\.\d+/
 if (!loopback && !allowRemote) {
-    fail("refusing to listen on ${host}: that exposes the receiver beyond this machine. Tick 'Allow remote senders' (allow_remote=true) to do it on purpose; traffic is not encrypted, prefer an SSH tunnel")
+    fail("refusing to listen on ${host}: that exposes the receiver beyond this machine. Tick 'Allow remote senders' (allow_remote=true) to do it on purpose; senders then need your polystore credential (or prefer an SSH tunnel)")
 }
 
 Class zmq
@@ -2212,6 +2303,29 @@ try {
     zmq = Class.forName('org.zeromq.ZMQ', true, this.class.classLoader)
 } catch (ClassNotFoundException ignored) {
     fail('JeroMQ is not on the classpath: put jeromq-<version>.jar into Fiji.app/jars/ and restart Fiji (see docs/fiji.md)')
+}
+
+// Same-user authentication: CURVE with the user's credential (JeroMQ >= 0.5), else refuse
+// unless the user allows unauthenticated senders on purpose.
+Class curve = null
+try {
+    curve = Class.forName('org.zeromq.ZMQ$Curve', true, this.class.classLoader)
+} catch (ClassNotFoundException ignored) {
+    curve = null  // JeroMQ 0.3: no CURVE
+}
+Map<String, String> credential = null
+if (allowUnauthenticated) {
+    String warning = "WARNING: authentication is OFF (allow_unauthenticated): any account on this machine${allowRemote ? ' and any computer that reaches this port' : ''} can send images to this receiver, and read back what it reports. Send with auth=\"none\" (POLYSTORE_AUTH=none). ${curve == null ? 'Upgrade JeroMQ to 0.6 (docs/fiji.md) to authenticate senders.' : ''}"
+    System.err.println("polystore-fiji: ${warning}")
+    if (gui) IJ.log("polystore: ${warning}")  // and in the receiver's window, below (no modal dialog: it would block a headless-run Fiji)
+} else if (curve == null) {
+    fail('This JeroMQ (0.3) cannot authenticate senders, so any account on this machine could send to this receiver. Upgrade: download jeromq-0.6.0.jar from Maven Central (group org.zeromq, artifact jeromq), put it into Fiji.app/jars/, remove the old jeromq-0.3.*.jar there, and restart Fiji (docs/fiji.md). Or, on a machine only you use, tick "Allow unauthenticated senders" (allow_unauthenticated=true) and send with auth="none".')
+} else {
+    try {
+        credential = Credentials.load({ -> def pair = curve.generateKeyPair(); [pair.publicKey, pair.secretKey] as List<String> })
+    } catch (CredentialError e) {
+        fail(e.message)
+    }
 }
 
 Images images = new Images(modeParam, channelDisplayParam, gui, useRoiManager, outputDir)
@@ -2240,9 +2354,46 @@ def statusLabel = null
 Runnable receive = {
     def ctx = zmq.context(1)
     def sock = ctx.socket(zmq.ROUTER)
+    def zap = null
+    Thread zapThread = null
     try {
+        if (credential != null) {  // ZAP (RFC 27): admit only clients with the user's key
+            byte[] allowed = curve.z85Decode(credential.curve_public)
+            zap = ctx.socket(zmq.REP)
+            zap.setReceiveTimeOut(100)
+            zap.bind('inproc://zeromq.zap.01')
+            def zapSocket = zap
+            zapThread = new Thread(outside, {
+                try {
+                    while (!stop.get()) {
+                        byte[] version = zapSocket.recv(0)
+                        if (version == null) continue
+                        List<byte[]> request = [version]
+                        while (zapSocket.hasReceiveMore()) request << zapSocket.recv(0)
+                        boolean ok = request.size() >= 7 && new String(request[5], 'US-ASCII') == 'CURVE' && Arrays.equals(request[6], allowed)
+                        if (!ok) core.authRefused++
+                        byte[] id = request.size() > 1 ? request[1] : new byte[0]
+                        zapSocket.send('1.0'.bytes, zmq.SNDMORE)
+                        zapSocket.send(id, zmq.SNDMORE)
+                        zapSocket.send((ok ? '200' : '400').bytes, zmq.SNDMORE)
+                        zapSocket.send((ok ? 'OK' : 'not this user\'s polystore credential').bytes, zmq.SNDMORE)
+                        zapSocket.send(new byte[0], zmq.SNDMORE)
+                        zapSocket.send(new byte[0], 0)
+                    }
+                } catch (Throwable t) {
+                    if (!stop.get()) images.log("authentication handler stopped: ${t}")
+                } finally {
+                    try { zapSocket.close() } catch (Exception ignored) { }
+                }
+            } as Runnable, 'polystore-fiji-zap')
+            zapThread.daemon = true
+            zapThread.start()
+            sock.setZapDomain('polystore')
+            sock.setCurveServer(true)
+            sock.setCurveSecretKey(curve.z85Decode(credential.curve_secret))
+        }
         sock.setLinger(0)
-        sock.setRcvHWM(1000)
+        sock.setRcvHWM(16)  // per sender: a flood waits in its own TCP buffers, not in this heap
         sock.setMaxMsgSize(Local.MAX_FRAME_BYTES + P.MAX_HEADER_BYTES)
         sock.setReceiveTimeOut(100)  // wake up to stop, housekeep and redraw
         try {
@@ -2305,6 +2456,8 @@ Runnable receive = {
         images.log("receiver stopped by an error: ${t}")
     } finally {
         try { sock.close() } catch (Exception ignored) { }
+        stop.set(true)  // also ends the ZAP thread, which closes its socket before term()
+        if (zapThread != null) zapThread.join(2000)
         try { ctx.term() } catch (Exception ignored) { }
         core.close()
         started.countDown()
@@ -2333,8 +2486,9 @@ try {  // from here on, whatever happens (Kill included), the worker is told to 
         watcher.start()
     }
     if (gui) {  // a small window with counters and a Stop button
-        window = new java.awt.Frame("polystore receiver - ${bound}")
-        statusLabel = new java.awt.Label("listening on ${bound}")
+        String unauthenticated = credential == null ? ' - UNAUTHENTICATED: any local account can send' : ''
+        window = new java.awt.Frame("polystore receiver - ${bound}${unauthenticated}")
+        statusLabel = new java.awt.Label("listening on ${bound}${unauthenticated}")
         def button = new java.awt.Button('Stop')
         button.addActionListener({ stop.set(true) } as java.awt.event.ActionListener)
         window.add(statusLabel, java.awt.BorderLayout.CENTER)

@@ -12,6 +12,7 @@
  *                up to a second, then Thread.stop those still alive (where the JVM has it)
  *   stop         press the Stop button of the receiver's window (needs a display)
  *   threads      CPU use of every live thread over the next second, as JSON
+ *   screenshot F save the whole screen as PNG file F (needs a display)
  *   quit         end the JVM
  * The script's own output goes to standard output as usual.
  */
@@ -125,6 +126,11 @@ while ((line = input.readLine()) != null) {
                 rows << [name: t.name, group: t.threadGroup?.name, cpu: (after - before[t.id]) / 1e9]
             }
             answer(JsonOutput.toJson(rows))
+        } else if (command.startsWith('screenshot ')) {  // the whole (virtual) screen as PNG
+            File png = new File(command.substring('screenshot '.length()).trim())
+            def screen = new java.awt.Rectangle(java.awt.Toolkit.defaultToolkit.screenSize)
+            javax.imageio.ImageIO.write(new java.awt.Robot().createScreenCapture(screen), 'png', png)
+            answer("saved ${png}")
         } else if (command == 'quit') {
             answer('bye')
             break
