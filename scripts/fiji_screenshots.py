@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         endpoint = params.split('"')[1]
         args.out.mkdir(parents=True, exist_ok=True)
-        with FijiStreamingBackend(endpoint) as fiji:
+        with FijiStreamingBackend(endpoint, timeout=60, connect_timeout=30) as fiji:
             for name, scene in SCENES.items():
                 fiji.request("clear")
                 scene(fiji)
@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(1.5)
                 print(editor.command(f"screenshot {args.out / (name + '.png')}"))
         editor.command("stop", timeout=30)
+    except Exception:
+        print(editor.log[-6000:])
+        raise
     finally:
         editor.close()
     return 0

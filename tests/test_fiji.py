@@ -647,6 +647,19 @@ def test_clear_closes_images(fiji, backend, fm, key):
     assert report(backend)["images"] == []
 
 
+def test_pipelined_frames_are_all_acknowledged(fiji, key):
+    """60 frames sent without waiting: each is acknowledged (JeroMQ 0.6's CURVE garbled about
+    one in five when the receive high-water mark was 16, JeroMQ issue #1009)."""
+    payload = np.arange(64 * 64, dtype=np.uint16).tobytes()
+    with RawClient(fiji.endpoint) as raw:
+        assert raw.hello()["type"] == "welcome"
+        for _ in range(60):
+            raw.send(raw.frame(stream=key, shape=[64, 64], dtype="uint16", nbytes=len(payload)),
+                     payload)  # fmt: skip
+        replies = [raw.recv(30) for _ in range(60)]
+    assert [r["type"] for r in replies] == ["ack"] * 60, [r for r in replies if r["type"] != "ack"]
+
+
 def test_bye_forgets_the_sender_and_its_segments(fiji, key):
     with FijiStreamingBackend(fiji.endpoint, transport="inline", timeout=60) as second:
         before = second.request("report", timeout=30)

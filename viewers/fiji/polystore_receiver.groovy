@@ -2393,7 +2393,10 @@ Runnable receive = {
             sock.setCurveSecretKey(curve.z85Decode(credential.curve_secret))
         }
         sock.setLinger(0)
-        sock.setRcvHWM(16)  // per sender: a flood waits in its own TCP buffers, not in this heap
+        // Per sender. Not lower: JeroMQ 0.5/0.6 CURVE garbles or drops messages when a pipe
+        // reaches its high-water mark (JeroMQ issue #1009; 12 of 60 pipelined frames came in
+        // as "not valid UTF-8" at 16 here). Senders keep <= 16 frames in flight (credits).
+        sock.setRcvHWM(1000)
         sock.setMaxMsgSize(Local.MAX_FRAME_BYTES + P.MAX_HEADER_BYTES)
         sock.setReceiveTimeOut(100)  // wake up to stop, housekeep and redraw
         try {
@@ -2446,7 +2449,7 @@ Runnable receive = {
                     lastTick = now
                     framesAtTick = core.frames
                     core.reader.forgetUnlinked()
-                    if (statusLabel != null) statusLabel.text = "${bound}: ${core.frames} frames, ${String.format('%.1f', core.fps)} fps, ${core.rejected} rejected"
+                    if (statusLabel != null) statusLabel.text = "${bound}: ${core.frames} frames, ${String.format('%.1f', core.fps)} fps, ${core.rejected} rejected${credential == null ? ', UNAUTHENTICATED' : ''}"
                 }
             } catch (Exception e) {
                 images.log("housekeeping failed: ${e}")
