@@ -83,7 +83,7 @@ def scene_rgb(fiji: FijiStreamingBackend) -> None:
     for t in range(10):
         rgb = np.stack([(cols + 8 * t) % 256, (rows * 255 // 239), 255 - cols * 255 // 319],
                        axis=-1).astype(np.uint8)  # fmt: skip
-        fiji.save(rgb, f"rgb/frame{t:03d}.png", stream="RGB stream")
+        fiji.save(rgb, f"rgb/frame{t:03d}.tif", stream="RGB stream")
 
 
 SCENES = {"fiji_channels": scene_channels, "fiji_labels": scene_labels,

@@ -476,7 +476,7 @@ def test_rgb_and_rgba_frames_become_rgb_images(fiji, backend, fm, key, samples):
     now (auto-detected; RGBA loses its alpha: ImageJ's RGB has none)."""
     rng = np.random.default_rng(samples)
     frame = rng.integers(0, 256, (120, 160, samples), dtype=np.uint8)
-    fm.save(frame, f"{key}.png", backend="fiji_stream", stream=key)
+    fm.save(frame, f"{key}.tif", backend="fiji_stream", stream=key)
     state = report(backend)
     entry = image(state, key)
     assert (entry["width"], entry["height"], entry["bitDepth"]) == (160, 120, 24)

@@ -10,7 +10,7 @@ class FijiStreamingBackend(StreamingBackend):
     VIEWER_TYPE = "fiji"
     SHM_PREFIX = "fiji_"
     DEFAULT_PORT = 55556
-    SUPPORTED_EXTENSIONS = {".tif", ".tiff", ".npy", ".png", ".jpg", ".jpeg", ".roi.zip"}
+    SUPPORTED_EXTENSIONS = {".tif", ".tiff", ".npy", ".roi.zip"}
     START_HINT = (
         "Run the receiver script in Fiji: `polystore fiji` shows where it is and how to "
         "install it (viewers/fiji/polystore_receiver.groovy)."
