@@ -39,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.fiji_helpers import missing_requirements, start_receiver  # noqa: E402
+from tests.fiji_helpers import STACKS, missing_requirements, start_receiver  # noqa: E402
 
 
 def python_receiver(endpoint_q, stop) -> None:
@@ -55,12 +55,13 @@ def python_receiver(endpoint_q, stop) -> None:
 class Sender:
     """One persistent FijiStreamingBackend to one receiver, with its source frames."""
 
-    def __init__(self, endpoint: str, shape, dtype: str, transport: str, max_inflight: int):
+    def __init__(self, endpoint: str, shape, dtype: str, transport: str, max_inflight: int,
+                 auth: str | None = None):  # fmt: skip
         from polystore.streaming import FijiStreamingBackend
 
         self.sources = [np.random.default_rng(i).integers(0, 2**16 - 1, shape).astype(dtype)
                         for i in range(4)]  # fmt: skip
-        self.backend = FijiStreamingBackend(endpoint, transport=transport,
+        self.backend = FijiStreamingBackend(endpoint, transport=transport, auth=auth,
                                             max_inflight=max_inflight, timeout=30)  # fmt: skip
 
     def send(self, count: int) -> None:
@@ -100,14 +101,18 @@ def main(argv=None) -> int:
     parser.add_argument("--transport", default="auto", choices=["auto", "shm", "inline"])
     parser.add_argument("--max-inflight", type=int, default=16, help="the backend's default")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--stack", choices=list(STACKS), default="debian",
+                        help="Debian's Groovy 2.4 + JeroMQ 0.3.6 (unauthenticated), or Groovy 4 + "
+                             "JeroMQ 0.6 from ../shared/vendor (CURVE)")  # fmt: skip
     args = parser.parse_args(argv)
-    if (why := missing_requirements()) is not None:
+    stack = STACKS[args.stack]
+    if (why := missing_requirements(stack)) is not None:
         print(f"cannot run the Fiji receiver: {why}", file=sys.stderr)
         return 2
     options = dict(shape=(args.size, args.size), dtype=args.dtype, transport=args.transport,
                    max_inflight=args.max_inflight)  # fmt: skip
 
-    fiji = start_receiver()
+    fiji = start_receiver(stack=stack, timeout=300)
     ctx = mp.get_context("spawn")
     endpoint_q, stop = ctx.Queue(), ctx.Event()
     proc = ctx.Process(target=python_receiver, args=(endpoint_q, stop))
@@ -115,7 +120,7 @@ def main(argv=None) -> int:
     senders = {}
     rounds: dict[str, list[dict]] = {"fiji": [], "python": []}
     try:
-        senders["fiji"] = Sender(fiji.endpoint, **options)
+        senders["fiji"] = Sender(fiji.endpoint, **options, auth=None if stack.curve else "none")
         senders["python"] = Sender(endpoint_q.get(timeout=30), **options)
         for sender in senders.values():  # JIT, segment pools, page faults
             sender.send(args.warmup)

@@ -23,17 +23,8 @@ SHM_DIR = Path("/dev/shm")
 _CREDENTIAL_DIR = tempfile.mkdtemp(prefix="polystore-test-credential-")
 os.environ["POLYSTORE_CREDENTIAL"] = os.path.join(_CREDENTIAL_DIR, "credential.json")
 atexit.register(shutil.rmtree, _CREDENTIAL_DIR, True)
-_FIJI_SCRIPT = Path(__file__).resolve().parents[1] / "viewers/fiji/polystore_receiver.groovy"
 
 
-@pytest.fixture(autouse=True)
-def fiji_without_curve_runs_unauthenticated(request, monkeypatch):
-    """Until the Fiji script speaks CURVE (issue 11, Groovy side), its tests opt out of
-    authentication the documented way; once it does, they run with the default."""
-    if "fiji" in request.node.nodeid and _FIJI_SCRIPT.is_file() \
-            and "CURVE" not in _FIJI_SCRIPT.read_text(errors="replace"):
-        monkeypatch.setenv("POLYSTORE_AUTH", "none")
-    yield
 # Every prefix a polystore sender may use, including the guide's custom example.
 OUR_PREFIXES = ("napari_", "fiji_", "polystore", "myviewer_")
 

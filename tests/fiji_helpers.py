@@ -9,8 +9,8 @@ import ctypes.util
 import json
 import os
 import re
-import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -18,26 +18,101 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import zmq
+from polystore.testing.receiver import RawClient as _RawClient
+from polystore.testing.receiver import user_curve
 
 ROOT = Path(__file__).resolve().parents[1]
 FIJI_DIR = ROOT / "viewers" / "fiji"
 SCRIPT = FIJI_DIR / "polystore_receiver.groovy"
 LAUNCHER = FIJI_DIR / "run_headless.sh"
 IJ_JAR = Path(os.environ.get("IJ_JAR", "/usr/share/java/ij.jar"))
-JEROMQ_JAR = Path(os.environ.get("JEROMQ_JAR", "/usr/share/java/jeromq.jar"))
+VENDOR = Path(os.environ.get("POLYSTORE_VENDOR", ROOT.parent / "shared" / "vendor"))
 
 
-def missing_requirements() -> str | None:
-    """Why the headless receiver cannot run here, or None if it can."""
-    if shutil.which("groovy") is None:
-        return "groovy is not installed (scripts/install.sh installs it)"
-    for jar in (IJ_JAR, JEROMQ_JAR):
-        if not jar.is_file():
-            return f"{jar} is missing (scripts/install.sh installs libij-java and libjeromq-java)"
-    if not Path("/dev/shm").is_dir():
-        return "no /dev/shm on this system"
+@dataclass(frozen=True)
+class Stack:
+    """A Groovy + JeroMQ + Java combination the script runs on (run_headless.sh's variables)."""
+
+    name: str
+    jeromq_jar: Path
+    groovy_jars: tuple[Path, ...] = ()  # empty: Debian's `groovy` command
+    java_home: Path | None = None
+    curve: bool = True  # JeroMQ >= 0.5: senders authenticate (JeroMQ 0.3 has no CURVE)
+
+    def env(self) -> dict[str, str]:
+        env = {"JEROMQ_JAR": str(self.jeromq_jar)}
+        if self.groovy_jars:
+            env["GROOVY_JARS"] = ":".join(str(j) for j in self.groovy_jars)
+        if self.java_home is not None:
+            env["JAVA_HOME"] = str(self.java_home)
+        return env
+
+    def missing(self) -> str | None:
+        """Why this stack cannot run here, or None if it can."""
+        if not self.groovy_jars and shutil.which("groovy") is None:
+            return "groovy is not installed (scripts/install.sh installs it)"
+        for jar in (IJ_JAR, self.jeromq_jar, *self.groovy_jars):
+            if not jar.is_file():
+                return f"{jar} is missing ({self.name} stack; see scripts/install.sh)"
+        if self.java_home is not None and not (self.java_home / "bin" / "java").is_file():
+            return f"no Java at {self.java_home}"
+        if not Path("/dev/shm").is_dir():
+            return "no /dev/shm on this system"
+        return None
+
+
+def _modern_java() -> Path | None:
+    """The newest JDK here that Groovy 4 runs on (Fiji ships Java 21; 17 stands in)."""
+    if "POLYSTORE_MODERN_JAVA_HOME" in os.environ:
+        return Path(os.environ["POLYSTORE_MODERN_JAVA_HOME"])
+    for candidate in ("/usr/lib/jvm/java-21-openjdk-amd64", "/usr/lib/jvm/java-17-openjdk-amd64"):
+        if Path(candidate, "bin", "java").is_file():
+            return Path(candidate)
     return None
+
+
+#: Debian's packages (Groovy 2.4, JeroMQ 0.3.6: no CURVE) and what current Fiji runs
+#: (Groovy 4.0.26 and a downloaded JeroMQ 0.6.0, see ../shared/vendor/README.md).
+STACKS = {
+    "debian": Stack("debian", Path(os.environ.get("JEROMQ_JAR", "/usr/share/java/jeromq.jar")),
+                    curve=False),
+    "modern": Stack(
+        "modern",
+        VENDOR / "jeromq-0.6.0.jar",
+        (VENDOR / "groovy-4.0.26.jar", VENDOR / "groovy-json-4.0.26.jar"),
+        _modern_java(),
+    ),
+}
+DEFAULT_STACK = STACKS["debian"]
+
+
+def missing_requirements(stack: Stack = DEFAULT_STACK) -> str | None:
+    """Why the headless receiver cannot run here on `stack`, or None if it can."""
+    return stack.missing()
+
+
+def require(stack: Stack = DEFAULT_STACK) -> None:
+    """Skip the calling test with the reason `stack` cannot run here; in CI (CI=true) fail
+    instead, so a broken install step cannot pass with the Fiji tests gone."""
+    import pytest
+
+    why = stack.missing()
+    if why is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and the Fiji {stack.name} stack cannot run: {why}")
+    pytest.skip(f"Fiji {stack.name} stack: {why}")
+
+
+class RawClient(_RawClient):
+    """polystore.testing.receiver.RawClient that authenticates with the user's credential
+    unless POLYSTORE_AUTH=none (the Debian stack's tests set it)."""
+
+    def __init__(self, endpoint: str, prefix: str = "fiji_", viewer: str = "fiji",
+                 curve: tuple[bytes, bytes, bytes] | None | str = "auto") -> None:  # fmt: skip
+        if curve == "auto":
+            curve = None if os.environ.get("POLYSTORE_AUTH") == "none" else user_curve()
+        super().__init__(endpoint, prefix, viewer, curve)
 
 
 def free_port() -> int:
@@ -99,16 +174,19 @@ def start_receiver(
     wait: bool = True,
     timeout: float = 60.0,
     gui: bool = False,
+    stack: Stack = DEFAULT_STACK,
     **params,
 ) -> FijiReceiver:
     """Start viewers/fiji/run_headless.sh; with `wait`, return once it listens (or raise).
     `gui=True` runs it with ImageJ's GUI on a virtual display (xvfb-run)."""
     endpoint = endpoint or f"tcp://127.0.0.1:{free_port()}"
+    if not stack.curve:  # JeroMQ 0.3 refuses to run unauthenticated unless asked
+        params.setdefault("allow_unauthenticated", True)
     args = dict(endpoint=endpoint, stop_on_stdin_eof=True, **params)
     if output_dir is not None:
         args["output_dir"] = str(output_dir)
     command = [str(LAUNCHER), fiji_args(**args)]
-    env = dict(os.environ)
+    env = dict(os.environ, **stack.env())
     if gui:
         command = ["xvfb-run", "-a", *command]
         env["POLYSTORE_FIJI_GUI"] = "1"
@@ -137,68 +215,6 @@ def start_receiver(
             receiver.stop(5)
             raise RuntimeError(f"the Fiji receiver did not start:\n{receiver.log}")
     return receiver
-
-
-class RawClient:
-    """A DEALER socket speaking raw protocol v1, for messages no well-behaved sender makes."""
-
-    def __init__(self, endpoint: str, prefix: str = "fiji_") -> None:
-        self.token = secrets.token_hex(4)
-        self.pid = os.getpid()
-        self.prefix = f"{prefix}{self.pid}_{self.token}_"
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.ROUTING_ID, self.token.encode())
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-        self.seq = 0
-
-    def close(self) -> None:
-        try:
-            self.sock.send(json.dumps({"v": 1, "type": "bye"}).encode(), zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
-        self.sock.close(linger=100)
-
-    def __enter__(self) -> RawClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def send(self, *parts: bytes | dict) -> None:
-        data = [json.dumps(p).encode() if isinstance(p, dict) else p for p in parts]
-        self.sock.send_multipart(data)
-
-    def recv(self, timeout: float = 5.0) -> dict:
-        if not self.sock.poll(timeout * 1000):
-            raise TimeoutError("no reply from the receiver")
-        return json.loads(self.sock.recv())
-
-    def request(self, *parts: bytes | dict, timeout: float = 5.0) -> dict:
-        self.send(*parts)
-        return self.recv(timeout)
-
-    def hello(self, **override) -> dict:
-        message = {
-            "v": 1, "type": "hello", "sender": self.token, "pid": self.pid, "viewer": "fiji",
-            "segment_prefix": self.prefix, "versions": [1], "probe": None,
-        }  # fmt: skip
-        message.update(override)
-        return self.request(message)
-
-    def next_seq(self) -> int:
-        self.seq += 1
-        return self.seq
-
-    def frame(self, **override) -> dict:
-        """A valid inline 2x3 uint8 frame header; `override` breaks it."""
-        message = {
-            "v": 1, "type": "frame", "seq": self.next_seq(), "stream": "raw", "path": "raw.tif",
-            "shape": [2, 3], "dtype": "uint8", "nbytes": 6, "sent_ns": time.time_ns(),
-            "segment": None,
-        }  # fmt: skip
-        message.update(override)
-        return message
 
 
 def read_tiff(path: str | Path):
@@ -337,3 +353,106 @@ def x_close_window(receiver: FijiReceiver, title: str, timeout: float = 20.0) ->
             raise TimeoutError(f"window {title!r} did not close")
         time.sleep(0.05)
     return len(windows)
+
+
+# -- the Script Editor: run, kill, stop and re-run in one JVM ------------------------------------
+
+EDITOR = FIJI_DIR / "script_editor.groovy"
+
+
+class ScriptEditor:
+    """viewers/fiji/script_editor.groovy: the receiver script run several times in one JVM the
+    way Fiji's Script Editor runs it (own ThreadGroup; Kill = interrupt, then Thread.stop)."""
+
+    def __init__(self, stack: Stack = DEFAULT_STACK, gui: bool = False) -> None:
+        env = dict(os.environ, **stack.env())
+        java_home = env.get("JAVA_HOME") or "/usr/lib/jvm/java-17-openjdk-amd64"
+        env["JAVA_HOME"] = java_home
+        options = [] if gui else ["-Djava.awt.headless=true"]
+        jars = [str(IJ_JAR), str(stack.jeromq_jar)]
+        if stack.groovy_jars:
+            classpath = ":".join([*map(str, stack.groovy_jars), *jars])
+            command = [f"{java_home}/bin/java", *options, "-cp", classpath, "groovy.ui.GroovyMain"]
+        else:
+            env["JAVA_OPTS"] = " ".join(options)
+            command = ["groovy", "-cp", ":".join(jars)]
+        command += [str(EDITOR), str(SCRIPT)]
+        if gui:
+            command = ["xvfb-run", "-a", *command]
+            env["POLYSTORE_FIJI_GUI"] = "1"
+        self.proc = subprocess.Popen(command, env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     cwd=ROOT, start_new_session=True)  # fmt: skip
+        self.lines: list[str] = []
+        self._answers: list[str] = []
+        self._event = threading.Condition()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            with self._event:
+                self.lines.append(line)
+                if line.startswith("= "):
+                    self._answers.append(line[2:])
+                self._event.notify_all()
+        with self._event:
+            self._answers.append("<ended>")
+            self._event.notify_all()
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def send(self, text: str):
+        """Send one command; returns a function that waits for its answer line."""
+        with self._event:
+            seen = len(self._answers)
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+
+        def answer(timeout: float = 120.0) -> str:
+            with self._event:
+                if not self._event.wait_for(lambda: len(self._answers) > seen, timeout):
+                    raise TimeoutError(f"no answer to {text!r}:\n{self.log[-3000:]}")
+                return self._answers[seen]
+
+        return answer
+
+    def command(self, text: str, timeout: float = 120.0) -> str:
+        """Send one command and return its answer line."""
+        return self.send(text)(timeout)
+
+    def threads(self) -> list[dict]:
+        return json.loads(self.command("threads"))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.command("quit", timeout=10)
+            except (TimeoutError, OSError):
+                pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:  # xvfb-run, Xvfb and the JVM: its whole session
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def seconds_until_free(port: int, limit: float = 10.0) -> float:
+    """How long until 127.0.0.1:`port` can be bound again (inf after `limit`)."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        if port_is_free(port):
+            return time.monotonic() - start
+        time.sleep(0.02)
+    return float("inf")

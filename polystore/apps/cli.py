@@ -148,6 +148,18 @@ def _fiji_missing() -> list[str]:
     return missing
 
 
+def _jeromq_has_curve() -> bool:
+    """Whether the JeroMQ jar run_headless.sh uses has CURVE (0.5 and newer)."""
+    import zipfile
+
+    jar = os.environ.get("JEROMQ_JAR", "/usr/share/java/jeromq.jar")
+    try:
+        with zipfile.ZipFile(jar) as archive:
+            return "org/zeromq/ZMQ$Curve.class" in archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def cmd_fiji(args: argparse.Namespace) -> int:
     from polystore.streaming import FijiStreamingBackend
 
@@ -179,6 +191,14 @@ def cmd_fiji(args: argparse.Namespace) -> int:
             + ". `bash scripts/install.sh` installs all of them"
         )  # fmt: skip
     params = [f'endpoint="{endpoint}"']
+    if not _jeromq_has_curve():  # Debian's JeroMQ 0.3: the script refuses unless told
+        if os.environ.get("POLYSTORE_AUTH") != "none":
+            raise CommandError(
+                "this JeroMQ (0.3, Debian's) cannot authenticate senders, so the receiver would "
+                "accept any local account. Set JEROMQ_JAR to a jeromq-0.6.0.jar, or run "
+                "unauthenticated on purpose with POLYSTORE_AUTH=none (for the senders too)"
+            )  # fmt: skip
+        params.append("allow_unauthenticated=true")
     if args.output_dir:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         params.append(f'output_dir="{Path(args.output_dir).resolve()}"')

@@ -99,6 +99,10 @@ for (int k = 0; k < lines.size(); k++) {
 def unknown = values.keySet() - declared
 if (unknown) throw new IllegalArgumentException("unknown parameter(s) ${unknown}; ${script.name} declares ${declared}")
 
+if (this.getBinding().hasVariable('bindOnly')) {  // script_editor.groovy: it runs the script itself
+    binding.setVariable('__source__', lines.join('\n'))
+    return binding
+}
 if (System.getenv('POLYSTORE_FIJI_GUI') == '1') {
     new ij.ImageJ()  // IJ.getInstance() != null: the script behaves as inside Fiji's GUI
 }

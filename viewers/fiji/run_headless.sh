@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Run polystore_receiver.groovy headless with Debian's groovy, ImageJ and JeroMQ (installed by
-# scripts/install.sh), the same script Fiji runs. Arguments as for Fiji's --run:
+# Run polystore_receiver.groovy headless, the same script Fiji runs. Arguments as for Fiji's --run:
 #   viewers/fiji/run_headless.sh 'endpoint="tcp://127.0.0.1:55556",output_dir="/tmp/out"'
-# Override the jars with IJ_JAR / JEROMQ_JAR, the JVM with JAVA_HOME, its options with JAVA_OPTS.
+# By default with Debian's groovy (2.4), ImageJ and JeroMQ (0.3.6), installed by scripts/install.sh.
+# What current Fiji runs (Groovy 4, JeroMQ 0.6): set GROOVY_JARS to the Groovy jars (colon-separated,
+# groovy-json included) and JEROMQ_JAR to jeromq-0.6.0.jar; the script then runs on `java` itself:
+#   GROOVY_JARS=../shared/vendor/groovy-4.0.26.jar:../shared/vendor/groovy-json-4.0.26.jar \
+#   JEROMQ_JAR=../shared/vendor/jeromq-0.6.0.jar viewers/fiji/run_headless.sh 'endpoint="..."'
+# Override ImageJ with IJ_JAR, the JVM with JAVA_HOME, its options with JAVA_OPTS.
 # POLYSTORE_FIJI_GUI=1 (with a display, e.g. xvfb-run) runs it with ImageJ's GUI instead.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -22,5 +26,10 @@ if [ "${POLYSTORE_FIJI_GUI:-}" = 1 ]; then
   export JAVA_OPTS="${JAVA_OPTS:-}"  # GUI path (needs a display), see headless.groovy
 else
   export JAVA_OPTS="-Djava.awt.headless=true ${JAVA_OPTS:-}"
+fi
+if [ -n "${GROOVY_JARS:-}" ]; then
+  # shellcheck disable=SC2086 # JAVA_OPTS is a list of options
+  exec "$JAVA_HOME/bin/java" $JAVA_OPTS -cp "$GROOVY_JARS:$IJ_JAR:$JEROMQ_JAR" groovy.ui.GroovyMain \
+    "$here/headless.groovy" "$here/polystore_receiver.groovy" "$@"
 fi
 exec groovy -cp "$IJ_JAR:$JEROMQ_JAR" "$here/headless.groovy" "$here/polystore_receiver.groovy" "$@"
