@@ -179,12 +179,22 @@ class RawClient:
         return self.recv(timeout)
 
     def hello(self, **override) -> dict:
+        """An honest hello, with the shared-memory probe that lets frames name segments."""
+        probe = self.prefix + "probe"
         message = {
             "v": 1, "type": "hello", "sender": self.token, "pid": self.pid, "viewer": "fiji",
-            "segment_prefix": self.prefix, "versions": [1], "probe": None,
+            "segment_prefix": self.prefix, "versions": [1],
+            "probe": {"segment": probe, "token": "rawprobe"},
         }  # fmt: skip
         message.update(override)
-        return self.request(message)
+        fd = os.open(f"/dev/shm/{probe}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, 4096)
+            os.pwrite(fd, b"rawprobe", 0)
+            return self.request(message)
+        finally:
+            os.close(fd)
+            os.unlink(f"/dev/shm/{probe}")
 
     def next_seq(self) -> int:
         self.seq += 1
