@@ -136,8 +136,8 @@ def test_sender_without_the_credential_is_refused_at_the_handshake(tmp_path):
         with NapariStreamingBackend(rx.endpoint) as own:  # the user's own sender still works
             own.save(np.ones((8, 8), np.uint8), "mine.tif")
             own.flush()
-        assert [f.header.path for f in seen] == ["mine.tif"]
         assert rx.stats.rejected == 0  # nothing of the stranger's got as far as a message
+    assert [f.header.path for f in seen] == ["mine.tif"]  # stopped: every callback has run
 
 
 def test_receiver_without_the_credential_gets_nothing_from_a_sender(tmp_path):
@@ -674,6 +674,7 @@ def test_hello_flood_from_another_account_does_not_evict_a_live_sender(receiver,
         for i in range(1, 6):
             live.save(np.zeros((8, 8), np.uint8), f"live/{i}.tif")
         live.flush()  # old code: ReceiverLostError, the flood had evicted it
+    receiver.stop()  # every callback has run
     assert [f.header.path for f in receiver.seen] == [f"live/{i}.tif" for i in range(6)]
 
 
