@@ -88,22 +88,29 @@ def copy_cost(nbytes: int, repeats: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    parser.add_argument("--rounds", type=int, default=0, help="rounds (default 7, quick 3)")
     args = parser.parse_args()
     rounds, frames, pings = (3, 60, 200) if args.quick else (7, 120, 500)
+    rounds = args.rounds or rounds
     print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} "
           f"on {os.cpu_count()} cpus")
     fps: dict[str, list[float]] = {"user": [], "none": []}
     latency: dict[str, list[float]] = {"user": [], "none": []}
-    for _ in range(rounds):
-        for auth in ("none", "user"):
+    for i in range(rounds):
+        for auth in ("none", "user") if i % 2 == 0 else ("user", "none"):  # neither always first
             fps[auth].append(throughput_fps(auth, frames, (2048, 2048)))
             latency[auth].append(idle_latency_ms(auth, pings))
+    print("per-round fps ratios user/none:",
+          " ".join(f"{u / n:.2f}" for u, n in zip(fps["user"], fps["none"], strict=True)))
     fps_user, fps_none = statistics.median(fps["user"]), statistics.median(fps["none"])
     lat_user, lat_none = statistics.median(latency["user"]), statistics.median(latency["none"])
+    best_user, best_none = max(fps["user"]), max(fps["none"])
     print(f"2048x2048 uint16 throughput, median of {rounds} rounds x {frames} frames:")
     cost = 100 * (1 - fps_user / fps_none)
     print(f"  auth=none {fps_none:8.1f} fps   auth=user {fps_user:8.1f} fps   "
           f"ratio user/none {fps_user / fps_none:.3f} (cost {cost:+.1f} %)")
+    print(f"  best round (least disturbed by load): auth=none {best_none:.1f} fps, auth=user "
+          f"{best_user:.1f} fps, ratio {best_user / best_none:.3f}")
     print(f"idle-pipe save-to-ack latency of 64x64 uint16, median of {rounds} x {pings}:")
     print(f"  auth=none {lat_none:.3f} ms   auth=user {lat_user:.3f} ms   "
           f"difference {lat_user - lat_none:+.3f} ms")

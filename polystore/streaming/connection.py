@@ -37,7 +37,8 @@ def impostor_message(viewer: str, endpoint: str) -> str:
     return (f"the process listening at {endpoint} failed the authentication handshake, so "
             f"nothing was sent to it: it is not a {viewer} receiver of your account (it lacks "
             "your polystore credential, or runs with auth='none' while this sender uses "
-            "auth='user'). Stop it, or pick the same auth on both sides (docs/protocol.md)")
+            "auth='user'), or it closed the connection mid-handshake (at its connection "
+            "limit?). Stop it, or pick the same auth on both sides (docs/protocol.md)")
 
 
 class State(enum.Enum):

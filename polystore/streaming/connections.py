@@ -43,8 +43,9 @@ class ConnectionGuard:
         self._sock = sock
         self.monitor = sock.get_monitor_socket(_EVENTS)
 
-    def handle_events(self) -> None:
-        """Drain the monitor without blocking."""
+    def handle_events(self, authenticated: set[int] = frozenset()) -> None:
+        """Drain the monitor without blocking; never close a descriptor in `authenticated`
+        (a late event about a number an authenticated sender's connection now holds)."""
         while True:
             try:
                 message = recv_monitor_message(self.monitor, zmq.NOBLOCK)
@@ -52,7 +53,10 @@ class ConnectionGuard:
                 return
             event, fd = message["event"], message["value"]
             if event == zmq.EVENT_ACCEPTED:
-                self._accepted(fd)
+                if fd in authenticated:
+                    self.open.add(fd)
+                else:
+                    self._accepted(fd)
             elif event == zmq.EVENT_DISCONNECTED:
                 self.open.discard(fd)
                 self.closed.append(fd)

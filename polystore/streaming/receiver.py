@@ -208,7 +208,7 @@ class Receiver:
     def _connection_events(self) -> None:
         """Bound the connections; forget the sessions of connections that closed (a disconnect
         is seen before any message of a connection that reuses its descriptor)."""
-        self._guard.handle_events()
+        self._guard.handle_events(self._sessions.connections())
         for fd in self._guard.take_closed():
             self._sessions.disconnected(fd)
         self.stats.senders = len(self._sessions)

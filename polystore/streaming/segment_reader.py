@@ -7,7 +7,7 @@ segment's current size is checked again (``fstat``, about a microsecond), so a s
 truncated after it was mapped is an error reply, not a SIGBUS on the next frame. Copies
 go through a read-only ``mmap``: ``pread`` would close the remaining race (a truncation by
 the segment's owner, this same user, between the check and the copy) but copies 8 MiB
-2-4x slower (scripts/bench_auth.py measures both).
+1.7-2.7x slower (scripts/bench_auth.py measures both).
 """
 
 from __future__ import annotations

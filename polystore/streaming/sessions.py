@@ -101,6 +101,10 @@ class SessionTable:
         if session is not None:
             self.reader.forget_prefix(session.prefix)
 
+    def connections(self) -> set[int]:
+        """The descriptors of the connections that completed a hello."""
+        return {s.connection for s in self._sessions.values()}
+
     def clear(self) -> None:
         """Forget everyone (as a restarted receiver would)."""
         self._sessions.clear()
