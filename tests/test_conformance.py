@@ -10,11 +10,6 @@ from polystore.testing.receiver import ReceiverConformance, ReceiverUnderTest, u
 
 
 class TestPythonReceiver(ReceiverConformance):
-    known_deviations = {
-        name: "an offset beyond int64 reaches pread: answered internal, not bad_segment"
-        for name in ("offset_wraps_int64", "offset_beyond_int64")
-    }
-
     @pytest.fixture(scope="class")
     def receiver_under_test(self):
         receiver = Receiver("tcp://127.0.0.1:0", shm_prefix="fiji_", viewer="fiji",
