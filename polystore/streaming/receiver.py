@@ -230,6 +230,14 @@ class Receiver:
             message = p.decode_sender_message(parts[1].bytes, self.max_header_bytes)
             seq = getattr(message, "seq", None)
             payload = parts[2] if len(parts) == 3 else None
+            if type(message) is p.Frame:  # the common case first
+                sender = self._sessions.get(identity)
+                if sender is None:
+                    raise p.ProtocolError(p.HELLO_REQUIRED, "send hello first (receiver "
+                                          "restarted?)", seq)
+                p.check_frame(message, self.max_frame_bytes)
+                self._frame(identity, sender, message, payload)
+                return
             if isinstance(message, p.Hello):
                 connection = parts[1].get(zmq.SRCFD)  # to forget it when it closes
                 self._reply(identity, self._hello(identity, message, connection))
@@ -241,10 +249,7 @@ class Receiver:
             if sender is None:
                 raise p.ProtocolError(p.HELLO_REQUIRED, "send hello first (receiver restarted?)",
                                       seq)
-            if isinstance(message, p.Frame):
-                p.check_frame(message, self.max_frame_bytes)
-                self._frame(identity, sender, message, payload)
-            elif isinstance(message, p.Rois):
+            if isinstance(message, p.Rois):
                 p.check_rois(message)
                 self.stats.rois += 1
                 self._deliver(self.on_rois, ReceivedRois(message, sender.token))
@@ -287,8 +292,8 @@ class Receiver:
                 frame.seq,
             )
         # Validated: only now allocate, then copy out of the sender's memory.
-        array = np.empty(frame.shape, dtype=np.dtype(frame.dtype).newbyteorder("<"))
-        target = memoryview(array.reshape(-1).view(np.uint8))
+        array = np.empty(frame.shape, dtype=_WIRE_DTYPES[frame.dtype])
+        target = memoryview(array).cast("B") if frame.nbytes else memoryview(bytearray())
         if frame.segment is None:
             target[:] = payload.buffer
         else:
@@ -307,7 +312,7 @@ class Receiver:
         self.stats.bytes += frame.nbytes
         # The copy is ours: the sender may reuse its segment now (counted before the ack,
         # so whoever sees the ack sees the counts).
-        self._reply(identity, p.Ack(v=p.VERSION, seq=frame.seq))
+        self._reply_bytes(identity, _ack(frame.seq))
         self._deliver(self.on_frame, ReceivedFrame(array, frame, sender.token, time.time_ns()))
 
     def _control(self, identity: bytes, control: p.Control) -> None:
@@ -352,8 +357,24 @@ class Receiver:
         self._reply(identity, p.Error(v=p.VERSION, seq=seq, code=code, message=message))
 
     def _reply(self, identity: bytes, message) -> None:
+        self._reply_bytes(identity, p.encode(message))
+
+    def _reply_bytes(self, identity: bytes, data: bytes) -> None:
         self._last_reply = time.monotonic()
+        sock = self._sock
         try:
-            self._sock.send_multipart([identity, p.encode(message)], zmq.NOBLOCK)
+            sock.send(identity, _SNDMORE_NOBLOCK)
+            sock.send(data, zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # the sender is gone or not reading; it will time out on its own
+
+
+#: NumPy dtypes of the wire's dtype names (always little-endian), looked up per frame.
+_WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in p.DTYPES}
+_SNDMORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
+_ACK_PREFIX = p.encode(p.Ack(v=p.VERSION, seq=0))[: -len(b"0}")]
+
+
+def _ack(seq: int) -> bytes:
+    """``p.encode(p.Ack(v=VERSION, seq=seq))`` without building the struct (one per frame)."""
+    return b"%s%d}" % (_ACK_PREFIX, seq)
