@@ -187,10 +187,10 @@ class Receiver:
                 if sock in ready:
                     for _ in range(256):  # bounded so housekeeping and stop stay responsive
                         try:
-                            parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                            identity = sock.recv(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        self._handle(parts)
+                        self._handle(identity, *_receive_rest(sock))
                 now = time.monotonic()
                 if now - last_tick >= 1.0:
                     self.stats.fps = (self.stats.frames - frames_at_tick) / (now - last_tick)
@@ -220,16 +220,17 @@ class Receiver:
 
     # -- messages ----------------------------------------------------------------------------
 
-    def _handle(self, parts: list[zmq.Frame]) -> None:
-        identity = parts[0].bytes
+    def _handle(self, identity: bytes, header: zmq.Frame, payload: zmq.Frame | None,
+                count: int) -> None:
+        """One message of `count` parts after the routing identity: its header and, for an
+        inline frame, its payload."""
         seq = None
         try:
-            if len(parts) not in (2, 3):
+            if count not in (1, 2):
                 raise p.ProtocolError(p.BAD_MESSAGE, f"expected 1 or 2 message parts, got "
-                                      f"{len(parts) - 1}")
-            message = p.decode_sender_message(parts[1].bytes, self.max_header_bytes)
+                                      f"{count}")
+            message = p.decode_sender_message(header.bytes, self.max_header_bytes)
             seq = getattr(message, "seq", None)
-            payload = parts[2] if len(parts) == 3 else None
             if type(message) is p.Frame:  # the common case first
                 sender = self._sessions.get(identity)
                 if sender is None:
@@ -239,7 +240,7 @@ class Receiver:
                 self._frame(identity, sender, message, payload)
                 return
             if isinstance(message, p.Hello):
-                connection = parts[1].get(zmq.SRCFD)  # to forget it when it closes
+                connection = header.get(zmq.SRCFD)  # to forget it when it closes
                 self._reply(identity, self._hello(identity, message, connection))
                 return
             if isinstance(message, p.Bye):
@@ -367,6 +368,21 @@ class Receiver:
             sock.send(data, zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # the sender is gone or not reading; it will time out on its own
+
+
+def _receive_rest(sock: zmq.Socket) -> tuple[zmq.Frame, zmq.Frame | None, int]:
+    """The parts after a message's routing identity (ZeroMQ delivers a message's parts
+    together, so they are all there): header, payload if any, and how many parts there
+    were. Parts past the second are read and dropped at once, never kept."""
+    header = sock.recv(zmq.NOBLOCK, copy=False)
+    payload, count, more = None, 1, header.more
+    while more:
+        part = sock.recv(zmq.NOBLOCK, copy=False)
+        count += 1
+        more = part.more
+        if count == 2:
+            payload = part
+    return header, payload, count
 
 
 #: NumPy dtypes of the wire's dtype names (always little-endian), looked up per frame.
