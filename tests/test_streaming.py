@@ -852,3 +852,23 @@ def test_a_receiver_refusing_the_handshake_leaves_the_sender_refused():
             assert backend.sender.pool.busy_count == 0
         finally:
             backend.close()
+
+
+def test_pool_reuses_the_segment_released_last():
+    """An idle pipe keeps writing one warm segment (pages mapped, in cache) instead of
+    cycling through all of them; a smaller segment that fits still wins over a larger one."""
+    from polystore.streaming.shm import SegmentPool
+
+    pool = SegmentPool("polystore_", 1 << 22)
+    try:
+        names = [pool.acquire(seq, 8192).name for seq in range(3)]
+        for seq in range(3):
+            pool.release(seq)
+        assert pool.acquire(3, 8192).name == names[2]  # old code: names[0], the oldest
+        pool.release(3)
+        big = pool.acquire(4, 65536).name
+        pool.release(4)  # released last, but larger than needed
+        assert pool.acquire(5, 8192).name == names[2]
+        assert pool.acquire(6, 65536).name == big
+    finally:
+        pool.close()

@@ -121,6 +121,7 @@ class StreamingBackend(WriteOnlyBackend):
         )  # fmt: skip
         self._sender: StreamSender | None = None
         self._streams: dict[tuple, StreamMeta] = {}
+        self._path_keys: dict[str, str] = {}  # path -> stream key ('' if not streamed)
 
     def __getstate__(self) -> dict:
         """Pickle the configuration, not the connection: a backend (or a FileManager holding
@@ -128,6 +129,7 @@ class StreamingBackend(WriteOnlyBackend):
         state = self.__dict__.copy()
         state["_sender"] = None
         state["_streams"] = {}
+        state["_path_keys"] = {}
         return state
 
     @classmethod
@@ -159,10 +161,22 @@ class StreamingBackend(WriteOnlyBackend):
     def save(self, data: Any, file_path: Any, **kwargs: Any) -> None:
         """Stream one array (or a list of ROIs for ``*.roi.zip``). See `_stream_data`."""
         path = str(file_path)
-        if matching_extension(path, self.SUPPORTED_EXTENSIONS):
+        if self._path_key(path) is not None:
             self._stream_data(data, path, **kwargs)
         else:
             self._log_skipped([path])
+
+    def _path_key(self, path: str) -> str | None:
+        """`path`'s stream key, or None if its extension is not streamed. Remembered per path
+        (bounded): a pipeline that saves to the same names again skips the string work."""
+        key = self._path_keys.get(path)
+        if key is None:
+            supported = matching_extension(path, self.SUPPORTED_EXTENSIONS)
+            key = stream_key(path, self.SUPPORTED_EXTENSIONS) if supported else ""
+            if len(self._path_keys) >= 4096:
+                self._path_keys.clear()
+            self._path_keys[path] = key
+        return key or None
 
     def save_batch(self, data_list: Sequence[Any], file_paths: Sequence[Any], **kwargs: Any):
         """Stream each supported item; unsupported extensions are skipped and logged."""
@@ -238,7 +252,8 @@ class StreamingBackend(WriteOnlyBackend):
         """The stream, axis names and display hints of one `save` call, validated the first
         time they are seen and reused for every later frame that repeats them (a frame's
         `axes` are its own). `display` takes labels and the fields of `protocol.Display`."""
-        stream = stream or stream_key(file_path, self.SUPPORTED_EXTENSIONS)
+        stream = stream or self._path_key(file_path) or stream_key(
+            file_path, self.SUPPORTED_EXTENSIONS)
         try:
             key = (stream, tuple(axis_names) if axis_names is not None else None,
                    tuple(sorted((k, _hashable(v)) for k, v in display.items())))

@@ -129,6 +129,14 @@ class Connection:
         self.abandon_hello()
         self.state = State.CLOSED
 
+    def still_connected(self) -> bool:
+        """Connected, after reading the link's events (a receiver that left is noticed here,
+        before anything is sent to nobody)."""
+        if self._sock is None:
+            return False
+        self.check_link()
+        return self.state is State.CONNECTED
+
     def ensure(self, *, identity: str, segment_prefix: str, pid: int, wait: bool,
                start_hint: str = "") -> bool:
         """Connected, or handshake now. With `wait` False (policy 'latest' after a first

@@ -187,10 +187,10 @@ class Receiver:
                 if sock in ready:
                     for _ in range(256):  # bounded so housekeeping and stop stay responsive
                         try:
-                            parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                            identity = sock.recv(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        self._handle(parts)
+                        self._handle(identity, *_receive_rest(sock))
                 now = time.monotonic()
                 if now - last_tick >= 1.0:
                     self.stats.fps = (self.stats.frames - frames_at_tick) / (now - last_tick)
@@ -220,18 +220,27 @@ class Receiver:
 
     # -- messages ----------------------------------------------------------------------------
 
-    def _handle(self, parts: list[zmq.Frame]) -> None:
-        identity = parts[0].bytes
+    def _handle(self, identity: bytes, header: zmq.Frame, payload: zmq.Frame | None,
+                count: int) -> None:
+        """One message of `count` parts after the routing identity: its header and, for an
+        inline frame, its payload."""
         seq = None
         try:
-            if len(parts) not in (2, 3):
+            if count not in (1, 2):
                 raise p.ProtocolError(p.BAD_MESSAGE, f"expected 1 or 2 message parts, got "
-                                      f"{len(parts) - 1}")
-            message = p.decode_sender_message(parts[1].bytes, self.max_header_bytes)
+                                      f"{count}")
+            message = p.decode_sender_message(header.bytes, self.max_header_bytes)
             seq = getattr(message, "seq", None)
-            payload = parts[2] if len(parts) == 3 else None
+            if type(message) is p.Frame:  # the common case first
+                sender = self._sessions.get(identity)
+                if sender is None:
+                    raise p.ProtocolError(p.HELLO_REQUIRED, "send hello first (receiver "
+                                          "restarted?)", seq)
+                p.check_frame(message, self.max_frame_bytes)
+                self._frame(identity, sender, message, payload)
+                return
             if isinstance(message, p.Hello):
-                connection = parts[1].get(zmq.SRCFD)  # to forget it when it closes
+                connection = header.get(zmq.SRCFD)  # to forget it when it closes
                 self._reply(identity, self._hello(identity, message, connection))
                 return
             if isinstance(message, p.Bye):
@@ -241,10 +250,7 @@ class Receiver:
             if sender is None:
                 raise p.ProtocolError(p.HELLO_REQUIRED, "send hello first (receiver restarted?)",
                                       seq)
-            if isinstance(message, p.Frame):
-                p.check_frame(message, self.max_frame_bytes)
-                self._frame(identity, sender, message, payload)
-            elif isinstance(message, p.Rois):
+            if isinstance(message, p.Rois):
                 p.check_rois(message)
                 self.stats.rois += 1
                 self._deliver(self.on_rois, ReceivedRois(message, sender.token))
@@ -287,8 +293,8 @@ class Receiver:
                 frame.seq,
             )
         # Validated: only now allocate, then copy out of the sender's memory.
-        array = np.empty(frame.shape, dtype=np.dtype(frame.dtype).newbyteorder("<"))
-        target = memoryview(array.reshape(-1).view(np.uint8))
+        array = np.empty(frame.shape, dtype=_WIRE_DTYPES[frame.dtype])
+        target = memoryview(array).cast("B") if frame.nbytes else memoryview(bytearray())
         if frame.segment is None:
             target[:] = payload.buffer
         else:
@@ -307,7 +313,7 @@ class Receiver:
         self.stats.bytes += frame.nbytes
         # The copy is ours: the sender may reuse its segment now (counted before the ack,
         # so whoever sees the ack sees the counts).
-        self._reply(identity, p.Ack(v=p.VERSION, seq=frame.seq))
+        self._reply_bytes(identity, _ack(frame.seq))
         self._deliver(self.on_frame, ReceivedFrame(array, frame, sender.token, time.time_ns()))
 
     def _control(self, identity: bytes, control: p.Control) -> None:
@@ -352,8 +358,39 @@ class Receiver:
         self._reply(identity, p.Error(v=p.VERSION, seq=seq, code=code, message=message))
 
     def _reply(self, identity: bytes, message) -> None:
+        self._reply_bytes(identity, p.encode(message))
+
+    def _reply_bytes(self, identity: bytes, data: bytes) -> None:
         self._last_reply = time.monotonic()
+        sock = self._sock
         try:
-            self._sock.send_multipart([identity, p.encode(message)], zmq.NOBLOCK)
+            sock.send(identity, _SNDMORE_NOBLOCK)
+            sock.send(data, zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # the sender is gone or not reading; it will time out on its own
+
+
+def _receive_rest(sock: zmq.Socket) -> tuple[zmq.Frame, zmq.Frame | None, int]:
+    """The parts after a message's routing identity (ZeroMQ delivers a message's parts
+    together, so they are all there): header, payload if any, and how many parts there
+    were. Parts past the second are read and dropped at once, never kept."""
+    header = sock.recv(zmq.NOBLOCK, copy=False)
+    payload, count, more = None, 1, header.more
+    while more:
+        part = sock.recv(zmq.NOBLOCK, copy=False)
+        count += 1
+        more = part.more
+        if count == 2:
+            payload = part
+    return header, payload, count
+
+
+#: NumPy dtypes of the wire's dtype names (always little-endian), looked up per frame.
+_WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in p.DTYPES}
+_SNDMORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
+_ACK_PREFIX = p.encode(p.Ack(v=p.VERSION, seq=0))[: -len(b"0}")]
+
+
+def _ack(seq: int) -> bytes:
+    """``p.encode(p.Ack(v=VERSION, seq=seq))`` without building the struct (one per frame)."""
+    return b"%s%d}" % (_ACK_PREFIX, seq)

@@ -18,8 +18,6 @@ import stat
 import threading
 from collections import OrderedDict
 
-import numpy as np
-
 from polystore.streaming.shm import SEGMENT_NAME_RE, SHM_DIR
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
@@ -72,9 +70,10 @@ class SegmentReader:
             if offset + nbytes > mapping.size:  # it grew: map it again
                 self._maps.pop(name).close()
                 mapping = self._mapping(name)
-            source = np.frombuffer(mapping.map, np.uint8, nbytes, offset)
-            np.frombuffer(out.cast("B"), np.uint8)[:] = source
-            del source
+            with memoryview(mapping.map) as source:  # released at once: close() can unmap
+                if out.format != "B" or out.ndim != 1:
+                    out = out.cast("B")
+                out[:] = source[offset:offset + nbytes]
 
     def read(self, name: str, offset: int, nbytes: int) -> bytes:
         out = bytearray(nbytes)

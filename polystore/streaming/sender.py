@@ -151,6 +151,8 @@ class StreamSender:
             self._reset_process_state()
         if self._closed:
             raise RuntimeError(f"this {self.viewer} stream sender is closed")
+        if self._connection.still_connected():  # the common case, once per frame
+            return True
         return self._connection.ensure(
             identity=self.pool.token, segment_prefix=self.pool.prefix, pid=self._pid,
             wait=not (self.options.policy == "latest" and self.stats.handshakes),

@@ -133,15 +133,23 @@ class SegmentPool:
     def acquire(self, seq: int, nbytes: int) -> Segment | None:
         """A segment of at least `nbytes` reserved for message `seq`, or None if the byte
         budget is used up by unacknowledged frames (the caller waits for credits)."""
-        best = None
-        for segment in self._free:
-            if segment.size >= nbytes and (best is None or segment.size < best.size):
-                best = segment
-        if best is not None:
-            self._free.remove(best)
+        # The smallest segment that fits; of equal ones, the most recently released (the
+        # end of the list): its pages are still mapped and cache-warm, so an idle pipe keeps
+        # reusing one warm segment instead of cycling through cold ones.
+        free = self._free
+        wanted = -(-nbytes // PAGE) * PAGE
+        best_index = -1
+        for index in range(len(free) - 1, -1, -1):
+            size = free[index].size
+            if size >= nbytes and (best_index < 0 or size < free[best_index].size):
+                best_index = index
+                if size == wanted:
+                    break
+        if best_index >= 0:
+            best = free.pop(best_index)
             self._busy[seq] = best
             return best
-        size = -(-nbytes // PAGE) * PAGE
+        size = wanted
         while self._total + size > self.max_bytes and self._free:
             self._destroy(max(self._free, key=lambda s: s.size), free=True)
         if self._total + size > self.max_bytes:
