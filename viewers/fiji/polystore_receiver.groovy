@@ -2471,13 +2471,16 @@ Thread worker = new Thread(outside, receive, 'polystore-fiji-receiver')
 worker.daemon = true  // never keeps Fiji's JVM alive
 worker.start()
 Thread hook = null
+CountDownLatch farewell = new CountDownLatch(1)  // counted down after the last line is said
 try {  // from here on, whatever happens (Kill included), the worker is told to stop
     started.await()
     if (startError != null) return  // reported below, once the worker has cleaned up
 
     hook = new Thread(outside, {
         stop.set(true)
-        done.await(3, TimeUnit.SECONDS)  // let the worker close the socket cleanly
+        // let the worker close the socket and the script say its last line: the JVM halts
+        // as soon as this hook returns (SIGTERM), which could cut that line off
+        farewell.await(3, TimeUnit.SECONDS)
     } as Runnable, 'polystore-fiji-shutdown')
     Runtime.runtime.addShutdownHook(hook)
     if (stopOnEof) {
@@ -2515,5 +2518,6 @@ try {  // from here on, whatever happens (Kill included), the worker is told to 
     if (window != null) window.dispose()
     if (startError != null) fail(startError)
     say("stopped after ${core.frames} frames, ${core.rejected} rejected")
+    farewell.countDown()
     try { if (hook != null) Runtime.runtime.removeShutdownHook(hook) } catch (IllegalStateException ignored) { }  // already shutting down
 }
