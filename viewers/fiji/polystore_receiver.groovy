@@ -1376,6 +1376,8 @@ class Stream {
     final Map<Integer, double[]> autoRanges = new TreeMap<Integer, double[]>()  // channel -> range set by "auto"
     final Set<Integer> userRanges = new HashSet<Integer>()  // channels whose contrast the user set by hand
     boolean rangesStale  // the image was rebuilt: ImageJ may have reset its ranges itself
+    /** Contrast to follow, by the channels a frame touched: scanned when shown, not per frame. */
+    final LinkedHashMap<String, Closure> pendingFollow = new LinkedHashMap<String, Closure>()
     String file, rendered  // the saved TIFF, and a PNG of what its window shows
     long version, savedVersion = -1  // changes, and the change last saved to `file`
 
@@ -1533,7 +1535,12 @@ class Images {
                 }
             }
             if (s.displayDirty) applyDisplay(s)
-            if (!labels && !rgb) followData(s, stack, indices, L, how, base, limits != null)
+            if (!labels && !rgb) {  // the newest frame of each set of channels is followed when drawn
+                String key = "${how}:${base[0]}:${channels}"
+                boolean hinted = limits != null
+                s.pendingFollow.remove(key)
+                s.pendingFollow.put(key, { followData(s, stack, indices, L, how, base, hinted) })
+            }
             if (labels) labelView(s)
             s.dirty = true
             s.version++
@@ -1748,6 +1755,11 @@ class Images {
         }
     }
 
+    List<List<Double>> followAndRanges(Stream s) {
+        followPending(s)
+        return displayRanges(s)
+    }
+
     List<List<Double>> displayRanges(Stream s) {
         List<List<Double>> out = []
         if (s.bits == 24) return out
@@ -1909,11 +1921,20 @@ class Images {
     // -- display, report, save, clear ------------------------------------------------------
 
     /** GUI only: show new windows and redraw changed ones (called at most ~20 times a second). */
+    /** Follow the data's contrast for the frames received since the last look (display, report). */
+    void followPending(Stream s) {
+        if (s.pendingFollow.isEmpty()) return
+        List<Closure> pending = new ArrayList<Closure>(s.pendingFollow.values())
+        s.pendingFollow.clear()
+        for (Closure follow : pending) follow.call()
+    }
+
     void refresh() {
         forgetClosed()
         for (Stream s : streams.values()) {
             if (!s.dirty || s.imp == null) continue
             s.dirty = false
+            followPending(s)
             if (s.C * s.Z * s.T > 1) s.imp.setPosition(s.last[0] + 1, s.last[1] + 1, s.last[2] + 1)
             if (!s.shown) { s.imp.show(); s.shown = true }
             else s.imp.updateAndDraw()
@@ -1932,7 +1953,7 @@ class Images {
                 rois: s.roiCount(), overlay: imp?.getOverlay() ? imp.getOverlay().size() : 0,
                 framesReceived: s.framesReceived, labels: s.labels, composite: imp ? imp.isComposite() : false,
                 luts: lutNames(s), unknownColormap: s.unknownColormap, file: s.file, shown: s.shown,
-                displayRanges: imp ? displayRanges(s) : [], userRanges: new ArrayList(s.userRanges), rendered: s.rendered,
+                displayRanges: imp ? followAndRanges(s) : [], userRanges: new ArrayList(s.userRanges), rendered: s.rendered,
             ] as Map)
         }
         return out
