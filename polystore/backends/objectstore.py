@@ -97,7 +97,7 @@ class ObjectStoreBackend(StorageBackend):
     # -- bytes ------------------------------------------------------------------------
     def write_bytes(self, data: bytes, path: Any, **kwargs: Any) -> None:
         """Store ``data`` as one object, in a single request (all or nothing)."""
-        if not isinstance(data, bytes | bytearray | memoryview):
+        if not isinstance(data, formats.BYTES_TYPES):
             raise TypeError(f"write_bytes takes bytes, not {type(data).__name__}")
         with self._at(path, writing=True) as (fs, key, url):
             fs.pipe_file(key, bytes(data), **self._limits(fs), **kwargs)
@@ -110,7 +110,7 @@ class ObjectStoreBackend(StorageBackend):
     # -- arrays and text --------------------------------------------------------------
     def save(self, data: Any, file_path: Any, **kwargs: Any) -> None:
         """Encode ``data`` by the path's extension (bytes are stored as they are)."""
-        if isinstance(data, bytes | bytearray | memoryview):
+        if isinstance(data, formats.BYTES_TYPES):
             self.write_bytes(bytes(data), file_path)
             return
         # the same formats table as disk and memory (polystore.formats)
