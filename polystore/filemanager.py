@@ -154,7 +154,7 @@ class FileManager:
         except UnsupportedFormatError:
             raw = None
         data = raw if raw is not None else self.load(file_path, backend)
-        if isinstance(data, bytes | bytearray | memoryview):
+        if isinstance(data, formats.BYTES_TYPES):
             return bytes(data).decode("utf-8")
         if isinstance(data, str):
             return data

@@ -82,6 +82,14 @@ class ObjectStoreBackend(StorageBackend):
             self._filesystems[protocol] = fs
         return fs, fs._strip_protocol(url)
 
+    @contextmanager
+    def _at(self, path: Any, writing: bool = False) -> Iterator[tuple[Any, str, str]]:
+        """(filesystem, key, url) for ``path``; store failures inside become clear errors."""
+        url = self.url(path)
+        fs, key = self._fs(url)
+        with _clear_errors(url, writing):
+            yield fs, key, url
+
     def _limits(self, fs: Any) -> dict[str, Any]:
         """The per-call timeout, for filesystems whose calls take one (async ones)."""
         return {"timeout": self.timeout} if getattr(fs, "async_impl", False) else {}
@@ -89,24 +97,20 @@ class ObjectStoreBackend(StorageBackend):
     # -- bytes ------------------------------------------------------------------------
     def write_bytes(self, data: bytes, path: Any, **kwargs: Any) -> None:
         """Store ``data`` as one object, in a single request (all or nothing)."""
-        if not isinstance(data, bytes | bytearray | memoryview):
+        if not isinstance(data, formats.BYTES_TYPES):
             raise TypeError(f"write_bytes takes bytes, not {type(data).__name__}")
-        url = self.url(path)
-        fs, key = self._fs(url)
-        with _clear_errors(url, writing=True):
+        with self._at(path, writing=True) as (fs, key, url):
             fs.pipe_file(key, bytes(data), **self._limits(fs), **kwargs)
             fs.invalidate_cache(key)
 
     def read_bytes(self, path: Any, **kwargs: Any) -> bytes:
-        url = self.url(path)
-        fs, key = self._fs(url)
-        with _clear_errors(url):
+        with self._at(path) as (fs, key, url):
             return fs.cat_file(key, **self._limits(fs), **kwargs)
 
     # -- arrays and text --------------------------------------------------------------
     def save(self, data: Any, file_path: Any, **kwargs: Any) -> None:
         """Encode ``data`` by the path's extension (bytes are stored as they are)."""
-        if isinstance(data, bytes | bytearray | memoryview):
+        if isinstance(data, formats.BYTES_TYPES):
             self.write_bytes(bytes(data), file_path)
             return
         # the same formats table as disk and memory (polystore.formats)
@@ -122,27 +126,19 @@ class ObjectStoreBackend(StorageBackend):
 
     # -- navigation -------------------------------------------------------------------
     def exists(self, path: Any) -> bool:
-        url = self.url(path)
-        fs, key = self._fs(url)
-        with _clear_errors(url):
+        with self._at(path) as (fs, key, url):
             return bool(fs.exists(key, **self._limits(fs)))
 
     def is_file(self, path: Any) -> bool:
-        url = self.url(path)
-        fs, key = self._fs(url)
-        with _clear_errors(url):
+        with self._at(path) as (fs, key, url):
             return bool(fs.isfile(key, **self._limits(fs)))
 
     def is_dir(self, path: Any) -> bool:
-        url = self.url(path)
-        fs, key = self._fs(url)
-        with _clear_errors(url):
+        with self._at(path) as (fs, key, url):
             return bool(fs.isdir(key, **self._limits(fs)))
 
     def list_dir(self, path: Any) -> list[str]:
-        url = self.url(path)
-        fs, key = self._fs(url)
-        with _clear_errors(url):
+        with self._at(path) as (fs, key, url):
             if not fs.isdir(key, **self._limits(fs)):
                 raise FileNotFoundError(f"no folder {url!r} in the object store")
             return sorted(entry.rstrip("/").rsplit("/", 1)[-1]
@@ -158,23 +154,19 @@ class ObjectStoreBackend(StorageBackend):
         **kwargs: Any,
     ) -> list[str]:
         """Object paths under ``directory``, spelled like it."""
-        url = self.url(directory)
-        fs, key = self._fs(url)
         exts = normalize_extensions(extensions)
-        prefix, base = key.rstrip("/"), str(directory).rstrip("/")
-        with _clear_errors(url):
+        with self._at(directory) as (fs, key, url):
             if not fs.isdir(key, **self._limits(fs)):
                 raise FileNotFoundError(f"no folder {url!r} in the object store")
             found = fs.find(key, maxdepth=None if recursive else 1, withdirs=False,
                             **self._limits(fs))
+        prefix, base = key.rstrip("/"), str(directory).rstrip("/")
         names = [f[len(prefix) + 1:] for f in found if f.startswith(prefix + "/")]
         return sorted(f"{base}/{n}" for n in names
                       if name_matches(n.rsplit("/", 1)[-1], pattern, exts))
 
     def delete(self, path: Any, recursive: bool = False) -> None:
-        url = self.url(path)
-        fs, key = self._fs(url)
-        with _clear_errors(url, writing=True):
+        with self._at(path, writing=True) as (fs, key, url):
             if fs.isfile(key, **self._limits(fs)):
                 fs.rm_file(key, **self._limits(fs))
             elif fs.isdir(key, **self._limits(fs)):
