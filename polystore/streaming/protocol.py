@@ -227,10 +227,11 @@ def decode_sender_message(header: bytes, max_bytes: int = MAX_HEADER_BYTES) -> S
     the receiver has checked the handshake (step 5), as docs/protocol.md orders them."""
     if len(header) > max_bytes:
         raise ProtocolError(TOO_LARGE, f"header of {len(header)} bytes exceeds {max_bytes}")
-    try:
-        header.decode("utf-8")  # in any field, known or not: bad_json, as the spec says
-    except UnicodeDecodeError as exc:
-        raise ProtocolError(BAD_JSON, f"header is not UTF-8: {exc}") from None
+    if not header.isascii():  # ASCII is valid UTF-8; isascii allocates nothing, decode does
+        try:
+            header.decode("utf-8")  # in any field, known or not: bad_json, as the spec says
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(BAD_JSON, f"header is not UTF-8: {exc}") from None
     try:  # the common case, a valid message, is decoded once
         message = _sender_decoder.decode(header)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
