@@ -251,9 +251,10 @@ class LayerManager:
         if piece.kind == "labels":
             layer = self.viewer.add_labels(view.data, **kwargs)  # cyclic colours by default
         else:
-            limits = state.layout.contrast.limits(hints.contrast_limits, view.newest)
             if piece.rgb:
                 limits = hints.contrast_limits or [0, 255]
+            else:
+                limits = state.layout.contrast.limits(hints.contrast_limits, view.newest)
             kwargs.update(rgb=piece.rgb, contrast_limits=list(limits))
             if channel is not None:
                 kwargs["blending"] = "additive"
