@@ -136,11 +136,6 @@ class LayerManager:
         state = self.images.get((stream, channel))
         return None if state is None else state.layer
 
-    def channel_layers(self, stream: str) -> dict[int | None, object]:
-        """Every live layer of `stream`, by channel (None: not split)."""
-        return {key[1]: s.layer for key, s in self.images.items()
-                if key[0] == stream and self._alive(s.layer)}
-
     def held_bytes(self, stream: str) -> int:
         """Bytes of pixels held for the layers of `stream` (0 once they are deleted)."""
         return sum(s.layout.nbytes for key, s in self.images.items() if key[0] == stream)
