@@ -32,7 +32,6 @@ INSTALL_NAPARI = (
     "pip install -e viewers/napari (from the polystore source folder), or run "
     "`bash scripts/install.sh` there to install everything"
 )
-#: a sender's segment name: <prefix><pid>_<token>_<n> (see polystore/streaming/shm.py)
 
 
 class CommandError(Exception):

@@ -37,8 +37,6 @@ def launch(
 
     if not isinstance(options, ReceiverOptions):
         options = ReceiverOptions(endpoint=options)
-    # contrast always follows the data until set by hand; older callers may still pass this
-    changes.pop("follow_contrast", None)
     options = options.replace(**changes)
     if viewer is None:
         viewer = napari.Viewer(show=show)
@@ -73,11 +71,8 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m polystore_napari`` (and of ``polystore napari``)."""
-    if argv is None:
-        argv = sys.argv[1:]
-        if argv[:1] == ["napari"]:  # called as `polystore napari ...` with sys.argv untouched
-            argv = argv[1:]
+    """Entry point of ``python -m polystore_napari``; ``polystore napari`` goes through
+    `polystore_napari.cli`."""
     return run_from_args(parser().parse_args(argv))
 
 

@@ -136,11 +136,6 @@ class LayerManager:
         state = self.images.get((stream, channel))
         return None if state is None else state.layer
 
-    def channel_layers(self, stream: str) -> dict[int | None, object]:
-        """Every live layer of `stream`, by channel (None: not split)."""
-        return {key[1]: s.layer for key, s in self.images.items()
-                if key[0] == stream and self._alive(s.layer)}
-
     def held_bytes(self, stream: str) -> int:
         """Bytes of pixels held for the layers of `stream` (0 once they are deleted)."""
         return sum(s.layout.nbytes for key, s in self.images.items() if key[0] == stream)
@@ -251,9 +246,10 @@ class LayerManager:
         if piece.kind == "labels":
             layer = self.viewer.add_labels(view.data, **kwargs)  # cyclic colours by default
         else:
-            limits = state.layout.contrast.limits(hints.contrast_limits, view.newest)
             if piece.rgb:
                 limits = hints.contrast_limits or [0, 255]
+            else:
+                limits = state.layout.contrast.limits(hints.contrast_limits, view.newest)
             kwargs.update(rgb=piece.rgb, contrast_limits=list(limits))
             if channel is not None:
                 kwargs["blending"] = "additive"
