@@ -54,6 +54,8 @@ def groovy_literal(value: object) -> str:
     """A Groovy literal with the types the receiver's JSON parser produces."""
     if value is None:
         return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str):
         return groovy_string(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -201,7 +203,10 @@ def generate_section(protocol) -> str:
     out.append("    // Receiver -> sender messages, each built here only.")
     for cls in union_members(protocol.ReceiverMessage):
         info = mi.type_info(cls)
-        fields = [f.encode_name for f in info.fields if f.encode_name != "v"]
+        # Optional fields of structs that omit defaults are left out (the Fiji receiver
+        # never sets them, e.g. Ack.also: it acknowledges one frame at a time).
+        fields = [f.encode_name for f in info.fields
+                  if f.encode_name != "v" and (f.required or not cls.__struct_config__.omit_defaults)]
         params = ", ".join(f"Object {f}" for f in fields)
         entries = ", ".join(f"{f}: {f}" for f in fields)
         tag = groovy_string(info.tag)

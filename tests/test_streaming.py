@@ -6,6 +6,7 @@ import json
 import multiprocessing as mp
 import os
 import socket
+import threading
 import time
 from multiprocessing import shared_memory
 
@@ -31,6 +32,7 @@ from polystore.streaming import (
 from polystore.streaming import protocol as p
 from polystore.streaming.auth import client_keys, resolve_auth
 from polystore.streaming.connection import State
+from polystore.streaming.router import ACK_BATCH
 from tests.stream_helpers import ScriptedReceiver, digest, start_receiver
 
 DTYPES = list(p.DTYPES)
@@ -872,3 +874,93 @@ def test_pool_reuses_the_segment_released_last():
         assert pool.acquire(6, 65536).name == big
     finally:
         pool.close()
+
+
+# -- acks batched under load (issue 10: fewer messages per frame) ------------------------------
+
+
+def _held_receiver(release: threading.Event):
+    """A receiver whose viewer is stuck on the first frame until `release` is set, so the
+    frames sent meanwhile queue up and are read in one go afterwards."""
+    first = threading.Event()
+
+    def on_frame(_frame):
+        if not first.is_set():
+            first.set()
+            release.wait(10)
+
+    receiver = receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", on_frame=on_frame)
+    return receiver.start(), first
+
+
+def _inline_frame(seq: int) -> list[bytes]:
+    return [json.dumps(frame(seq=seq)).encode(), bytes(16)]
+
+
+def _replies(client: RawClient, count: int) -> list:
+    replies = []
+    while len(replies) < count:
+        assert client.sock.poll(5000), f"receiver answered {len(replies)} of {count} replies"
+        replies.append(p.decode_receiver_message(client.sock.recv()))
+    return replies
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_acks_of_queued_frames_are_batched_only_for_senders_that_ask(batch):
+    release = threading.Event()
+    receiver, first = _held_receiver(release)
+    client = RawClient(receiver.endpoint)
+    try:
+        hello = {"v": 1, "type": "hello", "sender": client.token, "pid": os.getpid(),
+                 "viewer": "napari", "segment_prefix": client.prefix, "batch_acks": batch}
+        assert isinstance(client.request(hello), p.Welcome)
+        client.sock.send_multipart(_inline_frame(1))
+        assert first.wait(5)
+        for seq in range(2, 11):  # queue up behind the stuck viewer
+            client.sock.send_multipart(_inline_frame(seq))
+        time.sleep(0.3)
+        release.set()
+        acks = [_replies(client, 1)[0]]
+        while sum(1 + len(a.also) for a in acks) < 10:
+            acks += _replies(client, 1)
+        assert all(isinstance(a, p.Ack) for a in acks)
+        assert sorted(s for a in acks for s in (a.seq, *a.also)) == list(range(1, 11))
+        if batch:  # one ack for frame 1, then at most ACK_BATCH frames per ack
+            assert len(acks) <= 1 + -(-9 // ACK_BATCH)
+            assert max(1 + len(a.also) for a in acks) <= ACK_BATCH
+        else:
+            assert len(acks) == 10 and not any(a.also for a in acks)
+        assert receiver.stats.frames == 10
+    finally:
+        release.set()
+        client.close()
+        receiver.stop()
+
+
+def test_held_acks_leave_before_any_other_reply():
+    release = threading.Event()
+    receiver, first = _held_receiver(release)
+    client = RawClient(receiver.endpoint)
+    try:
+        hello = {"v": 1, "type": "hello", "sender": client.token, "pid": os.getpid(),
+                 "viewer": "napari", "segment_prefix": client.prefix, "batch_acks": True}
+        assert isinstance(client.request(hello), p.Welcome)
+        client.sock.send_multipart(_inline_frame(1))
+        assert first.wait(5)
+        client.sock.send_multipart(_inline_frame(2))
+        client.sock.send_multipart(_inline_frame(3))
+        client.sock.send(json.dumps({"v": 1, "type": "control", "seq": 4,
+                                     "command": "report"}).encode())
+        client.sock.send_multipart([json.dumps(frame(seq=5, nbytes=15)).encode(), bytes(16)])
+        time.sleep(0.3)
+        release.set()
+        replies = _replies(client, 4)
+        assert [type(r) for r in replies] == [p.Ack, p.Ack, p.Report, p.Error]
+        assert (replies[0].seq, replies[0].also) == (1, [])
+        assert (replies[1].seq, replies[1].also) == (2, [3])
+        assert replies[2].state["frames"] == 3  # the report counts the frames before it
+        assert replies[3].seq == 5 and replies[3].code == p.BAD_SHAPE
+    finally:
+        release.set()
+        client.close()
+        receiver.stop()

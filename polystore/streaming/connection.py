@@ -183,7 +183,7 @@ class Connection:
             probe = None
         hello = p.Hello(v=p.VERSION, sender=identity, pid=pid, viewer=self.viewer,
                         segment_prefix=segment_prefix, versions=list(p.SUPPORTED_VERSIONS),
-                        probe=probe)  # fmt: skip
+                        probe=probe, batch_acks=True)  # fmt: skip
         self._hello_deadline = time.monotonic() + self.options.connect_timeout
         self.state = State.HELLO_SENT
         self.send([p.encode(hello)], self._hello_deadline)  # if nobody takes it: no welcome

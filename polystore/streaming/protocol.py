@@ -81,6 +81,8 @@ class Hello(Struct, tag="hello", tag_field="type"):
     segment_prefix: Name
     versions: list[int] = field(default_factory=lambda: [VERSION])
     probe: Probe | None = None
+    #: The sender reads acks that carry several sequence numbers (`Ack.also`).
+    batch_acks: bool = False
 
 
 class Frame(Struct, tag="frame", tag_field="type", omit_defaults=True):
@@ -158,11 +160,13 @@ class Welcome(Struct, tag="welcome", tag_field="type"):
     max_frame_bytes: int = MAX_FRAME_BYTES
 
 
-class Ack(Struct, tag="ack", tag_field="type"):
-    """The receiver holds its own copy of message `seq`: its segment may be reused."""
+class Ack(Struct, tag="ack", tag_field="type", omit_defaults=True):
+    """The receiver holds its own copy of message `seq`, and of each message in `also` (sent
+    only to senders whose hello set `batch_acks`): their segments may be reused."""
 
     v: int
     seq: int
+    also: list[int] = field(default_factory=list)
 
 
 class Error(Struct, tag="error", tag_field="type"):

@@ -26,17 +26,13 @@ from polystore.streaming.connections import ConnectionGuard, default_max_connect
 from polystore.streaming.endpoints import check_bind_endpoint, is_loopback
 from polystore.streaming.keys import public_key, secret_key
 from polystore.streaming.received import ReceivedFrame, ReceivedRois, ReceiverStats
+from polystore.streaming.router import ACK_BATCH, Outbox, open_router, read_rest
 from polystore.streaming.segment_reader import SegmentError, SegmentReader
 from polystore.streaming.sessions import MAX_SENDERS, Session, SessionTable
 from polystore.streaming.shm import sweep
 
 log = logging.getLogger(__name__)
 
-#: Complete messages ZeroMQ queues per connection before it stops reading that connection
-#: (senders keep at most `max_inflight`, 16 by default, unacknowledged).
-RECEIVE_HWM = 32
-#: Unauthenticated handshakes are closed after this long.
-HANDSHAKE_TIMEOUT_MS = 5000
 #: Acks still queued at shutdown get this long to leave.
 CLOSE_LINGER_MS = 1000
 #: ...and senders this long to read them: a sender socket (ZMQ_IMMEDIATE) discards what it
@@ -103,7 +99,8 @@ class Receiver:
         self._sock: zmq.Socket | None = None
         self._server_auth: ServerAuth | None = None
         self._ready = threading.Event()
-        self._last_reply = 0.0
+        self._outbox: Outbox | None = None
+        self._undelivered: list[tuple[Callable | None, object]] = []  # acks held back
         self._bind_error: BaseException | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -145,21 +142,12 @@ class Receiver:
             self.auth, self.curve_secret_key, self.curve_client_keys,
             allow_any_client=self.curve_secret_key is not None and not self.curve_client_keys,
         )
-        sock = server_auth.context.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes + self.max_header_bytes)
-        sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
-        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_TIMEOUT_MS)
-        server_auth.apply(sock)
         try:
-            sock.bind(self.endpoint)
-        except zmq.ZMQError as exc:
-            sock.close()
+            sock = open_router(self.endpoint, server_auth,
+                               self.max_frame_bytes + self.max_header_bytes, self.viewer)
+        except OSError:
             self._close_auth()
-            raise OSError(
-                f"cannot listen on {self.endpoint}: {exc}. Is another {self.viewer} receiver "
-                "already running there? Stop it or choose another endpoint"
-            ) from None
+            raise
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._guard = ConnectionGuard(sock, self.max_connections, self.viewer)
         return sock
@@ -173,6 +161,7 @@ class Receiver:
             self._bind_error = exc
             self._ready.set()
             return
+        self._outbox = outbox = Outbox(sock)
         self._ready.set()
         last_tick, frames_at_tick = time.monotonic(), 0
         guard = self._guard
@@ -190,14 +179,18 @@ class Receiver:
                             identity = sock.recv(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        self._handle(identity, *_receive_rest(sock))
+                        self._handle(identity, *read_rest(sock))
+                        if len(self._undelivered) >= ACK_BATCH:
+                            self._release()
+                    self._release()  # drained: held acks leave before the next wait
                 now = time.monotonic()
                 if now - last_tick >= 1.0:
                     self.stats.fps = (self.stats.frames - frames_at_tick) / (now - last_tick)
                     last_tick, frames_at_tick = now, self.stats.frames
                     self._reader.forget_unlinked()
         finally:
-            time.sleep(max(0.0, self._last_reply + CLOSE_GRACE_S - time.monotonic()))
+            self._release()
+            time.sleep(max(0.0, outbox.last_sent + CLOSE_GRACE_S - time.monotonic()))
             guard.close()
             self._guard = None
             sock.close(linger=CLOSE_LINGER_MS)  # acks already queued still leave
@@ -231,7 +224,7 @@ class Receiver:
                                       f"{count}")
             message = p.decode_sender_message(header.bytes, self.max_header_bytes)
             seq = getattr(message, "seq", None)
-            if type(message) is p.Frame:  # the common case first
+            if type(message) is p.Frame:  # the common case first: held back, see outbox.py
                 sender = self._sessions.get(identity)
                 if sender is None:
                     raise p.ProtocolError(p.HELLO_REQUIRED, "send hello first (receiver "
@@ -239,6 +232,7 @@ class Receiver:
                 p.check_frame(message, self.max_frame_bytes)
                 self._frame(identity, sender, message, payload)
                 return
+            self._release()  # anything else comes after the frames before it
             if isinstance(message, p.Hello):
                 connection = header.get(zmq.SRCFD)  # to forget it when it closes
                 self._reply(identity, self._hello(identity, message, connection))
@@ -274,24 +268,7 @@ class Receiver:
         self.stats.senders = len(self._sessions)
 
     def _frame(self, identity: bytes, sender: Session, frame: p.Frame, payload) -> None:
-        if frame.segment is None:
-            if payload is None or len(payload.buffer) != frame.nbytes:
-                got = "no payload" if payload is None else f"{len(payload.buffer)} bytes"
-                raise p.ProtocolError(p.BAD_SHAPE, f"inline frame needs exactly {frame.nbytes} "
-                                      f"payload bytes, got {got}", frame.seq)
-        elif payload is not None:
-            raise p.ProtocolError(p.BAD_MESSAGE, "a frame names a segment or carries a "
-                                  "payload, not both", frame.seq)
-        elif not sender.shm:
-            raise p.ProtocolError(p.BAD_SEGMENT, "this connection's hello did not prove it "
-                                  "shares this machine's shared memory as this user (probe); "
-                                  "send the pixels inline", frame.seq)
-        elif not frame.segment.startswith(sender.prefix):
-            raise p.ProtocolError(
-                p.BAD_SEGMENT,
-                f"segment {frame.segment!r} is not one of this sender's ({sender.prefix}*)",
-                frame.seq,
-            )
+        sender.check_source(frame, payload)
         # Validated: only now allocate, then copy out of the sender's memory.
         array = np.empty(frame.shape, dtype=_WIRE_DTYPES[frame.dtype])
         target = memoryview(array).cast("B") if frame.nbytes else memoryview(bytearray())
@@ -313,8 +290,16 @@ class Receiver:
         self.stats.bytes += frame.nbytes
         # The copy is ours: the sender may reuse its segment now (counted before the ack,
         # so whoever sees the ack sees the counts).
-        self._reply_bytes(identity, _ack(frame.seq))
-        self._deliver(self.on_frame, ReceivedFrame(array, frame, sender.token, time.time_ns()))
+        self._outbox.ack(identity, frame.seq, sender.batch_acks)
+        self._undelivered.append((self.on_frame, ReceivedFrame(array, frame, sender.token,
+                                                                time.time_ns())))
+
+    def _release(self) -> None:
+        """Send the held acks, then hand their frames to the viewer (ack before display)."""
+        self._outbox.flush()
+        undelivered, self._undelivered = self._undelivered, []
+        for callback, item in undelivered:
+            self._deliver(callback, item)
 
     def _control(self, identity: bytes, control: p.Control) -> None:
         if control.command == "clear":
@@ -358,39 +343,8 @@ class Receiver:
         self._reply(identity, p.Error(v=p.VERSION, seq=seq, code=code, message=message))
 
     def _reply(self, identity: bytes, message) -> None:
-        self._reply_bytes(identity, p.encode(message))
-
-    def _reply_bytes(self, identity: bytes, data: bytes) -> None:
-        self._last_reply = time.monotonic()
-        sock = self._sock
-        try:
-            sock.send(identity, _SNDMORE_NOBLOCK)
-            sock.send(data, zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass  # the sender is gone or not reading; it will time out on its own
-
-
-def _receive_rest(sock: zmq.Socket) -> tuple[zmq.Frame, zmq.Frame | None, int]:
-    """The parts after a message's routing identity (ZeroMQ delivers a message's parts
-    together, so they are all there): header, payload if any, and how many parts there
-    were. Parts past the second are read and dropped at once, never kept."""
-    header = sock.recv(zmq.NOBLOCK, copy=False)
-    payload, count, more = None, 1, header.more
-    while more:
-        part = sock.recv(zmq.NOBLOCK, copy=False)
-        count += 1
-        more = part.more
-        if count == 2:
-            payload = part
-    return header, payload, count
+        self._outbox.reply(identity, p.encode(message))
 
 
 #: NumPy dtypes of the wire's dtype names (always little-endian), looked up per frame.
 _WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in p.DTYPES}
-_SNDMORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
-_ACK_PREFIX = p.encode(p.Ack(v=p.VERSION, seq=0))[: -len(b"0}")]
-
-
-def _ack(seq: int) -> bytes:
-    """``p.encode(p.Ack(v=VERSION, seq=seq))`` without building the struct (one per frame)."""
-    return b"%s%d}" % (_ACK_PREFIX, seq)

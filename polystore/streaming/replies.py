@@ -44,8 +44,9 @@ class ReplyHandler:
         self._handlers[type(message)](message)
 
     def on_ack(self, ack: p.Ack) -> None:
-        if self.credits.ack(ack.seq) and ack.seq in self.answers:
-            self.answers[ack.seq] = {}
+        for seq in (ack.seq, *ack.also) if ack.also else (ack.seq,):
+            if self.credits.ack(seq) and seq in self.answers:
+                self.answers[seq] = {}
 
     def on_report(self, report: p.Report) -> None:
         if report.seq in self.answers and self.credits.complete(report.seq):

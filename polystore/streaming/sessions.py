@@ -30,9 +30,29 @@ class Session:
     prefix: str
     shm: bool
     connection: int = -1  # the connection's file descriptor in this process
+    batch_acks: bool = False  # reads acks of several frames (Ack.also)
     dropped: int = 0
     frames: int = 0
     since: float = field(default_factory=time.monotonic)
+
+    def check_source(self, frame: p.Frame, payload: object | None) -> None:
+        """A frame's bytes must be exactly `nbytes` of inline payload, or in a segment of
+        this sender's own (after its probe proved it shares our /dev/shm); else raise."""
+        if frame.segment is None:
+            got = None if payload is None else len(payload.buffer)
+            if got != frame.nbytes:
+                raise p.ProtocolError(p.BAD_SHAPE, f"inline frame needs exactly {frame.nbytes} "
+                                      f"payload bytes, got {got or 'no payload'}", frame.seq)
+        elif payload is not None:
+            raise p.ProtocolError(p.BAD_MESSAGE, "a frame names a segment or carries a "
+                                  "payload, not both", frame.seq)
+        elif not self.shm:
+            raise p.ProtocolError(p.BAD_SEGMENT, "this connection's hello did not prove it "
+                                  "shares this machine's shared memory as this user (probe); "
+                                  "send the pixels inline", frame.seq)
+        elif not frame.segment.startswith(self.prefix):
+            raise p.ProtocolError(p.BAD_SEGMENT, f"segment {frame.segment!r} is not one of "
+                                  f"this sender's ({self.prefix}*)", frame.seq)
 
 
 class SessionTable:
@@ -79,7 +99,7 @@ class SessionTable:
             raise p.ProtocolError(p.TOO_LARGE, f"this {self.viewer} receiver serves at most "
                                   f"{self.max_sessions} senders; close one and retry")
         session = Session(hello.sender, hello.pid, expected, self._probe(hello, expected),
-                          connection, dropped=known.dropped if known else 0)
+                          connection, hello.batch_acks, dropped=known.dropped if known else 0)
         self._sessions[identity] = session
         return session
 

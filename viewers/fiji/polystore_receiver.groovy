@@ -177,6 +177,7 @@ class Fields {
         Fld.req('segment_prefix', Check.string(0, 2147483647, Pattern.compile('[A-Za-z0-9_]{1,240}'))),
         Fld.opt('versions', Check.listOf(Check.integer(null, null), 0, 2147483647), [1L]),
         Fld.opt('probe', Check.nullable(Check.struct(PROBE)), null),
+        Fld.opt('batch_acks', Check.bool(), false),
     ]
     static final List<Fld> DISPLAY = [
         Fld.opt('kind', Check.oneOf(['image', 'labels']), 'image'),

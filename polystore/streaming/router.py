@@ -1,0 +1,110 @@
+"""The receiver's ROUTER socket: bound and configured here, each message read whole, and
+replies sent in order per sender, with frame acks batched under load.
+
+A frame's ack may be held back while the receiver goes on with messages that are already
+queued (the receiver releases them after at most `ACK_BATCH` frames): one ``ack`` then
+returns several credits, so a busy pipe carries fewer messages (fewer CURVE boxes to seal and
+open, fewer thread wake-ups on both sides). Held acks leave before any other reply to the
+same sender and whenever the receiver releases them; an idle pipe is never delayed. Only
+senders whose hello set ``batch_acks`` get batched acks.
+"""
+
+from __future__ import annotations
+
+import time
+
+import zmq
+
+from polystore.streaming import protocol as p
+from polystore.streaming.auth import ServerAuth
+
+#: Complete messages ZeroMQ queues per connection before it stops reading that connection
+#: (senders keep at most `max_inflight`, 16 by default, unacknowledged).
+RECEIVE_HWM = 32
+#: Unauthenticated handshakes are closed after this long.
+HANDSHAKE_TIMEOUT_MS = 5000
+
+#: Frames whose acks (and display) may wait for the next ones already queued (senders keep
+#: 16 messages in flight by default, so they never run dry).
+ACK_BATCH = 4
+
+_SNDMORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
+_ACK_PREFIX = p.encode(p.Ack(v=p.VERSION, seq=0))[: -len(b"0}")]
+
+
+def open_router(endpoint: str, server_auth: ServerAuth, max_message_bytes: int,
+                viewer: str) -> zmq.Socket:
+    """A bound, authenticating ROUTER socket; OSError says why it cannot listen."""
+    sock = server_auth.context.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_TIMEOUT_MS)
+    server_auth.apply(sock)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {endpoint}: {exc}. Is another {viewer} receiver "
+                      "already running there? Stop it or choose another endpoint") from None
+    return sock
+
+
+def read_rest(sock: zmq.Socket) -> tuple[zmq.Frame, zmq.Frame | None, int]:
+    """The parts after a message's routing identity (ZeroMQ delivers a message's parts
+    together, so they are all there): header, payload if any, and how many parts there
+    were. Parts past the second are read and dropped at once, never kept."""
+    header = sock.recv(zmq.NOBLOCK, copy=False)
+    payload, count, more = None, 1, header.more
+    while more:
+        part = sock.recv(zmq.NOBLOCK, copy=False)
+        count += 1
+        more = part.more
+        if count == 2:
+            payload = part
+    return header, payload, count
+
+
+def encode_ack(seqs: list[int]) -> bytes:
+    """``p.encode(p.Ack(v=VERSION, seq=seqs[0], also=seqs[1:]))`` without building a struct
+    (one per frame)."""
+    if len(seqs) == 1:
+        return b"%s%d}" % (_ACK_PREFIX, seqs[0])
+    return b'%s%d,"also":[%s]}' % (_ACK_PREFIX, seqs[0], b",".join(b"%d" % s for s in seqs[1:]))
+
+
+class Outbox:
+    """Replies of one ROUTER socket: `ack` per frame, `reply` for everything else."""
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self.sock = sock
+        self.last_sent = 0.0  # time.monotonic() of the last reply
+        self._held: dict[bytes, list[int]] = {}  # routing identity -> seqs not acked yet
+
+    def ack(self, identity: bytes, seq: int, batch: bool) -> None:
+        """The receiver holds its copy of frame `seq` of `identity`."""
+        if not batch:
+            self._send(identity, encode_ack([seq]))
+            return
+        self._held.setdefault(identity, []).append(seq)
+
+    def reply(self, identity: bytes, data: bytes) -> None:
+        """Any other reply; the acks held for `identity` leave first, so order is kept."""
+        held = self._held.pop(identity, None)
+        if held:
+            self._send(identity, encode_ack(held))
+        self._send(identity, data)
+
+    def flush(self) -> None:
+        """Send every held ack."""
+        while self._held:
+            identity, held = self._held.popitem()
+            self._send(identity, encode_ack(held))
+
+    def _send(self, identity: bytes, data: bytes) -> None:
+        self.last_sent = time.monotonic()
+        try:
+            self.sock.send(identity, _SNDMORE_NOBLOCK)
+            self.sock.send(data, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the sender is gone or not reading; it will time out on its own
