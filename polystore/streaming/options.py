@@ -161,6 +161,18 @@ class StreamMeta:
                        axes=axes, axis_names=self.axis_names, display=self.display,
                        dropped=dropped)  # fmt: skip
 
+    def rois_message(self, seq: int, path: str, rois: list[p.Roi],
+                     axes: dict[str, int]) -> p.Rois:
+        """The message carrying `rois` of this (image) stream, checked as a receiver will."""
+        message = p.Rois(v=p.VERSION, seq=seq, stream=self.stream, path=path,
+                         sent_ns=time.time_ns(), rois=rois, axes=axes,
+                         axis_names=self.axis_names)  # fmt: skip
+        try:
+            p.check_rois(message)
+        except p.ProtocolError as exc:
+            raise UnstreamableDataError(f"cannot stream {path}: {exc}") from None
+        return message
+
 
 @dataclass
 class SenderStats:

@@ -29,7 +29,6 @@ from polystore.streaming.connection import Connection, State
 from polystore.streaming.credits import CreditWindow
 from polystore.streaming.errors import (
     ReceiverLostError,
-    UnstreamableDataError,
     ViewerNotRunningError,
 )
 from polystore.streaming.options import SenderOptions, SenderStats, StreamMeta, to_wire_array
@@ -258,13 +257,7 @@ class StreamSender:
             seq = self._admit()
             if seq < 0:
                 return seq
-            message = p.Rois(v=p.VERSION, seq=seq, stream=meta.stream, path=path,
-                             sent_ns=time.time_ns(), rois=rois, axes=axes,
-                             axis_names=meta.axis_names)  # fmt: skip
-            try:
-                p.check_rois(message)
-            except p.ProtocolError as exc:
-                raise UnstreamableDataError(f"cannot stream {path}: {exc}") from None
+            message = meta.rois_message(seq, path, rois, axes)
             self._reserve(seq, 0, False)
             if not self._dispatch(seq, [p.encode(message)], started, 0):
                 return -1
