@@ -14,8 +14,9 @@
  * polystore/streaming/receiver.py): a JeroMQ ROUTER socket on tcp://127.0.0.1, a hello/welcome
  * handshake with a shared-memory probe, every header validated in the order protocol.md gives
  * ("Validation"), pixels copied straight out of /dev/shm/<segment> through a read-only memory
- * map (or out of the message for inline frames), and the `ack` (the sender's credit) sent the
- * moment the copy is done, before anything is drawn. A bad message gets an `error` reply;
+ * map (or out of the message for inline frames), and the `ack` (the sender's credit) sent once
+ * the copy is done (acks of frames already waiting behind it go together), before anything
+ * is drawn. A bad message gets an `error` reply;
  * nothing a message contains stops this script. Installation and use: docs/fiji.md.
  *
  * Type mapping (dtype on the wire -> ImageJ image type):
@@ -1396,8 +1397,7 @@ class Stream {
     int[] last = new int[3]  // (c, z, t) of the newest plane, shown in the GUI
     boolean shown, dirty, displayDirty
     final Map<Integer, double[]> autoRanges = new TreeMap<Integer, double[]>()  // channel -> range set by "auto"
-    final Set<Integer> userRanges = new HashSet<Integer>()  // channels whose contrast the user set by hand
-    boolean rangesStale  // the image was rebuilt: ImageJ may have reset its ranges itself
+    final Map<Integer, double[]> userRanges = new TreeMap<Integer, double[]>()  // channel -> range the user set by hand
     /** Contrast to follow, by the channels a frame touched: scanned when shown, not per frame. */
     final LinkedHashMap<String, Closure> pendingFollow = new LinkedHashMap<String, Closure>()
     String file, rendered  // the saved TIFF, and a PNG of what its window shows
@@ -1425,6 +1425,7 @@ class Images {
     long emptyFrames
     long roiIds
     final String runId = Long.toHexString(new Random().nextLong() & 0xffffffffL)  // ROI ids unique across re-runs
+    Closure beforeDraw  // sends the acks still held: a frame is acknowledged before it is shown
 
     Images(String defaultMode, String channelDisplay, boolean gui, boolean useRoiManager, File outputDir) {
         this.defaultMode = defaultMode
@@ -1691,7 +1692,7 @@ class Images {
     }
 
     void setStack(Stream s, ImageStack stack, int C, int Z, int T) {
-        s.rangesStale = true
+        noticeHandChanges(s)  // before the rebuild, which may reset what ImageJ shows
         if (s.imp == null) {
             s.imp = new ImagePlus(s.title, stack)
             s.imp.setDimensions(C, Z, T)
@@ -1725,6 +1726,7 @@ class Images {
             }
         }
         s.displayDirty = true
+        keepRanges(s)
     }
 
     void applyDisplay(Stream s) {
@@ -1739,6 +1741,7 @@ class Images {
                 if (lut == null) { s.unknownColormap = name; lut = Luts.get('grays') }
             }
             double[] range = s.labels ? ([0d, Math.max(255d, s.maxLabel)] as double[]) : s.ranges.get(c)
+            if (range != null) s.autoRanges.remove(c)  // a hint, not a range to follow or to take for the user's
             if (s.imp instanceof CompositeImage) {
                 CompositeImage ci = (CompositeImage) s.imp
                 LUT current = ci.getChannelLut(c + 1)
@@ -1807,18 +1810,41 @@ class Images {
             double[] acc = seen.get(c)
             seen.put(c, acc == null ? mm : ([Math.min(acc[0], mm[0]), Math.max(acc[1], mm[1])] as double[]))
         }
+        noticeHandChanges(s)
         for (Map.Entry<Integer, double[]> e : seen.entrySet()) {
             int c = e.key
-            if (gui && !s.rangesStale && !s.userRanges.contains(c) && s.autoRanges.containsKey(c)) {
-                if (!Arrays.equals(rangeOf(s, c), s.autoRanges.get(c))) s.userRanges.add(c)  // touched by hand
-            }
-            if (s.userRanges.contains(c)) continue
+            if (s.userRanges.containsKey(c)) continue
             double lo = e.value[0], hi = e.value[1]
             if (!(hi > lo)) hi = lo + 1  // a flat frame
             setRange(s, c, lo, hi)
             s.autoRanges.put(c, rangeOf(s, c))
         }
-        if (!seen.isEmpty()) s.rangesStale = false
+    }
+
+    /**
+     * GUI only: a channel whose shown range is no longer the one this script set last was
+     * changed by hand (Brightness/Contrast, a macro's setMinAndMax); from then on its range
+     * is the user's, and a later change by hand replaces it.
+     */
+    void noticeHandChanges(Stream s) {
+        if (!gui || s.imp == null || s.bits == 24) return
+        int channels = Math.min(s.C, s.imp.getNChannels())
+        for (int c = 0; c < channels; c++) {
+            double[] now = rangeOf(s, c), auto = s.autoRanges.get(c)
+            if (s.userRanges.containsKey(c) || (auto != null && !Arrays.equals(now, auto))) s.userRanges.put(c, now)
+        }
+    }
+
+    /** After the image was rebuilt (grown, retyped, made a composite), when ImageJ may have
+     * reset its display ranges: the user's ranges are put back, and what is shown now is what
+     * a later hand change is told apart from. */
+    void keepRanges(Stream s) {
+        if (s.imp == null || s.bits == 24) return
+        for (int c = 0; c < Math.min(s.C, s.imp.getNChannels()); c++) {
+            double[] user = s.userRanges.get(c)
+            if (user != null) setRange(s, c, user[0], user[1])
+            else if (s.autoRanges.containsKey(c)) s.autoRanges.put(c, rangeOf(s, c))
+        }
     }
 
     /** Labels are drawn through LabelColors (single-channel images; composites keep LUTs). */
@@ -1952,6 +1978,7 @@ class Images {
     }
 
     void refresh() {
+        if (beforeDraw != null) beforeDraw.call()
         forgetClosed()
         for (Stream s : streams.values()) {
             if (!s.dirty || s.imp == null) continue
@@ -1975,7 +2002,7 @@ class Images {
                 rois: s.roiCount(), overlay: imp?.getOverlay() ? imp.getOverlay().size() : 0,
                 framesReceived: s.framesReceived, labels: s.labels, composite: imp ? imp.isComposite() : false,
                 luts: lutNames(s), unknownColormap: s.unknownColormap, file: s.file, shown: s.shown,
-                displayRanges: imp ? followAndRanges(s) : [], userRanges: new ArrayList(s.userRanges), rendered: s.rendered,
+                displayRanges: imp ? followAndRanges(s) : [], userRanges: new ArrayList(s.userRanges.keySet()), rendered: s.rendered,
             ] as Map)
         }
         return out
@@ -2270,6 +2297,13 @@ class Wire {
 /**
  * The receive loop (on the worker thread): one message at a time to Core.handle, replies to
  * the message's sender, and housekeeping between messages (redraw, fps, unlinked segments).
+ *
+ * Acks are held while more messages already wait (at most MAX_HELD_ACKS), then sent
+ * together, and always before any other reply and before anything is drawn. Each send that
+ * finds JeroMQ's I/O thread asleep wakes it through a pipe; on a busy machine the woken
+ * thread preempts this one between writing the wake-up byte and counting it, and then spins
+ * until this thread runs again (JeroMQ 0.3 to 0.6; about 1 ms of CPU per frame, half the
+ * throughput on two cores). One wake-up per burst instead of one per frame avoids most of it.
  */
 @CompileStatic
 class ReceiveLoop {
@@ -2305,6 +2339,7 @@ class ReceiveLoop {
         this.stop = stop
         this.gui = gui
         this.status = status
+        images.beforeDraw = { flushAcks() }
     }
 
     void run() {
@@ -2351,6 +2386,7 @@ class ReceiveLoop {
                 images.log("housekeeping failed: ${e}".toString())
             }
         }
+        flushAcks()
     }
 }
 
