@@ -946,6 +946,72 @@ def test_rerun_in_one_session_continues_cleanly(debian):
         editor.close()
 
 
+def gui_range(editor: ScriptEditor, title: str, channel: int = 1) -> list[float]:
+    """The display range ImageJ shows for `channel` of the open image `title`, read by an
+    ImageJ macro in the receiver's JVM (not through the receiver's report)."""
+    answer = editor.command(f'macro selectImage("{title}"); Stack.setChannel({channel}); '
+                            'getMinAndMax(lo, hi); return "" + lo + " " + hi;')  # fmt: skip
+    return [float(v) for v in answer.split()]
+
+
+@pytest.mark.skipif(shutil.which("xvfb-run") is None, reason="xvfb-run is not installed")
+def test_contrast_set_by_hand_in_the_gui_is_kept(debian):
+    """Issue 14, the contrast rule: without contrast_limits the display range follows the
+    data until the user changes it by hand, then it stays the user's. The user changes it
+    the way ImageJ records a Brightness/Contrast "Set" (the macro call setMinAndMax) on the
+    displayed image: in a single image, and in one channel of a growing composite time
+    series. Both keep the user's range when frames of another range come; the composite's
+    other channel and an untouched image still follow the data."""
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    ramp = np.linspace(0, 1, 24, dtype=np.float32).reshape(4, 6)
+    editor = ScriptEditor(debian, gui=True)
+    try:
+        params = f'endpoint="{endpoint}",allow_unauthenticated=true'
+        assert editor.command(f"run {params}", timeout=300).startswith("listening")
+        with FijiStreamingBackend(endpoint, timeout=60) as b:
+
+            def send(t: int, offset: float, scale: float) -> dict:
+                for title in ("drift", "untouched"):
+                    b.save(offset + ramp, f"{title}.tif", stream=title)
+                for c, top in enumerate((100.0, 10.0)):
+                    b.save(((offset + ramp) * scale * top).astype(np.uint16), "hs.tif",
+                           stream="hs", axes={"t": t, "c": c})  # fmt: skip
+                return report(b)
+
+            state = send(0, 0.0, 1.0)
+            assert image(state, "drift")["displayRanges"] == [[0, 1]]
+            assert image(state, "hs")["displayRanges"] == [[0, 100], [0, 10]]
+            assert all(i["shown"] for i in state["images"])
+            assert gui_range(editor, "drift") == [0, 1]
+
+            # The user sets the contrast by hand, as the B&C dialog's "Set" does.
+            editor.command('macro selectImage("drift"); setMinAndMax(0.25, 0.75);')
+            editor.command('macro selectImage("hs"); Stack.setChannel(1); setMinAndMax(5, 50);')
+            assert gui_range(editor, "hs", 1) == [5, 50]
+
+            # New frames of another range: t grows, so the composite's stack is rebuilt.
+            for t in (1, 2):
+                state = send(t, 19.0, 5.0)
+            assert image(state, "drift")["displayRanges"] == [[0.25, 0.75]]
+            assert image(state, "drift")["userRanges"] == [0]
+            hs = image(state, "hs")
+            assert (hs["frames"], hs["userRanges"]) == (3, [0])
+            assert hs["displayRanges"][0] == [5, 50]
+            np.testing.assert_allclose(hs["displayRanges"][1], [950, 1000])
+            np.testing.assert_allclose(image(state, "untouched")["displayRanges"], [[19, 20]])
+            assert image(state, "untouched")["userRanges"] == []
+            # What ImageJ shows, read apart from the receiver's report.
+            assert gui_range(editor, "drift") == [0.25, 0.75]
+            assert gui_range(editor, "hs", 1) == [5, 50]
+            np.testing.assert_allclose(gui_range(editor, "hs", 2), [950, 1000])
+            np.testing.assert_allclose(gui_range(editor, "untouched"), [19, 20])
+        assert "ended" in editor.command("stop", timeout=30)
+    finally:
+        editor.close()
+    assert "Exception" not in editor.log and "failed" not in editor.log, editor.log[-3000:]
+
+
 # -- same-user authentication (issue 11, Fiji side) -----------------------------------------------
 
 

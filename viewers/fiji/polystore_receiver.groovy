@@ -14,8 +14,9 @@
  * polystore/streaming/receiver.py): a JeroMQ ROUTER socket on tcp://127.0.0.1, a hello/welcome
  * handshake with a shared-memory probe, every header validated in the order protocol.md gives
  * ("Validation"), pixels copied straight out of /dev/shm/<segment> through a read-only memory
- * map (or out of the message for inline frames), and the `ack` (the sender's credit) sent the
- * moment the copy is done, before anything is drawn. A bad message gets an `error` reply;
+ * map (or out of the message for inline frames), and the `ack` (the sender's credit) sent once
+ * the copy is done (acks of frames already waiting behind it go together), before anything
+ * is drawn. A bad message gets an `error` reply;
  * nothing a message contains stops this script. Installation and use: docs/fiji.md.
  *
  * Type mapping (dtype on the wire -> ImageJ image type):
@@ -548,6 +549,28 @@ class JsonError extends Exception {
 /** Strict on purpose: what msgspec refuses (NaN, trailing data, bad UTF-8...) this refuses too. */
 @CompileStatic
 class Json {
+    // Characters as constants: on Groovy 2.4 each `'x' as char` in an expression is a runtime
+    // conversion (a third of the receiver's per-header time went there).
+    private static final char BACKSLASH = '\\' as char
+    private static final char CLOSE_BRACE = '}' as char
+    private static final char CLOSE_BRACKET = ']' as char
+    private static final char COLON = ':' as char
+    private static final char COMMA = ',' as char
+    private static final char FIRST_PRINTABLE = (char) 0x20
+    private static final char LOWER_E = 'e' as char
+    private static final char MINUS = '-' as char
+    private static final char NEWLINE = '\n' as char
+    private static final char NINE = '9' as char
+    private static final char OPEN_BRACE = '{' as char
+    private static final char OPEN_BRACKET = '[' as char
+    private static final char PLUS = '+' as char
+    private static final char POINT = '.' as char
+    private static final char QUOTE = '"' as char
+    private static final char RETURN = '\r' as char
+    private static final char SPACE = ' ' as char
+    private static final char TAB = '\t' as char
+    private static final char UPPER_E = 'E' as char
+    private static final char ZERO = '0' as char
     // As deep as the Python receiver goes: msgspec stops at Python's recursion limit (1000)
     // less the frames already on the receiver thread's stack, which is 994 nested containers
     // (the header object included) for polystore.streaming.Receiver on CPython 3.11 with
@@ -580,7 +603,7 @@ class Json {
     private void ws() {
         while (i < s.length()) {
             char c = s.charAt(i)
-            if (c == (' ' as char) || c == ('\n' as char) || c == ('\r' as char) || c == ('\t' as char)) i++
+            if (c == SPACE || c == NEWLINE || c == RETURN || c == TAB) i++
             else break
         }
     }
@@ -588,10 +611,10 @@ class Json {
     private Object value() {
         if (i >= s.length()) throw fail('truncated input')
         char c = s.charAt(i)
-        if (c == ('{' as char)) return object()
-        if (c == ('[' as char)) return array()
-        if (c == ('"' as char)) return string()
-        if (c == ('-' as char) || (c >= ('0' as char) && c <= ('9' as char))) return number()
+        if (c == OPEN_BRACE) return object()
+        if (c == OPEN_BRACKET) return array()
+        if (c == QUOTE) return string()
+        if (c == MINUS || (c >= ZERO && c <= NINE)) return number()
         if (s.startsWith('true', i)) { i += 4; return Boolean.TRUE }
         if (s.startsWith('false', i)) { i += 5; return Boolean.FALSE }
         if (s.startsWith('null', i)) { i += 4; return null }
@@ -603,21 +626,21 @@ class Json {
         i++
         Map m = new LinkedHashMap()
         ws()
-        if (i < s.length() && s.charAt(i) == ('}' as char)) { i++; depth--; return m }
+        if (i < s.length() && s.charAt(i) == CLOSE_BRACE) { i++; depth--; return m }
         while (true) {
             ws()
-            if (i >= s.length() || s.charAt(i) != ('"' as char)) throw fail('expected a string key')
+            if (i >= s.length() || s.charAt(i) != QUOTE) throw fail('expected a string key')
             String key = string()
             ws()
-            if (i >= s.length() || s.charAt(i) != (':' as char)) throw fail("expected ':'")
+            if (i >= s.length() || s.charAt(i) != COLON) throw fail("expected ':'")
             i++
             ws()
             m.put(key, value())  // a repeated key keeps its last value, as in msgspec
             ws()
             if (i >= s.length()) throw fail('truncated input')
             char c = s.charAt(i++)
-            if (c == ('}' as char)) break
-            if (c != (',' as char)) throw fail("expected ',' or '}'")
+            if (c == CLOSE_BRACE) break
+            if (c != COMMA) throw fail("expected ',' or '}'")
         }
         depth--
         return m
@@ -628,15 +651,15 @@ class Json {
         i++
         List l = new ArrayList()
         ws()
-        if (i < s.length() && s.charAt(i) == (']' as char)) { i++; depth--; return l }
+        if (i < s.length() && s.charAt(i) == CLOSE_BRACKET) { i++; depth--; return l }
         while (true) {
             ws()
             l.add(value())
             ws()
             if (i >= s.length()) throw fail('truncated input')
             char c = s.charAt(i++)
-            if (c == (']' as char)) break
-            if (c != (',' as char)) throw fail("expected ',' or ']'")
+            if (c == CLOSE_BRACKET) break
+            if (c != COMMA) throw fail("expected ',' or ']'")
         }
         depth--
         return l
@@ -649,13 +672,13 @@ class Json {
         while (true) {
             if (i >= s.length()) throw fail('unterminated string')
             char c = s.charAt(i)
-            if (c == ('"' as char)) {
+            if (c == QUOTE) {
                 String out = sb == null ? s.substring(start, i) : sb.append(s, start, i).toString()
                 i++
                 return out
             }
-            if (c < (0x20 as char)) throw fail('control character in string')
-            if (c == ('\\' as char)) {
+            if (c < FIRST_PRINTABLE) throw fail('control character in string')
+            if (c == BACKSLASH) {
                 if (sb == null) sb = new StringBuilder()
                 sb.append(s, start, i)
                 if (++i >= s.length()) throw fail('unterminated string')
@@ -701,22 +724,22 @@ class Json {
 
     private Object number() {
         int start = i
-        if (s.charAt(i) == ('-' as char)) i++
+        if (s.charAt(i) == MINUS) i++
         if (i >= s.length()) throw fail('truncated number')
-        if (s.charAt(i) == ('0' as char)) i++
+        if (s.charAt(i) == ZERO) i++
         else if (digit()) { while (digit()) i++ }
         else throw fail('invalid number')
         boolean integral = true
-        if (i < s.length() && s.charAt(i) == ('.' as char)) {
+        if (i < s.length() && s.charAt(i) == POINT) {
             integral = false
             i++
             if (!digit()) throw fail('invalid number')
             while (digit()) i++
         }
-        if (i < s.length() && (s.charAt(i) == ('e' as char) || s.charAt(i) == ('E' as char))) {
+        if (i < s.length() && (s.charAt(i) == LOWER_E || s.charAt(i) == UPPER_E)) {
             integral = false
             i++
-            if (i < s.length() && (s.charAt(i) == ('+' as char) || s.charAt(i) == ('-' as char))) i++
+            if (i < s.length() && (s.charAt(i) == PLUS || s.charAt(i) == MINUS)) i++
             if (!digit()) throw fail('invalid number')
             while (digit()) i++
         }
@@ -725,7 +748,7 @@ class Json {
         return text.length() < 19 ? (Object) Long.valueOf(text) : normalise(new BigInteger(text))
     }
 
-    private boolean digit() { i < s.length() && s.charAt(i) >= ('0' as char) && s.charAt(i) <= ('9' as char) }
+    private boolean digit() { i < s.length() && s.charAt(i) >= ZERO && s.charAt(i) <= NINE }
 
     private static Object normalise(BigInteger b) { b.bitLength() < 64 ? (Object) Long.valueOf(b.longValue()) : b }
 
@@ -788,9 +811,9 @@ class Json {
         sb.append('"')
         for (int k = 0; k < s.length(); k++) {
             char c = s.charAt(k)
-            if (c == ('"' as char)) sb.append('\\"')
-            else if (c == ('\\' as char)) sb.append('\\\\')
-            else if (c < (0x20 as char)) sb.append(String.format('\\u%04x', (int) c))
+            if (c == QUOTE) sb.append('\\"')
+            else if (c == BACKSLASH) sb.append('\\\\')
+            else if (c < FIRST_PRINTABLE) sb.append(String.format('\\u%04x', (int) c))
             else sb.append(c)
         }
         sb.append('"')
@@ -1375,8 +1398,7 @@ class Stream {
     int[] last = new int[3]  // (c, z, t) of the newest plane, shown in the GUI
     boolean shown, dirty, displayDirty
     final Map<Integer, double[]> autoRanges = new TreeMap<Integer, double[]>()  // channel -> range set by "auto"
-    final Set<Integer> userRanges = new HashSet<Integer>()  // channels whose contrast the user set by hand
-    boolean rangesStale  // the image was rebuilt: ImageJ may have reset its ranges itself
+    final Map<Integer, double[]> userRanges = new TreeMap<Integer, double[]>()  // channel -> range the user set by hand
     /** Contrast to follow, by the channels a frame touched: scanned when shown, not per frame. */
     final LinkedHashMap<String, Closure> pendingFollow = new LinkedHashMap<String, Closure>()
     String file, rendered  // the saved TIFF, and a PNG of what its window shows
@@ -1404,6 +1426,7 @@ class Images {
     long emptyFrames
     long roiIds
     final String runId = Long.toHexString(new Random().nextLong() & 0xffffffffL)  // ROI ids unique across re-runs
+    Closure beforeDraw  // sends the acks still held: a frame is acknowledged before it is shown
 
     Images(String defaultMode, String channelDisplay, boolean gui, boolean useRoiManager, File outputDir) {
         this.defaultMode = defaultMode
@@ -1670,7 +1693,7 @@ class Images {
     }
 
     void setStack(Stream s, ImageStack stack, int C, int Z, int T) {
-        s.rangesStale = true
+        noticeHandChanges(s)  // before the rebuild, which may reset what ImageJ shows
         if (s.imp == null) {
             s.imp = new ImagePlus(s.title, stack)
             s.imp.setDimensions(C, Z, T)
@@ -1704,6 +1727,7 @@ class Images {
             }
         }
         s.displayDirty = true
+        keepRanges(s)
     }
 
     void applyDisplay(Stream s) {
@@ -1718,6 +1742,7 @@ class Images {
                 if (lut == null) { s.unknownColormap = name; lut = Luts.get('grays') }
             }
             double[] range = s.labels ? ([0d, Math.max(255d, s.maxLabel)] as double[]) : s.ranges.get(c)
+            if (range != null) s.autoRanges.remove(c)  // a hint, not a range to follow or to take for the user's
             if (s.imp instanceof CompositeImage) {
                 CompositeImage ci = (CompositeImage) s.imp
                 LUT current = ci.getChannelLut(c + 1)
@@ -1786,18 +1811,41 @@ class Images {
             double[] acc = seen.get(c)
             seen.put(c, acc == null ? mm : ([Math.min(acc[0], mm[0]), Math.max(acc[1], mm[1])] as double[]))
         }
+        noticeHandChanges(s)
         for (Map.Entry<Integer, double[]> e : seen.entrySet()) {
             int c = e.key
-            if (gui && !s.rangesStale && !s.userRanges.contains(c) && s.autoRanges.containsKey(c)) {
-                if (!Arrays.equals(rangeOf(s, c), s.autoRanges.get(c))) s.userRanges.add(c)  // touched by hand
-            }
-            if (s.userRanges.contains(c)) continue
+            if (s.userRanges.containsKey(c)) continue
             double lo = e.value[0], hi = e.value[1]
             if (!(hi > lo)) hi = lo + 1  // a flat frame
             setRange(s, c, lo, hi)
             s.autoRanges.put(c, rangeOf(s, c))
         }
-        if (!seen.isEmpty()) s.rangesStale = false
+    }
+
+    /**
+     * GUI only: a channel whose shown range is no longer the one this script set last was
+     * changed by hand (Brightness/Contrast, a macro's setMinAndMax); from then on its range
+     * is the user's, and a later change by hand replaces it.
+     */
+    void noticeHandChanges(Stream s) {
+        if (!gui || s.imp == null || s.bits == 24) return
+        int channels = Math.min(s.C, s.imp.getNChannels())
+        for (int c = 0; c < channels; c++) {
+            double[] now = rangeOf(s, c), auto = s.autoRanges.get(c)
+            if (s.userRanges.containsKey(c) || (auto != null && !Arrays.equals(now, auto))) s.userRanges.put(c, now)
+        }
+    }
+
+    /** After the image was rebuilt (grown, retyped, made a composite), when ImageJ may have
+     * reset its display ranges: the user's ranges are put back, and what is shown now is what
+     * a later hand change is told apart from. */
+    void keepRanges(Stream s) {
+        if (s.imp == null || s.bits == 24) return
+        for (int c = 0; c < Math.min(s.C, s.imp.getNChannels()); c++) {
+            double[] user = s.userRanges.get(c)
+            if (user != null) setRange(s, c, user[0], user[1])
+            else if (s.autoRanges.containsKey(c)) s.autoRanges.put(c, rangeOf(s, c))
+        }
     }
 
     /** Labels are drawn through LabelColors (single-channel images; composites keep LUTs). */
@@ -1931,6 +1979,7 @@ class Images {
     }
 
     void refresh() {
+        if (beforeDraw != null) beforeDraw.call()
         forgetClosed()
         for (Stream s : streams.values()) {
             if (!s.dirty || s.imp == null) continue
@@ -1954,7 +2003,7 @@ class Images {
                 rois: s.roiCount(), overlay: imp?.getOverlay() ? imp.getOverlay().size() : 0,
                 framesReceived: s.framesReceived, labels: s.labels, composite: imp ? imp.isComposite() : false,
                 luts: lutNames(s), unknownColormap: s.unknownColormap, file: s.file, shown: s.shown,
-                displayRanges: imp ? followAndRanges(s) : [], userRanges: new ArrayList(s.userRanges), rendered: s.rendered,
+                displayRanges: imp ? followAndRanges(s) : [], userRanges: new ArrayList(s.userRanges.keySet()), rendered: s.rendered,
             ] as Map)
         }
         return out
@@ -2193,6 +2242,155 @@ class Core {
     void close() { reader.close() }
 }
 
+/**
+ * JeroMQ's socket called through reflection from compiled code. The script loads JeroMQ at
+ * run time (a missing jar is a readable message, not a compile error), so calls from the
+ * script body are dynamic Groovy; per message they cost more than the decoding (Groovy 4's
+ * invokedynamic call sites most), hence this small statically compiled wrapper.
+ */
+@CompileStatic
+class Wire {
+    private static final Object[] NO_ARGS = new Object[0]
+    private static final Integer BLOCKING = Integer.valueOf(0)
+    final Object socket
+    private final Method recvMethod, hasMoreMethod, sendMethod
+    private final Integer sendMore, sendLast, dontWait
+
+    Wire(Object socket, int sendMoreFlags, int sendLastFlags) {
+        this.socket = socket
+        Class<?> type = socket.getClass()
+        recvMethod = type.getMethod('recv', Integer.TYPE)
+        hasMoreMethod = type.getMethod('hasReceiveMore')
+        sendMethod = type.getMethod('send', byte[].class, Integer.TYPE)
+        sendMore = Integer.valueOf(sendMoreFlags)
+        sendLast = Integer.valueOf(sendLastFlags)
+        dontWait = sendLast
+    }
+
+    /** The next message part, or null when the receive timeout passes first. */
+    byte[] recv() { (byte[]) call(recvMethod, BLOCKING) }
+
+    /** The next message part if one is waiting, else null at once. */
+    byte[] recvNow() { (byte[]) call(recvMethod, dontWait) }
+
+    boolean hasMore() { (Boolean) call(hasMoreMethod, NO_ARGS) }
+
+    /** A reply of two parts (routing id, body), never blocking: a sender that is gone or not
+     * reading times out on its own. */
+    void reply(byte[] identity, byte[] body) {
+        try {
+            call(sendMethod, identity, sendMore)
+            call(sendMethod, body, sendLast)
+        } catch (Exception ignored) {
+            // dropped
+        }
+    }
+
+    private Object call(Method method, Object... args) {
+        try {
+            return method.invoke(socket, args)
+        } catch (java.lang.reflect.InvocationTargetException e) {
+            throw e.getCause()  // JeroMQ's own exception, as a direct call would throw it
+        }
+    }
+}
+
+/**
+ * The receive loop (on the worker thread): one message at a time to Core.handle, replies to
+ * the message's sender, and housekeeping between messages (redraw, fps, unlinked segments).
+ *
+ * Acks are held while more messages already wait (at most MAX_HELD_ACKS), then sent
+ * together, and always before any other reply and before anything is drawn. Each send that
+ * finds JeroMQ's I/O thread asleep wakes it through a pipe; on a busy machine the woken
+ * thread preempts this one between writing the wake-up byte and counting it, and then spins
+ * until this thread runs again (JeroMQ 0.3 to 0.6; about 1 ms of CPU per frame, half the
+ * throughput on two cores). One wake-up per burst instead of one per frame avoids most of it.
+ */
+@CompileStatic
+class ReceiveLoop {
+    final Wire wire
+    final Core core
+    final Images images
+    final AtomicBoolean stop
+    final boolean gui
+    final Closure status  // called once a second (the GUI's status line), may be null
+    private byte[] current  // routing id of the message being handled
+    static final int MAX_HELD_ACKS = 4
+    private final List<byte[]> heldIds = new ArrayList<byte[]>(), heldAcks = new ArrayList<byte[]>()
+    private final Closure replyToCurrent = { Map message ->
+        if (message.get('type') == 'ack' && heldAcks.size() < MAX_HELD_ACKS) {
+            heldIds.add(current)
+            heldAcks.add(Json.encodeUtf8(message))
+        } else {
+            flushAcks()
+            wire.reply(current, Json.encodeUtf8(message))
+        }
+    }
+
+    void flushAcks() {
+        for (int k = 0; k < heldAcks.size(); k++) wire.reply(heldIds.get(k), heldAcks.get(k))
+        heldIds.clear()
+        heldAcks.clear()
+    }
+
+    ReceiveLoop(Wire wire, Core core, Images images, AtomicBoolean stop, boolean gui, Closure status) {
+        this.wire = wire
+        this.core = core
+        this.images = images
+        this.stop = stop
+        this.gui = gui
+        this.status = status
+        images.beforeDraw = { flushAcks() }
+    }
+
+    void run() {
+        long lastTick = System.nanoTime(), lastDraw = 0, framesAtTick = 0
+        while (!stop.get()) {
+            byte[] identity = null
+            try {
+                if (!heldAcks.isEmpty()) {
+                    identity = heldAcks.size() < MAX_HELD_ACKS ? wire.recvNow() : null
+                    if (identity == null) flushAcks()
+                }
+                if (identity == null) identity = wire.recv()
+            } catch (Throwable e) {
+                if (e instanceof ThreadDeath) throw e
+                if (stop.get()) break
+                images.log("receive failed: ${e}".toString())
+                Thread.sleep(100)  // a broken socket must not become a busy loop
+            }
+            if (identity != null) {
+                List<byte[]> parts = new ArrayList<byte[]>(2)
+                int count = 0
+                while (wire.hasMore()) {
+                    byte[] part = wire.recv()
+                    count++
+                    if (parts.size() < 2) parts.add(part)  // more parts are counted, not kept
+                }
+                current = identity
+                core.handle(new String(identity, StandardCharsets.ISO_8859_1), parts, count, replyToCurrent)
+            }
+            long now = System.nanoTime()
+            try {  // housekeeping; a failure here is logged, never fatal
+                if (gui && now - lastDraw > 50_000_000L) {  // redraw at most ~20 times a second
+                    lastDraw = now
+                    images.refresh()
+                }
+                if (now - lastTick >= 1_000_000_000L) {
+                    core.fps = (core.frames - framesAtTick) * 1e9d / (now - lastTick)
+                    lastTick = now
+                    framesAtTick = core.frames
+                    core.reader.forgetUnlinked()
+                    if (status != null) status.call()
+                }
+            } catch (Exception e) {
+                images.log("housekeeping failed: ${e}".toString())
+            }
+        }
+        flushAcks()
+    }
+}
+
 // ==========================================================================================
 // 8. Authentication (docs/protocol.md, "Handshake and authentication"): the user's credential
 //    file, the same one Python reads (polystore/streaming/credential.py)
@@ -2429,54 +2627,10 @@ Runnable receive = {
             return
         }
         started.countDown()
-        int sendMore = zmq.SNDMORE | zmq.DONTWAIT, sendLast = zmq.DONTWAIT  // looked up once, not per reply
-        byte[] current = null  // routing id of the message being handled
-        def replyToCurrent = { Map message ->
-            try {
-                sock.send(current, sendMore)
-                sock.send(Json.encodeUtf8(message), sendLast)
-            } catch (Exception ignored) {
-                // the sender is gone or not reading; it times out on its own
-            }
+        Closure status = {  // the window is made once the socket listens
+            if (statusLabel != null) statusLabel.text = "${bound}: ${core.frames} frames, ${String.format('%.1f', core.fps)} fps, ${core.rejected} rejected${credential == null ? ', UNAUTHENTICATED' : ''}"
         }
-        long lastTick = System.nanoTime(), lastDraw = 0, framesAtTick = 0
-        while (!stop.get()) {
-            byte[] identity = null
-            try {
-                identity = sock.recv(0)
-            } catch (Exception e) {
-                if (stop.get()) break
-                images.log("receive failed: ${e}")
-                Thread.sleep(100)  // a broken socket must not become a busy loop
-            }
-            if (identity != null) {
-                List<byte[]> parts = []
-                int count = 0
-                while (sock.hasReceiveMore()) {
-                    byte[] part = sock.recv(0)
-                    count++
-                    if (parts.size() < 2) parts << part  // more parts are counted, not kept
-                }
-                current = identity
-                core.handle(new String(identity, 'ISO-8859-1'), parts, count, replyToCurrent)
-            }
-            long now = System.nanoTime()
-            try {  // housekeeping; a failure here is logged, never fatal
-                if (gui && now - lastDraw > 50_000_000L) {  // redraw at most ~20 times a second
-                    lastDraw = now
-                    images.refresh()
-                }
-                if (now - lastTick >= 1_000_000_000L) {
-                    core.fps = (core.frames - framesAtTick) * 1e9 / (now - lastTick)
-                    lastTick = now
-                    framesAtTick = core.frames
-                    core.reader.forgetUnlinked()
-                    if (statusLabel != null) statusLabel.text = "${bound}: ${core.frames} frames, ${String.format('%.1f', core.fps)} fps, ${core.rejected} rejected${credential == null ? ', UNAUTHENTICATED' : ''}"
-                }
-            } catch (Exception e) {
-                images.log("housekeeping failed: ${e}")
-            }
-        }
+        new ReceiveLoop(new Wire(sock, zmq.SNDMORE | zmq.DONTWAIT, zmq.DONTWAIT), core, images, stop, gui, status).run()
     } catch (Throwable t) {
         images.log("receiver stopped by an error: ${t}")
     } finally {

@@ -12,6 +12,9 @@
  *                up to a second, then Thread.stop those still alive (where the JVM has it)
  *   stop         press the Stop button of the receiver's window (needs a display)
  *   threads      CPU use of every live thread over the next second, as JSON
+ *   macro CODE   run one line of ImageJ macro code as a user does (Plugins > Macros > Run, or
+ *                what the Macro Recorder writes for a dialog, e.g. setMinAndMax for the
+ *                Brightness/Contrast "Set"); answers what the macro returns
  *   screenshot F save the whole screen as PNG file F (needs a display)
  *   quit         end the JVM
  * The script's own output goes to standard output as usual.
@@ -126,6 +129,9 @@ while ((line = input.readLine()) != null) {
                 rows << [name: t.name, group: t.threadGroup?.name, cpu: (after - before[t.id]) / 1e9]
             }
             answer(JsonOutput.toJson(rows))
+        } else if (command.startsWith('macro ')) {
+            String result = ij.IJ.runMacro(command.substring('macro '.length()))
+            answer(result == null ? '' : result.replace('\n', ' '))
         } else if (command.startsWith('screenshot ')) {  // the whole (virtual) screen as PNG
             File png = new File(command.substring('screenshot '.length()).trim())
             def screen = new java.awt.Rectangle(java.awt.Toolkit.defaultToolkit.screenSize)
