@@ -35,6 +35,33 @@ import sys
 import time
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds used so far by this process's threads: napari's main thread, Mesa's
+    llvmpipe rasteriser threads, the receiver thread, the rest."""
+    import threading
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = names.get(int(tid), f.read().strip())
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        group = ("main" if name == "MainThread" else "llvmpipe" if name.startswith("llvmpipe")
+                 else "receiver" if name.endswith("-rx") else "other")
+        used[group] = used.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return used
+
+
+def cpu_cores(first: dict[str, float], last: dict[str, float], seconds: float) -> dict:
+    """Cores used on average between two `thread_cpu` readings."""
+    return {k: round((v - first.get(k, 0.0)) / seconds, 3) for k, v in last.items()}
+
+
 def rss_mib(pid: int | str = "self") -> float:
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -50,7 +77,10 @@ ROIS = [{"kind": "rectangle", "coords": [[40 + 90 * (i // 5), 40 + 90 * (i % 5)]
 
 def sender(endpoint: str, seconds: float, size: int, policy: str, roi: bool,
            rate: float) -> None:
-    """Stream frames for `seconds`: `rate` frames/s, or as fast as the credits allow (0)."""
+    """Stream frames for `seconds` or until stdin closes: `rate` frames/s, or as fast as the
+    credits allow (0)."""
+    import select
+
     import numpy as np
 
     from polystore.streaming import NapariStreamingBackend
@@ -58,12 +88,15 @@ def sender(endpoint: str, seconds: float, size: int, policy: str, roi: bool,
     rng = np.random.default_rng(0)
     pool = [rng.integers(0, 4000, (size, size), dtype=np.uint16) for _ in range(8)]
     backend = NapariStreamingBackend(endpoint, policy=policy, timeout=30)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     try:
         if roi:
             backend.save(ROIS, "bench/rois.roi.zip", stream="bench")
         i = 0
-        while time.perf_counter() - t0 < seconds:
+        def stopped() -> bool:  # the bench closed our stdin
+            return bool(select.select([sys.stdin], [], [], 0)[0])
+
+        while time.perf_counter() - t0 < seconds and not stopped():
             backend.save(pool[i % len(pool)], f"bench/t{i:05d}.tif")
             i += 1
             if rate > 0:
@@ -72,7 +105,8 @@ def sender(endpoint: str, seconds: float, size: int, policy: str, roi: bool,
         elapsed = time.perf_counter() - t0
         stats = backend.sender.stats
         print(json.dumps({"sent": int(stats["frames"]), "dropped": int(stats["dropped"]),
-                          "seconds": elapsed, "rss_mib": rss_mib()}), flush=True)
+                          "seconds": elapsed, "rss_mib": rss_mib(),
+                          "cpu_cores": (time.process_time() - cpu0) / elapsed}), flush=True)
     finally:
         backend.close()
 
@@ -118,12 +152,12 @@ def bench(args: argparse.Namespace) -> dict:
     draws = [0]
     canvas = viewer.window._qt_viewer.canvas._scene_canvas
     canvas.events.draw.connect(lambda _event: draws.__setitem__(0, draws[0] + 1))
-    duration = args.warmup + args.seconds + 1
+    duration = args.warmup + args.seconds + 30  # at most: it stops when its stdin closes
     proc = subprocess.Popen(
         [sys.executable, __file__, "--sender", widget.endpoint, "--seconds", str(duration),
          "--size", str(args.size), "--policy", args.policy, "--rate", str(args.rate),
          *(["--roi"] if args.roi else [])],
-        stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     marks: dict[str, tuple] = {}
     view: dict = {}
@@ -131,7 +165,7 @@ def bench(args: argparse.Namespace) -> dict:
 
     def mark() -> tuple:
         return (time.perf_counter(), widget.manager.updates, draws[0], receiver.stats.frames,
-                widget.display.busy_s, rss_mib())
+                widget.display.busy_s, rss_mib(), thread_cpu())
 
     def sample() -> None:
         if receiver.stats.frames and "start" not in marks:
@@ -146,6 +180,7 @@ def bench(args: argparse.Namespace) -> dict:
             view.update(view_of(viewer))  # the frames' image is shown by now
         if elapsed >= args.warmup + args.seconds and "last" not in marks:
             marks["last"] = mark()
+            proc.stdin.close()  # the sender stops
         if proc.poll() is not None or elapsed > duration + 30:
             app.quit()
 
@@ -154,7 +189,10 @@ def bench(args: argparse.Namespace) -> dict:
     timer.start(100)
     napari.run()
     timer.stop()
-    out = proc.communicate(timeout=60)[0]
+    if not proc.stdin.closed:
+        proc.stdin.close()
+    out = proc.stdout.read()
+    proc.wait(timeout=60)
     sent = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
     first, last = marks["first"], marks.get("last") or mark()
     seconds = last[0] - first[0]
@@ -167,7 +205,8 @@ def bench(args: argparse.Namespace) -> dict:
         "sent": sent.get("sent"), "received": receiver.stats.frames,
         "coalesced": buffer.stats.coalesced, "dropped_by_policy": receiver.stats.dropped,
         "rss_end_mib": last[5], "display_busy_fraction": (last[4] - first[4]) / seconds,
-        **view,
+        **view, "cpu_cores": {**cpu_cores(first[6], last[6], seconds),
+                              "sender": round(sent.get("cpu_cores", 0.0), 3)},
     }  # fmt: skip
     widget.stop()
     return result
@@ -218,11 +257,11 @@ def bare(args: argparse.Namespace) -> dict:
             fit_canvas(viewer, args.canvas, fitted)
         if now >= args.warmup and "first" not in marks:
             marks["first"] = (now, counts["updates"], counts["draws"], rss_mib(),
-                              counts["busy_s"])
+                              counts["busy_s"], thread_cpu())
             view.update(view_of(viewer))
         if now >= args.warmup + args.seconds:
             marks["last"] = (now, counts["updates"], counts["draws"], rss_mib(),
-                             counts["busy_s"])
+                             counts["busy_s"], thread_cpu())
             app.quit()
 
     timer = QTimer()
@@ -236,7 +275,8 @@ def bare(args: argparse.Namespace) -> dict:
     return {"size": args.size, "seconds": seconds, "roi": args.roi,
             "displayed_fps": (last[1] - first[1]) / seconds,
             "draws_fps": (last[2] - first[2]) / seconds, "rss_end_mib": last[3],
-            "display_busy_fraction": (last[4] - first[4]) / seconds, **view}
+            "display_busy_fraction": (last[4] - first[4]) / seconds, **view,
+            "cpu_cores": cpu_cores(first[5], last[5], seconds)}
 
 
 def phase(args: argparse.Namespace, which: str, roi: bool) -> dict:
@@ -263,16 +303,19 @@ def table(runs: dict[str, list[dict]], load: str) -> str:
     ceiling_roi = medians["bare + ROI"]["displayed_fps"]
     lines = ["| phase | frames/s displayed (median; all rounds) | canvas draws/s | "
              "ratio to bare | ratio to bare + ROI | main thread putting frames in layers | "
-             "canvas, zoom | napari RSS at end |",
-             "|---|---|---|---|---|---|---|---|"]
+             "CPU cores: main, llvmpipe, receiver, sender | canvas, zoom | napari RSS at end |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in medians.items():
         every = ", ".join(f"{x['displayed_fps']:.1f}" for x in runs[name])
         ratio = r["displayed_fps"] / ceiling if ceiling else 0.0
         ratio_roi = r["displayed_fps"] / ceiling_roi if ceiling_roi else 0.0
         canvas = "x".join(map(str, r["canvas"]))
+        cpu = ", ".join(f"{r['cpu_cores'].get(k, 0.0):.2f}"
+                        for k in ("main", "llvmpipe", "receiver", "sender"))
         lines.append(f"| {name} | {r['displayed_fps']:.1f} ({every}) | {r['draws_fps']:.1f} | "
                      f"{ratio:.2f}x | {ratio_roi:.2f}x | "
-                     f"{100 * r['display_busy_fraction']:.0f} % | {canvas}, {r['zoom']:.3f} | "
+                     f"{100 * r['display_busy_fraction']:.0f} % | {cpu} | "
+                     f"{canvas}, {r['zoom']:.3f} | "
                      f"{r['rss_end_mib']:.0f} MiB |")
     plugin = medians["plugin"]
     lines += ["", f"{plugin['size']}x{plugin['size']} uint16, mode {plugin['mode']}, "

@@ -308,13 +308,14 @@ class LayerManager:
             if follow:
                 self._show_last(layer, axis)
         else:
-            # pixels were written into the array the layer shows; its thumbnail in the
-            # layer list is redrawn at most THUMBNAIL_HZ times a second
+            # pixels were written into the array the layer shows (same shape: its extent
+            # stays); its thumbnail in the layer list is redrawn at most THUMBNAIL_HZ times
+            # a second
             now = time.monotonic()
             thumbnail = now - state.thumbnail_at >= 1 / THUMBNAIL_HZ
             if thumbnail:
                 state.thumbnail_at = now
-            layer.refresh(thumbnail=thumbnail)
+            layer.refresh(thumbnail=thumbnail, extent=False)
 
     def _apply_hints(self, state: _LayerState, piece: Piece, view: View) -> None:
         hints = piece.header.display
