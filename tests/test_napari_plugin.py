@@ -561,6 +561,35 @@ def test_rois_without_axes_are_2d(docked, qtbot):
     assert "img points" not in viewer.layers
 
 
+def test_rois_sent_before_the_first_frame_stay_above_the_image(docked, qtbot):
+    """ROIs that arrived before their image's first frame ended up under the image (hidden by
+    it), with the view fitted to the ROIs, so the image showed magnified."""
+    viewer, widget = docked
+    sender = Sender(widget.endpoint, """
+        backend.save([{"kind": "rectangle", "coords": [[10, 20], [60, 90]]},
+                      {"kind": "point", "coords": [[30, 40]]}], "early/a.roi.zip",
+                     stream="early")
+        barrier()
+        for c in range(2):  # one layer per channel, each made after the ROI layers
+            backend.save(rand(c, (400, 600)), f"early/c{c}.tif", stream="early",
+                         axes={"c": c})
+    """)
+    try:
+        sender.wait_line(qtbot)
+        qtbot.waitUntil(lambda: "early points" in viewer.layers, timeout=10000)
+        sender.go()
+        sender.finish(qtbot)
+    finally:
+        sender.kill()
+    wait_frames(qtbot, widget, 2)
+    names = [layer.name for layer in viewer.layers]
+    assert names == ["early [c0]", "early [c1]", "early ROIs", "early points"]
+    fitted = (viewer.scene.camera.zoom, tuple(viewer.scene.camera.center))
+    viewer.reset_view()  # napari's fit of every layer: the image's extent
+    assert viewer.scene.camera.zoom == pytest.approx(fitted[0])
+    assert tuple(viewer.scene.camera.center) == pytest.approx(fitted[1])
+
+
 # -- remote state ----------------------------------------------------------------------------
 
 

@@ -91,6 +91,21 @@ def test_round_trip_every_dtype_and_shape_is_bit_exact(receiver_proc, transport)
     assert [g["digest"] for g in got] == [digest(a) for a in arrays]
 
 
+def test_frames_around_the_gil_free_copy_size_are_bit_exact(backend):
+    """Shared-memory copies of 1 MiB and more go through numpy (without the GIL), smaller
+    ones through a memoryview: both, and the boundary, arrive bit-exact."""
+    from polystore.streaming.segment_reader import GIL_FREE_COPY_BYTES
+
+    arrays = [sample("uint8", (GIL_FREE_COPY_BYTES - 1,), seed=1),
+              sample("uint8", (1024, GIL_FREE_COPY_BYTES // 1024), seed=2),
+              sample("uint16", (1023, 1031), seed=3)]
+    start = len(backend.request("report")["received"])
+    for i, a in enumerate(arrays):
+        backend.save(a, f"gil/{i}.tif")
+    assert backend.sender.uses_shared_memory
+    assert [g["digest"] for g in received(backend)[start:]] == [digest(a) for a in arrays]
+
+
 def test_non_contiguous_big_endian_and_bool_inputs(backend):
     base = sample("uint16", (64, 80))
     inputs = [

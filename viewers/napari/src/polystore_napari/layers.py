@@ -264,9 +264,26 @@ class LayerManager:
                 layer = self.viewer.add_image(view.data, **kwargs)
             layer.events.contrast_limits.connect(functools.partial(self._contrast_set, state))
         state.layer = layer
+        self._below_rois(stream, layer)
         layer.axis_labels = view.axis_labels
         if view.follow_axis is not None:  # napari opens new axes in the middle; show the newest
             self._show_last(layer, view.follow_axis)
+
+    def _below_rois(self, stream: str, layer) -> None:
+        """ROIs sent before their image's first frame must not vanish under it: the new layer
+        goes below the stream's ROI layers. If those were all the viewer had, napari fitted
+        the view to the ROIs; fit it to the image instead, as napari does for a first layer."""
+        rois = self.rois.alive(stream)
+        if not rois:
+            return
+        layers = self.viewer.layers
+        lowest = min(layers.index(roi) for roi in rois)
+        here = layers.index(layer)
+        if here > lowest:
+            layers.move(here, lowest)
+        ours = self.rois.alive()
+        if all(other is layer or any(other is roi for roi in ours) for other in layers):
+            self.viewer.reset_view()
 
     @staticmethod
     def _contrast_set(state: _LayerState, event=None) -> None:
@@ -291,13 +308,14 @@ class LayerManager:
             if follow:
                 self._show_last(layer, axis)
         else:
-            # pixels were written into the array the layer shows; its thumbnail in the
-            # layer list is redrawn at most THUMBNAIL_HZ times a second
+            # pixels were written into the array the layer shows (same shape: its extent
+            # stays); its thumbnail in the layer list is redrawn at most THUMBNAIL_HZ times
+            # a second
             now = time.monotonic()
             thumbnail = now - state.thumbnail_at >= 1 / THUMBNAIL_HZ
             if thumbnail:
                 state.thumbnail_at = now
-            layer.refresh(thumbnail=thumbnail)
+            layer.refresh(thumbnail=thumbnail, extent=False)
 
     def _apply_hints(self, state: _LayerState, piece: Piece, view: View) -> None:
         hints = piece.header.display

@@ -49,6 +49,12 @@ class RoiLayers:
         state = self.streams.get(stream)
         return (None, None) if state is None else (state.shapes, state.points)
 
+    def alive(self, stream: str | None = None) -> list:
+        """The ROI layers (Shapes, Points) still in the viewer, of `stream` or of every stream."""
+        states = self.streams.values() if stream is None else [self.streams.get(stream)]
+        return [layer for state in states if state is not None
+                for layer in (state.shapes, state.points) if self._alive(layer)]
+
     def held(self, stream: str) -> int:
         """ROI entries held for the image stream `stream`."""
         state = self.streams.get(stream)
