@@ -26,7 +26,7 @@ from polystore.streaming.connections import ConnectionGuard, default_max_connect
 from polystore.streaming.endpoints import check_bind_endpoint, is_loopback
 from polystore.streaming.keys import public_key, secret_key
 from polystore.streaming.received import ReceivedFrame, ReceivedRois, ReceiverStats
-from polystore.streaming.router import ACK_BATCH, Outbox, open_router, read_rest
+from polystore.streaming.router import ACK_BATCH, ACK_BATCH_BYTES, Outbox, open_router, read_rest
 from polystore.streaming.segment_reader import SegmentError, SegmentReader
 from polystore.streaming.sessions import MAX_SENDERS, Session, SessionTable
 from polystore.streaming.shm import sweep
@@ -101,6 +101,7 @@ class Receiver:
         self._ready = threading.Event()
         self._outbox: Outbox | None = None
         self._undelivered: list[tuple[Callable | None, object]] = []  # acks held back
+        self._held_bytes = 0
         self._bind_error: BaseException | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -180,7 +181,8 @@ class Receiver:
                         except zmq.Again:
                             break
                         self._handle(identity, *read_rest(sock))
-                        if len(self._undelivered) >= ACK_BATCH:
+                        if (len(self._undelivered) >= ACK_BATCH
+                                or self._held_bytes >= ACK_BATCH_BYTES):
                             self._release()
                     self._release()  # drained: held acks leave before the next wait
                 now = time.monotonic()
@@ -291,6 +293,7 @@ class Receiver:
         # The copy is ours: the sender may reuse its segment now (counted before the ack,
         # so whoever sees the ack sees the counts).
         self._outbox.ack(identity, frame.seq, sender.batch_acks)
+        self._held_bytes += frame.nbytes
         self._undelivered.append((self.on_frame, ReceivedFrame(array, frame, sender.token,
                                                                 time.time_ns())))
 
@@ -298,6 +301,7 @@ class Receiver:
         """Send the held acks, then hand their frames to the viewer (ack before display)."""
         self._outbox.flush()
         undelivered, self._undelivered = self._undelivered, []
+        self._held_bytes = 0
         for callback, item in undelivered:
             self._deliver(callback, item)
 

@@ -2,7 +2,8 @@
 replies sent in order per sender, with frame acks batched under load.
 
 A frame's ack may be held back while the receiver goes on with messages that are already
-queued (the receiver releases them after at most `ACK_BATCH` frames): one ``ack`` then
+queued (the receiver releases them after at most `ACK_BATCH` frames or `ACK_BATCH_BYTES` of
+pixels, so a sender of large frames never waits on copies of later ones): one ``ack`` then
 returns several credits, so a busy pipe carries fewer messages (fewer CURVE boxes to seal and
 open, fewer thread wake-ups on both sides). Held acks leave before any other reply to the
 same sender and whenever the receiver releases them; an idle pipe is never delayed. Only
@@ -27,6 +28,10 @@ HANDSHAKE_TIMEOUT_MS = 5000
 #: Frames whose acks (and display) may wait for the next ones already queued (senders keep
 #: 16 messages in flight by default, so they never run dry).
 ACK_BATCH = 4
+#: ...and at most this many pixel bytes: holding an ack costs the sender the time the receiver
+#: takes to copy the frames after it (about 0.2 ms here), while the ack itself costs far less
+#: than copying one large frame.
+ACK_BATCH_BYTES = 2 << 20
 
 _SNDMORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
 _ACK_PREFIX = p.encode(p.Ack(v=p.VERSION, seq=0))[: -len(b"0}")]
