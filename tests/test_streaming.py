@@ -908,6 +908,13 @@ def _held_receiver(release: threading.Event):
     return receiver.start(), first
 
 
+def _inline_hello(client: RawClient, batch_acks: bool):
+    """A hello without a probe (frames travel inline), asking for batched acks or not."""
+    return client.request({"v": 1, "type": "hello", "sender": client.token, "pid": os.getpid(),
+                           "viewer": "napari", "segment_prefix": client.prefix,
+                           "batch_acks": batch_acks})
+
+
 def _inline_frame(seq: int) -> list[bytes]:
     return [json.dumps(frame(seq=seq)).encode(), bytes(16)]
 
@@ -926,9 +933,7 @@ def test_acks_of_queued_frames_are_batched_only_for_senders_that_ask(batch):
     receiver, first = _held_receiver(release)
     client = RawClient(receiver.endpoint)
     try:
-        hello = {"v": 1, "type": "hello", "sender": client.token, "pid": os.getpid(),
-                 "viewer": "napari", "segment_prefix": client.prefix, "batch_acks": batch}
-        assert isinstance(client.request(hello), p.Welcome)
+        assert isinstance(_inline_hello(client, batch), p.Welcome)
         client.sock.send_multipart(_inline_frame(1))
         assert first.wait(5)
         for seq in range(2, 11):  # queue up behind the stuck viewer
@@ -957,9 +962,7 @@ def test_held_acks_leave_before_any_other_reply():
     receiver, first = _held_receiver(release)
     client = RawClient(receiver.endpoint)
     try:
-        hello = {"v": 1, "type": "hello", "sender": client.token, "pid": os.getpid(),
-                 "viewer": "napari", "segment_prefix": client.prefix, "batch_acks": True}
-        assert isinstance(client.request(hello), p.Welcome)
+        assert isinstance(_inline_hello(client, True), p.Welcome)
         client.sock.send_multipart(_inline_frame(1))
         assert first.wait(5)
         client.sock.send_multipart(_inline_frame(2))
@@ -989,9 +992,7 @@ def test_acks_of_large_frames_are_never_held():
     client = RawClient(receiver.endpoint)
     big = ACK_BATCH_BYTES // 2  # two of them reach the bound
     try:
-        hello = {"v": 1, "type": "hello", "sender": client.token, "pid": os.getpid(),
-                 "viewer": "napari", "segment_prefix": client.prefix, "batch_acks": True}
-        assert isinstance(client.request(hello), p.Welcome)
+        assert isinstance(_inline_hello(client, True), p.Welcome)
         header = frame(shape=[big], nbytes=big)
         client.sock.send_multipart([json.dumps({**header, "seq": 1}).encode(), bytes(big)])
         assert first.wait(5)

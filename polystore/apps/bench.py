@@ -127,10 +127,21 @@ RING_SLOTS = 8  # as many segments as polystore's max_inflight below
 _RING_HEADER = struct.Struct("<qi")  # seq, slot
 
 
-def ring_receiver_process(endpoint_q, stop, prefix: str, nbytes: int) -> None:
+def ring_receiver_process(endpoint_q, stop, prefix: str, nbytes: int, curve: bool = False,
+                          pad: int = 0) -> None:
     """The raw ring's receiving side: copy each frame out of its segment into a fresh array
-    (as a receiver must before it acknowledges), acknowledge it, check the copy's stamp."""
-    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    (as a receiver must before it acknowledges), acknowledge it, check the copy's stamp.
+    `curve` and `pad` add what polystore's wire pays (scripts/bench_ring_costs.py): the
+    user's CURVE authentication, and `pad` bytes on each header and ack."""
+    auth = None
+    if curve:
+        from polystore.streaming.auth import ServerAuth
+
+        auth = ServerAuth("user", None, ())
+        sock = auth.context.socket(zmq.ROUTER)
+        auth.apply(sock)
+    else:
+        sock = zmq.Context.instance().socket(zmq.ROUTER)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
     endpoint_q.put(f"tcp://127.0.0.1:{port}")
     views: dict[int, memoryview] = {}
@@ -143,7 +154,7 @@ def ring_receiver_process(endpoint_q, stop, prefix: str, nbytes: int) -> None:
                 identity, header = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            seq, slot = _RING_HEADER.unpack(header)
+            seq, slot = _RING_HEADER.unpack(header[:_RING_HEADER.size])
             view = views.get(slot)
             if view is None:
                 with open(f"/dev/shm/{prefix}{slot}", "rb") as handle:
@@ -151,16 +162,20 @@ def ring_receiver_process(endpoint_q, stop, prefix: str, nbytes: int) -> None:
                         mmap.mmap(handle.fileno(), nbytes, prot=mmap.PROT_READ))
             copy = np.empty(nbytes, np.uint8)
             copy[:] = np.frombuffer(view, np.uint8)
-            sock.send_multipart([identity, header])
+            sock.send_multipart([identity, header[:_RING_HEADER.size] + bytes(pad)])
             checked += 1
             if int(copy[:8].view(np.int64)[0]) != int(copy[-8:].view(np.int64)[0]):
                 torn += 1
     sock.close(linger=0)
+    if auth is not None:
+        auth.close()
     endpoint_q.put({"checked": checked, "torn": torn})
 
 
-def bench_raw_ring(context, shape, count: int, latency_samples: int) -> dict:
-    """Throughput and idle-pipe latency of the raw ring (see the module docstring)."""
+def bench_raw_ring(context, shape, count: int, latency_samples: int, curve: bool = False,
+                   pad: int = 0) -> dict:
+    """Throughput and idle-pipe latency of the raw ring (see the module docstring);
+    `curve`/`pad` as for `ring_receiver_process`."""
     frames = [np.random.default_rng(i).integers(0, 65535, shape, dtype=np.uint16)
               for i in range(4)]
     nbytes = frames[0].nbytes
@@ -169,16 +184,21 @@ def bench_raw_ring(context, shape, count: int, latency_samples: int) -> dict:
                 for i in range(RING_SLOTS)]
     targets = [np.ndarray(shape, np.uint16, buffer=s.buf) for s in segments]
     endpoint_q, stop = context.Queue(), context.Event()
-    proc = context.Process(target=ring_receiver_process, args=(endpoint_q, stop, prefix, nbytes))
+    proc = context.Process(target=ring_receiver_process,
+                           args=(endpoint_q, stop, prefix, nbytes, curve, pad))
     proc.start()
     sock = zmq.Context.instance().socket(zmq.DEALER)
+    if curve:
+        from polystore.streaming.auth import client_keys
+
+        client_keys("user", None).apply(sock)
     sock.connect(endpoint_q.get(timeout=30))
     inflight: dict[int, float] = {}  # seq -> send time; slot = seq % RING_SLOTS
     latencies: list[float] = []
     seq = 0
 
     def take_ack() -> None:
-        acked, _slot = _RING_HEADER.unpack(sock.recv())
+        acked, _slot = _RING_HEADER.unpack(sock.recv()[:_RING_HEADER.size])
         latencies.append(time.perf_counter() - inflight.pop(acked))
 
     def send(i: int) -> None:
@@ -189,7 +209,7 @@ def bench_raw_ring(context, shape, count: int, latency_samples: int) -> dict:
         inflight[seq] = time.perf_counter()
         stamp(frames[i % 4], seq)  # as bench_polystore does
         np.copyto(targets[slot], frames[i % 4])
-        sock.send(_RING_HEADER.pack(seq, slot))
+        sock.send(_RING_HEADER.pack(seq, slot) + bytes(pad))
         seq += 1
 
     def drain() -> None:
