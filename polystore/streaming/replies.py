@@ -44,7 +44,7 @@ class ReplyHandler:
         self._handlers[type(message)](message)
 
     def on_ack(self, ack: p.Ack) -> None:
-        for seq in (ack.seq, *ack.also) if ack.also else (ack.seq,):
+        for seq in (ack.seq, *ack.also):
             if self.credits.ack(seq) and seq in self.answers:
                 self.answers[seq] = {}
 

@@ -91,7 +91,11 @@ class Outbox:
         if not batch:
             self._send(identity, encode_ack([seq]))
             return
-        self._held.setdefault(identity, []).append(seq)
+        held = self._held.get(identity)
+        if held is None:  # not setdefault: that builds a list on every frame
+            self._held[identity] = [seq]
+        else:
+            held.append(seq)
 
     def reply(self, identity: bytes, data: bytes) -> None:
         """Any other reply; the acks held for `identity` leave first, so order is kept."""
