@@ -100,7 +100,7 @@ class Receiver:
         self._server_auth: ServerAuth | None = None
         self._ready = threading.Event()
         self._outbox: Outbox | None = None
-        self._undelivered: list[tuple[Callable | None, object]] = []  # acks held back
+        self._undelivered: list[ReceivedFrame] = []  # copied, shown once their acks leave
         self._held_bytes = 0
         self._bind_error: BaseException | None = None
 
@@ -226,7 +226,7 @@ class Receiver:
                                       f"{count}")
             message = p.decode_sender_message(header.bytes, self.max_header_bytes)
             seq = getattr(message, "seq", None)
-            if type(message) is p.Frame:  # the common case first: held back, see outbox.py
+            if type(message) is p.Frame:  # the common case first: held back, see router.py
                 sender = self._sessions.get(identity)
                 if sender is None:
                     raise p.ProtocolError(p.HELLO_REQUIRED, "send hello first (receiver "
@@ -294,16 +294,15 @@ class Receiver:
         # so whoever sees the ack sees the counts).
         self._outbox.ack(identity, frame.seq, sender.batch_acks)
         self._held_bytes += frame.nbytes
-        self._undelivered.append((self.on_frame, ReceivedFrame(array, frame, sender.token,
-                                                                time.time_ns())))
+        self._undelivered.append(ReceivedFrame(array, frame, sender.token, time.time_ns()))
 
     def _release(self) -> None:
         """Send the held acks, then hand their frames to the viewer (ack before display)."""
         self._outbox.flush()
         undelivered, self._undelivered = self._undelivered, []
         self._held_bytes = 0
-        for callback, item in undelivered:
-            self._deliver(callback, item)
+        for item in undelivered:
+            self._deliver(self.on_frame, item)
 
     def _control(self, identity: bytes, control: p.Control) -> None:
         if control.command == "clear":
