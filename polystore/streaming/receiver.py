@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable
 
-import numpy as np
 import zmq
 
 from polystore.streaming import protocol as p
@@ -27,7 +26,7 @@ from polystore.streaming.endpoints import check_bind_endpoint, is_loopback
 from polystore.streaming.keys import public_key, secret_key
 from polystore.streaming.received import ReceivedFrame, ReceivedRois, ReceiverStats
 from polystore.streaming.router import ACK_BATCH, ACK_BATCH_BYTES, Outbox, open_router, read_rest
-from polystore.streaming.segment_reader import SegmentError, SegmentReader
+from polystore.streaming.segment_reader import SegmentReader
 from polystore.streaming.sessions import MAX_SENDERS, Session, SessionTable
 from polystore.streaming.shm import sweep
 
@@ -188,6 +187,8 @@ class Receiver:
                 now = time.monotonic()
                 if now - last_tick >= 1.0:
                     self.stats.fps = (self.stats.frames - frames_at_tick) / (now - last_tick)
+                    if self.stats.frames == frames_at_tick:
+                        self._reader.arrays.release()  # idle: hand the memory back
                     last_tick, frames_at_tick = now, self.stats.frames
                     self._reader.forget_unlinked()
         finally:
@@ -254,6 +255,7 @@ class Receiver:
             elif isinstance(message, p.Control):
                 self._control(identity, message)
         except p.ProtocolError as exc:
+            self.stats.missing += exc.code == p.SEGMENT_MISSING
             self._reject(identity, exc.code, str(exc), exc.seq if exc.seq is not None else seq)
         except Exception as exc:  # noqa: BLE001 - never die on a message
             log.exception("internal error handling a message")
@@ -271,19 +273,7 @@ class Receiver:
 
     def _frame(self, identity: bytes, sender: Session, frame: p.Frame, payload) -> None:
         sender.check_source(frame, payload)
-        # Validated: only now allocate, then copy out of the sender's memory.
-        array = np.empty(frame.shape, dtype=_WIRE_DTYPES[frame.dtype])
-        target = memoryview(array).cast("B") if frame.nbytes else memoryview(bytearray())
-        if frame.segment is None:
-            target[:] = payload.buffer
-        else:
-            try:
-                self._reader.read_into(frame.segment, frame.offset, target)
-            except SegmentError as exc:
-                if exc.missing:
-                    self.stats.missing += 1
-                    raise p.ProtocolError(p.SEGMENT_MISSING, str(exc), frame.seq) from None
-                raise p.ProtocolError(p.BAD_SEGMENT, str(exc), frame.seq) from None
+        array = self._reader.copy_frame(frame, payload)  # validated: only now allocate, copy
         sender.frames += 1
         if frame.dropped > sender.dropped:
             self.stats.sender_dropped += frame.dropped - sender.dropped
@@ -348,6 +338,3 @@ class Receiver:
     def _reply(self, identity: bytes, message) -> None:
         self._outbox.reply(identity, p.encode(message))
 
-
-#: NumPy dtypes of the wire's dtype names (always little-endian), looked up per frame.
-_WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in p.DTYPES}
