@@ -47,7 +47,7 @@ RUNNER = textwrap.dedent('''
             print(f"FAILED: the block at line {line} of docs/{page}")
             status = 1
             break
-    from polystore.streaming.sender import _live_senders
+    from polystore.streaming.delivery import _live_senders
     for sender in list(_live_senders):
         sender.close()
     for receiver in receivers:

@@ -16,10 +16,10 @@ from polystore.streaming.errors import (
 )
 from polystore.streaming.fiji import FijiStreamingBackend
 from polystore.streaming.napari import NapariStreamingBackend
-from polystore.streaming.options import SenderOptions, StreamMeta
+from polystore.streaming.options import SenderOptions, SenderStats, StreamMeta
 from polystore.streaming.protocol import Roi
 from polystore.streaming.receiver import ReceivedFrame, ReceivedRois, Receiver
-from polystore.streaming.sender import SenderStats, StreamSender
+from polystore.streaming.sender import StreamSender
 from polystore.streaming.shm import list_segments, sweep
 
 #: Every segment prefix polystore's own backends use.

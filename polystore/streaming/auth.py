@@ -21,6 +21,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from polystore.streaming.credential import load_credential
+from polystore.streaming.keys import public_key, secret_key
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +127,25 @@ class ServerAuth:
             self._authenticator.stop()
             self._authenticator = None
         self.context.term()
+
+
+class ReceiverKeys:
+    """A receiver's authentication, checked once when it is made: its mode, its own CURVE
+    secret key if given, and the client keys it admits besides the user's."""
+
+    def __init__(self, auth: str | None, curve_secret_key: str | bytes | None,
+                 curve_client_keys: list[str | bytes] | None, *, exposed: bool,
+                 describe: str) -> None:
+        self.auth = resolve_auth(auth)
+        self.secret_key = secret_key(curve_secret_key) if curve_secret_key is not None else None
+        self.client_keys = tuple(public_key(k) for k in curve_client_keys or ())
+        if exposed and self.secret_key is None and self.auth == "none":
+            log.warning("%s without CURVE keys: anyone who can reach this port can send "
+                        "frames (see `polystore keys`)", describe)
+
+    def server(self) -> ServerAuth:
+        """Start the ZAP handler. Explicit keys without a client list keep the remote model:
+        knowing the server's public key is the permission to connect."""
+        return ServerAuth(self.auth, self.secret_key, self.client_keys,
+                          allow_any_client=self.secret_key is not None and not self.client_keys)
+

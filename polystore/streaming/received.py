@@ -46,3 +46,9 @@ class ReceiverStats:
     @property
     def dropped(self) -> int:
         return self.missing + self.sender_dropped
+
+    def report(self, **identity: str) -> dict:
+        """The counters a `report` control message answers, after `identity`."""
+        return {**identity, "frames": self.frames, "rois": self.rois, "bytes": self.bytes,
+                "rejected": self.rejected, "dropped": self.dropped, "senders": self.senders,
+                "last_error": self.last_error}

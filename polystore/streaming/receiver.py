@@ -20,10 +20,9 @@ from collections.abc import Callable
 import zmq
 
 from polystore.streaming import protocol as p
-from polystore.streaming.auth import ServerAuth, resolve_auth
+from polystore.streaming.auth import ReceiverKeys, ServerAuth
 from polystore.streaming.connections import ConnectionGuard, default_max_connections
 from polystore.streaming.endpoints import check_bind_endpoint, is_loopback
-from polystore.streaming.keys import public_key, secret_key
 from polystore.streaming.received import ReceivedFrame, ReceivedRois, ReceiverStats
 from polystore.streaming.router import ACK_BATCH, ACK_BATCH_BYTES, Outbox, open_router, read_rest
 from polystore.streaming.segment_reader import SegmentReader
@@ -31,13 +30,6 @@ from polystore.streaming.sessions import MAX_SENDERS, Session, SessionTable
 from polystore.streaming.shm import sweep
 
 log = logging.getLogger(__name__)
-
-#: Acks still queued at shutdown get this long to leave.
-CLOSE_LINGER_MS = 1000
-#: ...and senders this long to read them: a sender socket (ZMQ_IMMEDIATE) discards what it
-#: has not read yet when the connection closes.
-CLOSE_GRACE_S = 0.25
-
 
 class Receiver:
     """Receives frames for one viewer kind (its `shm_prefix`) on one endpoint.
@@ -69,13 +61,9 @@ class Receiver:
         max_connections: int | None = None,
     ) -> None:
         self.endpoint = check_bind_endpoint(endpoint, allow_remote)
-        self.auth = resolve_auth(auth)
-        if curve_secret_key is not None:
-            curve_secret_key = secret_key(curve_secret_key)
-        elif allow_remote and not is_loopback(self.endpoint) and self.auth == "none":
-            log.warning("%s receiver on %s without CURVE keys: anyone who can reach this port "
-                        "can send frames (see `polystore keys`)", viewer, self.endpoint)
-        self.curve_client_keys = tuple(public_key(k) for k in curve_client_keys or ())
+        self.keys = ReceiverKeys(auth, curve_secret_key, curve_client_keys,
+                                 exposed=allow_remote and not is_loopback(self.endpoint),
+                                 describe=f"{viewer} receiver on {self.endpoint}")
         self.shm_prefix = shm_prefix
         self.viewer = viewer
         self.on_frame = on_frame
@@ -85,7 +73,6 @@ class Receiver:
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.max_frame_bytes = max_frame_bytes
         self.max_header_bytes = max_header_bytes
-        self.curve_secret_key = curve_secret_key
         self.sweep_orphans = sweep_orphans
         self.id = secrets.token_hex(6)
         self.stats = ReceiverStats()
@@ -116,7 +103,7 @@ class Receiver:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop serving; acks already queued still leave (up to CLOSE_LINGER_MS)."""
+        """Stop serving; acks already queued still leave (see `Outbox.close`)."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
@@ -136,12 +123,7 @@ class Receiver:
     def bind(self) -> zmq.Socket:
         if self.sweep_orphans:
             sweep([self.shm_prefix])
-        # Explicit keys without a client list keep the remote model: knowing the server's
-        # public key is the permission to connect.
-        server_auth = self._server_auth = ServerAuth(
-            self.auth, self.curve_secret_key, self.curve_client_keys,
-            allow_any_client=self.curve_secret_key is not None and not self.curve_client_keys,
-        )
+        server_auth = self._server_auth = self.keys.server()
         try:
             sock = open_router(self.endpoint, server_auth,
                                self.max_frame_bytes + self.max_header_bytes, self.viewer)
@@ -193,10 +175,9 @@ class Receiver:
                     self._reader.forget_unlinked()
         finally:
             self._release()
-            time.sleep(max(0.0, outbox.last_sent + CLOSE_GRACE_S - time.monotonic()))
             guard.close()
             self._guard = None
-            sock.close(linger=CLOSE_LINGER_MS)  # acks already queued still leave
+            outbox.close()  # acks already queued still leave
             self._sock = None
             self._close_auth()
             self._reader.close()
@@ -228,10 +209,7 @@ class Receiver:
             message = p.decode_sender_message(header.bytes, self.max_header_bytes)
             seq = getattr(message, "seq", None)
             if type(message) is p.Frame:  # the common case first: held back, see router.py
-                sender = self._sessions.get(identity)
-                if sender is None:
-                    raise p.ProtocolError(p.HELLO_REQUIRED, "send hello first (receiver "
-                                          "restarted?)", seq)
+                sender = self._sessions.require(identity, seq)
                 p.check_frame(message, self.max_frame_bytes)
                 self._frame(identity, sender, message, payload)
                 return
@@ -243,10 +221,7 @@ class Receiver:
             if isinstance(message, p.Bye):
                 self._bye(identity)
                 return
-            sender = self._sessions.get(identity)
-            if sender is None:
-                raise p.ProtocolError(p.HELLO_REQUIRED, "send hello first (receiver restarted?)",
-                                      seq)
+            sender = self._sessions.require(identity, seq)
             if isinstance(message, p.Rois):
                 p.check_rois(message)
                 self.stats.rois += 1
@@ -304,12 +279,7 @@ class Receiver:
 
     def state(self) -> dict:
         """What a `report` control message answers: counters plus the viewer's own state."""
-        s = self.stats
-        state = {
-            "receiver": self.id, "viewer": self.viewer, "frames": s.frames, "rois": s.rois,
-            "bytes": s.bytes, "rejected": s.rejected, "dropped": s.dropped,
-            "senders": s.senders, "last_error": s.last_error,
-        }  # fmt: skip
+        state = self.stats.report(receiver=self.id, viewer=self.viewer)
         if self.report is not None:
             state.update(self.report())
         return state

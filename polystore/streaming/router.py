@@ -78,6 +78,13 @@ def encode_ack(seqs: list[int]) -> bytes:
     return b'%s%d,"also":[%s]}' % (_ACK_PREFIX, seqs[0], b",".join(b"%d" % s for s in seqs[1:]))
 
 
+#: Acks still queued at shutdown get this long to leave.
+CLOSE_LINGER_MS = 1000
+#: ...and senders this long to read them: a sender socket (ZMQ_IMMEDIATE) discards what it
+#: has not read yet when the connection closes.
+CLOSE_GRACE_S = 0.25
+
+
 class Outbox:
     """Replies of one ROUTER socket: `ack` per frame, `reply` for everything else."""
 
@@ -109,6 +116,13 @@ class Outbox:
         while self._held:
             identity, held = self._held.popitem()
             self._send(identity, encode_ack(held))
+
+    def close(self) -> None:
+        """Close the socket once senders had CLOSE_GRACE_S to read the last reply; what is
+        still queued gets CLOSE_LINGER_MS to leave."""
+        self.flush()
+        time.sleep(max(0.0, self.last_sent + CLOSE_GRACE_S - time.monotonic()))
+        self.sock.close(linger=CLOSE_LINGER_MS)
 
     def _send(self, identity: bytes, data: bytes) -> None:
         self.last_sent = time.monotonic()

@@ -1,96 +1,34 @@
 """`StreamSender`: the sending side of wire protocol v1, as a thin facade.
 
 A frame costs one copy into a reused shared-memory segment plus one small JSON header; the
-receiver returns the segment (an ``ack``) once it holds its own copy. The facade only
-sequences the parts that do the work: `connection.Connection` (socket, monitor, handshake
+receiver returns the segment (an ``ack``) once it holds its own copy. The facade says what
+to send (arrays, leased arrays, ROIs, requests); `delivery.Delivery` takes each message
+through the parts that do the work: `connection.Connection` (socket, monitor, handshake
 state), `credits.CreditWindow` (what is in flight, the segment pool, the policies),
-`replies.ReplyHandler` (one handler per reply type) and `options` (values checked once).
-Everything runs in the caller's thread: no background thread, no sleeps.
+`replies.ReplyHandler` (one handler per reply type); `options` holds the values checked
+once. Everything runs in the caller's thread: no background thread, no sleeps.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import itertools
-import logging
-import os
-import threading
 import time
-import weakref
-from collections import deque
 from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
 
 from polystore.streaming import protocol as p
-from polystore.streaming.connection import Connection, State
-from polystore.streaming.credits import CreditWindow
-from polystore.streaming.errors import (
-    ReceiverLostError,
-    ViewerNotRunningError,
-)
-from polystore.streaming.options import SenderOptions, SenderStats, StreamMeta, to_wire_array
-from polystore.streaming.replies import ReplyHandler
+from polystore.streaming.connection import State
+from polystore.streaming.delivery import Delivery
+from polystore.streaming.errors import ReceiverLostError, ViewerNotRunningError
+from polystore.streaming.options import StreamMeta, to_wire_array
 from polystore.streaming.shm import SegmentPool
 
-log = logging.getLogger(__name__)
 
-_live_senders: weakref.WeakSet[StreamSender] = weakref.WeakSet()
-_BYE = p.encode(p.Bye(v=p.VERSION))
-
-
-@atexit.register
-def _close_all() -> None:
-    for sender in list(_live_senders):
-        sender.close(flush_timeout=0.5)
-
-
-def _after_fork_in_child() -> None:
-    """A forked child must never touch its parent's sockets or segments: start afresh."""
-    for sender in list(_live_senders):
-        sender._inherited = True
-        sender._lock = threading.RLock()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class StreamSender:
+class StreamSender(Delivery):
     """Sends arrays and ROIs to one receiver endpoint with credit-based flow control (see
-    `SenderOptions` for the limits and policies)."""
-
-    def __init__(self, endpoint: str, *, viewer: str, shm_prefix: str,
-                 options: SenderOptions | None = None, start_hint: str = "") -> None:
-        self.endpoint = endpoint
-        self.viewer = viewer
-        self.shm_prefix = shm_prefix
-        self.options = options or SenderOptions()
-        self.start_hint = start_hint
-        self.stats = SenderStats()
-        #: save()-to-ack times in seconds of the last 100k messages (benchmarks read this)
-        self.latencies: deque[float] = deque(maxlen=100_000)
-        self._lock = threading.RLock()
-        self._closed = False
-        self._reset_process_state()
-        _live_senders.add(self)
-
-    def _reset_process_state(self) -> None:
-        """Fresh connection and credits for this process (also after a fork)."""
-        self._inherited = False
-        self._pid = os.getpid()
-        describe = f"the {self.viewer} receiver at {self.endpoint}"
-        self._credits = CreditWindow(self.options, self.shm_prefix, stats=self.stats,
-                                     latencies=self.latencies, describe=describe,
-                                     start_hint=self.start_hint)  # fmt: skip
-        self._connection = Connection(
-            self.endpoint, self.options, viewer=self.viewer, on_reply=lambda data: None,
-            on_disconnect=lambda: self._receiver_lost("the receiver disconnected"))
-        self._replies = ReplyHandler(self._connection, self._credits, self.stats,
-                                     describe=describe, receiver_lost=self._receiver_lost)
-        self._connection.on_reply = self._replies
-        self._seq = itertools.count()
+    `SenderOptions` for the limits and policies). Constructed as `Delivery` is."""
 
     # -- public state ----------------------------------------------------------------------------
 
@@ -119,43 +57,11 @@ class StreamSender:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def close(self, flush_timeout: float | None = None) -> None:
-        """Deliver what is in flight (best effort), say bye, unlink every segment."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            if self._inherited or self._pid != os.getpid():
-                return  # a forked child never owned the parent's state
-            if self._connection.connected and len(self._credits):
-                with contextlib.suppress(Exception):  # close must not raise over delivery
-                    self._wait_until(lambda: not self._credits, self._or_default(flush_timeout))
-            self._connection.close(goodbye=_BYE, linger_ms=200)
-            self._credits.close()
-
     def __enter__(self) -> StreamSender:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _or_default(self, timeout: float | None) -> float:
-        return self.options.timeout if timeout is None else timeout
-
-    def _ensure_connected(self) -> bool:
-        """Handshake if needed. False means: drop this message (policy 'latest' while the
-        receiver that was there is gone or not yet answering, so a live preview never
-        stalls the pipeline; it reconnects in the background)."""
-        if self._inherited:
-            self._reset_process_state()
-        if self._closed:
-            raise RuntimeError(f"this {self.viewer} stream sender is closed")
-        if self._connection.still_connected():  # the common case, once per frame
-            return True
-        return self._connection.ensure(
-            identity=self.pool.token, segment_prefix=self.pool.prefix, pid=self._pid,
-            wait=not (self.options.policy == "latest" and self.stats.handshakes),
-            start_hint=self.start_hint)
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -229,24 +135,6 @@ class StreamSender:
             header.dropped = self.stats.unsent
             self._send_frame(seq, header, [p.encode(header)], started, 0)
 
-    def _admit_frame(self, path: str, meta: StreamMeta, axes: dict[str, int], shape: tuple,
-                     dtype: np.dtype) -> tuple[int, p.Frame | None]:
-        """A sequence number and header for a frame, or (-1, None) if policy drops it."""
-        seq = self._admit()
-        if seq < 0:
-            return seq, None
-        return seq, meta.frame_header(seq, path, shape, dtype, axes,
-                                      self._connection.max_frame_bytes, self.stats.unsent)
-
-    def _send_frame(self, seq: int, header: p.Frame, parts: list, started: float,
-                    inline_bytes: int) -> int:
-        if not self._dispatch(seq, parts, started, inline_bytes):
-            return -1
-        self.stats.frames += 1
-        self.stats.bytes += header.nbytes
-        self._connection.drain()
-        return seq
-
     def send_rois(self, rois: list[p.Roi], path: str, meta: StreamMeta,
                   axes: dict[str, int] | None = None) -> int:
         """Send regions of interest for image stream `meta.stream` at position `axes` (-1:
@@ -298,55 +186,3 @@ class StreamSender:
 
     # -- credits and delivery ----------------------------------------------------------------
 
-    def _admit(self) -> int:
-        """The next sequence number, or -1 when policy 'latest' drops this message."""
-        if not self._ensure_connected():
-            self._count_unsent()
-            return -1
-        self._credits.raise_pending()
-        return next(self._seq)
-
-    def _count_unsent(self) -> None:
-        self.stats.dropped += 1
-        self.stats.unsent += 1
-
-    def _reserve(self, seq: int, nbytes: int, use_shm: bool):
-        return self._credits.reserve(seq, nbytes, use_shm, self._wait_for_credits)
-
-    def _wait_for_credits(self, timeout: float | None) -> None:
-        if timeout is None:
-            self._connection.drain()
-            return
-        if timeout <= 0:
-            self._receiver_lost(f"no acknowledgement from the receiver for "
-                                f"{self.options.timeout:g} s")
-        else:
-            self._connection.poll(timeout)
-        if not self._connection.connected:
-            self._credits.raise_pending()
-            raise ReceiverLostError(f"the {self.viewer} receiver at {self.endpoint} left")
-
-    def _dispatch(self, seq: int, parts: list, started: float, inline_bytes: int) -> bool:
-        """Track message `seq` as in flight and send it; False if it was dropped."""
-        self._credits.track(seq, started, inline_bytes)
-        if self._connection.send(parts, time.monotonic() + self.options.timeout):
-            return True
-        self._receiver_lost("could not send within the timeout")  # counts `seq` too
-        self._credits.raise_pending()  # policies block/raise: ReceiverLostError
-        self.stats.unsent += 1  # policy latest: a live preview drops, never stalls
-        return False
-
-    def _wait_until(self, done, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        self._connection.drain()
-        while not done() and self._connection.connected:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._receiver_lost(f"no acknowledgement from the receiver for {timeout:g} s")
-                return
-            self._connection.poll(remaining)
-
-    def _receiver_lost(self, why: str) -> None:
-        """Give up everything in flight; the next message handshakes again."""
-        self._credits.lose_all(why)
-        self._connection.lost()

@@ -73,6 +73,13 @@ class SessionTable:
     def get(self, identity: bytes) -> Session | None:
         return self._sessions.get(identity)
 
+    def require(self, identity: bytes, seq: int | None) -> Session:
+        """The session of `identity`; message `seq` without one is answered hello_required."""
+        session = self._sessions.get(identity)
+        if session is None:
+            raise p.ProtocolError(p.HELLO_REQUIRED, "send hello first (receiver restarted?)", seq)
+        return session
+
     def hello(self, identity: bytes, hello: p.Hello, connection: int = -1) -> Session:
         """Admit (or re-admit) the connection `identity`; raises `ProtocolError` if not."""
         if p.VERSION not in hello.versions:
