@@ -194,7 +194,7 @@ def generate_section(protocol) -> str:
         else:
             raise NotImplementedError(f"constant {name} = {value!r}: teach the generator its type")
     out.append("")
-    out.append("    // Error codes (docs/protocol.md, \"Errors\").")
+    out.append('    // Error codes (docs/protocol.md, "Errors").')
     for name, value in codes:
         out.append(f"    static final String {name} = {groovy_string(value)}")
     all_codes = groovy_literal([v for _, v in codes])
@@ -205,8 +205,11 @@ def generate_section(protocol) -> str:
         info = mi.type_info(cls)
         # Optional fields of structs that omit defaults are left out (the Fiji receiver
         # never sets them, e.g. Ack.also: it acknowledges one frame at a time).
-        fields = [f.encode_name for f in info.fields
-                  if f.encode_name != "v" and (f.required or not cls.__struct_config__.omit_defaults)]
+        fields = [
+            f.encode_name
+            for f in info.fields
+            if f.encode_name != "v" and (f.required or not cls.__struct_config__.omit_defaults)
+        ]
         params = ", ".join(f"Object {f}" for f in fields)
         entries = ", ".join(f"{f}: {f}" for f in fields)
         tag = groovy_string(info.tag)
@@ -260,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{SCRIPT.relative_to(ROOT)} is up to date")
         return 0
     if args.check:
-        print(f"{SCRIPT.relative_to(ROOT)} is out of date:"
-              " run python scripts/gen_groovy_protocol.py")
+        print(
+            f"{SCRIPT.relative_to(ROOT)} is out of date: run python scripts/gen_groovy_protocol.py"
+        )
         return 1
     SCRIPT.write_text(wanted, encoding="utf-8")
     print(f"rewrote the generated section of {SCRIPT.relative_to(ROOT)}")

@@ -74,8 +74,9 @@ def _modern_java() -> Path | None:
 #: Debian's packages (Groovy 2.4, JeroMQ 0.3.6: no CURVE) and what current Fiji runs
 #: (Groovy 4.0.26 and a downloaded JeroMQ 0.6.0, see ../shared/vendor/README.md).
 STACKS = {
-    "debian": Stack("debian", Path(os.environ.get("JEROMQ_JAR", "/usr/share/java/jeromq.jar")),
-                    curve=False),
+    "debian": Stack(
+        "debian", Path(os.environ.get("JEROMQ_JAR", "/usr/share/java/jeromq.jar")), curve=False
+    ),
     "modern": Stack(
         "modern",
         VENDOR / "jeromq-0.6.0.jar",

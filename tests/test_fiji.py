@@ -710,8 +710,12 @@ def test_segment_mappings_are_bounded_and_dropped_when_unlinked(fiji):
 class TestFijiReceiver(ReceiverConformance):
     @pytest.fixture(scope="class")
     def receiver_under_test(self, fiji, stack):
-        return ReceiverUnderTest(fiji.endpoint, shm_prefix="fiji_", viewer="fiji",
-                                 curve=user_curve() if stack.curve else None)
+        return ReceiverUnderTest(
+            fiji.endpoint,
+            shm_prefix="fiji_",
+            viewer="fiji",
+            curve=user_curve() if stack.curve else None,
+        )
 
 
 def test_flood_of_garbage_then_real_frames(fiji, backend, fm, key):
