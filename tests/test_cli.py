@@ -409,6 +409,7 @@ def _fiji_missing() -> str | None:
 @pytest.mark.skipif(_fiji_missing() is not None, reason=f"Fiji headless: {_fiji_missing()}")
 def test_fiji_run_receives_what_send_streams(images, tmp_path, monkeypatch):
     monkeypatch.setenv("POLYSTORE_AUTH", "none")  # Debian's JeroMQ 0.3 has no CURVE
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the script's compile cache
     endpoint = free_endpoint()
     proc = subprocess.Popen(
         [sys.executable, "-m", "polystore.cli", "fiji", "--run", "--endpoint", endpoint,

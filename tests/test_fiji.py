@@ -846,12 +846,58 @@ def load_generator():
 
 
 def test_committed_script_matches_the_generator():
-    """The Groovy message tables are protocol.py's: run scripts/gen_groovy_protocol.py."""
+    """The Groovy message tables are protocol.py's, and the installed script embeds the
+    committed body: run scripts/gen_groovy_protocol.py."""
     generator = load_generator()
-    assert generator.SCRIPT.read_text(encoding="utf-8") == generator.expected_script(), (
-        "viewers/fiji/polystore_receiver.groovy is out of date with protocol.py: "
+    body = generator.expected_body()
+    assert generator.BODY.read_text(encoding="utf-8") == body, (
+        "viewers/fiji/src/receiver_body.groovy is out of date with protocol.py: "
         "run python scripts/gen_groovy_protocol.py"
     )
+    script = generator.SCRIPT.read_text(encoding="utf-8")
+    assert script == generator.expected_script(body), (
+        "viewers/fiji/polystore_receiver.groovy is out of date with viewers/fiji/src/: "
+        "run python scripts/gen_groovy_protocol.py"
+    )
+    assert script.isascii()  # reads the same whatever encoding Fiji assumes
+    assert len(script.splitlines()) - len(body.splitlines()) < 400  # the bootstrap stays small
+
+
+TRICKY_BODY = (
+    "a backslash \\ and \\n, quotes ' '' ''' '''' \"\"\" $x ${y} \\u0041 \\\\u0041\n"
+    "tab\there, CR\r\nCRLF done\r\n"
+    "non-ASCII: é ß ∑ 中文 and beyond the BMP: 😀 𝔸\n"
+    + "é" * 40_000  # 80,000 bytes as a class file constant: must be split
+    + ("\nlong line " + "x" * 70_000 + "\n")
+    + "ends in a backslash \\"
+)
+
+
+@pytest.mark.parametrize("text", [TRICKY_BODY, "ends with a quote '", "", "\n"],
+                         ids=["tricky", "quote", "empty", "newline"])  # fmt: skip
+def test_embedded_body_is_the_exact_text(stack, tmp_path, text):
+    """The generator's string constants give back the body's text exactly, on Groovy 2.4 and
+    4 (backslashes, quotes, CR, non-ASCII, a constant over 64 KiB split)."""
+    import hashlib
+    import subprocess
+
+    script = tmp_path / "embedded.groovy"
+    script.write_text(load_generator().embed(text) + (
+        "byte[] b = receiverSource().getBytes('UTF-8')\n"
+        "println java.security.MessageDigest.getInstance('SHA-256').digest(b)"
+        ".encodeHex().toString()\n"
+    ), encoding="ascii")  # fmt: skip
+    env = dict(os.environ, **stack.env())
+    if stack.groovy_jars:
+        java = f"{env.get('JAVA_HOME', '/usr/lib/jvm/java-17-openjdk-amd64')}/bin/java"
+        jars = ":".join(map(str, stack.groovy_jars))
+        command = [java, "-cp", jars, "groovy.ui.GroovyMain", str(script)]
+    else:
+        env.setdefault("JAVA_HOME", "/usr/lib/jvm/java-17-openjdk-amd64")
+        command = ["groovy", str(script)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def test_generator_follows_protocol_changes(monkeypatch):
