@@ -83,7 +83,11 @@ class PolystoreCompileCache {
                 check(entry)
                 try {
                     Class c = load(entry, parent)
-                    Files.setLastModifiedTime(entry, FileTime.fromMillis(System.currentTimeMillis()))
+                    try {  // marks it as used, for prune()
+                        Files.setLastModifiedTime(entry, FileTime.fromMillis(System.currentTimeMillis()))
+                    } catch (IOException ignored) {
+                        // a read-only cache still serves
+                    }
                     say.call("loaded the receiver from the compile cache ${entry}".toString())
                     return c
                 } catch (PolystoreCacheDamaged e) {
@@ -107,6 +111,8 @@ class PolystoreCompileCache {
         } catch (PolystoreCacheRefused e) {
             say.call("not using the compile cache: ${e.message}; compiling the receiver in memory".toString())
         } catch (Exception e) {
+            // Kill (interrupt) while compiling: stop, do not compile all over again in memory
+            if (e instanceof java.nio.channels.ClosedByInterruptException || Thread.currentThread().isInterrupted()) throw e
             say.call("the compile cache failed (${e}); compiling the receiver in memory".toString())
         }
         return new GroovyClassLoader(parent).parseClass(text, SOURCE)
