@@ -4,6 +4,7 @@ runs), talk raw protocol to it, and read back the TIFFs it saves."""
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
 import json
@@ -13,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +29,17 @@ SCRIPT = FIJI_DIR / "polystore_receiver.groovy"
 LAUNCHER = FIJI_DIR / "run_headless.sh"
 IJ_JAR = Path(os.environ.get("IJ_JAR", "/usr/share/java/ij.jar"))
 VENDOR = Path(os.environ.get("POLYSTORE_VENDOR", ROOT.parent / "shared" / "vendor"))
+_CACHE_HOME: Path | None = None
+
+
+def cache_home() -> Path:
+    """XDG_CACHE_HOME of the receivers this process starts (the script's compile cache is
+    <it>/polystore/fiji): one temporary folder per process, never the user's ~/.cache."""
+    global _CACHE_HOME
+    if _CACHE_HOME is None:
+        _CACHE_HOME = Path(tempfile.mkdtemp(prefix="polystore-fiji-cache-"))
+        atexit.register(shutil.rmtree, _CACHE_HOME, True)
+    return _CACHE_HOME
 
 
 @dataclass(frozen=True)
@@ -74,8 +87,9 @@ def _modern_java() -> Path | None:
 #: Debian's packages (Groovy 2.4, JeroMQ 0.3.6: no CURVE) and what current Fiji runs
 #: (Groovy 4.0.26 and a downloaded JeroMQ 0.6.0, see ../shared/vendor/README.md).
 STACKS = {
-    "debian": Stack("debian", Path(os.environ.get("JEROMQ_JAR", "/usr/share/java/jeromq.jar")),
-                    curve=False),
+    "debian": Stack(
+        "debian", Path(os.environ.get("JEROMQ_JAR", "/usr/share/java/jeromq.jar")), curve=False
+    ),
     "modern": Stack(
         "modern",
         VENDOR / "jeromq-0.6.0.jar",
@@ -175,18 +189,21 @@ def start_receiver(
     timeout: float = 60.0,
     gui: bool = False,
     stack: Stack = DEFAULT_STACK,
+    cache: Path | None = None,
+    launcher: Path = LAUNCHER,
     **params,
 ) -> FijiReceiver:
-    """Start viewers/fiji/run_headless.sh; with `wait`, return once it listens (or raise).
-    `gui=True` runs it with ImageJ's GUI on a virtual display (xvfb-run)."""
+    """Start viewers/fiji/run_headless.sh (or another copy, `launcher`); with `wait`, return
+    once it listens (or raise). `gui=True` runs it with ImageJ's GUI on a virtual display
+    (xvfb-run). `cache` is its XDG_CACHE_HOME (default: this process's, cache_home())."""
     endpoint = endpoint or f"tcp://127.0.0.1:{free_port()}"
     if not stack.curve:  # JeroMQ 0.3 refuses to run unauthenticated unless asked
         params.setdefault("allow_unauthenticated", True)
     args = dict(endpoint=endpoint, stop_on_stdin_eof=True, **params)
     if output_dir is not None:
         args["output_dir"] = str(output_dir)
-    command = [str(LAUNCHER), fiji_args(**args)]
-    env = dict(os.environ, **stack.env())
+    command = [str(launcher), fiji_args(**args)]
+    env = dict(os.environ, **stack.env(), XDG_CACHE_HOME=str(cache or cache_home()))
     if gui:
         command = ["xvfb-run", "-a", *command]
         env["POLYSTORE_FIJI_GUI"] = "1"
@@ -364,8 +381,9 @@ class ScriptEditor:
     """viewers/fiji/script_editor.groovy: the receiver script run several times in one JVM the
     way Fiji's Script Editor runs it (own ThreadGroup; Kill = interrupt, then Thread.stop)."""
 
-    def __init__(self, stack: Stack = DEFAULT_STACK, gui: bool = False) -> None:
-        env = dict(os.environ, **stack.env())
+    def __init__(self, stack: Stack = DEFAULT_STACK, gui: bool = False,
+                 cache: Path | None = None) -> None:  # fmt: skip
+        env = dict(os.environ, **stack.env(), XDG_CACHE_HOME=str(cache or cache_home()))
         java_home = env.get("JAVA_HOME") or "/usr/lib/jvm/java-17-openjdk-amd64"
         env["JAVA_HOME"] = java_home
         options = [] if gui else ["-Djava.awt.headless=true"]

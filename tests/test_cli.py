@@ -26,10 +26,17 @@ from polystore.streaming.shm import pid_alive
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cli(*args: str, env: dict | None = None, timeout: float = 120,
-        cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "polystore.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=timeout, cwd=cwd)
+def cli(
+    *args: str, env: dict | None = None, timeout: float = 120, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "polystore.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=cwd,
+    )
 
 
 def free_endpoint() -> str:
@@ -83,8 +90,7 @@ class Collector:
 
     def __init__(self, backend_cls) -> None:
         self.frames: list = []
-        self.receiver = receiver_for(backend_cls, "tcp://127.0.0.1:0",
-                                     on_frame=self.frames.append)
+        self.receiver = receiver_for(backend_cls, "tcp://127.0.0.1:0", on_frame=self.frames.append)
 
     def __enter__(self) -> Collector:
         self.receiver.start()
@@ -122,9 +128,11 @@ def test_the_library_never_imports_the_applications_or_the_plugin():
         text = source.read_text()
         assert "polystore_napari" not in text, source
         assert "polystore.apps" not in text, source
-    code = ("import sys, polystore, polystore.streaming; from polystore import FileManager; "
-            "print(sorted(m for m in sys.modules if m.startswith(('polystore_napari', "
-            "'polystore.apps'))))")
+    code = (
+        "import sys, polystore, polystore.streaming; from polystore import FileManager; "
+        "print(sorted(m for m in sys.modules if m.startswith(('polystore_napari', "
+        "'polystore.apps'))))"
+    )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60)  # fmt: skip
     assert loaded.returncode == 0, loaded.stderr
@@ -153,10 +161,14 @@ def test_no_command_says_what_to_do():
         (["bogus"], "invalid choice: 'bogus'"),
         (["send"], "the following arguments are required: PATH, --to"),
         (["send", "a.tif", "--to", "disk"], "argument --to: invalid choice: 'disk'"),
-        (["send", "definitely/not/here", "--to", "napari_stream"],
-         "no such file or folder: definitely/not/here"),
-        (["send", ".", "--to", "fiji_stream", "--policy", "maybe"],
-         "argument --policy: invalid choice: 'maybe'"),
+        (
+            ["send", "definitely/not/here", "--to", "napari_stream"],
+            "no such file or folder: definitely/not/here",
+        ),
+        (
+            ["send", ".", "--to", "fiji_stream", "--policy", "maybe"],
+            "argument --policy: invalid choice: 'maybe'",
+        ),
         (["demo", "--frames", "0"], "--frames: expected a whole number >= 1, got '0'"),
         (["demo", "--frames", "many"], "--frames: expected a whole number >= 1, got 'many'"),
         (["demo", "--fps", "-2"], "--fps: expected a number >= 0, got '-2'"),
@@ -181,8 +193,12 @@ def test_send_folder_to_a_real_receiver(images):
         result = cli("send", str(images), "--to", "napari_stream", "--endpoint", rx.endpoint)
     assert result.returncode == 0, result.stderr
     got = {f.header.path: f for f in rx.frames}
-    assert sorted(got) == ["plate/A01/t000.tif", "plate/A01/t001.tif", "plate/A01/t002.tif",
-                           "plate/B02/stack.npy"]
+    assert sorted(got) == [
+        "plate/A01/t000.tif",
+        "plate/A01/t001.tif",
+        "plate/A01/t002.tif",
+        "plate/B02/stack.npy",
+    ]
     for t in range(3):
         frame = got[f"plate/A01/t{t:03d}.tif"]
         assert frame.stream == "plate/A01"
@@ -206,8 +222,9 @@ def test_send_files_with_one_stream_key_to_fiji_stream(images):
     assert [f.header.path for f in rx.frames] == ["t000.tif", "t001.tif", "t002.tif"]
     assert {f.stream for f in rx.frames} == {"preview"}
     # fiji_stream does not take PNG at all: its own extension filter says so
-    assert "fiji_stream does not stream (.png); it takes .npy, .roi.zip, .tif, .tiff" \
-        in result.stderr
+    assert (
+        "fiji_stream does not stream (.png); it takes .npy, .roi.zip, .tif, .tiff" in result.stderr
+    )
     assert "send -> fiji_stream" not in result.stderr  # --quiet
 
 
@@ -311,8 +328,11 @@ def test_bench_quick_writes_json_that_plots(tmp_path):
     assert "| frame | polystore fps | GB/s |" in result.stdout
     assert "torn: 0" in result.stdout
     data = json.loads(out.read_text())
-    assert [r["frame"] for r in data["rows"]] == ["2048x2048 uint16", "512x512 uint16",
-                                                  "16x512x1024 uint16"]
+    assert [r["frame"] for r in data["rows"]] == [
+        "2048x2048 uint16",
+        "512x512 uint16",
+        "16x512x1024 uint16",
+    ]
     assert all(r["polystore_fps"] > 0 and r["idle_p50_ms"] > 0 for r in data["rows"])
     assert data["torn_frames"] == 0 and data["verified_frames"] > 0
     # the raw shared-memory ring, measured in the same run, and polystore's ratios to it
@@ -335,8 +355,12 @@ def test_bench_quick_writes_json_that_plots(tmp_path):
 
 
 def test_bench_script_is_a_thin_wrapper_with_the_same_output():
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_stream.py"),
-                             "--quick"], capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_stream.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("# polystore streaming benchmark")
     assert "| frame | polystore fps | GB/s | x memcpy/2 (hot) |" in result.stdout
@@ -385,6 +409,7 @@ def _fiji_missing() -> str | None:
 @pytest.mark.skipif(_fiji_missing() is not None, reason=f"Fiji headless: {_fiji_missing()}")
 def test_fiji_run_receives_what_send_streams(images, tmp_path, monkeypatch):
     monkeypatch.setenv("POLYSTORE_AUTH", "none")  # Debian's JeroMQ 0.3 has no CURVE
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the script's compile cache
     endpoint = free_endpoint()
     proc = subprocess.Popen(
         [sys.executable, "-m", "polystore.cli", "fiji", "--run", "--endpoint", endpoint,
@@ -425,7 +450,8 @@ def test_napari_missing_plugin_says_how_to_install(tmp_path):
     shadow = tmp_path / "polystore_napari"
     shadow.mkdir()
     (shadow / "__init__.py").write_text(
-        'raise ImportError("No module named \'napari\'", name="napari")\n')
+        'raise ImportError("No module named \'napari\'", name="napari")\n'
+    )
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "DISPLAY": ":1"}
     result = cli("napari", env=env)
     assert result.returncode == 1
@@ -437,8 +463,11 @@ def test_napari_missing_plugin_says_how_to_install(tmp_path):
 def test_napari_starts_listening_and_shows_frames():
     pytest.importorskip("napari")
     endpoint = free_endpoint()
-    proc = subprocess.Popen([sys.executable, "-m", "polystore.cli", "napari", "--endpoint",
-                             endpoint], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "polystore.cli", "napari", "--endpoint", endpoint],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_listening(NapariStreamingBackend, endpoint, proc, timeout=90)
         with NapariStreamingBackend(endpoint) as backend:

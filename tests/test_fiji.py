@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import time
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -26,6 +27,7 @@ from polystore.streaming import FijiStreamingBackend, FrameRejectedError
 from polystore.testing.receiver import ReceiverConformance, ReceiverUnderTest, user_curve
 from tests.fiji_helpers import (
     DEFAULT_STACK,
+    FIJI_DIR,
     STACKS,
     RawClient,
     ScriptEditor,
@@ -710,8 +712,12 @@ def test_segment_mappings_are_bounded_and_dropped_when_unlinked(fiji):
 class TestFijiReceiver(ReceiverConformance):
     @pytest.fixture(scope="class")
     def receiver_under_test(self, fiji, stack):
-        return ReceiverUnderTest(fiji.endpoint, shm_prefix="fiji_", viewer="fiji",
-                                 curve=user_curve() if stack.curve else None)
+        return ReceiverUnderTest(
+            fiji.endpoint,
+            shm_prefix="fiji_",
+            viewer="fiji",
+            curve=user_curve() if stack.curve else None,
+        )
 
 
 def test_flood_of_garbage_then_real_frames(fiji, backend, fm, key):
@@ -842,12 +848,58 @@ def load_generator():
 
 
 def test_committed_script_matches_the_generator():
-    """The Groovy message tables are protocol.py's: run scripts/gen_groovy_protocol.py."""
+    """The Groovy message tables are protocol.py's, and the installed script embeds the
+    committed body: run scripts/gen_groovy_protocol.py."""
     generator = load_generator()
-    assert generator.SCRIPT.read_text(encoding="utf-8") == generator.expected_script(), (
-        "viewers/fiji/polystore_receiver.groovy is out of date with protocol.py: "
+    body = generator.expected_body()
+    assert generator.BODY.read_text(encoding="utf-8") == body, (
+        "viewers/fiji/src/receiver_body.groovy is out of date with protocol.py: "
         "run python scripts/gen_groovy_protocol.py"
     )
+    script = generator.SCRIPT.read_text(encoding="utf-8")
+    assert script == generator.expected_script(body), (
+        "viewers/fiji/polystore_receiver.groovy is out of date with viewers/fiji/src/: "
+        "run python scripts/gen_groovy_protocol.py"
+    )
+    assert script.isascii()  # reads the same whatever encoding Fiji assumes
+    assert len(script.splitlines()) - len(body.splitlines()) < 400  # the bootstrap stays small
+
+
+TRICKY_BODY = (
+    "a backslash \\ and \\n, quotes ' '' ''' '''' \"\"\" $x ${y} \\u0041 \\\\u0041\n"
+    "tab\there, CR\r\nCRLF done\r\n"
+    "non-ASCII: é ß ∑ 中文 and beyond the BMP: 😀 𝔸\n"
+    + "é" * 40_000  # 80,000 bytes as a class file constant: must be split
+    + ("\nlong line " + "x" * 70_000 + "\n")
+    + "ends in a backslash \\"
+)
+
+
+@pytest.mark.parametrize("text", [TRICKY_BODY, "ends with a quote '", "", "\n"],
+                         ids=["tricky", "quote", "empty", "newline"])  # fmt: skip
+def test_embedded_body_is_the_exact_text(stack, tmp_path, text):
+    """The generator's string constants give back the body's text exactly, on Groovy 2.4 and
+    4 (backslashes, quotes, CR, non-ASCII, a constant over 64 KiB split)."""
+    import hashlib
+    import subprocess
+
+    script = tmp_path / "embedded.groovy"
+    script.write_text(load_generator().embed(text) + (
+        "byte[] b = receiverSource().getBytes('UTF-8')\n"
+        "println java.security.MessageDigest.getInstance('SHA-256').digest(b)"
+        ".encodeHex().toString()\n"
+    ), encoding="ascii")  # fmt: skip
+    env = dict(os.environ, **stack.env())
+    if stack.groovy_jars:
+        java = f"{env.get('JAVA_HOME', '/usr/lib/jvm/java-17-openjdk-amd64')}/bin/java"
+        jars = ":".join(map(str, stack.groovy_jars))
+        command = [java, "-cp", jars, "groovy.ui.GroovyMain", str(script)]
+    else:
+        env.setdefault("JAVA_HOME", "/usr/lib/jvm/java-17-openjdk-amd64")
+        command = ["groovy", str(script)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def test_generator_follows_protocol_changes(monkeypatch):
@@ -882,7 +934,7 @@ SPINNING = 0.3  # CPU seconds in one second: a thread busier than this while idl
 
 
 @pytest.mark.skipif(shutil.which("xvfb-run") is None, reason="xvfb-run is not installed")
-def test_script_editor_kill_stop_and_rerun_free_the_port(stack):
+def test_script_editor_kill_stop_and_rerun_free_the_port(stack, tmp_path):
     """Run the script as the Script Editor does; Kill (interrupt, then Thread.stop where the
     JVM has it), the Stop button and a re-run each leave the port free within about a second,
     with no thread left spinning, and the re-run on the same port works."""
@@ -890,7 +942,7 @@ def test_script_editor_kill_stop_and_rerun_free_the_port(stack):
     params = f'endpoint="tcp://127.0.0.1:{port}"'
     if not stack.curve:
         params += ",allow_unauthenticated=true"
-    editor = ScriptEditor(stack, gui=True)
+    editor = ScriptEditor(stack, gui=True, cache=tmp_path / "cache")
     try:
         started = editor.command(f"run {params}", timeout=300)
         assert started.startswith("listening"), editor.log[-3000:]
@@ -915,6 +967,8 @@ def test_script_editor_kill_stop_and_rerun_free_the_port(stack):
         assert editor.command(f"run {params}", timeout=300).startswith("listening")  # again
         assert "ended" in editor.command("stop", timeout=30)
         assert seconds_until_free(port) < 3
+        # the first run compiled the receiver into the cache, the re-runs loaded it from there
+        assert editor.log.count(COMPILED) == 1 and editor.log.count(LOADED) == 2, editor.log
     finally:
         editor.close()
 
@@ -1153,3 +1207,121 @@ def test_a_stranger_cannot_make_fiji_buffer(fiji, stack):
     assert grown < 100, f"the receiver grew by {grown:.0f} MiB"
     with RawClient(fiji.endpoint) as raw:  # and it still serves its user
         assert raw.hello()["type"] == "welcome"
+
+
+# -- the compile cache (viewers/fiji/src/bootstrap.groovy, docs/fiji.md "Start-up time") ---------
+
+COMPILED = "polystore-fiji: compiled the receiver into"
+LOADED = "polystore-fiji: loaded the receiver from the compile cache"
+IN_MEMORY = "compiling the receiver in memory"
+
+
+def cache_entries(cache: Path) -> list[Path]:
+    """The compile cache's entries under XDG_CACHE_HOME=`cache`, sorted by name."""
+    root = cache / "polystore" / "fiji"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if re.fullmatch(r"[0-9a-f]{64}", p.name))
+
+
+def run_once(stack: Stack, cache: Path, **kwargs) -> str:
+    """Start the receiver with XDG_CACHE_HOME=`cache`, check that it acknowledges and counts a
+    frame, stop it; its output."""
+    receiver = start_receiver(stack=stack, cache=cache, timeout=300, **kwargs)
+    try:
+        with RawClient(receiver.endpoint) as raw:
+            assert raw.hello()["type"] == "welcome"
+            assert raw.request(raw.frame(), b"\0" * 6)["type"] == "ack"
+            assert raw.report()["frames"] == 1
+    finally:
+        rc = receiver.stop()
+    assert rc == 0, receiver.log[-3000:]
+    return receiver.log
+
+
+def test_compile_cache_first_run_compiles_later_runs_load(stack, tmp_path):
+    """The first run compiles the receiver into the cache (folders 0700), the next one loads
+    it from there, and both receive frames; stack traces name receiver_body.groovy."""
+    cache = tmp_path / "cache"
+    first = run_once(stack, cache)
+    assert COMPILED in first and LOADED not in first, first
+    [entry] = cache_entries(cache)
+    assert f"{COMPILED} {entry} (first run of this version" in first
+    for folder in (cache, cache / "polystore", cache / "polystore" / "fiji", entry):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    assert b"receiver_body.groovy" in (entry / "Images.class").read_bytes()  # SourceFile
+    second = run_once(stack, cache)
+    assert f"{LOADED} {entry}" in second and COMPILED not in second, second
+    assert cache_entries(cache) == [entry]
+
+
+@pytest.mark.parametrize("how", ["group-writable", "world-writable", "another user's",
+                                 "entry group-writable"])  # fmt: skip
+def test_compile_cache_others_could_write_is_not_used(debian, tmp_path, how):
+    """Loading classes another account could have written would run its code: a cache folder
+    that is not this user's, or that group or others can write, is not used. The receiver is
+    compiled in memory, says why, and works."""
+    cache = tmp_path / "cache"
+    polystore = cache / "polystore"
+    polystore.mkdir(parents=True)
+    reason = "can be written by other accounts"
+    if how == "group-writable":
+        polystore.chmod(0o770)
+    elif how == "world-writable":
+        polystore.chmod(0o777)
+    elif how == "another user's":
+        if os.geteuid() != 0:
+            pytest.skip("only root can give a folder to another user here")
+        shutil.chown(polystore, "nobody", "nogroup")
+        polystore.chmod(0o700)
+        reason = "belongs to another user"
+    else:
+        assert COMPILED in run_once(debian, cache)
+        [entry] = cache_entries(cache)
+        entry.chmod(0o770)
+    before = sorted(p.relative_to(cache) for p in cache.rglob("*"))
+    log = run_once(debian, cache)
+    assert "not using the compile cache" in log and reason in log and IN_MEMORY in log, log
+    assert COMPILED not in log and LOADED not in log, log
+    assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == before  # nothing written
+
+
+@pytest.mark.parametrize("damage", ["main class removed", "class truncated", "no manifest"])
+def test_damaged_cache_entry_is_compiled_again(debian, tmp_path, damage):
+    """An entry that is not what was stored (a file removed or cut short) is replaced by a
+    new compile, not loaded and not a crash; the run after that loads the new entry."""
+    cache = tmp_path / "cache"
+    assert COMPILED in run_once(debian, cache)
+    [entry] = cache_entries(cache)
+    if damage == "main class removed":
+        (entry / "receiver_body.class").unlink()
+    elif damage == "class truncated":
+        images = entry / "Images.class"
+        images.write_bytes(images.read_bytes()[:100])
+    else:
+        (entry / "manifest.txt").unlink()
+    log = run_once(debian, cache)
+    assert f"the compile cache entry {entry} is damaged" in log and COMPILED in log, log
+    assert cache_entries(cache) == [entry] and (entry / "manifest.txt").is_file()
+    assert LOADED in run_once(debian, cache)
+
+
+def test_changed_body_gets_a_new_key_and_old_entries_go(debian, tmp_path):
+    """Another body is another entry (never the classes of an older receiver), and the cache
+    keeps the three most recently used entries."""
+    generator = load_generator()
+    body = generator.expected_body()
+    cache = tmp_path / "cache"
+    keys = []
+    for n in range(4):
+        copy = tmp_path / f"fiji{n}"
+        shutil.copytree(FIJI_DIR, copy, ignore=shutil.ignore_patterns("src"))
+        if n:  # the same receiver with one more line
+            script = generator.expected_script(body + f"// changed {n}\n")
+            (copy / "polystore_receiver.groovy").write_text(script, encoding="utf-8")
+        log = run_once(debian, cache, launcher=copy / "run_headless.sh")
+        match = re.search(re.escape(COMPILED) + r" \S*/([0-9a-f]{64}) ", log)
+        assert match, log
+        keys.append(match[1])
+    assert len(set(keys)) == 4
+    assert [e.name for e in cache_entries(cache)] == sorted(keys[1:])  # the oldest went
