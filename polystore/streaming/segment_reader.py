@@ -45,6 +45,12 @@ class SegmentError(Exception):
         self.missing = missing
 
 
+#: frames this large get fresh memory: numpy asks for huge pages from 4 MiB on, and a fresh
+#: 8 MiB array was measured faster to fill than a reused one (2048x2048 uint16: about 4 %
+#: more frames/s, alternating runs), while a fresh 512 KiB one was far slower (page faults)
+RECYCLE_BELOW_BYTES = 4 << 20
+
+
 def _refs_of_a_free_item() -> int:
     """What `sys.getrefcount(owners[i])` reads for an item only its list holds (measured
     once, with the same expression the recycler uses: interpreters differ)."""
@@ -62,8 +68,8 @@ class ArrayRecycler:
     the system, which it does in bursts when several frames are freed together: measured
     3,200 instead of 6,000 frames/s at 512x512 uint16. So the receiver keeps the last few
     arrays it made and reuses one of the right size once its only reference is the
-    recycler's own (the viewer let go of every view of it). Idle memory is released by
-    `release()`.
+    recycler's own (the viewer let go of every view of it). Frames of RECYCLE_BELOW_BYTES
+    and more get fresh memory. Idle memory is released by `release()`.
     """
 
     def __init__(self, keep: int = 16, keep_bytes: int = 64 << 20) -> None:
@@ -73,10 +79,10 @@ class ArrayRecycler:
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes == 0:
+        if nbytes == 0 or nbytes >= RECYCLE_BELOW_BYTES:
             return np.empty(shape, dtype)
         owners = self._owners
-        for i in range(len(owners)):
+        for i in range(len(owners) - 1, -1, -1):  # the most recent first: still in cache
             if owners[i].nbytes == nbytes and sys.getrefcount(owners[i]) == _FREE:
                 owner = owners.pop(i)
                 owners.append(owner)
