@@ -213,8 +213,9 @@ def generate_section(protocol) -> str:
     out.append("    // Receiver -> sender messages, each built here only.")
     for cls in union_members(protocol.ReceiverMessage):
         info = mi.type_info(cls)
-        # Optional fields of structs that omit defaults are left out (the Fiji receiver
-        # never sets them, e.g. Ack.also: it acknowledges one frame at a time).
+        # Optional fields of structs that omit defaults are left out of the first builder;
+        # a second one takes them too and, as msgspec does, leaves out those at their default
+        # (e.g. Ack.also: the acks of several frames in one message).
         omit_defaults = cls.__struct_config__.omit_defaults
         fields = [
             f.encode_name
@@ -227,6 +228,17 @@ def generate_section(protocol) -> str:
         out.append(f"    static Map {info.tag}({params}) {{")
         out.append(f"        [v: VERSION, {info.tag_field}: {tag}, {entries}] as Map")
         out.append("    }")
+        optional = [f for f in info.fields if f.encode_name != "v" and not f.required]
+        if omit_defaults and optional:
+            more = ", ".join(f"Object {f.encode_name}" for f in optional)
+            out.append(f"    static Map {info.tag}({params}, {more}) {{")
+            out.append(f"        Map message = {info.tag}({', '.join(fields)})")
+            for f in optional:
+                default = f.default if f.default is not msgspec.NODEFAULT else f.default_factory()
+                out.append(f"        if ({f.encode_name} != {groovy_literal(default)}) "
+                           f"message.put({groovy_string(f.encode_name)}, {f.encode_name})")
+            out.append("        return message")
+            out.append("    }")
     out.append("}")
     out.append("")
 

@@ -362,6 +362,30 @@ class ReceiverConformance:
             segment.close()
             segment.unlink()
 
+    @pytest.mark.parametrize("batch", [False, True], ids=["one_ack_each", "batch_acks"])
+    def test_a_burst_of_frames_is_acknowledged_once_each_in_order(self, raw, batch):
+        """Frames sent without waiting for their acks are each acknowledged once, in order.
+        Only a sender whose hello asked for `batch_acks` may get the acks of several frames
+        in one `ack` (`also`, at most 4 frames); behind a slow first frame (8 MiB inline)
+        the rest queue up, so a receiver that batches does it here."""
+        assert raw.hello(batch_acks=batch)["type"] == "welcome"
+        slow = raw.frame(stream="burst", shape=[1024, 1024], dtype="float64", nbytes=8 << 20)
+        raw.send(slow, bytes(8 << 20))
+        seqs = [slow["seq"]]
+        for _ in range(40):
+            header = raw.frame(stream="burst")
+            seqs.append(header["seq"])
+            raw.send(header, PAD6)
+        acked, sizes = [], []
+        while len(acked) < len(seqs):
+            reply = raw.recv(timeout=30)
+            assert reply["type"] == "ack", reply
+            acked += [reply["seq"], *reply.get("also", [])]
+            sizes.append(1 + len(reply.get("also", [])))
+        assert acked == seqs
+        assert max(sizes) <= 4
+        assert (max(sizes) > 1) is batch, f"acks per message: {sizes}"
+
     def test_after_bye_a_frame_needs_hello(self, raw):
         assert raw.hello()["type"] == "welcome"
         raw.send({"v": 1, "type": "bye"})  # no reply

@@ -98,6 +98,11 @@ class P {
     static Map ack(Object seq) {
         [v: VERSION, type: 'ack', seq: seq] as Map
     }
+    static Map ack(Object seq, Object also) {
+        Map message = ack(seq)
+        if (also != []) message.put('also', also)
+        return message
+    }
     static Map error(Object seq, Object code, Object message) {
         [v: VERSION, type: 'error', seq: seq, code: code, message: message] as Map
     }
@@ -2007,6 +2012,7 @@ class SenderInfo {
     String prefix
     boolean shm  // its hello's probe proved it shares our /dev/shm as this user
     long dropped  // the sender's own count of frames it never sent (its header's `dropped`)
+    boolean batchAcks  // its hello asked for the acks of several frames in one message
     final long since = System.nanoTime()
 }
 
@@ -2095,8 +2101,15 @@ class Core {
         // The same sender (routing id) saying hello again keeps its baseline: its `dropped`
         // is cumulative, and what it dropped before is counted already.
         SenderInfo known = senders.get(identity)
-        senders.put(identity, new SenderInfo(prefix: expected, shm: shm, dropped: known != null ? known.dropped : 0L))
+        senders.put(identity, new SenderInfo(prefix: expected, shm: shm, dropped: known != null ? known.dropped : 0L,
+                batchAcks: h.get('batch_acks') == Boolean.TRUE))
         return P.welcome(id, Local.VIEWER, pid, shm, Local.MAX_FRAME_BYTES)
+    }
+
+    /** Whether the sender `identity` takes the acks of several frames in one message. */
+    boolean batchAcks(String identity) {
+        SenderInfo s = senders.get(identity)
+        return s != null && s.batchAcks
     }
 
     void bye(String identity) {
@@ -2243,11 +2256,13 @@ class Wire {
  * the message's sender, and housekeeping between messages (redraw, fps, unlinked segments).
  *
  * Acks are held while more messages already wait (at most MAX_HELD_ACKS), then sent
- * together, and always before any other reply and before anything is drawn. Each send that
- * finds JeroMQ's I/O thread asleep wakes it through a pipe; on a busy machine the woken
- * thread preempts this one between writing the wake-up byte and counting it, and then spins
- * until this thread runs again (JeroMQ 0.3 to 0.6; about 1 ms of CPU per frame, half the
- * throughput on two cores). One wake-up per burst instead of one per frame avoids most of it.
+ * together, and always before any other reply and before anything is drawn; a sender whose
+ * hello asked for `batch_acks` gets its held acks as one `ack` (`also`: the later frames).
+ * Each send that finds JeroMQ's I/O thread asleep wakes it through a pipe; on a busy machine
+ * the woken thread preempts this one between writing the wake-up byte and counting it, and
+ * then spins until this thread runs again (JeroMQ 0.3 to 0.6; about 1 ms of CPU per frame,
+ * half the throughput on two cores). One wake-up per burst instead of one per frame avoids
+ * most of it, and one message instead of several saves JeroMQ the rest of the work.
  */
 @CompileStatic
 class ReceiveLoop {
@@ -2259,21 +2274,38 @@ class ReceiveLoop {
     final Closure status  // called once a second (the GUI's status line), may be null
     private byte[] current  // routing id of the message being handled
     static final int MAX_HELD_ACKS = 4
-    private final List<byte[]> heldIds = new ArrayList<byte[]>(), heldAcks = new ArrayList<byte[]>()
+    private final List<byte[]> heldIds = new ArrayList<byte[]>()
+    private final List<Object> heldSeqs = new ArrayList<Object>()
     private final Closure replyToCurrent = { Map message ->
-        if (message.get('type') == 'ack' && heldAcks.size() < MAX_HELD_ACKS) {
+        if (message.get('type') == 'ack' && heldSeqs.size() < MAX_HELD_ACKS) {
             heldIds.add(current)
-            heldAcks.add(Json.encodeUtf8(message))
+            heldSeqs.add(message.get('seq'))
         } else {
             flushAcks()
             wire.reply(current, Json.encodeUtf8(message))
         }
     }
 
+    /** Sends the held acks in order, those of a `batch_acks` sender as one message. */
     void flushAcks() {
-        for (int k = 0; k < heldAcks.size(); k++) wire.reply(heldIds.get(k), heldAcks.get(k))
+        int n = heldSeqs.size()
+        boolean[] sent = new boolean[n]
+        for (int k = 0; k < n; k++) {
+            if (sent[k]) continue
+            byte[] id = heldIds.get(k)
+            List<Object> also = new ArrayList<Object>()
+            if (core.batchAcks(new String(id, StandardCharsets.ISO_8859_1))) {
+                for (int j = k + 1; j < n; j++) {
+                    if (!sent[j] && Arrays.equals(heldIds.get(j), id)) {
+                        also.add(heldSeqs.get(j))
+                        sent[j] = true
+                    }
+                }
+            }
+            wire.reply(id, Json.encodeUtf8(P.ack(heldSeqs.get(k), also)))
+        }
         heldIds.clear()
-        heldAcks.clear()
+        heldSeqs.clear()
     }
 
     ReceiveLoop(Wire wire, Core core, Images images, AtomicBoolean stop, boolean gui, Closure status) {
@@ -2291,8 +2323,8 @@ class ReceiveLoop {
         while (!stop.get()) {
             byte[] identity = null
             try {
-                if (!heldAcks.isEmpty()) {
-                    identity = heldAcks.size() < MAX_HELD_ACKS ? wire.recvNow() : null
+                if (!heldSeqs.isEmpty()) {
+                    identity = heldSeqs.size() < MAX_HELD_ACKS ? wire.recvNow() : null
                     if (identity == null) flushAcks()
                 }
                 if (identity == null) identity = wire.recv()
