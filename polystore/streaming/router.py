@@ -70,12 +70,12 @@ def read_rest(sock: zmq.Socket) -> tuple[zmq.Frame, zmq.Frame | None, int]:
     return header, payload, count
 
 
-def encode_ack(seqs: list[int]) -> bytes:
-    """``p.encode(p.Ack(v=VERSION, seq=seqs[0], also=seqs[1:]))`` without building a struct
-    (one per frame)."""
-    if len(seqs) == 1:
-        return b"%s%d}" % (_ACK_PREFIX, seqs[0])
-    return b'%s%d,"also":[%s]}' % (_ACK_PREFIX, seqs[0], b",".join(b"%d" % s for s in seqs[1:]))
+def encode_ack(seq: int, also: list[int] | tuple[()] = ()) -> bytes:
+    """``p.encode(p.Ack(v=VERSION, seq=seq, also=also))`` without building a struct (one per
+    frame)."""
+    if not also:
+        return b"%s%d}" % (_ACK_PREFIX, seq)
+    return b'%s%d,"also":[%s]}' % (_ACK_PREFIX, seq, b",".join(b"%d" % s for s in also))
 
 
 #: Acks still queued at shutdown get this long to leave.
@@ -96,7 +96,7 @@ class Outbox:
     def ack(self, identity: bytes, seq: int, batch: bool) -> None:
         """The receiver holds its copy of frame `seq` of `identity`."""
         if not batch:
-            self._send(identity, encode_ack([seq]))
+            self._send(identity, encode_ack(seq))
             return
         held = self._held.get(identity)
         if held is None:  # not setdefault: that builds a list on every frame
@@ -108,14 +108,13 @@ class Outbox:
         """Any other reply; the acks held for `identity` leave first, so order is kept."""
         held = self._held.pop(identity, None)
         if held:
-            self._send(identity, encode_ack(held))
+            self._send_acks(identity, held)
         self._send(identity, data)
 
     def flush(self) -> None:
         """Send every held ack."""
         while self._held:
-            identity, held = self._held.popitem()
-            self._send(identity, encode_ack(held))
+            self._send_acks(*self._held.popitem())
 
     def close(self) -> None:
         """Close the socket once senders had CLOSE_GRACE_S to read the last reply; what is
@@ -123,6 +122,9 @@ class Outbox:
         self.flush()
         time.sleep(max(0.0, self.last_sent + CLOSE_GRACE_S - time.monotonic()))
         self.sock.close(linger=CLOSE_LINGER_MS)
+
+    def _send_acks(self, identity: bytes, held: list[int]) -> None:
+        self._send(identity, encode_ack(held[0], held[1:]))
 
     def _send(self, identity: bytes, data: bytes) -> None:
         self.last_sent = time.monotonic()

@@ -72,10 +72,9 @@ class ArrayRecycler:
     and more get fresh memory. Idle memory is released by `release()`.
     """
 
-    def __init__(self, keep: int = 16, keep_bytes: int = 64 << 20) -> None:
-        self.keep, self.keep_bytes = keep, keep_bytes
+    def __init__(self, keep: int = 16) -> None:
+        self.keep = keep  # arrays remembered (each under RECYCLE_BELOW_BYTES: < 64 MiB in all)
         self._owners: list[np.ndarray] = []  # flat uint8 arrays, oldest first
-        self._bytes = 0
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         nbytes = math.prod(shape) * dtype.itemsize
@@ -89,15 +88,13 @@ class ArrayRecycler:
                 return owner.view(dtype).reshape(shape)
         owner = np.empty(nbytes, np.uint8)
         owners.append(owner)
-        self._bytes += nbytes
-        while len(owners) > self.keep or (self._bytes > self.keep_bytes and len(owners) > 1):
-            self._bytes -= owners.pop(0).nbytes  # one still in use stays the viewer's
+        if len(owners) > self.keep:
+            del owners[0]  # if still in use, it stays the viewer's
         return owner.view(dtype).reshape(shape)
 
     def release(self) -> None:
         """Forget every array (those in use stay their holders')."""
         self._owners.clear()
-        self._bytes = 0
 
 
 class _Mapping:
