@@ -125,6 +125,19 @@ class Sender:
             self.proc.wait()
 
 
+def send_in_two_steps(qtbot, endpoint: str, body: str, until) -> None:
+    """Run a sender up to its `barrier()`, wait (running Qt) until `until()`, then let it
+    go on to a clean exit."""
+    sender = Sender(endpoint, body)
+    try:
+        sender.wait_line(qtbot)
+        qtbot.waitUntil(until, timeout=10000)
+        sender.go()
+        sender.finish(qtbot)
+    finally:
+        sender.kill()
+
+
 def send(qtbot, endpoint: str, body: str, timeout: float = 60.0) -> list[str]:
     sender = Sender(endpoint, body)
     try:
@@ -565,7 +578,7 @@ def test_rois_sent_before_the_first_frame_stay_above_the_image(docked, qtbot):
     """ROIs that arrived before their image's first frame ended up under the image (hidden by
     it), with the view fitted to the ROIs, so the image showed magnified."""
     viewer, widget = docked
-    sender = Sender(widget.endpoint, """
+    send_in_two_steps(qtbot, widget.endpoint, """
         backend.save([{"kind": "rectangle", "coords": [[10, 20], [60, 90]]},
                       {"kind": "point", "coords": [[30, 40]]}], "early/a.roi.zip",
                      stream="early")
@@ -573,14 +586,7 @@ def test_rois_sent_before_the_first_frame_stay_above_the_image(docked, qtbot):
         for c in range(2):  # one layer per channel, each made after the ROI layers
             backend.save(rand(c, (400, 600)), f"early/c{c}.tif", stream="early",
                          axes={"c": c})
-    """)
-    try:
-        sender.wait_line(qtbot)
-        qtbot.waitUntil(lambda: "early points" in viewer.layers, timeout=10000)
-        sender.go()
-        sender.finish(qtbot)
-    finally:
-        sender.kill()
+    """, until=lambda: "early points" in viewer.layers)
     wait_frames(qtbot, widget, 2)
     names = [layer.name for layer in viewer.layers]
     assert names == ["early [c0]", "early [c1]", "early ROIs", "early points"]
@@ -620,19 +626,12 @@ def test_report_describes_the_layers_to_the_sender(docked, qtbot):
 def test_clear_command_removes_the_stream_layers(docked, qtbot):
     viewer, widget = docked
     viewer.add_image(np.zeros((5, 5)), name="user layer")
-    sender = Sender(widget.endpoint, """
+    send_in_two_steps(qtbot, widget.endpoint, """
         backend.save(rand(1, (20, 30)), "gone/t000.tif")
         backend.save([{"kind": "point", "coords": [[1, 1]]}], "gone/p.roi.zip", stream="gone")
         barrier()
         backend.request("clear")
-    """)
-    try:
-        sender.wait_line(qtbot)
-        qtbot.waitUntil(lambda: "gone points" in viewer.layers, timeout=10000)
-        sender.go()
-        sender.finish(qtbot)
-    finally:
-        sender.kill()
+    """, until=lambda: "gone points" in viewer.layers)
     qtbot.waitUntil(lambda: "gone" not in viewer.layers, timeout=10000)
     assert [layer.name for layer in viewer.layers] == ["user layer"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -975,10 +976,12 @@ def test_pool_reuses_the_segment_released_last():
 # -- acks batched under load (issue 10: fewer messages per frame) ------------------------------
 
 
-def _held_receiver(release: threading.Event):
-    """A receiver whose viewer is stuck on the first frame until `release` is set, so the
-    frames sent meanwhile queue up and are read in one go afterwards."""
-    first = threading.Event()
+@contextlib.contextmanager
+def _stuck_receiver(batch_acks: bool, first_frame: list[bytes] | None = None):
+    """A receiver whose viewer is stuck on the first frame (sent here by a raw client that
+    said hello) until `release` is set, so the frames sent meanwhile queue up and are read in
+    one go afterwards. Yields (receiver, client, release)."""
+    release, first = threading.Event(), threading.Event()
 
     def on_frame(_frame):
         if not first.is_set():
@@ -986,7 +989,17 @@ def _held_receiver(release: threading.Event):
             release.wait(10)
 
     receiver = receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", on_frame=on_frame)
-    return receiver.start(), first
+    receiver.start()
+    client = RawClient(receiver.endpoint)
+    try:
+        assert isinstance(_inline_hello(client, batch_acks), p.Welcome)
+        client.sock.send_multipart(first_frame or _inline_frame(1))
+        assert first.wait(5)
+        yield receiver, client, release
+    finally:
+        release.set()
+        client.close()
+        receiver.stop()
 
 
 def _inline_hello(client: RawClient, batch_acks: bool):
@@ -1010,13 +1023,7 @@ def _replies(client: RawClient, count: int) -> list:
 
 @pytest.mark.parametrize("batch", [True, False])
 def test_acks_of_queued_frames_are_batched_only_for_senders_that_ask(batch):
-    release = threading.Event()
-    receiver, first = _held_receiver(release)
-    client = RawClient(receiver.endpoint)
-    try:
-        assert isinstance(_inline_hello(client, batch), p.Welcome)
-        client.sock.send_multipart(_inline_frame(1))
-        assert first.wait(5)
+    with _stuck_receiver(batch) as (receiver, client, release):
         for seq in range(2, 11):  # queue up behind the stuck viewer
             client.sock.send_multipart(_inline_frame(seq))
         time.sleep(0.3)
@@ -1032,20 +1039,10 @@ def test_acks_of_queued_frames_are_batched_only_for_senders_that_ask(batch):
         else:
             assert len(acks) == 10 and not any(a.also for a in acks)
         assert receiver.stats.frames == 10
-    finally:
-        release.set()
-        client.close()
-        receiver.stop()
 
 
 def test_held_acks_leave_before_any_other_reply():
-    release = threading.Event()
-    receiver, first = _held_receiver(release)
-    client = RawClient(receiver.endpoint)
-    try:
-        assert isinstance(_inline_hello(client, True), p.Welcome)
-        client.sock.send_multipart(_inline_frame(1))
-        assert first.wait(5)
+    with _stuck_receiver(True) as (_receiver, client, release):
         client.sock.send_multipart(_inline_frame(2))
         client.sock.send_multipart(_inline_frame(3))
         client.sock.send(json.dumps({"v": 1, "type": "control", "seq": 4,
@@ -1059,31 +1056,21 @@ def test_held_acks_leave_before_any_other_reply():
         assert (replies[1].seq, replies[1].also) == (2, [3])
         assert replies[2].state["frames"] == 3  # the report counts the frames before it
         assert replies[3].seq == 5 and replies[3].code == p.BAD_SHAPE
-    finally:
-        release.set()
-        client.close()
-        receiver.stop()
 
 
 def test_acks_of_large_frames_are_never_held():
     """Holding an ack makes its sender wait for the copies of the frames after it: for large
     frames that costs more than the ack saves (2048x2048 streamed at 0.7x its speed)."""
-    release = threading.Event()
-    receiver, first = _held_receiver(release)
-    client = RawClient(receiver.endpoint)
     big = ACK_BATCH_BYTES // 2  # two of them reach the bound
-    try:
-        assert isinstance(_inline_hello(client, True), p.Welcome)
-        header = frame(shape=[big], nbytes=big)
-        client.sock.send_multipart([json.dumps({**header, "seq": 1}).encode(), bytes(big)])
-        assert first.wait(5)
+    header = frame(shape=[big], nbytes=big)
+
+    def large(seq: int) -> list[bytes]:
+        return [json.dumps({**header, "seq": seq}).encode(), bytes(big)]
+
+    with _stuck_receiver(True, large(1)) as (_receiver, client, release):
         for seq in range(2, 6):
-            client.sock.send_multipart([json.dumps({**header, "seq": seq}).encode(), bytes(big)])
+            client.sock.send_multipart(large(seq))
         time.sleep(0.5)
         release.set()
         acks = _replies(client, 3)
         assert [(a.seq, a.also) for a in acks] == [(1, []), (2, [3]), (4, [5])]
-    finally:
-        release.set()
-        client.close()
-        receiver.stop()
