@@ -37,6 +37,15 @@ WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in p.DTYPES}
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 
 
+def copy_bytes(out: memoryview, source: memoryview) -> None:
+    """`out[:] = source` for byte views of one size; without the GIL from
+    GIL_FREE_COPY_BYTES on (segments and inline payloads alike)."""
+    if out.nbytes >= GIL_FREE_COPY_BYTES:
+        np.copyto(np.frombuffer(out, np.uint8), np.frombuffer(source, np.uint8))
+    else:
+        out[:] = source
+
+
 class SegmentError(Exception):
     """A segment could not be read: `missing` tells a vanished one from a forbidden one."""
 
@@ -140,14 +149,8 @@ class SegmentReader:
             with memoryview(mapping.map) as source:  # released at once: close() can unmap
                 if out.format != "B" or out.ndim != 1:
                     out = out.cast("B")
-                if nbytes >= GIL_FREE_COPY_BYTES:
-                    piece = np.frombuffer(source, np.uint8, nbytes, offset)
-                    try:
-                        np.copyto(np.frombuffer(out, np.uint8), piece)
-                    finally:
-                        del piece  # before `source` is released
-                else:
-                    out[:] = source[offset:offset + nbytes]
+                with source[offset:offset + nbytes] as piece:
+                    copy_bytes(out, piece)
 
     def copy_frame(self, frame: p.Frame, payload) -> np.ndarray:
         """A validated frame's pixels in an array of our own, out of its segment or its
@@ -157,7 +160,7 @@ class SegmentReader:
             return array
         target = memoryview(array).cast("B")
         if frame.segment is None:
-            target[:] = payload.buffer
+            copy_bytes(target, payload.buffer)
             return array
         try:
             self.read_into(frame.segment, frame.offset, target)
