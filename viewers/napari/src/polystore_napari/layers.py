@@ -281,8 +281,8 @@ class LayerManager:
         here = layers.index(layer)
         if here > lowest:
             layers.move(here, lowest)
-        ours = self.rois.alive()
-        if all(other is layer or any(other is roi for roi in ours) for other in layers):
+        ours = {id(roi) for roi in self.rois.alive()} | {id(layer)}
+        if all(id(other) in ours for other in layers):
             self.viewer.reset_view()
 
     @staticmethod
