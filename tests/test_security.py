@@ -785,10 +785,11 @@ def test_another_account_binding_the_viewer_port_first_receives_nothing():
         port = s.getsockname()[1]
     env = {**os.environ, "HOME": "/tmp"}
     impostor = subprocess.Popen([sys.executable, "-c", _STRANGER_PREAMBLE + _IMPOSTOR, str(port),
-                                 "6"], stdout=subprocess.PIPE, text=True, env=env)
+                                 "12"], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert impostor.stdout.readline().strip() == "LISTENING"
-        b = NapariStreamingBackend(f"tcp://127.0.0.1:{port}", connect_timeout=1.5)
+        # 8 s: in one CI run the failed handshake was not yet reported after a 1.5 s deadline
+        b = NapariStreamingBackend(f"tcp://127.0.0.1:{port}", connect_timeout=8.0)
         with pytest.raises(ViewerNotRunningError, match="authentication handshake"):
             b.save(np.full((8, 8), 7, np.uint8), "secret.tif")
         b.close()
