@@ -334,3 +334,8 @@ def test_a_server_that_is_gone_gives_a_clear_error(s3):
         fm.load(f"s3://{BUCKET}/gone/a.bin", backend="objectstore")
     with pytest.raises(ConnectionError, match="did not answer"):
         fm.load(f"s3://{BUCKET}/gone/x.zarr/a", backend="zarr")
+    # botocore's own connection errors are not OSErrors; a write still says nothing landed
+    with pytest.raises(ConnectionError, match="did not answer.*retry; nothing was written"):
+        fm.save(b"second", f"s3://{BUCKET}/gone/b.bin", backend="objectstore")
+    with pytest.raises(ConnectionError, match="did not answer.*retry; no array was written"):
+        fm.save(np.zeros((4, 4), "uint8"), f"s3://{BUCKET}/gone/y.zarr/a", backend="zarr")

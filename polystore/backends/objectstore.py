@@ -204,16 +204,19 @@ def _clear_errors(url: str, writing: bool = False) -> Iterator[None]:
     except (OSError, TimeoutError) as exc:
         if isinstance(exc, TimeoutError) and not str(exc):
             exc = TimeoutError("no answer before the backend's timeout")
-        raise ConnectionError(
-            f"the object store did not answer for {url!r}: {type(exc).__name__}: {exc}. Check "
-            "the endpoint and the network, then retry" + ("; nothing was written" if writing
-                                                           else "")) from exc
+        raise _no_answer(url, exc, writing) from exc
     except Exception as exc:
         # botocore/aiohttp connection errors are not OSErrors
         name = type(exc).__name__
         if any(word in name for word in ("Connect", "Endpoint", "Timeout", "ClientOSError",
                                          "ServerDisconnected", "ReadTimeout")):
-            raise ConnectionError(
-                f"the object store did not answer for {url!r}: {name}: {exc}. Check the "
-                "endpoint and the network, then retry") from exc
+            raise _no_answer(url, exc, writing) from exc
         raise
+
+
+def _no_answer(url: str, exc: BaseException, writing: bool) -> ConnectionError:
+    """One wording for every lost connection; a failed write says that nothing landed."""
+    return ConnectionError(
+        f"the object store did not answer for {url!r}: {type(exc).__name__}: {exc}. Check "
+        "the endpoint and the network, then retry" + ("; nothing was written" if writing
+                                                       else ""))

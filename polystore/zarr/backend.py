@@ -18,6 +18,7 @@ import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -537,7 +538,10 @@ class _LazyFrame:
 @contextmanager
 def _clear_errors(zp: ZarrPath, writing: bool = False) -> Iterator[None]:
     """Turn store failures (missing bucket, refused credentials, dropped connection) into
-    errors that name the path and say what to do."""
+    errors that name the path and say what to do. Reads made on behalf of a write (does
+    the array exist?) are explained as part of that write."""
+    writing = writing or _WRITING.get()
+    token = _WRITING.set(writing)
     try:
         yield
     except (IsADirectoryError, NotADirectoryError):
@@ -550,12 +554,15 @@ def _clear_errors(zp: ZarrPath, writing: bool = False) -> Iterator[None]:
         raise explained from exc
     except Exception as exc:
         if zp.is_url and _looks_like_connection_error(exc):
-            explained = ConnectionError(
-                f"the object store did not answer for {str(zp)!r}: {type(exc).__name__}: "
-                f"{exc}. Check the endpoint and the network, then retry")
+            explained = _no_answer(exc, zp, writing)
             explained.polystore_explained = True  # type: ignore[attr-defined]
             raise explained from exc
         raise
+    finally:
+        _WRITING.reset(token)
+
+
+_WRITING: ContextVar[bool] = ContextVar("polystore_zarr_writing", default=False)
 
 
 def _looks_like_connection_error(exc: BaseException) -> bool:
@@ -577,8 +584,13 @@ def _explain(exc: OSError, zp: ZarrPath, writing: bool) -> OSError:
             f"access to {str(zp)!r} was refused: {exc}. Check the credentials in the "
             "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws) or storage_options")
     if zp.is_url:
-        return ConnectionError(
-            f"the object store did not answer for {str(zp)!r}: {type(exc).__name__}: {exc}. "
-            "Check the endpoint and the network, then retry"
-            + ("; no array was written" if writing else ""))
+        return _no_answer(exc, zp, writing)
     return exc
+
+
+def _no_answer(exc: BaseException, zp: ZarrPath, writing: bool) -> ConnectionError:
+    """One wording for every lost connection, OSError or botocore's own."""
+    return ConnectionError(
+        f"the object store did not answer for {str(zp)!r}: {type(exc).__name__}: {exc}. "
+        "Check the endpoint and the network, then retry"
+        + ("; no array was written" if writing else ""))
