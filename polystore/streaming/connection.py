@@ -88,9 +88,11 @@ class Connection:
         self.transport_up = False  # ZeroMQ has a TCP/IPC link (the monitor says so)
         self._handshaking = False  # linked, ZMTP/CURVE handshake not (yet) succeeded
         self._handshake_failed = False  # ZeroMQ never retries after that: reconnect
+        self._handshake_refused = False  # the peer failed authentication (not a hang-up)
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
-        self._poller: zmq.Poller | None = None
+        self._poller: zmq.Poller | None = None  # replies and link events
+        self._hello_poller: zmq.Poller | None = None  # room to send a hello, or link events
         self._probe = None  # the shared-memory probe of the pending hello
         self._hello_deadline = 0.0
 
@@ -107,10 +109,13 @@ class Connection:
             return
         sock = create_dealer_socket(self.endpoint, identity, self.options)
         self._monitor = sock.get_monitor_socket(_LINK_EVENTS)
-        self._handshaking = self._handshake_failed = False
+        self._handshaking = self._handshake_failed = self._handshake_refused = False
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
+        self._hello_poller = zmq.Poller()
+        self._hello_poller.register(sock, zmq.POLLOUT)
+        self._hello_poller.register(self._monitor, zmq.POLLIN)
         self.transport_up = False
         self._sock = sock
 
@@ -125,7 +130,7 @@ class Connection:
             self._sock.disable_monitor()
             self._monitor.close(linger=0)
             self._sock.close(linger=linger_ms)
-            self._sock = self._monitor = self._poller = None
+            self._sock = self._monitor = self._poller = self._hello_poller = None
         self.abandon_hello()
         self.state = State.CLOSED
 
@@ -173,20 +178,48 @@ class Connection:
     # -- the handshake -------------------------------------------------------------------------
 
     def send_hello(self, *, identity: str, segment_prefix: str, pid: int) -> None:
-        """Send hello with a fresh shared-memory probe; a welcome completes it."""
+        """Send hello with a fresh shared-memory probe; a welcome completes it. The hello
+        waits for the link's authentication handshake (ZMQ_IMMEDIATE): if that fails, this
+        returns at once with the state still closed, instead of at the deadline."""
         self.abandon_hello()
         self.refusal = ""
+        segment = None
         if self.options.transport != "inline":
-            self._probe, token = create_probe(segment_prefix)
-            probe = p.Probe(segment=self._probe.name, token=token)
+            segment, token = create_probe(segment_prefix)
+            probe = p.Probe(segment=segment.name, token=token)
         else:
             probe = None
         hello = p.Hello(v=p.VERSION, sender=identity, pid=pid, viewer=self.viewer,
                         segment_prefix=segment_prefix, versions=list(p.SUPPORTED_VERSIONS),
                         probe=probe, batch_acks=True)  # fmt: skip
         self._hello_deadline = time.monotonic() + self.options.connect_timeout
-        self.state = State.HELLO_SENT
-        self.send([p.encode(hello)], self._hello_deadline)  # if nobody takes it: no welcome
+        sent = False
+        try:
+            sent = self._send_hello_bytes(p.encode(hello))
+        finally:
+            if not sent and segment is not None:
+                destroy(segment)
+        if sent:  # only a hello that left can be abandoned (a link event) or welcomed
+            self._probe = segment
+            self.state = State.HELLO_SENT
+
+    def _send_hello_bytes(self, data: bytes) -> bool:
+        """Send `data` once the link is authenticated; False at the deadline or as soon as
+        the monitor reports that the authentication handshake failed."""
+        while True:
+            try:
+                self._sock.send(data, _NOBLOCK)
+                return True
+            except zmq.Again:
+                pass
+            remaining = self._hello_deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            events = dict(self._hello_poller.poll(remaining * 1000))
+            if self._monitor in events:
+                self.check_link()
+                if self._handshake_refused:  # a hang-up mid-handshake may still be retried
+                    return False
 
     @property
     def hello_expired(self) -> bool:
@@ -236,7 +269,7 @@ class Connection:
 
     def _reconnect(self) -> None:
         """ZeroMQ drops an endpoint whose handshake failed; connect to it again."""
-        self._handshake_failed = False
+        self._handshake_failed = self._handshake_refused = False
         try:
             self._sock.disconnect(self.endpoint)
         except zmq.ZMQError:
@@ -288,7 +321,8 @@ class Connection:
                 self._handshaking = False
                 continue
             # a peer that hangs up mid-handshake refused it too
-            self._handshake_failed |= bool(event & _HANDSHAKE_FAILED) or (
+            self._handshake_refused |= bool(event & _HANDSHAKE_FAILED)
+            self._handshake_failed |= self._handshake_refused or (
                 event == zmq.EVENT_DISCONNECTED and self._handshaking)
             self._handshaking = event == zmq.EVENT_CONNECTED
             self.transport_up = event == zmq.EVENT_CONNECTED
