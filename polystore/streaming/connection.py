@@ -20,7 +20,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from polystore.streaming import protocol as p
 from polystore.streaming.auth import client_keys
-from polystore.streaming.errors import ViewerNotRunningError
+from polystore.streaming.errors import ViewerNotRunningError, impostor_message
 from polystore.streaming.options import SenderOptions
 from polystore.streaming.shm import create_probe, destroy
 
@@ -31,14 +31,6 @@ _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_F
                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 _LINK_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
                 | _HANDSHAKE_FAILED)
-
-
-def impostor_message(viewer: str, endpoint: str) -> str:
-    return (f"the process listening at {endpoint} failed the authentication handshake, so "
-            f"nothing was sent to it: it is not a {viewer} receiver of your account (it lacks "
-            "your polystore credential, or runs with auth='none' while this sender uses "
-            "auth='user'), or it closed the connection mid-handshake (at its connection "
-            "limit?). Stop it, or pick the same auth on both sides (docs/protocol.md)")
 
 
 class State(enum.Enum):
@@ -195,7 +187,7 @@ class Connection:
         self._hello_deadline = time.monotonic() + self.options.connect_timeout
         sent = False
         try:
-            sent = self._send_hello_bytes(p.encode(hello))
+            sent = self.send([p.encode(hello)], self._hello_deadline, until_refused=True)
         finally:
             if not sent and segment is not None:
                 destroy(segment)
@@ -203,23 +195,6 @@ class Connection:
             self._probe = segment
             self.state = State.HELLO_SENT
 
-    def _send_hello_bytes(self, data: bytes) -> bool:
-        """Send `data` once the link is authenticated; False at the deadline or as soon as
-        the monitor reports that the authentication handshake failed."""
-        while True:
-            try:
-                self._sock.send(data, _NOBLOCK)
-                return True
-            except zmq.Again:
-                pass
-            remaining = self._hello_deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            events = dict(self._hello_poller.poll(remaining * 1000))
-            if self._monitor in events:
-                self.check_link()
-                if self._handshake_refused:  # a hang-up mid-handshake may still be retried
-                    return False
 
     @property
     def hello_expired(self) -> bool:
@@ -278,8 +253,9 @@ class Connection:
 
     # -- bytes -----------------------------------------------------------------------------------
 
-    def send(self, parts: list, deadline: float) -> bool:
-        """Send without ever blocking past `deadline`; False if nobody took it in time."""
+    def send(self, parts: list, deadline: float, *, until_refused: bool = False) -> bool:
+        """Send without ever blocking past `deadline`; False if nobody took it in time (or,
+        with `until_refused`, as soon as the link's authentication handshake fails)."""
         sock = self._sock
         first = parts[0]
         flags = (_NOBLOCK | _SNDMORE) if len(parts) > 1 else _NOBLOCK
@@ -288,14 +264,26 @@ class Connection:
                 sock.send(first, flags, copy=len(first) < 65536)
                 break
             except zmq.Again:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not sock.poll(remaining * 1000, zmq.POLLOUT):
-                    if time.monotonic() >= deadline:
-                        return False
+                if not self._wait_writable(deadline, until_refused):
+                    return False
         last = len(parts) - 1
         for i in range(1, len(parts)):
             sock.send(parts[i], 0 if i == last else _SNDMORE, copy=False)
         return True
+
+    def _wait_writable(self, deadline: float, until_refused: bool) -> bool:
+        """Wait for room to send (ZMQ_IMMEDIATE: an authenticated link); False once
+        `deadline` has passed or, `until_refused`, the monitor says authentication failed. A
+        hang-up mid-handshake is not a refusal: ZeroMQ retries it."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        if not until_refused:
+            self._sock.poll(remaining * 1000, zmq.POLLOUT)
+            return True
+        if self._monitor in dict(self._hello_poller.poll(remaining * 1000)):
+            self.check_link()
+        return not self._handshake_refused
 
     def drain(self) -> None:
         """Hand every reply already waiting to `on_reply`, without blocking."""

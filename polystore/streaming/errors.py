@@ -13,6 +13,15 @@ class ViewerNotRunningError(StreamingError, ConnectionError):
     """No receiver answered the handshake in time."""
 
 
+def impostor_message(viewer: str, endpoint: str) -> str:
+    """Why a sender sent nothing to whoever listens at `endpoint`."""
+    return (f"the process listening at {endpoint} failed the authentication handshake, so "
+            f"nothing was sent to it: it is not a {viewer} receiver of your account (it lacks "
+            "your polystore credential, or runs with auth='none' while this sender uses "
+            "auth='user'), or it closed the connection mid-handshake (at its connection "
+            "limit?). Stop it, or pick the same auth on both sides (docs/protocol.md)")
+
+
 class ReceiverLostError(StreamingError, ConnectionError):
     """The receiver went away (or stopped answering) with frames still unacknowledged."""
 
