@@ -195,7 +195,6 @@ class Connection:
             self._probe = segment
             self.state = State.HELLO_SENT
 
-
     @property
     def hello_expired(self) -> bool:
         return self.state is not State.HELLO_SENT or time.monotonic() > self._hello_deadline
