@@ -41,10 +41,12 @@ from polystore.streaming.options import SenderOptions
 from polystore.streaming.shm import Segment, create_probe, destroy
 
 SLOTS = bench.RING_SLOTS
+IDLE_SAMPLES = 300
 
 
-def protocol_ring(endpoint: str, frames: list[np.ndarray], count: int) -> float:
-    """Frames/s of the minimal protocol-speaking sender (see the module docstring)."""
+def protocol_ring(endpoint: str, frames: list[np.ndarray], count: int) -> tuple[float, float]:
+    """(frames/s, idle-pipe p50 latency in ms) of the minimal protocol-speaking sender (see
+    the module docstring)."""
     token = secrets.token_hex(8)
     prefix = f"{NapariStreamingBackend.SHM_PREFIX}{os.getpid()}_{token}_"
     sock = create_dealer_socket(endpoint, token, SenderOptions())
@@ -75,8 +77,8 @@ def protocol_ring(endpoint: str, frames: list[np.ndarray], count: int) -> float:
                 flags = zmq.NOBLOCK
 
         seqs = itertools.count()
-        started = time.perf_counter()
-        for i in range(count):
+
+        def send(i: int) -> None:
             seq = next(seqs)
             while seq - SLOTS in inflight:  # the slot's previous frame is not acked yet
                 take_acks(True)
@@ -87,9 +89,20 @@ def protocol_ring(endpoint: str, frames: list[np.ndarray], count: int) -> float:
             sock.send(p.encode(header))
             inflight.add(seq)
             take_acks(False)
+
+        idle = []
+        for i in range(IDLE_SAMPLES):  # one frame in flight at a time, as bench_stream does
+            started = time.perf_counter()
+            send(i)
+            while inflight:
+                take_acks(True)
+            idle.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        for i in range(count):
+            send(i)
         while inflight:
             take_acks(True)
-        return count / (time.perf_counter() - started)
+        return count / (time.perf_counter() - started), 1e3 * statistics.median(idle)
     finally:
         sock.close(linger=0)
         destroy(probe)
@@ -98,18 +111,25 @@ def protocol_ring(endpoint: str, frames: list[np.ndarray], count: int) -> float:
             destroy(segment)
 
 
-def polystore(endpoint: str, frames: list[np.ndarray], count: int) -> float:
+def polystore(endpoint: str, frames: list[np.ndarray], count: int) -> tuple[float, float]:
     with NapariStreamingBackend(endpoint, max_inflight=SLOTS) as backend:
         for i in range(20):
             bench.stamp(frames[i % len(frames)], i)
             backend.save(frames[i % len(frames)], "bench/t.tif")
         backend.flush()
+        idle = []
+        for i in range(IDLE_SAMPLES):
+            bench.stamp(frames[i % len(frames)], i)
+            started = time.perf_counter()
+            backend.save(frames[i % len(frames)], "bench/t.tif")
+            backend.flush()
+            idle.append(time.perf_counter() - started)
         started = time.perf_counter()
         for i in range(count):
             bench.stamp(frames[i % len(frames)], i)
             backend.save(frames[i % len(frames)], "bench/t.tif")
         backend.flush()
-        return count / (time.perf_counter() - started)
+        return count / (time.perf_counter() - started), 1e3 * statistics.median(idle)
 
 
 def main() -> None:
@@ -123,10 +143,13 @@ def main() -> None:
               for i in range(4)]
     spawn = mp.get_context("spawn")
     fps: dict[str, list[float]] = {"polystore": [], "protocol ring": [], "raw ring": []}
+    idle: dict[str, list[float]] = {name: [] for name in fps}
     for _ in range(args.rounds):
         for name in fps:
             if name == "raw ring":
-                fps[name].append(bench.bench_raw_ring(spawn, shape, args.frames, 10)["fps"])
+                ring = bench.bench_raw_ring(spawn, shape, args.frames, IDLE_SAMPLES)
+                fps[name].append(ring["fps"])
+                idle[name].append(ring["idle_p50_ms"])
                 continue
             endpoint_q, stop, result_q = spawn.Queue(), spawn.Event(), spawn.Queue()
             receiver = spawn.Process(target=bench.receiver_process,
@@ -134,7 +157,9 @@ def main() -> None:
             receiver.start()
             try:
                 run = polystore if name == "polystore" else protocol_ring
-                fps[name].append(run(endpoint_q.get(timeout=30), frames, args.frames))
+                rate, latency = run(endpoint_q.get(timeout=30), frames, args.frames)
+                fps[name].append(rate)
+                idle[name].append(latency)
             finally:
                 stop.set()
                 torn = result_q.get(timeout=30)["torn"]
@@ -144,14 +169,16 @@ def main() -> None:
     with open("/proc/loadavg") as f:
         load = f.read().split()[0]
     ring = statistics.median(fps["raw ring"])
+    ring_idle = statistics.median(idle["raw ring"])
     print(f"# {args.size}x{args.size} uint16, {args.frames} frames, median of {args.rounds} "
           f"alternating rounds; load average {load} at the end\n")
-    print("| sender → receiver | frames/s (all rounds) | × raw ring |")
-    print("|---|---|---|")
+    print("| sender → receiver | frames/s (all rounds) | × raw ring | idle p50 ms | "
+          "× raw ring idle p50 |")
+    print("|---|---|---|---|---|")
     for name, rounds in fps.items():
-        median = statistics.median(rounds)
+        median, latency = statistics.median(rounds), statistics.median(idle[name])
         print(f"| {name} | {median:,.0f} ({', '.join(f'{r:,.0f}' for r in rounds)}) | "
-              f"{median / ring:.2f} |")
+              f"{median / ring:.2f} | {latency:.3f} | {latency / ring_idle:.2f} |")
 
 
 if __name__ == "__main__":
