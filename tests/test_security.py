@@ -11,6 +11,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -183,6 +184,64 @@ def test_auth_none_on_both_sides_still_works(monkeypatch):
             b.save(np.ones((4, 4), np.uint8), "open.tif")
             b.flush()
     assert len(seen) == 1
+
+
+def test_what_counts_as_a_refused_handshake():
+    """A protocol or authentication failure refuses at once (ZeroMQ never retries it); a
+    hang-up mid-handshake refuses only when it keeps happening, and a success forgets it."""
+    from polystore.streaming.link import HANGUPS_BEFORE_REFUSAL, LinkState
+
+    link = LinkState()
+    link.update(zmq.EVENT_CONNECTED)
+    assert link.up and link.handshaking and not link.failed
+    link.update(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+    assert link.refused and link.failed
+    link.forget_failures()
+    assert not link.refused and not link.failed
+
+    for _ in range(HANGUPS_BEFORE_REFUSAL - 1):
+        link.update(zmq.EVENT_CONNECTED)
+        link.update(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        link.update(zmq.EVENT_DISCONNECTED)
+    assert link.failed and not link.refused and not link.up
+    link.update(zmq.EVENT_CONNECTED)
+    link.update(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    assert link.up and not link.handshaking
+    for _ in range(HANGUPS_BEFORE_REFUSAL - 1):  # counted afresh after the success
+        link.update(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+    assert not link.refused
+    link.update(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+    assert link.refused
+
+
+def test_a_receiver_that_hangs_up_one_handshake_is_retried_not_called_an_impostor():
+    """A port that hangs up mid-handshake once (a receiver restarting, at its connection
+    limit, or past its handshake deadline) and then serves: the sender connects; only
+    repeated hang-ups or a protocol/authentication failure count as a refusal."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    started: dict = {}
+
+    def hang_up_once_then_serve() -> None:
+        client, _ = listener.accept()
+        client.close()
+        listener.close()
+        time.sleep(0.2)
+        started["rx"] = receiver_for(NapariStreamingBackend, f"tcp://127.0.0.1:{port}").start()
+
+    server = threading.Thread(target=hang_up_once_then_serve, daemon=True)
+    server.start()
+    try:
+        with NapariStreamingBackend(f"tcp://127.0.0.1:{port}", connect_timeout=20.0) as b:
+            b.save(np.ones((4, 4), np.uint8), "after_restart.tif")
+            b.flush()
+    finally:
+        server.join(10)
+        if "rx" in started:
+            assert started["rx"].stats.frames == 1
+            started["rx"].stop()
 
 
 def test_user_sender_refuses_an_unauthenticated_receiver():

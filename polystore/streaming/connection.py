@@ -21,16 +21,13 @@ from zmq.utils.monitor import recv_monitor_message
 from polystore.streaming import protocol as p
 from polystore.streaming.auth import client_keys
 from polystore.streaming.errors import ViewerNotRunningError, impostor_message
+from polystore.streaming.link import LINK_EVENTS, LinkState
 from polystore.streaming.options import SenderOptions
 from polystore.streaming.shm import create_probe, destroy
 
 # zmq's flags as plain ints: enum arithmetic costs more than the send it configures.
 _NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-_LINK_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
-                | _HANDSHAKE_FAILED)
 
 
 class State(enum.Enum):
@@ -77,10 +74,7 @@ class Connection:
         self.receiver_id: str | None = None
         self.use_shm = False  # frames travel by shared memory (else inline)
         self.max_frame_bytes = p.MAX_FRAME_BYTES  # the receiver's, from its welcome
-        self.transport_up = False  # ZeroMQ has a TCP/IPC link (the monitor says so)
-        self._handshaking = False  # linked, ZMTP/CURVE handshake not (yet) succeeded
-        self._handshake_failed = False  # ZeroMQ never retries after that: reconnect
-        self._handshake_refused = False  # the peer failed authentication (not a hang-up)
+        self.link = LinkState()  # what the monitor says: up, handshaking, failed, refused
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
         self._poller: zmq.Poller | None = None  # replies and link events
@@ -100,15 +94,14 @@ class Connection:
         if self._sock is not None:
             return
         sock = create_dealer_socket(self.endpoint, identity, self.options)
-        self._monitor = sock.get_monitor_socket(_LINK_EVENTS)
-        self._handshaking = self._handshake_failed = self._handshake_refused = False
+        self._monitor = sock.get_monitor_socket(LINK_EVENTS)
+        self.link = LinkState()
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
         self._hello_poller = zmq.Poller()
         self._hello_poller.register(sock, zmq.POLLOUT)
         self._hello_poller.register(self._monitor, zmq.POLLIN)
-        self.transport_up = False
         self._sock = sock
 
     def close(self, goodbye: bytes | None = None, linger_ms: int = 0) -> None:
@@ -145,14 +138,14 @@ class Connection:
             self.check_link()
             if self.state is State.CONNECTED:
                 return True
-            if self._handshake_failed:
+            if self.link.failed:
                 self._reconnect()
         hello = dict(identity=identity, segment_prefix=segment_prefix, pid=pid)
         if not wait:
             self.drain()  # the welcome to an earlier hello may be here
             if self.connected:
                 return True
-            if self.transport_up and self.hello_expired:
+            if self.link.up and self.hello_expired:
                 self.send_hello(**hello)
             return False
         self.send_hello(**hello)
@@ -160,7 +153,7 @@ class Connection:
         if not self.connected:
             self.abandon_hello()
             self.check_link()
-            if self._handshake_failed:
+            if self.link.failed:
                 self.refusal = impostor_message(self.viewer, self.endpoint)
             raise ViewerNotRunningError(self.refusal or (
                 f"no {self.viewer} receiver answered at {self.endpoint} within "
@@ -175,6 +168,7 @@ class Connection:
         returns at once with the state still closed, instead of at the deadline."""
         self.abandon_hello()
         self.refusal = ""
+        self.state = State.CLOSED  # not an earlier refusal, whatever happens to this hello
         segment = None
         if self.options.transport != "inline":
             segment, token = create_probe(segment_prefix)
@@ -243,7 +237,7 @@ class Connection:
 
     def _reconnect(self) -> None:
         """ZeroMQ drops an endpoint whose handshake failed; connect to it again."""
-        self._handshake_failed = self._handshake_refused = False
+        self.link.forget_failures()
         try:
             self._sock.disconnect(self.endpoint)
         except zmq.ZMQError:
@@ -272,8 +266,8 @@ class Connection:
 
     def _wait_writable(self, deadline: float, until_refused: bool) -> bool:
         """Wait for room to send (ZMQ_IMMEDIATE: an authenticated link); False once
-        `deadline` has passed or, `until_refused`, the monitor says authentication failed. A
-        hang-up mid-handshake is not a refusal: ZeroMQ retries it."""
+        `deadline` has passed or, `until_refused`, the handshake was refused (link.py: a
+        single hang-up is retried)."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
@@ -282,7 +276,7 @@ class Connection:
             return True
         if self._monitor in dict(self._hello_poller.poll(remaining * 1000)):
             self.check_link()
-        return not self._handshake_refused
+        return not self.link.refused
 
     def drain(self) -> None:
         """Hand every reply already waiting to `on_reply`, without blocking."""
@@ -304,16 +298,8 @@ class Connection:
         monitor = self._monitor
         while monitor is not None and monitor.get(_EVENTS) & _POLLIN:
             event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._handshaking = False
-                continue
-            # a peer that hangs up mid-handshake refused it too
-            self._handshake_refused |= bool(event & _HANDSHAKE_FAILED)
-            self._handshake_failed |= self._handshake_refused or (
-                event == zmq.EVENT_DISCONNECTED and self._handshaking)
-            self._handshaking = event == zmq.EVENT_CONNECTED
-            self.transport_up = event == zmq.EVENT_CONNECTED
-            if self.transport_up and not self.connected:
+            self.link.update(event)
+            if event == zmq.EVENT_CONNECTED and not self.connected:
                 self.abandon_hello()  # a hello sent to an earlier peer will not be answered
             if event == zmq.EVENT_DISCONNECTED and self.connected:
                 self.drain()  # acks that arrived before the disconnect still count

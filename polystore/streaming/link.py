@@ -1,0 +1,53 @@
+"""What a sender's socket monitor says about the link to its receiver: is it up, is the
+authentication handshake under way, did it fail, and was it refused.
+
+ZeroMQ reports a protocol or authentication failure (``HANDSHAKE_FAILED_PROTOCOL`` /
+``_AUTH``) once and does not retry. A peer that hangs up mid-handshake gives
+``HANDSHAKE_FAILED_NO_DETAIL`` and ZeroMQ retries: that is a CURVE server with another key,
+but also a receiver restarting, at its connection limit or past its handshake deadline, so
+only several in a row count as a refusal.
+"""
+
+from __future__ import annotations
+
+import zmq
+
+_REFUSED = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+_HANDSHAKE_FAILED = _REFUSED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+#: the events a sender's monitor subscribes to
+LINK_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+               | _HANDSHAKE_FAILED)
+#: hang-ups mid-handshake in a row, with no handshake succeeding between them, that refuse
+HANGUPS_BEFORE_REFUSAL = 3
+
+
+class LinkState:
+    """Updated from each monitor event; read by the connection's handshake."""
+
+    def __init__(self) -> None:
+        self.up = False  # ZeroMQ has a TCP/IPC link
+        self.handshaking = False  # linked, the ZMTP/CURVE handshake not (yet) succeeded
+        self.forget_failures()
+
+    def forget_failures(self) -> None:
+        """A fresh connect: earlier failures no longer count."""
+        self.failed = False  # a handshake failed since the last connect (reconnect to retry)
+        self._refused_outright = False
+        self._hangups = 0
+
+    @property
+    def refused(self) -> bool:
+        """The peer cannot complete our authentication handshake: stop waiting for it."""
+        return self._refused_outright or self._hangups >= HANGUPS_BEFORE_REFUSAL
+
+    def update(self, event: int) -> None:
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.handshaking = False
+            self._hangups = 0
+            return
+        self._refused_outright |= bool(event & _REFUSED)
+        self._hangups += event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        # a peer that hangs up mid-handshake failed it too
+        self.failed |= bool(event & _HANDSHAKE_FAILED) or (
+            event == zmq.EVENT_DISCONNECTED and self.handshaking)
+        self.handshaking = self.up = event == zmq.EVENT_CONNECTED
