@@ -7,6 +7,8 @@ import json
 import multiprocessing as mp
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from multiprocessing import shared_memory
@@ -1074,3 +1076,86 @@ def test_acks_of_large_frames_are_never_held():
         release.set()
         acks = _replies(client, 3)
         assert [(a.seq, a.also) for a in acks] == [(1, []), (2, [3]), (4, [5])]
+
+
+
+
+_RAW_SENDER = """
+import sys, time
+from polystore.testing.receiver import RawClient, user_curve
+if sys.argv[2] == "arrive":
+    sys.stdin.readline()  # connect when told
+client = RawClient(sys.argv[1], curve=user_curve())
+if sys.argv[2] == "leave":  # say hello, send ROIs (the viewer callback blocks), go away
+    assert client.hello()["type"] == "welcome"
+    client.send({"v": 1, "type": "rois", "seq": client.next_seq(), "stream": "x",
+                 "path": "x.roi.zip", "sent_ns": 0,
+                 "rois": [{"kind": "point", "coords": [[1, 1]]}]})
+    time.sleep(0.2)
+    client.close()
+else:  # say hello while the receiver is still busy, then send a frame once welcomed
+    client.send({"v": 1, "type": "hello", "sender": client.token, "pid": client.pid,
+                 "viewer": "fiji", "segment_prefix": client.prefix, "versions": [1]})
+    print("HELLO SENT", flush=True)
+    assert client.recv(10)["type"] == "welcome"
+    time.sleep(0.3)  # the receiver has read the departed connection's events by now
+    print("REPLY", client.request(client.frame(), b"\\0" * 6)["type"], flush=True)
+    client.close()
+"""
+
+
+def _socket_fds() -> set[int]:
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                fds.add(int(name))
+        except OSError:
+            pass
+    return fds
+
+
+
+def test_a_sender_that_takes_over_a_closed_connections_descriptor_keeps_its_session():
+    """A sender leaves while the receiver is busy (inside a viewer callback), and the next
+    one connects, gets the same file descriptor and says hello before the receiver has read
+    the first one's disconnect: the receiver must forget the sender that left, not the one
+    that arrived (a CI run once saw `hello_required` here)."""
+    from polystore.streaming import Receiver
+
+    busy, resume = threading.Event(), threading.Event()
+
+    def slow_viewer(rois) -> None:
+        busy.set()
+        resume.wait(20)
+
+    receiver = Receiver("tcp://127.0.0.1:0", shm_prefix="fiji_", viewer="fiji",
+                        on_frame=lambda f: None, on_rois=slow_viewer).start()
+    fillers: list[int] = []
+    try:
+        before = _socket_fds()
+        leaving = subprocess.Popen([sys.executable, "-c", _RAW_SENDER, receiver.endpoint,
+                                    "leave"])
+        assert busy.wait(20)
+        (descriptor,) = _socket_fds() - before  # the receiver's end of that connection
+        assert leaving.wait(30) == 0
+        arriving = subprocess.Popen([sys.executable, "-c", _RAW_SENDER, receiver.endpoint,
+                                     "arrive"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    text=True)  # its pipes opened before the numbers are filled
+        time.sleep(0.3)  # ZeroMQ has closed the departed connection (its event is queued)
+        while (fd := os.open(os.devnull, os.O_RDONLY)) != descriptor:
+            fillers.append(fd)  # fill lower free numbers: the next accept gets `descriptor`
+            assert fd < descriptor, "the departed connection's descriptor is still open"
+        os.close(fd)
+        arriving.stdin.write("go\n")
+        arriving.stdin.flush()
+        assert arriving.stdout.readline().strip() == "HELLO SENT"
+        time.sleep(0.3)  # accepted and queued behind the callback
+        resume.set()
+        assert arriving.stdout.readline().split() == ["REPLY", "ack"]
+        assert arriving.wait(30) == 0
+    finally:
+        resume.set()
+        receiver.stop()
+        for fd in fillers:
+            os.close(fd)

@@ -215,6 +215,9 @@ class Receiver:
                 return
             self._release()  # anything else comes after the frames before it
             if isinstance(message, p.Hello):
+                # a connection that closed and left this one its descriptor is forgotten
+                # first: its event may still wait in the monitor, and would forget this one
+                self._connection_events()
                 connection = header.get(zmq.SRCFD)  # to forget it when it closes
                 self._reply(identity, self._hello(identity, message, connection))
                 return
