@@ -183,6 +183,3 @@ class StreamSender(Delivery):
             if not self._inherited and self._connection.connected:
                 self._wait_until(lambda: not self._credits, self._or_default(timeout))
             self._credits.raise_pending()
-
-    # -- credits and delivery ----------------------------------------------------------------
-

@@ -70,9 +70,6 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def get(self, identity: bytes) -> Session | None:
-        return self._sessions.get(identity)
-
     def require(self, identity: bytes, seq: int | None) -> Session:
         """The session of `identity`; message `seq` without one is answered hello_required."""
         session = self._sessions.get(identity)
