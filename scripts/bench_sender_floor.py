@@ -4,8 +4,8 @@
 Three ways of streaming 512x512 uint16 frames (``--size``) into another process, in
 alternating rounds of one run (median of ``--rounds``):
 
-* ``polystore``: ``NapariStreamingBackend.save()`` into a real polystore receiver, as
-  ``bench_stream.py`` does (window of 8 frames);
+* ``polystore``: ``NapariStreamingBackend.save()`` into a real polystore receiver, measured
+  by ``bench_stream.py``'s own function (window of 8 frames);
 * ``protocol ring``: the same real receiver (CURVE, every header decoded and validated,
   the copy, batched acks), fed by a sender with no more Python per frame than the raw ring:
   it says hello once, then for each frame copies into the next of 8 segments taken in turn,
@@ -111,27 +111,6 @@ def protocol_ring(endpoint: str, frames: list[np.ndarray], count: int) -> tuple[
             destroy(segment)
 
 
-def polystore(endpoint: str, frames: list[np.ndarray], count: int) -> tuple[float, float]:
-    with NapariStreamingBackend(endpoint, max_inflight=SLOTS) as backend:
-        for i in range(20):
-            bench.stamp(frames[i % len(frames)], i)
-            backend.save(frames[i % len(frames)], "bench/t.tif")
-        backend.flush()
-        idle = []
-        for i in range(IDLE_SAMPLES):
-            bench.stamp(frames[i % len(frames)], i)
-            started = time.perf_counter()
-            backend.save(frames[i % len(frames)], "bench/t.tif")
-            backend.flush()
-            idle.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        for i in range(count):
-            bench.stamp(frames[i % len(frames)], i)
-            backend.save(frames[i % len(frames)], "bench/t.tif")
-        backend.flush()
-        return count / (time.perf_counter() - started), 1e3 * statistics.median(idle)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512)
@@ -156,8 +135,12 @@ def main() -> None:
                                      args=(endpoint_q, stop, result_q))
             receiver.start()
             try:
-                run = polystore if name == "polystore" else protocol_ring
-                rate, latency = run(endpoint_q.get(timeout=30), frames, args.frames)
+                endpoint = endpoint_q.get(timeout=30)
+                if name == "polystore":  # exactly as bench_stream.py measures it
+                    ours = bench.bench_polystore(endpoint, shape, args.frames, IDLE_SAMPLES)
+                    rate, latency = ours["fps"], ours["idle_p50_ms"]
+                else:
+                    rate, latency = protocol_ring(endpoint, frames, args.frames)
                 fps[name].append(rate)
                 idle[name].append(latency)
             finally:
