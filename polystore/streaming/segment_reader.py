@@ -12,7 +12,6 @@ the segment's owner, this same user, between the check and the copy) but copies 
 
 from __future__ import annotations
 
-import math
 import mmap
 import os
 import stat
@@ -85,8 +84,8 @@ class ArrayRecycler:
         self.keep = keep  # arrays remembered (each under RECYCLE_BELOW_BYTES: < 64 MiB in all)
         self._owners: list[np.ndarray] = []  # flat uint8 arrays, oldest first
 
-    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        nbytes = math.prod(shape) * dtype.itemsize
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype, nbytes: int) -> np.ndarray:
+        """An array of `shape` and `dtype` (`nbytes` in all, as the validated header says)."""
         if nbytes == 0 or nbytes >= RECYCLE_BELOW_BYTES:
             return np.empty(shape, dtype)
         owners = self._owners
@@ -155,7 +154,7 @@ class SegmentReader:
     def copy_frame(self, frame: p.Frame, payload) -> np.ndarray:
         """A validated frame's pixels in an array of our own, out of its segment or its
         inline `payload`; raises ProtocolError (bad_segment, segment_missing)."""
-        array = self.arrays.empty(tuple(frame.shape), WIRE_DTYPES[frame.dtype])
+        array = self.arrays.empty(tuple(frame.shape), WIRE_DTYPES[frame.dtype], frame.nbytes)
         if not frame.nbytes:
             return array
         target = memoryview(array).cast("B")
