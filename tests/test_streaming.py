@@ -253,6 +253,58 @@ def test_rois_round_trip(backend):
         backend.save([{"kind": "polygon", "coords": [[0, 0]]}], "x.roi.zip")
 
 
+def test_a_roi_set_too_large_for_one_message_is_refused_at_save_and_loses_nothing(backend):
+    """A ROI message over the receiver's 64 KiB header limit used to be sent anyway: the
+    receiver refused it without its sequence number, so its credit never came back and the
+    sender declared the healthy receiver lost 5 s later, taking the frames in flight with it."""
+    ring = [[100 * np.sin(a), 100 * np.cos(a)] for a in np.linspace(0, 6.2, 40)]
+    many = [{"kind": "polygon", "coords": ring, "label": f"cell {i}"} for i in range(300)]
+    frame = sample("uint16", (32, 32))
+    backend.save(frame, "big/t000.tif")
+    started = time.monotonic()
+    with pytest.raises(UnstreamableDataError, match=r"300 ROIs .* at most 65,536.*tolerance"):
+        backend.save(many, "big/t000.roi.zip")
+    assert time.monotonic() - started < 1.0  # said at once, not after a timeout
+    backend.save(many[:20], "big/t000.roi.zip")  # a set that fits still goes
+    backend.save(frame, "big/t001.tif")
+    got = received(backend)
+    assert [g["digest"] for g in got[-2:]] == [digest(frame)] * 2
+    assert backend.request("report")["roi_sets"][-1]["n"] == 20
+    assert backend.sender.stats.lost == 0
+
+
+@pytest.mark.parametrize("limits", [(0.0, float("inf")), (float("nan"), 1.0)])
+def test_non_finite_contrast_limits_are_refused_at_save(backend, limits):
+    """JSON has no NaN or infinity: msgspec wrote them as null, and the receiver rejected every
+    frame of the stream, long after save() had returned."""
+    with pytest.raises(UnstreamableDataError, match="contrast_limits must be finite"):
+        backend.save(sample("float32", (8, 8)), "drift/t000.tif", contrast_limits=limits)
+    backend.save(sample("float32", (8, 8)), "drift/t001.tif", contrast_limits=(0, 1))
+    assert received(backend)[-1]["stream"] == "drift"
+
+
+@pytest.mark.parametrize("transport", ["shm", "inline"])
+def test_a_path_that_is_not_utf8_is_refused_clearly_and_keeps_no_segment(receiver_proc,
+                                                                         transport):
+    """A file name from os.listdir that is not UTF-8 holds lone surrogates. Encoding its header
+    raised a bare UnicodeEncodeError after the frame's segment was reserved, and the segment
+    stayed reserved for good: a few such saves and the sender waited for credits that never
+    came."""
+    bad = os.fsdecode(b"plate/caf\xe9_t000.tif")
+    frame = sample("uint16", (16, 16))
+    with NapariStreamingBackend(receiver_proc.endpoint, transport=transport,
+                                max_inflight=2, timeout=2) as b:
+        b.save(frame, "utf8/t000.tif")
+        b.flush()
+        for _ in range(3):
+            with pytest.raises(UnstreamableDataError, match="not valid UTF-8"):
+                b.save(frame, bad, stream="utf8")
+        assert b.sender.pool.busy_count == 0 and b.sender.inflight == 0
+        b.save(frame, "utf8/t001.tif")
+        b.flush()
+        assert b.sender.stats.acked == 2
+
+
 def test_stream_key_derivation():
     exts = NapariStreamingBackend.SUPPORTED_EXTENSIONS
     assert stream_key("well_A01/t003.tif", exts) == "well_A01"

@@ -10,6 +10,7 @@ it, so no header is encoded, decoded and encoded again.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -173,6 +174,33 @@ class StreamMeta:
             raise UnstreamableDataError(f"cannot stream {path}: {exc}") from None
         return message
 
+    def encoded_rois(self, seq: int, path: str, rois: list[p.Roi],
+                     axes: dict[str, int]) -> bytes:
+        """`rois_message` encoded, within the receiver's header limit (a larger one would be
+        refused without its sequence number, so its credit would never come back)."""
+        data = encode_header(self.rois_message(seq, path, rois, axes), path)
+        if len(data) > p.MAX_HEADER_BYTES:
+            points = sum(len(roi.coords) for roi in rois)
+            raise UnstreamableDataError(
+                f"cannot stream {path}: {len(rois)} ROIs with {points} points in all encode to "
+                f"{len(data):,} bytes, and a ROI message may hold at most "
+                f"{p.MAX_HEADER_BYTES:,}. Simplify the outlines (labels_to_rois(..., "
+                f"tolerance=2) keeps fewer points per outline) or send fewer objects")
+        return data
+
+
+def encode_header(message: p.Frame | p.Rois, path: str) -> bytes:
+    """`p.encode(message)`, with a clear error for text that is not valid UTF-8 (a file name
+    from `os.listdir` that is not UTF-8 holds lone surrogates, which JSON cannot carry)."""
+    try:
+        return p.encode(message)
+    except UnicodeEncodeError as exc:
+        raise UnstreamableDataError(
+            f"cannot stream {path!r}: its path, stream, labels or a name in it are not valid "
+            f"UTF-8 ({exc.reason}: {exc.object[exc.start:exc.end]!r}), and the protocol "
+            f"carries text as UTF-8. Rename the file, or pass stream= and a path made with "
+            f"os.fsencode(name).decode('utf-8', 'replace')") from None
+
 
 @dataclass
 class SenderStats:
@@ -214,7 +242,13 @@ def display_hints(
         raw = {k: v for k, v in fields.items() if v is not None}
         raw["kind"] = "labels" if labels else (kind or "image")
         if contrast_limits is not None:
-            raw["contrast_limits"] = [float(v) for v in contrast_limits]
+            raw["contrast_limits"] = limits = [float(v) for v in contrast_limits]
+            # JSON has no NaN or infinity: they would travel as null, and the receiver would
+            # reject every frame of the stream
+            if not all(math.isfinite(v) for v in limits):
+                raise ValueError(f"contrast_limits must be finite numbers [low, high], got "
+                                 f"{limits}; compute them with np.nanmin and np.nanmax over "
+                                 f"the finite pixels, or leave them out to follow the data")
         return msgspec.convert(raw, p.Display)
     except (msgspec.ValidationError, TypeError, ValueError) as exc:
         raise UnstreamableDataError(f"bad display hint for {what}: {exc}") from None

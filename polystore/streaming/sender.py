@@ -22,7 +22,7 @@ from polystore.streaming import protocol as p
 from polystore.streaming.connection import State
 from polystore.streaming.delivery import Delivery
 from polystore.streaming.errors import ReceiverLostError, ViewerNotRunningError
-from polystore.streaming.options import StreamMeta, to_wire_array
+from polystore.streaming.options import StreamMeta, encode_header, to_wire_array
 from polystore.streaming.shm import SegmentPool
 
 
@@ -79,16 +79,21 @@ class StreamSender(Delivery):
             wire_dtype = array.dtype.newbyteorder("<")
             if self._connection.use_shm and header.nbytes:
                 segment = self._reserve(seq, header.nbytes, True)
-                header.segment = segment.name
-                np.copyto(np.ndarray(array.shape, wire_dtype, segment.buf), array,
-                          casting="equiv")
-                return self._send_frame(seq, header, [p.encode(header)], started, 0)
+                try:  # the segment is ours until the message is tracked: give it back
+                    header.segment = segment.name
+                    np.copyto(np.ndarray(array.shape, wire_dtype, segment.buf), array,
+                              casting="equiv")
+                    encoded = encode_header(header, path)
+                except BaseException:
+                    self._credits.release_unsent(seq)
+                    raise
+                return self._send_frame(seq, header, [encoded], started, 0)
+            encoded = encode_header(header, path)
             self._reserve(seq, header.nbytes, False)
             payload = np.ascontiguousarray(array, dtype=wire_dtype)
             if payload is array or payload.base is not None:
                 payload = payload.copy()  # the caller may reuse its buffer after save()
-            return self._send_frame(seq, header, [p.encode(header), payload], started,
-                                    header.nbytes)
+            return self._send_frame(seq, header, [encoded, payload], started, header.nbytes)
 
     def lease(self, shape: Any, dtype: Any, path: str, meta: StreamMeta,
               axes: dict[str, int] | None = None
@@ -133,7 +138,12 @@ class StreamSender(Delivery):
                 return
             header.segment, header.sent_ns = segment.name, time.time_ns()
             header.dropped = self.stats.unsent
-            self._send_frame(seq, header, [p.encode(header)], started, 0)
+            try:
+                encoded = encode_header(header, path)
+            except BaseException:
+                self._credits.release_unsent(seq)
+                raise
+            self._send_frame(seq, header, [encoded], started, 0)
 
     def send_rois(self, rois: list[p.Roi], path: str, meta: StreamMeta,
                   axes: dict[str, int] | None = None) -> int:
@@ -145,9 +155,9 @@ class StreamSender(Delivery):
             seq = self._admit()
             if seq < 0:
                 return seq
-            message = meta.rois_message(seq, path, rois, axes)
+            message = meta.encoded_rois(seq, path, rois, axes)
             self._reserve(seq, 0, False)
-            if not self._dispatch(seq, [p.encode(message)], started, 0):
+            if not self._dispatch(seq, [message], started, 0):
                 return -1
             self.stats.rois += 1
             return seq
