@@ -305,6 +305,39 @@ def test_a_path_that_is_not_utf8_is_refused_clearly_and_keeps_no_segment(receive
         assert b.sender.stats.acked == 2
 
 
+def test_stop_returns_promptly_while_a_slow_viewer_callback_is_fed():
+    """The receiver read up to 256 queued messages between checks of stop(): with a viewer
+    callback of 50 ms and a sender keeping the queue full, stop() took over 10 s."""
+    def slow(frame) -> None:
+        time.sleep(0.05)
+
+    receiver = receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", on_frame=slow).start()
+    done = threading.Event()
+
+    def stream() -> None:
+        with contextlib.suppress(Exception), NapariStreamingBackend(
+                receiver.endpoint, timeout=30) as b:
+            while not done.is_set():
+                b.save(np.zeros((64, 64), np.uint16), "slow/t.tif")
+
+    sender = threading.Thread(target=stream, daemon=True)
+    sender.start()
+    try:
+        deadline = time.monotonic() + 10
+        while receiver.stats.frames < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert receiver.stats.frames >= 20
+        started = time.monotonic()
+        receiver.stop(timeout=10)
+        assert time.monotonic() - started < 2.0
+        assert not receiver.running
+    finally:
+        done.set()
+        sender.join(10)
+    with pytest.raises(RuntimeError, match="stopped; create a new Receiver"):
+        receiver.start()  # it used to return as if listening, and served nothing
+
+
 def test_stream_key_derivation():
     exts = NapariStreamingBackend.SUPPORTED_EXTENSIONS
     assert stream_key("well_A01/t003.tif", exts) == "well_A01"

@@ -93,7 +93,12 @@ class Receiver:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self, timeout: float = 5.0) -> Receiver:
-        """Bind and serve in a daemon thread; returns once bound (raises if binding failed)."""
+        """Bind and serve in a daemon thread; returns once bound (raises if binding failed).
+        A receiver serves once: after `stop()`, make a new one."""
+        if self._thread is not None:
+            raise RuntimeError(f"this {self.viewer} receiver was already started"
+                               f"{' and stopped' if self._stop.is_set() else ''}; create a "
+                               f"new Receiver to listen again")
         self._thread = threading.Thread(target=self.run, name=f"polystore-{self.viewer}-rx",
                                         daemon=True)
         self._thread.start()
@@ -157,6 +162,8 @@ class Receiver:
                     self._connection_events()
                 if sock in ready:
                     for _ in range(256):  # bounded so housekeeping and stop stay responsive
+                        if self._stop.is_set():  # a slow viewer callback must not delay it
+                            break
                         try:
                             identity = sock.recv(zmq.NOBLOCK)
                         except zmq.Again:
