@@ -965,3 +965,136 @@ def test_header_that_is_not_utf8_is_bad_json(receiver, header):
         assert reply.code == "bad_json", reply
     finally:
         peer.close()
+
+
+# -- 12: names another account takes in /dev/shm first cannot stop a pipeline --------------------
+
+_SQUAT = """
+for name in sys.argv[1:]:  # the sticky bit on /dev/shm: the pipeline cannot remove these
+    os.close(os.open("/dev/shm/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
+"""
+
+
+def squat(names: list[str]) -> None:
+    """Another account creates `names` in /dev/shm (`remove_segment` them as root after)."""
+    out = run_as_stranger(_SQUAT, *names)
+    assert out.returncode == 0, out.stderr
+
+
+def squatted_intact(names: list[str]) -> bool:
+    """Each file is still the other account's, empty: never opened, reused nor removed."""
+    infos = [os.stat(f"/dev/shm/{name}") for name in names]
+    return all(st.st_uid == STRANGER_UID and st.st_size == 0 for st in infos)
+
+
+def save_until_delivered(b, frame: np.ndarray, path: str) -> None:
+    """save(); the first save after a receiver restart may report the loss, the next one
+    handshakes again (`ReceiverLostError`: 'The next save reconnects')."""
+    from polystore.streaming import ReceiverLostError
+
+    for _ in range(3):
+        try:
+            b.save(frame, path)
+            b.flush()
+            return
+        except ReceiverLostError:
+            continue
+    b.save(frame, path)
+    b.flush()
+
+
+@needs_root
+def test_segment_names_taken_by_another_account_do_not_stop_saves():
+    """The next names `<prefix>1`, `<prefix>2`, ... are visible and guessable: another
+    account creating them first made every later save raise FileExistsError."""
+    seen = []
+    squatted: list[str] = []
+    with receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", on_frame=seen.append) as rx:
+        b = NapariStreamingBackend(rx.endpoint, connect_timeout=5)
+        try:
+            b.save(np.full((64, 64), 1, np.uint16), "t0.tif")
+            b.flush()
+            prefix = b.sender.pool.prefix
+            squatted = [f"{prefix}{n}" for n in range(1, 50)]
+            squat(squatted)
+            for i, side in enumerate([128, 256, 512], start=1):  # each needs a new segment
+                b.save(np.full((side, side), i + 1, np.uint16), f"t{i}.tif")
+                b.flush()
+            made = [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+            assert squatted_intact(squatted)
+        finally:
+            b.close()
+            for name in squatted:
+                remove_segment(name)
+    assert [f.header.path for f in seen] == ["t0.tif", "t1.tif", "t2.tif", "t3.tif"]
+    assert [int(f.array[0, 0]) for f in seen] == [1, 2, 3, 4]
+    assert all(f.header.segment and f.header.segment.startswith(prefix) for f in seen)
+    assert not {f.header.segment for f in seen[1:]} & set(squatted)
+    assert len(set(made) - set(squatted)) >= 2  # the pipeline's own, named unpredictably
+
+
+@needs_root
+def test_probe_name_taken_by_another_account_does_not_stop_the_handshake():
+    """The receiver insists on `<prefix>probe`; another account creating it first (before
+    the first handshake, or before one after a receiver restart) made every handshake
+    raise FileExistsError. The sender now handshakes under a fresh, unpredictable prefix."""
+    seen = []
+    squatted: list[str] = []
+    rx = receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", on_frame=seen.append).start()
+    b = NapariStreamingBackend(rx.endpoint, connect_timeout=5)
+    try:
+        first = b.sender.pool.prefix
+        squatted += [first + "probe", first + "0"]
+        squat(squatted)
+        b.save(np.full((64, 64), 1, np.uint8), "t0.tif")
+        b.flush()
+        second = b.sender.pool.prefix
+        assert second != first
+        squatted += [second + "probe"] + [f"{second}{n}" for n in range(1, 10)]
+        squat(squatted[2:])
+        rx.stop()
+        rx = receiver_for(NapariStreamingBackend, rx.endpoint, on_frame=seen.append).start()
+        save_until_delivered(b, np.full((64, 64), 2, np.uint8), "t1.tif")
+        b.save(np.full((512, 512), 3, np.uint8), "t2.tif")  # a new segment after the restart
+        b.flush()
+        third = b.sender.pool.prefix
+        assert squatted_intact(squatted)
+    finally:
+        b.close()
+        rx.stop()
+        for name in squatted:
+            remove_segment(name)
+    assert third not in (first, second)
+    assert [f.header.path for f in seen] == ["t0.tif", "t1.tif", "t2.tif"]
+    assert [int(f.array[0, 0]) for f in seen] == [1, 2, 3]
+    assert seen[0].header.segment.startswith(second)  # by shared memory: the probe passed
+    assert all(f.header.segment.startswith(third) for f in seen[1:])
+    assert seen[-1].sender == third.split("_")[2]
+
+
+@needs_root
+def test_every_name_taken_is_an_oserror_saying_what_to_do(monkeypatch):
+    """Bounded retries: when even the fresh names are taken (here: made predictable), the
+    sender raises an OSError naming the cause and the remedies, and leaves nothing behind."""
+    from types import SimpleNamespace
+
+    from polystore.streaming import shm
+
+    monkeypatch.setattr(shm, "secrets", SimpleNamespace(token_hex=lambda n: "ab" * n))
+    pid = os.getpid()
+    squatted = [f"napari_{pid}_{'ab' * 4}_probe", f"napari_{pid}_{'ab' * 8}_probe",
+                f"napari_{pid}_{'ab' * 4}_0", f"napari_{pid}_{'ab' * 4}_{'ab' * 8}"]
+    squat(squatted)
+    try:
+        b = NapariStreamingBackend("tcp://127.0.0.1:9", connect_timeout=0.5)
+        with pytest.raises(OSError, match=r"probe.*taken by another process.*transport='inline'"):
+            b.save(np.zeros((8, 8), np.uint8), "x.tif")
+        b.close()
+        pool = shm.SegmentPool("napari_", 1 << 20)
+        with pytest.raises(OSError, match=r"taken by another process.*transport='inline'"):
+            pool.acquire(0, 4096)
+        pool.close()
+        assert squatted_intact(squatted)
+    finally:
+        for name in squatted:
+            remove_segment(name)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import itertools
+import logging
 import os
 import threading
 import time
@@ -26,6 +28,11 @@ from polystore.streaming.credits import CreditWindow
 from polystore.streaming.errors import ReceiverLostError
 from polystore.streaming.options import SenderOptions, SenderStats, StreamMeta
 from polystore.streaming.replies import ReplyHandler
+from polystore.streaming.shm import SHM_DIR
+
+log = logging.getLogger(__name__)
+#: Fresh segment prefixes one handshake tries when its probe name is taken (`SegmentPool.renew`).
+_PROBE_ATTEMPTS = 4
 
 _live_senders: weakref.WeakSet[Delivery] = weakref.WeakSet()
 _BYE = p.encode(p.Bye(v=p.VERSION))
@@ -108,11 +115,30 @@ class Delivery:
             raise RuntimeError(f"this {self.viewer} stream sender is closed")
         if self._connection.still_connected():  # the common case, once per frame
             return True
-        return self._connection.ensure(
-            identity=self._credits.pool.token,
-            segment_prefix=self._credits.pool.prefix, pid=self._pid,
-            wait=not (self.options.policy == "latest" and self.stats.handshakes),
-            start_hint=self.start_hint)
+        pool = self._credits.pool
+        taken = ""
+        for _ in range(_PROBE_ATTEMPTS):
+            try:
+                return self._connection.ensure(
+                    identity=pool.token, segment_prefix=pool.prefix, pid=self._pid,
+                    wait=not (self.options.policy == "latest" and self.stats.handshakes),
+                    start_hint=self.start_hint)
+            except FileExistsError:
+                # `<prefix>probe` was taken by another process (names in /dev/shm are
+                # public; it may be another account's, which we can never remove). The
+                # receiver insists on that probe name, so handshake under a fresh prefix,
+                # on a new socket: the sender token is also the socket's routing id.
+                taken = pool.prefix + "probe"
+                if not pool.renew():
+                    break
+                self._connection.close()
+                log.warning("%s exists and is not this sender's; handshaking as %s", taken,
+                            pool.prefix)
+        raise OSError(errno.EEXIST, (
+            f"cannot handshake with the {self.viewer} receiver at {self.endpoint}: its "
+            f"shared-memory probe name {SHM_DIR}/{taken} was taken by another process (and so "
+            "were those of the fresh segment prefixes tried). Remove such files as their owner "
+            "or root (`ls -l /dev/shm`), or stream with transport='inline'"))
 
     def _admit_frame(self, path: str, meta: StreamMeta, axes: dict[str, int], shape: tuple,
                      dtype: np.dtype) -> tuple[int, p.Frame | None]:

@@ -6,6 +6,11 @@ never reused for different memory. A segment whose frame is still unacknowledged
 rewritten: if the sender must give up on it, it unlinks it (a reader that already mapped it
 keeps valid memory) and makes a new one.
 
+Names in /dev/shm are public, so another account can take our next name first, and the
+sticky bit stops us removing its file. A name that exists already is never opened, reused or
+removed (``O_EXCL``): the pool moves to unpredictable names (``n`` random hex), and a taken
+handshake probe name ``<prefix>probe`` moves it to a fresh token (`SegmentPool.renew`).
+
 Every segment is allocated with ``posix_fallocate`` (a full /dev/shm is an `OSError` naming
 the free space, never a SIGBUS on first write) and its creator holds a shared ``flock`` on it
 for as long as it lives, so a sweep can tell a live segment from an orphan even when the
@@ -35,6 +40,8 @@ PAGE = mmap.PAGESIZE
 SEGMENT_NAME_RE = re.compile(
     r"^(?P<prefix>[A-Za-z0-9]+_)(?P<pid>\d+)_(?P<token>[A-Za-z0-9]+)_(?P<n>\w+)$"
 )
+#: Unpredictable names tried for one segment whose next name another process took first.
+NAME_ATTEMPTS = 8
 
 
 
@@ -111,9 +118,11 @@ class SegmentPool:
     """
 
     def __init__(self, shm_prefix: str, max_bytes: int) -> None:
+        self.shm_prefix = shm_prefix
         self.token = secrets.token_hex(4)
         self.pid = os.getpid()
         self.prefix = segment_prefix(shm_prefix, self.pid, self.token)
+        self._random_names = False  # set once a predictable name was found taken
         self.max_bytes = -(-max_bytes // PAGE) * PAGE  # segments are whole pages
         self._counter = itertools.count()
         self._free: list[Segment] = []
@@ -180,10 +189,40 @@ class SegmentPool:
         for segment in list(self._free):
             self._destroy(segment, free=True)
 
+    def renew(self) -> bool:
+        """Move to a fresh, unpredictable token (so a new prefix) and unlink the free
+        segments named under the old one; False (nothing changed) while a segment is busy,
+        since its frame names the old prefix. For a handshake whose probe name
+        ``<prefix>probe`` another process took first."""
+        if self._busy:
+            return False
+        for segment in list(self._free):
+            self._destroy(segment, free=True)
+        self.token = secrets.token_hex(8)
+        self.prefix = segment_prefix(self.shm_prefix, self.pid, self.token)
+        return True
+
     def _create(self, size: int) -> Segment:
-        segment = Segment(f"{self.prefix}{next(self._counter)}", size)
-        self._total += segment.size
-        return segment
+        names = (secrets.token_hex(8) for _ in range(NAME_ATTEMPTS))
+        if not self._random_names:
+            names = itertools.chain([str(next(self._counter))], names)
+        for n in names:
+            try:
+                segment = Segment(f"{self.prefix}{n}", size)
+            except FileExistsError:
+                # Not ours (O_EXCL): never open, reuse or unlink it. Another process can see
+                # our names in /dev/shm and take the next ones: from now on, guess-proof names.
+                log.warning("shared-memory segment %s%s exists already and is not this "
+                            "sender's; using unpredictable names", self.prefix, n)
+                self._random_names = True
+                continue
+            self._total += segment.size
+            return segment
+        raise OSError(errno.EEXIST, (
+            f"cannot create a shared-memory segment: every name tried under {SHM_DIR}/"
+            f"{self.prefix}* ({NAME_ATTEMPTS} random ones included) was taken by another "
+            "process. Remove such files as their owner or root (`ls -l /dev/shm`), or stream "
+            "with transport='inline'"))
 
     def _destroy(self, segment: Segment, *, free: bool, seq: int = -1) -> None:
         if free:
