@@ -6,6 +6,7 @@ build/figures.json (see docs/reliability.md). Long variants run with `--soak`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -403,6 +404,40 @@ def test_latest_policy_never_raises_while_the_viewer_restarts(figure):
         assert any(s.startswith("a/back") for s in seen)
         assert b.sender.stats["dropped"] >= 200
     finally:
+        b.close()
+        rx.stop()
+
+
+def test_latest_policy_never_stalls_while_the_viewer_is_frozen():
+    """A frozen viewer (stopped in a debugger, swapped out) keeps its connection up but reads
+    nothing. Under policy 'latest' the sender used to wait the full timeout (5 s) once the
+    queue to it was full, and then 1 s on every later save, for its hello to get room."""
+    rx = start_receiver()
+    frame = np.zeros((32, 32), np.uint16)
+    b = NapariStreamingBackend(rx.endpoint, policy="latest")
+    try:
+        b.save(frame, "frozen/t0.tif")
+        b.flush()
+        os.kill(rx.process.pid, signal.SIGSTOP)
+        slowest, saves = 0.0, 0
+        end = time.monotonic() + 4
+        while time.monotonic() < end:  # long enough to fill every queue on the way
+            t = time.monotonic()
+            b.save(frame, f"frozen/t{saves + 1}.tif")
+            slowest = max(slowest, time.monotonic() - t)
+            saves += 1
+        assert slowest < 0.5, f"a save took {slowest:.2f} s while the viewer was frozen"
+        assert b.sender.stats.dropped > 0
+        acked = b.sender.stats.acked
+        os.kill(rx.process.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while b.sender.stats.acked == acked and time.monotonic() < deadline:
+            b.save(frame, "frozen/back.tif")  # it comes back by itself
+            time.sleep(0.005)
+        assert b.sender.stats.acked > acked
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rx.process.pid, signal.SIGCONT)
         b.close()
         rx.stop()
 

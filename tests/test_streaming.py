@@ -737,6 +737,67 @@ def test_backend_survives_fork(backend):
     assert sorted(paths) == ["fork/child.tif", "fork/parent.tif", "fork/parent2.tif"]
 
 
+def _save_without_close(endpoint: str, pipe) -> None:
+    backend = NapariStreamingBackend(endpoint)
+    backend.save(np.full((8, 8), 3, np.uint8), "fork/worker.tif")
+    backend.flush()
+    pipe.send(backend.sender.pool.prefix)
+    # no close(): a worker function's backends are left to the end of the process
+
+
+def test_a_forked_worker_that_ends_leaves_no_segments(receiver_proc):
+    """multiprocessing ends a forked child with os._exit, which skips atexit: its senders
+    were never closed and their segments stayed in /dev/shm until someone swept them."""
+    ctx = mp.get_context("fork")
+    parent, child_end = ctx.Pipe()
+    worker = ctx.Process(target=_save_without_close, args=(receiver_proc.endpoint, child_end))
+    worker.start()
+    prefix = parent.recv() if parent.poll(30) else None
+    worker.join(30)
+    assert prefix and worker.exitcode == 0
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+
+
+def test_a_request_that_times_out_gives_up_only_itself():
+    """request() on a receiver busy with a slow viewer gave up every frame in flight when it
+    timed out (the receiver was called lost), although the receiver was fine."""
+    rx = start_receiver(delay=0.3)
+    try:
+        frames = [sample("uint16", (16, 16), seed=i) for i in range(8)]
+        with NapariStreamingBackend(rx.endpoint, timeout=30) as b:
+            for i, frame in enumerate(frames):
+                b.save(frame, f"busy/t{i}.tif")
+            with pytest.raises(ReceiverLostError, match="given up"):
+                b.request("report", timeout=0.5)
+            assert b.sender.inflight > 0
+            b.flush()
+            assert b.sender.stats.lost == 0
+            got = b.request("report")["received"]
+        assert [g["digest"] for g in got] == [digest(f) for f in frames]
+    finally:
+        rx.stop()
+
+
+def test_flush_waits_for_a_slow_receiver_that_keeps_answering():
+    """flush() gave up after `timeout` in all, and so lost the frames still in flight at a
+    receiver that was slow but kept acknowledging; now only `timeout` without an answer
+    gives up."""
+    rx = start_receiver(delay=0.2)
+    try:
+        frames = [sample("uint16", (16, 16), seed=i) for i in range(16)]
+        with NapariStreamingBackend(rx.endpoint, timeout=2) as b:
+            for i, frame in enumerate(frames):
+                b.save(frame, f"slow/t{i}.tif")
+            started = time.monotonic()
+            b.flush()
+            assert time.monotonic() - started > 2  # longer than `timeout` in all
+            assert b.sender.stats.lost == 0
+            got = b.request("report")["received"]
+        assert [g["digest"] for g in got] == [digest(f) for f in frames]
+    finally:
+        rx.stop()
+
+
 def test_close_unlinks_every_segment(receiver_proc):
     b = NapariStreamingBackend(receiver_proc.endpoint)
     for i in range(5):

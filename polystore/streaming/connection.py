@@ -146,7 +146,7 @@ class Connection:
             if self.connected:
                 return True
             if self.link.up and self.hello_expired:
-                self.send_hello(**hello)
+                self.send_hello(**hello, wait_to_send=False)  # no room: try at the next one
             return False
         self.send_hello(**hello)
         self.wait_for_welcome()
@@ -162,10 +162,13 @@ class Connection:
 
     # -- the handshake -------------------------------------------------------------------------
 
-    def send_hello(self, *, identity: str, segment_prefix: str, pid: int) -> None:
+    def send_hello(self, *, identity: str, segment_prefix: str, pid: int,
+                   wait_to_send: bool = True) -> None:
         """Send hello with a fresh shared-memory probe; a welcome completes it. The hello
         waits for the link's authentication handshake (ZMQ_IMMEDIATE): if that fails, this
-        returns at once with the state still closed, instead of at the deadline."""
+        returns at once with the state still closed, instead of at the deadline. Without
+        `wait_to_send` it is sent only if there is room now (a receiver that is frozen has a
+        full queue, and policy 'latest' must not wait for it)."""
         self.abandon_hello()
         self.refusal = ""
         self.state = State.CLOSED  # not an earlier refusal, whatever happens to this hello
@@ -181,7 +184,8 @@ class Connection:
         self._hello_deadline = time.monotonic() + self.options.connect_timeout
         sent = False
         try:
-            sent = self.send([p.encode(hello)], self._hello_deadline, until_refused=True)
+            sent = self.send([p.encode(hello)],
+                             self._hello_deadline if wait_to_send else 0.0, until_refused=True)
         finally:
             if not sent and segment is not None:
                 destroy(segment)

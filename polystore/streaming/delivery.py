@@ -14,6 +14,7 @@ import contextlib
 import errno
 import itertools
 import logging
+import multiprocessing.util
 import os
 import threading
 import time
@@ -42,6 +43,19 @@ _BYE = p.encode(p.Bye(v=p.VERSION))
 def _close_all() -> None:
     for sender in list(_live_senders):
         sender.close(flush_timeout=0.5)
+
+
+_closes_at_exit_in: int | None = None  # the process whose exit closes its senders
+
+
+def _close_all_at_this_process_exit() -> None:
+    """Also close senders when a multiprocessing child ends: it leaves by os._exit, which
+    skips atexit, but runs the finalizers it registered itself (a forked worker would
+    otherwise leave its segments in /dev/shm)."""
+    global _closes_at_exit_in
+    if _closes_at_exit_in != os.getpid():
+        _closes_at_exit_in = os.getpid()
+        multiprocessing.util.Finalize(None, _close_all, exitpriority=10)
 
 
 def _after_fork_in_child() -> None:
@@ -82,12 +96,13 @@ class Delivery:
                 return  # a forked child never owned the parent's state
             if self._connection.connected and len(self._credits):
                 with contextlib.suppress(Exception):  # close must not raise over delivery
-                    self._wait_until(lambda: not self._credits, self._or_default(flush_timeout))
+                    self._wait_or_lose(lambda: not self._credits, self._or_default(flush_timeout))
             self._connection.close(goodbye=_BYE, linger_ms=200)
             self._credits.close()
 
     def _reset_process_state(self) -> None:
         """Fresh connection and credits for this process (also after a fork)."""
+        _close_all_at_this_process_exit()
         self._inherited = False
         self._pid = os.getpid()
         describe = f"the {self.viewer} receiver at {self.endpoint}"
@@ -189,22 +204,36 @@ class Delivery:
     def _dispatch(self, seq: int, parts: list, started: float, inline_bytes: int) -> bool:
         """Track message `seq` as in flight and send it; False if it was dropped."""
         self._credits.track(seq, started, inline_bytes)
-        if self._connection.send(parts, time.monotonic() + self.options.timeout):
+        # 'latest' never waits for room: a queue with none left is a receiver that reads
+        # nothing (frozen), and a live preview must not stall its pipeline
+        wait = 0.0 if self.options.policy == "latest" else self.options.timeout
+        if self._connection.send(parts, time.monotonic() + wait):
             return True
-        self._receiver_lost("could not send within the timeout")  # counts `seq` too
+        self._receiver_lost(f"it took no message for {wait:g} s")  # counts `seq` too
         self._credits.raise_pending()  # policies block/raise: ReceiverLostError
         self.stats.unsent += 1  # policy latest: a live preview drops, never stalls
         return False
 
-    def _wait_until(self, done, timeout: float) -> None:
+    def _wait_until(self, done, timeout: float) -> bool:
+        """Handle replies until `done()`; False once `timeout` s passed in which nothing was
+        answered (a receiver that is slow but still answering is waited for)."""
         deadline = time.monotonic() + timeout
+        unanswered = len(self._credits)
         self._connection.drain()
         while not done() and self._connection.connected:
+            if len(self._credits) < unanswered:  # progress: the receiver is alive
+                unanswered = len(self._credits)
+                deadline = time.monotonic() + timeout
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self._receiver_lost(f"no acknowledgement from the receiver for {timeout:g} s")
-                return
+                return False
             self._connection.poll(remaining)
+        return True
+
+    def _wait_or_lose(self, done, timeout: float) -> None:
+        """`_wait_until`, and give everything in flight up if the receiver went silent."""
+        if not self._wait_until(done, timeout):
+            self._receiver_lost(f"no acknowledgement from the receiver for {timeout:g} s")
 
     def _receiver_lost(self, why: str) -> None:
         """Give up everything in flight; the next message handshakes again."""

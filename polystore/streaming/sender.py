@@ -175,8 +175,16 @@ class StreamSender(Delivery):
             answers[seq] = None  # answer wanted: Report (state) or Ack ({})
             try:
                 message = p.encode(p.Control(v=p.VERSION, seq=seq, command=command))
-                if self._dispatch(seq, [message], started, 0):
-                    self._wait_until(lambda: seq not in self._credits, self._or_default(timeout))
+                waited = self._or_default(timeout)
+                if self._dispatch(seq, [message], started, 0) and not self._wait_until(
+                        lambda: seq not in self._credits, waited):
+                    # a receiver busy with a slow viewer: give up the request, not the frames
+                    self._credits.complete(seq)
+                    raise ReceiverLostError(
+                        f"the {self.viewer} receiver at {self.endpoint} did not answer "
+                        f"{command!r}, nor anything else, for {waited:g} s; the request was "
+                        f"given up, the {len(self._credits)} earlier message(s) in flight "
+                        f"were not. Ask again with a longer timeout")
                 self._credits.raise_pending()
                 answer = answers.get(seq)
             finally:
@@ -191,5 +199,5 @@ class StreamSender(Delivery):
         rejected."""
         with self._lock:
             if not self._inherited and self._connection.connected:
-                self._wait_until(lambda: not self._credits, self._or_default(timeout))
+                self._wait_or_lose(lambda: not self._credits, self._or_default(timeout))
             self._credits.raise_pending()
