@@ -21,7 +21,7 @@ from polystore.streaming import (
     ViewerNotRunningError,
     receiver_for,
 )
-from polystore.streaming.shm import pid_alive
+from polystore.streaming.orphans import pid_alive
 
 ROOT = Path(__file__).resolve().parent.parent
 

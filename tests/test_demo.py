@@ -25,7 +25,7 @@ from polystore.apps.demo import (
     smooth,
     write_png,
 )
-from polystore.streaming.shm import pid_alive
+from polystore.streaming.orphans import pid_alive
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -23,11 +23,11 @@ from polystore.streaming import protocol as p
 from polystore.streaming.auth import ReceiverKeys, ServerAuth
 from polystore.streaming.connections import ConnectionGuard, default_max_connections
 from polystore.streaming.endpoints import check_bind_endpoint, is_loopback
+from polystore.streaming.orphans import sweep
 from polystore.streaming.received import ReceivedFrame, ReceivedRois, ReceiverStats
 from polystore.streaming.router import ACK_BATCH, ACK_BATCH_BYTES, Outbox, open_router, read_rest
 from polystore.streaming.segment_reader import SegmentReader
 from polystore.streaming.sessions import MAX_SENDERS, Session, SessionTable
-from polystore.streaming.shm import sweep
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Shared memory: the sender's reusable segment pool, the receiver's read-only views, the sweep.
+"""Shared memory: the sender's reusable segment pool (orphans.py finds what dead senders left).
 
 Segments are named ``<prefix><pid>_<token>_<n>``: the pid lets anyone find the orphans of a
 dead sender, the token keeps two senders of one pid apart, and ``n`` only grows, so a name is
@@ -28,9 +28,7 @@ import mmap
 import os
 import re
 import secrets
-import stat
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -267,85 +265,3 @@ def destroy(segment: Segment) -> None:
     except FileNotFoundError:
         pass
     segment.close()
-
-
-@dataclass(frozen=True)
-class SegmentInfo:
-    name: str
-    prefix: str
-    pid: int
-    size: int
-    owner_alive: bool
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, belongs to someone else
-    return True
-
-
-def held_open(name: str) -> bool:
-    """Whether a live process holds segment `name`'s liveness lock (see `Segment`).
-
-    True also when we cannot tell (not a regular file, not readable by us): such an entry is
-    not ours to remove.
-    """
-    try:
-        fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        return False  # closing the fd drops our probe lock
-    finally:
-        os.close(fd)
-
-
-def list_segments(prefixes: tuple[str, ...] | list[str]) -> list[SegmentInfo]:
-    """Our segments in /dev/shm (Linux), with owner pid and whether the owner still runs:
-    its pid is alive here, or a process anywhere (another pid namespace) holds its lock."""
-    if not SHM_DIR.is_dir():
-        return []
-    found = []
-    for entry in os.scandir(SHM_DIR):
-        match = SEGMENT_NAME_RE.match(entry.name)
-        if not match or match["prefix"] not in prefixes:
-            continue
-        try:
-            size = entry.stat(follow_symlinks=False).st_size
-        except FileNotFoundError:
-            continue
-        pid = int(match["pid"])
-        alive = pid_alive(pid) or held_open(entry.name)
-        found.append(SegmentInfo(entry.name, match["prefix"], pid, size, alive))
-    return sorted(found, key=lambda s: s.name)
-
-
-def sweep(prefixes: tuple[str, ...] | list[str]) -> list[SegmentInfo]:
-    """Unlink the segments of our prefixes whose owner is gone (`list_segments`); return them."""
-    removed = []
-    for info in list_segments(prefixes):
-        if info.owner_alive:
-            continue
-        try:
-            _posixshmem.shm_unlink("/" + info.name)
-        except FileNotFoundError:
-            continue
-        except PermissionError:
-            log.warning("cannot remove %s: it belongs to another user", info.name)
-            continue
-        removed.append(info)
-    if removed:
-        log.info("swept %d orphaned segment(s): %s", len(removed), [s.name for s in removed])
-    return removed
