@@ -758,44 +758,43 @@ def test_a_forked_worker_that_ends_leaves_no_segments(receiver_proc):
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
 
 
-def test_a_request_that_times_out_gives_up_only_itself():
-    """request() on a receiver busy with a slow viewer gave up every frame in flight when it
-    timed out (the receiver was called lost), although the receiver was fine."""
-    rx = start_receiver(delay=0.3)
+@contextlib.contextmanager
+def slow_viewer(delay: float, count: int, timeout: float):
+    """A receiver process whose viewer takes `delay` s per frame, a backend with `timeout`, and
+    `count` frames already saved to it: yields (backend, frames); on leaving, checks that
+    every frame arrived, bit-exact, with nothing given up."""
+    rx = start_receiver(delay=delay)
     try:
-        frames = [sample("uint16", (16, 16), seed=i) for i in range(8)]
-        with NapariStreamingBackend(rx.endpoint, timeout=30) as b:
+        frames = [sample("uint16", (16, 16), seed=i) for i in range(count)]
+        with NapariStreamingBackend(rx.endpoint, timeout=timeout) as b:
             for i, frame in enumerate(frames):
-                b.save(frame, f"busy/t{i}.tif")
-            with pytest.raises(ReceiverLostError, match="given up"):
-                b.request("report", timeout=0.5)
-            assert b.sender.inflight > 0
+                b.save(frame, f"slow/t{i}.tif")
+            yield b, frames
             b.flush()
             assert b.sender.stats.lost == 0
             got = b.request("report")["received"]
         assert [g["digest"] for g in got] == [digest(f) for f in frames]
     finally:
         rx.stop()
+
+
+def test_a_request_that_times_out_gives_up_only_itself():
+    """request() on a receiver busy with a slow viewer gave up every frame in flight when it
+    timed out (the receiver was called lost), although the receiver was fine."""
+    with slow_viewer(delay=0.3, count=8, timeout=30) as (b, _frames):
+        with pytest.raises(ReceiverLostError, match="given up"):
+            b.request("report", timeout=0.5)
+        assert b.sender.inflight > 0
 
 
 def test_flush_waits_for_a_slow_receiver_that_keeps_answering():
     """flush() gave up after `timeout` in all, and so lost the frames still in flight at a
     receiver that was slow but kept acknowledging; now only `timeout` without an answer
     gives up."""
-    rx = start_receiver(delay=0.2)
-    try:
-        frames = [sample("uint16", (16, 16), seed=i) for i in range(16)]
-        with NapariStreamingBackend(rx.endpoint, timeout=2) as b:
-            for i, frame in enumerate(frames):
-                b.save(frame, f"slow/t{i}.tif")
-            started = time.monotonic()
-            b.flush()
-            assert time.monotonic() - started > 2  # longer than `timeout` in all
-            assert b.sender.stats.lost == 0
-            got = b.request("report")["received"]
-        assert [g["digest"] for g in got] == [digest(f) for f in frames]
-    finally:
-        rx.stop()
+    with slow_viewer(delay=0.2, count=16, timeout=2) as (b, _frames):
+        started = time.monotonic()
+        b.flush()
+        assert time.monotonic() - started > 2  # longer than `timeout` in all
 
 
 def test_close_unlinks_every_segment(receiver_proc):
