@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from polystore_napari.layout import (
+    MAX_CHANNEL_LAYERS,
     PLACE_FREE_BYTES,
     Contrast,
     FrameStack,
@@ -99,8 +100,12 @@ def test_an_rgb_frame_keeps_its_colour_dimension_and_names_only_leading_ones():
     assert view.axis_labels == ["z", "y", "x"]  # napari labels spatial axes only
     (plain,) = pieces(np.zeros((12, 16, 3), np.uint8), rgb=False)
     assert not plain.rgb and plain.own == ("z",)
+    # labels are never detected as colour (docs/protocol.md, and Fiji): a uint8 mask whose
+    # last dimension is 3 is labels; it used to be refused as RGB
+    (mask,) = pieces(np.zeros((12, 16, 3), np.uint8), kind="labels")
+    assert not mask.rgb and mask.kind == "labels" and mask.own == ("z",)
     with pytest.raises(LayoutError, match="labels frame cannot be RGB"):
-        pieces(np.zeros((12, 16, 3), np.uint8), kind="labels")
+        pieces(np.zeros((12, 16, 3), np.uint8), kind="labels", rgb=True)
 
 
 # -- labels ----------------------------------------------------------------------------------
@@ -150,6 +155,45 @@ def test_channel_colormaps_follow_the_hint_else_napari_channel_cycle():
 
 
 # -- contrast rule ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, dtype", [(1e17, np.float64), (2**64 - 1, np.uint64),
+                                          (1_700_000_000_000_000_000, np.int64)])
+def test_a_constant_frame_of_large_values_gets_an_increasing_range(value, dtype):
+    """lo + 1 equals lo from 2^53 on: a constant frame of ids or nanosecond stamps got the
+    range [v, v], which napari refuses, so the frame was never shown."""
+    lo, hi = data_limits(np.full((4, 4), value, dtype))
+    assert lo < hi and np.float32(lo) < np.float32(hi)  # distinct on the GPU too
+
+
+def test_a_contrast_hint_sent_reversed_or_empty_is_made_increasing():
+    """napari refused [hi, lo] and [v, v] ("must be monotonically increasing"), and with them
+    every frame of the stream."""
+    frame = np.zeros((2, 2), np.uint16)
+    assert Contrast().limits([1000, 0], frame) == [0.0, 1000.0]
+    lo, hi = Contrast().limits([5, 5], frame)
+    assert lo == 5 and hi > lo
+
+
+def test_a_frame_that_would_make_too_many_channel_layers_is_refused_clearly():
+    """An unnamed 4-D frame is (c, z, y, x): a tiny (300, 2, 8, 8) one made 300 layers and
+    froze napari's main thread for 90 s."""
+    (*_,) = pieces(np.zeros((MAX_CHANNEL_LAYERS, 2, 8, 8), np.uint8))  # the most allowed
+    with pytest.raises(LayoutError, match=r"300 channel layers.*axis_names"):
+        pieces(np.zeros((300, 2, 8, 8), np.uint8))
+    (named,) = pieces(np.zeros((300, 2, 8, 8), np.uint8), axis_names=["t", "z"])
+    assert named.own == ("t", "z")
+
+
+def test_float64_labels_keep_one_dtype_when_an_id_passes_2_31():
+    """Float labels were int32 until an id passed 2^31, then int64: the layer's dtype changed
+    and a placed or stacked layer dropped every frame it held."""
+    small, big = (pieces(np.array([[0, v]], np.float64), kind="labels")[0]
+                  for v in (3.0, 3e9))
+    assert small.dtype == big.dtype == np.int64
+    assert small.geometry == big.geometry
+    (single,) = pieces(np.array([[0, 3.0]], np.float32), kind="labels")
+    assert single.dtype == np.int32
 
 
 def test_contrast_follows_the_data_until_set_by_hand_and_a_hint_fixes_it():

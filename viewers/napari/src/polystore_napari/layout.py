@@ -23,6 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 
 CHANNEL_AXIS = "c"
+#: a frame splits into at most this many channel layers (each costs napari's main thread
+#: about 0.15 s to create: 300 froze it for 90 s)
+MAX_CHANNEL_LAYERS = 64
 #: default names of unnamed leading dimensions, given from the end (innermost first)
 DEFAULT_LEADING = ("t", "c", "z")
 TIME_AXES = ("t", "time", "frame", "timepoint")
@@ -87,7 +90,9 @@ def image_dtype(dtype: np.dtype) -> np.dtype:
 
 def labels_dtype(array: np.ndarray) -> np.dtype:
     """The integer dtype that holds float labels exactly, or a `LayoutError` saying why none
-    does (fractions, NaN, beyond 2^53); integer labels keep their dtype."""
+    does (fractions, NaN, beyond 2^53); integer labels keep their dtype. float64 labels are
+    always int64, so a stream's dtype (and the frames its layer keeps) does not change when an
+    id first passes 2^31; float32 ones are int32 unless an id does."""
     if array.dtype.kind in "iu":
         return array.dtype
     flat = array.reshape(-1)
@@ -103,7 +108,8 @@ def labels_dtype(array: np.ndarray) -> np.dtype:
         raise LayoutError(f"{array.dtype} labels up to {max(-lo, hi):.0f} are not exact "
                           "beyond 2^53; send them as int64 or uint64")
     info = np.iinfo(np.int32)
-    return np.dtype(np.int32) if info.min <= lo and hi <= info.max else np.dtype(np.int64)
+    fits = array.dtype.itemsize < 8 and info.min <= lo and hi <= info.max
+    return np.dtype(np.int32) if fits else np.dtype(np.int64)
 
 
 def data_limits(array: np.ndarray) -> tuple[float, float]:
@@ -117,7 +123,16 @@ def data_limits(array: np.ndarray) -> tuple[float, float]:
             lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     else:
         lo, hi = float(array.min()), float(array.max())
-    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+    return increasing(lo, hi)
+
+
+def increasing(lo: float, hi: float) -> tuple[float, float]:
+    """(lo, hi) as napari takes contrast limits: low < high, even for a constant frame of
+    large values (where ``lo + 1`` equals ``lo``) or a hint sent reversed."""
+    lo, hi = min(lo, hi), max(lo, hi)
+    if hi <= lo:
+        hi = lo + max(1.0, abs(lo) * 1e-6)
+    return lo, hi
 
 
 class Contrast:
@@ -131,7 +146,7 @@ class Contrast:
     def limits(self, hint: Sequence[float] | None, newest: np.ndarray) -> list[float] | None:
         """The range to show now, or None to leave it as it is."""
         if hint:
-            return [float(hint[0]), float(hint[1])]
+            return list(increasing(float(hint[0]), float(hint[1])))
         if self.user_set:
             return None
         return list(data_limits(newest))
@@ -177,7 +192,9 @@ def pieces_of(stream: str, header, array: np.ndarray) -> list[Piece]:
         array = array.reshape(1, -1)
     display = header.display
     kind = "labels" if display.kind == "labels" else "image"
-    rgb = is_rgb(array.shape, array.dtype, getattr(display, "rgb", None))
+    hint = getattr(display, "rgb", None)
+    # labels are never detected as colour (a (..., 3) uint8 mask is labels), as in Fiji
+    rgb = is_rgb(array.shape, array.dtype, hint) if kind == "image" or hint else False
     if rgb and kind == "labels":
         raise LayoutError("a labels frame cannot be RGB; send integer labels, or drop "
                           "labels=True (or pass rgb=False)")
@@ -188,6 +205,12 @@ def pieces_of(stream: str, header, array: np.ndarray) -> list[Piece]:
     names = list(header.axis_names or header.axes)
     if CHANNEL_AXIS in own:
         at = own.index(CHANNEL_AXIS)
+        if array.shape[at] > MAX_CHANNEL_LAYERS:
+            raise LayoutError(
+                f"this {tuple(array.shape)} frame would split into {array.shape[at]} channel "
+                f"layers (its dimensions are named {', '.join(own)}, y, x), and napari shows at "
+                f"most {MAX_CHANNEL_LAYERS} channels as layers. Name its leading axes (e.g. "
+                f"axis_names=['t', 'z']) or send fewer channels")
         rest = own[:at] + own[at + 1:]
         names = [n for n in names if n != CHANNEL_AXIS]
         return [Piece((stream, c), header, array[(slice(None),) * at + (c,)], dtype, kind, rgb,
