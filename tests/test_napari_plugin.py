@@ -1223,6 +1223,25 @@ def test_t_by_c_frames_become_one_layer_per_channel_with_its_own_colormap(docked
     save_screenshot(viewer, "napari_channels")
 
 
+def test_channel_layers_a_newer_frame_no_longer_has_are_removed(docked, qtbot):
+    """A stream whose frames went from 3 channels to 2, or stopped being split, kept the
+    left-over channel layers, showing the old frame blended over the new one."""
+    viewer, widget = docked
+    send(qtbot, widget.endpoint, """
+        import time
+        backend.save(np.full((3, 8, 8), 7, np.uint16), "ch/t0.tif", axis_names=["c"])
+        backend.flush()
+        time.sleep(0.5)  # shown before the next one (not coalesced with it)
+        backend.save(np.full((2, 8, 8), 1, np.uint16), "ch/t1.tif", axis_names=["c"])
+        backend.flush()
+        time.sleep(0.5)
+        backend.save(np.full((8, 8), 2, np.uint16), "ch/t2.tif")
+        backend.flush()
+    """)
+    qtbot.waitUntil(lambda: [layer.name for layer in viewer.layers] == ["ch"], timeout=20000)
+    assert int(viewer.layers["ch"].data.max()) == 2
+
+
 def test_rgb_and_rgba_frames_become_rgb_layers(docked, qtbot):
     """Issue 14 item 2: an (h, w, 3) uint8 frame raised ValueError in the plugin."""
     viewer, widget = docked

@@ -174,6 +174,7 @@ class LayerManager:
         by_layer: dict[tuple, list[Piece]] = {}
         shown = 0
         failed = False
+        newest: set[tuple] | None = None  # the layers the newest whole frame covers
         for frame in update.frames:
             if frame.array.size == 0:
                 self._skip_empty(stream, frame.array.shape)
@@ -188,6 +189,8 @@ class LayerManager:
             for piece in pieces:
                 by_layer.setdefault(piece.key, []).append(piece)
             shown += 1
+            if "c" not in frame.header.axes:  # not one channel placed among others
+                newest = {piece.key for piece in pieces}
         for key, pieces in by_layer.items():
             state = self.images.get(key)
             if state is None:
@@ -202,11 +205,22 @@ class LayerManager:
                     run = []
                 run.append(piece)
             failed |= not self._apply_run(state, update.mode, run)
+        if newest is not None:
+            self._drop_other_channels(stream, newest)
         if shown:
             self.updates += 1
             self.frames += shown
         if not failed:
             self.errors.pop(stream, None)  # the stream shows its frames again
+
+    def _drop_other_channels(self, stream: str, keep: set[tuple]) -> None:
+        """Remove the stream's layers the newest frame no longer covers (it has fewer
+        channels, or is no longer split): they would go on showing an old frame, blended
+        over the new one."""
+        for key, state in list(self.images.items()):
+            if key[0] == stream and key not in keep and self._alive(state.layer):
+                self.viewer.layers.remove(state.layer)
+                del self.images[key]
 
     def _reject(self, stream: str, message: str) -> None:
         self.rejected += 1
