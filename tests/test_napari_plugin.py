@@ -811,6 +811,17 @@ def test_buffer_coalesces_replace_keeps_stack_and_places_per_position():
     assert not buffer.take() and buffer.pending_bytes == 0
 
 
+def test_a_stream_that_changes_mode_within_a_tick_ends_on_its_newest_frame():
+    """stack f1, replace f2, stack f3 in one tick: the display applied the stack update (f1,
+    f3) first and the replace (f2) last, so the layer showed f2, older than the newest."""
+    buffer = CoalescingBuffer()
+    for value, mode in [(1, "stack"), (2, "replace"), (3, "stack")]:
+        buffer.put_frame(_frame("m", value, mode=mode))
+    updates = buffer.take().updates
+    assert updates[-1].frames[-1].array[0, 0] == 3
+    assert sorted(f.array[0, 0] for u in updates for f in u.frames) == [1, 2, 3]
+
+
 def test_buffer_memory_is_bounded_by_backpressure():
     frame_bytes = 64 * 64 * 2
     buffer = CoalescingBuffer(max_bytes=3 * frame_bytes, stack_capacity=100)

@@ -138,7 +138,10 @@ class CoalescingBuffer:
                     self._bytes -= old.array.nbytes
                 slots[key] = frame
             self._bytes += nbytes
-            self._order[(mode, stream)] = None
+            slot = (mode, stream)
+            if any(key[1] == stream and key != slot for key in self._order):
+                self._order.pop(slot, None)  # the stream changed mode: its newest goes last
+            self._order[slot] = None
 
     def put_rois(self, rois: ReceivedRois) -> None:
         with self._cond:
