@@ -157,6 +157,30 @@ def test_channel_colormaps_follow_the_hint_else_napari_channel_cycle():
 # -- contrast rule ---------------------------------------------------------------------------
 
 
+def test_a_placed_layer_never_grows_past_its_cap_by_doubling_several_axes():
+    """The sparsity cap checked the layer's extent, but growth doubled every axis it
+    overflowed: 21 frames of 1 KiB at positions 1, 2, 4, 8 along six axes made a 1 GiB
+    backing array for a 49 MiB layer."""
+    names = ["a", "b", "p", "q", "r", "s"]
+    frame = np.ones((16, 32), np.uint16)
+    layout, shown, placed = LayerLayout(), None, 0
+
+    def place(axes):
+        nonlocal shown, placed
+        view = layout.show("place", pieces(frame, axes={n: 0 for n in names} | axes,
+                                           axis_names=names), shown)
+        shown = view.data if view.data is not None else shown
+        placed += 1
+
+    place({})
+    for i, name in enumerate(names):
+        for position in (1, 2, 4, 8)[: 4 if i < 2 else 3]:
+            place({name: position})
+    assert layout.extent[:6] == [9, 9, 5, 5, 5, 5]
+    assert layout.backing.nbytes <= max(PLACE_FREE_BYTES, 4 * placed * frame.nbytes)
+    assert shown[0, 0, 0, 0, 0, 4].max() == 1  # every frame is where it was placed
+
+
 @pytest.mark.parametrize("value, dtype", [(1e17, np.float64), (2**64 - 1, np.uint64),
                                           (1_700_000_000_000_000_000, np.int64)])
 def test_a_constant_frame_of_large_values_gets_an_increasing_range(value, dtype):

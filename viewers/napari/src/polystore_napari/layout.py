@@ -446,7 +446,7 @@ class LayerLayout:
                 shape = self.backing.shape
                 self.backing = self.backing.reshape(shape[:at] + (1,) * len(new) + shape[at:])
             self.names = order
-            self._grow_to(at_index)
+            self._grow_to(at_index, extent, self._allowed_bytes(piece, position))
             self.backing[at_index] = piece.array
             self.extent = extent
             self.placed.add(position)
@@ -464,12 +464,17 @@ class LayerLayout:
         return View(self.backing[tuple(slice(0, e) for e in self.extent)], labels, follow,
                     newest)
 
+    def _allowed_bytes(self, piece: Piece, position: tuple) -> int:
+        """How large the layer may be once `piece` is placed at `position`."""
+        placed = len(self.placed | {position}) * piece.array.nbytes
+        return max(self.place_free_bytes, PLACE_MAX_SPARSITY * placed)
+
     def _check_sparsity(self, piece: Piece, cells: int, position: tuple) -> None:
         """Refuse a position that would make the layer mostly empty and large."""
         block = piece.array.nbytes
         layer_bytes = cells * block
         placed = len(self.placed | {position}) * block
-        if layer_bytes > max(self.place_free_bytes, PLACE_MAX_SPARSITY * placed):
+        if layer_bytes > self._allowed_bytes(piece, position):
             at = ", ".join(f"{n}={i}" for n, i in sorted(piece.axes.items()))
             raise LayoutError(
                 f"placing the frame at {at} would grow the layer to {layer_bytes / 2**20:.0f}"
@@ -478,15 +483,22 @@ class LayerLayout:
                 f"{PLACE_MAX_SPARSITY}x the frames sent. Frame not shown: send positions "
                 "closer together (e.g. number time points 0, 1, 2, ...), or use a new stream")
 
-    def _grow_to(self, index: tuple) -> None:
-        """Grow the backing array (geometrically) so that `index` fits."""
+    def _grow_to(self, index: tuple, extent: list[int], allowed_bytes: int) -> None:
+        """Grow the backing array so that `index` fits: geometrically (cheap to grow again),
+        unless that would take it past `allowed_bytes` (doubling several axes multiplies:
+        six of them made 1 GiB for a 49 MiB layer), then to the layer's `extent` exactly."""
         shape = self.backing.shape[:len(index)]
         if all(isinstance(i, slice) or i < s for i, s in zip(index, shape, strict=True)):
             return
+        rest = self.backing.shape[len(shape):]
         grown_shape = tuple(s if isinstance(i, slice) or i < s else max(2 * s, i + 1)
                             for i, s in zip(index, shape, strict=True))
-        grown = np.zeros(grown_shape + self.backing.shape[len(shape):], self.backing.dtype)
-        grown[tuple(slice(0, s) for s in self.backing.shape)] = self.backing
+        if math.prod(grown_shape + rest) * self.backing.itemsize > allowed_bytes:
+            grown_shape = tuple(extent)
+        grown = np.zeros(grown_shape + rest, self.backing.dtype)
+        kept = tuple(slice(0, min(s, g)) for s, g in zip(self.backing.shape, grown.shape,
+                                                         strict=True))
+        grown[kept] = self.backing[kept]
         self.backing = grown
 
 
