@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import time
 from multiprocessing import shared_memory
@@ -735,6 +736,26 @@ def test_flood_of_garbage_then_real_frames(fiji, backend, fm, key):
 
 
 # -- process: binding, stopping ------------------------------------------------------------------
+
+
+def test_a_connection_that_never_finishes_its_handshake_is_closed(fiji, stack):
+    """Another account can open connections to the port and say nothing. The Python receiver
+    closes them after 5 s; the Fiji script kept them for JeroMQ's default of 30 s."""
+    if not stack.curve:
+        pytest.skip("JeroMQ 0.3 has no handshake interval (and no CURVE): Debian's stack")
+    port = int(fiji.endpoint.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as silent:
+        started = time.monotonic()
+        closed = True
+        try:
+            while silent.recv(4096):  # its greeting, then nothing until it hangs up
+                pass
+        except ConnectionResetError:
+            pass
+        except TimeoutError:
+            closed = False
+        waited = time.monotonic() - started
+    assert closed and waited < 10, f"still open after {waited:.1f} s"
 
 
 def test_refuses_to_listen_beyond_loopback(debian, tmp_path):

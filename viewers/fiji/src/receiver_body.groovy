@@ -2588,6 +2588,9 @@ Runnable receive = {
             sock.setCurveSecretKey(curve.z85Decode(credential.curve_secret))
         }
         sock.setLinger(0)
+        // Close connections that have not finished the handshake within 5 s, as the Python
+        // receiver does (JeroMQ's default is 30 s; 0.3 has neither the option nor CURVE).
+        try { sock.setHandshakeIvl(5000) } catch (MissingMethodException ignored) { }
         // Per sender. Not lower: JeroMQ 0.5/0.6 CURVE garbles or drops messages when a pipe
         // reaches its high-water mark (JeroMQ issue #1009; 12 of 60 pipelined frames came in
         // as "not valid UTF-8" at 16 here). Senders keep <= 16 frames in flight (credits).
