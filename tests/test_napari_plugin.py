@@ -793,6 +793,46 @@ def _frame(stream, value, shape=(4, 4), **header):
     return ReceivedFrame(array, frame, "test", 0)
 
 
+def _rois(stream, label, axes):
+    from polystore.streaming import ReceivedRois
+    from polystore.streaming import protocol as p
+
+    k = float(sum(axes.values()))
+    header = p.Rois(v=1, seq=0, stream=stream, path=f"{stream}.roi.zip", sent_ns=0, axes=axes,
+                    rois=[p.Roi(kind="rectangle", coords=[[k, k], [k + 5, k + 5]],
+                                label=label)])
+    return ReceivedRois(header, "test")
+
+
+def test_rois_keep_their_planes_when_the_image_or_a_later_set_brings_new_axes(
+        make_napari_viewer):
+    """ROIs at t = 0 and 1 sent before an image placed as (t, z, y, x): the 3-D ROI layer
+    lined up by its last axes, so a time point's ROIs were drawn on plane z = t. And a later
+    set with new axes threw away every set before it."""
+    from polystore_napari.layers import LayerManager
+
+    viewer = make_napari_viewer(show=False)
+    manager = LayerManager(viewer)
+    buffer = CoalescingBuffer()
+    buffer.put_rois(_rois("s", "t0", {"t": 0}))
+    buffer.put_rois(_rois("s", "t1", {"t": 1}))
+    manager.apply(buffer.take())
+    for t in range(3):
+        for z in range(2):
+            buffer.put_frame(_frame("s", 10 * t + z, shape=(16, 16), axes={"t": t, "z": z},
+                                    axis_names=["t", "z"]))
+    manager.apply(buffer.take())
+    shapes, _ = manager.roi_layers("s")
+    assert tuple(shapes.axis_labels)[:2] == ("t", "z")
+    where = {str(label): (float(data[0][0]), float(data[0][1]))
+             for label, data in zip(shapes.features["label"], shapes.data, strict=True)}
+    assert where == {"t0": (0.0, 0.0), "t1": (1.0, 0.0)}
+    buffer.put_rois(_rois("s", "t2 p1", {"t": 2, "p": 1}))  # a set with an axis of its own
+    manager.apply(buffer.take())
+    shapes, _ = manager.roi_layers("s")
+    assert sorted(str(label) for label in shapes.features["label"]) == ["t0", "t1", "t2 p1"]
+
+
 def test_buffer_coalesces_replace_keeps_stack_and_places_per_position():
     buffer = CoalescingBuffer(stack_capacity=3)
     for i in range(5):

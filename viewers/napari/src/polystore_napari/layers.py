@@ -101,6 +101,7 @@ class LayerManager:
         for update in batch.updates:
             try:
                 self._apply_frames(update)
+                self.rois.relayout(update.stream)  # its placed axes may have changed
             except Exception as exc:  # noqa: BLE001 - one bad stream must not stop the display
                 log.exception("could not show stream %s", update.stream)
                 self._error(update.stream, f"could not show it ({exc})")

@@ -29,6 +29,9 @@ class _RoiStream:
         self.shape_types: dict[str, int] = {}  # shape type counts, for the report
         self.text_shown = False
         self.point_sets: dict[tuple, tuple[list, list[str]]] = {}
+        #: the newest ROI set per position: what the layers are rebuilt from when their
+        #: axes change (a set with new axes, or the image placed by new axes)
+        self.sets: dict[tuple, ReceivedRois] = {}
 
 
 class RoiLayers:
@@ -96,8 +99,28 @@ class RoiLayers:
     def apply(self, update: RoisUpdate) -> None:
         state = self.streams.setdefault(update.stream, _RoiStream(update.stream))
         for item in update.items:
-            self._apply_roi_set(state, item)
+            pos = position(item.header.axes)
+            state.sets.pop(pos, None)  # the newest goes last
+            state.sets[pos] = item
+        names = self._names(state)
+        if names != state.names:
+            self._rebuild(state, names)
+        else:
+            for item in update.items:
+                self._add_set(state, item)
         self.updates += 1
+        self._finish(state)
+
+    def relayout(self, stream: str) -> None:
+        """Put the ROIs of `stream` on the right planes again after its image's placed axes
+        changed (ROIs that came before the image's first frame, or before a new axis)."""
+        state = self.streams.get(stream)
+        if state is not None and state.sets and self._names(state) != state.names:
+            self._rebuild(state, self._names(state))
+            self._finish(state)
+
+    def _finish(self, state: _RoiStream) -> None:
+        """Labels, text and the Points layer, after sets were added."""
         if state.shapes is not None:
             # counted here, once per ROI update, not by every report snapshot
             state.shape_types = dict(Counter(state.shapes.shape_type))
@@ -124,34 +147,40 @@ class RoiLayers:
                 state.points.data = data
                 state.points.features = {"label": np.array(labels, dtype=object)}
 
-    def _roi_names(self, state: _RoiStream, item: ReceivedRois) -> list[str]:
+    def _names(self, state: _RoiStream) -> list[str]:
         """Leading axes of the ROI layers: those of the image stream when it is placed by
-        axes (so shapes sit on the right planes), plus the ROIs' own. The channel axis is
-        not one: each channel is a layer of its own, and ROIs show over all of them."""
+        axes (so shapes sit on the right planes), plus those of the ROI sets; none when no
+        set has a position (they show on every plane). The channel axis is not one: each
+        channel is a layer of its own, and ROIs show over all of them."""
+        positioned = [item for item in state.sets.values() if item.header.axes]
+        if not positioned:
+            return []
         names = self.placed_names(state.stream)
-        for name in item.header.axis_names or item.header.axes:
-            if name not in names:
-                names.append(name)
-        names = [n for n in names if n != CHANNEL_AXIS]
-        return names if item.header.axes else (state.names or [])
+        for item in positioned:
+            for name in item.header.axis_names or item.header.axes:
+                if name not in names:
+                    names.append(name)
+        return [n for n in names if n != CHANNEL_AXIS]
+
+    def _rebuild(self, state: _RoiStream, names: list[str]) -> None:
+        """New layers with `names` as leading axes, holding every set again (the layers'
+        dimensionality changes, so they cannot be updated in place)."""
+        for layer in (state.shapes, state.points):
+            if self._alive(layer):
+                self.viewer.layers.remove(layer)
+        state.shapes = state.points = None
+        state.shape_pos, state.shape_labels, state.point_sets = [], [], {}
+        state.shape_types = {}
+        state.text_shown = False
+        state.names = names
+        for item in state.sets.values():
+            self._add_set(state, item)
 
     def _roi_axis_labels(self, state: _RoiStream) -> list[str]:
         return unique_labels(list(state.names) + ["y", "x"])
 
-    def _apply_roi_set(self, state: _RoiStream, item: ReceivedRois) -> None:
-        names = self._roi_names(state, item)
-        if state.names is None:
-            state.names = names
-        elif names != state.names and (item.header.axes or set(names) - set(state.names)):
-            # new axes: the layers' dimensionality changes, so start them afresh (rare)
-            for layer in (state.shapes, state.points):
-                if self._alive(layer):
-                    self.viewer.layers.remove(layer)
-            state.shapes = state.points = None
-            state.shape_pos, state.shape_labels, state.point_sets = [], [], {}
-            state.shape_types = {}
-            state.text_shown = False
-            state.names = names
+    def _add_set(self, state: _RoiStream, item: ReceivedRois) -> None:
+        """Show one ROI set, replacing the set shown at its position."""
         lead = [float(item.header.axes.get(n, 0)) for n in state.names]
         pos = position(item.header.axes)
         shapes, types, labels, points, point_labels = [], [], [], [], []
