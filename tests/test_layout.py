@@ -157,6 +157,20 @@ def test_channel_colormaps_follow_the_hint_else_napari_channel_cycle():
 # -- contrast rule ---------------------------------------------------------------------------
 
 
+def test_a_placed_layer_near_its_cap_still_grows_rarely():
+    """Growth within the cap must keep some spare room: making the array exactly the
+    layer's extent reallocated (and copied) the whole layer on every new position."""
+    layout, shown, grown, backing = LayerLayout(place_free_bytes=1 << 20), None, 0, None
+    frame = np.ones((128, 256), np.uint16)  # 64 KiB: past the 1 MiB allowance at once
+    for k in range(120):  # a third of the positions filled, within the 4x rule
+        view = layout.show("place", pieces(frame, axes={"t": 3 * k}, axis_names=["t"]), shown)
+        shown = view.data if view.data is not None else shown
+        grown += layout.backing is not backing
+        backing = layout.backing
+    assert grown <= 20  # geometric: about log(360) / log(1.25)
+    assert layout.backing.nbytes <= 4 * 120 * frame.nbytes
+
+
 def test_a_placed_layer_never_grows_past_its_cap_by_doubling_several_axes():
     """The sparsity cap checked the layer's extent, but growth doubled every axis it
     overflowed: 21 frames of 1 KiB at positions 1, 2, 4, 8 along six axes made a 1 GiB

@@ -484,17 +484,22 @@ class LayerLayout:
                 "closer together (e.g. number time points 0, 1, 2, ...), or use a new stream")
 
     def _grow_to(self, index: tuple, extent: list[int], allowed_bytes: int) -> None:
-        """Grow the backing array so that `index` fits: geometrically (cheap to grow again),
-        unless that would take it past `allowed_bytes` (doubling several axes multiplies:
-        six of them made 1 GiB for a 49 MiB layer), then to the layer's `extent` exactly."""
+        """Grow the backing array so that `index` fits, with room to spare (so that growing
+        stays rare) but within `allowed_bytes`: doubling several axes multiplies (six of them
+        made 1 GiB for a 49 MiB layer). The spare room shrinks from 2x to 1.25x to none, and
+        as a last resort the array is cut to the layer's `extent`."""
         shape = self.backing.shape[:len(index)]
         if all(isinstance(i, slice) or i < s for i, s in zip(index, shape, strict=True)):
             return
         rest = self.backing.shape[len(shape):]
-        grown_shape = tuple(s if isinstance(i, slice) or i < s else max(2 * s, i + 1)
-                            for i, s in zip(index, shape, strict=True))
-        if math.prod(grown_shape + rest) * self.backing.itemsize > allowed_bytes:
-            grown_shape = tuple(extent)
+
+        def grown_by(factor: float) -> tuple[int, ...]:
+            return tuple(s if isinstance(i, slice) or i < s else max(int(s * factor), i + 1)
+                         for i, s in zip(index, shape, strict=True))
+
+        for grown_shape in (*(grown_by(f) for f in (2.0, 1.5, 1.25, 1.0)), tuple(extent)):
+            if math.prod(grown_shape + rest) * self.backing.itemsize <= allowed_bytes:
+                break
         grown = np.zeros(grown_shape + rest, self.backing.dtype)
         kept = tuple(slice(0, min(s, g)) for s, g in zip(self.backing.shape, grown.shape,
                                                          strict=True))
