@@ -221,6 +221,8 @@ def test_a_frame_that_would_make_too_many_channel_layers_is_refused_clearly():
         pieces(np.zeros((300, 2, 8, 8), np.uint8))
     (named,) = pieces(np.zeros((300, 2, 8, 8), np.uint8), axis_names=["t", "z"])
     assert named.own == ("t", "z")
+    asked = pieces(np.zeros((100, 8, 8), np.uint8), axis_names=["c"])  # the user's choice
+    assert len(asked) == 100
 
 
 def test_float64_labels_keep_one_dtype_when_an_id_passes_2_31():

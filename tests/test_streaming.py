@@ -737,12 +737,15 @@ def test_backend_survives_fork(backend):
     assert sorted(paths) == ["fork/child.tif", "fork/parent.tif", "fork/parent2.tif"]
 
 
+_KEPT: list = []  # what a worker keeps to the end (so the garbage collector cannot close it)
+
+
 def _save_without_close(endpoint: str, pipe) -> None:
     backend = NapariStreamingBackend(endpoint)
     backend.save(np.full((8, 8), 3, np.uint8), "fork/worker.tif")
     backend.flush()
     pipe.send(backend.sender.pool.prefix)
-    # no close(): a worker function's backends are left to the end of the process
+    _KEPT.append(backend)  # no close(): left to the end of the process
 
 
 def test_a_forked_worker_that_ends_leaves_no_segments(receiver_proc):

@@ -77,6 +77,7 @@ class CreditWindow:
                 f"{options.max_inflight_bytes}; raise max_inflight_bytes when creating the backend"
             )
         deadline = None
+        unanswered = len(self._sent_at)
         waited_once = False
         while True:
             if len(self._sent_at) < options.max_inflight:
@@ -100,9 +101,10 @@ class CreditWindow:
                     f"(max_inflight={options.max_inflight}); use policy='block' or 'latest' or "
                     "save less often"
                 )
-            if deadline is None:
+            if deadline is None or len(self._sent_at) < unanswered:  # an ack: not silent
                 deadline = time.monotonic() + options.timeout
-            wait(deadline - time.monotonic())  # policy 'block': only a lost receiver ends it
+                unanswered = len(self._sent_at)
+            wait(deadline - time.monotonic())  # policy 'block': only a silent receiver ends it
 
     def track(self, seq: int, started: float, inline_bytes: int = 0) -> None:
         """Message `seq` is about to be sent (its segment, if any, is already reserved)."""

@@ -96,7 +96,8 @@ class Delivery:
                 return  # a forked child never owned the parent's state
             if self._connection.connected and len(self._credits):
                 with contextlib.suppress(Exception):  # close must not raise over delivery
-                    self._wait_or_lose(lambda: not self._credits, self._or_default(flush_timeout))
+                    waited = self._or_default(flush_timeout)  # a bounded best effort
+                    self._wait_or_lose(lambda: not self._credits, waited, 4 * waited)
             self._connection.close(goodbye=_BYE, linger_ms=200)
             self._credits.close()
 
@@ -131,7 +132,7 @@ class Delivery:
         if self._connection.still_connected():  # the common case, once per frame
             return True
         pool = self._credits.pool
-        taken = ""
+        taken, renewed = "", 0
         for _ in range(_PROBE_ATTEMPTS):
             try:
                 return self._connection.ensure(
@@ -144,16 +145,19 @@ class Delivery:
                 # receiver insists on that probe name, so handshake under a fresh prefix,
                 # on a new socket: the sender token is also the socket's routing id.
                 taken = pool.prefix + "probe"
-                if not pool.renew():
+                if not pool.renew():  # frames still name this prefix (leased segments)
                     break
+                renewed += 1
                 self._connection.close()
                 log.warning("%s exists and is not this sender's; handshaking as %s", taken,
                             pool.prefix)
         raise OSError(errno.EEXIST, (
             f"cannot handshake with the {self.viewer} receiver at {self.endpoint}: its "
-            f"shared-memory probe name {SHM_DIR}/{taken} was taken by another process (and so "
-            "were those of the fresh segment prefixes tried). Remove such files as their owner "
-            "or root (`ls -l /dev/shm`), or stream with transport='inline'"))
+            f"shared-memory probe name {SHM_DIR}/{taken} was taken by another process"
+            + (f" (and so were those of the {renewed} fresh prefixes tried)" if renewed else
+               " and this sender still has segments in use under its prefix") +
+            ". Remove such files as their owner or root (`ls -l /dev/shm`), or stream with "
+            "transport='inline'"))
 
     def _admit_frame(self, path: str, meta: StreamMeta, axes: dict[str, int], shape: tuple,
                      dtype: np.dtype) -> tuple[int, p.Frame | None]:
@@ -204,35 +208,41 @@ class Delivery:
     def _dispatch(self, seq: int, parts: list, started: float, inline_bytes: int) -> bool:
         """Track message `seq` as in flight and send it; False if it was dropped."""
         self._credits.track(seq, started, inline_bytes)
-        # 'latest' never waits for room: a queue with none left is a receiver that reads
-        # nothing (frozen), and a live preview must not stall its pipeline
-        wait = 0.0 if self.options.policy == "latest" else self.options.timeout
-        if self._connection.send(parts, time.monotonic() + wait):
+        if self.options.policy == "latest":
+            # never wait for room: a queue with none left is a receiver that reads nothing
+            # (frozen) or is far behind; drop this one message, keep the connection
+            if self._connection.send(parts, 0.0):
+                return True
+            self._credits.abandon(seq)
+            self._count_unsent()
+            return False
+        if self._connection.send(parts, time.monotonic() + self.options.timeout):
             return True
-        self._receiver_lost(f"it took no message for {wait:g} s")  # counts `seq` too
+        self._receiver_lost("it took no message within the timeout")  # counts `seq` too
         self._credits.raise_pending()  # policies block/raise: ReceiverLostError
-        self.stats.unsent += 1  # policy latest: a live preview drops, never stalls
         return False
 
-    def _wait_until(self, done, timeout: float) -> bool:
+    def _wait_until(self, done, timeout: float, at_most: float = float("inf")) -> bool:
         """Handle replies until `done()`; False once `timeout` s passed in which nothing was
-        answered (a receiver that is slow but still answering is waited for)."""
-        deadline = time.monotonic() + timeout
+        answered (a receiver that is slow but still answering is waited for), or `at_most`
+        s in all."""
+        now = time.monotonic()
+        deadline, last = now + timeout, now + at_most
         unanswered = len(self._credits)
         self._connection.drain()
         while not done() and self._connection.connected:
             if len(self._credits) < unanswered:  # progress: the receiver is alive
                 unanswered = len(self._credits)
                 deadline = time.monotonic() + timeout
-            remaining = deadline - time.monotonic()
+            remaining = min(deadline, last) - time.monotonic()
             if remaining <= 0:
                 return False
             self._connection.poll(remaining)
         return True
 
-    def _wait_or_lose(self, done, timeout: float) -> None:
+    def _wait_or_lose(self, done, timeout: float, at_most: float = float("inf")) -> None:
         """`_wait_until`, and give everything in flight up if the receiver went silent."""
-        if not self._wait_until(done, timeout):
+        if not self._wait_until(done, timeout, at_most):
             self._receiver_lost(f"no acknowledgement from the receiver for {timeout:g} s")
 
     def _receiver_lost(self, why: str) -> None:

@@ -103,8 +103,10 @@ class Receiver:
                                         daemon=True)
         self._thread.start()
         self._ready.wait(timeout)
-        if self._bind_error is not None:
-            raise self._bind_error
+        if self._bind_error is not None:  # never served: it may be started again
+            error, self._bind_error, self._thread = self._bind_error, None, None
+            self._ready.clear()
+            raise error
         return self
 
     def stop(self, timeout: float = 5.0) -> None:

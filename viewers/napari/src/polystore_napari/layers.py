@@ -206,7 +206,7 @@ class LayerManager:
                     run = []
                 run.append(piece)
             failed |= not self._apply_run(state, update.mode, run)
-        if newest is not None:
+        if newest is not None and not failed:
             self._drop_other_channels(stream, newest)
         if shown:
             self.updates += 1

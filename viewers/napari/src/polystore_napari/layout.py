@@ -205,7 +205,7 @@ def pieces_of(stream: str, header, array: np.ndarray) -> list[Piece]:
     names = list(header.axis_names or header.axes)
     if CHANNEL_AXIS in own:
         at = own.index(CHANNEL_AXIS)
-        if array.shape[at] > MAX_CHANNEL_LAYERS:
+        if array.shape[at] > MAX_CHANNEL_LAYERS and CHANNEL_AXIS not in (header.axis_names or ()):
             raise LayoutError(
                 f"this {tuple(array.shape)} frame would split into {array.shape[at]} channel "
                 f"layers (its dimensions are named {', '.join(own)}, y, x), and napari shows at "

@@ -73,13 +73,16 @@ class RoiLayers:
         self.streams.clear()
 
     def forget_removed(self) -> None:
-        """Forget the ROIs of layers the user deleted."""
+        """Forget the ROIs of layers the user deleted (and the sets they were made from, so
+        that a later rebuild does not bring them back)."""
         for rois in self.streams.values():
             if rois.shapes is not None and not self._alive(rois.shapes):
                 rois.shapes, rois.shape_pos, rois.shape_labels = None, [], []
                 rois.shape_types, rois.text_shown = {}, False
+                rois.sets = {}
             if rois.points is not None and not self._alive(rois.points):
                 rois.points, rois.point_sets = None, {}
+                rois.sets = {}
 
     def report(self) -> list[dict]:
         entries = []
@@ -165,10 +168,11 @@ class RoiLayers:
     def _rebuild(self, state: _RoiStream, names: list[str]) -> None:
         """New layers with `names` as leading axes, holding every set again (the layers'
         dimensionality changes, so they cannot be updated in place)."""
-        for layer in (state.shapes, state.points):
+        old = (state.shapes, state.points)
+        state.shapes = state.points = None  # first: removing them is not the user's deleting
+        for layer in old:
             if self._alive(layer):
                 self.viewer.layers.remove(layer)
-        state.shapes = state.points = None
         state.shape_pos, state.shape_labels, state.point_sets = [], [], {}
         state.shape_types = {}
         state.text_shown = False
