@@ -833,6 +833,25 @@ def test_rois_keep_their_planes_when_the_image_or_a_later_set_brings_new_axes(
     assert sorted(str(label) for label in shapes.features["label"]) == ["t0", "t1", "t2 p1"]
 
 
+def test_rois_the_user_deleted_do_not_come_back_when_the_layers_are_rebuilt(
+        make_napari_viewer):
+    """The ROI sets a rebuild redraws from were kept after the user deleted the ROI layers,
+    so a set with a new axis brought the deleted ROIs back."""
+    from polystore_napari.layers import LayerManager
+
+    viewer = make_napari_viewer(show=False)
+    manager = LayerManager(viewer)
+    buffer = CoalescingBuffer()
+    buffer.put_rois(_rois("s", "old", {"t": 0}))
+    manager.apply(buffer.take())
+    viewer.layers.remove(manager.roi_layers("s")[0])  # the user deletes "s ROIs"
+    assert manager.held_rois("s") == 0
+    buffer.put_rois(_rois("s", "new", {"t": 1, "p": 1}))  # new axes: the layers are rebuilt
+    manager.apply(buffer.take())
+    shapes, _ = manager.roi_layers("s")
+    assert [str(label) for label in shapes.features["label"]] == ["new"]
+
+
 def test_buffer_coalesces_replace_keeps_stack_and_places_per_position():
     buffer = CoalescingBuffer(stack_capacity=3)
     for i in range(5):

@@ -338,6 +338,32 @@ def test_stop_returns_promptly_while_a_slow_viewer_callback_is_fed():
         receiver.start()  # it used to return as if listening, and served nothing
 
 
+def test_a_receiver_whose_bind_failed_can_be_started_again():
+    """start() after a failed bind raised "already started" (it never served); the port
+    freed, the same receiver must be able to listen."""
+    endpoint = free_endpoint()
+    squatter = zmq.Context.instance().socket(zmq.ROUTER)
+    squatter.bind(endpoint)
+    receiver = receiver_for(NapariStreamingBackend, endpoint)
+    try:
+        with pytest.raises(OSError, match="cannot listen"):
+            receiver.start()
+        squatter.close(linger=0)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                receiver.start()
+                break
+            except OSError:  # the port may take a moment to be free
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        assert receiver.running
+    finally:
+        squatter.close(linger=0)
+        receiver.stop()
+
+
 def test_stream_key_derivation():
     exts = NapariStreamingBackend.SUPPORTED_EXTENSIONS
     assert stream_key("well_A01/t003.tif", exts) == "well_A01"
