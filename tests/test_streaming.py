@@ -807,6 +807,21 @@ def slow_viewer(delay: float, count: int, timeout: float):
         rx.stop()
 
 
+def test_close_waits_for_a_slow_viewer_but_not_for_ever():
+    """close() waits while acknowledgements come, but at most 4x its timeout in all: it also
+    runs at process exit, where a viewer that answers slowly must not hold the pipeline."""
+    rx = start_receiver(delay=0.1)
+    try:
+        b = NapariStreamingBackend(rx.endpoint, max_inflight=40, timeout=0.5)
+        for i in range(40):  # 4 s of viewer time, acknowledged 4 at a time
+            b.save(np.full((8, 8), i, np.uint16), f"exit/t{i}.tif")
+        started = time.monotonic()
+        b.close()
+        assert time.monotonic() - started < 3.0
+    finally:
+        rx.stop()
+
+
 def test_a_request_that_times_out_gives_up_only_itself():
     """request() on a receiver busy with a slow viewer gave up every frame in flight when it
     timed out (the receiver was called lost), although the receiver was fine."""
