@@ -470,6 +470,39 @@ def test_labels_a_float_cannot_hold_are_rejected_not_merged(fiji, backend, fm, k
     np.testing.assert_array_equal(saved(report(backend), key)[0], np.ones((2, 2)))
 
 
+@pytest.mark.parametrize("labels, says", [
+    (np.array([[0, 2**24], [2**24 + 1, 1]], np.float64), "16777217"),
+    (np.array([[0, 3e9], [3e9 + 1, 1]], np.float64), "cannot be held exactly"),
+    (np.array([[0, 1.5], [2, 1]], np.float32), "whole numbers"),
+    (np.array([[0, np.nan], [2, 1]], np.float32), "NaN"),
+])
+def test_float_labels_a_float_image_cannot_hold_are_rejected_not_merged(fiji, backend, fm, key,
+                                                                       labels, says):
+    """Float labels were not checked at all: 2^24 and 2^24 + 1 became one label, fractions and
+    NaN were shown. Now they are refused as integer labels are (napari refuses them too)."""
+    fm.save(np.ones((2, 2), np.uint8), f"{key}.tif", backend="fiji_stream", stream=key,
+            labels=True)  # fmt: skip
+    with pytest.raises(FrameRejectedError, match=says):
+        fm.save(labels, f"{key}.tif", backend="fiji_stream", stream=key, labels=True)
+        backend.flush()
+    np.testing.assert_array_equal(saved(report(backend), key)[0], np.ones((2, 2)))
+
+
+@pytest.mark.parametrize("hint, value", [((100, 10), 50), ((50, 50), 50), ((0, 0), 0),
+                                         (None, 1e17)])
+def test_contrast_hints_reversed_or_empty_and_flat_huge_frames_get_a_usable_range(
+        fiji, backend, fm, key, hint, value):
+    """A reversed hint was applied as sent (all black), an empty one too, (0, 0) was read by
+    ImageJ as "reset", and a constant frame of 1e17 got the range [v, v] (lo + 1 == lo)."""
+    frame = np.full((4, 4), value, np.float64 if value > 2**53 else np.uint16)
+    extra = {} if hint is None else {"contrast_limits": hint}
+    fm.save(frame, f"{key}.tif", backend="fiji_stream", stream=key, **extra)
+    lo, hi = image(report(backend), key)["displayRanges"][0]
+    assert lo < hi and np.float32(lo) < np.float32(hi)
+    if hint is not None:
+        assert lo == min(hint)
+
+
 # -- colour, contrast, leading axes (issue 14) ----------------------------------------------------
 
 

@@ -966,6 +966,10 @@ class Pixels {
     /** Largest integer a 32-bit float holds exactly, with every integer below it. */
     static final long FLOAT_EXACT = 1L << 24
 
+    /** The top of a display range starting at `lo` that is empty: a little above it, by 1 or,
+     * for values where lo + 1 == lo (2^53 on; ImageJ keeps float32 ranges), relatively. */
+    static double above(double lo) { return lo + Math.max(1d, Math.abs(lo) * 1e-6d) }
+
     static ByteBuffer at(ByteBuffer src, long position) {
         ByteBuffer b = src.duplicate().order(ByteOrder.LITTLE_ENDIAN)
         ((Buffer) b).position((int) position)
@@ -976,8 +980,17 @@ class Pixels {
      * float cannot hold exactly (|v| > 2^24) would merge with its neighbours: LabelRange. */
     static int labelBits(ByteBuffer src, long position, String dtype, long count) throws LabelRange {
         if (dtype == 'uint8' || dtype == 'uint16') return 16
-        if (dtype.startsWith('float')) return 32
         ByteBuffer b = at(src, position)
+        if (dtype.startsWith('float')) {  // whole numbers a 32-bit float holds exactly, as napari
+            for (long k = 0; k < count; k++) {
+                double v = dtype == 'float64' ? b.getDouble() : dtype == 'float32' ? (double) b.getFloat() : (double) halfToFloat(b.getShort())
+                if (Double.isNaN(v) || Double.isInfinite(v) || v != Math.floor(v))
+                    throw new LabelRange("labels must be whole numbers, but this ${dtype} frame has ${Double.isNaN(v) || Double.isInfinite(v) ? 'NaN or infinity' : 'a fraction (' + v + ')'}; send an integer array (e.g. mask.astype(np.int32))".toString())
+                if (v > FLOAT_EXACT || v < -FLOAT_EXACT)
+                    throw new LabelRange("label ${(long) v} cannot be held exactly by ImageJ (32-bit float images hold integer labels up to 2^24 = 16777216); it would merge with its neighbours. Renumber the labels (e.g. skimage.segmentation.relabel_sequential) before sending".toString())
+            }
+            return 32
+        }
         int bits = 16
         for (long k = 0; k < count; k++) {
             long v
@@ -1501,8 +1514,10 @@ class Images {
             int channels = how == 'stack' ? 1 : L.ext[0]
             for (int c = base[0]; c < base[0] + channels; c++) {
                 if (cmap != null && s.colormaps.get(c) != cmap) { s.colormaps.put(c, cmap); s.displayDirty = true }
-                if (limits != null) {
-                    double[] r = [(double) limits.get(0), (double) limits.get(1)] as double[]
+                if (limits != null) {  // as napari: a reversed hint swapped, an empty one widened
+                    double lo = Math.min((double) limits.get(0), (double) limits.get(1))
+                    double hi = Math.max((double) limits.get(0), (double) limits.get(1))
+                    double[] r = [lo, hi > lo ? hi : Pixels.above(lo)] as double[]
                     if (!Arrays.equals(s.ranges.get(c), r)) { s.ranges.put(c, r); s.displayDirty = true }
                 }
             }
@@ -1764,7 +1779,7 @@ class Images {
             int c = e.key
             if (s.userRanges.containsKey(c)) continue
             double lo = e.value[0], hi = e.value[1]
-            if (!(hi > lo)) hi = lo + 1  // a flat frame
+            if (!(hi > lo)) hi = Pixels.above(lo)  // a flat frame
             setRange(s, c, lo, hi)
             s.autoRanges.put(c, rangeOf(s, c))
         }
