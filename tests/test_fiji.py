@@ -503,6 +503,20 @@ def test_contrast_hints_reversed_or_empty_and_flat_huge_frames_get_a_usable_rang
         assert lo == min(hint)
 
 
+def test_a_stream_rebuilt_within_one_burst_still_reports_and_follows_its_newest_frame(
+        fiji, backend, fm, key):
+    """Placed channels, then a replace frame before anything looked: the pending contrast
+    follow of the old three-channel image ran against the rebuilt one-channel image, so
+    report failed ("Channel out of range") and the newest frame's range was never set."""
+    frame = np.arange(16, dtype=np.uint16).reshape(4, 4)
+    for c in range(3):
+        fm.save(frame + c, f"{key}.tif", backend="fiji_stream", stream=key, axes={"c": c})
+    fm.save(frame * 10, f"{key}.tif", backend="fiji_stream", stream=key, mode="replace")
+    shown = image(report(backend), key)
+    assert shown["channels"] == 1
+    assert shown["displayRanges"][0] == [0.0, 150.0]
+
+
 # -- colour, contrast, leading axes (issue 14) ----------------------------------------------------
 
 

@@ -1769,6 +1769,7 @@ class Images {
         Map<Integer, double[]> seen = new TreeMap<Integer, double[]>()
         for (int p = 0; p < indices.length; p++) {
             int c = how == 'stack' ? 0 : base[0] + L.offsetOf(p)[0]
+            if (c >= s.C) continue  // the image was rebuilt with fewer channels since this frame
             if (hinted || s.ranges.containsKey(c)) continue  // fixed by a hint
             double[] mm = Pixels.minMax(stack.getPixels(indices[p]))
             double[] acc = seen.get(c)
@@ -1938,7 +1939,13 @@ class Images {
         if (s.pendingFollow.isEmpty()) return
         List<Closure> pending = new ArrayList<Closure>(s.pendingFollow.values())
         s.pendingFollow.clear()
-        for (Closure follow : pending) follow.call()
+        for (Closure follow : pending) {
+            try {
+                follow.call()
+            } catch (Exception e) {  // one frame's contrast must not cost the others theirs
+                log("${s.title}: could not follow the contrast of a frame: ${e}".toString())
+            }
+        }
     }
 
     void refresh() {
