@@ -46,6 +46,7 @@ class CreditWindow:
         self._sent_at: dict[int, float] = {}  # seq -> perf_counter() when save() began
         self._inline: dict[int, int] = {}  # seq -> bytes of an inline payload
         self.inline_bytes = 0
+        self.answered_at = 0.0  # time.perf_counter() of the receiver's last answer
         self._lost = 0  # unacknowledged messages lost since the caller last heard of it
         self._lost_why = ""
         self._rejections: list[p.Error] = []
@@ -76,8 +77,7 @@ class CreditWindow:
                 f"a frame of {nbytes} bytes exceeds max_inflight_bytes="
                 f"{options.max_inflight_bytes}; raise max_inflight_bytes when creating the backend"
             )
-        deadline = None
-        unanswered = len(self._sent_at)
+        waiting_since = None
         waited_once = False
         while True:
             if len(self._sent_at) < options.max_inflight:
@@ -101,10 +101,16 @@ class CreditWindow:
                     f"(max_inflight={options.max_inflight}); use policy='block' or 'latest' or "
                     "save less often"
                 )
-            if deadline is None or len(self._sent_at) < unanswered:  # an ack: not silent
-                deadline = time.monotonic() + options.timeout
-                unanswered = len(self._sent_at)
-            wait(deadline - time.monotonic())  # policy 'block': only a silent receiver ends it
+            if waiting_since is None:
+                waiting_since = time.perf_counter()
+            # policy 'block': only a silent receiver ends it
+            wait(self.silence_ends(waiting_since, options.timeout) - time.perf_counter())
+
+    def silence_ends(self, since: float, timeout: float) -> float:
+        """When (`time.perf_counter()`) a wait for replies begun at `since` gives up:
+        `timeout` after the later of `since` and the last answer, so a receiver that is slow
+        but still answering is waited for."""
+        return max(since, self.answered_at) + timeout
 
     def track(self, seq: int, started: float, inline_bytes: int = 0) -> None:
         """Message `seq` is about to be sent (its segment, if any, is already reserved)."""
@@ -119,6 +125,7 @@ class CreditWindow:
         if self._untrack(seq) is None:
             return False
         self.pool.release(seq)
+        self.answered_at = time.perf_counter()
         return True
 
     def ack(self, seq: int) -> bool:
@@ -127,12 +134,14 @@ class CreditWindow:
         if started is None:
             return False
         self.pool.release(seq)
-        self.latencies.append(time.perf_counter() - started)
+        self.answered_at = now = time.perf_counter()
+        self.latencies.append(now - started)
         self.stats.acked += 1
         return True
 
     def reject(self, error: p.Error) -> None:
         """The receiver refused message `error.seq`; the caller hears of it next."""
+        self.answered_at = time.perf_counter()
         self.stats.rejected += 1
         if error.seq is not None:
             if error.code == p.SEGMENT_MISSING:  # a vanished segment is never reused

@@ -226,15 +226,11 @@ class Delivery:
         """Handle replies until `done()`; False once `timeout` s passed in which nothing was
         answered (a receiver that is slow but still answering is waited for), or `at_most`
         s in all."""
-        now = time.monotonic()
-        deadline, last = now + timeout, now + at_most
-        unanswered = len(self._credits)
+        since = time.perf_counter()
         self._connection.drain()
         while not done() and self._connection.connected:
-            if len(self._credits) < unanswered:  # progress: the receiver is alive
-                unanswered = len(self._credits)
-                deadline = time.monotonic() + timeout
-            remaining = min(deadline, last) - time.monotonic()
+            remaining = min(self._credits.silence_ends(since, timeout),
+                            since + at_most) - time.perf_counter()
             if remaining <= 0:
                 return False
             self._connection.poll(remaining)

@@ -162,9 +162,11 @@ class StreamMeta:
                        axes=axes, axis_names=self.axis_names, display=self.display,
                        dropped=dropped)  # fmt: skip
 
-    def rois_message(self, seq: int, path: str, rois: list[p.Roi],
-                     axes: dict[str, int]) -> p.Rois:
-        """The message carrying `rois` of this (image) stream, checked as a receiver will."""
+    def encoded_rois(self, seq: int, path: str, rois: list[p.Roi],
+                     axes: dict[str, int]) -> bytes:
+        """The encoded message carrying `rois` of this (image) stream, checked as a receiver
+        will, header size included (a larger one would be refused without its sequence
+        number, so its credit would never come back)."""
         message = p.Rois(v=p.VERSION, seq=seq, stream=self.stream, path=path,
                          sent_ns=time.time_ns(), rois=rois, axes=axes,
                          axis_names=self.axis_names)  # fmt: skip
@@ -172,13 +174,7 @@ class StreamMeta:
             p.check_rois(message)
         except p.ProtocolError as exc:
             raise UnstreamableDataError(f"cannot stream {path}: {exc}") from None
-        return message
-
-    def encoded_rois(self, seq: int, path: str, rois: list[p.Roi],
-                     axes: dict[str, int]) -> bytes:
-        """`rois_message` encoded, within the receiver's header limit (a larger one would be
-        refused without its sequence number, so its credit would never come back)."""
-        data = encode_header(self.rois_message(seq, path, rois, axes), path)
+        data = encode_header(message, path)
         if len(data) > p.MAX_HEADER_BYTES:
             points = sum(len(roi.coords) for roi in rois)
             raise UnstreamableDataError(

@@ -164,8 +164,6 @@ class Receiver:
                     self._connection_events()
                 if sock in ready:
                     for _ in range(256):  # bounded so housekeeping and stop stay responsive
-                        if self._stop.is_set():  # a slow viewer callback must not delay it
-                            break
                         try:
                             identity = sock.recv(zmq.NOBLOCK)
                         except zmq.Again:
@@ -174,6 +172,8 @@ class Receiver:
                         if (len(self._undelivered) >= ACK_BATCH
                                 or self._held_bytes >= ACK_BATCH_BYTES):
                             self._release()
+                            if self._stop.is_set():  # slow viewer callbacks must not delay it
+                                break
                     self._release()  # drained: held acks leave before the next wait
                 now = time.monotonic()
                 if now - last_tick >= 1.0:

@@ -127,6 +127,10 @@ class StreamSender(Delivery):
             yield np.ndarray(shape, dtype=dtype, buffer=segment.buf)
             with self._lock:
                 connected = self._ensure_connected()  # the viewer may have left meanwhile
+                if connected:
+                    header.segment, header.sent_ns = segment.name, time.time_ns()
+                    header.dropped = self.stats.unsent
+                    encoded = encode_header(header, path)
         except BaseException:
             with self._lock:
                 self._credits.release_unsent(seq)
@@ -136,13 +140,6 @@ class StreamSender(Delivery):
                 self._credits.release_unsent(seq)
                 self._count_unsent()
                 return
-            header.segment, header.sent_ns = segment.name, time.time_ns()
-            header.dropped = self.stats.unsent
-            try:
-                encoded = encode_header(header, path)
-            except BaseException:
-                self._credits.release_unsent(seq)
-                raise
             self._send_frame(seq, header, [encoded], started, 0)
 
     def send_rois(self, rois: list[p.Roi], path: str, meta: StreamMeta,
