@@ -852,6 +852,40 @@ def test_sender_goes_on_after_receiver_restart(debian, tmp_path):
             assert second.stop() == 0
 
 
+def _links_to(port: int) -> set[int]:
+    """This process's local ports of established TCP connections to 127.0.0.1:`port`."""
+    import psutil
+
+    return {c.laddr.port for c in psutil.Process().net_connections("tcp")
+            if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED}
+
+
+def test_sender_keeps_the_link_zeromq_made_again_after_a_restart(debian, tmp_path):
+    """ZeroMQ relinks to a restarted receiver by itself. A sender that closed that link and
+    opened another (it did after every hang-up, which JeroMQ 0.3 reports on each disconnect)
+    raced the receiver's close of the first: a second link under the same routing id is never
+    read by a ROUTER, so no hello got through for good (CI: 60 s without a handshake)."""
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    first = start_receiver(tmp_path, endpoint=endpoint)
+    with FijiStreamingBackend(endpoint, timeout=10) as b:
+        b.save(np.zeros((4, 4), np.uint8), "r/0.tif")
+        b.flush()
+        assert first.stop() == 0
+        second = start_receiver(tmp_path, endpoint=endpoint)
+        try:
+            deadline = time.monotonic() + 10
+            while not (relinked := _links_to(port)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(relinked) == 1, "ZeroMQ did not relink to the restarted receiver"
+            b.save(np.ones((4, 4), np.uint8), "r/1.tif")  # a new handshake, on that link
+            b.flush()
+            assert _links_to(port) == relinked
+            assert image(b.request("report"), "r")["framesReceived"] == 1
+        finally:
+            assert second.stop() == 0
+
+
 @pytest.mark.skipif(shutil.which("xvfb-run") is None, reason="xvfb-run is not installed")
 def test_gui_mode_windows_and_roi_manager(debian, tmp_path):
     """The GUI path Fiji takes (windows, CompositeImage, ROI Manager), on a virtual display."""

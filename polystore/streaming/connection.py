@@ -74,7 +74,7 @@ class Connection:
         self.receiver_id: str | None = None
         self.use_shm = False  # frames travel by shared memory (else inline)
         self.max_frame_bytes = p.MAX_FRAME_BYTES  # the receiver's, from its welcome
-        self.link = LinkState()  # what the monitor says: up, handshaking, failed, refused
+        self.link = LinkState()  # what the monitor says: up, handshaking, dropped, refused
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
         self._poller: zmq.Poller | None = None  # replies and link events
@@ -138,7 +138,7 @@ class Connection:
             self.check_link()
             if self.state is State.CONNECTED:
                 return True
-            if self.link.failed:
+            if self.link.dropped:
                 self._reconnect()
         hello = dict(identity=identity, segment_prefix=segment_prefix, pid=pid)
         if not wait:
@@ -219,6 +219,7 @@ class Connection:
         self.max_frame_bytes = welcome.max_frame_bytes
         self.receiver_id = welcome.receiver
         self.state = State.CONNECTED
+        self.link.welcomed()
         return True
 
     def refuse(self, why: str) -> None:
@@ -240,7 +241,8 @@ class Connection:
         self.state = State.CLOSED
 
     def _reconnect(self) -> None:
-        """ZeroMQ drops an endpoint whose handshake failed; connect to it again."""
+        """ZeroMQ gives up an endpoint whose handshake it refused; connect to it again. (Never
+        after a hang-up, which ZeroMQ retries itself: link.py says why.)"""
         self.link.forget_failures()
         try:
             self._sock.disconnect(self.endpoint)

@@ -2,10 +2,15 @@
 authentication handshake under way, did it fail, and was it refused.
 
 ZeroMQ reports a protocol or authentication failure (``HANDSHAKE_FAILED_PROTOCOL`` /
-``_AUTH``) once and does not retry. A peer that hangs up mid-handshake gives
-``HANDSHAKE_FAILED_NO_DETAIL`` and ZeroMQ retries: that is a CURVE server with another key,
-but also a receiver restarting, at its connection limit or past its handshake deadline, so
-only several in a row count as a refusal.
+``_AUTH``) once and gives the endpoint up: the sender must connect again. A peer that hangs up
+mid-handshake gives ``HANDSHAKE_FAILED_NO_DETAIL`` and ZeroMQ relinks by itself: that is a
+CURVE server with another key, but also a receiver restarting, at its connection limit or past
+its handshake deadline, so only several in a row count as a refusal. After a hang-up the
+sender must not connect again itself: the receiver may still hold the old link under the
+same routing id, and a ROUTER never reads a second link with a routing id in use.
+JeroMQ 0.3 speaks ZMTP 2.0, whose handshake ZeroMQ never reports as succeeded: every
+disconnect from it reads as a hang-up mid-handshake, so a welcome (`welcomed`) also counts
+as a handshake that succeeded.
 """
 
 from __future__ import annotations
@@ -30,10 +35,16 @@ class LinkState:
         self.forget_failures()
 
     def forget_failures(self) -> None:
-        """A fresh connect: earlier failures no longer count."""
-        self.failed = False  # a handshake failed since the last connect (reconnect to retry)
+        """A fresh connect or a welcome: earlier failures no longer count."""
+        self.failed = False  # a handshake failed (or the peer hung up in it) since then
+        self.dropped = False  # ZeroMQ gave the endpoint up: connect again to retry
         self._refused_outright = False
         self._hangups = 0
+
+    def welcomed(self) -> None:
+        """The receiver answered a hello: whatever ZeroMQ said, the handshake succeeded."""
+        self.handshaking = False
+        self.forget_failures()
 
     @property
     def refused(self) -> bool:
@@ -46,6 +57,7 @@ class LinkState:
             self._hangups = 0
             return
         self._refused_outright |= bool(event & _REFUSED)
+        self.dropped |= bool(event & _REFUSED)
         self._hangups += event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
         # a peer that hangs up mid-handshake failed it too
         self.failed |= bool(event & _HANDSHAKE_FAILED) or (
