@@ -26,6 +26,7 @@ import pytest
 from polystore.filemanager import FileManager
 from polystore.streaming import FijiStreamingBackend, FrameRejectedError
 from polystore.testing.receiver import ReceiverConformance, ReceiverUnderTest, user_curve
+from polystore.testing.rules import LEADING_AXIS_CASES
 from tests.fiji_helpers import (
     DEFAULT_STACK,
     FIJI_DIR,
@@ -261,6 +262,22 @@ def test_frame_own_dims_named_by_axis_names(fiji, backend, fm, key):
     data = saved(state, key)[0]  # TZCYX
     np.testing.assert_array_equal(data[1], volume.transpose(1, 0, 2, 3))
     assert data[0].max() == 0
+
+
+@pytest.mark.parametrize(("axes", "axis_names", "lead", "names"),
+                         [c for c in LEADING_AXIS_CASES if not any(n[0] == "d" for n in c[3])])
+def test_leading_axes_named_as_napari_names_them(fiji, backend, fm, key, axes, axis_names, lead,
+                                                 names):
+    """One leading-axis rule for both viewers (the cases napari's layout tests use too). With
+    fewer names than dimensions Fiji put the names innermost, napari outermost as protocol.md
+    says: a (2, 3, y, x) frame with axis_names=["c"] was 3 channels × 2 planes in Fiji."""
+    shape = (2, 3, 4)[:lead]
+    fm.save(np.ones((*shape, 4, 5), np.uint8), f"{key}.tif", backend="fiji_stream", stream=key,
+            axes=axes, axis_names=axis_names)  # fmt: skip
+    sizes = dict(zip(names, shape)) | {a: i + 1 for a, i in axes.items()}
+    entry = image(report(backend), key)
+    assert (entry["channels"], entry["slices"], entry["frames"]) == (
+        sizes.get("c", 1), sizes.get("z", 1), sizes.get("t", 1))
 
 
 def test_frame_own_dims_default_names(fiji, backend, fm, key):

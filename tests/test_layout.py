@@ -30,6 +30,7 @@ from polystore_napari.layout import (
 )
 
 from polystore.streaming import protocol as p
+from polystore.testing.rules import LEADING_AXIS_CASES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,18 +62,7 @@ def test_import_needs_neither_napari_nor_qt():
 # -- leading-axis rule (docs/protocol.md, both viewers) ---------------------------------------
 
 
-@pytest.mark.parametrize(("axes", "axis_names", "lead", "expected"), [
-    ({}, None, 1, ("z",)),  # was d0 in napari, z in Fiji
-    ({}, None, 2, ("c", "z")),  # OME-NGFF order
-    ({}, None, 3, ("t", "c", "z")),
-    ({}, None, 5, ("d1", "d0", "t", "c", "z")),
-    ({"t": 1}, ["t"], 2, ("c", "z")),
-    ({"z": 3}, None, 1, ("c",)),  # z is a position: the own dimension is the next name
-    ({"t": 0}, ["t", "c"], 2, ("c", "z")),
-    ({"t": 0}, ["c", "t"], 1, ("c",)),
-    ({}, ["z"], 2, ("z", "c")),  # named outermost first; the rest from the end of t, c, z
-    ({}, None, 0, ()),
-])
+@pytest.mark.parametrize(("axes", "axis_names", "lead", "expected"), LEADING_AXIS_CASES)
 def test_leading_axes_are_named_from_the_end_of_t_c_z(axes, axis_names, lead, expected):
     assert leading_axis_names(axes, axis_names, lead) == expected
 

@@ -1303,22 +1303,19 @@ class Layout {
     }
 
     /**
-     * Names of a frame's `lead` leading dims (docs/protocol.md, the leading-axis rule): the
-     * entries of `axis_names` that are not keys of `axes` name the innermost ones; the others
-     * are named, innermost first, from the end of t, c, z, skipping names already used, then
-     * d0, d1, ... So one unnamed leading dim is z, two are c, z, three t, c, z.
+     * Names of a frame's `lead` leading dims (docs/protocol.md, the leading-axis rule, as in
+     * napari): the entries of `axis_names` that are not keys of `axes` name the outermost ones
+     * in order; the others are named, innermost first, from the end of t, c, z, skipping names
+     * already used, then d0, d1, ... So one unnamed leading dim is z, two are c, z, three t, c, z.
      */
     static List<String> leadingNames(Collection<String> axes, List<String> axisNames, int lead) {
         String[] out = new String[lead]
         Set<Integer> used = new HashSet<Integer>()
         for (String a : axes) used.add(canonical(a))
         if (axisNames != null) {
+            for (String a : axisNames) used.add(canonical(a))
             List<String> rest = axisNames.findAll { String it -> !axes.contains(it) }
-            int k = Math.min(rest.size(), lead)
-            for (int i = 0; i < k; i++) {
-                out[lead - k + i] = rest.get(rest.size() - k + i)
-                used.add(canonical(out[lead - k + i]))
-            }
+            for (int i = 0; i < Math.min(rest.size(), lead); i++) out[i] = rest.get(i)
         }
         List<String> defaults = ['z', 'c', 't'] as List<String>  // the end of t, c, z first
         int extra = 0
