@@ -472,6 +472,21 @@ def test_labels_distinguishable_at_any_count(fiji, backend, fm, key, dtype, coun
     )
 
 
+@pytest.mark.parametrize("dtype", ["uint16", "float32"])
+def test_a_labels_stream_that_turns_to_images_is_drawn_as_an_image(fiji, backend, fm, key, dtype):
+    """A stream sent as labels, then as a plain image (same shape): the window went on drawing
+    label colours (the label view stayed), so a grey ramp showed as glasbey colours."""
+    ramp = np.tile(np.arange(0, 1000, 10, dtype=dtype), (4, 1))
+    fm.save(ramp, f"{key}.tif", backend="fiji_stream", stream=key, labels=True)
+    assert image(report(backend), key)["luts"] == ["glasbey"]
+    fm.save(ramp, f"{key}.tif", backend="fiji_stream", stream=key)
+    state = report(backend)
+    assert not image(state, key)["labels"] and image(state, key)["luts"] != ["glasbey"]
+    shown = rendered(state, key)[0].astype(int)  # one row: the ramp, left to right
+    assert (shown[:, 0] == shown[:, 1]).all() and (shown[:, 1] == shown[:, 2]).all(), "grey"
+    assert (np.diff(shown[:, 0]) >= 0).all() and shown[-1, 0] > shown[0, 0], "a ramp"
+
+
 @pytest.mark.parametrize("value", [2**24 + 1, 2**32 - 1])
 def test_labels_a_float_cannot_hold_are_rejected_not_merged(fiji, backend, fm, key, value):
     """Issue 14: labels >= 2^24 were merged silently by the float32 conversion (2^24 + 1 became

@@ -1500,6 +1500,7 @@ class Images {
             s.last = (int[]) at.clone()
             for (int idx : indices) stack.setSliceLabel(label, idx)
             if (labels != s.labels) { s.labels = labels; s.displayDirty = true }
+            if (!labels) plainView(s)  // a labels stream that now sends images
             if (labels) {
                 for (int idx : indices) {
                     double m = Pixels.maxOf(stack.getPixels(idx))
@@ -1821,6 +1822,19 @@ class Images {
         else if (ip.getPixels() instanceof float[]) view = new LabelFloatProcessor(ip.getWidth(), ip.getHeight(), (float[]) ip.getPixels())
         if (view == null) return
         view.setMinAndMax(lo, hi)
+        imp.setProcessor(view)
+    }
+
+    /** Undo labelView: an image is drawn through its LUT and display range again. */
+    void plainView(Stream s) {
+        ImagePlus imp = s.imp
+        if (imp == null) return
+        ij.process.ImageProcessor ip = imp.getProcessor()
+        ij.process.ImageProcessor view = null
+        if (ip instanceof LabelShortProcessor) view = new ij.process.ShortProcessor(ip.getWidth(), ip.getHeight(), (short[]) ip.getPixels(), null)
+        else if (ip instanceof LabelFloatProcessor) view = new ij.process.FloatProcessor(ip.getWidth(), ip.getHeight(), (float[]) ip.getPixels(), null)
+        if (view == null) return
+        view.resetMinAndMax()
         imp.setProcessor(view)
     }
 
