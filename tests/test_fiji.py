@@ -619,6 +619,18 @@ def test_contrast_follows_the_data_unless_given(fiji, backend, fm, key):
     assert image(state, f"{key}_fixed")["displayRanges"] == [[0, 1]]
 
 
+def test_a_contrast_hint_holds_for_the_frames_that_carry_it(fiji, backend, fm, key):
+    """As in napari (protocol.md: the rule is per frame): a frame without contrast_limits
+    follows the data again. The script kept an earlier frame's hint on the channel for good."""
+    frame = np.linspace(0, 100, 24, dtype=np.float32).reshape(4, 6)
+    fm.save(frame, f"{key}.tif", backend="fiji_stream", stream=key, contrast_limits=(0, 1000))
+    assert image(report(backend), key)["displayRanges"] == [[0, 1000]]
+    fm.save(frame + 5, f"{key}.tif", backend="fiji_stream", stream=key)
+    np.testing.assert_allclose(image(report(backend), key)["displayRanges"], [[5, 105]])
+    fm.save(frame, f"{key}.tif", backend="fiji_stream", stream=key, contrast_limits=(0, 10))
+    assert image(report(backend), key)["displayRanges"] == [[0, 10]]
+
+
 @pytest.mark.parametrize("shape,axes,dims", [
     ([3, 4, 5], {}, (1, 3, 1)),              # one leading axis: z
     ([2, 3, 4, 5], {}, (2, 3, 1)),           # two: c, z

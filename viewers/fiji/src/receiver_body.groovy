@@ -1517,6 +1517,8 @@ class Images {
                     double hi = Math.max((double) limits.get(0), (double) limits.get(1))
                     double[] r = [lo, hi > lo ? hi : Pixels.above(lo)] as double[]
                     if (!Arrays.equals(s.ranges.get(c), r)) { s.ranges.put(c, r); s.displayDirty = true }
+                } else {
+                    s.ranges.remove(c)  // a hint holds for the frames that carry it (as napari)
                 }
             }
             if (s.displayDirty) applyDisplay(s)
