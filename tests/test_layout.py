@@ -14,12 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from polystore_napari.layout import (
+from polystore_napari.layout import PLACE_FREE_BYTES, FrameStack, LayerLayout
+from polystore_napari.pieces import (
     MAX_CHANNEL_LAYERS,
-    PLACE_FREE_BYTES,
     Contrast,
-    FrameStack,
-    LayerLayout,
     LayoutError,
     channel_colormap,
     data_limits,
@@ -50,7 +48,8 @@ def show(layout: LayerLayout, mode: str, array, shown=None, **kw):
 
 
 def test_import_needs_neither_napari_nor_qt():
-    code = ("import sys, polystore_napari.layout, polystore_napari.options, "
+    code = ("import sys, polystore_napari.layout, polystore_napari.pieces, "
+            "polystore_napari.options, "
             "polystore_napari.buffer; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'vispy')))")

@@ -1,8 +1,8 @@
 """The napari adapter: apply buffered frames and ROIs to napari layers, on the Qt main thread.
 
-`layout.py` decides where pixels go (napari-free); this module only makes, updates and
-removes layers. One layer per stream and channel, updated in place: a frame never rebuilds
-a layer. `DisplayTimer` drains the `CoalescingBuffer` about 60 times a second.
+`pieces.py` and `layout.py` decide where pixels go (napari-free); this module only makes,
+updates and removes layers. One layer per stream and channel, updated in place: a frame never
+rebuilds a layer. `DisplayTimer` drains the `CoalescingBuffer` about 60 times a second.
 """
 
 from __future__ import annotations
@@ -16,15 +16,8 @@ from napari.layers import Labels
 from qtpy.QtCore import QObject, Qt, QTimer
 
 from polystore_napari.buffer import Batch, CoalescingBuffer, Update
-from polystore_napari.layout import (
-    LayerLayout,
-    LayoutError,
-    Piece,
-    View,
-    channel_colormap,
-    layer_name,
-    pieces_of,
-)
+from polystore_napari.layout import LayerLayout, View
+from polystore_napari.pieces import LayoutError, Piece, channel_colormap, layer_name, pieces_of
 from polystore_napari.roi_layers import STREAM_KEY, RoiLayers
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import numpy as np
 
 from polystore.streaming import ReceivedRois
 from polystore_napari.buffer import RoisUpdate, position
-from polystore_napari.layout import CHANNEL_AXIS, unique_labels
+from polystore_napari.pieces import CHANNEL_AXIS, unique_labels
 
 #: napari layer metadata key naming the stream a layer shows
 STREAM_KEY = "polystore_stream"
