@@ -631,6 +631,20 @@ def test_a_contrast_hint_holds_for_the_frames_that_carry_it(fiji, backend, fm, k
     assert image(report(backend), key)["displayRanges"] == [[0, 10]]
 
 
+def test_saved_images_show_the_contrast_the_report_gives(fiji, backend, fm, key):
+    """Headless, a report saved each image before following the contrast of its newest
+    frames, so the TIFF (and the PNG of what the window shows) kept the old range: both
+    channels of this frame were saved at 0..500 while the report said 0..1000 for the second."""
+    ramp = np.tile(np.arange(0, 600, 100, dtype=np.uint16), (4, 1))
+    fm.save(np.stack([ramp, ramp * 2]), f"{key}.tif", backend="fiji_stream", stream=key,
+            axis_names=["c"])  # fmt: skip
+    state = report(backend)
+    assert image(state, key)["displayRanges"] == [[0, 500], [0, 1000]]
+    assert list(saved(state, key)[2]["Ranges"]) == [0, 500, 0, 1000]
+    shown = rendered(state, key)[0].astype(int)  # red: channel 0, green: channel 1
+    np.testing.assert_allclose(shown[:, 1], ramp[0] * 2.0 * 255 / 1000, atol=1)
+
+
 @pytest.mark.parametrize("shape,axes,dims", [
     ([3, 4, 5], {}, (1, 3, 1)),              # one leading axis: z
     ([2, 3, 4, 5], {}, (2, 3, 1)),           # two: c, z

@@ -2001,6 +2001,7 @@ class Images {
         Set<String> names = new HashSet<String>()
         for (Stream s : streams.values()) {
             if (s.imp == null) continue
+            followPending(s)  // the newest frames' contrast, as the report gives it and a window shows it
             String base = s.title.replaceAll('[^A-Za-z0-9._-]+', '_')
             String name = base
             for (int k = 2; !names.add(name); k++) name = "${base}_${k}".toString()
