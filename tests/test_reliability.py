@@ -442,6 +442,55 @@ def test_latest_policy_never_stalls_while_the_viewer_is_frozen():
         rx.stop()
 
 
+
+@pytest.mark.parametrize("transport", ["auto", "shm"])
+def test_a_viewer_frozen_through_several_handshakes_serves_by_shared_memory_when_it_thaws(
+        transport):
+    """Each save at a frozen viewer (policy block) gives up its handshake after
+    `connect_timeout`, while the hello waits unread on the link. Before: every save sent
+    another hello and unlinked the probe of the last one, and after SIGCONT the welcome to the
+    oldest hello (its probe gone: `shm: false`) was taken as the answer to the newest, so the
+    sender streamed inline for good (transport 'auto') or reported, save after save, that the
+    viewer cannot read its shared memory (transport 'shm')."""
+    rx = start_receiver()
+    frame = np.zeros((32, 32), np.uint16)
+    b = NapariStreamingBackend(rx.endpoint, timeout=1.0, connect_timeout=1.0, max_inflight=4,
+                               transport=transport)
+    try:
+        b.save(frame, "thaw/first.tif")
+        b.flush()
+        assert b.sender.uses_shared_memory
+        os.kill(rx.process.pid, signal.SIGSTOP)
+        failed = 0
+        for i in range(8):  # fills the window, then each save tries a handshake of its own
+            try:
+                b.save(frame, f"thaw/frozen{i}.tif")
+            except (ReceiverLostError, ViewerNotRunningError) as exc:
+                assert "shared memory" not in str(exc)
+                failed += 1
+        assert failed >= 3
+        os.kill(rx.process.pid, signal.SIGCONT)
+        errors, deadline = [], time.monotonic() + 30
+        while time.monotonic() < deadline:  # the viewer answers again
+            try:
+                b.save(frame, "thaw/back.tif")
+                break
+            except ViewerNotRunningError as exc:
+                errors.append(str(exc))
+        assert not [e for e in errors if "shared memory" in e], errors
+        for i in range(3):
+            b.save(frame, f"thaw/after{i}.tif")
+        b.flush()
+        assert b.sender.uses_shared_memory, "streams inline since the viewer thawed"
+        got = [g["path"] for g in b.request("report")["received"]]
+        assert got[-4:] == ["thaw/back.tif"] + [f"thaw/after{i}.tif" for i in range(3)]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rx.process.pid, signal.SIGCONT)
+        b.close()
+        rx.stop()
+    assert my_segments() == []
+
 def _until_port_free(bind):
     """ZeroMQ releases a closed socket's port in its I/O thread, a moment later."""
     deadline = time.monotonic() + 5

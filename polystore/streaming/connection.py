@@ -4,6 +4,10 @@
                                         --error or shm refused--> refused
     any --receiver lost / transport dropped--> closed
 
+A hello that left stays pending until it is answered or its link drops, even past its
+deadline: the receiver answers hellos in order, so a second hello on the same link would take
+the first one's answer (whose probe it had unlinked: ``shm: false``) for its own.
+
 The connection moves bytes and tracks its state; it knows nothing of credits or frames. Each
 reply is handed to `on_reply` (the sender's dispatch table), and a receiver that disconnects
 while connected is reported to `on_disconnect`.
@@ -145,13 +149,15 @@ class Connection:
             self.drain()  # the welcome to an earlier hello may be here
             if self.connected:
                 return True
-            if self.link.up and self.hello_expired:
+            if self.link.up and self.state is not State.HELLO_SENT:
                 self.send_hello(**hello, wait_to_send=False)  # no room: try at the next one
             return False
-        self.send_hello(**hello)
+        if self.state is State.HELLO_SENT:  # still unanswered on this link: wait for it again
+            self._hello_deadline = time.monotonic() + self.options.connect_timeout
+        else:
+            self.send_hello(**hello)
         self.wait_for_welcome()
         if not self.connected:
-            self.abandon_hello()
             self.check_link()
             if self.link.failed:
                 self.refusal = impostor_message(self.viewer, self.endpoint)
@@ -192,10 +198,6 @@ class Connection:
         if sent:  # only a hello that left can be abandoned (a link event) or welcomed
             self._probe = segment
             self.state = State.HELLO_SENT
-
-    @property
-    def hello_expired(self) -> bool:
-        return self.state is not State.HELLO_SENT or time.monotonic() > self._hello_deadline
 
     def wait_for_welcome(self) -> None:
         """Handle replies until the handshake ends or its deadline passes."""
@@ -305,8 +307,8 @@ class Connection:
         while monitor is not None and monitor.get(_EVENTS) & _POLLIN:
             event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
             self.link.update(event)
-            if event == zmq.EVENT_CONNECTED and not self.connected:
-                self.abandon_hello()  # a hello sent to an earlier peer will not be answered
+            if event == zmq.EVENT_DISCONNECTED and self.state is State.HELLO_SENT:
+                self.abandon_hello()  # a hello sent on a link that dropped is never answered
             if event == zmq.EVENT_DISCONNECTED and self.connected:
                 self.drain()  # acks that arrived before the disconnect still count
                 self.on_disconnect()
