@@ -22,6 +22,7 @@ import zmq
 from polystore.streaming import NapariStreamingBackend, ViewerNotRunningError, receiver_for
 from polystore.streaming import protocol as p
 from polystore.streaming.credential import CredentialError, credential_path, load_credential
+from tests.test_streaming import free_endpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -174,6 +175,50 @@ def test_receiver_without_the_credential_gets_nothing_from_a_sender(tmp_path):
         impostor.kill()
         impostor.wait()
 
+
+
+def test_a_sender_refused_by_an_impostor_talks_to_the_receiver_that_replaces_it(tmp_path):
+    """The impostor is stopped and the user's receiver started on its port; ZeroMQ relinks
+    by itself. Before: the hang-ups the impostor caused still counted as a refusal, so the
+    next save, while ZeroMQ's new handshake with the real receiver was under way, reported
+    the real receiver as one that "failed the authentication handshake"."""
+    endpoint = free_endpoint()
+    code = (
+        "import sys\n"
+        "from polystore.streaming import NapariStreamingBackend, receiver_for\n"
+        "rx = receiver_for(NapariStreamingBackend, sys.argv[1]).start()\n"
+        "print('LISTENING', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "rx.stop()\n"
+    )
+    impostor = subprocess.Popen([sys.executable, "-c", code, endpoint], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True,
+                                env=_other_credential_env(tmp_path))
+    rx = None
+    b = NapariStreamingBackend(endpoint, connect_timeout=20.0)
+    try:
+        assert impostor.stdout.readline().strip() == "LISTENING"
+        with pytest.raises(ViewerNotRunningError, match="authentication handshake"):
+            b.save(np.ones((4, 4), np.uint8), "refused.tif")
+        impostor.kill()
+        impostor.wait()
+        deadline = time.monotonic() + 10
+        while rx is None:
+            try:
+                rx = receiver_for(NapariStreamingBackend, endpoint).start()
+            except OSError:  # ZeroMQ releases the port a moment after the impostor dies
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        b.save(np.ones((4, 4), np.uint8), "welcome.tif")
+        b.flush()
+        assert rx.stats.frames == 1
+    finally:
+        b.close()
+        impostor.kill()
+        impostor.wait()
+        if rx is not None:
+            rx.stop()
 
 def test_auth_none_on_both_sides_still_works(monkeypatch):
     """The documented opt-out for Fiji on JeroMQ 0.3."""

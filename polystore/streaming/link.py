@@ -8,6 +8,9 @@ CURVE server with another key, but also a receiver restarting, at its connection
 its handshake deadline, so only several in a row count as a refusal. After a hang-up the
 sender must not connect again itself: the receiver may still hold the old link under the
 same routing id, and a ROUTER never reads a second link with a routing id in use.
+Hang-ups refuse only while no new handshake is under way: ZeroMQ keeps relinking, and when
+the peer that hung up is replaced (an impostor stopped, the user's receiver started, a
+connection limit no longer reached), the handshake under way may well succeed.
 JeroMQ 0.3 speaks ZMTP 2.0, whose handshake ZeroMQ never reports as succeeded: every
 disconnect from it reads as a hang-up mid-handshake, so a welcome (`welcomed`) also counts
 as a handshake that succeeded.
@@ -49,11 +52,12 @@ class LinkState:
     @property
     def refused(self) -> bool:
         """The peer cannot complete our authentication handshake: stop waiting for it."""
-        return self._refused_outright or self._hangups >= HANGUPS_BEFORE_REFUSAL
+        return self._refused_outright or (self._hangups >= HANGUPS_BEFORE_REFUSAL
+                                          and not self.handshaking)
 
     def update(self, event: int) -> None:
-        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self.handshaking = False
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # earlier hang-ups were another peer's
+            self.handshaking = self.failed = False
             self._hangups = 0
             return
         self._refused_outright |= bool(event & _REFUSED)
