@@ -645,6 +645,21 @@ def test_saved_images_show_the_contrast_the_report_gives(fiji, backend, fm, key)
     np.testing.assert_allclose(shown[:, 1], ramp[0] * 2.0 * 255 / 1000, atol=1)
 
 
+def test_a_composite_is_rendered_as_it_is_now_not_as_it_was_first(fiji, backend, fm, key):
+    """Headless, a composite kept the picture ImageJ made of it the first time it was drawn:
+    the PNG of what its window shows went on showing the first frame (here a red ramp) after
+    a second frame had emptied channel 0 and filled channel 1."""
+    ramp = np.tile(np.arange(0, 600, 100, dtype=np.uint16), (4, 1))
+    fm.save(np.stack([ramp, ramp]), f"{key}.tif", backend="fiji_stream", stream=key,
+            axis_names=["c"])  # fmt: skip
+    assert rendered(report(backend), key)[0, -1, 0] == 255  # drawn once
+    fm.save(np.stack([np.zeros_like(ramp), ramp]), f"{key}.tif", backend="fiji_stream",
+            stream=key, axis_names=["c"])  # fmt: skip
+    shown = rendered(report(backend), key)[0].astype(int)  # red: channel 0, green: channel 1
+    assert (shown[:, 0] == 0).all(), "channel 0 is empty now"
+    np.testing.assert_allclose(shown[:, 1], ramp[0] * 255.0 / 500, atol=1)
+
+
 @pytest.mark.parametrize("shape,axes,dims", [
     ([3, 4, 5], {}, (1, 3, 1)),              # one leading axis: z
     ([2, 3, 4, 5], {}, (2, 3, 1)),           # two: c, z

@@ -2011,6 +2011,8 @@ class Images {
             s.imp.setTitle(s.title)  // FileSaver renames the image after its file
             File png = new File(outputDir, name + '.png')  // what the window shows (LUTs, labels, overlay)
             try {
+                // headless, a composite keeps its first drawing until told (no window redraws it)
+                if (s.imp instanceof CompositeImage) s.imp.updateAndDraw()
                 ImagePlus shown = s.imp.flatten()
                 if (!new FileSaver(shown).saveAsPng(png.path)) throw new IOException("could not save ${png}".toString())
                 s.rendered = png.path
