@@ -487,6 +487,24 @@ def test_a_labels_stream_that_turns_to_images_is_drawn_as_an_image(fiji, backend
     assert (np.diff(shown[:, 0]) >= 0).all() and shown[-1, 0] > shown[0, 0], "a ramp"
 
 
+def test_channels_of_labels_that_turn_to_images_get_channel_colours_again(fiji, backend, fm,
+                                                                          key):
+    """The same with channels: each channel kept the glasbey LUT of the labels, so a ramp in
+    channel 0 (channel 1 empty) showed in label colours while the report said labels=false and
+    LUTs "default". Now channel 0 is drawn through the composite's red again."""
+    ramp = np.tile(np.arange(0, 600, 100, dtype=np.uint16), (4, 1))
+    frames = np.stack([ramp, np.zeros_like(ramp)])
+    fm.save(frames // 100, f"{key}.tif", backend="fiji_stream", stream=key, axis_names=["c"],
+            labels=True)  # fmt: skip
+    assert image(report(backend), key)["luts"] == ["glasbey", "glasbey"]
+    fm.save(frames, f"{key}.tif", backend="fiji_stream", stream=key, axis_names=["c"])
+    state = report(backend)
+    assert not image(state, key)["labels"] and image(state, key)["luts"] == ["default"] * 2
+    shown = rendered(state, key)[0].astype(int)  # one row: the ramp, in red only
+    assert (shown[:, 1:] == 0).all(), "only red"
+    np.testing.assert_allclose(shown[:, 0], ramp[0] * 255.0 / 500, atol=1)
+
+
 @pytest.mark.parametrize("value", [2**24 + 1, 2**32 - 1])
 def test_labels_a_float_cannot_hold_are_rejected_not_merged(fiji, backend, fm, key, value):
     """Issue 14: labels >= 2^24 were merged silently by the float32 conversion (2^24 + 1 became

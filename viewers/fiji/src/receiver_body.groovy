@@ -1346,7 +1346,7 @@ class Stream {
     ImagePlus imp
     ImageStack stack  // imp's stack, kept: ImagePlus.getStack() rescans min and max on every call
     int width, height, bits, C = 1, Z = 1, T = 1
-    boolean labels
+    boolean labels, labelLuts  // labelLuts: the channel LUTs are still the labels' glasbey
     double maxLabel
     long framesReceived
     String unknownColormap
@@ -1709,6 +1709,9 @@ class Images {
             if (s.imp instanceof CompositeImage) {
                 CompositeImage ci = (CompositeImage) s.imp
                 LUT current = ci.getChannelLut(c + 1)
+                if (lut == null && s.labelLuts && !s.labels) {  // no longer labels: the channel's own colour again
+                    lut = ci.createLutFromColor(CompositeImage.colors[c % CompositeImage.colors.length])
+                }
                 LUT l = (LUT) (lut ?: current).clone()
                 if (range != null) { l.min = range[0]; l.max = range[1] }
                 else if (lut != null) { l.min = current.min; l.max = current.max }
@@ -1719,6 +1722,7 @@ class Images {
             }
         }
         if (s.imp instanceof CompositeImage) ((CompositeImage) s.imp).setMode(compositeMode)
+        s.labelLuts = s.labels
     }
 
     // -- contrast (docs/protocol.md, the contrast rule) ------------------------------------
