@@ -818,6 +818,41 @@ def test_full_sender_table_refuses_newcomers_and_keeps_the_senders_it_has():
     assert sorted(f.header.path for f in seen) == ["a.tif"] * 4 + ["c.tif"] * 4, rx.stats
 
 
+
+def test_senders_gone_before_a_busy_receiver_reads_their_hello_take_no_place_in_its_table():
+    """Senders that gave up their handshake while the receiver's thread was busy in a slow
+    viewer callback, and closed. Before: the receiver read each hello after its connection had
+    closed and kept a session for it that nothing ever removed; the table filled and refused
+    every later sender ("serves at most 3 senders") with none connected."""
+    gate = threading.Event()
+    seen = []
+
+    def on_frame(frame) -> None:
+        seen.append(frame.header.path)
+        if frame.header.path == "hold.tif":
+            gate.wait(60)  # a viewer busy for a while
+
+    with receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", on_frame=on_frame,
+                      max_senders=3) as rx:
+        busy = NapariStreamingBackend(rx.endpoint)
+        try:
+            busy.save(np.zeros((4, 4), np.uint8), "hold.tif")
+            busy.flush()  # acknowledged before the callback that holds the receiver's thread
+            for i in range(3):
+                with NapariStreamingBackend(rx.endpoint, connect_timeout=0.3) as gone:
+                    with pytest.raises(ViewerNotRunningError):
+                        gone.save(np.zeros((4, 4), np.uint8), f"gone{i}.tif")
+            gate.set()
+            with NapariStreamingBackend(rx.endpoint, connect_timeout=20) as late:
+                late.save(np.zeros((4, 4), np.uint8), "late.tif")
+                late.flush()
+            busy.save(np.zeros((4, 4), np.uint8), "busy.tif")
+            busy.flush()
+        finally:
+            gate.set()
+            busy.close()
+    assert seen == ["hold.tif", "late.tif", "busy.tif"]
+
 def test_idle_connection_flood_does_not_use_up_the_receiver_s_descriptors(figure):
     """1,100 idle TCP connections against a receiver limited to 1,024 descriptors: it keeps
     its descriptors far below the limit (old code: all used up, every accept failing), logs

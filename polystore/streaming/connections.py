@@ -40,6 +40,7 @@ class ConnectionGuard:
         self.refused = 0
         self.failed_handshakes = 0
         self.closed: list[int] = []  # descriptors gone since the last `take_closed()`
+        self._gone: set[int] = set()  # descriptors closed and not (yet) accepted again
         self._sock = sock
         self.monitor = sock.get_monitor_socket(_EVENTS)
 
@@ -53,6 +54,7 @@ class ConnectionGuard:
                 return
             event, fd = message["event"], message["value"]
             if event == zmq.EVENT_ACCEPTED:
+                self._gone.discard(fd)
                 if fd in authenticated:
                     self.open.add(fd)
                 else:
@@ -60,8 +62,14 @@ class ConnectionGuard:
             elif event == zmq.EVENT_DISCONNECTED:
                 self.open.discard(fd)
                 self.closed.append(fd)
+                self._gone.add(fd)
             else:
                 self.failed_handshakes += 1
+
+    def is_closed(self, fd: int) -> bool:
+        """Whether the connection on descriptor `fd` closed (as of the events read so far) and
+        no other connection has been accepted on that number since."""
+        return fd in self._gone
 
     def take_closed(self) -> list[int]:
         closed, self.closed = self.closed, []

@@ -228,6 +228,8 @@ class Receiver:
                 # first: its event may still wait in the monitor, and would forget this one
                 self._connection_events()
                 connection = header.get(zmq.SRCFD)  # to forget it when it closes
+                if self._guard.is_closed(connection):
+                    return  # gone before its hello was read: no session (none would end)
                 self._reply(identity, self._hello(identity, message, connection))
                 return
             if isinstance(message, p.Bye):
