@@ -505,6 +505,26 @@ def test_channels_of_labels_that_turn_to_images_get_channel_colours_again(fiji, 
     np.testing.assert_allclose(shown[:, 0], ramp[0] * 255.0 / 500, atol=1)
 
 
+@pytest.mark.parametrize("hints", [{"colormap": "fire"}, {"contrast_limits": (0, 1000)}, {}])
+def test_a_composite_that_turns_to_one_channel_looks_like_that_channel_alone(fiji, backend, fm,
+                                                                            key, hints):
+    """Two-channel frames, then one-channel frames: the image stayed a CompositeImage of one
+    channel, which ImageJ draws through neither its channel LUT nor that LUT's range, so a
+    colormap or contrast_limits hint was reported but not shown. It must look as the same
+    frame does on a stream of its own (napari shows it as one plain layer too)."""
+    ramp = np.tile(np.arange(0, 600, 100, dtype=np.uint16), (4, 1))
+    fm.save(np.stack([ramp, ramp]), f"{key}.tif", backend="fiji_stream", stream=key,
+            axis_names=["c"])  # fmt: skip
+    report(backend)
+    for stream in (key, f"{key}_alone"):
+        fm.save(ramp, f"{key}.tif", backend="fiji_stream", stream=stream, **hints)
+    state = report(backend)
+    entry, alone = image(state, key), image(state, f"{key}_alone")
+    assert not entry["composite"] and entry["channels"] == 1
+    assert (entry["luts"], entry["displayRanges"]) == (alone["luts"], alone["displayRanges"])
+    np.testing.assert_array_equal(rendered(state, key), rendered(state, f"{key}_alone"))
+
+
 @pytest.mark.parametrize("value", [2**24 + 1, 2**32 - 1])
 def test_labels_a_float_cannot_hold_are_rejected_not_merged(fiji, backend, fm, key, value):
     """Issue 14: labels >= 2^24 were merged silently by the float32 conversion (2^24 + 1 became

@@ -1669,19 +1669,21 @@ class Images {
         s.Z = Z
         s.T = T
         s.imp.setOpenAsHyperStack(C > 1 || T > 1)
-        if (C > 1 && !s.imp.isComposite()) {  // once per stream: channels get their own LUTs
+        // Channels appear: a composite, so each gets its own LUT. Channels gone: a plain image
+        // again (ImageJ draws a composite of one channel through neither its LUT nor its range).
+        if ((C > 1 && !s.imp.isComposite()) || (C == 1 && s.imp instanceof CompositeImage)) {
             ImagePlus old = s.imp
-            // The composite gets its own ImageStack object holding the same pixel arrays:
+            // The new image gets its own ImageStack object holding the same pixel arrays:
             // closing the old window flushes (nulls) the old stack object's slots.
             ImageStack own = new ImageStack(stack.getWidth(), stack.getHeight())
             for (int k = 1; k <= stack.getSize(); k++) own.addSlice(stack.getSliceLabel(k), stack.getPixels(k))
             ImagePlus plain = new ImagePlus(s.title, own)
             plain.setDimensions(C, Z, T)
-            plain.setOpenAsHyperStack(true)
-            CompositeImage ci = new CompositeImage(plain, compositeMode)
-            ci.setTitle(s.title)
-            ci.setOverlay(old.getOverlay())
-            s.imp = ci
+            plain.setOpenAsHyperStack(C > 1 || T > 1)
+            ImagePlus next = C > 1 ? new CompositeImage(plain, compositeMode) : plain
+            next.setTitle(s.title)
+            next.setOverlay(old.getOverlay())
+            s.imp = next
             s.stack = own
             if (s.shown) {
                 old.changes = false
