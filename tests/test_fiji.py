@@ -525,6 +525,24 @@ def test_a_composite_that_turns_to_one_channel_looks_like_that_channel_alone(fij
     np.testing.assert_array_equal(rendered(state, key), rendered(state, f"{key}_alone"))
 
 
+def test_channels_of_labels_replaced_by_lower_ids_keep_them_apart(fiji, backend, fm, key):
+    """Labels with channels are drawn through a glasbey LUT over 0..max(255, largest id). The
+    largest id was never lowered, also when a replace frame made the image exactly the new
+    frame: after ids up to 1000, ids 1..5 all fell on the first colours of the LUT (1 black,
+    2..5 one colour). They must look as the same frame does on a stream of its own."""
+    ids = np.tile(np.arange(6, dtype=np.uint16), (4, 1))
+    fm.save(np.stack([ids * 200, ids * 200]), f"{key}.tif", backend="fiji_stream", stream=key,
+            axis_names=["c"], labels=True)  # fmt: skip
+    report(backend)
+    for stream in (key, f"{key}_alone"):
+        fm.save(np.stack([ids, ids]), f"{key}.tif", backend="fiji_stream", stream=stream,
+                axis_names=["c"], labels=True)  # fmt: skip
+    state = report(backend)
+    shown = rendered(state, key)
+    np.testing.assert_array_equal(shown, rendered(state, f"{key}_alone"))
+    assert len({tuple(p) for p in shown[0]}) == 6, "ids 0..5 in six colours"
+
+
 @pytest.mark.parametrize("value", [2**24 + 1, 2**32 - 1])
 def test_labels_a_float_cannot_hold_are_rejected_not_merged(fiji, backend, fm, key, value):
     """Issue 14: labels >= 2^24 were merged silently by the float32 conversion (2^24 + 1 became

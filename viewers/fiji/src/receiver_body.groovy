@@ -1502,10 +1502,9 @@ class Images {
             if (labels != s.labels) { s.labels = labels; s.displayDirty = true }
             if (!labels) plainView(s)  // a labels stream that now sends images
             if (labels) {
-                for (int idx : indices) {
-                    double m = Pixels.maxOf(stack.getPixels(idx))
-                    if (m > s.maxLabel) { s.maxLabel = m; s.displayDirty = true }
-                }
+                double top = how == 'replace' ? 0 : s.maxLabel  // replace: the image is this frame, its ids only
+                for (int idx : indices) top = Math.max(top, Pixels.maxOf(stack.getPixels(idx)))
+                if (top != s.maxLabel) { s.maxLabel = top; s.displayDirty = true }
             }
             String cmap = (String) display.get('colormap')
             List limits = (List) display.get('contrast_limits')
@@ -1718,6 +1717,7 @@ class Images {
                 if (range != null) { l.min = range[0]; l.max = range[1] }
                 else if (lut != null) { l.min = current.min; l.max = current.max }
                 ci.setChannelLut(l, c + 1)
+                if (ci.getChannel() == c + 1) ci.setDisplayRange(l.min, l.max)  // ImageJ draws the current channel at the image's range
             } else {
                 if (lut != null) s.imp.setLut(lut)
                 if (range != null) s.imp.setDisplayRange(range[0], range[1])
