@@ -491,6 +491,33 @@ def test_a_viewer_frozen_through_several_handshakes_serves_by_shared_memory_when
         rx.stop()
     assert my_segments() == []
 
+
+def test_a_sender_dropped_unclosed_while_its_hello_waits_at_a_frozen_viewer_leaves_no_probe():
+    """A hello to a frozen viewer stays pending with its probe (see the test above) until it
+    is answered; a backend the program drops without close() must still take the probe out
+    of /dev/shm (its segment pool does the same for its segments)."""
+    import gc
+
+    rx = start_receiver()
+    frame = np.zeros((32, 32), np.uint16)
+    b = NapariStreamingBackend(rx.endpoint, timeout=1.0, connect_timeout=0.5, max_inflight=2)
+    try:
+        b.save(frame, "drop/first.tif")
+        b.flush()
+        os.kill(rx.process.pid, signal.SIGSTOP)
+        with pytest.raises((ReceiverLostError, ViewerNotRunningError)):
+            for i in range(6):  # fills the window; then a handshake times out
+                b.save(frame, f"drop/{i}.tif")
+        with pytest.raises(ViewerNotRunningError):
+            b.save(frame, "drop/hello.tif")
+        del b
+        gc.collect()
+        assert my_segments() == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rx.process.pid, signal.SIGCONT)
+        rx.stop()
+
 def _until_port_free(bind):
     """ZeroMQ releases a closed socket's port in its I/O thread, a moment later."""
     deadline = time.monotonic() + 5

@@ -16,7 +16,9 @@ while connected is reported to `on_disconnect`.
 from __future__ import annotations
 
 import enum
+import os
 import time
+import weakref
 from collections.abc import Callable
 
 import zmq
@@ -27,7 +29,7 @@ from polystore.streaming.auth import client_keys
 from polystore.streaming.errors import ViewerNotRunningError, impostor_message
 from polystore.streaming.link import LINK_EVENTS, LinkState
 from polystore.streaming.options import SenderOptions
-from polystore.streaming.shm import create_probe, destroy
+from polystore.streaming.shm import create_probe, destroy, unlink_unless_forked
 
 # zmq's flags as plain ints: enum arithmetic costs more than the send it configures.
 _NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
@@ -84,6 +86,7 @@ class Connection:
         self._poller: zmq.Poller | None = None  # replies and link events
         self._hello_poller: zmq.Poller | None = None  # room to send a hello, or link events
         self._probe = None  # the shared-memory probe of the pending hello
+        self._probe_finalizer: weakref.finalize | None = None  # unlinks it if never closed
         self._hello_deadline = 0.0
 
     @property
@@ -196,7 +199,10 @@ class Connection:
             if not sent and segment is not None:
                 destroy(segment)
         if sent:  # only a hello that left can be abandoned (a link event) or welcomed
-            self._probe = segment
+            if segment is not None:  # kept while the hello is pending, however long
+                self._probe = segment
+                self._probe_finalizer = weakref.finalize(self, unlink_unless_forked,
+                                                         segment.name, os.getpid())
             self.state = State.HELLO_SENT
 
     def wait_for_welcome(self) -> None:
@@ -232,8 +238,9 @@ class Connection:
     def abandon_hello(self) -> None:
         """Forget the pending hello (its welcome will not be trusted) and unlink its probe."""
         if self._probe is not None:
+            self._probe_finalizer.detach()
             destroy(self._probe)
-            self._probe = None
+            self._probe = self._probe_finalizer = None
         if self.state is State.HELLO_SENT:
             self.state = State.CLOSED
 

@@ -259,6 +259,17 @@ def create_probe(prefix: str) -> tuple[Segment, str]:
     return segment, token
 
 
+def unlink_unless_forked(name: str, pid: int) -> None:
+    """Unlink segment `name` of process `pid`, unless this is a forked child of it (a
+    finalizer's job: the owner was collected without closing)."""
+    if os.getpid() != pid:
+        return
+    try:
+        _posixshmem.shm_unlink("/" + name)
+    except FileNotFoundError:
+        pass
+
+
 def destroy(segment: Segment) -> None:
     try:
         segment.unlink()
