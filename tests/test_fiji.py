@@ -754,6 +754,15 @@ def test_colormap_hints_per_channel(fiji, backend, fm, key):
     assert luts[1][0].max() == 255 and luts[1][2].max() == 255 and luts[1][1].max() == 0
 
 
+def test_a_colormap_hint_stays_until_another_replaces_it(fiji, backend, fm, key):
+    """The rule napari follows too (protocol.md): a frame without a colormap changes none."""
+    for t, hint in enumerate(["green", None, "magenta", None]):
+        extra = {"colormap": hint} if hint else {}
+        fm.save(np.ones((2, 4, 4), np.uint16), f"{key}.tif", backend="fiji_stream", stream=key,
+                axes={"t": t}, axis_names=["t", "c"], **extra)  # fmt: skip
+        assert image(report(backend), key)["luts"] == [hint or ["green", "magenta"][t > 1]] * 2
+
+
 def test_fire_lut_single_channel(fiji, backend, fm, key):
     fm.save(np.zeros((3, 3), np.uint8), f"{key}.tif", backend="fiji_stream", stream=key,
             colormap="fire")  # fmt: skip

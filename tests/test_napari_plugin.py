@@ -1293,6 +1293,35 @@ def test_t_by_c_frames_become_one_layer_per_channel_with_its_own_colormap(docked
     save_screenshot(viewer, "napari_channels")
 
 
+def test_a_colormap_hint_stays_until_another_replaces_it(docked, qtbot):
+    """protocol.md: a colormap hint stays with its channels (as in Fiji). Channel layers went
+    back to napari's channel cycle when a later frame came without a hint, while a stream's
+    single layer kept its colormap."""
+    viewer, widget = docked
+    lines = send(qtbot, widget.endpoint, """
+        import time
+        for t, hint in enumerate(["green", None, "magenta", None]):
+            extra = {"colormap": hint} if hint else {}
+            backend.save(np.ones((2, 8, 8), np.uint16), f"ch/t{t}.tif", stream="ch",
+                         axes={"t": t}, axis_names=["t", "c"], **extra)
+            backend.save(np.ones((8, 8), np.uint16), f"one/t{t}.tif", stream="one", **extra)
+            for _ in range(200):
+                if backend.request("report")["frames_displayed"] >= 2 * (t + 1):
+                    break
+                time.sleep(0.05)
+            print(json.dumps({e["name"]: e["colormap"]
+                              for e in backend.request("report")["layers"]}))
+    """)
+    seen = [json.loads(line) for line in lines[-4:]]
+    expected = ["green", "green", "magenta", "magenta"]
+    assert [step["ch [c0]"] for step in seen] == expected
+    assert [step["ch [c1]"] for step in seen] == expected
+    assert [step["one"] for step in seen] == expected
+    assert viewer.layers["ch [c0]"].colormap.name == "magenta"
+    assert viewer.layers["ch [c1]"].colormap.name == "magenta"
+    assert viewer.layers["one"].colormap.name == "magenta"
+
+
 def test_channel_layers_a_newer_frame_no_longer_has_are_removed(docked, qtbot):
     """A stream whose frames went from 3 channels to 2, or stopped being split, kept the
     left-over channel layers, showing the old frame blended over the new one."""

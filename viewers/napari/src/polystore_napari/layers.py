@@ -332,7 +332,7 @@ class LayerManager:
         if state.hints is not None and key != state.hints:  # the layer was made with the first
             if hints.opacity is not None:
                 layer.opacity = hints.opacity
-            colormap = channel_colormap(state.key[1], hints.colormap)
+            colormap = hints.colormap  # none: the layer keeps the one it has (protocol.md)
             if piece.kind == "image" and not piece.rgb and colormap \
                     and colormap != layer.colormap.name:
                 try:
