@@ -986,6 +986,39 @@ def test_streams_survive_shape_axis_and_kind_changes(docked, qtbot):
     assert widget.manager.last_error == ""
 
 
+def test_a_contrast_set_by_hand_does_not_stop_a_stream_that_turns_labels_and_back(docked,
+                                                                                   qtbot):
+    """An image whose contrast the user had set, then a labels frame, then an image again:
+    the new image layer was never made (TypeError, every later frame lost, a permanent *Last
+    error*). The user's setting belonged to the layer that was replaced."""
+    viewer, widget = docked
+    sender = Sender(widget.endpoint, """
+        backend.save(np.full((8, 8), 100, np.uint16) + np.eye(8, dtype=np.uint16), "s/t0.tif")
+        barrier()
+        backend.save(np.eye(8, dtype=np.int32), "s/t1.tif", labels=True)
+        barrier()
+        backend.save(np.full((8, 8), 300, np.uint16) + np.eye(8, dtype=np.uint16), "s/t2.tif")
+    """)
+    try:
+        sender.wait_line(qtbot)
+        wait_frames(qtbot, widget, 1)
+        viewer.layers["s"].contrast_limits = [0, 50]  # by hand
+        sender.go()
+        sender.wait_line(qtbot)
+        qtbot.waitUntil(lambda: isinstance(layer_of(widget, "s"), napari.layers.Labels),
+                        timeout=10000)
+        sender.go()
+        sender.finish(qtbot)
+    finally:
+        sender.kill()
+    qtbot.waitUntil(lambda: isinstance(layer_of(widget, "s"), napari.layers.Image),
+                    timeout=10000)
+    layer = viewer.layers["s"]
+    np.testing.assert_array_equal(layer.data, np.full((8, 8), 300) + np.eye(8))
+    assert layer.contrast_limits == [300, 301]  # a new layer: automatic again
+    assert widget.manager.last_error == ""
+
+
 # -- review fixes: memory, odd frames, geometry changes, block placement, report cost ---------
 
 

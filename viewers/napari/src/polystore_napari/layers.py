@@ -227,6 +227,7 @@ class LayerManager:
         if state.layer is not None and old is not None and old[1:3] != (piece.kind, piece.rgb):
             layer, state.layer = state.layer, None  # image <-> labels, or RGB: a new layer
             state.hints = None
+            state.layout.contrast.user_set = False  # the user set that layer's, not the new one's
             self.viewer.layers.remove(layer)
         refit = state.layer is not None and old is not None and old[3:5] != piece.geometry[2:4]
         try:
