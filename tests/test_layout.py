@@ -237,6 +237,17 @@ def test_contrast_follows_the_data_until_set_by_hand_and_a_hint_fixes_it():
     assert data_limits(np.zeros((0, 3))) == (0.0, 1.0)
 
 
+def test_rgb_contrast_is_0_to_255_unless_the_frame_carries_a_hint():
+    """A hinted RGB range stayed for every later frame without a hint (protocol.md: a hint
+    holds for the frames that carry it; RGB keeps 0-255 unless hinted)."""
+    contrast, rgb = Contrast(), np.full((2, 2, 3), 50, np.uint8)
+    assert contrast.limits(None, rgb, rgb=True) == [0.0, 255.0]
+    assert contrast.limits([0, 100], rgb, rgb=True) == [0.0, 100.0]
+    assert contrast.limits(None, rgb, rgb=True) == [0.0, 255.0]
+    contrast.user_set = True
+    assert contrast.limits(None, rgb, rgb=True) is None  # the user's setting stays
+
+
 # -- replace, stack ---------------------------------------------------------------------------
 
 

@@ -1403,6 +1403,26 @@ def test_rgb_and_rgba_frames_become_rgb_layers(docked, qtbot):
     save_screenshot(viewer, "napari_rgb")
 
 
+def test_an_rgb_contrast_hint_holds_for_the_frames_that_carry_it(docked, qtbot):
+    """protocol.md: RGB frames keep 0-255 unless hinted, and a hint holds for the frames that
+    carry it. An RGB layer kept a hinted [0, 100] for every later frame without a hint."""
+    viewer, widget = docked
+    lines = send(qtbot, widget.endpoint, """
+        import time
+        for t, hint in enumerate([[0, 100], None, [50, 10], None]):
+            extra = {"contrast_limits": hint} if hint else {}
+            backend.save(np.full((8, 8, 3), 50, np.uint8), f"rgb/t{t}.png", **extra)
+            for _ in range(200):
+                if backend.request("report")["frames_displayed"] >= t + 1:
+                    break
+                time.sleep(0.05)
+            print(json.dumps(backend.request("report")["layers"][0]["contrast_limits"]))
+    """)
+    seen = [json.loads(line) for line in lines[-4:]]
+    assert seen == [[0, 100], [0, 255], [10, 50], [0, 255]]
+    assert viewer.layers["rgb"].rgb and widget.manager.last_error == ""
+
+
 def test_a_frame_the_plugin_cannot_show_leaves_no_permanent_error(docked, qtbot):
     """Issue 14 item 2: one bad frame left a permanent *Last error*."""
     viewer, widget = docked

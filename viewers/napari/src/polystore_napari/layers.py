@@ -255,10 +255,7 @@ class LayerManager:
         if piece.kind == "labels":
             layer = self.viewer.add_labels(view.data, **kwargs)  # cyclic colours by default
         else:
-            if piece.rgb:
-                limits = hints.contrast_limits or [0, 255]
-            else:
-                limits = state.layout.contrast.limits(hints.contrast_limits, view.newest)
+            limits = state.layout.contrast.limits(hints.contrast_limits, view.newest, piece.rgb)
             kwargs.update(rgb=piece.rgb, contrast_limits=list(limits))
             if channel is not None:
                 kwargs["blending"] = "additive"
@@ -343,10 +340,7 @@ class LayerManager:
         state.hints = key
         if piece.kind != "image":
             return
-        if piece.rgb:
-            limits = list(hints.contrast_limits) if hints.contrast_limits else None
-        else:
-            limits = state.layout.contrast.limits(hints.contrast_limits, view.newest)
+        limits = state.layout.contrast.limits(hints.contrast_limits, view.newest, piece.rgb)
         if limits is not None and list(layer.contrast_limits) != limits:
             state.setting = True
             try:

@@ -133,19 +133,21 @@ def increasing(lo: float, hi: float) -> tuple[float, float]:
 
 class Contrast:
     """The contrast rule of one image layer (both viewers, docs/protocol.md): a
-    ``contrast_limits`` hint fixes the range; otherwise it follows each new frame's
-    min..max until the user sets it by hand, and from then on the user's setting stays."""
+    ``contrast_limits`` hint fixes the range for the frames that carry it; otherwise it
+    follows each new frame's min..max (RGB: 0-255) until the user sets it by hand, and from
+    then on the user's setting stays."""
 
     def __init__(self) -> None:
         self.user_set = False
 
-    def limits(self, hint: Sequence[float] | None, newest: np.ndarray) -> list[float] | None:
+    def limits(self, hint: Sequence[float] | None, newest: np.ndarray,
+               rgb: bool = False) -> list[float] | None:
         """The range to show now, or None to leave it as it is."""
         if hint:
             return list(increasing(float(hint[0]), float(hint[1])))
         if self.user_set:
             return None
-        return list(data_limits(newest))
+        return [0.0, 255.0] if rgb else list(data_limits(newest))
 
 
 # -- one frame -> pieces, one per layer ------------------------------------------------------
