@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from polystore.filemanager import FileManager
-from polystore.streaming import FijiStreamingBackend, FrameRejectedError
+from polystore.streaming import FijiStreamingBackend, FrameRejectedError, ViewerNotRunningError
 from polystore.testing.receiver import ReceiverConformance, ReceiverUnderTest, user_curve
 from polystore.testing.rules import LEADING_AXIS_CASES
 from tests.fiji_helpers import (
@@ -1002,6 +1002,22 @@ def test_sender_goes_on_after_receiver_restart(debian, tmp_path):
         finally:
             assert second.stop() == 0
 
+
+
+def test_a_save_after_fiji_closed_says_no_receiver_answered(debian, tmp_path):
+    """Fiji closed, nothing started again on its port: the next save must say that no Fiji
+    receiver answered. JeroMQ 0.3's close reads as a hang-up mid-handshake; that hang-up was
+    never forgotten, so the save said the process listening there "failed the authentication
+    handshake" (an impostor), when nothing listened at all."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    receiver = start_receiver(tmp_path, endpoint=endpoint)
+    with FijiStreamingBackend(endpoint, timeout=10, connect_timeout=5) as b:
+        b.save(np.zeros((4, 4), np.uint8), "closed/0.tif")
+        b.flush()
+        assert receiver.stop() == 0
+        time.sleep(1.0)  # the sender's monitor has the close
+        with pytest.raises(ViewerNotRunningError, match="no fiji receiver answered"):
+            b.save(np.ones((4, 4), np.uint8), "closed/1.tif")
 
 @pytest.mark.skipif(shutil.which("xvfb-run") is None, reason="xvfb-run is not installed")
 def test_gui_mode_windows_and_roi_manager(debian, tmp_path):

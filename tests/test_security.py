@@ -299,6 +299,40 @@ def test_a_receiver_that_hangs_up_one_handshake_is_retried_not_called_an_imposto
             started["rx"].stop()
 
 
+def test_a_hang_up_while_the_sender_was_idle_is_not_blamed_when_nobody_listens():
+    """The receiver stops; while the sender is idle, something hangs up one handshake on its
+    port (a receiver restarting and stopping again; every close of Fiji's ZMTP 2.0 receiver
+    reads as one) and goes. The next save finds nobody listening: it must say so, not that a
+    process listening there failed the authentication handshake. Before: that hang-up was
+    never forgotten (only a reconnect forgot failures, and after a hang-up none happens)."""
+    import socket
+
+    rx = receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0").start()
+    port = int(rx.endpoint.rsplit(":", 1)[1])
+    b = NapariStreamingBackend(rx.endpoint, connect_timeout=1.0)
+    try:
+        b.save(np.ones((4, 4), np.uint8), "before.tif")
+        b.flush()
+        rx.stop()
+        deadline = time.monotonic() + 10
+        while True:  # ZeroMQ releases the receiver's port a moment after it stops
+            try:
+                listener = socket.create_server(("127.0.0.1", port))
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        listener.settimeout(10)
+        client, _ = listener.accept()  # ZeroMQ relinks by itself; hang up mid-handshake
+        client.close()
+        listener.close()
+        time.sleep(0.5)  # the sender's monitor has the hang-up; nobody listens now
+        with pytest.raises(ViewerNotRunningError, match="no napari receiver answered"):
+            b.save(np.ones((4, 4), np.uint8), "after.tif")
+    finally:
+        b.close()
+
+
 def test_user_sender_refuses_an_unauthenticated_receiver():
     """auth='user' never falls back to talking to a receiver that cannot prove itself."""
     with receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", auth="none") as rx:

@@ -147,6 +147,8 @@ class Connection:
                 return True
             if self.link.dropped:
                 self._reconnect()
+            else:  # this handshake is judged by its own link events, not by earlier ones
+                self.link.forget_failures()
         hello = dict(identity=identity, segment_prefix=segment_prefix, pid=pid)
         if not wait:
             self.drain()  # the welcome to an earlier hello may be here
