@@ -1355,6 +1355,36 @@ def test_a_colormap_hint_stays_until_another_replaces_it(docked, qtbot):
     assert viewer.layers["one"].colormap.name == "magenta"
 
 
+def test_an_unknown_colormap_is_reported_while_the_layer_shows_gray(docked, qtbot):
+    """docs/napari.md: an unknown colormap is reported in *Last error* and gray is used. The
+    message was set and removed within the same frame (the frame was shown), so no user and
+    no report ever saw it; Fiji names it in its report while the image shows gray."""
+    viewer, widget = docked
+    lines = send(qtbot, widget.endpoint, """
+        import time
+        for t, hint in enumerate(["nosuchmap", None, "gray"]):
+            extra = {"colormap": hint} if hint else {}
+            backend.save(np.ones((2, 8, 8), np.uint16), f"ch/t{t}.tif", stream="ch",
+                         axis_names=["c"], **extra)
+            backend.save(np.ones((8, 8), np.uint16), f"one/t{t}.tif", stream="one", **extra)
+            for _ in range(200):
+                if backend.request("report")["frames_displayed"] >= 2 * (t + 1):
+                    break
+                time.sleep(0.05)
+            report = backend.request("report")
+            print(json.dumps([report["errors"], {e["name"]: e["colormap"]
+                                                 for e in report["layers"]}]))
+    """)
+    seen = [json.loads(line) for line in lines[-3:]]
+    for errors, colormaps in seen[:2]:  # the hint stays until another replaces it
+        assert set(errors) == {"ch", "one"}
+        assert all("unknown colormap 'nosuchmap'" in errors[s] for s in errors)
+        assert colormaps == {"ch [c0]": "gray", "ch [c1]": "gray", "one": "gray"}
+    errors, colormaps = seen[2]
+    assert errors == {} and set(colormaps.values()) == {"gray"}  # a known hint
+    assert widget.manager.last_error == ""
+
+
 def test_channel_layers_a_newer_frame_no_longer_has_are_removed(docked, qtbot):
     """A stream whose frames went from 3 channels to 2, or stopped being split, kept the
     left-over channel layers, showing the old frame blended over the new one."""

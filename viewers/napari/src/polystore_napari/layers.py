@@ -36,12 +36,15 @@ class _LayerState:
         self.layout = LayerLayout(stack_capacity)
         self.layer = None
         self.hints: tuple | None = None
+        #: why the layer shows gray instead of its hinted colormap (None: it does not)
+        self.colormap_error: str | None = None
         self.thumbnail_at = 0.0
         self.setting = False  # the plugin (not the user) is changing the layer
 
     def forget(self) -> None:
         self.layer = None
         self.hints = None
+        self.colormap_error = None
         self.layout.reset()
         self.layout.geometry = None
         self.layout.contrast.user_set = False
@@ -206,6 +209,10 @@ class LayerManager:
             self.frames += shown
         if not failed:
             self.errors.pop(stream, None)  # the stream shows its frames again
+            unknown = [s.colormap_error for key, s in self.images.items()
+                       if key[0] == stream and s.colormap_error and self._alive(s.layer)]
+            if unknown:  # ... but in gray, for as long as the hint stays (as in Fiji)
+                self._error(stream, unknown[0])
 
     def _drop_other_channels(self, stream: str, keep: set[tuple]) -> None:
         """Remove the stream's layers the newest frame no longer covers (it has fewer
@@ -248,6 +255,7 @@ class LayerManager:
     def _create(self, state: _LayerState, view: View, piece: Piece) -> None:
         hints = piece.header.display
         stream, channel = state.key
+        state.colormap_error = None
         kwargs: dict = {"name": layer_name(state.key),
                         "metadata": {STREAM_KEY: stream, CHANNEL_KEY: channel}}
         if hints.opacity is not None:
@@ -265,7 +273,7 @@ class LayerManager:
                 try:
                     layer = self.viewer.add_image(view.data, colormap=colormap, **kwargs)
                 except (KeyError, ValueError, TypeError) as exc:
-                    self._error(stream, f"unknown colormap {colormap!r} ({exc})")
+                    state.colormap_error = f"unknown colormap {colormap!r}, shown in gray ({exc})"
             if layer is None:
                 layer = self.viewer.add_image(view.data, **kwargs)
             layer.events.contrast_limits.connect(functools.partial(self._contrast_set, state))
@@ -331,12 +339,13 @@ class LayerManager:
             if hints.opacity is not None:
                 layer.opacity = hints.opacity
             colormap = hints.colormap  # none: the layer keeps the one it has (protocol.md)
-            if piece.kind == "image" and not piece.rgb and colormap \
-                    and colormap != layer.colormap.name:
+            if piece.kind == "image" and not piece.rgb and colormap:
                 try:
-                    layer.colormap = colormap
+                    if colormap != layer.colormap.name:
+                        layer.colormap = colormap
+                    state.colormap_error = None
                 except (KeyError, ValueError, TypeError) as exc:
-                    self._error(state.key[0], f"unknown colormap {colormap!r} ({exc})")
+                    state.colormap_error = f"unknown colormap {colormap!r}, shown in gray ({exc})"
         state.hints = key
         if piece.kind != "image":
             return
