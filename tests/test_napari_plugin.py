@@ -420,6 +420,39 @@ def test_stack_keeps_the_newest_frames_up_to_capacity(docked, qtbot):
     assert shot[..., :3].max() > 0
 
 
+def test_a_stream_that_turns_to_stack_shows_its_newest_frame(docked, qtbot):
+    """A stream shown in ``replace`` mode turns to ``stack`` with a burst of frames that
+    reach the display together: the t slider must show the newest frame, and keep following
+    the stack as it grows."""
+    viewer, widget = docked
+    sender = Sender(widget.endpoint, """
+        backend.save(rand(0, (16, 16)), "s/t0.tif", stream="s")
+        barrier()
+        for t in range(1, 7):
+            backend.save(rand(t, (16, 16)), f"s/t{t}.tif", stream="s", mode="stack")
+        barrier()
+        backend.save(rand(7, (16, 16)), "s/t7.tif", stream="s", mode="stack")
+    """)
+    try:
+        sender.wait_line(qtbot)
+        wait_frames(qtbot, widget, 1)
+        widget.display.stop(drain=False)  # the burst reaches the display in one tick
+        sender.go()
+        sender.wait_line(qtbot)
+        widget.display.start(widget.buffer)
+        wait_frames(qtbot, widget, 7)
+        layer = viewer.layers["s"]
+        t_axis = viewer.dims.ndim - layer.ndim
+        assert layer.data.shape == (6, 16, 16)
+        assert viewer.dims.current_step[t_axis] == 5
+        sender.go()
+        sender.finish(qtbot)
+    finally:
+        sender.kill()
+    wait_frames(qtbot, widget, 8)
+    assert layer.data.shape == (7, 16, 16) and viewer.dims.current_step[t_axis] == 6
+
+
 def test_stack_never_loses_frames_it_must_keep_under_load(docked, qtbot):
     viewer, widget = docked
     widget.capacity_box.setValue(150)

@@ -236,7 +236,8 @@ class LayerManager:
             state.hints = None
             state.layout.contrast.user_set = False  # the user set that layer's, not the new one's
             self.viewer.layers.remove(layer)
-        refit = state.layer is not None and old is not None and old[3:5] != piece.geometry[2:4]
+        # another mode, shape, dtype or axes: the layer's slider positions mean other things
+        refit = state.layer is not None and old is not None and old != (mode, *piece.geometry)
         try:
             view = state.layout.show(mode, run, None if state.layer is None
                                      else state.layer.data)
