@@ -38,7 +38,7 @@ class LinkState:
         self.forget_failures()
 
     def forget_failures(self) -> None:
-        """A fresh connect or a welcome: earlier failures no longer count."""
+        """A fresh connect, a new handshake or a welcome: earlier failures no longer count."""
         self.failed = False  # a handshake failed (or the peer hung up in it) since then
         self.dropped = False  # ZeroMQ gave the endpoint up: connect again to retry
         self._refused_outright = False
