@@ -1418,6 +1418,40 @@ def test_an_unknown_colormap_is_reported_while_the_layer_shows_gray(docked, qtbo
     assert widget.manager.last_error == ""
 
 
+def test_a_colormap_hint_stays_through_labels_frames_and_a_deleted_layer(docked, qtbot):
+    """A colormap hint stays with its channels until another replaces it (protocol.md), as in
+    Fiji. A stream hinted green, then sent a labels frame, then unhinted images: the new image
+    layers were gray (one layer) or back on the channel cycle (channel layers)."""
+    viewer, widget = docked
+    lines = send(qtbot, widget.endpoint, """
+        import time
+        for t, (kind, hint) in enumerate([("image", "green"), ("labels", None),
+                                          ("image", None)]):
+            extra = {"colormap": hint} if hint else {}
+            labels = kind == "labels"
+            backend.save(np.ones((2, 8, 8), np.uint16), f"ch/t{t}.tif", stream="ch",
+                         axis_names=["c"], labels=labels, **extra)
+            backend.save(np.ones((8, 8), np.uint16), f"one/t{t}.tif", stream="one",
+                         labels=labels, **extra)
+            for _ in range(200):
+                if backend.request("report")["frames_displayed"] >= 2 * (t + 1):
+                    break
+                time.sleep(0.05)
+            print(json.dumps({e["name"]: [e["kind"], e["colormap"]]
+                              for e in backend.request("report")["layers"]}))
+    """)
+    seen = [json.loads(line) for line in lines[-3:]]
+    assert seen[1]["one"][0] == "labels" and seen[1]["ch [c1]"][0] == "labels"
+    assert seen[2] == {name: ["image", "green"] for name in ("ch [c0]", "ch [c1]", "one")}
+    viewer.layers.remove("one")  # the user deletes it; the stream's next frame makes a new one
+    send(qtbot, widget.endpoint, """
+        backend.save(np.ones((8, 8), np.uint16), "one/t3.tif", stream="one")
+    """)
+    qtbot.waitUntil(lambda: "one" in viewer.layers, timeout=10000)
+    assert viewer.layers["one"].colormap.name == "green"
+    assert widget.manager.last_error == ""
+
+
 def test_channel_layers_a_newer_frame_no_longer_has_are_removed(docked, qtbot):
     """A stream whose frames went from 3 channels to 2, or stopped being split, kept the
     left-over channel layers, showing the old frame blended over the new one."""

@@ -36,6 +36,9 @@ class _LayerState:
         self.layout = LayerLayout(stack_capacity)
         self.layer = None
         self.hints: tuple | None = None
+        #: the newest colormap hint of this stream and channel: it stays until another
+        #: replaces it (protocol.md), also in a new layer (after labels, or a deleted one)
+        self.colormap: str | None = None
         #: why the layer shows gray instead of its hinted colormap (None: it does not)
         self.colormap_error: str | None = None
         self.thumbnail_at = 0.0
@@ -230,6 +233,8 @@ class LayerManager:
 
     def _apply_run(self, state: _LayerState, mode: str, run: list[Piece]) -> bool:
         piece = run[-1]
+        for each in run:
+            state.colormap = each.header.display.colormap or state.colormap
         old = state.layout.geometry
         if state.layer is not None and old is not None and old[1:3] != (piece.kind, piece.rgb):
             layer, state.layer = state.layer, None  # image <-> labels, or RGB: a new layer
@@ -268,7 +273,7 @@ class LayerManager:
             kwargs.update(rgb=piece.rgb, contrast_limits=list(limits))
             if channel is not None:
                 kwargs["blending"] = "additive"
-            colormap = None if piece.rgb else channel_colormap(channel, hints.colormap)
+            colormap = None if piece.rgb else channel_colormap(channel, state.colormap)
             layer = None
             if colormap:
                 try:
