@@ -1452,6 +1452,46 @@ def test_a_colormap_hint_stays_through_labels_frames_and_a_deleted_layer(docked,
     assert widget.manager.last_error == ""
 
 
+def test_a_colormap_hint_on_a_coalesced_frame_is_not_lost(docked, qtbot):
+    """A hinted frame followed at once by one without a hint, both reaching the display in
+    one tick: the display took only the newest (replace, and place per position) and its
+    hints, or applied the hints of the newest frame of a run only (stack, place), so the
+    layers stayed gray where Fiji, which shows every frame, showed green."""
+    viewer, widget = docked
+    sender = Sender(widget.endpoint, """
+        def frames(t, **extra):
+            backend.save(np.full((8, 8), t, np.uint16), f"one/t{t}.tif", stream="one", **extra)
+            backend.save(np.full((2, 8, 8), t, np.uint16), f"ch/t{t}.tif", stream="ch",
+                         axis_names=["c"], **extra)
+            backend.save(np.full((8, 8), t, np.uint16), f"pl/t{t}.tif", stream="pl",
+                         axes={"z": 1}, **extra)
+            backend.save(np.full((8, 8), t, np.uint16), f"pz/t{t}.tif", stream="pz",
+                         axes={"z": t}, **extra)
+            backend.save(np.full((8, 8), t, np.uint16), f"st/t{t}.tif", stream="st",
+                         mode="stack", **extra)
+        frames(0)
+        barrier()
+        frames(1, colormap="green", opacity=0.5)
+        frames(2)
+    """)
+    names = ("one", "ch [c0]", "ch [c1]", "pl", "pz", "st")
+    try:
+        sender.wait_line(qtbot)
+        qtbot.waitUntil(lambda: all(name in viewer.layers for name in names), timeout=10000)
+        widget.display.stop(drain=False)  # the next frames reach the display in one tick
+        sender.go()
+        sender.finish(qtbot)
+    finally:
+        sender.kill()
+        widget.display.start(widget.buffer)
+    wait_frames(qtbot, widget, 5 + 7)  # one, ch and pl coalesced
+    for name in names:
+        layer = viewer.layers[name]
+        assert layer.colormap.name == "green" and layer.opacity == pytest.approx(0.5), name
+        assert int(np.asarray(layer.data).max()) == 2  # the newest pixels
+    assert widget.manager.last_error == ""
+
+
 def test_channel_layers_a_newer_frame_no_longer_has_are_removed(docked, qtbot):
     """A stream whose frames went from 3 channels to 2, or stopped being split, kept the
     left-over channel layers, showing the old frame blended over the new one."""

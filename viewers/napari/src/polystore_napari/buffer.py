@@ -20,6 +20,8 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
+from msgspec import structs
+
 from polystore.streaming import ReceivedFrame, ReceivedRois
 
 MODES = ("auto", "replace", "stack", "place")
@@ -37,6 +39,20 @@ def resolve_mode(frame: ReceivedFrame, default: str) -> str:
 
 def position(axes: dict[str, int]) -> tuple[tuple[str, int], ...]:
     return tuple(sorted(axes.items()))
+
+
+def keep_hints(dropped: ReceivedFrame, newer: ReceivedFrame) -> ReceivedFrame:
+    """`newer` with the colormap and opacity hints of `dropped` (a frame coalesced away)
+    where it has none of its own: those hints stay until another replaces them
+    (docs/protocol.md), so a frame the display never sees must not take its hints along.
+    Contrast hints hold only for the frames that carry them: not kept."""
+    old, new = dropped.header.display, newer.header.display
+    kept = {name: getattr(old, name) for name in ("colormap", "opacity")
+            if getattr(new, name) is None and getattr(old, name) is not None}
+    if not kept:
+        return newer
+    header = structs.replace(newer.header, display=structs.replace(new, **kept))
+    return ReceivedFrame(newer.array, header, newer.sender, newer.received_ns)
 
 
 @dataclass
@@ -119,13 +135,16 @@ class CoalescingBuffer:
                 if old is not None:
                     self.stats.coalesced += 1
                     self._bytes -= old.array.nbytes
+                    frame = keep_hints(old, frame)
                 self._replace[stream] = frame
             elif mode == "stack":
                 self._wait_for_room(nbytes)
                 queue = self._stack.setdefault(stream, deque())
                 queue.append(frame)
                 while len(queue) > self.stack_capacity:
-                    self._bytes -= queue.popleft().array.nbytes
+                    dropped = queue.popleft()
+                    self._bytes -= dropped.array.nbytes
+                    queue[0] = keep_hints(dropped, queue[0])
                     self.stats.overflow += 1
             else:
                 key = position(frame.header.axes)
@@ -136,6 +155,7 @@ class CoalescingBuffer:
                 if old is not None:
                     self.stats.coalesced += 1
                     self._bytes -= old.array.nbytes
+                    frame = keep_hints(old, frame)
                 slots[key] = frame
             self._bytes += nbytes
             slot = (mode, stream)

@@ -36,9 +36,11 @@ class _LayerState:
         self.layout = LayerLayout(stack_capacity)
         self.layer = None
         self.hints: tuple | None = None
-        #: the newest colormap hint of this stream and channel: it stays until another
-        #: replaces it (protocol.md), also in a new layer (after labels, or a deleted one)
+        #: the newest colormap and opacity hints of this stream and channel: they stay until
+        #: others replace them (protocol.md), also in a new layer (after labels, or a deleted
+        #: one), and a run's older frames count as much as its newest
         self.colormap: str | None = None
+        self.opacity: float | None = None
         #: why the layer shows gray instead of its hinted colormap (None: it does not)
         self.colormap_error: str | None = None
         self.thumbnail_at = 0.0
@@ -234,7 +236,9 @@ class LayerManager:
     def _apply_run(self, state: _LayerState, mode: str, run: list[Piece]) -> bool:
         piece = run[-1]
         for each in run:
-            state.colormap = each.header.display.colormap or state.colormap
+            display = each.header.display
+            state.colormap = display.colormap or state.colormap
+            state.opacity = state.opacity if display.opacity is None else display.opacity
         old = state.layout.geometry
         if state.layer is not None and old is not None and old[1:3] != (piece.kind, piece.rgb):
             layer, state.layer = state.layer, None  # image <-> labels, or RGB: a new layer
@@ -264,8 +268,8 @@ class LayerManager:
         state.colormap_error = None
         kwargs: dict = {"name": layer_name(state.key),
                         "metadata": {STREAM_KEY: stream, CHANNEL_KEY: channel}}
-        if hints.opacity is not None:
-            kwargs["opacity"] = hints.opacity
+        if state.opacity is not None:
+            kwargs["opacity"] = state.opacity
         if piece.kind == "labels":
             layer = self.viewer.add_labels(view.data, **kwargs)  # cyclic colours by default
         else:
@@ -340,11 +344,11 @@ class LayerManager:
     def _apply_hints(self, state: _LayerState, piece: Piece, view: View) -> None:
         hints = piece.header.display
         layer = state.layer
-        key = (hints.colormap, hints.opacity)
+        key = (state.colormap, state.opacity)
         if state.hints is not None and key != state.hints:  # the layer was made with the first
-            if hints.opacity is not None:
-                layer.opacity = hints.opacity
-            colormap = hints.colormap  # none: the layer keeps the one it has (protocol.md)
+            if state.opacity is not None:
+                layer.opacity = state.opacity
+            colormap = state.colormap  # none: the layer keeps the one it has (protocol.md)
             if piece.kind == "image" and not piece.rgb and colormap:
                 try:
                     if colormap != layer.colormap.name:
