@@ -669,6 +669,28 @@ def test_clear_command_removes_the_stream_layers(docked, qtbot):
     assert [layer.name for layer in viewer.layers] == ["user layer"]
 
 
+def test_after_clear_a_stream_starts_afresh_in_last_error(docked, qtbot):
+    """After a sender's clear, *Last error* counted the empty frames a stream had sent before
+    it ("4 empty frame(s)" for the one sent since)."""
+    viewer, widget = docked
+    lines = send(qtbot, widget.endpoint, """
+        import time
+        for i in range(3):
+            backend.save(np.zeros((0, 5), np.uint16), f"e/t{i}.tif", mode="stack")
+        backend.flush()
+        time.sleep(0.3)
+        print(json.dumps(backend.request("report")["errors"]))
+        backend.request("clear")
+        backend.save(np.zeros((0, 5), np.uint16), "e/t3.tif")
+        backend.flush()
+        time.sleep(0.3)
+        print(json.dumps(backend.request("report")["errors"]))
+    """)
+    before, after = (json.loads(line) for line in lines[-2:])
+    assert before["e"].startswith("3 empty frame(s)")
+    assert after["e"].startswith("1 empty frame(s)")
+
+
 # -- lifecycle -------------------------------------------------------------------------------
 
 

@@ -122,6 +122,7 @@ class LayerManager:
         self.images.clear()
         self.rois.clear()
         self.errors.clear()
+        self._skipped.clear()  # forgotten streams start afresh (the totals stay counted)
         self._take_snapshot()
 
     def _on_layer_removed(self, event=None) -> None:
