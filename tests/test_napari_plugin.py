@@ -1533,6 +1533,29 @@ def test_channel_layers_a_newer_frame_no_longer_has_are_removed(docked, qtbot):
     assert int(viewer.layers["ch"].data.max()) == 2
 
 
+def test_a_channel_that_comes_back_keeps_its_colormap_hint(docked, qtbot):
+    """3 channels hinted green, then 2, then 3 without hints: channel 2's layer came back in
+    napari's channel cycle (magenta) while channels 0 and 1 stayed green; the hint stays with
+    the channels it covered until another replaces it (protocol.md), as in Fiji."""
+    viewer, widget = docked
+    lines = send(qtbot, widget.endpoint, """
+        import time
+        for t, (n, hint) in enumerate([(3, "green"), (2, None), (3, None)]):
+            extra = {"colormap": hint} if hint else {}
+            backend.save(np.ones((n, 8, 8), np.uint16), f"ch/t{t}.tif", stream="ch",
+                         axis_names=["c"], **extra)
+            for _ in range(200):
+                if backend.request("report")["frames_displayed"] >= t + 1:
+                    break
+                time.sleep(0.05)
+            print(json.dumps({e["name"]: e["colormap"]
+                              for e in backend.request("report")["layers"]}))
+    """)
+    seen = [json.loads(line) for line in lines[-3:]]
+    assert seen[1] == {"ch [c0]": "green", "ch [c1]": "green"}
+    assert seen[2] == {"ch [c0]": "green", "ch [c1]": "green", "ch [c2]": "green"}
+
+
 def test_rgb_and_rgba_frames_become_rgb_layers(docked, qtbot):
     """Issue 14 item 2: an (h, w, 3) uint8 frame raised ValueError in the plugin."""
     viewer, widget = docked

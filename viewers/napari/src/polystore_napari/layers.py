@@ -223,11 +223,11 @@ class LayerManager:
     def _drop_other_channels(self, stream: str, keep: set[tuple]) -> None:
         """Remove the stream's layers the newest frame no longer covers (it has fewer
         channels, or is no longer split): they would go on showing an old frame, blended
-        over the new one."""
+        over the new one. Their state stays, without pixels (`_on_layer_removed`): a channel
+        that comes back keeps its colormap and opacity hints (protocol.md)."""
         for key, state in list(self.images.items()):
             if key[0] == stream and key not in keep and self._alive(state.layer):
                 self.viewer.layers.remove(state.layer)
-                del self.images[key]
 
     def _reject(self, stream: str, message: str) -> None:
         self.rejected += 1
