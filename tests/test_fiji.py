@@ -1003,7 +1003,6 @@ def test_sender_goes_on_after_receiver_restart(debian, tmp_path):
             assert second.stop() == 0
 
 
-
 def test_a_save_after_fiji_closed_says_no_receiver_answered(debian, tmp_path):
     """Fiji closed, nothing started again on its port: the next save must say that no Fiji
     receiver answered. JeroMQ 0.3's close reads as a hang-up mid-handshake; that hang-up was
