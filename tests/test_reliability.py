@@ -492,6 +492,52 @@ def test_a_viewer_frozen_through_several_handshakes_serves_by_shared_memory_when
     assert my_segments() == []
 
 
+def test_a_viewer_restarted_while_a_hello_waits_is_greeted_again_in_the_same_save():
+    """The hello of a save went to a frozen viewer, which is then killed and started again
+    on its port. The save waited for a welcome on the socket only, not for link events: the
+    hello was lost with the old link, and the save gave up after its whole connect_timeout
+    although the new viewer was up within a second or two. It now says hello again on the
+    new link and goes on."""
+    import threading
+
+    endpoint = free_endpoint()
+    rx = start_receiver(endpoint)
+    frame = np.zeros((32, 32), np.uint16)
+    b = NapariStreamingBackend(endpoint, timeout=1.0, connect_timeout=20.0, max_inflight=2)
+    restarted: list = []
+
+    def restart() -> None:
+        time.sleep(1.0)  # the save below is waiting for its welcome by now
+        rx.process.kill()
+        rx.process.join(10)
+        restarted.append(start_receiver(endpoint))
+
+    try:
+        b.save(frame, "again/first.tif")
+        b.flush()
+        os.kill(rx.process.pid, signal.SIGSTOP)
+        with pytest.raises(ReceiverLostError):
+            for i in range(4):  # fills the window; the next credit never comes
+                b.save(frame, f"again/frozen{i}.tif")
+        killer = threading.Thread(target=restart)
+        killer.start()
+        t = time.monotonic()
+        b.save(frame, "again/back.tif")  # its hello goes to the frozen viewer first
+        took = time.monotonic() - t
+        killer.join(30)
+        b.flush()
+        assert took < 15, f"the save waited {took:.1f} s for a viewer up since the restart"
+        assert [g["path"] for g in b.request("report")["received"]] == ["again/back.tif"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rx.process.pid, signal.SIGCONT)
+        b.close()
+        rx.stop()
+        for new in restarted:
+            new.stop()
+    assert my_segments() == []
+
+
 def test_a_sender_dropped_unclosed_while_its_hello_waits_at_a_frozen_viewer_leaves_no_probe():
     """A hello to a frozen viewer stays pending with its probe (see the test above) until it
     is answered; a backend the program drops without close() must still take the probe out

@@ -161,7 +161,12 @@ class Connection:
             self._hello_deadline = time.monotonic() + self.options.connect_timeout
         else:
             self.send_hello(**hello)
+        deadline = self._hello_deadline
         self.wait_for_welcome()
+        while self.state is State.CLOSED and not self.link.refused and time.monotonic() < deadline:
+            # the hello's link dropped (the receiver restarted): again, on the next link
+            self.send_hello(**hello, deadline=deadline)
+            self.wait_for_welcome()
         if not self.connected:
             self.check_link()
             if self.link.failed:
@@ -174,7 +179,7 @@ class Connection:
     # -- the handshake -------------------------------------------------------------------------
 
     def send_hello(self, *, identity: str, segment_prefix: str, pid: int,
-                   wait_to_send: bool = True) -> None:
+                   wait_to_send: bool = True, deadline: float | None = None) -> None:
         """Send hello with a fresh shared-memory probe; a welcome completes it. The hello
         waits for the link's authentication handshake (ZMQ_IMMEDIATE): if that fails, this
         returns at once with the state still closed, instead of at the deadline. Without
@@ -192,7 +197,7 @@ class Connection:
         hello = p.Hello(v=p.VERSION, sender=identity, pid=pid, viewer=self.viewer,
                         segment_prefix=segment_prefix, versions=list(p.SUPPORTED_VERSIONS),
                         probe=probe, batch_acks=True)  # fmt: skip
-        self._hello_deadline = time.monotonic() + self.options.connect_timeout
+        self._hello_deadline = deadline or time.monotonic() + self.options.connect_timeout
         sent = False
         try:
             sent = self.send([p.encode(hello)],
@@ -208,12 +213,13 @@ class Connection:
             self.state = State.HELLO_SENT
 
     def wait_for_welcome(self) -> None:
-        """Handle replies until the handshake ends or its deadline passes."""
+        """Handle replies and link events until the handshake ends (a welcome, a refusal, or
+        the hello's link dropped, which abandons it) or its deadline passes."""
         while self.state is State.HELLO_SENT:
             remaining = self._hello_deadline - time.monotonic()
-            if remaining <= 0 or not self._sock.poll(remaining * 1000, zmq.POLLIN):
+            if remaining <= 0:
                 return
-            self.drain()
+            self.poll(remaining)
 
     def accept(self, welcome: p.Welcome) -> bool:
         """Complete a pending handshake; False if none was pending or it is refused."""
