@@ -157,16 +157,14 @@ class Connection:
             if self.link.up and self.state is not State.HELLO_SENT:
                 self.send_hello(**hello, wait_to_send=False)  # no room: try at the next one
             return False
-        if self.state is State.HELLO_SENT:  # still unanswered on this link: wait for it again
-            self._hello_deadline = time.monotonic() + self.options.connect_timeout
-        else:
-            self.send_hello(**hello)
-        deadline = self._hello_deadline
-        self.wait_for_welcome()
-        while self.state is State.CLOSED and not self.link.refused and time.monotonic() < deadline:
-            # the hello's link dropped (the receiver restarted): again, on the next link
-            self.send_hello(**hello, deadline=deadline)
+        deadline = self._hello_deadline = time.monotonic() + self.options.connect_timeout
+        while True:  # a hello still unanswered on this link is waited for again, never re-sent
+            if self.state is not State.HELLO_SENT:
+                self.send_hello(**hello, deadline=deadline)
             self.wait_for_welcome()
+            # the hello's link dropped (the receiver restarted): again, on the next link
+            if self.state is not State.CLOSED or self.link.refused or time.monotonic() >= deadline:
+                break
         if not self.connected:
             self.check_link()
             if self.link.failed:
@@ -209,7 +207,7 @@ class Connection:
             if segment is not None:  # kept while the hello is pending, however long
                 self._probe = segment
                 self._probe_finalizer = weakref.finalize(self, unlink_unless_forked,
-                                                         segment.name, os.getpid())
+                                                         os.getpid(), [segment])
             self.state = State.HELLO_SENT
 
     def wait_for_welcome(self) -> None:

@@ -40,8 +40,7 @@ class LinkState:
     def forget_failures(self) -> None:
         """A fresh connect, a new handshake or a welcome: earlier failures no longer count."""
         self.failed = False  # a handshake failed (or the peer hung up in it) since then
-        self.dropped = False  # ZeroMQ gave the endpoint up: connect again to retry
-        self._refused_outright = False
+        self.dropped = False  # refused outright: ZeroMQ gave the endpoint up, connect again
         self._hangups = 0
 
     def welcomed(self) -> None:
@@ -52,15 +51,14 @@ class LinkState:
     @property
     def refused(self) -> bool:
         """The peer cannot complete our authentication handshake: stop waiting for it."""
-        return self._refused_outright or (self._hangups >= HANGUPS_BEFORE_REFUSAL
-                                          and not self.handshaking)
+        return self.dropped or (self._hangups >= HANGUPS_BEFORE_REFUSAL
+                                and not self.handshaking)
 
     def update(self, event: int) -> None:
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # earlier hang-ups were another peer's
             self.handshaking = self.failed = False
             self._hangups = 0
             return
-        self._refused_outright |= bool(event & _REFUSED)
         self.dropped |= bool(event & _REFUSED)
         self._hangups += event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
         # a peer that hangs up mid-handshake failed it too

@@ -127,7 +127,7 @@ class SegmentPool:
         self._busy: dict[int, Segment] = {}
         self._total = 0
         # A pool dropped without close() (or still open at exit) still unlinks its segments.
-        weakref.finalize(self, _unlink_leftovers, self._free, self._busy, self.pid)
+        weakref.finalize(self, unlink_unless_forked, self.pid, self._free, self._busy)
 
     @property
     def busy_count(self) -> int:
@@ -240,14 +240,18 @@ class SegmentPool:
             log.debug("segment %s still viewed; leaving the mapping to the GC", segment.name)
 
 
-def _unlink_leftovers(free: list, busy: dict, pid: int) -> None:
+def unlink_unless_forked(pid: int, *groups) -> None:
+    """A finalizer's job (the owner was collected without closing): unlink the segments of
+    process `pid` in `groups` (lists, or dicts of segments, read when this runs), unless this
+    is a forked child of it, which never owned them."""
     if os.getpid() != pid:
-        return  # a forked child never owned these
-    for segment in [*free, *busy.values()]:
-        try:
-            segment.unlink()
-        except FileNotFoundError:
-            pass
+        return
+    for group in groups:
+        for segment in group.values() if isinstance(group, dict) else group:
+            try:
+                segment.unlink()
+            except FileNotFoundError:
+                pass
 
 
 def create_probe(prefix: str) -> tuple[Segment, str]:
@@ -257,17 +261,6 @@ def create_probe(prefix: str) -> tuple[Segment, str]:
     segment = Segment(f"{prefix}probe", PAGE)
     segment.buf[: len(token)] = token.encode()
     return segment, token
-
-
-def unlink_unless_forked(name: str, pid: int) -> None:
-    """Unlink segment `name` of process `pid`, unless this is a forked child of it (a
-    finalizer's job: the owner was collected without closing)."""
-    if os.getpid() != pid:
-        return
-    try:
-        _posixshmem.shm_unlink("/" + name)
-    except FileNotFoundError:
-        pass
 
 
 def destroy(segment: Segment) -> None:
