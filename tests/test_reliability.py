@@ -408,6 +408,26 @@ def test_latest_policy_never_raises_while_the_viewer_restarts(figure):
         rx.stop()
 
 
+def test_request_under_latest_waits_for_the_restarted_viewer():
+    """Policy 'latest' drops frames while a restarted viewer is not answering yet, but a
+    `request()` asks for an answer: it used to raise "not connected (yet)" at once instead of
+    saying hello and waiting for the welcome (within connect_timeout)."""
+    rx = receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0").start()
+    endpoint = rx.endpoint
+    b = NapariStreamingBackend(endpoint, policy="latest", connect_timeout=5)
+    try:
+        b.save(np.zeros((8, 8), np.uint16), "req/t0.tif")
+        b.flush()
+        rx.stop()
+        rx = _bind_when_free(endpoint)
+        report = b.request("report")
+        assert report["receiver"] == rx.id
+        assert b.request("clear") == {}
+    finally:
+        b.close()
+        rx.stop()
+
+
 def test_latest_policy_never_stalls_while_the_viewer_is_frozen():
     """A frozen viewer (stopped in a debugger, swapped out) keeps its connection up but reads
     nothing. Under policy 'latest' the sender used to wait the full timeout (5 s) once the

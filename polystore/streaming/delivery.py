@@ -121,10 +121,11 @@ class Delivery:
     def _or_default(self, timeout: float | None) -> float:
         return self.options.timeout if timeout is None else timeout
 
-    def _ensure_connected(self) -> bool:
+    def _ensure_connected(self, wait: bool = False) -> bool:
         """Handshake if needed. False means: drop this message (policy 'latest' while the
         receiver that was there is gone or not yet answering, so a live preview never
-        stalls the pipeline; it reconnects in the background)."""
+        stalls the pipeline; it reconnects in the background). `wait`: a message that wants
+        an answer (a request) waits for the welcome under every policy."""
         if self._inherited:
             self._reset_process_state()
         if self._closed:
@@ -137,7 +138,8 @@ class Delivery:
             try:
                 return self._connection.ensure(
                     identity=pool.token, segment_prefix=pool.prefix, pid=self._pid,
-                    wait=not (self.options.policy == "latest" and self.stats.handshakes),
+                    wait=wait or not (self.options.policy == "latest"
+                                      and self.stats.handshakes),
                     start_hint=self.start_hint)
             except FileExistsError:
                 # `<prefix>probe` was taken by another process (names in /dev/shm are

@@ -21,7 +21,7 @@ import numpy as np
 from polystore.streaming import protocol as p
 from polystore.streaming.connection import State
 from polystore.streaming.delivery import Delivery
-from polystore.streaming.errors import ReceiverLostError, ViewerNotRunningError
+from polystore.streaming.errors import ReceiverLostError
 from polystore.streaming.options import StreamMeta, encode_header, to_wire_array
 from polystore.streaming.shm import SegmentPool
 
@@ -164,9 +164,7 @@ class StreamSender(Delivery):
         raises if it does not answer within `timeout`."""
         started = time.perf_counter()
         with self._lock:
-            if not self._ensure_connected():
-                raise ViewerNotRunningError(
-                    f"the {self.viewer} receiver at {self.endpoint} is not connected (yet)")
+            self._ensure_connected(wait=True)  # raises if no receiver answers in time
             seq = next(self._seq)
             answers = self._replies.answers
             answers[seq] = None  # answer wanted: Report (state) or Ack ({})
