@@ -716,6 +716,35 @@ def test_a_composite_is_rendered_as_it_is_now_not_as_it_was_first(fiji, backend,
     np.testing.assert_allclose(shown[:, 1], ramp[0] * 255.0 / 500, atol=1)
 
 
+@pytest.mark.parametrize("how", ["t", "z", "stack", "labels", "channels"])
+def test_a_stack_is_rendered_at_its_newest_plane(fiji, backend, fm, key, how):
+    """Headless, the PNG of what a window shows was always of plane 1 of a stack (its first
+    time point, slice or stack slice), while the GUI shows the newest plane. Each stream gets
+    an empty plane, then a ramp: the PNG must look like the ramp sent alone."""
+    ramp = np.tile(np.arange(0, 600, 100, dtype=np.uint16), (4, 1))
+    newest, hints, alone = ramp, {}, {}
+    if how == "labels":
+        newest, hints, alone = ramp // 100, {"labels": True}, {"labels": True}
+    elif how == "channels":  # a composite time series: the newest (z, t) in every channel
+        newest = np.stack([ramp, ramp[:, ::-1]])
+        hints, alone = {"axis_names": ["t", "c"]}, {"axis_names": ["c"]}
+    if how == "z":  # one frame of two planes along z: its last plane is the newest
+        fm.save(np.stack([np.zeros_like(ramp), ramp]), f"{key}.tif", backend="fiji_stream",
+                stream=key)  # fmt: skip
+    else:
+        for t, plane in enumerate([np.zeros_like(newest), newest]):
+            where = {"mode": "stack"} if how == "stack" else {"axes": {"t": t}}
+            fm.save(plane, f"{key}.tif", backend="fiji_stream", stream=key, **where, **hints)
+    fm.save(newest, f"{key}.tif", backend="fiji_stream", stream=f"{key}_alone", **alone)
+    state = report(backend)
+    entry = image(state, key)
+    assert entry["channels"] * entry["slices"] * entry["frames"] == 2 * (newest.size // ramp.size)
+    assert entry["displayRanges"] == image(state, f"{key}_alone")["displayRanges"]
+    shown = rendered(state, key)
+    assert shown.max() > 0, "the newest plane, not the empty first one"
+    np.testing.assert_array_equal(shown, rendered(state, f"{key}_alone"))
+
+
 @pytest.mark.parametrize("shape,axes,dims", [
     ([3, 4, 5], {}, (1, 3, 1)),              # one leading axis: z
     ([2, 3, 4, 5], {}, (2, 3, 1)),           # two: c, z

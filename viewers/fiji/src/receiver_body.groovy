@@ -1967,6 +1967,12 @@ class Images {
         }
     }
 
+    /** A stack shows its newest plane (c, z, t of the frame received last), in a window and in
+     * the headless PNG alike. */
+    static void showNewest(Stream s) {
+        if (s.C * s.Z * s.T > 1) s.imp.setPosition(s.last[0] + 1, s.last[1] + 1, s.last[2] + 1)
+    }
+
     void refresh() {
         if (beforeDraw != null) beforeDraw.call()
         forgetClosed()
@@ -1974,7 +1980,7 @@ class Images {
             if (!s.dirty || s.imp == null) continue
             s.dirty = false
             followPending(s)
-            if (s.C * s.Z * s.T > 1) s.imp.setPosition(s.last[0] + 1, s.last[1] + 1, s.last[2] + 1)
+            showNewest(s)
             if (!s.shown) { s.imp.show(); s.shown = true }
             else s.imp.updateAndDraw()
         }
@@ -2017,8 +2023,10 @@ class Images {
             s.imp.setTitle(s.title)  // FileSaver renames the image after its file
             File png = new File(outputDir, name + '.png')  // what the window shows (LUTs, labels, overlay)
             try {
-                // headless, a composite keeps its first drawing until told (no window redraws it)
-                if (s.imp instanceof CompositeImage) s.imp.updateAndDraw()
+                // Headless nothing else moves a stack to its newest plane (the GUI: refresh()), and
+                // an image keeps its first drawing until told (no window redraws it).
+                if (!gui) showNewest(s)
+                s.imp.updateAndDraw()
                 ImagePlus shown = s.imp.flatten()
                 if (!new FileSaver(shown).saveAsPng(png.path)) throw new IOException("could not save ${png}".toString())
                 s.rendered = png.path
