@@ -1,58 +1,25 @@
 """The napari adapter: apply buffered frames and ROIs to napari layers, on the Qt main thread.
 
-`pieces.py` and `layout.py` decide where pixels go (napari-free); this module only makes,
-updates and removes layers. One layer per stream and channel, updated in place: a frame never
-rebuilds a layer. `DisplayTimer` drains the `CoalescingBuffer` about 60 times a second.
+`pieces.py` and `layout.py` decide where pixels go (napari-free); `image_layers.py` makes
+and updates one layer, `roi_layers.py` the ROI layers. This module routes each batch there
+(the pieces of a stream's frames sorted by layer), removes the layers of a ``clear``, forgets
+those the user deleted, and keeps the counts and errors the receiver reports. One layer per
+stream and channel, updated in place. `DisplayTimer` (`display_timer.py`) calls `apply`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import time
 from collections import Counter
 
 from napari.layers import Labels
-from qtpy.QtCore import QObject, Qt, QTimer
 
-from polystore_napari.buffer import Batch, CoalescingBuffer, Update
-from polystore_napari.layout import LayerLayout, View
-from polystore_napari.pieces import LayoutError, Piece, channel_colormap, layer_name, pieces_of
-from polystore_napari.roi_layers import STREAM_KEY, RoiLayers
+from polystore_napari.buffer import Batch, Update
+from polystore_napari.image_layers import ImageLayers, LayerState
+from polystore_napari.pieces import LayoutError, Piece, pieces_of
+from polystore_napari.roi_layers import RoiLayers
 
 log = logging.getLogger(__name__)
-
-#: napari layer metadata keys naming the stream (and channel) a layer shows
-CHANNEL_KEY = "polystore_channel"
-#: how often a layer updated in place redraws its thumbnail in the layer list
-THUMBNAIL_HZ = 4
-
-
-class _LayerState:
-    """One napari layer of a stream (one per channel) and the layout of its pixels."""
-
-    def __init__(self, key: tuple[str, int | None], stack_capacity: int) -> None:
-        self.key = key
-        self.layout = LayerLayout(stack_capacity)
-        self.layer = None
-        self.hints: tuple | None = None
-        #: the newest colormap and opacity hints of this stream and channel: they stay until
-        #: others replace them (protocol.md), also in a new layer (after labels, or a deleted
-        #: one), and a run's older frames count as much as its newest
-        self.colormap: str | None = None
-        self.opacity: float | None = None
-        #: why the layer shows gray instead of its hinted colormap (None: it does not)
-        self.colormap_error: str | None = None
-        self.thumbnail_at = 0.0
-        self.setting = False  # the plugin (not the user) is changing the layer
-
-    def forget(self) -> None:
-        self.layer = None
-        self.hints = None
-        self.colormap_error = None
-        self.layout.reset()
-        self.layout.geometry = None
-        self.layout.contrast.user_set = False
 
 
 class LayerManager:
@@ -61,8 +28,9 @@ class LayerManager:
     def __init__(self, viewer, *, stack_capacity: int = 100):
         self.viewer = viewer
         self.stack_capacity = max(1, int(stack_capacity))
-        self.images: dict[tuple[str, int | None], _LayerState] = {}
+        self.images: dict[tuple[str, int | None], LayerState] = {}
         self.rois = RoiLayers(viewer, self._placed_names)
+        self.image_layers = ImageLayers(viewer, self.rois)
         self.updates = 0  # image/labels layer updates (one per stream per tick with pixels)
         self.frames = 0  # frames written into layers
         self.skipped = 0  # empty frames (a 0 in their shape), not shown
@@ -197,7 +165,7 @@ class LayerManager:
         for key, pieces in by_layer.items():
             state = self.images.get(key)
             if state is None:
-                state = self.images[key] = _LayerState(key, self.stack_capacity)
+                state = self.images[key] = LayerState(key, self.stack_capacity)
             elif state.layer is not None and not self._alive(state.layer):
                 state.forget()  # the user deleted it: start afresh
             state.layout.stack_capacity = self.stack_capacity
@@ -234,7 +202,7 @@ class LayerManager:
         self._error(stream, message)
         log.warning("stream %s: %s", stream, message)
 
-    def _apply_run(self, state: _LayerState, mode: str, run: list[Piece]) -> bool:
+    def _apply_run(self, state: LayerState, mode: str, run: list[Piece]) -> bool:
         piece = run[-1]
         for each in run:
             display = each.header.display
@@ -257,128 +225,11 @@ class LayerManager:
         for message in state.layout.refused:
             self._reject(state.key[0], message)
         if state.layer is None:
-            self._create(state, view, piece)
+            self.image_layers.create(state, view, piece)
         else:
-            self._update(state, view, refit)
-        self._apply_hints(state, piece, view)
+            self.image_layers.update(state, view, refit)
+        self.image_layers.apply_hints(state, piece, view)
         return not state.layout.refused
-
-    def _create(self, state: _LayerState, view: View, piece: Piece) -> None:
-        hints = piece.header.display
-        stream, channel = state.key
-        state.colormap_error = None
-        kwargs: dict = {"name": layer_name(state.key),
-                        "metadata": {STREAM_KEY: stream, CHANNEL_KEY: channel}}
-        if state.opacity is not None:
-            kwargs["opacity"] = state.opacity
-        if piece.kind == "labels":
-            layer = self.viewer.add_labels(view.data, **kwargs)  # cyclic colours by default
-        else:
-            limits = state.layout.contrast.limits(hints.contrast_limits, view.newest, piece.rgb)
-            kwargs.update(rgb=piece.rgb, contrast_limits=list(limits))
-            if channel is not None:
-                kwargs["blending"] = "additive"
-            colormap = None if piece.rgb else channel_colormap(channel, state.colormap)
-            layer = None
-            if colormap:
-                try:
-                    layer = self.viewer.add_image(view.data, colormap=colormap, **kwargs)
-                except (KeyError, ValueError, TypeError) as exc:
-                    state.colormap_error = f"unknown colormap {colormap!r}, shown in gray ({exc})"
-            if layer is None:
-                layer = self.viewer.add_image(view.data, **kwargs)
-            layer.events.contrast_limits.connect(functools.partial(self._contrast_set, state))
-        state.layer = layer
-        self._below_rois(stream, layer)
-        layer.axis_labels = view.axis_labels
-        if view.follow_axis is not None:  # napari opens new axes in the middle; show the newest
-            self._show_last(layer, view.follow_axis)
-
-    def _below_rois(self, stream: str, layer) -> None:
-        """ROIs sent before their image's first frame must not vanish under it: the new layer
-        goes below the stream's ROI layers. If those were all the viewer had, napari fitted
-        the view to the ROIs; fit it to the image instead, as napari does for a first layer."""
-        rois = self.rois.alive(stream)
-        if not rois:
-            return
-        layers = self.viewer.layers
-        lowest = min(layers.index(roi) for roi in rois)
-        here = layers.index(layer)
-        if here > lowest:
-            layers.move(here, lowest)
-        ours = {id(roi) for roi in self.rois.alive()} | {id(layer)}
-        if all(id(other) in ours for other in layers):
-            self.viewer.reset_view()
-
-    @staticmethod
-    def _contrast_set(state: _LayerState, event=None) -> None:
-        """The layer's contrast changed: by hand unless the plugin is setting it."""
-        if not state.setting:
-            state.layout.contrast.user_set = True
-
-    def _update(self, state: _LayerState, view: View, refit: bool) -> None:
-        layer = state.layer
-        if view.data is not None:
-            axis = view.follow_axis
-            follow = axis is not None and (
-                refit or axis >= layer.ndim  # a new axis, or another geometry
-                or self._at_end(layer, layer.data.shape[axis], axis))
-            state.setting = True  # napari may clip the contrast to a new dtype's range
-            try:
-                layer.data = view.data
-            finally:
-                state.setting = False
-            if tuple(layer.axis_labels) != tuple(view.axis_labels):
-                layer.axis_labels = view.axis_labels
-            if follow:
-                self._show_last(layer, axis)
-        else:
-            # pixels were written into the array the layer shows (same shape: its extent
-            # stays); its thumbnail in the layer list is redrawn at most THUMBNAIL_HZ times
-            # a second
-            now = time.monotonic()
-            thumbnail = now - state.thumbnail_at >= 1 / THUMBNAIL_HZ
-            if thumbnail:
-                state.thumbnail_at = now
-            layer.refresh(thumbnail=thumbnail, extent=False)
-
-    def _apply_hints(self, state: _LayerState, piece: Piece, view: View) -> None:
-        hints = piece.header.display
-        layer = state.layer
-        key = (state.colormap, state.opacity)
-        if state.hints is not None and key != state.hints:  # the layer was made with the first
-            if state.opacity is not None:
-                layer.opacity = state.opacity
-            colormap = state.colormap  # none: the layer keeps the one it has (protocol.md)
-            if piece.kind == "image" and not piece.rgb and colormap:
-                try:
-                    if colormap != layer.colormap.name:
-                        layer.colormap = colormap
-                    state.colormap_error = None
-                except (KeyError, ValueError, TypeError) as exc:
-                    state.colormap_error = f"unknown colormap {colormap!r}, shown in gray ({exc})"
-        state.hints = key
-        if piece.kind != "image":
-            return
-        limits = state.layout.contrast.limits(hints.contrast_limits, view.newest, piece.rgb)
-        if limits is not None and list(layer.contrast_limits) != limits:
-            state.setting = True
-            try:
-                layer.contrast_limits = limits
-            finally:
-                state.setting = False
-
-    def _at_end(self, layer, length: int, layer_axis: int = 0) -> bool:
-        """Whether the slider of `layer_axis` shows the last of `length` positions (the user
-        has not scrolled back to look at older data)."""
-        axis = self.viewer.dims.ndim - layer.ndim + layer_axis
-        if axis < 0 or length == 0:
-            return True
-        return self.viewer.dims.current_step[axis] >= length - 1
-
-    def _show_last(self, layer, layer_axis: int) -> None:
-        axis = self.viewer.dims.ndim - layer.ndim + layer_axis
-        self.viewer.dims.set_current_step(axis, layer.data.shape[layer_axis] - 1)
 
     @staticmethod
     def _layer_kind(layer) -> str:
@@ -408,46 +259,3 @@ class LayerManager:
                          "roi_updates": self.rois.updates, "frames_displayed": self.frames,
                          "frames_skipped": self.skipped, "frames_rejected": self.rejected,
                          "errors": dict(self.errors)}
-
-
-class DisplayTimer(QObject):
-    """Drains a `CoalescingBuffer` into a `LayerManager` on the main thread at ~60 Hz."""
-
-    def __init__(self, manager: LayerManager, interval_ms: int = 16, parent=None) -> None:
-        super().__init__(parent)
-        self.manager = manager
-        self.buffer: CoalescingBuffer | None = None
-        self.ticks = 0
-        self.busy_s = 0.0  # time spent applying updates
-        self._timer = QTimer(self)
-        self._timer.setTimerType(Qt.TimerType.PreciseTimer)
-        self._timer.setInterval(interval_ms)
-        self._timer.timeout.connect(self.tick)
-
-    def start(self, buffer: CoalescingBuffer) -> None:
-        self.buffer = buffer
-        buffer.display_state = self.manager.snapshot
-        self._timer.start()
-
-    def stop(self, drain: bool = True) -> None:
-        self._timer.stop()
-        if drain and self.buffer is not None:
-            self.tick()  # show what arrived before the stop
-        self.buffer = None
-
-    @property
-    def active(self) -> bool:
-        return self._timer.isActive()
-
-    def tick(self) -> None:
-        buffer = self.buffer
-        if buffer is None:
-            return
-        batch = buffer.take()
-        if batch:
-            t0 = time.perf_counter()
-            self.manager.apply(batch)
-            self.busy_s += time.perf_counter() - t0
-        # also after a layer was deleted between batches
-        buffer.display_state = self.manager.snapshot
-        self.ticks += 1

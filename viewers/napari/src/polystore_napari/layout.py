@@ -2,8 +2,8 @@
 
 `pieces.py` splits a frame into pieces (one per layer); here each layer's array is kept for
 the modes ``replace``, ``stack`` (a window of the newest frames, `FrameStack`) and ``place``
-(nD placement, with a sparsity cap). The napari adapter (`layers.py`) hands the result to
-napari. Everything is testable without a display (tests/test_layout.py).
+(nD placement, with a sparsity cap). The napari adapter (`layers.py`, `image_layers.py`)
+hands the result to napari. Everything is testable without a display (tests/test_layout.py).
 """
 
 from __future__ import annotations

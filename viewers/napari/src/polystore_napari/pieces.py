@@ -1,7 +1,8 @@
 """One received frame -> pieces, one per layer it shows in; plain NumPy, no napari, no Qt.
 
 The first hop after the receiver: `layout.py` puts each piece's pixels into its layer's
-array, and the napari adapter (`layers.py`) turns that into layer calls. Here:
+array, and the napari adapter (`layers.py`, `image_layers.py`) turns that into layer
+calls. Here:
 
 * naming a frame's leading dimensions (one rule for napari and Fiji, docs/protocol.md);
 * RGB/RGBA detection and the labels dtypes napari can show exactly;

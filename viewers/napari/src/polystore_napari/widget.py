@@ -1,26 +1,21 @@
 """The "polystore receiver" dock widget: endpoint, start/stop, display options, live status.
 
-Receiving runs in the core `Receiver`'s own thread and only fills a `CoalescingBuffer`;
-`DisplayTimer` applies the buffer to layers on the Qt main thread. Closing the widget (or the
-viewer, or the application) stops the receiver.
+Receiving runs in the core `Receiver`'s own thread (`session.py`) and only fills a
+`CoalescingBuffer`; `DisplayTimer` applies the buffer to layers on the Qt main thread, and
+`StatusBox` (`status.py`) shows what both are doing. Closing the widget (or the viewer, or
+the application) stops the receiver.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import sys
-import threading
-import time
-import weakref
 
-from qtpy.QtCore import QEvent, QObject, QSettings, QTimer
+from qtpy.QtCore import QEvent, QSettings, QTimer
 from qtpy.QtWidgets import (
     QApplication,
     QCheckBox,
     QComboBox,
     QFormLayout,
-    QGroupBox,
     QHBoxLayout,
     QLabel,
     QLineEdit,
@@ -32,103 +27,16 @@ from qtpy.QtWidgets import (
 
 from polystore.streaming import NapariStreamingBackend, Receiver, receiver_for
 from polystore_napari.buffer import MODES, CoalescingBuffer
-from polystore_napari.layers import DisplayTimer, LayerManager
+from polystore_napari.close_watcher import CloseWatcher
+from polystore_napari.display_timer import DisplayTimer
+from polystore_napari.layers import LayerManager
 from polystore_napari.options import ENV_ENDPOINT, REMEMBERED, ReceiverOptions
+from polystore_napari.session import Session, at_lower_priority, receiver_nice_default
+from polystore_napari.status import StatusBox
 
 __all__ = ["ENV_ENDPOINT", "ReceiverWidget"]
 
 SETTINGS = ("polystore", "polystore-napari")
-ENV_NICE = "POLYSTORE_NAPARI_RECEIVER_NICE"
-#: how long the receiver's last rejected message stays in *Last error*
-ERROR_SHOWN_S = 60.0
-
-
-def receiver_nice_default() -> int:
-    try:
-        return int(os.environ.get(ENV_NICE, "10"))
-    except ValueError:
-        return 10
-
-
-def at_lower_priority(callback, nice: int):
-    """Wrap the receiver's frame callback so that, on its first call, it lowers the priority of
-    the thread it runs in (the receiver thread) by `nice` (Linux: threads have their own nice
-    value). When the CPU is saturated, drawing then wins over receiving: the display keeps
-    its frame rate and the senders are slowed through their credits (or drop, with policy
-    ``latest``). On an idle CPU nothing changes."""
-    if nice <= 0 or not hasattr(os, "setpriority"):
-        return callback
-    lowered = False
-
-    def on_frame(frame):
-        nonlocal lowered
-        if not lowered:
-            lowered = True
-            try:
-                tid = threading.get_native_id()
-                os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid)
-                                                         + nice))
-            except OSError:
-                pass
-        callback(frame)
-
-    return on_frame
-
-
-class _Session:
-    """A running receiver and the buffer it fills. Holds no Qt or napari object, so the
-    stop hooks below can own it without keeping the viewer alive."""
-
-    def __init__(self) -> None:
-        self.receiver: Receiver | None = None
-        self.buffer: CoalescingBuffer | None = None
-        self.switch_interval: tuple[float, float] | None = None  # (previous, ours)
-
-    def favour_display(self) -> None:
-        """Shorten Python's GIL switch interval while receiving, so the main thread waits
-        at most 1 ms (not 5) for the GIL when the de-prioritised receiver thread holds it."""
-        previous = sys.getswitchinterval()
-        ours = min(previous, 0.001)
-        sys.setswitchinterval(ours)
-        self.switch_interval = (previous, ours)
-
-    def stop(self, *_: object) -> None:
-        receiver, buffer = self.receiver, self.buffer
-        self.receiver = self.buffer = None
-        if self.switch_interval is not None:
-            previous, ours = self.switch_interval
-            self.switch_interval = None
-            if sys.getswitchinterval() == ours:  # nobody else changed it meanwhile
-                sys.setswitchinterval(previous)
-        if buffer is not None:
-            buffer.close()  # wake the receiver thread if it waits for room
-        if receiver is not None:
-            receiver.stop()
-
-
-class _CloseWatcher(QObject):
-    """Stops the session when the viewer's main window closes."""
-
-    def __init__(self, session: _Session, parent: QObject) -> None:
-        super().__init__(parent)
-        self._session = session
-
-    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt API
-        if event.type() == QEvent.Type.Close:
-            if event.spontaneous():  # the user may still cancel in a confirmation dialog
-                QTimer.singleShot(0, functools.partial(_stop_if_hidden, obj, self._session))
-            else:
-                self._session.stop()
-        return False
-
-
-def _stop_if_hidden(window: QWidget, session: _Session) -> None:
-    try:
-        visible = window.isVisible()
-    except RuntimeError:  # already deleted
-        visible = False
-    if not visible:
-        session.stop()
 
 
 class ReceiverWidget(QWidget):
@@ -158,24 +66,20 @@ class ReceiverWidget(QWidget):
         endpoint, auto_start = options.listen_endpoint, options.auto_start
         mode, stack_capacity = options.mode, options.stack_capacity
 
-        self._session = _Session()
+        self._session = Session()
         self.manager = LayerManager(napari_viewer, stack_capacity=stack_capacity)
         self.display = DisplayTimer(self.manager, parent=self)
         self._error = ""
         self._docked = False
-        self._rate_mark = (time.monotonic(), 0)
-        self.displayed_fps = 0.0
-        self._receiver_error: tuple[str, float] = ("", 0.0)  # (text, first seen)
         self._build(endpoint, auto_start, mode, stack_capacity)
 
         # every way this widget can go away stops the receiver
-        stop = functools.partial(_Session.stop, self._session)
+        stop = functools.partial(Session.stop, self._session)
         self.destroyed.connect(stop)
         app = QApplication.instance()
         if app is not None:
             app.aboutToQuit.connect(stop)
-        self._watcher = _CloseWatcher(self._session, self)
-        self._watched: weakref.ref[QWidget] | None = None
+        self._watcher = CloseWatcher(self._session, self)
 
         self._status_timer = QTimer(self)
         self._status_timer.setInterval(250)
@@ -220,22 +124,12 @@ class ReceiverWidget(QWidget):
         form.addRow("Default mode", self.mode_box)
         form.addRow("Stack capacity", self.capacity_box)
 
-        status = QGroupBox("Status")
-        grid = QFormLayout(status)
-        self.status_labels: dict[str, QLabel] = {}
-        for key, title in (("state", "State"), ("senders", "Connected senders"),
-                           ("frames", "Frames received"), ("fps", "Frames/s"),
-                           ("displayed", "Display updates/s"),
-                           ("dropped", "Dropped by policy"), ("coalesced", "Coalesced"),
-                           ("error", "Last error")):
-            label = QLabel("-")
-            label.setWordWrap(True)
-            self.status_labels[key] = label
-            grid.addRow(title, label)
+        self.status_box = StatusBox(self.manager)
+        self.status_labels: dict[str, QLabel] = self.status_box.labels
 
         layout = QVBoxLayout(self)
         layout.addLayout(form)
-        layout.addWidget(status)
+        layout.addWidget(self.status_box)
         layout.addStretch(1)
 
         self.mode_box.currentTextChanged.connect(self._options_changed)
@@ -374,16 +268,8 @@ class ReceiverWidget(QWidget):
     def _watch_window(self) -> None:
         """Watch the top-level window we are docked in (napari's main window) for its close."""
         window = self.window()
-        watched = self._watched() if self._watched is not None else None
-        if window is not self and window is not watched:
-            if watched is not None:
-                try:
-                    watched.removeEventFilter(self._watcher)
-                except RuntimeError:
-                    pass
-            window.installEventFilter(self._watcher)
-            # weakly: a strong reference would keep napari's closed window (and viewer) alive
-            self._watched = weakref.ref(window)
+        if window is not self:
+            self._watcher.watch(window)
 
     def showEvent(self, event) -> None:  # noqa: N802 - Qt API
         self._watch_window()
@@ -391,38 +277,12 @@ class ReceiverWidget(QWidget):
 
     def update_status(self) -> None:
         self._watch_window()
-        now = time.monotonic()
-        t0, updates0 = self._rate_mark
-        if now - t0 >= 0.5:
-            self.displayed_fps = (self.manager.updates - updates0) / (now - t0)
-            self._rate_mark = (now, self.manager.updates)
-        labels = self.status_labels
-        receiver, buffer = self._session.receiver, self._session.buffer
-        if receiver is not None and receiver.running:
-            s = receiver.stats
-            labels["state"].setText(f"listening on {receiver.endpoint}")
-            labels["senders"].setText(str(s.senders))
-            labels["frames"].setText(str(s.frames))
-            labels["fps"].setText(f"{s.fps:.1f}")
-            labels["dropped"].setText(str(s.dropped))
-            labels["coalesced"].setText(str(buffer.stats.coalesced if buffer else 0))
-            error = self.manager.last_error or self._recent_receiver_error(s.last_error, now)
-        else:
-            labels["state"].setText("stopped")
-            for key in ("senders", "fps"):
-                labels[key].setText("-")
-            error = self._error or self.manager.last_error
-        labels["displayed"].setText(f"{self.displayed_fps:.1f}")
-        labels["error"].setText(error or "-")
+        receiver = self._session.receiver
+        self.status_box.refresh(receiver, self._session.buffer, self._error)
         self.start_button.setEnabled(receiver is None)
         self.stop_button.setEnabled(receiver is not None)
 
-    def _recent_receiver_error(self, text: str, now: float) -> str:
-        """The receiver's last rejected message, with its age, for `ERROR_SHOWN_S` seconds:
-        it is about one message, and must not stay on screen forever."""
-        if text != self._receiver_error[0]:
-            self._receiver_error = (text, now)
-        age = now - self._receiver_error[1]
-        if not text or age > ERROR_SHOWN_S:
-            return ""
-        return f"{text} ({age:.0f} s ago)"
+    @property
+    def displayed_fps(self) -> float:
+        """Image/labels layer updates per second (*Display updates/s*)."""
+        return self.status_box.displayed_fps
