@@ -27,6 +27,7 @@ from polystore.apps.demo import (
 )
 from polystore.streaming.orphans import pid_alive
 
+ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -235,3 +236,31 @@ def test_write_png(tmp_path):
     matplotlib_image = pytest.importorskip("matplotlib.image")
     back = matplotlib_image.imread(tmp_path / "x.png")
     assert back.shape == (4, 5, 3) and back[..., 0].min() == 1.0
+
+
+@pytest.mark.skipif(shutil.which("Xvfb") is None, reason="needs Xvfb")
+def test_napari_screenshots_show_the_shared_scenes(tmp_path):
+    """scripts/napari_screenshots.py (docs/images) streams the scenes of scripts/scenes.py into
+    real napari and saves what the canvas shows: the colours each scene must show are there."""
+    pytest.importorskip("napari")
+    pytest.importorskip("polystore_napari")
+    from imageio.v3 import imread
+
+    before = napari_segments()
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "napari_screenshots.py"),
+                             "--out", str(tmp_path)], capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3-channel series [c2]" in result.stdout and "'ROIs ROIs'" in result.stdout
+    shots = {name: imread(tmp_path / f"napari_{name}.png")[..., :3].astype(int)
+             for name in ("channels", "labels", "rois", "rgb")}
+    r, g, b = (shots["channels"][..., i] for i in range(3))
+    assert ((g > 150) & (r < 80) & (b < 80)).any(), "no green channel"
+    assert ((r > 150) & (b > 150) & (g < 80)).any(), "no magenta channel"
+    assert ((g > 150) & (b > 150) & (r < 80)).any(), "no cyan channel"
+    colours = np.unique(shots["labels"].reshape(-1, 3), axis=0)
+    assert len(colours) > 40  # napari's cycle of label colours, not one grey
+    r, g, b = (shots["rois"][..., i] for i in range(3))
+    assert ((r > 150) & (g > 150) & (b < 80)).any(), "no yellow ROI outline"
+    assert len(np.unique(shots["rgb"].reshape(-1, 3), axis=0)) > 10_000  # colour gradients
+    assert napari_segments() <= before

@@ -127,3 +127,19 @@ def test_readme_links_and_commands():
     for target in re.findall(r"\]\(([^)#]+)\)", readme):
         if not target.startswith(("http://", "https://")):
             assert (ROOT / target).exists(), f"README links to missing {target}"
+
+
+def test_both_viewers_have_a_screenshot_of_every_shared_scene():
+    """Issue 14's acceptance: napari and Fiji screenshots of the same data. The scenes live
+    once in scripts/scenes.py; napari's pictures used to come from other data in the tests."""
+    scenes = re.findall(r'^    "(\w+)": scene_\w+,$', (ROOT / "scripts" / "scenes.py").read_text(),
+                        re.MULTILINE)
+    assert set(scenes) >= {"channels", "labels", "rois", "rgb"}
+    for viewer, page in (("napari", "napari.md"), ("fiji", "fiji.md")):
+        text = (DOCS / page).read_text(encoding="utf-8")
+        script = (ROOT / "scripts" / f"{viewer}_screenshots.py").read_text()
+        assert "from scenes import SCENES" in script
+        for scene in scenes:
+            image = f"images/{viewer}_{scene}.png"
+            assert (DOCS / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", image
+            assert image in text, f"docs/{page} does not show {image}"

@@ -1328,19 +1328,6 @@ def test_float16_and_float_labels_convert_while_copying_into_the_layer(docked, q
 # -- issue 14: channels, colour, labels, contrast, settings; issue 11 item 9 -------------------
 
 
-def save_screenshot(viewer, name: str) -> None:
-    """POLYSTORE_NAPARI_SCREENSHOTS=DIR saves the canvas as DIR/<name>.png (docs/images)."""
-    target = os.environ.get("POLYSTORE_NAPARI_SCREENSHOTS")
-    if target:
-        from imageio.v3 import imwrite
-        from qtpy.QtWidgets import QApplication
-
-        viewer.window._qt_window.resize(1400, 800)
-        QApplication.processEvents()
-        viewer.reset_view()
-        imwrite(Path(target) / f"{name}.png", viewer.screenshot(canvas_only=True, flash=False))
-
-
 def test_t_by_c_frames_become_one_layer_per_channel_with_its_own_colormap(docked, qtbot):
     """Issue 14 item 1: the docs/fiji.md example (green/magenta/cyan) was one layer whose
     colormap flipped with every frame, with one contrast range for all channels."""
@@ -1378,7 +1365,6 @@ def test_t_by_c_frames_become_one_layer_per_channel_with_its_own_colormap(docked
     qtbot.wait(200)
     shot = viewer.screenshot(canvas_only=True, flash=False)
     assert (shot[..., :3].max(axis=(0, 1)) > 100).sum() >= 2  # more than one colour drawn
-    save_screenshot(viewer, "napari_channels")
 
 
 def test_a_colormap_hint_stays_until_another_replaces_it(docked, qtbot):
@@ -1582,7 +1568,6 @@ def test_rgb_and_rgba_frames_become_rgb_layers(docked, qtbot):
     shot = viewer.screenshot(canvas_only=True, flash=False)
     middle = shot[shot.shape[0] // 4, shot.shape[1] // 2, :3].astype(int)
     assert middle[1] > 150 and middle[0] > 60  # green top half over the red ramp
-    save_screenshot(viewer, "napari_rgb")
 
 
 def test_an_rgb_contrast_hint_holds_for_the_frames_that_carry_it(docked, qtbot):
@@ -1657,7 +1642,6 @@ def test_many_labels_get_distinct_neighbouring_colours(docked, qtbot):
     assert (np.abs(grid[:, 1:] - grid[:, :-1]).sum(-1) > 0.05).all()
     assert (np.abs(grid[1:] - grid[:-1]).sum(-1) > 0.05).all()
     assert len({tuple(np.round(c, 3)) for c in colours}) >= 40  # a cycle of many colours
-    save_screenshot(viewer, "napari_labels")
 
 
 def test_place_refuses_far_apart_positions_without_growing(docked, qtbot):
