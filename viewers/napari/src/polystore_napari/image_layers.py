@@ -77,7 +77,7 @@ class ImageLayers:
                 try:
                     layer = self.viewer.add_image(view.data, colormap=colormap, **kwargs)
                 except (KeyError, ValueError, TypeError) as exc:
-                    state.colormap_error = f"unknown colormap {colormap!r}, shown in gray ({exc})"
+                    state.colormap_error = unknown_colormap(colormap, exc)
             if layer is None:
                 layer = self.viewer.add_image(view.data, **kwargs)
             layer.events.contrast_limits.connect(functools.partial(self._contrast_set, state))
@@ -149,7 +149,7 @@ class ImageLayers:
                         layer.colormap = colormap
                     state.colormap_error = None
                 except (KeyError, ValueError, TypeError) as exc:
-                    state.colormap_error = f"unknown colormap {colormap!r}, shown in gray ({exc})"
+                    state.colormap_error = unknown_colormap(colormap, exc)
         state.hints = key
         if piece.kind != "image":
             return
@@ -172,3 +172,8 @@ class ImageLayers:
     def _show_last(self, layer, layer_axis: int) -> None:
         axis = self.viewer.dims.ndim - layer.ndim + layer_axis
         self.viewer.dims.set_current_step(axis, layer.data.shape[layer_axis] - 1)
+
+
+def unknown_colormap(colormap: str, exc: Exception) -> str:
+    """What *Last error* and the report say of a colormap napari does not know."""
+    return f"unknown colormap {colormap!r}, shown in gray ({exc})"
