@@ -925,6 +925,32 @@ def test_buffer_coalesces_replace_keeps_stack_and_places_per_position():
     assert not buffer.take() and buffer.pending_bytes == 0
 
 
+def test_a_hint_of_a_coalesced_frame_stays_with_the_layers_it_was_for(make_napari_viewer):
+    """A hinted single-layer frame coalesced away by a 3-channel frame without hints: its
+    colormap was carried into the newer frame and coloured all three channel layers green,
+    where showing each frame (as Fiji does) gives the channels napari's own cycle."""
+    from msgspec import structs
+    from polystore_napari.layers import LayerManager
+    from polystore_napari.pieces import CHANNEL_COLORMAPS
+
+    viewer = make_napari_viewer(show=False)
+    manager = LayerManager(viewer)
+    buffer = CoalescingBuffer()
+    hinted = _frame("s", 1, shape=(8, 8))
+    display = structs.replace(hinted.header.display, colormap="green")
+    hinted = type(hinted)(hinted.array, structs.replace(hinted.header, display=display),
+                          "test", 0)
+    buffer.put_frame(hinted)
+    buffer.put_frame(_frame("s", 2, shape=(3, 8, 8), axis_names=["c"]))  # coalesces it
+    manager.apply(buffer.take())
+    colours = [viewer.layers[f"s [c{c}]"].colormap.name for c in range(3)]
+    assert colours == list(CHANNEL_COLORMAPS[:3])  # napari's cycle, as if both were shown
+    buffer.put_frame(hinted)
+    buffer.put_frame(_frame("s", 3, shape=(8, 8)))  # the same layer: the hint is carried
+    manager.apply(buffer.take())
+    assert viewer.layers["s"].colormap.name == "green"
+
+
 def test_a_stream_that_changes_mode_within_a_tick_ends_on_its_newest_frame():
     """stack f1, replace f2, stack f3 in one tick: the display applied the stack update (f1,
     f3) first and the replace (f2) last, so the layer showed f2, older than the newest."""

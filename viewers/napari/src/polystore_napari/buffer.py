@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from msgspec import structs
 
 from polystore.streaming import ReceivedFrame, ReceivedRois
+from polystore_napari.pieces import CHANNEL_AXIS
 
 MODES = ("auto", "replace", "stack", "place")
 
@@ -45,14 +46,26 @@ def keep_hints(dropped: ReceivedFrame, newer: ReceivedFrame) -> ReceivedFrame:
     """`newer` with the colormap and opacity hints of `dropped` (a frame coalesced away)
     where it has none of its own: those hints stay until another replaces them
     (docs/protocol.md), so a frame the display never sees must not take its hints along.
-    Contrast hints hold only for the frames that carry them: not kept."""
+    Only between frames that make the same layers: another frame's hints would colour layers
+    they were not for (a single layer's colormap on every channel). Contrast hints hold only
+    for the frames that carry them: not kept."""
     old, new = dropped.header.display, newer.header.display
     kept = {name: getattr(old, name) for name in ("colormap", "opacity")
             if getattr(new, name) is None and getattr(old, name) is not None}
-    if not kept:
+    if not kept or not same_layers(dropped, newer):
         return newer
     header = structs.replace(newer.header, display=structs.replace(new, **kept))
     return ReceivedFrame(newer.array, header, newer.sender, newer.received_ns)
+
+
+def same_layers(a: ReceivedFrame, b: ReceivedFrame) -> bool:
+    """Whether two frames of a stream split into the same layers (`pieces.pieces_of`): the
+    same shape, position axes, axis names, channel and kind."""
+    ha, hb = a.header, b.header
+    return (a.array.shape == b.array.shape and ha.axes.keys() == hb.axes.keys()
+            and ha.axes.get(CHANNEL_AXIS) == hb.axes.get(CHANNEL_AXIS)
+            and ha.axis_names == hb.axis_names and ha.display.kind == hb.display.kind
+            and ha.display.rgb == hb.display.rgb)
 
 
 @dataclass
