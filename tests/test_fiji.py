@@ -526,7 +526,7 @@ def test_a_composite_that_turns_to_one_channel_looks_like_that_channel_alone(fij
 
 
 def test_channels_of_labels_replaced_by_lower_ids_keep_them_apart(fiji, backend, fm, key):
-    """Labels with channels are drawn through a glasbey LUT over 0..max(255, largest id). The
+    """Labels with channels were drawn through a glasbey LUT over 0..max(255, largest id). The
     largest id was never lowered, also when a replace frame made the image exactly the new
     frame: after ids up to 1000, ids 1..5 all fell on the first colours of the LUT (1 black,
     2..5 one colour). They must look as the same frame does on a stream of its own."""
@@ -541,6 +541,53 @@ def test_channels_of_labels_replaced_by_lower_ids_keep_them_apart(fiji, backend,
     shown = rendered(state, key)
     np.testing.assert_array_equal(shown, rendered(state, f"{key}_alone"))
     assert len({tuple(p) for p in shown[0]}) == 6, "ids 0..5 in six colours"
+
+
+@pytest.mark.parametrize("dtype,count", [("uint16", 1000), ("int32", 70_000)])
+@pytest.mark.parametrize("channel", [0, 1])
+def test_channels_of_labels_are_distinguishable_at_any_count(fiji, backend, fm, key, dtype, count,
+                                                             channel):
+    """Labels with channels were drawn through a linear glasbey LUT over 0..max(255, largest
+    id), so above 255 ids runs of about max/255 neighbouring ids shared one colour and id 1
+    was black. Each channel now cycles through the glasbey colours as a labels image of one
+    channel does: a channel drawn over an empty one looks exactly like the same ids alone,
+    and the pixels keep the exact ids."""
+    ids = np.zeros((4, count + 1), dtype=dtype)
+    ids[:, :] = np.arange(count + 1)  # column j holds id j: 0, 1, 2, ...
+    frame = np.zeros((2, *ids.shape), dtype=dtype)
+    frame[channel] = ids
+    fm.save(frame, f"{key}.tif", backend="fiji_stream", stream=key, axis_names=["c"],
+            labels=True)  # fmt: skip
+    fm.save(ids, f"{key}.tif", backend="fiji_stream", stream=f"{key}_alone", labels=True)
+    state = report(backend)
+    assert image(state, key)["composite"] and image(state, key)["luts"] == ["glasbey"] * 2
+    got = saved(state, key)[0]
+    np.testing.assert_array_equal(got, frame.astype(got.dtype))  # the ids, exact
+    colours = rendered(state, key)[0]  # one row: the colour of id j at column j
+    assert (colours[0] == 0).all(), "id 0 (background) is black"
+    assert (colours[1:].max(axis=1) > 0).all(), "no id is black"
+    assert (np.abs(np.diff(colours[1:].astype(int), axis=0)).sum(axis=1) > 0).all(), (
+        "neighbouring ids share a colour"
+    )
+    np.testing.assert_array_equal(colours, rendered(state, f"{key}_alone")[0])
+
+
+def test_channels_of_labels_cycle_in_color_mode_too(debian, tmp_path):
+    """channel_display="color" shows one channel at a time (the newest, here channel 1): it
+    was drawn through the channel's linear glasbey LUT as well (id 1 of 1000 black)."""
+    receiver = start_receiver(tmp_path, channel_display="color")
+    try:
+        with FijiStreamingBackend(receiver.endpoint) as b:
+            ids = np.tile(np.arange(1001, dtype=np.uint16), (4, 1))
+            b.save(np.stack([ids[:, ::-1], ids]), "x.tif", stream="x", axis_names=["c"],
+                   labels=True)  # fmt: skip
+            b.save(ids, "x.tif", stream="alone", labels=True)
+            state = report(b)
+        colours = rendered(state, "x")[0].astype(int)
+        assert (colours[1:].max(axis=1) > 0).all(), "no id is black"
+        np.testing.assert_array_equal(colours, rendered(state, "alone")[0])
+    finally:
+        assert receiver.stop() == 0
 
 
 @pytest.mark.parametrize("value", [2**24 + 1, 2**32 - 1])

@@ -1194,16 +1194,81 @@ class LabelColors {
         return (int) (1 + (label - 1) % 255)
     }
 
-    static java.awt.Image render(int w, int h, Object pixels) {
-        byte[] idx = new byte[w * h]
+    /** The colour index of every pixel of a plane of labels. */
+    static byte[] indices(Object pixels) {
         if (pixels instanceof short[]) {
             short[] p = (short[]) pixels
+            byte[] idx = new byte[p.length]
             for (int k = 0; k < idx.length; k++) idx[k] = (byte) index(p[k] & 0xffff)
-        } else {
-            float[] p = (float[]) pixels
-            for (int k = 0; k < idx.length; k++) idx[k] = (byte) index(p[k])
+            return idx
         }
-        return new ij.process.ByteProcessor(w, h, idx, model()).createImage()
+        if (pixels instanceof byte[]) {
+            byte[] p = (byte[]) pixels
+            byte[] idx = new byte[p.length]
+            for (int k = 0; k < idx.length; k++) idx[k] = (byte) index(p[k] & 0xff)
+            return idx
+        }
+        float[] p = (float[]) pixels
+        byte[] idx = new byte[p.length]
+        for (int k = 0; k < idx.length; k++) idx[k] = (byte) index(p[k])
+        return idx
+    }
+
+    static java.awt.Image render(int w, int h, Object pixels) {
+        return new ij.process.ByteProcessor(w, h, indices(pixels), model()).createImage()
+    }
+
+    /**
+     * A composite of labels at its current z and t: each channel coloured as render() colours
+     * a single labels image, the channels added (clamped at 255) as ImageJ's composite mode
+     * adds its channels' colours; in colour or grayscale mode the current channel alone.
+     */
+    static java.awt.Image render(CompositeImage ci) {
+        int w = ci.getWidth(), h = ci.getHeight(), z = ci.getSlice(), t = ci.getFrame()
+        ImageStack stack = ci.getImageStack()
+        if (ci.getMode() != CompositeImage.COMPOSITE) return render(w, h, stack.getPixels(ci.getStackIndex(ci.getChannel(), z, t)))
+        int[] colours = new int[256]
+        model().getRGBs(colours)
+        boolean[] active = ci.getActiveChannels()
+        int[] rgb = new int[w * h]
+        for (int c = 0; c < ci.getNChannels(); c++) {
+            if (c < active.length && !active[c]) continue
+            byte[] idx = indices(stack.getPixels(ci.getStackIndex(c + 1, z, t)))
+            for (int k = 0; k < rgb.length; k++) {
+                int a = rgb[k], b = colours[idx[k] & 0xff]
+                int r = Math.min(((a >> 16) & 0xff) + ((b >> 16) & 0xff), 255)
+                int g = Math.min(((a >> 8) & 0xff) + ((b >> 8) & 0xff), 255)
+                int bl = Math.min((a & 0xff) + (b & 0xff), 255)
+                rgb[k] = (r << 16) | (g << 8) | bl
+            }
+        }
+        return new ij.process.ColorProcessor(w, h, rgb).createImage()
+    }
+}
+
+/**
+ * The CompositeImage of every stream with channels. While it holds labels (`labels`, set by
+ * labelView and plainView) it is drawn by LabelColors, as a single labels image is: ImageJ
+ * draws a composite's channels through their processors' linear LUT ranges, where ids above
+ * 255 share colours. Everything else (LUTs, ranges, positions) stays ImageJ's.
+ */
+@CompileStatic
+class LabelCompositeImage extends CompositeImage {
+    boolean labels
+    java.awt.Image labelImage  // drawn when ImageJ draws (an assignment to its protected `img` compiled to a dynamic property set that had no effect, Groovy 2.4)
+
+    LabelCompositeImage(ImagePlus imp, int mode) { super(imp, mode) }
+
+    @Override
+    synchronized void updateImage() {
+        super.updateImage()  // ImageJ's bookkeeping (current channel, channel processors, LUTs)
+        labelImage = labels && getNChannels() > 1 ? LabelColors.render(this) : null
+    }
+
+    @Override
+    java.awt.Image getImage() {
+        java.awt.Image own = super.getImage()  // updates if ImageJ dropped its drawing
+        return labels && labelImage != null ? labelImage : own
     }
 }
 
@@ -1679,7 +1744,7 @@ class Images {
             ImagePlus plain = new ImagePlus(s.title, own)
             plain.setDimensions(C, Z, T)
             plain.setOpenAsHyperStack(C > 1 || T > 1)
-            ImagePlus next = C > 1 ? new CompositeImage(plain, compositeMode) : plain
+            ImagePlus next = C > 1 ? new LabelCompositeImage(plain, compositeMode) : plain
             next.setTitle(s.title)
             next.setOverlay(old.getOverlay())
             s.imp = next
@@ -1818,9 +1883,11 @@ class Images {
         }
     }
 
-    /** Labels are drawn through LabelColors (single-channel images; composites keep LUTs). */
+    /** Labels are drawn through LabelColors: a single-channel image by its processor, a
+     * composite (channels) by LabelCompositeImage. */
     void labelView(Stream s) {
         ImagePlus imp = s.imp
+        if (imp instanceof LabelCompositeImage) ((LabelCompositeImage) imp).labels = true
         if (imp == null || imp instanceof CompositeImage) return
         ij.process.ImageProcessor ip = imp.getProcessor()
         if (ip instanceof LabelShortProcessor || ip instanceof LabelFloatProcessor) return
@@ -1836,6 +1903,7 @@ class Images {
     /** Undo labelView: an image is drawn through its LUT and display range again. */
     void plainView(Stream s) {
         ImagePlus imp = s.imp
+        if (imp instanceof LabelCompositeImage) ((LabelCompositeImage) imp).labels = false
         if (imp == null) return
         ij.process.ImageProcessor ip = imp.getProcessor()
         ij.process.ImageProcessor view = null
