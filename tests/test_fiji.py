@@ -1311,6 +1311,51 @@ def test_rerun_in_one_session_continues_cleanly(debian):
         editor.close()
 
 
+@pytest.mark.skipif(shutil.which("xvfb-run") is None, reason="xvfb-run is not installed")
+def test_a_window_taken_over_by_a_rerun_follows_labels_and_images(stack, tmp_path):
+    """A re-run in one Fiji session takes over the windows of the run before, whose images
+    are of that run's classes (each run loads the receiver anew): the labels view (channels:
+    LabelCompositeImage, one channel: a label processor) was recognised by class, so it was
+    never switched. Labels that turn to images went on in glasbey colours, images that turn
+    to labels were drawn through a linear LUT (id 1 of 1000 black). After the re-run each
+    stream must look as the same frame does on a stream of its own."""
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    ids = np.tile(np.arange(1001, dtype=np.uint16), (4, 1))  # column j holds id j
+    ramp = np.tile(np.arange(0, 1001, dtype=np.uint16), (4, 1))
+    two = {"axis_names": ["c"]}
+    frames = {  # stream: (frame of run 1, frame of run 2, hints)
+        "to_images_c2": (np.stack([ids, ids[:, ::-1]]), np.stack([ramp, ramp[:, ::-1]]), two),
+        "to_labels_c2": (np.stack([ramp, ramp[:, ::-1]]), np.stack([ids, ids[:, ::-1]]), two),
+        "to_images_c1": (ids, ramp, {}),
+        "to_labels_c1": (ramp, ids, {}),
+    }
+    editor = ScriptEditor(stack, gui=True, cache=tmp_path / "cache")
+    try:
+        for run in (1, 2):
+            params = f'endpoint="{endpoint}",output_dir="{tmp_path / f"run{run}"}"'
+            if not stack.curve:
+                params += ",allow_unauthenticated=true"
+            assert editor.command(f"run {params}", timeout=300).startswith("listening")
+            with FijiStreamingBackend(endpoint, timeout=60) as b:
+                for stream, (first, second, hints) in frames.items():
+                    frame = first if run == 1 else second
+                    labels = stream.startswith("to_images") == (run == 1)
+                    b.save(frame, "x.tif", stream=stream, labels=labels, **hints)
+                    if run == 2:
+                        b.save(frame, "x.tif", stream=f"{stream}_alone", labels=labels, **hints)
+                state = report(b)
+            assert state["windows"] == (4 if run == 1 else 8), state["windows"]
+            assert "ended" in editor.command("stop", timeout=30)
+        assert all(image(state, stream)["framesReceived"] == 1 for stream in frames)
+        unlike = [stream for stream in frames
+                  if not np.array_equal(rendered(state, stream), rendered(state, f"{stream}_alone"))]
+        assert unlike == [], "drawn unlike the same frame alone"
+    finally:
+        editor.close()
+    assert "Exception" not in editor.log, editor.log[-3000:]
+
+
 def gui_range(editor: ScriptEditor, title: str, channel: int = 1) -> list[float]:
     """The display range ImageJ shows for `channel` of the open image `title`, read by an
     ImageJ macro in the receiver's JVM (not through the receiver's report)."""

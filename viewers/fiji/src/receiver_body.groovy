@@ -1735,28 +1735,33 @@ class Images {
         s.imp.setOpenAsHyperStack(C > 1 || T > 1)
         // Channels appear: a composite, so each gets its own LUT. Channels gone: a plain image
         // again (ImageJ draws a composite of one channel through neither its LUT nor its range).
-        if ((C > 1 && !s.imp.isComposite()) || (C == 1 && s.imp instanceof CompositeImage)) {
-            ImagePlus old = s.imp
-            // The new image gets its own ImageStack object holding the same pixel arrays:
-            // closing the old window flushes (nulls) the old stack object's slots.
-            ImageStack own = new ImageStack(stack.getWidth(), stack.getHeight())
-            for (int k = 1; k <= stack.getSize(); k++) own.addSlice(stack.getSliceLabel(k), stack.getPixels(k))
-            ImagePlus plain = new ImagePlus(s.title, own)
-            plain.setDimensions(C, Z, T)
-            plain.setOpenAsHyperStack(C > 1 || T > 1)
-            ImagePlus next = C > 1 ? new LabelCompositeImage(plain, compositeMode) : plain
-            next.setTitle(s.title)
-            next.setOverlay(old.getOverlay())
-            s.imp = next
-            s.stack = own
-            if (s.shown) {
-                old.changes = false
-                old.close()
-                s.shown = false
-            }
-        }
+        if ((C > 1 && !s.imp.isComposite()) || (C == 1 && s.imp instanceof CompositeImage)) remake(s)
         s.displayDirty = true
         keepRanges(s)
+    }
+
+    /** A new ImagePlus of the stream's stack and dimensions in place of its image (whose window,
+     * if shown, is closed): a LabelCompositeImage with channels, a plain image without. */
+    void remake(Stream s) {
+        ImagePlus old = s.imp
+        ImageStack stack = s.stack
+        // The new image gets its own ImageStack object holding the same pixel arrays:
+        // closing the old window flushes (nulls) the old stack object's slots.
+        ImageStack own = new ImageStack(stack.getWidth(), stack.getHeight())
+        for (int k = 1; k <= stack.getSize(); k++) own.addSlice(stack.getSliceLabel(k), stack.getPixels(k))
+        ImagePlus plain = new ImagePlus(s.title, own)
+        plain.setDimensions(s.C, s.Z, s.T)
+        plain.setOpenAsHyperStack(s.C > 1 || s.T > 1)
+        ImagePlus next = s.C > 1 ? new LabelCompositeImage(plain, compositeMode) : plain
+        next.setTitle(s.title)
+        next.setOverlay(old.getOverlay())
+        s.imp = next
+        s.stack = own
+        if (s.shown) {
+            old.changes = false
+            old.close()
+            s.shown = false
+        }
     }
 
     void applyDisplay(Stream s) {
@@ -1925,7 +1930,56 @@ class Images {
         s.shown = true
         s.stack = null
         sync(s)
+        if (s.width > 0) takeOver(s)
         return s
+    }
+
+    /**
+     * The image of an earlier run is of that run's classes (each run loads the receiver anew),
+     * which labelView and plainView do not recognise by class: its labels view would never be
+     * switched. So a label processor (found by name) becomes a plain one again and a composite
+     * becomes this run's LabelCompositeImage (LUTs, mode, position and window place kept); the
+     * stream knows it showed labels, and the next frame's labelView or plainView does the rest.
+     */
+    void takeOver(Stream s) {
+        ImagePlus old = s.imp
+        boolean wasLabels = false
+        ij.process.ImageProcessor ip = old.getProcessor()
+        String view = ip == null ? '' : ip.getClass().getSimpleName()
+        if (view == 'LabelShortProcessor' || view == 'LabelFloatProcessor') {
+            wasLabels = true
+            ij.process.ImageProcessor plain = ip.getPixels() instanceof short[]
+                ? new ij.process.ShortProcessor(ip.getWidth(), ip.getHeight(), (short[]) ip.getPixels(), null)
+                : new ij.process.FloatProcessor(ip.getWidth(), ip.getHeight(), (float[]) ip.getPixels(), null)
+            plain.setMinAndMax(ip.getMin(), ip.getMax())
+            old.setProcessor(plain)
+        }
+        if (old instanceof CompositeImage && !(old instanceof LabelCompositeImage) && s.C > 1) {
+            CompositeImage ci = (CompositeImage) old
+            if (old.getClass().getSimpleName() == 'LabelCompositeImage') {
+                for (String getter : ['isLabels', 'getLabels']) {
+                    try {
+                        wasLabels = old.getClass().getMethod(getter).invoke(old) == Boolean.TRUE
+                        break
+                    } catch (ReflectiveOperationException ignored) {
+                    }
+                }
+            }
+            LUT[] luts = ci.getLuts()
+            int mode = ci.getMode(), c = ci.getChannel(), z = ci.getSlice(), t = ci.getFrame()
+            java.awt.Point where = old.getWindow()?.getLocation()
+            remake(s)
+            CompositeImage next = (CompositeImage) s.imp
+            next.setLuts(luts)
+            next.setMode(mode)
+            next.setPosition(c, z, t)
+            ((LabelCompositeImage) next).labels = wasLabels
+            if (where != null) ij.gui.ImageWindow.setNextLocation(where)
+            next.show()  // in the old window's place, before another window takes it
+            s.shown = true
+        }
+        s.labels = wasLabels
+        s.labelLuts = wasLabels
     }
 
     /** LUT name per channel as reported: the hint that was applied, or 'grays'/'default'. */
