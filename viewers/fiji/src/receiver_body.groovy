@@ -1218,31 +1218,61 @@ class LabelColors {
         return new ij.process.ByteProcessor(w, h, indices(pixels), model()).createImage()
     }
 
+    static int[] colours16
+
+    /** The colour (0xRRGGBB) of every id a 16-bit (or 8-bit) plane can hold, as render() draws
+     * it: one table look-up per pixel instead of a modulo. */
+    static int[] colours16() {
+        if (colours16 == null) {
+            int[] colours = new int[256]
+            model().getRGBs(colours)
+            int[] table = new int[65536]
+            for (int v = 0; v < table.length; v++) table[v] = colours[index(v)] & 0xffffff
+            colours16 = table
+        }
+        return colours16
+    }
+
+    /** Colour component-wise sum of two 0xRRGGBB colours, each component clamped at 255. */
+    static int add(int a, int b) {
+        int r = Math.min((a & 0xff0000) + (b & 0xff0000), 0xff0000)
+        int g = Math.min((a & 0xff00) + (b & 0xff00), 0xff00)
+        int bl = Math.min((a & 0xff) + (b & 0xff), 0xff)
+        return r | g | bl
+    }
+
     /**
-     * A composite of labels at its current z and t: each channel coloured as render() colours
-     * a single labels image, the channels added (clamped at 255) as ImageJ's composite mode
-     * adds its channels' colours; in colour or grayscale mode the current channel alone.
+     * A composite of labels at its current z and t, into `rgb` (0xRRGGBB, one int per pixel):
+     * each active channel coloured as render() colours a single labels image, the channels
+     * added (clamped at 255) as ImageJ's composite mode adds its channels' colours.
      */
-    static java.awt.Image render(CompositeImage ci) {
-        int w = ci.getWidth(), h = ci.getHeight(), z = ci.getSlice(), t = ci.getFrame()
+    static void composite(CompositeImage ci, int[] rgb) {
+        int z = ci.getSlice(), t = ci.getFrame()
         ImageStack stack = ci.getImageStack()
-        if (ci.getMode() != CompositeImage.COMPOSITE) return render(w, h, stack.getPixels(ci.getStackIndex(ci.getChannel(), z, t)))
+        int[] table = colours16()
         int[] colours = new int[256]
         model().getRGBs(colours)
         boolean[] active = ci.getActiveChannels()
-        int[] rgb = new int[w * h]
+        boolean first = true
         for (int c = 0; c < ci.getNChannels(); c++) {
             if (c < active.length && !active[c]) continue
-            byte[] idx = indices(stack.getPixels(ci.getStackIndex(c + 1, z, t)))
-            for (int k = 0; k < rgb.length; k++) {
-                int a = rgb[k], b = colours[idx[k] & 0xff]
-                int r = Math.min(((a >> 16) & 0xff) + ((b >> 16) & 0xff), 255)
-                int g = Math.min(((a >> 8) & 0xff) + ((b >> 8) & 0xff), 255)
-                int bl = Math.min((a & 0xff) + (b & 0xff), 255)
-                rgb[k] = (r << 16) | (g << 8) | bl
+            Object pixels = stack.getPixels(ci.getStackIndex(c + 1, z, t))
+            if (pixels instanceof short[]) {
+                short[] p = (short[]) pixels
+                if (first) { for (int k = 0; k < rgb.length; k++) rgb[k] = table[p[k] & 0xffff] }
+                else { for (int k = 0; k < rgb.length; k++) rgb[k] = add(rgb[k], table[p[k] & 0xffff]) }
+            } else if (pixels instanceof byte[]) {
+                byte[] p = (byte[]) pixels
+                if (first) { for (int k = 0; k < rgb.length; k++) rgb[k] = table[p[k] & 0xff] }
+                else { for (int k = 0; k < rgb.length; k++) rgb[k] = add(rgb[k], table[p[k] & 0xff]) }
+            } else {
+                float[] p = (float[]) pixels
+                if (first) { for (int k = 0; k < rgb.length; k++) rgb[k] = colours[index(p[k])] & 0xffffff }
+                else { for (int k = 0; k < rgb.length; k++) rgb[k] = add(rgb[k], colours[index(p[k])] & 0xffffff) }
             }
+            first = false
         }
-        return new ij.process.ColorProcessor(w, h, rgb).createImage()
+        if (first) Arrays.fill(rgb, 0)  // no channel active: black, as ImageJ draws it
     }
 }
 
@@ -1256,13 +1286,34 @@ class LabelColors {
 class LabelCompositeImage extends CompositeImage {
     boolean labels
     java.awt.Image labelImage  // drawn when ImageJ draws (an assignment to its protected `img` compiled to a dynamic property set that had no effect, Groovy 2.4)
+    int[] labelPixels  // what labelImage shows in composite mode, reused from draw to draw (as ImageJ reuses its own)
+    java.awt.image.BufferedImage labelBuffer
 
     LabelCompositeImage(ImagePlus imp, int mode) { super(imp, mode) }
 
     @Override
     synchronized void updateImage() {
         super.updateImage()  // ImageJ's bookkeeping (current channel, channel processors, LUTs)
-        labelImage = labels && getNChannels() > 1 ? LabelColors.render(this) : null
+        if (!labels || getNChannels() < 2) {
+            labelImage = null
+            labelBuffer = null
+            labelPixels = null
+            return
+        }
+        int w = getWidth(), h = getHeight()
+        if (getMode() != COMPOSITE) {  // colour or grayscale mode: the current channel alone
+            labelImage = LabelColors.render(w, h, getImageStack().getPixels(getStackIndex(getChannel(), getSlice(), getFrame())))
+            return
+        }
+        if (labelBuffer == null || labelBuffer.getWidth() != w || labelBuffer.getHeight() != h) {
+            labelPixels = new int[w * h]
+            java.awt.image.DirectColorModel cm = new java.awt.image.DirectColorModel(24, 0xff0000, 0xff00, 0xff)
+            java.awt.image.WritableRaster raster = java.awt.image.Raster.createPackedRaster(
+                new java.awt.image.DataBufferInt(labelPixels, labelPixels.length), w, h, w, [0xff0000, 0xff00, 0xff] as int[], null)
+            labelBuffer = new java.awt.image.BufferedImage(cm, raster, false, null)
+        }
+        LabelColors.composite(this, labelPixels)
+        labelImage = labelBuffer
     }
 
     @Override
