@@ -1357,39 +1357,6 @@ def test_a_window_taken_over_by_a_rerun_follows_labels_and_images(stack, tmp_pat
 
 
 @pytest.mark.skipif(shutil.which("xvfb-run") is None, reason="xvfb-run is not installed")
-def test_a_large_labels_composite_draws_about_as_fast_as_an_image_composite(debian):
-    """A 2048x2048 labels image of three channels was drawn (GUI, each redraw on the receive
-    thread) in about 2.3 times the time ImageJ takes for the same composite as images: a byte
-    plane of colour indices per channel, a modulo per pixel and a new 16 MiB RGB image per
-    draw, on top of ImageJ's own composite. It must stay within 1.75 times."""
-    port = free_port()
-    endpoint = f"tcp://127.0.0.1:{port}"
-    ids = np.random.default_rng(0).integers(0, 5000, (3, 2048, 2048)).astype(np.uint16)
-    editor = ScriptEditor(debian, gui=True)
-    try:
-        params = f'endpoint="{endpoint}",allow_unauthenticated=true'
-        assert editor.command(f"run {params}", timeout=300).startswith("listening")
-        with FijiStreamingBackend(endpoint, timeout=60, connect_timeout=20) as b:
-            b.save(ids, "x.tif", stream="labels", axis_names=["c"], labels=True)
-            b.save(ids, "x.tif", stream="image", axis_names=["c"])
-            report(b)
-
-        def ms_per_draw(title: str) -> float:  # ImageJ's updateAndDraw, ten times
-            return float(editor.command(
-                f'macro selectImage("{title}"); t0 = getTime(); '
-                'for (i = 0; i < 10; i++) updateDisplay(); return "" + (getTime() - t0) / 10;'))
-
-        times = {"labels": [], "image": []}
-        for _ in range(3):  # interleaved, the fastest of each: other load hits both alike
-            for title in times:
-                times[title].append(ms_per_draw(title))
-        labels, plain = min(times["labels"]), min(times["image"])
-        assert labels <= 1.75 * plain, f"labels {labels:.0f} ms, image {plain:.0f} ms per draw"
-        assert "ended" in editor.command("stop", timeout=30)
-    finally:
-        editor.close()
-
-
 def gui_range(editor: ScriptEditor, title: str, channel: int = 1) -> list[float]:
     """The display range ImageJ shows for `channel` of the open image `title`, read by an
     ImageJ macro in the receiver's JVM (not through the receiver's report)."""
