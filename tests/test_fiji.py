@@ -1348,8 +1348,8 @@ def test_a_window_taken_over_by_a_rerun_follows_labels_and_images(stack, tmp_pat
             assert state["windows"] == (4 if run == 1 else 8), state["windows"]
             assert "ended" in editor.command("stop", timeout=30)
         assert all(image(state, stream)["framesReceived"] == 1 for stream in frames)
-        unlike = [stream for stream in frames
-                  if not np.array_equal(rendered(state, stream), rendered(state, f"{stream}_alone"))]
+        unlike = [stream for stream in frames if not np.array_equal(
+            rendered(state, stream), rendered(state, f"{stream}_alone"))]
         assert unlike == [], "drawn unlike the same frame alone"
     finally:
         editor.close()
