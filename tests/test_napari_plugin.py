@@ -691,6 +691,105 @@ def test_after_clear_a_stream_starts_afresh_in_last_error(docked, qtbot):
     assert after["e"].startswith("1 empty frame(s)")
 
 
+# napari itself runs in a child process here: the crash this guards against is a segfault,
+# which would take pytest down with it.
+NAPARI_CHILD = """
+import json, os, sys, time
+import napari
+from qtpy.QtWidgets import QApplication
+from polystore_napari.widget import ReceiverWidget
+
+viewer = napari.Viewer(show=True)
+widget = ReceiverWidget(viewer, endpoint="tcp://127.0.0.1:0", auto_start=False)
+viewer.window.add_dock_widget(widget, name="polystore receiver", area="right")
+widget.start()
+print(widget.endpoint, flush=True)
+app = QApplication.instance()
+
+def pump(seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        app.processEvents()
+        time.sleep(0.01)
+
+def last_frame_shown():
+    layer = widget.manager.layer("fresh")
+    return layer is not None and int(layer.data[0, 0]) == 9
+
+deadline = time.monotonic() + 60
+while not last_frame_shown() and time.monotonic() < deadline:
+    pump(0.05)
+pump(1.0)  # more draws of the new image
+canvas = viewer.screenshot(canvas_only=True, flash=False)
+print(json.dumps({"shown": last_frame_shown(), "layers": [l.name for l in viewer.layers],
+                  "canvas_mean": float(canvas[..., :3].mean())}), flush=True)
+widget.stop()
+viewer.close()
+"""
+
+
+def test_napari_survives_new_images_after_a_clear_removed_labelled_rois(qtbot, tmp_path):
+    """After a ``clear`` removed a Shapes layer that showed its labels as text, napari
+    segfaulted (in glDrawArrays) at the second draw of the next new image on Mesa's llvmpipe
+    (Xvfb, CI, cluster nodes): the layer's GL program was deleted while it was the current one
+    (see ``release_deleted_gl_program`` in layers.py)."""
+    errors = open(tmp_path / "napari.err", "w+")  # a file: a full pipe would stall napari
+    child = subprocess.Popen([sys.executable, "-X", "faulthandler", "-c", NAPARI_CHILD],
+                             stdout=subprocess.PIPE, stderr=errors, text=True,
+                             cwd=ROOT)  # fmt: skip
+    sender = None
+    try:
+        endpoint = child.stdout.readline().strip()
+        assert endpoint.startswith("tcp://"), (tmp_path / "napari.err").read_text()
+        sender = Sender(endpoint, """
+            import time
+            backend.save(rand(1, (300, 300)), "cells/t000.tif")
+            centres = np.random.default_rng(3).uniform(40, 260, (12, 2))
+            backend.save([{"kind": "ellipse", "coords": [[r - 14, c - 14], [r + 14, c + 14]],
+                           "label": f"cell {k}"} for k, (r, c) in enumerate(centres)],
+                         "cells/t000.roi.zip", stream="cells")
+            backend.flush()
+            for _ in range(200):
+                kinds = [layer["kind"] for layer in backend.request("report")["layers"]]
+                if "shapes" in kinds:
+                    break
+                time.sleep(0.05)
+            time.sleep(1.0)  # napari draws the ROIs and their labels
+            backend.request("clear")
+            ramp = np.add.outer(np.arange(240), np.arange(320)).astype(np.uint16)
+            for t in range(10):  # a new stream: a new image layer, updated in place
+                frame = ramp * 100 + 100
+                frame[0, 0] = t
+                backend.save(frame, f"fresh/t{t:03d}.tif")
+                backend.flush()
+                time.sleep(0.05)
+        """)
+        sender_failed = None
+        try:
+            sender.finish(qtbot)
+        except AssertionError as exc:  # as it does when napari died under it
+            sender_failed = exc
+        finally:
+            sender.kill()
+        out, _ = child.communicate(timeout=90)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+        errors.close()
+        pids = [child.pid] + ([sender.proc.pid] if sender is not None else [])
+        for name in os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []:
+            if name.startswith(tuple(f"napari_{pid}_" for pid in pids)):
+                os.unlink(os.path.join("/dev/shm", name))  # left by a crashed process
+    err = (tmp_path / "napari.err").read_text()
+    assert child.returncode == 0, f"napari died ({child.returncode}):\n{err[-3000:]}"
+    if sender_failed is not None:
+        raise sender_failed
+    state = json.loads(out.strip().splitlines()[-1])
+    assert state["shown"] and state["layers"] == ["fresh"]
+    assert state["canvas_mean"] > 20, "canvas is black"
+
+
 # -- lifecycle -------------------------------------------------------------------------------
 
 
