@@ -12,10 +12,9 @@ canvas after each, as scripts/fiji_screenshots.py does for Fiji:
     python scripts/napari_screenshots.py [--out docs/images]
 
 Without $DISPLAY the script re-runs itself under ``xvfb-run -a``. Each scene gets its own
-napari process: napari 0.9.2 with vispy 0.17 on Mesa's llvmpipe segfaults when it draws an
-image after a Shapes layer was removed (docs/napari.md), which clearing the ROIs scene's
-layers would do. The widget's saved settings and the streaming credential go to a temporary
-folder, not the user's.
+napari process, so that no scene's layers (or their removal: see "A napari crash" in
+docs/napari.md) affect the next picture. The widget's saved settings and the streaming
+credential go to a temporary folder, not the user's.
 """
 
 from __future__ import annotations
