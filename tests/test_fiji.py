@@ -590,6 +590,34 @@ def test_channels_of_labels_cycle_in_color_mode_too(debian, tmp_path):
         assert receiver.stop() == 0
 
 
+@pytest.mark.skipif(shutil.which("xvfb-run") is None, reason="xvfb-run is not installed")
+def test_a_shown_composite_in_grayscale_display_stays_gray(debian, tmp_path):
+    """channel_display="grayscale" in a window: ImageJ's setChannelLut puts the LUT into the
+    current channel's processor whatever the display mode, so the next frame's contrast
+    (or a labels stream turning to images) drew the shown channel in its channel colour
+    (green) instead of gray. Each stream must look as its newest frame does alone."""
+    ids = np.tile(np.arange(1001, dtype=np.uint16), (4, 1))
+    ramp = np.tile(np.arange(0, 1001, dtype=np.uint16), (4, 1))
+    images = np.stack([ramp, ramp[:, ::-1]])
+    receiver = start_receiver(tmp_path, gui=True, channel_display="grayscale")
+    try:
+        with FijiStreamingBackend(receiver.endpoint) as b:
+            b.save(images * 2, "x.tif", stream="images", axis_names=["c"])
+            b.save(np.stack([ids, ids[:, ::-1]]), "x.tif", stream="labels", axis_names=["c"],
+                   labels=True)  # fmt: skip
+            b.flush()
+            time.sleep(0.5)  # drawn in their windows (the receiver redraws within ~0.1 s)
+            for stream in ("images", "labels", "alone"):
+                b.save(images, "x.tif", stream=stream, axis_names=["c"])
+            state = report(b)
+        alone = rendered(state, "alone")
+        assert (alone[..., 0] == alone[..., 1]).all(), "gray"
+        unlike = [s for s in ("images", "labels") if not np.array_equal(rendered(state, s), alone)]
+        assert unlike == [], "drawn unlike the same frame alone"
+    finally:
+        assert receiver.stop() == 0
+
+
 @pytest.mark.parametrize("value", [2**24 + 1, 2**32 - 1])
 def test_labels_a_float_cannot_hold_are_rejected_not_merged(fiji, backend, fm, key, value):
     """Issue 14: labels >= 2^24 were merged silently by the float32 conversion (2^24 + 1 became

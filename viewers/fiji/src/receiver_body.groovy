@@ -1837,8 +1837,7 @@ class Images {
                 LUT l = (LUT) (lut ?: current).clone()
                 if (range != null) { l.min = range[0]; l.max = range[1] }
                 else if (lut != null) { l.min = current.min; l.max = current.max }
-                ci.setChannelLut(l, c + 1)
-                if (ci.getChannel() == c + 1) ci.setDisplayRange(l.min, l.max)  // ImageJ draws the current channel at the image's range
+                setChannelLut(ci, l, c + 1)
             } else {
                 if (lut != null) s.imp.setLut(lut)
                 if (range != null) s.imp.setDisplayRange(range[0], range[1])
@@ -1864,11 +1863,25 @@ class Images {
             LUT l = (LUT) ci.getChannelLut(c + 1).clone()
             l.min = lo
             l.max = hi
-            ci.setChannelLut(l, c + 1)
-            if (ci.getChannel() == c + 1) ci.setDisplayRange(lo, hi)
+            setChannelLut(ci, l, c + 1)
         } else {
             s.imp.setDisplayRange(lo, hi)
         }
+    }
+
+    /**
+     * A channel's LUT (and range). ImageJ draws the current channel at the image's range, so
+     * that is set too. With a window, ImageJ's setChannelLut also puts the LUT into the current
+     * channel's processor whatever the display mode, which in grayscale mode drew that channel
+     * in its colour from the next frame's contrast on: there it gets the gray ImageJ's
+     * setMode(GRAYSCALE) gives it back.
+     */
+    static void setChannelLut(CompositeImage ci, LUT l, int channel) {
+        ci.setChannelLut(l, channel)
+        if (ci.getChannel() != channel) return
+        ij.process.ImageProcessor ip = ci.getProcessor()
+        if (ci.getMode() == CompositeImage.GRAYSCALE && ip != null) ip.setColorModel(ip.getDefaultColorModel())
+        ci.setDisplayRange(l.min, l.max)
     }
 
     List<List<Double>> followAndRanges(Stream s) {
