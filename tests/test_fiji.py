@@ -1339,6 +1339,32 @@ def test_rerun_in_one_session_continues_cleanly(debian):
         editor.close()
 
 
+def test_a_users_own_image_with_a_streams_title_is_never_taken_over(debian):
+    """A re-run takes over the windows an earlier run left open, found by title: any open
+    image titled as a stream was taken, the user's own too, and the stream's frames were
+    written into it (its unsaved work lost). Only images an earlier run made are taken."""
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    editor = ScriptEditor(debian, gui=True)
+    try:
+        params = f'endpoint="{endpoint}",allow_unauthenticated=true'
+        assert editor.command(f"run {params}", timeout=300).startswith("listening")
+        mine = editor.command('macro newImage("cells", "8-bit black", 3, 2, 1); '
+                              'setPixel(0, 0, 42); run("Add...", "value=1"); '
+                              'return "" + getImageID();')  # fmt: skip
+        with RawClient(endpoint) as raw:
+            assert raw.hello()["type"] == "welcome"
+            assert raw.request(raw.frame(stream="cells"), bytes([7] * 6))["type"] == "ack"
+            state = raw.report()
+        assert state["windows"] == 2, "the stream opened its own window beside the user's"
+        kept = editor.command(f'macro selectImage({mine}); '
+                              f'return "" + getPixel(0, 0) + " " + is("changes");')
+        assert kept == "43 1", f"the user's image became {kept!r}"
+        assert "ended" in editor.command("stop", timeout=30)
+    finally:
+        editor.close()
+
+
 @pytest.mark.skipif(shutil.which("xvfb-run") is None, reason="xvfb-run is not installed")
 def test_a_window_taken_over_by_a_rerun_follows_labels_and_images(stack, tmp_path):
     """A re-run in one Fiji session takes over the windows of the run before, whose images

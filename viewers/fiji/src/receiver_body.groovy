@@ -1774,6 +1774,7 @@ class Images {
         noticeHandChanges(s)  // before the rebuild, which may reset what ImageJ shows
         if (s.imp == null) {
             s.imp = new ImagePlus(s.title, stack)
+            s.imp.setProperty(MADE_HERE, s.title)
             s.imp.setDimensions(C, Z, T)
             attachRois(s)
         } else {
@@ -1805,6 +1806,7 @@ class Images {
         plain.setOpenAsHyperStack(s.C > 1 || s.T > 1)
         ImagePlus next = s.C > 1 ? new LabelCompositeImage(plain, compositeMode) : plain
         next.setTitle(s.title)
+        next.setProperty(MADE_HERE, s.title)
         next.setOverlay(old.getOverlay())
         s.imp = next
         s.stack = own
@@ -1983,11 +1985,19 @@ class Images {
         imp.setProcessor(view)
     }
 
+    /** Marks the images this script makes (an image property, kept by ImageJ for the session). */
+    static final String MADE_HERE = 'polystore_stream'
+
     /** Re-runs in one Fiji session: a window left open by an earlier run with this stream's
-     * title is taken over (its image goes on), instead of a second window of the same title. */
+     * title is taken over (its image goes on), instead of a second window of the same title.
+     * Only an image an earlier run made: a user's own image of that title is never touched. */
     Stream adopt(String title, Stream s) {
-        ImagePlus open = ij.WindowManager.getImage(title)
-        if (open == null || open.getWindow() == null) return s
+        ImagePlus open = null
+        for (int id : (ij.WindowManager.getIDList() ?: new int[0])) {
+            ImagePlus imp = ij.WindowManager.getImage(id)
+            if (imp != null && imp.getWindow() != null && imp.getProperty(MADE_HERE) == title) { open = imp; break }
+        }
+        if (open == null) return s
         for (Stream other : streams.values()) if (other.imp.is(open)) return s
         if (s == null) s = stream(title)
         s.imp = open
