@@ -36,7 +36,7 @@ import zmq
 from polystore.apps import bench
 from polystore.streaming import NapariStreamingBackend
 from polystore.streaming import protocol as p
-from polystore.streaming.connection import create_dealer_socket
+from polystore.streaming.link import create_dealer_socket
 from polystore.streaming.options import SenderOptions
 from polystore.streaming.shm import Segment, create_probe, destroy
 

@@ -25,9 +25,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from polystore.streaming import protocol as p
-from polystore.streaming.auth import client_keys
 from polystore.streaming.errors import ViewerNotRunningError, impostor_message
-from polystore.streaming.link import LINK_EVENTS, LinkState
+from polystore.streaming.link import LINK_EVENTS, LinkState, create_dealer_socket
 from polystore.streaming.options import SenderOptions
 from polystore.streaming.shm import create_probe, destroy, unlink_unless_forked
 
@@ -41,21 +40,6 @@ class State(enum.Enum):
     HELLO_SENT = "hello sent"
     CONNECTED = "connected"
     REFUSED = "refused"
-
-
-def create_dealer_socket(endpoint: str, identity: str, options: SenderOptions) -> zmq.Socket:
-    """The one place a sender's socket is made and configured (authentication included)."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.ROUTING_ID, identity.encode())
-    sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a receiver that isn't there
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RECONNECT_IVL, 50)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-    keys = client_keys(options.auth, options.curve_server_key)  # see streaming/auth.py
-    if keys is not None:
-        keys.apply(sock)
-    sock.connect(endpoint)
-    return sock
 
 
 class Connection:

@@ -1,5 +1,6 @@
-"""What a sender's socket monitor says about the link to its receiver: is it up, is the
-authentication handshake under way, did it fail, and was it refused.
+"""A sender's link to its receiver: the socket that makes it (`create_dealer_socket`) and
+what its monitor says about it (`LinkState`): is it up, is the authentication handshake under
+way, did it fail, and was it refused.
 
 ZeroMQ reports a protocol or authentication failure (``HANDSHAKE_FAILED_PROTOCOL`` /
 ``_AUTH``) once and gives the endpoint up: the sender must connect again. A peer that hangs up
@@ -19,6 +20,9 @@ as a handshake that succeeded.
 from __future__ import annotations
 
 import zmq
+
+from polystore.streaming.auth import client_keys
+from polystore.streaming.options import SenderOptions
 
 _REFUSED = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 _HANDSHAKE_FAILED = _REFUSED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -65,3 +69,18 @@ class LinkState:
         self.failed |= bool(event & _HANDSHAKE_FAILED) or (
             event == zmq.EVENT_DISCONNECTED and self.handshaking)
         self.handshaking = self.up = event == zmq.EVENT_CONNECTED
+
+
+def create_dealer_socket(endpoint: str, identity: str, options: SenderOptions) -> zmq.Socket:
+    """The one place a sender's socket is made and configured (authentication included)."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.ROUTING_ID, identity.encode())
+    sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a receiver that isn't there
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RECONNECT_IVL, 50)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+    keys = client_keys(options.auth, options.curve_server_key)  # see streaming/auth.py
+    if keys is not None:
+        keys.apply(sock)
+    sock.connect(endpoint)
+    return sock
