@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         again = [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)]
         return subprocess.call([xvfb, "-a", "-s", "-screen 0 1600x1000x24", *again])
     scenes = args.scenes.split(",")
+    if unknown := [name for name in scenes if name not in SCENES]:
+        parser.error(f"unknown scene(s) {', '.join(unknown)}: choose from {', '.join(SCENES)}")
     if len(scenes) > 1:  # one napari process per scene (see above)
         one = [sys.executable, __file__, "--out", str(args.out), "--scenes"]
         failed = [name for name in scenes if subprocess.call([*one, name])]
