@@ -18,9 +18,10 @@ import zipfile
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
+import msgspec
 import numpy as np
 
-from polystore.streaming.backend import to_rois
+from polystore.streaming import protocol as p
 from polystore.streaming.errors import UnstreamableDataError
 from polystore.streaming.protocol import ROI_POINT_COUNTS, Roi
 
@@ -52,6 +53,28 @@ class PositionedRoi(NamedTuple):
 def is_roi_path(path: Any) -> bool:
     """Whether ``path`` names an ImageJ ROI file (``.roi`` or ``.roi.zip``)."""
     return str(path).lower().endswith(ROI_EXTENSIONS)
+
+
+def to_rois(data: Any) -> list[p.Roi]:
+    """ROIs from `p.Roi` structs or dicts like ``{"kind": "polygon", "coords": [[y, x], ...],
+    "label": "cell 1"}``."""
+    if isinstance(data, (p.Roi, dict)):
+        data = [data]
+    try:
+        rois = [r if isinstance(r, p.Roi) else msgspec.convert(_plain(r), p.Roi) for r in data]
+    except (msgspec.ValidationError, TypeError, ValueError) as exc:
+        raise UnstreamableDataError(
+            f"ROIs must be polystore Roi objects or dicts with kind (polygon, rectangle, "
+            f"ellipse, line, point), coords [[y, x], ...] and optional label: {exc}"
+        ) from None
+    return rois
+
+
+def _plain(roi: Any) -> Any:
+    """NumPy coordinates (arrays, float64 scalars) as plain lists of floats."""
+    if isinstance(roi, dict) and "coords" in roi:
+        return {**roi, "coords": np.asarray(roi["coords"], dtype=float).tolist()}
+    return roi
 
 
 def _roifile() -> Any:

@@ -15,11 +15,10 @@ import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
-import msgspec
 import numpy as np
 
+from polystore import rois  # to_rois; a module: rois.py imports this package too
 from polystore.base import WriteOnlyBackend, check_batch_lengths
-from polystore.streaming import protocol as p
 from polystore.streaming.auth import resolve_auth
 from polystore.streaming.errors import UnstreamableDataError
 from polystore.streaming.keys import public_key
@@ -219,7 +218,7 @@ class StreamingBackend(WriteOnlyBackend):
         axes = options.pop("axes", None)
         meta = self.stream_meta(path, **options)
         if path.lower().endswith(ROI_EXTENSION):
-            return self.sender.send_rois(to_rois(data), path, meta, axes)
+            return self.sender.send_rois(rois.to_rois(data), path, meta, axes)
         return self.sender.send_array(data, path, meta, axes)
 
     def lease(self, file_path: Any, shape: Sequence[int], dtype: Any = "uint16",
@@ -298,25 +297,3 @@ def _hashable(value: Any) -> Any:
     if isinstance(value, (list, tuple, np.ndarray)):
         return tuple(float(v) for v in value)
     return value
-
-
-def to_rois(data: Any) -> list[p.Roi]:
-    """ROIs from `p.Roi` structs or dicts like ``{"kind": "polygon", "coords": [[y, x], ...],
-    "label": "cell 1"}``."""
-    if isinstance(data, (p.Roi, dict)):
-        data = [data]
-    try:
-        rois = [r if isinstance(r, p.Roi) else msgspec.convert(_plain(r), p.Roi) for r in data]
-    except (msgspec.ValidationError, TypeError, ValueError) as exc:
-        raise UnstreamableDataError(
-            f"ROIs must be polystore Roi objects or dicts with kind (polygon, rectangle, "
-            f"ellipse, line, point), coords [[y, x], ...] and optional label: {exc}"
-        ) from None
-    return rois
-
-
-def _plain(roi: Any) -> Any:
-    """NumPy coordinates (arrays, float64 scalars) as plain lists of floats."""
-    if isinstance(roi, dict) and "coords" in roi:
-        return {**roi, "coords": np.asarray(roi["coords"], dtype=float).tolist()}
-    return roi
