@@ -1360,6 +1360,19 @@ def test_a_users_own_image_with_a_streams_title_is_never_taken_over(debian):
         kept = editor.command(f'macro selectImage({mine}); '
                               f'return "" + getPixel(0, 0) + " " + is("changes");')
         assert kept == "43 1", f"the user's image became {kept!r}"
+        # the stream's window, renamed by the user to keep it, is not taken by a re-run either
+        assert "ended" in editor.command("stop", timeout=30)
+        editor.command(f'macro for (i = 1; i <= nImages; i++) {{ selectImage(i); '
+                       f'if (getTitle() == "cells" && getImageID() != {mine}) '
+                       f'rename("kept cells"); }} return "";')
+        assert editor.command(f"run {params}", timeout=300).startswith("listening")
+        with RawClient(endpoint) as raw:
+            assert raw.hello()["type"] == "welcome"
+            assert raw.request(raw.frame(stream="cells"), bytes([9] * 6))["type"] == "ack"
+            state = raw.report()
+        assert state["windows"] == 3, "a renamed stream window was taken over"
+        kept = editor.command('macro selectImage("kept cells"); return "" + getPixel(0, 0);')
+        assert kept == "7", f"the renamed window now shows {kept!r}"
         assert "ended" in editor.command("stop", timeout=30)
     finally:
         editor.close()

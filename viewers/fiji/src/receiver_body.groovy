@@ -1995,7 +1995,9 @@ class Images {
         ImagePlus open = null
         for (int id : (ij.WindowManager.getIDList() ?: new int[0])) {
             ImagePlus imp = ij.WindowManager.getImage(id)
-            if (imp != null && imp.getWindow() != null && imp.getProperty(MADE_HERE) == title) { open = imp; break }
+            // ours (a window the user renamed to keep is left alone) and still of this title
+            if (imp != null && imp.getWindow() != null && imp.getProperty(MADE_HERE) == title
+                    && imp.getTitle() == title) { open = imp; break }
         }
         if (open == null) return s
         for (Stream other : streams.values()) if (other.imp.is(open)) return s
