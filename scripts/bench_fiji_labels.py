@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,6 +26,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from display import rerun_without_display  # noqa: E402 (scripts/)
 
 from polystore.streaming import FijiStreamingBackend  # noqa: E402
 from tests.fiji_helpers import STACKS, ScriptEditor, free_port  # noqa: E402
@@ -40,13 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--stack", choices=list(STACKS), default="debian")
     args = parser.parse_args(argv)
-    if not os.environ.get("DISPLAY"):
-        xvfb = shutil.which("xvfb-run")
-        if xvfb is None:
-            print("bench_fiji_labels: needs a display, or xvfb-run (apt install xvfb)")
-            return 2
-        again = [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)]
-        return subprocess.call([xvfb, "-a", *again])
+    if (status := rerun_without_display(__file__, argv)) is not None:
+        return status
     stack = STACKS[args.stack]
     if (why := stack.missing()) is not None:
         print(f"cannot run the {stack.name} stack: {why}")

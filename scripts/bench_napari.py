@@ -29,10 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
+
+from display import rerun_without_display  # scripts/
 
 
 def thread_cpu() -> dict[str, float]:
@@ -357,15 +358,8 @@ def main() -> int:
     if args.sender:
         sender(args.sender, args.seconds, args.size, args.policy, args.roi, args.rate)
         return 0
-    if not os.environ.get("DISPLAY") and not os.environ.get("POLYSTORE_BENCH_XVFB"):
-        xvfb = shutil.which("xvfb-run")
-        if xvfb is None:
-            print("no $DISPLAY and no xvfb-run: install xvfb or run under a display",
-                  file=sys.stderr)
-            return 2
-        env = dict(os.environ, POLYSTORE_BENCH_XVFB="1")
-        cmd = [xvfb, "-a", "-s", "-screen 0 1600x1000x24", sys.executable, *sys.argv]
-        return subprocess.call(cmd, env=env)
+    if (status := rerun_without_display(__file__)) is not None:
+        return status
     if args.phase:
         print(json.dumps(bare(args) if args.phase == "bare" else bench(args)))
         return 0

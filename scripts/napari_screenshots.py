@@ -29,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+from display import rerun_without_display
 from scenes import SCENES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,13 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images")
     parser.add_argument("--scenes", default=",".join(SCENES), help="which, in this order")
     args = parser.parse_args(argv)
-    if not os.environ.get("DISPLAY"):
-        xvfb = shutil.which("xvfb-run")
-        if xvfb is None:
-            print("napari_screenshots: needs a display, or xvfb-run (apt install xvfb)")
-            return 2
-        again = [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)]
-        return subprocess.call([xvfb, "-a", "-s", "-screen 0 1600x1000x24", *again])
+    if (status := rerun_without_display(__file__, argv)) is not None:
+        return status
     scenes = args.scenes.split(",")
     if unknown := [name for name in scenes if name not in SCENES]:
         parser.error(f"unknown scene(s) {', '.join(unknown)}: choose from {', '.join(SCENES)}")
