@@ -1224,13 +1224,20 @@ class LabelColors {
      * it: one table look-up per pixel instead of a modulo. */
     static int[] colours16() {
         if (colours16 == null) {
-            int[] colours = new int[256]
-            model().getRGBs(colours)
+            int[] colours = colours256()
             int[] table = new int[65536]
-            for (int v = 0; v < table.length; v++) table[v] = colours[index(v)] & 0xffffff
+            for (int v = 0; v < table.length; v++) table[v] = colours[index(v)]
             colours16 = table
         }
         return colours16
+    }
+
+    /** The 256 colours (0xRRGGBB) of model(), by colour index. */
+    static int[] colours256() {
+        int[] colours = new int[256]
+        model().getRGBs(colours)
+        for (int k = 0; k < colours.length; k++) colours[k] &= 0xffffff
+        return colours
     }
 
     /** Colour component-wise sum of two 0xRRGGBB colours, each component clamped at 255. */
@@ -1250,8 +1257,7 @@ class LabelColors {
         int z = ci.getSlice(), t = ci.getFrame()
         ImageStack stack = ci.getImageStack()
         int[] table = colours16()
-        int[] colours = new int[256]
-        model().getRGBs(colours)
+        int[] colours = colours256()
         boolean[] active = ci.getActiveChannels()
         boolean first = true
         for (int c = 0; c < ci.getNChannels(); c++) {
@@ -1267,8 +1273,8 @@ class LabelColors {
                 else { for (int k = 0; k < rgb.length; k++) rgb[k] = add(rgb[k], table[p[k] & 0xff]) }
             } else {
                 float[] p = (float[]) pixels
-                if (first) { for (int k = 0; k < rgb.length; k++) rgb[k] = colours[index(p[k])] & 0xffffff }
-                else { for (int k = 0; k < rgb.length; k++) rgb[k] = add(rgb[k], colours[index(p[k])] & 0xffffff) }
+                if (first) { for (int k = 0; k < rgb.length; k++) rgb[k] = colours[index(p[k])] }
+                else { for (int k = 0; k < rgb.length; k++) rgb[k] = add(rgb[k], colours[index(p[k])]) }
             }
             first = false
         }
@@ -1961,7 +1967,7 @@ class Images {
         if (imp instanceof LabelCompositeImage) ((LabelCompositeImage) imp).labels = true
         if (imp == null || imp instanceof CompositeImage) return
         ij.process.ImageProcessor ip = imp.getProcessor()
-        if (ip instanceof LabelShortProcessor || ip instanceof LabelFloatProcessor) return
+        if (isLabelView(ip)) return
         double lo = ip.getMin(), hi = ip.getMax()
         ij.process.ImageProcessor view = null
         if (ip.getPixels() instanceof short[]) view = new LabelShortProcessor(ip.getWidth(), ip.getHeight(), (short[]) ip.getPixels())
@@ -1977,12 +1983,19 @@ class Images {
         if (imp instanceof LabelCompositeImage) ((LabelCompositeImage) imp).labels = false
         if (imp == null) return
         ij.process.ImageProcessor ip = imp.getProcessor()
-        ij.process.ImageProcessor view = null
-        if (ip instanceof LabelShortProcessor) view = new ij.process.ShortProcessor(ip.getWidth(), ip.getHeight(), (short[]) ip.getPixels(), null)
-        else if (ip instanceof LabelFloatProcessor) view = new ij.process.FloatProcessor(ip.getWidth(), ip.getHeight(), (float[]) ip.getPixels(), null)
-        if (view == null) return
+        if (!isLabelView(ip)) return
+        ij.process.ImageProcessor view = ip.getPixels() instanceof short[]
+            ? new ij.process.ShortProcessor(ip.getWidth(), ip.getHeight(), (short[]) ip.getPixels(), null)
+            : new ij.process.FloatProcessor(ip.getWidth(), ip.getHeight(), (float[]) ip.getPixels(), null)
         view.resetMinAndMax()
         imp.setProcessor(view)
+    }
+
+    /** Whether `ip` draws labels (labelView's processors). By class name: an image an earlier
+     * run left open holds that run's classes (each run loads the receiver anew). */
+    static boolean isLabelView(ij.process.ImageProcessor ip) {
+        String name = ip == null ? '' : ip.getClass().getSimpleName()
+        return name == 'LabelShortProcessor' || name == 'LabelFloatProcessor'
     }
 
     /** Marks the images this script makes (an image property, kept by ImageJ for the session). */
@@ -2011,25 +2024,15 @@ class Images {
     }
 
     /**
-     * The image of an earlier run is of that run's classes (each run loads the receiver anew),
-     * which labelView and plainView do not recognise by class: its labels view would never be
-     * switched. So a label processor (found by name) becomes a plain one again and a composite
-     * becomes this run's LabelCompositeImage (LUTs, mode, position and window place kept); the
-     * stream knows it showed labels, and the next frame's labelView or plainView does the rest.
+     * The image of an earlier run is of that run's classes (each run loads the receiver anew).
+     * Its label processor is recognised by name (isLabelView); a composite becomes this run's
+     * LabelCompositeImage (LUTs, mode, position and window place kept), whose labels flag
+     * labelView and plainView set. The stream knows it showed labels, and the next frame's
+     * labelView or plainView does the rest.
      */
     void takeOver(Stream s) {
         ImagePlus old = s.imp
-        boolean wasLabels = false
-        ij.process.ImageProcessor ip = old.getProcessor()
-        String view = ip == null ? '' : ip.getClass().getSimpleName()
-        if (view == 'LabelShortProcessor' || view == 'LabelFloatProcessor') {
-            wasLabels = true
-            ij.process.ImageProcessor plain = ip.getPixels() instanceof short[]
-                ? new ij.process.ShortProcessor(ip.getWidth(), ip.getHeight(), (short[]) ip.getPixels(), null)
-                : new ij.process.FloatProcessor(ip.getWidth(), ip.getHeight(), (float[]) ip.getPixels(), null)
-            plain.setMinAndMax(ip.getMin(), ip.getMax())
-            old.setProcessor(plain)
-        }
+        boolean wasLabels = isLabelView(old.getProcessor())
         if (old instanceof CompositeImage && !(old instanceof LabelCompositeImage) && s.C > 1) {
             CompositeImage ci = (CompositeImage) old
             if (old.getClass().getSimpleName() == 'LabelCompositeImage') {
