@@ -1123,6 +1123,42 @@ def test_a_save_after_fiji_closed_says_no_receiver_answered(debian, tmp_path):
             b.save(np.ones((4, 4), np.uint8), "closed/1.tif")
 
 @pytest.mark.skipif(shutil.which("xvfb-run") is None, reason="xvfb-run is not installed")
+def test_replacing_rois_leaves_the_users_selection_and_never_races_the_roi_manager(debian):
+    """Replacing a stream's ROIs deleted the old ones from the ROI Manager by selecting each:
+    that put it on the user's current image, in place of the user's own selection. And the
+    ROI Manager is a Swing list, changed from the receiver's thread while its window painted:
+    AWT threw (ArrayIndexOutOfBoundsException, seen in CI; NullPointerException drawing a
+    deleted selection). Replace ROIs many times beside another stream's, which stay."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    editor = ScriptEditor(debian, gui=True)
+    try:
+        params = f'endpoint="{endpoint}",allow_unauthenticated=true'
+        assert editor.command(f"run {params}", timeout=300).startswith("listening")
+        with FijiStreamingBackend(endpoint, auth="none") as b:
+            for stream in ("kept", "w"):
+                b.save(np.zeros((30, 40), np.uint8), f"{stream}/t000.tif", stream=stream)
+            b.save(ROIS, "kept/cells.roi.zip", stream="kept")
+            editor.command('macro newImage("mine", "8-bit black", 50, 40, 1); '
+                           'makeRectangle(3, 4, 10, 20);')
+            many = ROIS * 20
+            for n in range(400):  # from 1 to 100 ROIs and back, deleted and added as it paints
+                b.save(many[: 1 + n * 7 % len(many)], "w/cells.roi.zip", stream="w")
+            assert report(b)["roi_manager"] == len(ROIS) + 1 + 399 * 7 % len(many)
+            selections = editor.command(
+                'macro s = ""; for (i = 1; i <= nImages; i++) { selectImage(i); '
+                'getSelectionBounds(x, y, w, h); '
+                's = s + getTitle() + ":" + selectionType() + "@" + x + "," + y + " "; } return s;'
+            )
+            # the user's rectangle (type 0) stays; the streams' images get no selection (-1)
+            expected = ["kept:-1@0,0", "mine:0@3,4", "w:-1@0,0"]
+            assert sorted(selections.split()) == expected, selections
+        assert "ended" in editor.command("stop", timeout=30)
+    finally:
+        editor.close()
+    assert "Exception" not in editor.log, editor.log
+
+
+@pytest.mark.skipif(shutil.which("xvfb-run") is None, reason="xvfb-run is not installed")
 def test_gui_mode_windows_and_roi_manager(debian, tmp_path):
     """The GUI path Fiji takes (windows, CompositeImage, ROI Manager), on a virtual display."""
     receiver = start_receiver(tmp_path, gui=True)

@@ -2130,24 +2130,46 @@ class Images {
         if (gui && useRoiManager) addToRoiManager(s)
     }
 
-    // The ROI Manager keeps copies, so ours are recognised by their polystore_id property.
+    // The ROI Manager keeps copies, so ours are recognised by their polystore_id property. It is a
+    // Swing list: changed from this thread while its window paints, AWT throws. So every change
+    // runs on the event thread.
     void addToRoiManager(Stream s) {
-        ij.plugin.frame.RoiManager rm = ij.plugin.frame.RoiManager.getRoiManager()
-        Set<String> present = new HashSet<String>()
-        for (Roi r : rm.getRoisAsArray()) if (r.getProperty('polystore_id') != null) present.add(r.getProperty('polystore_id'))
-        for (List<Roi> l : s.rois.values()) for (Roi r : l) {
-            if (!present.contains(r.getProperty('polystore_id'))) rm.add(s.imp, r, -1)
+        onEventThread {
+            ij.plugin.frame.RoiManager rm = ij.plugin.frame.RoiManager.getRoiManager()
+            Set<String> present = new HashSet<String>()
+            for (Roi r : rm.getRoisAsArray()) if (r.getProperty('polystore_id') != null) present.add(r.getProperty('polystore_id'))
+            for (List<Roi> l : s.rois.values()) for (Roi r : l) {
+                if (!present.contains(r.getProperty('polystore_id'))) rm.add(s.imp, r, -1)
+            }
         }
     }
 
+    /** Delete these (by polystore_id) from the ROI Manager. ImageJ deletes only what is selected
+     *  (`delete(int)` came in 1.54k), and selecting one item puts it on the current image in
+     *  place of the user's selection; so the list is rebuilt without them (the manager keeps
+     *  copies, and adding clones again). Costs one re-add per other ROI in the manager. */
     void removeFromRoiManager(Collection<Roi> rois) {
-        ij.plugin.frame.RoiManager rm = ij.plugin.frame.RoiManager.getInstance()
-        if (rm == null) return
         Set<String> drop = new HashSet<String>()
         for (Roi r : rois) drop.add(r.getProperty('polystore_id'))
-        Roi[] all = rm.getRoisAsArray()
-        for (int k = all.length - 1; k >= 0; k--) {
-            if (drop.contains(all[k].getProperty('polystore_id'))) { rm.select(k); rm.runCommand('Delete') }
+        onEventThread {
+            ij.plugin.frame.RoiManager rm = ij.plugin.frame.RoiManager.getInstance()
+            if (rm == null) return
+            Roi[] all = rm.getRoisAsArray()
+            List<Roi> others = new ArrayList<Roi>()
+            for (Roi r : all) if (!drop.contains(r.getProperty('polystore_id'))) others.add(r)
+            if (others.size() == all.length) return
+            rm.reset()
+            for (Roi r : others) rm.add(r, -1)
+        }
+    }
+
+    /** Run `work` on AWT's event thread and wait for it; its exception is thrown here. */
+    static void onEventThread(Closure work) {
+        if (java.awt.EventQueue.isDispatchThread()) { work.call(); return }
+        try {
+            java.awt.EventQueue.invokeAndWait(work as Runnable)
+        } catch (java.lang.reflect.InvocationTargetException e) {
+            throw e.getCause()
         }
     }
 
