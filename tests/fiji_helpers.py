@@ -458,7 +458,12 @@ class ScriptEditor:
 
 
 def port_is_free(port: int) -> bool:
+    """Whether a receiver could listen on 127.0.0.1:`port` now. Bound as every listener binds
+    (JeroMQ, libzmq, Python's servers: SO_REUSEADDR): a socket still listening there counts,
+    but not a closed connection's TIME_WAIT, which the receiver leaves for 60 s whenever it
+    closes a sender's connection before the sender does (a sender still connected at Kill)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
