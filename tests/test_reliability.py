@@ -428,6 +428,17 @@ def test_request_under_latest_waits_for_the_restarted_viewer():
         rx.stop()
 
 
+
+def freeze(pid: int, deadline: float = 30.0) -> None:
+    """Stop process `pid` (SIGSTOP) and wait until it is stopped: the signal takes effect
+    when the process next runs, so right after kill() it may still answer (seen on a loaded
+    machine: /proc state still R)."""
+    os.kill(pid, signal.SIGSTOP)
+    end = time.monotonic() + deadline
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
+        assert time.monotonic() < end, f"process {pid} did not stop"
+        time.sleep(0.01)
+
 def test_latest_policy_never_stalls_while_the_viewer_is_frozen():
     """A frozen viewer (stopped in a debugger, swapped out) keeps its connection up but reads
     nothing. Under policy 'latest' the sender used to wait the full timeout (5 s) once the
@@ -438,7 +449,7 @@ def test_latest_policy_never_stalls_while_the_viewer_is_frozen():
     try:
         b.save(frame, "frozen/t0.tif")
         b.flush()
-        os.kill(rx.process.pid, signal.SIGSTOP)
+        freeze(rx.process.pid)
         slowest, saves = 0.0, 0
         end = time.monotonic() + 4
         while time.monotonic() < end:  # long enough to fill every queue on the way
@@ -480,7 +491,7 @@ def test_a_viewer_frozen_through_several_handshakes_serves_by_shared_memory_when
         b.save(frame, "thaw/first.tif")
         b.flush()
         assert b.sender.uses_shared_memory
-        os.kill(rx.process.pid, signal.SIGSTOP)
+        freeze(rx.process.pid)
         failed = 0
         for i in range(8):  # fills the window, then each save tries a handshake of its own
             try:
@@ -535,7 +546,7 @@ def test_a_viewer_restarted_while_a_hello_waits_is_greeted_again_in_the_same_sav
     try:
         b.save(frame, "again/first.tif")
         b.flush()
-        os.kill(rx.process.pid, signal.SIGSTOP)
+        freeze(rx.process.pid)
         with pytest.raises(ReceiverLostError):
             for i in range(4):  # fills the window; the next credit never comes
                 b.save(frame, f"again/frozen{i}.tif")
@@ -570,7 +581,7 @@ def test_a_sender_dropped_unclosed_while_its_hello_waits_at_a_frozen_viewer_leav
     try:
         b.save(frame, "drop/first.tif")
         b.flush()
-        os.kill(rx.process.pid, signal.SIGSTOP)
+        freeze(rx.process.pid)
         with pytest.raises((ReceiverLostError, ViewerNotRunningError)):
             for i in range(6):  # fills the window; then a handshake times out
                 b.save(frame, f"drop/{i}.tif")
