@@ -118,6 +118,16 @@ def report(backend) -> dict:
     return backend.request("report", timeout=30)
 
 
+def report_once(backend, done, what: str, timeout: float = 30.0) -> dict:
+    """The first report for which `done(state)` holds: windows open, draw and close in the
+    receiver's and AWT's own time, later under load."""
+    deadline = time.monotonic() + timeout
+    while not done(state := report(backend)):
+        assert time.monotonic() < deadline, f"not {what} after {timeout:g} s: {state}"
+        time.sleep(0.05)
+    return state
+
+
 def raw_report(raw: RawClient) -> dict:
     reply = raw.request({"v": 1, "type": "control", "seq": raw.next_seq(), "command": "report"})
     return reply["state"]
@@ -606,7 +616,7 @@ def test_a_shown_composite_in_grayscale_display_stays_gray(debian, tmp_path):
             b.save(np.stack([ids, ids[:, ::-1]]), "x.tif", stream="labels", axis_names=["c"],
                    labels=True)  # fmt: skip
             b.flush()
-            time.sleep(0.5)  # drawn in their windows (the receiver redraws within ~0.1 s)
+            report_once(b, lambda state: all(i["shown"] for i in state["images"]), "shown")
             for stream in ("images", "labels", "alone"):
                 b.save(images, "x.tif", stream=stream, axis_names=["c"])
             state = report(b)
@@ -1188,9 +1198,8 @@ def test_gui_mode_windows_and_roi_manager(debian, tmp_path):
             b.flush()
             time.sleep(0.5)  # drawn (the receiver redraws within ~0.1 s), then closed
             assert x_close_window(receiver, "hs") == 1
-            time.sleep(0.5)  # ImageJ flushes the image after its window is gone
-            state = report(b)
-            assert state["windows"] == 2
+            # ImageJ flushes the image after its window is gone
+            state = report_once(b, lambda state: state["windows"] == 2, "closed")
             assert [i["shown"] for i in state["images"]] == [True, False, True]
             assert image(report(b), "hs")["width"] == 0  # and again, with the image gone
             b.save(np.full((30, 40), 7, np.uint8), "hs.tif", stream="hs", axes={"t": 0, "c": 0})
