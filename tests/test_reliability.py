@@ -428,7 +428,6 @@ def test_request_under_latest_waits_for_the_restarted_viewer():
         rx.stop()
 
 
-
 def freeze(pid: int, deadline: float = 30.0) -> None:
     """Stop process `pid` (SIGSTOP) and wait until it is stopped: the signal takes effect
     when the process next runs, so right after kill() it may still answer (seen on a loaded
@@ -438,6 +437,7 @@ def freeze(pid: int, deadline: float = 30.0) -> None:
     while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
         assert time.monotonic() < end, f"process {pid} did not stop"
         time.sleep(0.01)
+
 
 def test_latest_policy_never_stalls_while_the_viewer_is_frozen():
     """A frozen viewer (stopped in a debugger, swapped out) keeps its connection up but reads
