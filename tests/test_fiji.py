@@ -1133,14 +1133,14 @@ def test_a_save_after_fiji_closed_says_no_receiver_answered(debian, tmp_path):
             b.save(np.ones((4, 4), np.uint8), "closed/1.tif")
 
 @pytest.mark.skipif(shutil.which("xvfb-run") is None, reason="xvfb-run is not installed")
-def test_replacing_rois_leaves_the_users_selection_and_never_races_the_roi_manager(debian):
+def test_replacing_rois_leaves_the_users_selection_and_never_races_the_roi_manager(stack):
     """Replacing a stream's ROIs deleted the old ones from the ROI Manager by selecting each:
     that put it on the user's current image, in place of the user's own selection. And the
     ROI Manager is a Swing list, changed from the receiver's thread while its window painted:
     AWT threw (ArrayIndexOutOfBoundsException, seen in CI; NullPointerException drawing a
     deleted selection). Replace ROIs many times beside another stream's, which stay."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    editor = ScriptEditor(debian, gui=True)
+    editor = ScriptEditor(stack, gui=True)
     try:
         params = f'endpoint="{endpoint}",allow_unauthenticated=true'
         assert editor.command(f"run {params}", timeout=300).startswith("listening")
