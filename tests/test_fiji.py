@@ -1148,8 +1148,10 @@ def test_replacing_rois_leaves_the_users_selection_and_never_races_the_roi_manag
             for stream in ("kept", "w"):
                 b.save(np.zeros((30, 40), np.uint8), f"{stream}/t000.tif", stream=stream)
             b.save(ROIS, "kept/cells.roi.zip", stream="kept")
+            # the streams' windows first: one shown later becomes the current image
+            report_once(b, lambda state: all(i["shown"] for i in state["images"]), "shown")
             editor.command('macro newImage("mine", "8-bit black", 50, 40, 1); '
-                           'makeRectangle(3, 4, 10, 20);')
+                           'selectImage(getImageID()); makeRectangle(3, 4, 10, 20);')  # fmt: skip
             many = ROIS * 20
             for n in range(400):  # from 1 to 100 ROIs and back, deleted and added as it paints
                 b.save(many[: 1 + n * 7 % len(many)], "w/cells.roi.zip", stream="w")
