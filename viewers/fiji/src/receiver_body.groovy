@@ -2265,14 +2265,12 @@ class Images {
     }
 
     void clear() {
+        List<Roi> all = []  // one rebuild of the ROI Manager for every stream's ROIs
         for (Stream s : streams.values()) {
-            if (gui && useRoiManager) {
-                List<Roi> all = []
-                for (List<Roi> l : s.rois.values()) all.addAll(l)
-                removeFromRoiManager(all)
-            }
+            for (List<Roi> l : s.rois.values()) all.addAll(l)
             if (s.imp != null && s.shown) { s.imp.changes = false; s.imp.close() }
         }
+        if (gui && useRoiManager) removeFromRoiManager(all)
         streams.clear()
     }
 }
