@@ -929,6 +929,23 @@ def test_rois_for_the_same_path_replace(fiji, backend, fm, key):
     assert image(report(backend), key)["rois"] == 3
 
 
+def test_rois_of_one_path_at_other_positions_stay(fiji, backend, fm, key):
+    """A later set replaced the earlier one of the same path whatever its position, so a
+    time series of ROIs saved to one path kept only its last time point (napari kept them
+    all). A set replaces only the one of the same path and position (docs/protocol.md)."""
+    for t in range(3):
+        fm.save(np.zeros((10, 10), np.uint8), f"{key}.tif", backend="fiji_stream", stream=key,
+                axes={"t": t})  # fmt: skip
+    for t, n in ((0, 2), (1, 3), (2, 4)):
+        fm.save(ROIS[:n], f"{key}/cells.roi.zip", backend="fiji_stream", stream=key,
+                axes={"t": t})  # fmt: skip
+    fm.save(ROIS[:1], f"{key}/cells.roi.zip", backend="fiji_stream", stream=key, axes={"t": 1})
+    state = report(backend)
+    assert image(state, key)["rois"] == 2 + 1 + 4
+    overlay = [roi_summary(r) for r in saved(state, key)[2]["Overlays"]]
+    assert sorted(r["position"][2] for r in overlay) == [1, 1, 2, 3, 3, 3, 3]  # t, 1-based
+
+
 # -- transports, control ---------------------------------------------------------------------------
 
 

@@ -987,6 +987,43 @@ def test_rois_keep_their_planes_when_the_image_or_a_later_set_brings_new_axes(
     assert sorted(str(label) for label in shapes.features["label"]) == ["t0", "t1", "t2 p1"]
 
 
+def test_roi_files_of_one_plane_both_show_and_saving_one_again_replaces_only_it(
+        make_napari_viewer):
+    """Two ROI files for one image plane (cells, nuclei): the second replaced the first, as
+    napari kept one set per position (Fiji kept both). A set replaces only the one of the
+    same path and position (docs/protocol.md), in the buffer and in the layers."""
+    from polystore_napari.layers import LayerManager
+
+    from polystore.streaming import ReceivedRois
+    from polystore.streaming import protocol as p
+
+    def rois(path, labels, axes):
+        header = p.Rois(v=1, seq=0, stream="s", path=path, sent_ns=0, axes=axes,
+                        rois=[p.Roi(kind="rectangle", coords=[[i, i], [i + 5, i + 5]],
+                                    label=label) for i, label in enumerate(labels)])
+        return ReceivedRois(header, "test")
+
+    viewer = make_napari_viewer(show=False)
+    manager = LayerManager(viewer)
+    buffer = CoalescingBuffer()
+    buffer.put_frame(_frame("s", 1, shape=(16, 16), axes={"t": 0}))
+    buffer.put_frame(_frame("s", 2, shape=(16, 16), axes={"t": 1}))
+    buffer.put_rois(rois("s/cells.roi.zip", ["c1", "c2"], {"t": 0}))
+    buffer.put_rois(rois("s/nuclei.roi.zip", ["n1"], {"t": 0}))  # same tick: both kept
+    manager.apply(buffer.take())
+    buffer.put_rois(rois("s/cells.roi.zip", ["c1 t1"], {"t": 1}))  # the same file, t = 1
+    manager.apply(buffer.take())
+
+    def shown() -> list[str]:
+        shapes, _ = manager.roi_layers("s")
+        return sorted(str(label) for label in shapes.features["label"])
+
+    assert shown() == ["c1", "c1 t1", "c2", "n1"]
+    buffer.put_rois(rois("s/cells.roi.zip", ["c3"], {"t": 0}))  # saved again: replaces
+    manager.apply(buffer.take())
+    assert shown() == ["c1 t1", "c3", "n1"]
+
+
 def test_rois_the_user_deleted_do_not_come_back_when_the_layers_are_rebuilt(
         make_napari_viewer):
     """The ROI sets a rebuild redraws from were kept after the user deleted the ROI layers,

@@ -1474,7 +1474,7 @@ class Stream {
     String unknownColormap
     final Map<Integer, String> colormaps = new TreeMap<Integer, String>()     // channel -> hint
     final Map<Integer, double[]> ranges = new TreeMap<Integer, double[]>()    // channel -> [lo, hi]
-    final LinkedHashMap<String, List<Roi>> rois = new LinkedHashMap<String, List<Roi>>()  // by path
+    final LinkedHashMap<List, List<Roi>> rois = new LinkedHashMap<List, List<Roi>>()  // by [path, axes]
     int[] last = new int[3]  // (c, z, t) of the newest plane, shown in the GUI
     boolean shown, dirty, displayDirty
     final Map<Integer, double[]> autoRanges = new TreeMap<Integer, double[]>()  // channel -> range set by "auto"
@@ -2094,7 +2094,8 @@ class Images {
         }
     }
 
-    /** ROIs of one path; a second message for the same path replaces the first (like a file). */
+    /** ROIs of one path at one position (axes); a later message for the same path and position
+     *  replaces the earlier one, like overwriting a file (docs/protocol.md); others stay. */
     void putRois(Map m, Layout L) {
         Stream s = stream(L.title)
         forgetIfClosed(s)  // not onto the flushed image of a closed window
@@ -2114,7 +2115,9 @@ class Images {
             list.add(roi)
             n++
         }
-        List<Roi> old = s.rois.put(path, list)
+        List key = [path, new TreeMap((Map) (m.get('axes') ?: [:]))]
+        List<Roi> old = s.rois.remove(key)  // the newest goes last, as in napari
+        s.rois.put(key, list)
         if (gui && useRoiManager && old != null) removeFromRoiManager(old)
         attachRois(s)
         s.dirty = true

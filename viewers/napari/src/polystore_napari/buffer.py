@@ -7,7 +7,8 @@ timer calls `take()` about 60 times a second and gets at most one `Update` per s
 * ``stack``: every frame in arrival order, up to the stack capacity (older ones could not be
   shown by a stack of that capacity anyway);
 * ``place``: the newest frame per position (``axes``) of the stream;
-* ROIs: the newest ROI set per (image stream, position).
+* ROIs: the newest ROI set per (image stream, path, position): saving a path again at the
+  same position replaces it, like overwriting a file (docs/protocol.md).
 
 Memory is bounded: a message that would *add* bytes beyond `max_bytes` waits (in the receiver
 thread, which slows the senders through their credits) until the main thread takes the
@@ -40,6 +41,12 @@ def resolve_mode(frame: ReceivedFrame, default: str) -> str:
 
 def position(axes: dict[str, int]) -> tuple[tuple[str, int], ...]:
     return tuple(sorted(axes.items()))
+
+
+def roi_key(rois: ReceivedRois) -> tuple[str, tuple[tuple[str, int], ...]]:
+    """What a later ROI set of the same image stream replaces: the set of the same path at
+    the same position (docs/protocol.md); sets of other paths or positions stay."""
+    return rois.header.path, position(rois.header.axes)
 
 
 def keep_hints(dropped: ReceivedFrame, newer: ReceivedFrame) -> ReceivedFrame:
@@ -182,8 +189,9 @@ class CoalescingBuffer:
                 return
             self.stats.rois += 1
             slots = self._rois.setdefault(rois.stream, {})
-            slots.pop(position(rois.header.axes), None)
-            slots[position(rois.header.axes)] = rois
+            key = roi_key(rois)
+            slots.pop(key, None)  # the newest goes last
+            slots[key] = rois
             self._order[("rois", rois.stream)] = None
 
     def clear(self) -> None:

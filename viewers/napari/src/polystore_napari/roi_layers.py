@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 
 from polystore.streaming import ReceivedRois
-from polystore_napari.buffer import RoisUpdate, position
+from polystore_napari.buffer import RoisUpdate, roi_key
 from polystore_napari.pieces import CHANNEL_AXIS, unique_labels
 
 #: napari layer metadata key naming the stream a layer shows
@@ -24,13 +24,13 @@ class _RoiStream:
         self.names: list[str] | None = None  # leading axes of the ROI layers
         self.shapes = None
         self.points = None
-        self.shape_pos: list[tuple] = []  # position of each shape in the Shapes layer
+        self.shape_keys: list[tuple] = []  # the set (`roi_key`) of each shape in the layer
         self.shape_labels: list[str] = []
         self.shape_types: dict[str, int] = {}  # shape type counts, for the report
         self.text_shown = False
         self.point_sets: dict[tuple, tuple[list, list[str]]] = {}
-        #: the newest ROI set per position: what the layers are rebuilt from when their
-        #: axes change (a set with new axes, or the image placed by new axes)
+        #: the newest ROI set per (path, position), `roi_key`: what the layers are rebuilt
+        #: from when their axes change (a set with new axes, or the image placed by new axes)
         self.sets: dict[tuple, ReceivedRois] = {}
 
 
@@ -63,7 +63,7 @@ class RoiLayers:
         state = self.streams.get(stream)
         if state is None:
             return 0
-        return len(state.shape_pos) + sum(len(c) for c, _ in state.point_sets.values())
+        return len(state.shape_keys) + sum(len(c) for c, _ in state.point_sets.values())
 
     def clear(self) -> None:
         for state in self.streams.values():
@@ -77,7 +77,7 @@ class RoiLayers:
         that a later rebuild does not bring them back)."""
         for rois in self.streams.values():
             if rois.shapes is not None and not self._alive(rois.shapes):
-                rois.shapes, rois.shape_pos, rois.shape_labels = None, [], []
+                rois.shapes, rois.shape_keys, rois.shape_labels = None, [], []
                 rois.shape_types, rois.text_shown = {}, False
                 rois.sets = {}
             if rois.points is not None and not self._alive(rois.points):
@@ -102,9 +102,9 @@ class RoiLayers:
     def apply(self, update: RoisUpdate) -> None:
         state = self.streams.setdefault(update.stream, _RoiStream(update.stream))
         for item in update.items:
-            pos = position(item.header.axes)
-            state.sets.pop(pos, None)  # the newest goes last
-            state.sets[pos] = item
+            key = roi_key(item)
+            state.sets.pop(key, None)  # the newest goes last
+            state.sets[key] = item
         names = self._names(state)
         if names != state.names:
             self._rebuild(state, names)
@@ -173,7 +173,7 @@ class RoiLayers:
         for layer in old:
             if self._alive(layer):
                 self.viewer.layers.remove(layer)
-        state.shape_pos, state.shape_labels, state.point_sets = [], [], {}
+        state.shape_keys, state.shape_labels, state.point_sets = [], [], {}
         state.shape_types = {}
         state.text_shown = False
         state.names = names
@@ -184,9 +184,9 @@ class RoiLayers:
         return unique_labels(list(state.names) + ["y", "x"])
 
     def _add_set(self, state: _RoiStream, item: ReceivedRois) -> None:
-        """Show one ROI set, replacing the set shown at its position."""
+        """Show one ROI set, replacing the one shown of the same path and position."""
         lead = [float(item.header.axes.get(n, 0)) for n in state.names]
-        pos = position(item.header.axes)
+        key = roi_key(item)
         shapes, types, labels, points, point_labels = [], [], [], [], []
         for roi in item.header.rois:
             coords = [[*lead, float(r), float(c)] for r, c in roi.coords]
@@ -202,14 +202,14 @@ class RoiLayers:
             labels.append(roi.label or "")
         nd = len(state.names) + 2
         if state.shapes is not None and not self._alive(state.shapes):
-            state.shapes, state.shape_pos, state.shape_labels = None, [], []
+            state.shapes, state.shape_keys, state.shape_labels = None, [], []
             state.shape_types, state.text_shown = {}, False
         if state.shapes is not None:
-            old = [i for i, p in enumerate(state.shape_pos) if p == pos]
+            old = [i for i, k in enumerate(state.shape_keys) if k == key]
             if old:
                 state.shapes.remove(old)
                 keep = set(old)
-                state.shape_pos = [p for i, p in enumerate(state.shape_pos) if i not in keep]
+                state.shape_keys = [k for i, k in enumerate(state.shape_keys) if i not in keep]
                 state.shape_labels = [la for i, la in enumerate(state.shape_labels)
                                       if i not in keep]
         if shapes:
@@ -223,8 +223,8 @@ class RoiLayers:
                 state.shapes.current_edge_width = 2
                 state.shapes.axis_labels = self._roi_axis_labels(state)
             state.shapes.add(shapes, shape_type=types)
-            state.shape_pos += [pos] * len(shapes)
+            state.shape_keys += [key] * len(shapes)
             state.shape_labels += labels
-        state.point_sets.pop(pos, None)
+        state.point_sets.pop(key, None)
         if points:
-            state.point_sets[pos] = (points, point_labels)
+            state.point_sets[key] = (points, point_labels)
