@@ -380,3 +380,6 @@ def test_the_protocol_check_refuses_rgb_true_on_a_frame_that_is_not_colour():
         assert info.value.code == p.BAD_MESSAGE
     p.check_frame(header(np.zeros((20, 30, 4), np.uint8), rgb=True))
     p.check_frame(header(np.zeros((20, 30), np.uint8), rgb=False))
+    with pytest.raises(p.ProtocolError, match="labels are never RGB") as info:
+        p.check_frame(header(np.zeros((20, 30, 3), np.uint8), rgb=True, kind="labels"))
+    assert info.value.code == p.BAD_MESSAGE

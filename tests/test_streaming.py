@@ -283,6 +283,17 @@ def test_non_finite_contrast_limits_are_refused_at_save(backend, limits):
     assert received(backend)[-1]["stream"] == "drift"
 
 
+def test_rgb_labels_are_refused_at_save_and_by_every_receiver(backend):
+    """rgb=True on labels: napari's receiver took it and its display failed later (a *Last
+    error*), Fiji's answered bad_message. Labels are never RGB (docs/protocol.md): save() says
+    so at once, and the conformance suite holds every receiver to bad_message."""
+    colour = np.zeros((4, 5, 3), np.uint8)
+    with pytest.raises(UnstreamableDataError, match="labels are never RGB"):
+        backend.save(colour, "seg/t000.png", labels=True, rgb=True)
+    backend.save(colour, "seg/t001.png", labels=True, rgb=False)  # three planes of labels
+    assert received(backend)[-1]["stream"] == "seg"
+
+
 @pytest.mark.parametrize("transport", ["shm", "inline"])
 def test_a_path_that_is_not_utf8_is_refused_clearly_and_keeps_no_segment(receiver_proc,
                                                                          transport):

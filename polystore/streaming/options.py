@@ -237,6 +237,9 @@ def display_hints(
     try:
         raw = {k: v for k, v in fields.items() if v is not None}
         raw["kind"] = "labels" if labels else (kind or "image")
+        if raw["kind"] == "labels" and raw.get("rgb"):
+            raise ValueError("labels are never RGB (docs/protocol.md): drop rgb=True, or send "
+                             "the colours as an image")
         if contrast_limits is not None:
             raw["contrast_limits"] = limits = [float(v) for v in contrast_limits]
             # JSON has no NaN or infinity: they would travel as null, and the receiver would

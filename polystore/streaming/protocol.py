@@ -296,6 +296,9 @@ def check_frame(frame: Frame, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
             f"{frame.shape} {frame.dtype}. Send colour values last as uint8, or drop rgb",
             frame.seq,
         )
+    if frame.display.rgb and frame.display.kind == "labels":
+        raise ProtocolError(BAD_MESSAGE, "display.rgb=true on a labels frame: labels are never "
+                            "RGB; drop rgb, or send the colours as an image", frame.seq)
 
 
 def check_rois(message: Rois) -> None:

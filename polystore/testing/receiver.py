@@ -244,6 +244,8 @@ BAD_MESSAGES = [
     bad("bad_display_kind", inline(display={"kind": "movie"}), "bad_message"),
     bad("opacity_above_one", inline(display={"opacity": 2}), "bad_message"),
     bad("rgb_is_text", inline(display={"rgb": "yes"}), "bad_message"),
+    bad("rgb_labels", inline(shape=[1, 2, 3], display={"kind": "labels", "rgb": True}),
+        "bad_message"),
     bad("missing_field", inline(dtype=None), "bad_message"),
     bad("rectangle_3_points", rois(21, "rectangle", [[0, 0], [1, 1], [2, 2]]), "bad_message", 21),
     bad("polygon_2_points", rois(22, "polygon", [[0, 0], [1, 1]]), "bad_message", 22),
