@@ -631,6 +631,7 @@ def test_full_dev_shm_raises_naming_free_and_needed_space():
     assert "shared memory is full" in lines["PROBE"] and "free" in lines["PROBE"]
     assert "8.0 MiB" in lines["FRAME"] and "MiB free" in lines["FRAME"]
     assert "--shm-size" in lines["FRAME"]
+    assert "`polystore shm clean`" in lines["FRAME"]  # a command that exists (not --sweep)
     assert "ALIVE" in out.stdout
 
 

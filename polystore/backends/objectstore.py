@@ -2,8 +2,8 @@
 
 Each file is one object written by a single request (``pipe``): S3 makes an object visible
 only when its upload completes, so a failed write leaves no partial object. Arrays and
-text are encoded by extension like the disk backend (.npy, .tif, .json, .txt/.csv, ImageJ
-.roi/.roi.zip); any other extension holds bytes. The backend declares the byte-level
+text are encoded by extension through the same formats as the disk backend
+(`polystore.formats`). The backend declares the byte-level
 capability (``can_hold_bytes``): copies between such backends move the stored bytes.
 Credentials come from the standard environment and config files (for S3: the
 ``AWS_*`` variables, ``~/.aws``) or ``storage_options``.

@@ -89,7 +89,7 @@ def _allocate(fd: int, name: str, size: int) -> None:
             raise
         raise OSError(exc.errno, (
             f"shared memory is full: segment {name} needs {_mib(size)} but {SHM_DIR} has "
-            f"{_mib(shm_free_bytes())} free. Remove stale segments (`polystore shm --sweep`), "
+            f"{_mib(shm_free_bytes())} free. Remove stale segments (`polystore shm clean`), "
             "give the machine or container more /dev/shm (docker run --shm-size=1g), lower "
             "max_inflight_bytes, or stream with transport='inline'"
         )) from None
