@@ -1081,6 +1081,33 @@ def test_refuses_to_listen_beyond_loopback(debian, tmp_path):
     assert "refusing to listen on 0.0.0.0" in receiver.log
 
 
+def test_at_its_cap_fiji_makes_room_by_the_sender_heard_from_least_recently(debian, tmp_path):
+    """JeroMQ says nothing when a connection closes, so at its cap the Fiji script makes room
+    for a new sender. It forgot the sender that had said hello first, even one still
+    streaming (its next frame: hello_required, its frames in flight lost); it now forgets the
+    one heard from least recently (one that died without bye), and the others stream on."""
+    receiver = start_receiver(tmp_path, max_senders=2)
+    pixels = b"\0" * 6
+    try:
+        with (RawClient(receiver.endpoint) as first, RawClient(receiver.endpoint) as quiet,
+              RawClient(receiver.endpoint) as new):
+            assert first.hello()["type"] == "welcome"
+            assert quiet.hello()["type"] == "welcome"
+            assert first.request(first.frame(), pixels)["type"] == "ack"  # still streaming
+            assert new.hello()["type"] == "welcome"  # the cap: `quiet` makes room
+            assert first.request(first.frame(), pixels)["type"] == "ack"
+            assert new.request(new.frame(), pixels)["type"] == "ack"
+            reply = quiet.request(quiet.frame(), pixels)
+            assert reply["type"] == "error" and reply["code"] == "hello_required", reply
+    finally:
+        receiver.stop()
+
+
+def test_max_senders_below_one_is_a_clear_error(debian, tmp_path):
+    receiver = start_receiver(tmp_path, max_senders=0, wait=False)
+    assert receiver.wait(60) != 0 and "max_senders must be at least 1" in receiver.log
+
+
 def test_port_in_use_is_a_clear_error(fiji, debian):
     receiver = start_receiver(endpoint=fiji.endpoint, wait=False)
     rc = receiver.wait(60)

@@ -2289,14 +2289,15 @@ class SenderInfo {
     boolean shm  // its hello's probe proved it shares our /dev/shm as this user
     long dropped  // the sender's own count of frames it never sent (its header's `dropped`)
     boolean batchAcks  // its hello asked for the acks of several frames in one message
-    final long since = System.nanoTime()
 }
 
 @CompileStatic
 class Core {
     final Images images
     final SegmentReader reader = new SegmentReader(64)
-    final Map<String, SenderInfo> senders = new LinkedHashMap<String, SenderInfo>()
+    // in access order: the sender heard from least recently first (see hello)
+    final Map<String, SenderInfo> senders = new LinkedHashMap<String, SenderInfo>(16, 0.75f, true)
+    final int maxSenders
     final String id = Long.toHexString(new Random().nextLong() & 0xffffffffffffL)
     final long pid = Long.parseLong(ManagementFactory.getRuntimeMXBean().getName().split('@')[0])
     long frames, rois, bytes, rejected, missing, senderDropped, shmFrames, inlineFrames
@@ -2304,7 +2305,7 @@ class Core {
     double fps
     String lastError = ''
 
-    Core(Images images) { this.images = images }
+    Core(Images images, int maxSenders) { this.images = images; this.maxSenders = maxSenders }
 
     /**
      * One message: `parts` are the parts after the routing id (at most the first 2 kept),
@@ -2371,8 +2372,11 @@ class Core {
             }
             reader.forgetPrefix((String) probe.get('segment'))
         }
-        if (!senders.containsKey(identity) && senders.size() >= Local.MAX_SENDERS) {
-            bye(senders.entrySet().min { Map.Entry<String, SenderInfo> e -> e.value.since }.key)
+        // JeroMQ says nothing when a connection closes, so a sender that died without `bye`
+        // would keep its place for good: at the cap, the sender heard from least recently
+        // makes room (it gets hello_required if it sends again), not one still streaming.
+        if (!senders.containsKey(identity) && senders.size() >= maxSenders) {
+            bye(senders.keySet().iterator().next())
         }
         // The same sender (routing id) saying hello again keeps its baseline: its `dropped`
         // is cumulative, and what it dropped before is counted already.
@@ -2743,6 +2747,7 @@ boolean allowRemote = param('allow_remote', false) as boolean
 boolean useRoiManager = param('roi_manager', true) as boolean
 boolean stopOnEof = param('stop_on_stdin_eof', false) as boolean
 boolean allowUnauthenticated = param('allow_unauthenticated', false) as boolean
+int maxSendersParam = param('max_senders', Local.MAX_SENDERS) as int
 boolean gui = !GraphicsEnvironment.isHeadless() && IJ.getInstance() != null
 
 def say = { String msg ->
@@ -2757,6 +2762,7 @@ def fail = { String msg ->
 
 if (!(modeParam in ['replace', 'stack'])) fail("mode must be replace or stack, got '${modeParam}'")
 if (!(channelDisplayParam in ['composite', 'color', 'grayscale'])) fail("channel_display must be composite, color or grayscale, got '${channelDisplayParam}'")
+if (maxSendersParam < 1) fail("max_senders must be at least 1, got ${maxSendersParam}")
 
 // Loopback only unless asked (receiver.py: check_bind_endpoint).
 def matcher = endpointParam =~ /^tcp:\/\/(\[[0-9A-Fa-f:.]+\]|[^:\/\[\]]+):(\d+|\*)$/
@@ -2800,7 +2806,7 @@ if (allowUnauthenticated) {
 }
 
 Images images = new Images(modeParam, channelDisplayParam, gui, useRoiManager, outputDir)
-Core core = new Core(images)
+Core core = new Core(images, maxSendersParam)
 
 /*
  * The socket lives on a worker thread outside the script's ThreadGroup. Fiji's Script Editor

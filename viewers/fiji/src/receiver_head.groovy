@@ -6,6 +6,7 @@
 #@ Boolean (label="Allow remote senders (listen beyond 127.0.0.1)", value=false) allow_remote
 #@ Boolean (label="Allow unauthenticated senders (JeroMQ 0.3 only: any local account could send)", value=false) allow_unauthenticated
 #@ Boolean (label="Stop when standard input closes (headless use)", value=false) stop_on_stdin_eof
+#@ Integer (label="Most senders at once", value=1024, description="At this many, a new sender takes the place of the one heard from least recently (one that died without saying bye)") max_senders
 
 /*
  * polystore receiver for Fiji / ImageJ: frames saved with backend="fiji_stream" become images.
