@@ -250,13 +250,14 @@ def decode_sender_message(header: bytes, max_bytes: int = MAX_HEADER_BYTES) -> S
         raise ProtocolError(BAD_MESSAGE, f"unreadable header: {exc}") from None
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError(BAD_JSON, f"header is not UTF-8 JSON: {exc}") from None
+    seq = None if envelope.type in ("hello", "bye") else envelope.seq  # they have no seq
     if envelope.v not in SUPPORTED_VERSIONS:
-        raise _unsupported(envelope.v, envelope.seq)
+        raise _unsupported(envelope.v, seq)
     try:
         return _sender_decoder.decode(header)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError(BAD_MESSAGE, f"invalid {envelope.type!r} message: {exc}",
-                            envelope.seq) from None
+                            seq) from None
 
 
 def _unsupported(version: int, seq: int | None) -> ProtocolError:

@@ -155,9 +155,11 @@ class SegmentReader:
         """A validated frame's pixels in an array of our own, out of its segment or its
         inline `payload`; raises ProtocolError (bad_segment, segment_missing)."""
         array = self.arrays.empty(tuple(frame.shape), WIRE_DTYPES[frame.dtype], frame.nbytes)
-        if not frame.nbytes:
+        if frame.segment is None and not frame.nbytes:
             return array
-        target = memoryview(array).cast("B")
+        # an empty frame still names a segment to check (a view with a 0 in its shape cannot
+        # be cast: reshape first)
+        target = memoryview(array.reshape(-1)).cast("B")
         if frame.segment is None:
             copy_bytes(target, payload.buffer)
             return array

@@ -225,6 +225,9 @@ BAD_MESSAGES = [
     bad("offset_beyond_int64_missing",
         lambda r, s: header(segment=r.prefix + "999", offset=2**64)(r, s), "segment_missing"),
     bad("segment_missing", lambda r, s: header(segment=r.prefix + "999")(r, s), "segment_missing"),
+    bad("empty_frame_segment_missing",
+        lambda r, s: header(shape=[0, 3], nbytes=0, segment=r.prefix + "999")(r, s),
+        "segment_missing"),
     bad("negative_dim", inline(shape=[-2, 3]), "bad_message"),
     bad("dim_too_big", header(shape=[2**31, 1], nbytes=2**31), "bad_message"),
     bad("nine_dims", header(shape=[1] * 9, nbytes=1), "bad_message"),
@@ -387,6 +390,63 @@ class ReceiverConformance:
         assert acked == seqs
         assert max(sizes) <= 4
         assert (max(sizes) > 1) is batch, f"acks per message: {sizes}"
+
+    def test_a_segment_truncated_after_a_frame_is_bad_segment_until_whole_again(self, raw):
+        """The segment's current size is checked before every copy, not only when it was first
+        mapped: reading a truncated mapping faults (SIGBUS in Python, InternalError in Java)."""
+        segment = shared_memory.SharedMemory(name=f"{raw.prefix}0", create=True, size=4096)
+        try:
+            assert raw.hello()["type"] == "welcome"
+            assert raw.request(raw.frame(segment=segment.name))["type"] == "ack"
+            os.truncate(f"/dev/shm/{segment.name}", 0)
+            reply = raw.request(raw.frame(segment=segment.name))
+            assert reply["type"] == "error" and reply["code"] == "bad_segment", reply
+            assert "past its end" in reply["message"], reply
+            os.truncate(f"/dev/shm/{segment.name}", 4096)
+            assert raw.request(raw.frame(segment=segment.name))["type"] == "ack"
+        finally:
+            segment.close()
+            segment.unlink()
+
+    def test_a_second_connection_cannot_take_a_live_sender_s_prefix(self, raw,
+                                                                    receiver_under_test):
+        """Segment names are bound to the connection whose hello proved them (protocol.md,
+        hello): another connection repeating its pid and token is bad_segment."""
+        assert raw.hello()["type"] == "welcome"
+        with RawClient.to(receiver_under_test) as other:
+            reply = other.hello(sender=raw.token, pid=raw.pid, segment_prefix=raw.prefix,
+                                probe=None)  # fmt: skip
+            assert reply["type"] == "error" and reply["code"] == "bad_segment", reply
+            assert reply["seq"] is None
+        assert raw.request(raw.frame(), PAD6)["type"] == "ack"  # the owner streams on
+
+    def test_hello_and_bye_ignore_a_seq(self, raw):
+        """hello and bye have no seq: one that is there is an unknown field, ignored."""
+        assert raw.hello(seq="x")["type"] == "welcome"
+        raw.send({"v": 1, "type": "bye", "seq": "x"})
+        with pytest.raises(TimeoutError):  # bye: no reply, not an error
+            raw.recv(timeout=1.0)
+        reply = raw.request(raw.frame(), PAD6)
+        assert reply["type"] == "error" and reply["code"] == "hello_required", reply
+
+    def test_only_frame_acks_are_batched(self, raw):
+        """A batch_acks sender may get the acks of several frames in one ack; a rois message's
+        ack is its own (protocol.md: the acks of frames), even behind held frame acks."""
+        assert raw.hello(batch_acks=True)["type"] == "welcome"
+        slow = raw.frame(stream="batch", shape=[1024, 1024], dtype="float64", nbytes=8 << 20)
+        raw.send(slow, bytes(8 << 20))
+        raw.send(raw.frame(stream="batch"), PAD6)
+        rois = {"v": 1, "type": "rois", "seq": raw.next_seq(), "stream": "batch",
+                "path": "batch.roi.zip", "sent_ns": 0,
+                "rois": [{"kind": "point", "coords": [[1, 1]]}]}  # fmt: skip
+        raw.send(rois)
+        raw.send(raw.frame(stream="batch"), PAD6)
+        acks = [raw.recv(timeout=30)]
+        while sum(1 + len(a.get("also", [])) for a in acks) < 4:
+            acks.append(raw.recv(timeout=30))
+        assert all(a["type"] == "ack" for a in acks), acks
+        assert {"v": 1, "type": "ack", "seq": rois["seq"]} in acks, acks
+        assert all(rois["seq"] not in a.get("also", []) for a in acks), acks
 
     def test_after_bye_a_frame_needs_hello(self, raw):
         assert raw.hello()["type"] == "welcome"

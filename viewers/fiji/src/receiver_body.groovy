@@ -411,6 +411,7 @@ class Messages {
         Object v = m.get('v'), type = m.get('type'), seq = m.get('seq')
         if (!Check.isInt(v)) throw new ProtocolError(P.BAD_MESSAGE, "unreadable header: v must be an integer, got ${Json.kind(v)}".toString(), null)
         if (!(type instanceof String)) throw new ProtocolError(P.BAD_MESSAGE, "unreadable header: type must be a string, got ${Json.kind(type)}".toString(), null)
+        if (type == 'hello' || type == 'bye') seq = null  // they have no seq: one there is ignored
         if (seq != null && !Check.isInt(seq)) throw new ProtocolError(P.BAD_MESSAGE, "unreadable header: seq must be an integer or null, got ${Json.kind(seq)}".toString(), null)
         if (v != (Object) Long.valueOf(P.VERSION)) {
             throw new ProtocolError(P.UNSUPPORTED_VERSION, "protocol version ${v} is not supported (supported: [${P.VERSION}]); upgrade the older of sender and receiver".toString(), seq)
@@ -795,8 +796,10 @@ class View {
 /**
  * Segments are opened read-only (READ_ONLY map of a channel opened with READ and
  * NOFOLLOW_LINKS), checked to be regular files of this user, and kept mapped in a small LRU,
- * since senders reuse their segments. The channel is closed right after mapping: nothing here
- * can write a sender's memory or unlink its segment.
+ * since senders reuse their segments. Each keeps its read-only channel, so the segment's
+ * current size is checked before every copy (an fstat, as shm.py does): a segment truncated
+ * after it was mapped is an error reply, not a fault in the copy. Nothing here can write a
+ * sender's memory or unlink its segment.
  */
 @CompileStatic
 class SegmentReader {
@@ -806,9 +809,15 @@ class SegmentReader {
     final Object uid = ownUid()
 
     static class Mapping {
+        FileChannel channel  // read-only, for the current size
         MappedByteBuffer buffer  // whole segment, or null when it is too large for one map
-        long size
+        long size  // when mapped
         Object inode
+
+        void close() {
+            SegmentReader.unmap(buffer)
+            try { channel.close() } catch (IOException ignored) { }
+        }
     }
 
     SegmentReader(int maxCached) { this.maxCached = maxCached }
@@ -828,22 +837,32 @@ class SegmentReader {
             maps.put(name, m)
             while (maps.size() > maxCached) {
                 String eldest = maps.keySet().iterator().next()
-                unmap(maps.remove(eldest).buffer)
+                maps.remove(eldest).close()
             }
         }
-        if (nbytes > m.size || offset > m.size - nbytes) {  // (offset + nbytes could wrap)
-            throw new SegmentError("segment ${name} holds ${m.size} bytes; offset ${offset} + nbytes ${nbytes} would read past its end".toString(), false)
+        long size
+        try {
+            size = m.channel.size()  // now, not when it was mapped
+        } catch (IOException e) {
+            throw new SegmentError("segment ${name} cannot be read: ${e}".toString(), false)
+        }
+        if (nbytes > size || offset > size - nbytes) {  // (offset + nbytes could wrap)
+            throw new SegmentError("segment ${name} holds ${size} bytes; offset ${offset} + nbytes ${nbytes} would read past its end".toString(), false)
+        }
+        if (m.buffer != null && (nbytes > m.size || offset > m.size - nbytes)) {  // it grew: map it again
+            maps.remove(name).close()
+            m = open(name)
+            maps.put(name, m)
         }
         View v = new View()
         if (m.buffer != null) {
             v.buffer = m.buffer
             v.position = (int) offset
         } else {  // a segment over 2 GiB: map just this frame's bytes
-            FileChannel ch = channel(name)
             try {
-                v.temporary = ch.map(FileChannel.MapMode.READ_ONLY, offset, nbytes)
-            } finally {
-                ch.close()
+                v.temporary = m.channel.map(FileChannel.MapMode.READ_ONLY, offset, nbytes)
+            } catch (IOException e) {
+                throw new SegmentError("segment ${name} cannot be mapped: ${e}".toString(), false)
             }
             v.buffer = v.temporary
             v.position = 0
@@ -867,15 +886,18 @@ class SegmentReader {
         FileChannel ch = channel(name)
         try {
             Mapping m = new Mapping()
+            m.channel = ch
             m.size = ch.size()
             m.inode = "${attrs.get('dev')}:${attrs.get('ino')}".toString()
             if (m.size == 0) throw new SegmentError("segment ${name} is empty".toString(), false)
             if (m.size <= Integer.MAX_VALUE) m.buffer = ch.map(FileChannel.MapMode.READ_ONLY, 0, m.size)
             return m
         } catch (IOException e) {
-            throw new SegmentError("segment ${name} cannot be mapped: ${e}".toString(), false)
-        } finally {
             ch.close()
+            throw new SegmentError("segment ${name} cannot be mapped: ${e}".toString(), false)
+        } catch (SegmentError e) {
+            ch.close()
+            throw e
         }
     }
 
@@ -900,18 +922,18 @@ class SegmentReader {
                 gone.add(e.key)
             }
         }
-        for (String name : gone) unmap(maps.remove(name).buffer)
+        for (String name : gone) maps.remove(name).close()
         return gone.size()
     }
 
     void forgetPrefix(String prefix) {
         for (String name : new ArrayList<String>(maps.keySet())) {
-            if (name.startsWith(prefix)) unmap(maps.remove(name).buffer)
+            if (name.startsWith(prefix)) maps.remove(name).close()
         }
     }
 
     void close() {
-        for (Mapping m : maps.values()) unmap(m.buffer)
+        for (Mapping m : maps.values()) m.close()
         maps.clear()
     }
 
@@ -2358,6 +2380,11 @@ class Core {
         if (h.get('segment_prefix') != expected) {
             throw new ProtocolError(P.BAD_SEGMENT, "segment_prefix must be ${Json.quote(expected)} (prefix ${Json.quote(Local.SHM_PREFIX)} of this fiji receiver, then pid and sender token); got ${Json.quote((String) h.get('segment_prefix'))}".toString(), null)
         }
+        for (Map.Entry<String, SenderInfo> e : senders.entrySet()) {  // (iterating keeps the order)
+            if (e.value.prefix == expected && e.key != identity) {
+                throw new ProtocolError(P.BAD_SEGMENT, "segment prefix ${Json.quote(expected)} belongs to another connection; each sender needs its own token".toString(), null)
+            }
+        }
         boolean shm = false
         Map probe = (Map) h.get('probe')
         if (probe != null && probe.get('segment') == expected + 'probe') {
@@ -2430,7 +2457,7 @@ class Core {
         try {
             Layout L = Layout.of(f, (List) f.get('shape'), Messages.isRgb(f))
             // Copy out, then the credit goes back at once, then the image is updated.
-            images.put(f, L, view, { reply.call(P.ack(seq)) })
+            images.put(f, L, view, { reply.call(P.ack(seq), true) })  // a frame's ack: may be held
         } finally {
             SegmentReader.unmap(view.temporary)
         }
@@ -2535,8 +2562,9 @@ class Wire {
  * The receive loop (on the worker thread): one message at a time to Core.handle, replies to
  * the message's sender, and housekeeping between messages (redraw, fps, unlinked segments).
  *
- * Acks are held while more messages already wait (at most MAX_HELD_ACKS), then sent
- * together, and always before any other reply and before anything is drawn; a sender whose
+ * Frame acks (only those: protocol.md) are held while more messages already wait (at most
+ * MAX_HELD_ACKS), then sent together, and always before any other reply and before anything
+ * is drawn; a sender whose
  * hello asked for `batch_acks` gets its held acks as one `ack` (`also`: the later frames).
  * Each send that finds JeroMQ's I/O thread asleep wakes it through a pipe; on a busy machine
  * the woken thread preempts this one between writing the wake-up byte and counting it, and
@@ -2556,8 +2584,8 @@ class ReceiveLoop {
     static final int MAX_HELD_ACKS = 4
     private final List<byte[]> heldIds = new ArrayList<byte[]>()
     private final List<Object> heldSeqs = new ArrayList<Object>()
-    private final Closure replyToCurrent = { Map message ->
-        if (message.get('type') == 'ack' && heldSeqs.size() < MAX_HELD_ACKS) {
+    private final Closure replyToCurrent = { Map message, boolean frameAck = false ->
+        if (frameAck && heldSeqs.size() < MAX_HELD_ACKS) {
             heldIds.add(current)
             heldSeqs.add(message.get('seq'))
         } else {
