@@ -21,6 +21,7 @@ from polystore import BackendRegistry, FileManager
 from polystore.streaming import (
     BackpressureError,
     FijiStreamingBackend,
+    FrameRejectedError,
     NapariStreamingBackend,
     ReceiverLostError,
     SenderOptions,
@@ -964,6 +965,141 @@ def test_frame_answered_hello_required_makes_flush_raise():
             b.flush()
             assert [m["type"] for m in rx.seen] == ["hello", "frame", "frame", "hello", "frame"]
             assert b.sender.stats.handshakes == 2
+        finally:
+            b.close()
+
+
+class _Misbehaving(ScriptedReceiver):
+    """Welcomes, then answers frames through `on_frame(identity, message)` (its own rules)."""
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            self.tick()
+            if not self._sock.poll(50, zmq.POLLIN):
+                continue
+            identity, header = self._sock.recv_multipart()[:2]
+            message = json.loads(header)
+            self.seen.append(message)
+            if message["type"] == "hello":
+                self.send(identity, {"type": "welcome", "v": 1, "receiver": "scripted",
+                                     "viewer": "napari", "pid": os.getpid(), "shm": False})
+            elif message["type"] == "frame":
+                self.on_frame(identity, message)
+
+    def send(self, identity: bytes, reply: dict) -> None:
+        self._sock.send_multipart([identity, json.dumps(reply).encode()])
+
+    def tick(self) -> None:
+        pass
+
+    def on_frame(self, identity: bytes, message: dict) -> None:
+        self.send(identity, {"type": "ack", "v": 1, "seq": message["seq"]})
+
+
+def test_every_rejected_frame_is_heard_of_not_only_the_first():
+    """Four frames rejected together: flush raised for the first, and the next flush passed,
+    so the other three rejections were never heard of."""
+
+    class RejectsFourAtOnce(_Misbehaving):
+        held: tuple = ()
+
+        def on_frame(self, identity: bytes, message: dict) -> None:
+            self.held += (message["seq"],)
+            if len(self.held) == 4:  # after the fourth frame: no save() sees these early
+                for seq in self.held:
+                    self.send(identity, {"type": "error", "v": 1, "seq": seq,
+                                         "code": "bad_shape", "message": f"frame {seq} is wrong"})
+
+    with RejectsFourAtOnce() as rx:
+        b = NapariStreamingBackend(rx.endpoint)
+        try:
+            for n in range(4):
+                b.save(np.zeros((4, 4), np.uint8), f"rej/{n}.tif")
+            with pytest.raises(FrameRejectedError, match=r"message 0: frame 0 is wrong "
+                                                         r"\(and 3 more since: 1, 2, 3\)"):
+                b.flush()
+            b.flush()  # each was said once
+            assert b.sender.stats.rejected == 4
+        finally:
+            b.close()
+
+
+def test_errors_without_a_seq_do_not_keep_a_silent_receiver_waited_for():
+    """A receiver that acknowledges nothing but sends an error without `seq` now and then:
+    each one counted as an answer, so flush() (and request(), and a save() waiting for
+    credits) waited for ever instead of `timeout` seconds."""
+
+    class ChatteringErrors(_Misbehaving):
+        peer, last = None, 0.0
+
+        def on_frame(self, identity: bytes, message: dict) -> None:
+            self.peer = identity  # never acked
+
+        def tick(self) -> None:
+            if self.peer is not None and time.monotonic() - self.last > 0.2:
+                self.last = time.monotonic()
+                self.send(self.peer, {"type": "error", "v": 1, "seq": None,
+                                      "code": "bad_json", "message": "unreadable header"})
+
+    with ChatteringErrors() as rx:
+        b = NapariStreamingBackend(rx.endpoint, timeout=1)
+        outcome: dict = {}
+
+        def flush() -> None:
+            try:
+                b.flush()
+            except Exception as exc:  # noqa: BLE001 - the outcome is checked below
+                outcome["error"] = exc
+
+        try:
+            b.save(np.zeros((4, 4), np.uint8), "chat/0.tif")
+            waiter = threading.Thread(target=flush, daemon=True)
+            waiter.start()
+            waiter.join(30)  # a generous bound: the fault is waiting for ever
+            assert not waiter.is_alive(), "flush() still waits on a receiver that acks nothing"
+            assert isinstance(outcome.get("error"), ReceiverLostError), outcome
+        finally:
+            rx.__exit__()
+            waiter.join(10)
+            b.close()
+
+
+def test_the_save_after_a_receiver_left_says_what_was_lost_before_reconnecting():
+    """The receiver closed with a frame unacknowledged: the next save() tried to reconnect and
+    raised 'no napari receiver answered' after connect_timeout, and the loss of the frame
+    came only at flush(). The next save() says so first (docs/streaming.md)."""
+
+    class LeavesAtFrame3(_Misbehaving):
+        gone = threading.Event()
+
+        def on_frame(self, identity: bytes, message: dict) -> None:
+            if message["seq"] < 3:
+                super().on_frame(identity, message)
+                return
+            self._sock.close(linger=0)  # the viewer was closed with frame 3 unread
+            self.gone.set()
+            self._stop.set()
+
+        def __exit__(self, *exc: object) -> None:
+            self._stop.set()
+            self._thread.join(5)
+            if not self.gone.is_set():
+                self._sock.close(linger=0)
+            self._auth.close()
+
+    with LeavesAtFrame3() as rx:
+        b = NapariStreamingBackend(rx.endpoint, timeout=2, connect_timeout=2)
+        try:
+            for n in range(3):
+                b.save(np.zeros((4, 4), np.uint8), f"gone/{n}.tif")
+            b.flush()
+            b.save(np.zeros((4, 4), np.uint8), "gone/3.tif")
+            assert rx.gone.wait(10)
+            time.sleep(0.5)  # the connection's close reaches the sender's monitor
+            with pytest.raises(ReceiverLostError, match=r"1 message\(s\) were not acknowledged"):
+                b.save(np.zeros((4, 4), np.uint8), "gone/4.tif")
+            with pytest.raises(ViewerNotRunningError):  # and then: nobody is there
+                b.save(np.zeros((4, 4), np.uint8), "gone/5.tif")
         finally:
             b.close()
 

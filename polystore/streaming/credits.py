@@ -141,9 +141,9 @@ class CreditWindow:
 
     def reject(self, error: p.Error) -> None:
         """The receiver refused message `error.seq`; the caller hears of it next."""
-        self.answered_at = time.perf_counter()
         self.stats.rejected += 1
-        if error.seq is not None:
+        if error.seq is not None:  # an answer to a message in flight (not one without seq:
+            self.answered_at = time.perf_counter()  # repeated, it would never let a wait end)
             if error.code == p.SEGMENT_MISSING:  # a vanished segment is never reused
                 self.abandon(error.seq)
             else:
@@ -173,9 +173,14 @@ class CreditWindow:
                 f"closed. {self.start_hint}".strip()
             )
         if self._rejections:
-            error, self._rejections = self._rejections[0], []
+            errors, self._rejections = self._rejections, []
+            error, more = errors[0], ""
+            if len(errors) > 1:  # every rejection is heard of, not only the first
+                seqs = ", ".join(str(e.seq) for e in errors[1:6]) + (", ..." if len(errors) > 6
+                                                                      else "")
+                more = f" (and {len(errors) - 1} more since: {seqs})"
             raise FrameRejectedError(f"{self.describe} rejected message {error.seq}: "
-                                     f"{error.message}", error.code)
+                                     f"{error.message}{more}", error.code)
 
     def abandon(self, seq: int) -> None:
         """Give up on `seq` without its ack: free its credit, unlink (never rewrite) its

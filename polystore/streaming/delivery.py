@@ -132,6 +132,7 @@ class Delivery:
             raise RuntimeError(f"this {self.viewer} stream sender is closed")
         if self._connection.still_connected():  # the common case, once per frame
             return True
+        self._credits.raise_pending()  # the frames lost with the last receiver come first
         pool = self._credits.pool
         taken, renewed = "", 0
         for _ in range(_PROBE_ATTEMPTS):
