@@ -1291,6 +1291,31 @@ def test_a_receiver_refusing_the_handshake_leaves_the_sender_refused():
             backend.close()
 
 
+def test_a_hello_answered_hello_required_is_a_refusal_not_a_loop_of_hellos():
+    """A receiver answering every hello with hello_required: the sender took it for a
+    restarted receiver and said hello again at once, thousands of times a second (each with
+    a probe segment made and unlinked), until connect_timeout said nobody answered."""
+    refusal = {"type": "error", "v": 1, "seq": None, "code": "hello_required",
+               "message": "send hello first"}
+
+    class Confused(ScriptedReceiver):
+        def _serve(self) -> None:
+            while not self._stop.is_set():
+                if self._sock.poll(50, zmq.POLLIN):
+                    identity, header = self._sock.recv_multipart()[:2]
+                    self.seen.append(json.loads(header))
+                    self._sock.send_multipart([identity, json.dumps(refusal).encode()])
+
+    with Confused() as rx:
+        backend = NapariStreamingBackend(rx.endpoint, connect_timeout=2)
+        try:
+            with pytest.raises(ViewerNotRunningError, match="refused the handshake"):
+                backend.save(np.zeros((4, 4), np.uint8), "c/t0.tif")
+            assert [m["type"] for m in rx.seen] == ["hello"]
+        finally:
+            backend.close()
+
+
 def test_pool_reuses_the_segment_released_last():
     """An idle pipe keeps writing one warm segment (pages mapped, in cache) instead of
     cycling through all of them; a smaller segment that fits still wins over a larger one."""

@@ -59,12 +59,14 @@ class ReplyHandler:
     def on_error(self, error: p.Error) -> None:
         if error.seq is not None and error.seq not in self.credits:
             return  # a frame already given up (policy latest): counted then
-        if error.code == p.HELLO_REQUIRED:
+        if error.seq is None and self.connection.state is State.HELLO_SENT:
+            # the answer to our hello, whatever its code (hello_required included: saying
+            # hello again would only be refused again, as fast as the receiver answers)
+            self.stats.rejected += 1
+            self.connection.refuse(f"{self.describe} refused the handshake: {error.message}")
+        elif error.code == p.HELLO_REQUIRED:
             # a new receiver that never saw our hello: this frame is lost with the rest
             self.stats.rejected += 1
             self.receiver_lost("the receiver restarted")
-        elif error.seq is None and self.connection.state is State.HELLO_SENT:
-            self.stats.rejected += 1
-            self.connection.refuse(f"{self.describe} refused the handshake: {error.message}")
         else:
             self.credits.reject(error)
