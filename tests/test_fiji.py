@@ -482,6 +482,19 @@ def test_labels_distinguishable_at_any_count(fiji, backend, fm, key, dtype, coun
     )
 
 
+def test_negative_labels_are_coloured_apart_from_positive_ones(fiji, backend, fm, key):
+    """Fiji coloured label -k as label k (the LUT index took the absolute value), so touching
+    objects -5 and 5 looked like one; protocol.md's 1 + (id - 1) mod 255 keeps them apart."""
+    labels = np.array([[-3, -2, -1, 0, 1, 2, 3]] * 2, np.int32)
+    fm.save(labels, f"{key}.tif", backend="fiji_stream", stream=key, labels=True)
+    state = report(backend)
+    np.testing.assert_array_equal(saved(state, key)[0], labels)
+    colours = rendered(state, key)[0].astype(int)
+    assert (colours[3] == 0).all() and (colours[[0, 1, 2, 4, 5, 6]].max(axis=1) > 0).all()
+    for k in (1, 2, 3):
+        assert (colours[3 - k] != colours[3 + k]).any(), f"labels -{k} and {k} share a colour"
+
+
 @pytest.mark.parametrize("dtype", ["uint16", "float32"])
 def test_a_labels_stream_that_turns_to_images_is_drawn_as_an_image(fiji, backend, fm, key, dtype):
     """A stream sent as labels, then as a plain image (same shape): the window went on drawing

@@ -1212,8 +1212,7 @@ class LabelColors {
 
     static int index(double v) {
         if (v == 0 || Double.isNaN(v)) return 0
-        long label = (long) Math.abs(v)
-        return (int) (1 + (label - 1) % 255)
+        return (int) (1 + Math.floorMod(((long) v) - 1L, 255L))  // -5 and 5 differ, as in napari
     }
 
     /** The colour index of every pixel of a plane of labels. */
