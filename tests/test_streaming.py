@@ -1064,6 +1064,23 @@ def test_errors_without_a_seq_do_not_keep_a_silent_receiver_waited_for():
             b.close()
 
 
+def test_an_error_without_seq_says_the_receiver_could_not_read_a_message():
+    """It said 'rejected message None'."""
+    unreadable = {"type": "error", "v": 1, "seq": None, "code": "too_large",
+                  "message": "header of 70000 bytes exceeds 65536"}
+    with ScriptedReceiver(answers={0: unreadable}) as rx:
+        b = NapariStreamingBackend(rx.endpoint, timeout=1)
+        try:
+            b.save(np.zeros((4, 4), np.uint8), "u/0.tif")
+            with pytest.raises(ReceiverLostError):  # its credit never comes back
+                b.flush()
+            with pytest.raises(FrameRejectedError, match=r"rejected a message it could not "
+                                                         r"read \(no seq\): header of 70000"):
+                b.flush()
+        finally:
+            b.close()
+
+
 def test_the_save_after_a_receiver_left_says_what_was_lost_before_reconnecting():
     """The receiver closed with a frame unacknowledged: the next save() tried to reconnect and
     raised 'no napari receiver answered' after connect_timeout, and the loss of the frame

@@ -179,8 +179,10 @@ class CreditWindow:
                 seqs = ", ".join(str(e.seq) for e in errors[1:6]) + (", ..." if len(errors) > 6
                                                                       else "")
                 more = f" (and {len(errors) - 1} more since: {seqs})"
-            raise FrameRejectedError(f"{self.describe} rejected message {error.seq}: "
-                                     f"{error.message}{more}", error.code)
+            which = ("a message it could not read (no seq)" if error.seq is None
+                     else f"message {error.seq}")
+            raise FrameRejectedError(f"{self.describe} rejected {which}: {error.message}{more}",
+                                     error.code)
 
     def abandon(self, seq: int) -> None:
         """Give up on `seq` without its ack: free its credit, unlink (never rewrite) its
