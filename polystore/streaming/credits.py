@@ -176,8 +176,8 @@ class CreditWindow:
             errors, self._rejections = self._rejections, []
             error, more = errors[0], ""
             if len(errors) > 1:  # every rejection is heard of, not only the first
-                seqs = ", ".join(str(e.seq) for e in errors[1:6]) + (", ..." if len(errors) > 6
-                                                                      else "")
+                seqs = ", ".join("?" if e.seq is None else str(e.seq) for e in errors[1:6])
+                seqs += ", ..." if len(errors) > 6 else ""
                 more = f" (and {len(errors) - 1} more since: {seqs})"
             which = ("a message it could not read (no seq)" if error.seq is None
                      else f"message {error.seq}")

@@ -8,7 +8,7 @@ exception inside a receiver loop. Nothing on the wire is pickled.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct, field
@@ -212,7 +212,7 @@ class _Envelope(Struct):
 
     v: int
     type: str
-    seq: int | None = None
+    seq: Any = None  # only echoed when it is an int of a message that has one
 
 
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
@@ -250,7 +250,9 @@ def decode_sender_message(header: bytes, max_bytes: int = MAX_HEADER_BYTES) -> S
         raise ProtocolError(BAD_MESSAGE, f"unreadable header: {exc}") from None
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError(BAD_JSON, f"header is not UTF-8 JSON: {exc}") from None
-    seq = None if envelope.type in ("hello", "bye") else envelope.seq  # they have no seq
+    seq = envelope.seq  # hello and bye have none: one there is ignored, like any unknown field
+    if type(seq) is not int or envelope.type in ("hello", "bye"):
+        seq = None
     if envelope.v not in SUPPORTED_VERSIONS:
         raise _unsupported(envelope.v, seq)
     try:

@@ -145,6 +145,9 @@ class SegmentReader:
             if offset + nbytes > mapping.size:  # it grew: map it again
                 self._maps.pop(name).close()
                 mapping = self._mapping(name)
+                if offset + nbytes > mapping.size:  # another, smaller file under that name
+                    raise SegmentError(f"segment {name} holds {mapping.size} bytes; offset "
+                                       f"{offset} + nbytes {nbytes} would read past its end")
             with memoryview(mapping.map) as source:  # released at once: close() can unmap
                 if out.format != "B" or out.ndim != 1:
                     out = out.cast("B")

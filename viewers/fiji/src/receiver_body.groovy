@@ -844,6 +844,7 @@ class SegmentReader {
         try {
             size = m.channel.size()  // now, not when it was mapped
         } catch (IOException e) {
+            maps.remove(name)?.close()  // a broken channel is not kept: the next frame opens again
             throw new SegmentError("segment ${name} cannot be read: ${e}".toString(), false)
         }
         if (nbytes > size || offset > size - nbytes) {  // (offset + nbytes could wrap)
@@ -853,6 +854,9 @@ class SegmentReader {
             maps.remove(name).close()
             m = open(name)
             maps.put(name, m)
+            if (nbytes > m.size || offset > m.size - nbytes) {  // (another file under that name)
+                throw new SegmentError("segment ${name} holds ${m.size} bytes; offset ${offset} + nbytes ${nbytes} would read past its end".toString(), false)
+            }
         }
         View v = new View()
         if (m.buffer != null) {
@@ -884,6 +888,7 @@ class SegmentReader {
             throw new SegmentError("segment ${name} is not a shared-memory segment of this user".toString(), false)
         }
         FileChannel ch = channel(name)
+        boolean kept = false
         try {
             Mapping m = new Mapping()
             m.channel = ch
@@ -891,13 +896,14 @@ class SegmentReader {
             m.inode = "${attrs.get('dev')}:${attrs.get('ino')}".toString()
             if (m.size == 0) throw new SegmentError("segment ${name} is empty".toString(), false)
             if (m.size <= Integer.MAX_VALUE) m.buffer = ch.map(FileChannel.MapMode.READ_ONLY, 0, m.size)
+            kept = true
             return m
         } catch (IOException e) {
-            ch.close()
             throw new SegmentError("segment ${name} cannot be mapped: ${e}".toString(), false)
-        } catch (SegmentError e) {
-            ch.close()
-            throw e
+        } finally {
+            if (!kept) {
+                try { ch.close() } catch (IOException ignored) { }
+            }
         }
     }
 
