@@ -495,6 +495,20 @@ def test_negative_labels_are_coloured_apart_from_positive_ones(fiji, backend, fm
         assert (colours[3 - k] != colours[3 + k]).any(), f"labels -{k} and {k} share a colour"
 
 
+def test_an_image_stream_that_turns_to_labels_keeps_no_contrast_of_the_image(fiji, backend, fm,
+                                                                           key):
+    """An image frame's contrast, followed when the stream is next drawn, was still applied
+    after the stream had turned into labels: the labels image reported the image's range."""
+    image_frame = np.full((4, 6), 1000.0, np.float32)
+    image_frame[0, 0] = 1001.0
+    fm.save(image_frame, f"{key}.tif", backend="fiji_stream", stream=key, axes={"t": 0})
+    labels = np.arange(24, dtype=np.float32).reshape(4, 6) % 7
+    fm.save(labels, f"{key}.tif", backend="fiji_stream", stream=key, axes={"t": 1}, labels=True)
+    entry = image(report(backend), key)
+    assert entry["labels"]
+    assert entry["displayRanges"] == [[0, 255]]  # the labels' own range: 0..max(255, ids)
+
+
 @pytest.mark.parametrize("dtype", ["uint16", "float32"])
 def test_a_labels_stream_that_turns_to_images_is_drawn_as_an_image(fiji, backend, fm, key, dtype):
     """A stream sent as labels, then as a plain image (same shape): the window went on drawing

@@ -1649,6 +1649,7 @@ class Images {
             s.last = (int[]) at.clone()
             for (int idx : indices) stack.setSliceLabel(label, idx)
             if (labels != s.labels) { s.labels = labels; s.displayDirty = true }
+            if (labels) s.pendingFollow.clear()  // an earlier image frame's contrast is moot now
             if (!labels) plainView(s)  // a labels stream that now sends images
             if (labels) {
                 double top = how == 'replace' ? 0 : s.maxLabel  // replace: the image is this frame, its ids only
