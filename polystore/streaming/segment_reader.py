@@ -137,17 +137,15 @@ class SegmentReader:
         with self._lock:
             mapping = self._mapping(name)
             size = os.fstat(mapping.fd).st_size  # now, not when it was mapped
+            if size > mapping.size:  # it grew: map it again
+                self._maps.pop(name).close()
+                mapping = self._mapping(name)
+                size = min(size, mapping.size)  # (another file may have taken the name)
             if offset < 0 or offset + nbytes > size:
                 raise SegmentError(
                     f"segment {name} holds {size} bytes; offset {offset} + nbytes {nbytes} "
                     "would read past its end"
                 )
-            if offset + nbytes > mapping.size:  # it grew: map it again
-                self._maps.pop(name).close()
-                mapping = self._mapping(name)
-                if offset + nbytes > mapping.size:  # another, smaller file under that name
-                    raise SegmentError(f"segment {name} holds {mapping.size} bytes; offset "
-                                       f"{offset} + nbytes {nbytes} would read past its end")
             with memoryview(mapping.map) as source:  # released at once: close() can unmap
                 if out.format != "B" or out.ndim != 1:
                     out = out.cast("B")
@@ -160,9 +158,9 @@ class SegmentReader:
         array = self.arrays.empty(tuple(frame.shape), WIRE_DTYPES[frame.dtype], frame.nbytes)
         if frame.segment is None and not frame.nbytes:
             return array
-        # an empty frame still names a segment to check (a view with a 0 in its shape cannot
-        # be cast: reshape first)
-        target = memoryview(array.reshape(-1)).cast("B")
+        # an empty frame still names a segment to check (and a view with a 0 in its shape
+        # cannot be cast)
+        target = memoryview(array).cast("B") if frame.nbytes else memoryview(bytearray())
         if frame.segment is None:
             copy_bytes(target, payload.buffer)
             return array

@@ -847,16 +847,14 @@ class SegmentReader {
             maps.remove(name)?.close()  // a broken channel is not kept: the next frame opens again
             throw new SegmentError("segment ${name} cannot be read: ${e}".toString(), false)
         }
-        if (nbytes > size || offset > size - nbytes) {  // (offset + nbytes could wrap)
-            throw new SegmentError("segment ${name} holds ${size} bytes; offset ${offset} + nbytes ${nbytes} would read past its end".toString(), false)
-        }
-        if (m.buffer != null && (nbytes > m.size || offset > m.size - nbytes)) {  // it grew: map it again
+        if (m.buffer != null && size > m.size) {  // it grew: map it again
             maps.remove(name).close()
             m = open(name)
             maps.put(name, m)
-            if (nbytes > m.size || offset > m.size - nbytes) {  // (another file under that name)
-                throw new SegmentError("segment ${name} holds ${m.size} bytes; offset ${offset} + nbytes ${nbytes} would read past its end".toString(), false)
-            }
+            size = Math.min(size, m.size)  // (another file may have taken the name)
+        }
+        if (nbytes > size || offset > size - nbytes) {  // (offset + nbytes could wrap)
+            throw new SegmentError("segment ${name} holds ${size} bytes; offset ${offset} + nbytes ${nbytes} would read past its end".toString(), false)
         }
         View v = new View()
         if (m.buffer != null) {
