@@ -167,20 +167,30 @@ class ScriptedReceiver:
         import zmq
 
         while not self._stop.is_set():
+            self.tick()
             if not self._sock.poll(50, zmq.POLLIN):
                 continue
             identity, header, *_ = self._sock.recv_multipart()
             message = json.loads(header)
             self.seen.append(message)
-            if message["type"] == "hello":
-                reply = {"type": "welcome", "v": 1, "receiver": "scripted", "viewer": "napari",
-                         "pid": os.getpid(), "shm": False}
-            elif "seq" in message:
-                reply = self.answers.get(message["seq"],
-                                         {"type": "ack", "v": 1, "seq": message["seq"]})
-            else:
-                continue
-            self._sock.send_multipart([identity, json.dumps(reply).encode()])
+            reply = self.answer(identity, message)
+            if reply is not None:
+                self.send(identity, reply)
+
+    def answer(self, identity: bytes, message: dict) -> dict | None:
+        """The reply to `message` (None: none). Subclasses answer by their own rules."""
+        if message["type"] == "hello":
+            return {"type": "welcome", "v": 1, "receiver": "scripted", "viewer": "napari",
+                    "pid": os.getpid(), "shm": False}
+        if "seq" in message:
+            return self.answers.get(message["seq"], {"type": "ack", "v": 1, "seq": message["seq"]})
+        return None
+
+    def send(self, identity: bytes, reply: dict) -> None:
+        self._sock.send_multipart([identity, json.dumps(reply).encode()])
+
+    def tick(self) -> None:
+        """Called between messages (about 20 times a second when idle)."""
 
     def __enter__(self) -> ScriptedReceiver:
         return self

@@ -970,41 +970,16 @@ def test_frame_answered_hello_required_makes_flush_raise():
             b.close()
 
 
-class _Misbehaving(ScriptedReceiver):
-    """Welcomes, then answers frames through `on_frame(identity, message)` (its own rules)."""
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            self.tick()
-            if not self._sock.poll(50, zmq.POLLIN):
-                continue
-            identity, header = self._sock.recv_multipart()[:2]
-            message = json.loads(header)
-            self.seen.append(message)
-            if message["type"] == "hello":
-                self.send(identity, {"type": "welcome", "v": 1, "receiver": "scripted",
-                                     "viewer": "napari", "pid": os.getpid(), "shm": False})
-            elif message["type"] == "frame":
-                self.on_frame(identity, message)
-
-    def send(self, identity: bytes, reply: dict) -> None:
-        self._sock.send_multipart([identity, json.dumps(reply).encode()])
-
-    def tick(self) -> None:
-        pass
-
-    def on_frame(self, identity: bytes, message: dict) -> None:
-        self.send(identity, {"type": "ack", "v": 1, "seq": message["seq"]})
-
-
 def test_every_rejected_frame_is_heard_of_not_only_the_first():
     """Four frames rejected together: flush raised for the first, and the next flush passed,
     so the other three rejections were never heard of."""
 
-    class RejectsFourAtOnce(_Misbehaving):
+    class RejectsFourAtOnce(ScriptedReceiver):
         held: tuple = ()
 
-        def on_frame(self, identity: bytes, message: dict) -> None:
+        def answer(self, identity: bytes, message: dict) -> dict | None:
+            if message["type"] != "frame":
+                return super().answer(identity, message)
             self.held += (message["seq"],)
             if len(self.held) == 4:  # after the fourth frame: no save() sees these early
                 for seq in self.held:
@@ -1030,11 +1005,14 @@ def test_errors_without_a_seq_do_not_keep_a_silent_receiver_waited_for():
     each one counted as an answer, so flush() (and request(), and a save() waiting for
     credits) waited for ever instead of `timeout` seconds."""
 
-    class ChatteringErrors(_Misbehaving):
+    class ChatteringErrors(ScriptedReceiver):
         peer, last = None, 0.0
 
-        def on_frame(self, identity: bytes, message: dict) -> None:
+        def answer(self, identity: bytes, message: dict) -> dict | None:
+            if message["type"] != "frame":
+                return super().answer(identity, message)
             self.peer = identity  # never acked
+            return None
 
         def tick(self) -> None:
             if self.peer is not None and time.monotonic() - self.last > 0.2:
@@ -1088,23 +1066,16 @@ def test_the_save_after_a_receiver_left_says_what_was_lost_before_reconnecting()
     raised 'no napari receiver answered' after connect_timeout, and the loss of the frame
     came only at flush(). The next save() says so first (docs/streaming.md)."""
 
-    class LeavesAtFrame3(_Misbehaving):
+    class LeavesAtFrame3(ScriptedReceiver):
         gone = threading.Event()
 
-        def on_frame(self, identity: bytes, message: dict) -> None:
-            if message["seq"] < 3:
-                super().on_frame(identity, message)
-                return
+        def answer(self, identity: bytes, message: dict) -> dict | None:
+            if message["type"] != "frame" or message["seq"] < 3:
+                return super().answer(identity, message)
             self._sock.close(linger=0)  # the viewer was closed with frame 3 unread
             self.gone.set()
             self._stop.set()
-
-        def __exit__(self, *exc: object) -> None:
-            self._stop.set()
-            self._thread.join(5)
-            if not self.gone.is_set():
-                self._sock.close(linger=0)
-            self._auth.close()
+            return None
 
     with LeavesAtFrame3() as rx:
         b = NapariStreamingBackend(rx.endpoint, timeout=2, connect_timeout=2)
@@ -1299,12 +1270,8 @@ def test_a_receiver_refusing_the_handshake_leaves_the_sender_refused():
                "message": "segment_prefix must be ..."}
 
     class Refusing(ScriptedReceiver):
-        def _serve(self) -> None:  # answers every hello with an error
-            while not self._stop.is_set():
-                if self._sock.poll(50, zmq.POLLIN):
-                    identity, header = self._sock.recv_multipart()[:2]
-                    self.seen.append(json.loads(header))
-                    self._sock.send_multipart([identity, json.dumps(refusal).encode()])
+        def answer(self, identity: bytes, message: dict) -> dict:  # every hello: an error
+            return refusal
 
     with Refusing() as rx:
         backend = NapariStreamingBackend(rx.endpoint)
@@ -1325,12 +1292,8 @@ def test_a_hello_answered_hello_required_is_a_refusal_not_a_loop_of_hellos():
                "message": "send hello first"}
 
     class Confused(ScriptedReceiver):
-        def _serve(self) -> None:
-            while not self._stop.is_set():
-                if self._sock.poll(50, zmq.POLLIN):
-                    identity, header = self._sock.recv_multipart()[:2]
-                    self.seen.append(json.loads(header))
-                    self._sock.send_multipart([identity, json.dumps(refusal).encode()])
+        def answer(self, identity: bytes, message: dict) -> dict:  # every hello: an error
+            return refusal
 
     with Confused() as rx:
         backend = NapariStreamingBackend(rx.endpoint, connect_timeout=2)
