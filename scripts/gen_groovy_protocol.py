@@ -198,6 +198,9 @@ def generate_section(protocol) -> str:
         elif name == "DTYPES":
             items = ", ".join(f"{k}: {v}" for k, v in value.items())
             out.append(f"    static final Map<String, Integer> DTYPES = [{items}] as LinkedHashMap")
+        elif name == "AXIS_SYNONYMS":
+            items = ", ".join(f"{k}: {groovy_string(v)}" for k, v in value.items())
+            out.append(f"    static final Map<String, String> AXIS_SYNONYMS = [{items}]")
         elif name == "ROI_POINT_COUNTS":
             items = ", ".join(f"{k}: [{lo}, {hi}] as int[]" for k, (lo, hi) in value.items())
             out.append(f"    static final Map<String, int[]> ROI_POINT_COUNTS = [{items}]")

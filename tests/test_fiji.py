@@ -26,7 +26,7 @@ import pytest
 from polystore.filemanager import FileManager
 from polystore.streaming import FijiStreamingBackend, FrameRejectedError, ViewerNotRunningError
 from polystore.testing.receiver import ReceiverConformance, ReceiverUnderTest, user_curve
-from polystore.testing.rules import LEADING_AXIS_CASES
+from polystore.testing.rules import LEADING_AXIS_CASES, SHOW_CASES, every_plane
 from tests.fiji_helpers import (
     DEFAULT_STACK,
     FIJI_DIR,
@@ -190,15 +190,17 @@ def test_empty_frame_is_acknowledged_not_shown(fiji, backend, fm, key):
     assert key not in [i["title"] for i in state["images"]]
 
 
-def test_stack_mode_appends_slices(fiji, backend, fm, key):
+def test_stack_mode_appends_time_points(fiji, backend, fm, key):
+    """Each stacked frame is the next t, as in napari (docs/protocol.md); Fiji appended z
+    slices, so napari's `t` slider was Fiji's `z`."""
     frames = [np.full((6, 7), i, np.uint16) for i in range(4)]
     for i, frame in enumerate(frames):
         fm.save(frame, f"{key}/{i}.tif", backend="fiji_stream", stream=key, mode="stack")
     state = report(backend)
     entry = image(state, key)
-    assert (entry["channels"], entry["slices"], entry["frames"]) == (1, 4, 1)
+    assert (entry["channels"], entry["slices"], entry["frames"]) == (1, 1, 4)
     data, axes, _ = saved(state, key)
-    assert axes == "ZYX"
+    assert axes == "TYX"
     np.testing.assert_array_equal(data, np.stack(frames))
 
 
@@ -210,7 +212,7 @@ def test_stack_mode_parameter(debian, tmp_path):
             for i in range(3):
                 b.save(np.full((3, 3), i, np.uint8), f"s/{i}.tif", stream="s")
             entry = image(report(b), "s")
-        assert entry["slices"] == 3
+        assert entry["frames"] == 3
     finally:
         assert receiver.stop() == 0
 
@@ -427,15 +429,18 @@ def test_big_endian_and_strided_input(fiji, backend, fm, key):
     np.testing.assert_array_equal(saved(report(backend), key)[0], data.astype(np.uint16))
 
 
-def test_stacked_frames_of_another_type_promote_to_float(fiji, backend, fm, key):
-    fm.save(np.full((3, 3), 200, np.uint8), f"{key}.tif", backend="fiji_stream", stream=key,
-            axes={"t": 0})  # fmt: skip
-    fm.save(np.full((3, 3), 60000, np.uint16), f"{key}.tif", backend="fiji_stream", stream=key,
-            axes={"t": 1})  # fmt: skip
+def test_labels_that_outgrow_16_bits_promote_to_float_keeping_earlier_ones(fiji, backend, fm,
+                                                                          key):
+    """A dtype change starts a stream again (SHOW_CASES); labels of one dtype whose ids pass
+    65535 keep their earlier time points, in 32-bit float."""
+    fm.save(np.full((3, 3), 200, np.int32), f"{key}.tif", backend="fiji_stream", stream=key,
+            axes={"t": 0}, labels=True)  # fmt: skip
+    fm.save(np.full((3, 3), 70000, np.int32), f"{key}.tif", backend="fiji_stream", stream=key,
+            axes={"t": 1}, labels=True)  # fmt: skip
     state = report(backend)
     assert image(state, key)["bitDepth"] == 32
     data = saved(state, key)[0]
-    assert data[0].max() == 200 and data[1].max() == 60000
+    assert data[0].max() == 200 and data[1].max() == 70000
 
 
 # -- labels and colormaps ------------------------------------------------------------------------
@@ -855,6 +860,27 @@ def test_a_stack_is_rendered_at_its_newest_plane(fiji, backend, fm, key, how):
     shown = rendered(state, key)
     assert shown.max() > 0, "the newest plane, not the empty first one"
     np.testing.assert_array_equal(shown, rendered(state, f"{key}_alone"))
+
+
+def shown_planes(state: dict, title: str) -> tuple[tuple[int, ...], dict]:
+    """(c, z, t, rows, columns) of the image `title`, and each (c, z, t)'s value (as saved)."""
+    entry = image(state, title)
+    dims = (entry["channels"], entry["slices"], entry["frames"])
+    data = saved(state, title)[0]
+    data = data.reshape(dims[2], dims[1], dims[0], *data.shape[-2:])  # ImageJ order: t, z, c
+    planes = {(c, z, t): data[t, z, c][0, 0].item() for (c, z, t) in every_plane(dims, {})}
+    return (*dims, *data.shape[-2:]), planes
+
+
+@pytest.mark.parametrize(("sends", "dims", "size", "planes"), SHOW_CASES)
+def test_frames_show_as_the_rules_both_viewers_share(fiji, backend, fm, key, sends, dims, size,
+                                                     planes):
+    """Each case of polystore.testing.rules.SHOW_CASES, as test_napari_plugin.py sends it to
+    napari: modes, axis-name synonyms and a stream that changes what it holds."""
+    for i, sent in enumerate(sends):
+        fm.save(sent.array(), f"{key}/{i}.tif", backend="fiji_stream", stream=key,
+                **sent.options)
+    assert shown_planes(report(backend), key) == ((*dims, *size), every_plane(dims, planes))
 
 
 @pytest.mark.parametrize("shape,axes,dims", [

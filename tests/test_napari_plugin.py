@@ -37,6 +37,7 @@ from polystore_napari.widget import ReceiverWidget  # noqa: E402
 from qtpy.QtCore import QSettings  # noqa: E402
 
 from polystore.streaming import NapariStreamingBackend, Receiver, receiver_for  # noqa: E402
+from polystore.testing.rules import SHOW_CASES, every_plane  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EPHEMERAL = "tcp://127.0.0.1:0"
@@ -1061,6 +1062,20 @@ def test_buffer_coalesces_replace_keeps_stack_and_places_per_position():
     assert not buffer.take() and buffer.pending_bytes == 0
 
 
+@pytest.mark.parametrize("default", ["stack", "replace"])
+def test_the_default_mode_is_for_frames_without_axes(default):
+    """Fiji's `mode` parameter applies to frames without t/c/z axes; the widget's default
+    mode applied to every frame without a hint, so under `stack` a z series sent with
+    `axes={"z": i}` became a time series of planes in napari and one z-stack in Fiji.
+    Frames with axes are placed unless their own hint says otherwise (docs/protocol.md)."""
+    buffer = CoalescingBuffer(default_mode=default)
+    buffer.put_frame(_frame("p", 1, axes={"z": 0}))
+    buffer.put_frame(_frame("n", 2))
+    buffer.put_frame(_frame("h", 3, axes={"z": 0}, mode="stack"))
+    modes = {u.stream: u.mode for u in buffer.take().updates}
+    assert modes == {"p": "place", "n": default, "h": "stack"}
+
+
 def test_a_hint_of_a_coalesced_frame_stays_with_the_layers_it_was_for(make_napari_viewer):
     """A hinted single-layer frame coalesced away by a 3-channel frame without hints: its
     colormap was carried into the newer frame and coloured all three channel layers green,
@@ -1859,3 +1874,59 @@ def test_command_line_and_environment_win_over_saved_settings(make_napari_viewer
         assert menu.endpoint_edit.text() == EPHEMERAL
     finally:
         menu.deleteLater()
+
+
+# -- the display rules both viewers share (polystore.testing.rules, Fiji: test_fiji.py) -------
+
+
+def received_frame(stream: str, sent):
+    """A frame as the receiver hands it over, with the header `save(**sent.options)` makes."""
+    from polystore.streaming import ReceivedFrame
+    from polystore.streaming import protocol as p
+
+    options = dict(sent.options)
+    display = p.Display(mode=options.pop("mode", None),
+                        kind="labels" if options.pop("labels", False) else "image")
+    array = np.ascontiguousarray(sent.array())
+    header = p.Frame(v=1, seq=0, stream=stream, path=f"{stream}.tif", shape=list(array.shape),
+                     dtype=str(array.dtype), nbytes=array.nbytes, sent_ns=0, display=display,
+                     **options)
+    return ReceivedFrame(array, header, "test", 0)
+
+
+def shown_planes(viewer, stream: str) -> tuple[tuple[int, ...], dict]:
+    """(c, z, t, rows, columns) of what napari shows of `stream`, and each (c, z, t)'s value:
+    a layer per channel (``<stream> [c<i>]``) or one, with leading axes t and z."""
+    layers = {0 if layer.name == stream else int(layer.name[len(stream) + 3:-1]): layer
+              for layer in viewer.layers
+              if layer.name == stream or layer.name.startswith(f"{stream} [c")}
+    planes, extent, size = {}, [max(layers) + 1, 1, 1], None
+    for channel, layer in layers.items():
+        data = np.asarray(layer.data)
+        lead = list(layer.axis_labels)[:data.ndim - 2]
+        assert set(lead) <= {"z", "t"}, f"{layer.name} has axes {layer.axis_labels}"
+        size = data.shape[-2:]
+        for index in np.ndindex(data.shape[:len(lead)]):
+            where = dict(zip(lead, index, strict=True))
+            planes[(channel, where.get("z", 0), where.get("t", 0))] = data[index][0, 0].item()
+        for axis, name in ((1, "z"), (2, "t")):
+            if name in lead:
+                extent[axis] = max(extent[axis], data.shape[lead.index(name)])
+    dims = tuple(extent)
+    return (*dims, *size), {**every_plane(dims, {}), **planes}
+
+
+@pytest.mark.parametrize(("sends", "dims", "size", "planes"), SHOW_CASES)
+def test_frames_show_as_the_rules_both_viewers_share(make_napari_viewer, sends, dims, size,
+                                                     planes):
+    """Each case of polystore.testing.rules.SHOW_CASES, frame by frame through the plugin's
+    buffer and layer manager into napari; test_fiji.py sends the same frames to Fiji."""
+    from polystore_napari.layers import LayerManager
+
+    viewer = make_napari_viewer(show=False)
+    manager, buffer = LayerManager(viewer), CoalescingBuffer()
+    for sent in sends:
+        buffer.put_frame(received_frame("s", sent))
+        manager.apply(buffer.take())
+    assert not manager.errors, manager.errors
+    assert shown_planes(viewer, "s") == ((*dims, *size), every_plane(dims, planes))

@@ -296,6 +296,19 @@ def test_rgb_labels_are_refused_at_save_and_by_every_receiver(backend):
     assert received(backend)[-1]["stream"] == "seg"
 
 
+@pytest.mark.parametrize("where", [{"axes": {"t": 0, "Time": 1}},
+                                   {"axis_names": ["channel", "c"]}])
+def test_two_names_of_one_axis_are_refused_at_save_and_by_every_receiver(backend, where):
+    """Fiji read `time`/`channel`/`slice` (any case) as t, c, z and napari took names
+    literally, so `axes={"t": 0, "Time": 1}` was two axes in napari and one (plus a window
+    title) in Fiji. Both read the synonyms now (docs/protocol.md), and naming one axis twice
+    is refused: at save(), and as bad_message by every receiver (the conformance suite)."""
+    with pytest.raises(UnstreamableDataError, match="name one axis twice.*time"):
+        backend.save(sample("uint16", (2, 4, 4)), "syn/t000.tif", **where)
+    backend.save(sample("uint16", (2, 4, 4)), "syn/t001.tif", axes={"Time": 1})
+    assert received(backend)[-1]["axes"] == {"Time": 1}
+
+
 @pytest.mark.parametrize("transport", ["shm", "inline"])
 def test_a_path_that_is_not_utf8_is_refused_clearly_and_keeps_no_segment(receiver_proc,
                                                                          transport):

@@ -102,10 +102,8 @@ class StreamMeta:
             fields = msgspec.convert(raw, _StreamFields, from_attributes=True)
         except (msgspec.ValidationError, TypeError, ValueError) as exc:
             raise UnstreamableDataError(f"cannot stream {what or stream}: {exc}") from None
-        if fields.axis_names is not None and len(set(fields.axis_names)) != len(
-                fields.axis_names):
-            raise UnstreamableDataError(f"cannot stream {what or stream}: axis_names "
-                                        f"{fields.axis_names} must be unique")
+        if fields.axis_names is not None and (problem := p.repeated_axis(fields.axis_names)):
+            raise UnstreamableDataError(f"cannot stream {what or stream}: {problem}")
         return cls(fields.stream, fields.axis_names, fields.display)
 
     def checked_axes(self, axes: dict[str, int] | None, what: str) -> dict[str, int]:
@@ -132,6 +130,7 @@ class StreamMeta:
                 if problem:
                     break
                 checked[name] = int(index)
+            problem = problem or p.repeated_axis(checked)
         if problem:
             raise UnstreamableDataError(f"cannot stream {what}: {problem}")
         return checked

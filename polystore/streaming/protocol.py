@@ -122,6 +122,13 @@ class Roi(Struct, omit_defaults=True):
 
 ROI_POINT_COUNTS = {"rectangle": (2, 2), "ellipse": (2, 2), "line": (2, 2), "point": (1, 1)}
 
+#: Axis names both viewers read as c, z or t (compared in lower case; docs/protocol.md).
+AXIS_SYNONYMS = {
+    "c": "c", "ch": "c", "channel": "c", "channels": "c",
+    "z": "z", "slice": "z", "slices": "z", "depth": "z",
+    "t": "t", "time": "t", "frame": "t", "frames": "t", "timepoint": "t", "timepoints": "t",
+}  # fmt: skip
+
 
 class Rois(Struct, tag="rois", tag_field="type", omit_defaults=True):
     """Regions of interest belonging to the image stream `stream`, at position `axes`."""
@@ -325,3 +332,20 @@ def _check_axes(axes: dict[str, int], axis_names: list[str] | None, seq: int) ->
             f"axis_names {axis_names} must be unique and name every key of axes {list(axes)}",
             seq,
         )
+    for names in (list(axes), axis_names or ()):
+        if problem := repeated_axis(names):
+            raise ProtocolError(BAD_MESSAGE, problem, seq)
+
+
+def canonical_axis(name: str) -> str:
+    """What an axis name means to the viewers: c, z or t for theirs and their synonyms."""
+    return AXIS_SYNONYMS.get(name.lower(), name)
+
+
+def repeated_axis(names) -> str:
+    """Why `names` name one axis twice (``t`` and ``time``), or "" if they do not."""
+    if len({canonical_axis(name) for name in names}) == len(names):
+        return ""
+    synonyms = ", ".join(k for k in AXIS_SYNONYMS if len(k) > 1)
+    return (f"axis names {list(names)} name one axis twice: viewers read {synonyms} (in any "
+            "case) as c, z or t; give each axis one name")

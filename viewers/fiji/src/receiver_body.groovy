@@ -78,6 +78,7 @@ class P {
     static final int MAX_ROIS = 100000
     static final Map<String, Integer> DTYPES = [uint8: 1, int8: 1, uint16: 2, int16: 2, uint32: 4, int32: 4, uint64: 8, int64: 8, float16: 2, float32: 4, float64: 8] as LinkedHashMap
     static final Map<String, int[]> ROI_POINT_COUNTS = [rectangle: [2, 2] as int[], ellipse: [2, 2] as int[], line: [2, 2] as int[], point: [1, 1] as int[]]
+    static final Map<String, String> AXIS_SYNONYMS = [c: 'c', ch: 'c', channel: 'c', channels: 'c', z: 'z', slice: 'z', slices: 'z', depth: 'z', t: 't', time: 't', frame: 't', frames: 't', timepoint: 't', timepoints: 't']
 
     // Error codes (docs/protocol.md, "Errors").
     static final String BAD_JSON = 'bad_json'
@@ -481,6 +482,14 @@ class Messages {
         Map axes = (Map) m.get('axes')
         if (names != null && (new HashSet(names).size() != names.size() || !names.containsAll(axes.keySet()))) {
             throw new ProtocolError(P.BAD_MESSAGE, "axis_names ${names} must be unique and name every key of axes ${axes.keySet()}".toString(), m.get('seq'))
+        }
+        for (Collection<String> given : [axes.keySet(), names ?: []]) {  // c, z, t by any synonym, once
+            Set<String> seen = new HashSet<String>()
+            for (String name : given) {
+                if (!seen.add(P.AXIS_SYNONYMS.getOrDefault(name.toLowerCase(), name))) {
+                    throw new ProtocolError(P.BAD_MESSAGE, "axis names ${given} name one axis twice: viewers read ${P.AXIS_SYNONYMS.keySet().findAll { String k -> k.length() > 1 }.join(', ')} (in any case) as c, z or t; give each axis one name".toString(), m.get('seq'))
+                }
+            }
         }
     }
 }
@@ -1388,11 +1397,12 @@ class Layout {
     int samples = 1                       // 3 (RGB) or 4 (RGBA) bytes per pixel of an RGB frame
     boolean placed
 
+    /** ImageJ's axis for an axis name (its synonyms in any case, P.AXIS_SYNONYMS), or -1. */
     static int canonical(String name) {
-        switch (name.toLowerCase()) {
-            case 'c': case 'ch': case 'channel': case 'channels': return C
-            case 'z': case 'slice': case 'slices': case 'depth': return Z
-            case 't': case 'time': case 'frame': case 'frames': return T
+        switch (P.AXIS_SYNONYMS.get(name.toLowerCase())) {
+            case 'c': return C
+            case 'z': return Z
+            case 't': return T
             default: return -1
         }
     }
@@ -1493,6 +1503,9 @@ class Stream {
     ImagePlus imp
     ImageStack stack  // imp's stack, kept: ImagePlus.getStack() rescans min and max on every call
     int width, height, bits, C = 1, Z = 1, T = 1
+    String how, dtype  // the mode and wire dtype of its frames (null: adopted from an earlier run)
+    int[] block  // a frame's own extents along c, z, t, and samples per pixel
+    final Map<Integer, Integer> stacked = new HashMap<Integer, Integer>()  // stack mode: channel -> frames
     boolean labels, labelLuts  // labelLuts: the channel LUTs are still the labels' glasbey
     double maxLabel
     long framesReceived
@@ -1585,38 +1598,51 @@ class Images {
         } catch (LabelRange e) {
             throw new ProtocolError(P.TOO_LARGE, e.message, f.get('seq'))
         }
-        String how = L.placed || display.get('mode') == 'place' ? 'place' : (String) (display.get('mode') ?: defaultMode)
+        // docs/protocol.md, as napari: a frame's mode hint wins; without one a frame with c/z/t
+        // axes is placed and the others follow the script's mode; place without axes replaces
+        String hint = (String) display.get('mode')
+        String how = hint == 'place' || (hint == null && L.placed) ? (L.placed ? 'place' : 'replace') : (hint ?: defaultMode)
+        int[] block = [L.ext[0], L.ext[1], L.ext[2], L.samples] as int[]
+        // A stream whose mode, kind, dtype or frame shape changes starts again (as napari); an
+        // image adopted from an earlier run (how unknown) is continued where it fits.
+        boolean same = exists && s.width == L.cols && s.height == L.rows && (s.how == null
+            || (s.how == how && s.labels == labels && s.dtype == dtype && Arrays.equals(s.block, block)))
+        int c0 = L.given[Layout.C] ? L.pos[Layout.C] : 0
 
         // Plan first (where the planes go, the image's new dimensions), check there is memory
         // for it, then change the image: a frame that cannot fit is rejected untouched.
         int[] base = (int[]) L.pos.clone()
         long[] dims = new long[3]  // c, z, t after this frame
         boolean restart, promoteFirst = false
-        if (how == 'replace') {  // the image becomes exactly this frame
-            base = new int[3]
-            for (int a = 0; a < 3; a++) dims[a] = L.ext[a]
-            restart = (!exists || s.width != L.cols || s.height != L.rows || s.bits != bits
-                || s.C != L.ext[0] || s.Z != L.ext[1] || s.T != L.ext[2])
-        } else {
-            boolean resized = exists && (s.width != L.cols || s.height != L.rows)
-            if (how == 'stack') {  // appended as new slices of a plain stack
-                restart = !exists || resized || s.C != 1 || s.T != 1
-                base = [0, restart ? 0 : s.Z, 0] as int[]
-                dims = [1L, (long) base[1] + L.planes, 1L] as long[]
-            } else {  // placed at its c/z/t position; the hyperstack grows to hold it
-                restart = !exists || resized
-                for (int a = 0; a < 3; a++) {
-                    long need = (long) base[a] + L.ext[a]
-                    dims[a] = restart ? need : Math.max(need, (long) (a == 0 ? s.C : a == 1 ? s.Z : s.T))
-                }
+        if (how == 'replace') {  // this frame alone (in its channels, at a c position)
+            base = [c0, 0, 0] as int[]
+            boolean others = L.given[Layout.C] && same && s.bits == bits && s.Z == L.ext[1] && s.T == L.ext[2]
+            dims = [others ? Math.max(s.C, c0 + L.ext[0]) : c0 + L.ext[0], L.ext[1], L.ext[2]] as long[]
+            // the frame overwrites every plane of an image of its size: no new one needed then
+            restart = !others && (!exists || s.width != L.cols || s.height != L.rows || s.bits != bits
+                || (s.how != null && s.how != how) || c0 > 0 || s.C != dims[0] || s.Z != dims[1] || s.T != dims[2])
+        } else if (how == 'stack') {  // the next time point of its channels, own c and z kept
+            if (L.ext[Layout.T] > 1) {
+                throw new ProtocolError(P.BAD_SHAPE, "${L.title}: a frame with a t dimension of its own cannot be stacked, ImageJ has one t axis; send it with axes and mode=place".toString(), f.get('seq'))
             }
-            if (!restart && s.bits != bits && (s.bits == 24 || bits == 24)) {
-                throw new ProtocolError(P.BAD_SHAPE, "${L.title} holds ${s.bits == 24 ? 'RGB' : s.bits + '-bit'} images; a ${bits == 24 ? 'RGB' : dtype} frame cannot join it (send it to another stream, or mode=replace)".toString(), f.get('seq'))
+            restart = !same
+            int t = 0
+            if (!restart) for (int c = c0; c < c0 + L.ext[0]; c++) t = Math.max(t, s.stacked.get(c) ?: 0)
+            base = [c0, 0, t] as int[]
+            dims = [restart ? c0 + L.ext[0] : Math.max(s.C, c0 + L.ext[0]), L.ext[1], restart ? t + 1 : Math.max(s.T, t + 1)] as long[]
+        } else {  // placed at its c/z/t position; the hyperstack grows to hold it
+            restart = !same
+            for (int a = 0; a < 3; a++) {
+                long need = (long) base[a] + L.ext[a]
+                dims[a] = restart ? need : Math.max(need, (long) (a == 0 ? s.C : a == 1 ? s.Z : s.T))
             }
-            if (!restart && s.bits != bits) {  // one type per image: 32-bit float holds both
-                promoteFirst = s.bits != 32
-                bits = 32
-            }
+        }
+        if (!restart && s.bits != bits && (s.bits == 24 || bits == 24)) {
+            throw new ProtocolError(P.BAD_SHAPE, "${L.title} holds ${s.bits == 24 ? 'RGB' : s.bits + '-bit'} images; a ${bits == 24 ? 'RGB' : dtype} frame cannot join it (send it to another stream, or mode=replace)".toString(), f.get('seq'))
+        }
+        if (!restart && s.bits != bits) {  // labels that outgrow their type, an adopted image: 32-bit float holds both
+            promoteFirst = s.bits != 32
+            bits = 32
         }
         if (bits == 24 && dims[0] > 1) {
             throw new ProtocolError(P.BAD_SHAPE, "ImageJ cannot hold several channels of RGB images (${L.title}: c=${dims[0]}); send each channel as a grey frame, or the colours to separate streams".toString(), f.get('seq'))
@@ -1627,13 +1653,18 @@ class Images {
         if (promoteFirst) promote(s)
         if (restart) fresh(s, L.cols, L.rows, bits, (int) dims[0], (int) dims[1], (int) dims[2])
         else grow(s, (int) dims[0], (int) dims[1], (int) dims[2])
+        s.how = how
+        s.dtype = dtype
+        s.block = block
+        if (restart) s.stacked.clear()
+        if (how == 'stack') for (int c = c0; c < c0 + L.ext[0]; c++) s.stacked.put(c, base[2] + 1)
 
         ImageStack stack = s.stack
         String label = (String) f.get('path')
         int[] indices = new int[L.planes]
         int[] at = new int[3]
         for (int p = 0; p < L.planes; p++) {
-            int[] o = how == 'stack' ? ([0, p, 0] as int[]) : L.offsetOf(p)
+            int[] o = L.offsetOf(p)
             for (int a = 0; a < 3; a++) at[a] = base[a] + o[a]
             indices[p] = s.index(at[0], at[1], at[2])
             if (rgb) Pixels.copyRgb(src.buffer, src.position + p * planeBytes, (int) planeValues, L.samples, (int[]) stack.getPixels(indices[p]))
@@ -1656,7 +1687,7 @@ class Images {
             }
             String cmap = (String) display.get('colormap')
             List limits = (List) display.get('contrast_limits')
-            int channels = how == 'stack' ? 1 : L.ext[0]
+            int channels = L.ext[0]
             for (int c = base[0]; c < base[0] + channels; c++) {
                 if (cmap != null && s.colormaps.get(c) != cmap) { s.colormaps.put(c, cmap); s.displayDirty = true }
                 if (limits != null) {  // as napari: a reversed hint swapped, an empty one widened
@@ -1942,7 +1973,7 @@ class Images {
     void followData(Stream s, ImageStack stack, int[] indices, Layout L, String how, int[] base, boolean hinted) {
         Map<Integer, double[]> seen = new TreeMap<Integer, double[]>()
         for (int p = 0; p < indices.length; p++) {
-            int c = how == 'stack' ? 0 : base[0] + L.offsetOf(p)[0]
+            int c = base[0] + L.offsetOf(p)[0]
             if (c >= s.C) continue  // the image was rebuilt with fewer channels since this frame
             if (hinted || s.ranges.containsKey(c)) continue  // fixed by a hint
             double[] mm = Pixels.minMax(stack.getPixels(indices[p]))

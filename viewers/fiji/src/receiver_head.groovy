@@ -1,5 +1,5 @@
 #@ String (label="Endpoint", value="tcp://127.0.0.1:55556", description="tcp://HOST:PORT to listen on (loopback only unless remote senders are allowed); port 0 picks a free port") endpoint
-#@ String (label="Frames without t/c/z axes", choices={"replace", "stack"}, value="replace", description="replace: each frame replaces its window's image; stack: each frame is appended as a new slice") mode
+#@ String (label="Frames without t/c/z axes", choices={"replace", "stack"}, value="replace", description="replace: each frame replaces its window's image; stack: each frame is appended as the next time point") mode
 #@ String (label="Multichannel display", choices={"composite", "color", "grayscale"}, value="composite") channel_display
 #@ File (label="Output directory (optional)", style="directory", required=false, description="If set, every 'report' request also saves each image as <title>.tif and writes report.json here") output_dir
 #@ Boolean (label="Add ROIs to the ROI Manager (needs a display)", value=true) roi_manager
@@ -41,9 +41,10 @@
  * window title ("stream [p=3]"), since ImageJ has no more dimensions. A frame's own leading
  * dims are named by the entries of `axis_names` that are not keys of `axes`, else by default
  * (1 dim: z; 2: c, z; 3: t, c, z); more than ImageJ's c/z/t can hold is answered `bad_shape`.
- * Frames without position axes follow display.mode, else the `mode` parameter: `replace`
- * (the window shows just this frame) or `stack` (appended as new slices); `place` writes at
- * position 0. Empty frames (a 0 in shape) are acknowledged and counted, not shown. A frame
+ * A frame's display.mode wins; without one, frames with c/z/t axes are placed and the others
+ * follow the `mode` parameter: `replace` (the window shows just this frame) or `stack`
+ * (appended as the next time point); `place` without axes replaces. A stream whose frames
+ * change mode, kind, dtype or shape starts again (docs/protocol.md, as napari). Empty frames (a 0 in shape) are acknowledged and counted, not shown. A frame
  * whose placement would not fit into the Java heap (say `t: 999999`) is answered `too_large`
  * before anything changes. If the user closes a window or changes an image in Fiji, the next
  * frame opens a new window or goes on from the changed image.

@@ -19,23 +19,24 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from msgspec import structs
 
 from polystore.streaming import ReceivedFrame, ReceivedRois
-from polystore_napari.pieces import CHANNEL_AXIS
+from polystore_napari.pieces import CHANNEL_AXIS, canonical_axes
 
 MODES = ("auto", "replace", "stack", "place")
 
 
 def resolve_mode(frame: ReceivedFrame, default: str) -> str:
-    """The mode a frame is shown in: its ``display.mode`` hint, else the widget's default;
-    ``auto`` (and ``place`` without ``axes``) means place frames that carry ``axes`` and
-    replace the others."""
-    mode = frame.header.display.mode or default
+    """The mode a frame is shown in (docs/protocol.md, as in Fiji): its ``display.mode`` hint;
+    without one, ``place`` for a frame with ``axes`` and the widget's default for the others.
+    ``place`` (and ``auto``) without ``axes`` is ``replace``."""
+    axes = frame.header.axes
+    mode = frame.header.display.mode or ("place" if axes else default)
     if mode in ("auto", "place"):
-        return "place" if frame.header.axes else "replace"
+        return "place" if axes else "replace"
     return mode
 
 
@@ -141,6 +142,8 @@ class CoalescingBuffer:
     # -- producer side (receiver thread) -----------------------------------------------------
 
     def put_frame(self, frame: ReceivedFrame) -> None:
+        if (header := canonical_axes(frame.header)) is not frame.header:
+            frame = replace(frame, header=header)
         mode = resolve_mode(frame, self.default_mode)
         nbytes = frame.array.nbytes
         with self._cond:
@@ -184,6 +187,8 @@ class CoalescingBuffer:
             self._order[slot] = None
 
     def put_rois(self, rois: ReceivedRois) -> None:
+        if (header := canonical_axes(rois.header)) is not rois.header:
+            rois = replace(rois, header=header)
         with self._cond:
             if self._closed:
                 return

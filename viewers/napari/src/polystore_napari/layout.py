@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from polystore_napari.pieces import TIME_AXES, Contrast, LayoutError, Piece, unique_labels
+from polystore_napari.pieces import Contrast, LayoutError, Piece, unique_labels
 
 #: a placed layer may always grow to this size ...
 PLACE_FREE_BYTES = 64 * 1024**2
@@ -245,7 +245,7 @@ class LayerLayout:
         labels = unique_labels([*self.names, "y", "x"])
         # a live time series follows its newest time point, as a stack does
         follow = next((i for i, n in enumerate(self.names)
-                       if n not in last.own and n.lower() in TIME_AXES), None)
+                       if n not in last.own and n == "t"), None)
         newest = self.backing[index]
         if (tuple(self.extent), id(self.backing)) == before and shown is not None:
             return View(None, labels, follow, newest)

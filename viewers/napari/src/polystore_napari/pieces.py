@@ -21,7 +21,10 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import msgspec
 import numpy as np
+
+from polystore.streaming.protocol import canonical_axis
 
 CHANNEL_AXIS = "c"
 #: a frame splits into at most this many channel layers (each costs napari's main thread
@@ -29,7 +32,6 @@ CHANNEL_AXIS = "c"
 MAX_CHANNEL_LAYERS = 64
 #: default names of unnamed leading dimensions, given from the end (innermost first)
 DEFAULT_LEADING = ("t", "c", "z")
-TIME_AXES = ("t", "time", "frame", "timepoint")
 #: colormaps of channels without a colormap hint (napari's `channel_axis` cycle, CYMRGB)
 CHANNEL_COLORMAPS = ("cyan", "yellow", "magenta", "red", "green", "blue")
 #: float labels are checked for exactness in blocks of this many values (bounded memory)
@@ -41,6 +43,20 @@ class LayoutError(ValueError):
 
 
 # -- naming, colour, dtypes ------------------------------------------------------------------
+
+
+def canonical_axes(header):
+    """A frame or ROI header with its axis names as both viewers read them: synonyms
+    (``time``, ``Channel``, ``slices``, docs/protocol.md) become t, c and z. The header
+    itself when they are already (no copy for the common case)."""
+    names = (*header.axes, *(header.axis_names or ()))
+    if all(canonical_axis(name) == name for name in names):
+        return header
+    return msgspec.structs.replace(
+        header, axes={canonical_axis(name): i for name, i in header.axes.items()},
+        axis_names=None if header.axis_names is None else [canonical_axis(n)
+                                                           for n in header.axis_names])
+
 
 
 def leading_axis_names(axes: Mapping[str, int], axis_names: Sequence[str] | None,
