@@ -205,14 +205,20 @@ def test_stack_mode_appends_time_points(fiji, backend, fm, key):
 
 
 def test_stack_mode_parameter(debian, tmp_path):
-    """mode="stack" as the script parameter applies to frames without a mode hint."""
+    """mode="stack" as the script parameter applies to frames without a mode hint and without
+    axes (as napari's default mode): frames at `axes={"p": 0}`, a name ImageJ has no axis
+    for, were stacked in their window `s [p=0]` where napari places them."""
     receiver = start_receiver(tmp_path, mode="stack")
     try:
         with FijiStreamingBackend(receiver.endpoint) as b:
             for i in range(3):
                 b.save(np.full((3, 3), i, np.uint8), f"s/{i}.tif", stream="s")
-            entry = image(report(b), "s")
-        assert entry["frames"] == 3
+                b.save(np.full((3, 3), i, np.uint8), f"s/{i}.tif", stream="s", axes={"p": 0})
+                b.save(np.full((3, 3), i, np.uint8), f"s/{i}.tif", stream="z", axes={"z": i})
+            state = report(b)
+        assert image(state, "s")["frames"] == 3
+        assert (image(state, "s [p=0]")["slices"], image(state, "s [p=0]")["frames"]) == (1, 1)
+        assert (image(state, "z")["slices"], image(state, "z")["frames"]) == (3, 1)
     finally:
         assert receiver.stop() == 0
 
@@ -999,6 +1005,18 @@ def test_rois_of_one_path_at_other_positions_stay(fiji, backend, fm, key):
     assert sorted(r["position"][2] for r in overlay) == [1, 1, 2, 3, 3, 3, 3]  # t, 1-based
 
 
+def test_a_roi_set_at_a_synonym_position_replaces_the_same_position(fiji, backend, fm, key):
+    """`axes={"Time": 1}` and `axes={"t": 1}` are one position (docs/protocol.md): Fiji kept
+    ROI sets by the names as sent, so the second set was added beside the first (3 ROIs)
+    where napari replaced it (1)."""
+    fm.save(np.zeros((10, 10), np.uint8), f"{key}.tif", backend="fiji_stream", stream=key,
+            axes={"t": 1})  # fmt: skip
+    fm.save(ROIS[:2], f"{key}/cells.roi.zip", backend="fiji_stream", stream=key,
+            axes={"Time": 1})  # fmt: skip
+    fm.save(ROIS[:1], f"{key}/cells.roi.zip", backend="fiji_stream", stream=key, axes={"t": 1})
+    assert image(report(backend), key)["rois"] == 1
+
+
 # -- transports, control ---------------------------------------------------------------------------
 
 
@@ -1481,6 +1499,42 @@ def test_rerun_in_one_session_continues_cleanly(debian):
             assert state["roi_manager"] == 2 * run, f"run {run}: {state['roi_manager']} ROIs"
             assert image(state, "cells")["framesReceived"] == 1
             assert "ended" in editor.command("stop", timeout=30)
+    finally:
+        editor.close()
+
+
+def test_a_rerun_stacks_after_the_time_points_of_the_window_it_took_over(debian):
+    """Stacking onto a window an earlier run left open: the new run's first stacked frame
+    overwrote t = 0 (its per-channel count started at 0), and a 2-D frame stacked onto a
+    stack of 3-plane z blocks failed (`internal`: ImageJ cannot shrink z in place)."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    editor = ScriptEditor(debian, gui=True)
+    params = f'endpoint="{endpoint}",allow_unauthenticated=true'
+    stack = {"mode": "stack"}
+    try:
+        assert editor.command(f"run {params}", timeout=300).startswith("listening")
+        with RawClient(endpoint) as raw:
+            assert raw.hello()["type"] == "welcome"
+            block = raw.frame(stream="zs", shape=[3, 2, 3], nbytes=18, display=stack)
+            assert raw.request(block, bytes([1] * 18))["type"] == "ack"
+            for value in (1, 2, 3):
+                reply = raw.request(raw.frame(stream="ts", display=stack), bytes([value] * 6))
+                assert reply["type"] == "ack"
+        assert "ended" in editor.command("stop", timeout=30)
+        assert editor.command(f"run {params}", timeout=300).startswith("listening")
+        with RawClient(endpoint) as raw:
+            assert raw.hello()["type"] == "welcome"
+            for stream in ("zs", "ts"):
+                reply = raw.request(raw.frame(stream=stream, display=stack), bytes([9] * 6))
+                assert reply["type"] == "ack", reply
+            state = raw.report()
+        assert state["windows"] == 2
+        assert (image(state, "zs")["slices"], image(state, "zs")["frames"]) == (1, 1)
+        assert image(state, "ts")["frames"] == 4
+        shown = editor.command('macro selectImage("ts"); s = ""; for (t = 1; t <= nSlices; '
+                               't++) { setSlice(t); s = s + getPixel(0, 0) + " "; } return s;')
+        assert shown.split() == ["1", "2", "3", "9"]
+        assert "ended" in editor.command("stop", timeout=30)
     finally:
         editor.close()
 

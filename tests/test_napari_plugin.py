@@ -1897,9 +1897,11 @@ def received_frame(stream: str, sent):
 def shown_planes(viewer, stream: str) -> tuple[tuple[int, ...], dict]:
     """(c, z, t, rows, columns) of what napari shows of `stream`, and each (c, z, t)'s value:
     a layer per channel (``<stream> [c<i>]``) or one, with leading axes t and z."""
+    names = [layer.name for layer in viewer.layers
+             if layer.name == stream or layer.name.startswith(f"{stream} [c")]
+    assert not (stream in names and f"{stream} [c0]" in names), names
     layers = {0 if layer.name == stream else int(layer.name[len(stream) + 3:-1]): layer
-              for layer in viewer.layers
-              if layer.name == stream or layer.name.startswith(f"{stream} [c")}
+              for layer in viewer.layers if layer.name in names}
     planes, extent, size = {}, [max(layers) + 1, 1, 1], None
     for channel, layer in layers.items():
         data = np.asarray(layer.data)
@@ -1916,17 +1918,21 @@ def shown_planes(viewer, stream: str) -> tuple[tuple[int, ...], dict]:
     return (*dims, *size), {**every_plane(dims, {}), **planes}
 
 
+@pytest.mark.parametrize("ticks", ["tick_per_frame", "one_tick"])
 @pytest.mark.parametrize(("sends", "dims", "size", "planes"), SHOW_CASES)
 def test_frames_show_as_the_rules_both_viewers_share(make_napari_viewer, sends, dims, size,
-                                                     planes):
-    """Each case of polystore.testing.rules.SHOW_CASES, frame by frame through the plugin's
-    buffer and layer manager into napari; test_fiji.py sends the same frames to Fiji."""
+                                                     planes, ticks):
+    """Each case of polystore.testing.rules.SHOW_CASES through the plugin's buffer and layer
+    manager into napari: shown frame by frame, and all in one display tick (the display
+    behind, the buffer coalescing); test_fiji.py sends the same frames to Fiji."""
     from polystore_napari.layers import LayerManager
 
     viewer = make_napari_viewer(show=False)
     manager, buffer = LayerManager(viewer), CoalescingBuffer()
     for sent in sends:
         buffer.put_frame(received_frame("s", sent))
-        manager.apply(buffer.take())
+        if ticks == "tick_per_frame":
+            manager.apply(buffer.take())
+    manager.apply(buffer.take())
     assert not manager.errors, manager.errors
     assert shown_planes(viewer, "s") == ((*dims, *size), every_plane(dims, planes))

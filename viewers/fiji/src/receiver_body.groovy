@@ -1601,7 +1601,8 @@ class Images {
         // docs/protocol.md, as napari: a frame's mode hint wins; without one a frame with c/z/t
         // axes is placed and the others follow the script's mode; place without axes replaces
         String hint = (String) display.get('mode')
-        String how = hint == 'place' || (hint == null && L.placed) ? (L.placed ? 'place' : 'replace') : (hint ?: defaultMode)
+        boolean hasAxes = !((Map) f.get('axes')).isEmpty()  // other names than c/z/t: placed in their window
+        String how = hint == 'place' || (hint == null && hasAxes) ? (hasAxes ? 'place' : 'replace') : (hint ?: defaultMode)
         int[] block = [L.ext[0], L.ext[1], L.ext[2], L.samples] as int[]
         // A stream whose mode, kind, dtype or frame shape changes starts again (as napari); an
         // image adopted from an earlier run (how unknown) is continued where it fits.
@@ -1616,7 +1617,7 @@ class Images {
         boolean restart, promoteFirst = false
         if (how == 'replace') {  // this frame alone (in its channels, at a c position)
             base = [c0, 0, 0] as int[]
-            boolean others = L.given[Layout.C] && same && s.bits == bits && s.Z == L.ext[1] && s.T == L.ext[2]
+            boolean others = L.given[Layout.C] && same && s.Z == L.ext[1] && s.T == L.ext[2]
             dims = [others ? Math.max(s.C, c0 + L.ext[0]) : c0 + L.ext[0], L.ext[1], L.ext[2]] as long[]
             // the frame overwrites every plane of an image of its size: no new one needed then
             restart = !others && (!exists || s.width != L.cols || s.height != L.rows || s.bits != bits
@@ -1625,9 +1626,11 @@ class Images {
             if (L.ext[Layout.T] > 1) {
                 throw new ProtocolError(P.BAD_SHAPE, "${L.title}: a frame with a t dimension of its own cannot be stacked, ImageJ has one t axis; send it with axes and mode=place".toString(), f.get('seq'))
             }
-            restart = !same
+            restart = !same || s.Z != L.ext[1]  // (an adopted image, or z slices added by hand)
             int t = 0
-            if (!restart) for (int c = c0; c < c0 + L.ext[0]; c++) t = Math.max(t, s.stacked.get(c) ?: 0)
+            // frames a channel has stacked; an image adopted from an earlier run: all of its
+            // time points; never beyond the image (frames deleted by hand)
+            if (!restart) for (int c = c0; c < c0 + L.ext[0]; c++) t = Math.max(t, Math.min(s.stacked.get(c) ?: (s.how == null ? s.T : 0), s.T))
             base = [c0, 0, t] as int[]
             dims = [restart ? c0 + L.ext[0] : Math.max(s.C, c0 + L.ext[0]), L.ext[1], restart ? t + 1 : Math.max(s.T, t + 1)] as long[]
         } else {  // placed at its c/z/t position; the hyperstack grows to hold it
@@ -2172,7 +2175,11 @@ class Images {
             list.add(roi)
             n++
         }
-        List key = [path, new TreeMap((Map) (m.get('axes') ?: [:]))]
+        Map<String, Object> position = new TreeMap<String, Object>()  // axis synonyms as one name
+        for (Map.Entry<String, Object> e : ((Map<String, Object>) (m.get('axes') ?: [:])).entrySet()) {
+            position.put(P.AXIS_SYNONYMS.getOrDefault(e.key.toLowerCase(), e.key), e.value)
+        }
+        List key = [path, position]
         List<Roi> old = s.rois.remove(key)  // the newest goes last, as in napari
         s.rois.put(key, list)
         if (gui && useRoiManager && old != null) removeFromRoiManager(old)

@@ -30,12 +30,12 @@
  *   display.kind == "labels": 16-bit when every value is an integer in 0..65535 (uint8/uint16
  *   always), else 32-bit float; shown with a glasbey LUT (Fiji's glasbey_on_dark.lut when
  *   present, else an equivalent built here), display range 0..max(255, largest label).
- *   A stream keeps one type: a stacked or placed frame of another type turns the whole image
- *   into 32-bit float (values kept); `replace` simply takes the new frame's type.
+ *   A stream keeps one type: a frame of another dtype starts its image again (docs/protocol.md,
+ *   "Modes"); labels that outgrow 16 bits within one dtype turn it into 32-bit float.
  *
  * Windows and axes: one ImagePlus per stream key, titled with the key. The last two dims of
- * `shape` are (rows, columns) = (height, width). `axes` keys c/ch/channel, z/slice/depth and
- * t/time/frame place the frame in a hyperstack (setDimensions(c, z, t)) that grows as needed,
+ * `shape` are (rows, columns) = (height, width). `axes` keys c, z and t (and their synonyms in
+ * any case: channel(s), slice(s), time, frame(s)..., docs/protocol.md) place the frame in a hyperstack (setDimensions(c, z, t)) that grows as needed,
  * reusing its pixel arrays (the ImagePlus is never re-created per frame; it becomes a
  * CompositeImage once, when a second channel appears). Any other axis name is folded into the
  * window title ("stream [p=3]"), since ImageJ has no more dimensions. A frame's own leading

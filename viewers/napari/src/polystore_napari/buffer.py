@@ -130,7 +130,7 @@ class CoalescingBuffer:
         self._cleared = False
         self._bytes = 0
         # slot key -> pending item; dicts keep the order in which slots appeared
-        self._replace: dict[str, ReceivedFrame] = {}
+        self._replace: dict[str, dict[int | None, ReceivedFrame]] = {}  # by channel position
         self._stack: dict[str, deque[ReceivedFrame]] = {}
         self._place: dict[str, dict[tuple, ReceivedFrame]] = {}
         self._rois: dict[str, dict[tuple, ReceivedRois]] = {}
@@ -151,15 +151,19 @@ class CoalescingBuffer:
                 return
             self.stats.frames += 1
             stream = frame.stream
-            if mode == "replace":
-                old = self._replace.get(stream)
+            if mode == "replace":  # the newest frame per channel position (None: all)
+                channel = frame.header.axes.get(CHANNEL_AXIS)
+                old = self._replace.get(stream, {}).get(channel)
                 self._wait_for_room(nbytes - (old.array.nbytes if old is not None else 0))
-                old = self._replace.get(stream)  # may have been taken while waiting
-                if old is not None:
-                    self.stats.coalesced += 1
-                    self._bytes -= old.array.nbytes
-                    frame = keep_hints(old, frame)
-                self._replace[stream] = frame
+                slots = self._replace.setdefault(stream, {})
+                for key in list(slots) if channel is None else [channel]:
+                    old = slots.pop(key, None)  # may have been taken while waiting
+                    if old is not None:
+                        self.stats.coalesced += 1
+                        self._bytes -= old.array.nbytes
+                        if key == channel:
+                            frame = keep_hints(old, frame)
+                slots[channel] = frame
             elif mode == "stack":
                 self._wait_for_room(nbytes)
                 queue = self._stack.setdefault(stream, deque())
@@ -251,7 +255,8 @@ class CoalescingBuffer:
     @property
     def pending(self) -> int:
         with self._cond:
-            return (len(self._replace) + sum(len(q) for q in self._stack.values())
+            return (sum(len(s) for s in self._replace.values())
+                    + sum(len(q) for q in self._stack.values())
                     + sum(len(s) for s in self._place.values()))
 
     def take(self) -> Batch:
@@ -260,7 +265,8 @@ class CoalescingBuffer:
             batch = Batch(cleared=self._cleared)
             for mode, stream in self._order:
                 if mode == "replace":
-                    batch.updates.append(Update(stream, mode, [self._replace[stream]]))
+                    batch.updates.append(Update(stream, mode,
+                                                list(self._replace[stream].values())))
                 elif mode == "stack":
                     batch.updates.append(Update(stream, mode, list(self._stack[stream])))
                 elif mode == "place":

@@ -16,7 +16,7 @@ from napari.layers import Labels
 
 from polystore_napari.buffer import Batch, Update
 from polystore_napari.image_layers import ImageLayers, LayerState
-from polystore_napari.pieces import LayoutError, Piece, pieces_of
+from polystore_napari.pieces import CHANNEL_AXIS, LayoutError, Piece, pieces_of
 from polystore_napari.roi_layers import RoiLayers
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,8 @@ class LayerManager:
         self._skipped: Counter[str] = Counter()  # ... per stream
         #: the current problem of each stream, cleared when the stream shows a frame again
         self.errors: dict[str, str] = {}
+        #: (mode, *Piece.geometry) of each stream's newest frame: a change starts it again
+        self._geometry: dict[str, tuple] = {}
         #: what the receiver's `report` answers; replaced (never mutated) on the main thread
         self.snapshot: dict = {"layers": [], "layer_updates": 0, "roi_updates": 0,
                                "frames_displayed": 0, "frames_skipped": 0,
@@ -119,6 +121,7 @@ class LayerManager:
             if self._alive(state.layer):
                 self.viewer.layers.remove(state.layer)
         self.images.clear()
+        self._geometry.clear()
         self.rois.clear()
         self.errors.clear()
         self._skipped.clear()  # forgotten streams start afresh (the totals stay counted)
@@ -175,11 +178,13 @@ class LayerManager:
             log.warning("stream %s: empty frame of shape %s not shown", stream, shape)
 
     def _apply_frames(self, update: Update) -> None:
+        """Show a stream's frames in order. A frame whose geometry (mode, kind, dtype, shape)
+        differs from the stream's before starts the stream again, as in Fiji: the layers it
+        does not cover are removed (docs/protocol.md, "Modes")."""
         stream = update.stream
-        by_layer: dict[tuple, list[Piece]] = {}
         shown = 0
         failed = False
-        newest: set[tuple] | None = None  # the layers the newest whole frame covers
+        segment: list[tuple] = []  # consecutive (frame, pieces) of one geometry
         for frame in update.frames:
             if frame.array.size == 0:
                 self._skip_empty(stream, frame.array.shape)
@@ -191,27 +196,16 @@ class LayerManager:
                 self._reject(stream, str(exc))
                 failed = True
                 continue
-            for piece in pieces:
-                by_layer.setdefault(piece.key, []).append(piece)
             shown += 1
-            if "c" not in frame.header.axes:  # not one channel placed among others
-                newest = {piece.key for piece in pieces}
-        for key, pieces in by_layer.items():
-            state = self.images.get(key)
-            if state is None:
-                state = self.images[key] = LayerState(key, self.stack_capacity)
-            elif state.layer is not None and not self._alive(state.layer):
-                state.forget()  # the user deleted it: start afresh
-            state.layout.stack_capacity = self.stack_capacity
-            run: list[Piece] = []  # consecutive pieces of one geometry go together
-            for piece in pieces:
-                if run and piece.geometry != run[0].geometry:
-                    failed |= not self._apply_run(state, update.mode, run)
-                    run = []
-                run.append(piece)
-            failed |= not self._apply_run(state, update.mode, run)
-        if newest is not None and not failed:
-            self._drop_other_channels(stream, newest)
+            geometry = (update.mode, *pieces[0].geometry)
+            if geometry != self._geometry.get(stream):
+                failed |= self._apply_segment(stream, update.mode, segment)
+                segment = []
+                if stream in self._geometry:  # starts again: its other channels are gone
+                    self._drop_other_channels(stream, {piece.key for piece in pieces})
+                self._geometry[stream] = geometry
+            segment.append((frame, pieces))
+        failed |= self._apply_segment(stream, update.mode, segment)
         if shown:
             self.updates += 1
             self.frames += shown
@@ -221,6 +215,28 @@ class LayerManager:
                        if key[0] == stream and s.colormap_error and self._alive(s.layer)]
             if unknown:  # ... but in gray, for as long as the hint stays (as in Fiji)
                 self._error(stream, unknown[0])
+
+    def _apply_segment(self, stream: str, mode: str, segment: list[tuple]) -> bool:
+        """Show frames of one geometry, their pieces sorted by layer; True if one failed."""
+        by_layer: dict[tuple, list[Piece]] = {}
+        newest: set[tuple] | None = None  # the layers the newest whole frame covers
+        for frame, pieces in segment:
+            for piece in pieces:
+                by_layer.setdefault(piece.key, []).append(piece)
+            if CHANNEL_AXIS not in frame.header.axes:  # not one channel placed among others
+                newest = {piece.key for piece in pieces}
+        failed = False
+        for key, pieces in by_layer.items():
+            state = self.images.get(key)
+            if state is None:
+                state = self.images[key] = LayerState(key, self.stack_capacity)
+            elif state.layer is not None and not self._alive(state.layer):
+                state.forget()  # the user deleted it: start afresh
+            state.layout.stack_capacity = self.stack_capacity
+            failed |= not self._apply_run(state, mode, pieces)
+        if newest is not None and not failed:
+            self._drop_other_channels(stream, newest)
+        return failed
 
     def _drop_other_channels(self, stream: str, keep: set[tuple]) -> None:
         """Remove the stream's layers the newest frame no longer covers (it has fewer

@@ -189,7 +189,8 @@ class Piece:
     @property
     def geometry(self) -> tuple:
         """What a layer must be rebuilt or refitted for when it changes."""
-        return (self.kind, self.rgb, self.array.shape, self.dtype.str, self.own)
+        return (self.kind, self.rgb, self.array.shape, self.array.dtype.str, self.dtype.str,
+                self.own)
 
     @property
     def shown(self) -> np.ndarray:
