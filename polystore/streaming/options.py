@@ -22,6 +22,7 @@ from msgspec import Meta
 
 from polystore.streaming import protocol as p
 from polystore.streaming.auth import AUTH_MODES, Auth, resolve_auth
+from polystore.streaming.axis_names import repeated_axis
 from polystore.streaming.errors import UnstreamableDataError
 
 Policy = Literal["block", "latest", "raise"]
@@ -102,7 +103,7 @@ class StreamMeta:
             fields = msgspec.convert(raw, _StreamFields, from_attributes=True)
         except (msgspec.ValidationError, TypeError, ValueError) as exc:
             raise UnstreamableDataError(f"cannot stream {what or stream}: {exc}") from None
-        if fields.axis_names is not None and (problem := p.repeated_axis(fields.axis_names)):
+        if fields.axis_names is not None and (problem := repeated_axis(fields.axis_names)):
             raise UnstreamableDataError(f"cannot stream {what or stream}: {problem}")
         return cls(fields.stream, fields.axis_names, fields.display)
 
@@ -130,7 +131,7 @@ class StreamMeta:
                 if problem:
                     break
                 checked[name] = int(index)
-            problem = problem or p.repeated_axis(checked)
+            problem = problem or repeated_axis(checked)
         if problem:
             raise UnstreamableDataError(f"cannot stream {what}: {problem}")
         return checked

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct, field
 
+from polystore.streaming.axis_names import AXIS_SYNONYMS, repeated_axis  # noqa: F401 - generated into Fiji
+
 VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 
@@ -122,12 +124,6 @@ class Roi(Struct, omit_defaults=True):
 
 ROI_POINT_COUNTS = {"rectangle": (2, 2), "ellipse": (2, 2), "line": (2, 2), "point": (1, 1)}
 
-#: Axis names both viewers read as c, z or t (compared in lower case; docs/protocol.md).
-AXIS_SYNONYMS = {
-    "c": "c", "ch": "c", "channel": "c", "channels": "c",
-    "z": "z", "slice": "z", "slices": "z", "depth": "z",
-    "t": "t", "time": "t", "frame": "t", "frames": "t", "timepoint": "t", "timepoints": "t",
-}  # fmt: skip
 
 
 class Rois(Struct, tag="rois", tag_field="type", omit_defaults=True):
@@ -324,6 +320,8 @@ def check_rois(message: Rois) -> None:
 
 
 def _check_axes(axes: dict[str, int], axis_names: list[str] | None, seq: int) -> None:
+    if not axes and not axis_names:
+        return  # the common case of a live stream: nothing to check
     if axis_names is not None and (
         len(set(axis_names)) != len(axis_names) or not set(axes) <= set(axis_names)
     ):
@@ -335,17 +333,3 @@ def _check_axes(axes: dict[str, int], axis_names: list[str] | None, seq: int) ->
     for names in (list(axes), axis_names or ()):
         if problem := repeated_axis(names):
             raise ProtocolError(BAD_MESSAGE, problem, seq)
-
-
-def canonical_axis(name: str) -> str:
-    """What an axis name means to the viewers: c, z or t for theirs and their synonyms."""
-    return AXIS_SYNONYMS.get(name.lower(), name)
-
-
-def repeated_axis(names) -> str:
-    """Why `names` name one axis twice (``t`` and ``time``), or "" if they do not."""
-    if len({canonical_axis(name) for name in names}) == len(names):
-        return ""
-    synonyms = ", ".join(k for k in AXIS_SYNONYMS if len(k) > 1)
-    return (f"axis names {list(names)} name one axis twice: viewers read {synonyms} (in any "
-            "case) as c, z or t; give each axis one name")

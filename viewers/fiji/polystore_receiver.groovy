@@ -433,6 +433,7 @@ class Local {
 /** Protocol v1 constants, error codes and receiver -> sender messages (protocol.py). */
 @CompileStatic
 class P {
+    static final Map<String, String> AXIS_SYNONYMS = [c: \'c\', ch: \'c\', channel: \'c\', channels: \'c\', z: \'z\', slice: \'z\', slices: \'z\', depth: \'z\', t: \'t\', time: \'t\', frame: \'t\', frames: \'t\', timepoint: \'t\', timepoints: \'t\']
     static final int VERSION = 1
     static final List<Long> SUPPORTED_VERSIONS = [1L]
     static final int MAX_HEADER_BYTES = 65536
@@ -442,7 +443,6 @@ class P {
     static final int MAX_ROIS = 100000
     static final Map<String, Integer> DTYPES = [uint8: 1, int8: 1, uint16: 2, int16: 2, uint32: 4, int32: 4, uint64: 8, int64: 8, float16: 2, float32: 4, float64: 8] as LinkedHashMap
     static final Map<String, int[]> ROI_POINT_COUNTS = [rectangle: [2, 2] as int[], ellipse: [2, 2] as int[], line: [2, 2] as int[], point: [1, 1] as int[]]
-    static final Map<String, String> AXIS_SYNONYMS = [c: \'c\', ch: \'c\', channel: \'c\', channels: \'c\', z: \'z\', slice: \'z\', slices: \'z\', depth: \'z\', t: \'t\', time: \'t\', frame: \'t\', frames: \'t\', timepoint: \'t\', timepoints: \'t\']
 
     // Error codes (docs/protocol.md, "Errors").
     static final String BAD_JSON = \'bad_json\'

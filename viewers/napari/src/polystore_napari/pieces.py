@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 
-from polystore.streaming.protocol import canonical_axis
+from polystore.streaming.axis_names import canonical_axis
 
 CHANNEL_AXIS = "c"
 #: a frame splits into at most this many channel layers (each costs napari's main thread
