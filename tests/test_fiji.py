@@ -886,6 +886,9 @@ def test_frames_show_as_the_rules_both_viewers_share(fiji, backend, fm, key, sen
     for i, sent in enumerate(sends):
         fm.save(sent.array(), f"{key}/{i}.tif", backend="fiji_stream", stream=key,
                 **sent.options)
+        if sent.refused:
+            with pytest.raises(FrameRejectedError):
+                backend.flush()
     assert shown_planes(report(backend), key) == ((*dims, *size), every_plane(dims, planes))
 
 

@@ -102,7 +102,7 @@ def test_an_rgb_frame_keeps_its_colour_dimension_and_names_only_leading_ones():
 
 def test_float_labels_become_exact_integers_or_are_refused():
     (piece,) = pieces(np.array([[0, 1], [70000, 3]], np.float32), kind="labels")
-    assert piece.dtype == np.int32
+    assert piece.dtype == np.int64
     np.testing.assert_array_equal(piece.shown, [[0, 1], [70000, 3]])
     (big,) = pieces(np.array([[0, 2.0**40]], np.float64), kind="labels")
     assert big.dtype == np.int64 and big.shown[0, 1] == 2**40
@@ -214,15 +214,15 @@ def test_a_frame_that_would_make_too_many_channel_layers_is_refused_clearly():
     assert len(asked) == 100
 
 
-def test_float64_labels_keep_one_dtype_when_an_id_passes_2_31():
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_float_labels_keep_one_dtype_when_an_id_passes_2_31(dtype):
     """Float labels were int32 until an id passed 2^31, then int64: the layer's dtype changed
-    and a placed or stacked layer dropped every frame it held."""
-    small, big = (pieces(np.array([[0, v]], np.float64), kind="labels")[0]
-                  for v in (3.0, 3e9))
+    and a placed or stacked layer dropped every frame it held (float32 too, until the review
+    of 3da9115: its stream then started again, where docs/protocol.md says a change within one
+    dtype is none)."""
+    small, big = (pieces(np.array([[0, v]], dtype), kind="labels")[0] for v in (3.0, 3e9))
     assert small.dtype == big.dtype == np.int64
     assert small.geometry == big.geometry
-    (single,) = pieces(np.array([[0, 3.0]], np.float32), kind="labels")
-    assert single.dtype == np.int32
 
 
 def test_contrast_follows_the_data_until_set_by_hand_and_a_hint_fixes_it():

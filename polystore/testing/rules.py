@@ -40,6 +40,9 @@ class Sent:
     value: int
     options: dict = field(default_factory=dict)
     dtype: str = "uint16"
+    #: the viewer cannot show it (napari: a *Last error*; Fiji: an error reply) and it must
+    #: change nothing
+    refused: bool = False
 
     def array(self) -> np.ndarray:
         planes = math.prod(self.shape[:-2])
@@ -125,4 +128,29 @@ SHOW_CASES: list = [
     pytest.param([Sent((4, 5), 1, {"axes": {"t": 0}}, "float16"),
                   Sent((4, 5), 2, {"axes": {"t": 1}}, "float32")],
                  (1, 1, 2), (4, 5), {(0, 0, 1): 2}, id="float16_then_float32_starts_again"),
+    pytest.param([Sent((2, 4, 5), 1, {"axes": {"t": 0}, "axis_names": ["t", "c"]}),
+                  Sent((3, 4, 5), 10, {"axes": {"t": 1}, "axis_names": ["t", "c"]})],
+                 (3, 1, 2), (4, 5), {(0, 0, 1): 10, (1, 0, 1): 11, (2, 0, 1): 12},
+                 id="a_new_channel_count_starts_again"),
+    pytest.param([Sent((2, 4, 5), 1, {"axes": {"t": 0}, "axis_names": ["t", "c"]}),
+                  Sent((4, 5), 7, {"axes": {"t": 1, "c": 1}})],
+                 (2, 1, 2), (4, 5), {(1, 0, 1): 7}, id="own_channels_then_a_channel_position"),
+    pytest.param([Sent((4, 5), 1, {"mode": "replace"}),
+                  Sent((4, 5), 7, {"mode": "replace", "axes": {"c": 1}})],
+                 (2, 1, 1), (4, 5), {(0, 0, 0): 1, (1, 0, 0): 7},
+                 id="a_whole_frame_then_a_channel"),
+    pytest.param([Sent((4, 5), 1, {"mode": "stack"}), Sent((4, 5), 2, {"mode": "replace"}),
+                  Sent((4, 5), 3, {"mode": "stack"})],
+                 (1, 1, 1), (4, 5), {(0, 0, 0): 3}, id="stack_replace_stack"),
+    pytest.param([*(Sent((4, 5), 10 + t, {"axes": {"t": t}}) for t in range(4)),
+                  Sent((4, 5), 1, {"axes": {"t": 0}}, "float32"),
+                  Sent((4, 5), 2, {"axes": {"t": 1}}), Sent((4, 5), 3, {"axes": {"t": 0}})],
+                 (1, 1, 2), (4, 5), {(0, 0, 0): 3, (0, 0, 1): 2},
+                 id="a_change_coalesced_away_still_starts_again"),
+    pytest.param([Sent((256, 256), 1, {"axes": {"c": 0, "t": 0}}),
+                  Sent((256, 256), 2, {"axes": {"c": 1, "t": 0}}),
+                  Sent((256, 256), 3, {"axes": {"c": 0, "t": 999_999}}, "float32", refused=True),
+                  Sent((256, 256), 4, {"axes": {"c": 0, "t": 1}})],
+                 (2, 1, 2), (256, 256), {(0, 0, 0): 1, (1, 0, 0): 2, (0, 0, 1): 4},
+                 id="a_refused_change_changes_nothing"),
 ]  # fmt: skip

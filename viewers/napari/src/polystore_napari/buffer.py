@@ -83,6 +83,9 @@ class Update:
     stream: str
     mode: str
     frames: list[ReceivedFrame] = field(default_factory=list)
+    #: the stream changed mode, dtype, shape or kind since the last tick and the frame that
+    #: changed it was coalesced away: it starts again with these frames
+    starts_again: bool = False
 
 
 @dataclass
@@ -135,6 +138,9 @@ class CoalescingBuffer:
         self._place: dict[str, dict[tuple, ReceivedFrame]] = {}
         self._rois: dict[str, dict[tuple, ReceivedRois]] = {}
         self._order: dict[tuple[str, str], None] = {}
+        #: each stream's newest (mode, dtype, shape, kind, rgb): a change starts it again
+        self._signature: dict[str, tuple] = {}
+        self._starts_again: set[str] = set()
         #: the display's state (layer names, shapes, dtypes), set by the main thread; what
         #: `report` answers besides the buffer's own counters
         self.display_state: dict = {}
@@ -151,6 +157,16 @@ class CoalescingBuffer:
                 return
             self.stats.frames += 1
             stream = frame.stream
+            header = frame.header
+            signature = (mode, header.dtype, tuple(header.shape), header.display.kind,
+                         header.display.rgb)
+            if self._signature.setdefault(stream, signature) != signature:
+                # the stream starts again with this frame (docs/protocol.md, "Modes"): what
+                # is pending of it would be gone from the display at once, so it goes now,
+                # and the display hears that the change happened (it will not see it)
+                self._signature[stream] = signature
+                if self._drop_stream(stream):
+                    self._starts_again.add(stream)
             if mode == "replace":  # the newest frame per channel position (None: all)
                 channel = frame.header.axes.get(CHANNEL_AXIS)
                 old = self._replace.get(stream, {}).get(channel)
@@ -207,6 +223,8 @@ class CoalescingBuffer:
         """Forget everything pending; the display removes its stream layers."""
         with self._cond:
             self._drop_pending()
+            self._signature.clear()  # forgotten streams start afresh
+            self._starts_again.clear()
             self._cleared = True
             self._cond.notify_all()
 
@@ -228,6 +246,16 @@ class CoalescingBuffer:
             self._cond.wait(0.1)
         if waited:
             self.stats.waits += 1
+
+    def _drop_stream(self, stream: str) -> int:
+        """Forget the frames pending for `stream` (not its ROIs), counted as coalesced."""
+        dropped = [*self._replace.pop(stream, {}).values(), *self._stack.pop(stream, ()),
+                   *self._place.pop(stream, {}).values()]
+        self.stats.coalesced += len(dropped)
+        self._bytes -= sum(f.array.nbytes for f in dropped)
+        for slot in [k for k in self._order if k[1] == stream and k[0] != "rois"]:
+            del self._order[slot]
+        return len(dropped)
 
     def _drop_pending(self) -> None:
         self._replace.clear()
@@ -264,16 +292,19 @@ class CoalescingBuffer:
         with self._cond:
             batch = Batch(cleared=self._cleared)
             for mode, stream in self._order:
+                again = stream in self._starts_again
                 if mode == "replace":
                     batch.updates.append(Update(stream, mode,
-                                                list(self._replace[stream].values())))
+                                                list(self._replace[stream].values()), again))
                 elif mode == "stack":
-                    batch.updates.append(Update(stream, mode, list(self._stack[stream])))
+                    batch.updates.append(Update(stream, mode, list(self._stack[stream]), again))
                 elif mode == "place":
-                    batch.updates.append(Update(stream, mode, list(self._place[stream].values())))
+                    batch.updates.append(Update(stream, mode, list(self._place[stream].values()),
+                                                again))
                 else:
                     batch.rois.append(RoisUpdate(stream, list(self._rois[stream].values())))
             self.stats.taken += sum(len(u.frames) for u in batch.updates)
+            self._starts_again.clear()
             self._cleared = False
             self._drop_pending()
             self._cond.notify_all()

@@ -178,13 +178,16 @@ class LayerManager:
             log.warning("stream %s: empty frame of shape %s not shown", stream, shape)
 
     def _apply_frames(self, update: Update) -> None:
-        """Show a stream's frames in order. A frame whose geometry (mode, kind, dtype, shape)
-        differs from the stream's before starts the stream again, as in Fiji: the layers it
-        does not cover are removed (docs/protocol.md, "Modes")."""
+        """Show a stream's frames in order. A frame whose geometry (mode, kind, dtype, shape,
+        channels) differs from the stream's before, or the first of an update the buffer
+        marks `starts_again`, starts the stream again, as in Fiji: the layers it covers
+        start empty and the stream's others are removed (docs/protocol.md, "Modes")."""
         stream = update.stream
         shown = 0
         failed = False
         segment: list[tuple] = []  # consecutive (frame, pieces) of one geometry
+        geometry = None
+        first = update.starts_again  # the buffer dropped what came before these frames
         for frame in update.frames:
             if frame.array.size == 0:
                 self._skip_empty(stream, frame.array.shape)
@@ -197,15 +200,13 @@ class LayerManager:
                 failed = True
                 continue
             shown += 1
+            if segment and (update.mode, *pieces[0].geometry) != geometry:
+                failed |= self._apply_segment(stream, update.mode, segment, geometry, first)
+                segment, first = [], False
             geometry = (update.mode, *pieces[0].geometry)
-            if geometry != self._geometry.get(stream):
-                failed |= self._apply_segment(stream, update.mode, segment)
-                segment = []
-                if stream in self._geometry:  # starts again: its other channels are gone
-                    self._drop_other_channels(stream, {piece.key for piece in pieces})
-                self._geometry[stream] = geometry
             segment.append((frame, pieces))
-        failed |= self._apply_segment(stream, update.mode, segment)
+        if segment:
+            failed |= self._apply_segment(stream, update.mode, segment, geometry, first)
         if shown:
             self.updates += 1
             self.frames += shown
@@ -216,16 +217,25 @@ class LayerManager:
             if unknown:  # ... but in gray, for as long as the hint stays (as in Fiji)
                 self._error(stream, unknown[0])
 
-    def _apply_segment(self, stream: str, mode: str, segment: list[tuple]) -> bool:
-        """Show frames of one geometry, their pieces sorted by layer; True if one failed."""
+    def _apply_segment(self, stream: str, mode: str, segment: list[tuple], geometry: tuple,
+                       starts_again: bool) -> bool:
+        """Show frames of one geometry, their pieces sorted by layer; True if one failed.
+        The stream starts again with them if their geometry is new to it (or the buffer
+        says so), unless every one is refused."""
+        before = self._geometry.get(stream)
+        again = before is not None and (before != geometry or starts_again)
         by_layer: dict[tuple, list[Piece]] = {}
-        newest: set[tuple] | None = None  # the layers the newest whole frame covers
+        newest: set[tuple] | None = None  # the layers of the newest whole frame and after
         for frame, pieces in segment:
+            keys = {piece.key for piece in pieces}
             for piece in pieces:
                 by_layer.setdefault(piece.key, []).append(piece)
             if CHANNEL_AXIS not in frame.header.axes:  # not one channel placed among others
-                newest = {piece.key for piece in pieces}
+                newest = keys
+            elif newest is not None:  # a channel sent after it stays too
+                newest |= keys
         failed = False
+        shown = False
         for key, pieces in by_layer.items():
             state = self.images.get(key)
             if state is None:
@@ -233,7 +243,13 @@ class LayerManager:
             elif state.layer is not None and not self._alive(state.layer):
                 state.forget()  # the user deleted it: start afresh
             state.layout.stack_capacity = self.stack_capacity
-            failed |= not self._apply_run(state, mode, pieces)
+            result = self._apply_run(state, mode, pieces, fresh=again)
+            failed |= result is not True
+            shown |= result is not None
+        if shown:
+            self._geometry[stream] = geometry
+            if again:
+                self._drop_other_channels(stream, set(by_layer))
         if newest is not None and not failed:
             self._drop_other_channels(stream, newest)
         return failed
@@ -252,7 +268,10 @@ class LayerManager:
         self._error(stream, message)
         log.warning("stream %s: %s", stream, message)
 
-    def _apply_run(self, state: LayerState, mode: str, run: list[Piece]) -> bool:
+    def _apply_run(self, state: LayerState, mode: str, run: list[Piece],
+                   fresh: bool = False) -> bool | None:
+        """Show a run of one layer's pieces: True, False if some were refused, None if all
+        were (the layer is as it was)."""
         piece = run[-1]
         for each in run:
             display = each.header.display
@@ -268,10 +287,10 @@ class LayerManager:
         refit = state.layer is not None and old is not None and old != (mode, *piece.geometry)
         try:
             view = state.layout.show(mode, run, None if state.layer is None
-                                     else state.layer.data)
+                                     else state.layer.data, fresh)
         except LayoutError as exc:
             self._reject(state.key[0], str(exc))
-            return False
+            return None
         for message in state.layout.refused:
             self._reject(state.key[0], message)
         if state.layer is None:

@@ -118,14 +118,25 @@ class LayerLayout:
         held = 0 if self.backing is None else self.backing.nbytes
         return held + sum(f.nbytes for f in self.frames or ())
 
-    def show(self, mode: str, run: list[Piece], shown=None) -> View:
+    def show(self, mode: str, run: list[Piece], shown=None, fresh: bool = False) -> View:
         """Lay out a run of pieces of one geometry. `shown`: the data the layer shows now
-        (None if it has no layer), so a ``replace`` can write into it in place."""
+        (None if it has no layer), so a ``replace`` can write into it in place. A new
+        geometry (or `fresh`: the stream starts again) forgets the pixels held, unless every
+        piece is refused (`LayoutError`): then the layer stays as it was."""
         geometry = (mode, *run[0].geometry)
-        self.refused = []
-        if geometry != self.geometry:
-            self.reset()
-            self.geometry = geometry
+        if geometry == self.geometry and not fresh:
+            self.refused = []
+            return self._show(mode, run, shown)
+        before = dict(vars(self))
+        self.reset()
+        self.geometry = geometry
+        try:
+            return self._show(mode, run, None)
+        except LayoutError:
+            vars(self).update(before)
+            raise
+
+    def _show(self, mode: str, run: list[Piece], shown) -> View:
         if mode == "stack":
             return self._stack_frames(run) if run[0].kind == "image" else self._stack(run, shown)
         if mode == "place":

@@ -103,9 +103,9 @@ def image_dtype(dtype: np.dtype) -> np.dtype:
 
 def labels_dtype(array: np.ndarray) -> np.dtype:
     """The integer dtype that holds float labels exactly, or a `LayoutError` saying why none
-    does (fractions, NaN, beyond 2^53); integer labels keep their dtype. float64 labels are
+    does (fractions, NaN, beyond 2^53); integer labels keep their dtype. Float labels are
     always int64, so a stream's dtype (and the frames its layer keeps) does not change when an
-    id first passes 2^31; float32 ones are int32 unless an id does."""
+    id first passes 2^31: that would start the stream again."""
     if array.dtype.kind in "iu":
         return array.dtype
     flat = array.reshape(-1)
@@ -120,9 +120,7 @@ def labels_dtype(array: np.ndarray) -> np.dtype:
     if max(-lo, hi) > 2**53:
         raise LayoutError(f"{array.dtype} labels up to {max(-lo, hi):.0f} are not exact "
                           "beyond 2^53; send them as int64 or uint64")
-    info = np.iinfo(np.int32)
-    fits = array.dtype.itemsize < 8 and info.min <= lo and hi <= info.max
-    return np.dtype(np.int32) if fits else np.dtype(np.int64)
+    return np.dtype(np.int64)
 
 
 def data_limits(array: np.ndarray) -> tuple[float, float]:
@@ -185,12 +183,14 @@ class Piece:
     own: tuple[str, ...]
     axes: dict[str, int]
     axis_names: list[str]
+    channels: int = 1  # how many channels the frame's own `c` dimension held (1: none)
 
     @property
     def geometry(self) -> tuple:
-        """What a layer must be rebuilt or refitted for when it changes."""
+        """What a layer must be rebuilt or refitted for when it changes (and a stream started
+        again: every piece of one frame has the same)."""
         return (self.kind, self.rgb, self.array.shape, self.array.dtype.str, self.dtype.str,
-                self.own)
+                self.own, self.channels)
 
     @property
     def shown(self) -> np.ndarray:
@@ -230,7 +230,7 @@ def pieces_of(stream: str, header, array: np.ndarray) -> list[Piece]:
         rest = own[:at] + own[at + 1:]
         names = [n for n in names if n != CHANNEL_AXIS]
         return [Piece((stream, c), header, array[(slice(None),) * at + (c,)], dtype, kind, rgb,
-                      rest, axes, names) for c in range(array.shape[at])]
+                      rest, axes, names, array.shape[at]) for c in range(array.shape[at])]
     if CHANNEL_AXIS in axes:
         channel = axes.pop(CHANNEL_AXIS)
         names = [n for n in names if n != CHANNEL_AXIS]
