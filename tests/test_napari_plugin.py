@@ -1076,6 +1076,42 @@ def test_the_default_mode_is_for_frames_without_axes(default):
     assert modes == {"p": "place", "n": default, "h": "stack"}
 
 
+def test_what_the_display_resolves_alike_is_no_change_and_a_change_keeps_hints(
+        make_napari_viewer):
+    """The buffer drops a stream's pending frames when a frame changes it (it starts again):
+    an RGB frame sent with rgb=True after ones detected as RGB was such a change, and wiped a
+    placed series in one tick though napari shows both alike; and the dropped frames took
+    their colormap hint along (frame by frame it stays)."""
+    from msgspec import structs
+    from polystore_napari.layers import LayerManager
+
+    from polystore.streaming import ReceivedFrame
+
+    def frame(value, t, dtype=np.uint8, shape=(4, 5, 3), **display):
+        f = _frame("s", value, shape, axes={"t": t})
+        array = f.array.astype(dtype)
+        header = structs.replace(f.header, dtype=str(array.dtype), nbytes=array.nbytes,
+                                 display=structs.replace(f.header.display, **display))
+        return ReceivedFrame(array, header, "test", 0)
+
+    buffer = CoalescingBuffer()
+    for t in range(3):
+        buffer.put_frame(frame(t + 1, t))
+    buffer.take()
+    buffer.put_frame(frame(4, 3, rgb=True))
+    buffer.put_frame(frame(5, 4))
+    (update,) = buffer.take().updates
+    assert not update.starts_again and len(update.frames) == 2
+    viewer = make_napari_viewer(show=False)
+    manager = LayerManager(viewer)
+    manager.apply(buffer.take())
+    buffer.put_frame(frame(1, 0, np.uint16, (4, 5), colormap="green"))
+    buffer.put_frame(frame(2, 0, np.float32, (4, 5)))  # starts the stream again
+    manager.apply(buffer.take())
+    assert viewer.layers["s"].colormap.name == "green"
+    assert viewer.layers["s"].data.dtype == np.float32
+
+
 def test_a_hint_of_a_coalesced_frame_stays_with_the_layers_it_was_for(make_napari_viewer):
     """A hinted single-layer frame coalesced away by a 3-channel frame without hints: its
     colormap was carried into the newer frame and coloured all three channel layers green,

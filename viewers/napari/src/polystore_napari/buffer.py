@@ -66,6 +66,19 @@ def keep_hints(dropped: ReceivedFrame, newer: ReceivedFrame) -> ReceivedFrame:
     return ReceivedFrame(newer.array, header, newer.sender, newer.received_ns)
 
 
+def shown_as(frame: ReceivedFrame, mode: str) -> tuple | None:
+    """What a change of starts a stream again (docs/protocol.md, "Modes"): mode, dtype, shape,
+    kind and colour as the display resolves them; None for an empty frame (never shown)."""
+    header, shape = frame.header, frame.array.shape
+    if 0 in shape:
+        return None
+    labels = header.display.kind == "labels"
+    rgb = header.display.rgb
+    if rgb is None:
+        rgb = not labels and len(shape) >= 3 and shape[-1] in (3, 4) and header.dtype == "uint8"
+    return mode, header.dtype, shape, labels, rgb
+
+
 def same_layers(a: ReceivedFrame, b: ReceivedFrame) -> bool:
     """Whether two frames of a stream split into the same layers (`pieces.pieces_of`): the
     same shape, position axes, axis names, channel and kind."""
@@ -157,15 +170,17 @@ class CoalescingBuffer:
                 return
             self.stats.frames += 1
             stream = frame.stream
-            header = frame.header
-            signature = (mode, header.dtype, tuple(header.shape), header.display.kind,
-                         header.display.rgb)
-            if self._signature.setdefault(stream, signature) != signature:
+            signature = shown_as(frame, mode)
+            if signature and self._signature.setdefault(stream, signature) != signature:
                 # the stream starts again with this frame (docs/protocol.md, "Modes"): what
-                # is pending of it would be gone from the display at once, so it goes now,
-                # and the display hears that the change happened (it will not see it)
+                # is pending of it would be gone from the display at once, so it goes now
+                # (its colormap and opacity hints stay), and the display hears that the
+                # change happened (it will not see it)
                 self._signature[stream] = signature
-                if self._drop_stream(stream):
+                dropped = self._drop_stream(stream)
+                for old in reversed(dropped):
+                    frame = keep_hints(old, frame)
+                if dropped:
                     self._starts_again.add(stream)
             if mode == "replace":  # the newest frame per channel position (None: all)
                 channel = frame.header.axes.get(CHANNEL_AXIS)
@@ -247,7 +262,7 @@ class CoalescingBuffer:
         if waited:
             self.stats.waits += 1
 
-    def _drop_stream(self, stream: str) -> int:
+    def _drop_stream(self, stream: str) -> list[ReceivedFrame]:
         """Forget the frames pending for `stream` (not its ROIs), counted as coalesced."""
         dropped = [*self._replace.pop(stream, {}).values(), *self._stack.pop(stream, ()),
                    *self._place.pop(stream, {}).values()]
@@ -255,7 +270,7 @@ class CoalescingBuffer:
         self._bytes -= sum(f.array.nbytes for f in dropped)
         for slot in [k for k in self._order if k[1] == stream and k[0] != "rois"]:
             del self._order[slot]
-        return len(dropped)
+        return dropped
 
     def _drop_pending(self) -> None:
         self._replace.clear()
