@@ -1598,8 +1598,8 @@ class Images {
         } catch (LabelRange e) {
             throw new ProtocolError(P.TOO_LARGE, e.message, f.get('seq'))
         }
-        // docs/protocol.md, as napari: a frame's mode hint wins; without one a frame with c/z/t
-        // axes is placed and the others follow the script's mode; place without axes replaces
+        // docs/protocol.md, as napari: a frame's mode hint wins; without one a frame with axes
+        // (any names) is placed and the others follow the script's mode; place without axes replaces
         String hint = (String) display.get('mode')
         boolean hasAxes = !((Map) f.get('axes')).isEmpty()  // other names than c/z/t: placed in their window
         String how = hint == 'place' || (hint == null && hasAxes) ? (hasAxes ? 'place' : 'replace') : (hint ?: defaultMode)

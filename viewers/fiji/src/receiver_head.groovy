@@ -1,5 +1,5 @@
 #@ String (label="Endpoint", value="tcp://127.0.0.1:55556", description="tcp://HOST:PORT to listen on (loopback only unless remote senders are allowed); port 0 picks a free port") endpoint
-#@ String (label="Frames without t/c/z axes", choices={"replace", "stack"}, value="replace", description="replace: each frame replaces its window's image; stack: each frame is appended as the next time point") mode
+#@ String (label="Frames without axes or mode hint", choices={"replace", "stack"}, value="replace", description="replace: each frame replaces its window's image; stack: each frame is appended as the next time point") mode
 #@ String (label="Multichannel display", choices={"composite", "color", "grayscale"}, value="composite") channel_display
 #@ File (label="Output directory (optional)", style="directory", required=false, description="If set, every 'report' request also saves each image as <title>.tif and writes report.json here") output_dir
 #@ Boolean (label="Add ROIs to the ROI Manager (needs a display)", value=true) roi_manager
@@ -41,7 +41,7 @@
  * window title ("stream [p=3]"), since ImageJ has no more dimensions. A frame's own leading
  * dims are named by the entries of `axis_names` that are not keys of `axes`, else by default
  * (1 dim: z; 2: c, z; 3: t, c, z); more than ImageJ's c/z/t can hold is answered `bad_shape`.
- * A frame's display.mode wins; without one, frames with c/z/t axes are placed and the others
+ * A frame's display.mode wins; without one, frames with axes (any names) are placed and the others
  * follow the `mode` parameter: `replace` (the window shows just this frame) or `stack`
  * (appended as the next time point); `place` without axes replaces. A stream whose frames
  * change mode, kind, dtype or shape starts again (docs/protocol.md, as napari). Empty frames (a 0 in shape) are acknowledged and counted, not shown. A frame
@@ -56,8 +56,8 @@
  * ROIs (`rois` messages): polygon, rectangle, ellipse, line and point become ImageJ ROIs at
  * x = column, y = row, positioned (c, z, t) by the message's axes (unset axes = all), named by
  * their label (else "<path>#<n>"). They go to the image's Overlay (saved with its TIFF) and, when
- * Fiji has a display, also to the ROI Manager. ROIs sent again for the same path replace the
- * earlier ones; ROIs for a stream that has no image yet wait for its first frame.
+ * Fiji has a display, also to the ROI Manager. ROIs sent again for the same path and position
+ * replace the earlier ones; ROIs for a stream that has no image yet wait for its first frame.
  *
  * Control: `report` answers a `report` message (counters plus one entry per image) and, with an
  * output directory, saves every image as TIFF and writes report.json there first; `clear`

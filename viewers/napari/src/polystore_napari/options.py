@@ -91,7 +91,7 @@ class ReceiverOptions:
         parser.add_argument("--endpoint", help=f"where to listen (default ${ENV_ENDPOINT} or "
                             "tcp://127.0.0.1:55555); senders must use the same endpoint")
         parser.add_argument("--mode", choices=MODES, help="display mode for frames without a "
-                            "mode hint (default: auto)")
+                            "mode hint or axes (default: auto; frames with axes are placed)")
         parser.add_argument("--stack-capacity", type=_positive_int,
                             help="frames a stack layer keeps (default 100)")
         parser.add_argument("--allow-remote", action="store_true", default=None,

@@ -106,9 +106,9 @@ class ReceiverWidget(QWidget):
         self.mode_box.addItems(MODES)
         self.mode_box.setCurrentText(mode)
         self.mode_box.setToolTip(
-            "How frames without a mode hint are shown. auto: placed by their axes if they "
-            "have any, else replace. replace: newest frame only. stack: append along time "
-            "(up to the capacity). place: position in an nD layer by axes.")
+            "How frames without a mode hint and without axes are shown (frames with axes "
+            "are placed). auto and place: replace. replace: newest frame only. stack: "
+            "append along time (up to the capacity).")
         self.capacity_box = QSpinBox()
         self.capacity_box.setRange(1, 100_000)
         self.capacity_box.setValue(capacity)
