@@ -988,6 +988,26 @@ def test_rois_keep_their_planes_when_the_image_or_a_later_set_brings_new_axes(
     assert sorted(str(label) for label in shapes.features["label"]) == ["t0", "t1", "t2 p1"]
 
 
+def test_a_roi_axis_the_image_lacks_never_lands_on_an_image_axis(make_napari_viewer):
+    """An image placed along z, ROIs sent at t = 1: the ROI layers were (z, t, y, x), and
+    napari lines layers up from their last axis, so the image's z fell on the viewer's t and
+    the ROIs of t = 1 were drawn on the image's z = 1. The image's axes come last now."""
+    from polystore_napari.layers import LayerManager
+
+    viewer = make_napari_viewer(show=False)
+    manager = LayerManager(viewer)
+    buffer = CoalescingBuffer()
+    for z in range(2):
+        buffer.put_frame(_frame("s", 10 + z, shape=(16, 16), axes={"z": z}))
+    buffer.put_rois(_rois("s", "t1", {"t": 1}))
+    manager.apply(buffer.take())
+    image = viewer.layers["s"]
+    shapes, _ = manager.roi_layers("s")
+    assert tuple(image.axis_labels) == ("z", "y", "x")
+    assert tuple(shapes.axis_labels) == ("t", "z", "y", "x")
+    assert [float(v) for v in shapes.data[0][0][:2]] == [1.0, 0.0]  # t = 1, z = 0
+
+
 def test_roi_files_of_one_plane_both_show_and_saving_one_again_replaces_only_it(
         make_napari_viewer):
     """Two ROI files for one image plane (cells, nuclei): the second replaced the first, as

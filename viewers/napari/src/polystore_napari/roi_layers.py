@@ -158,12 +158,15 @@ class RoiLayers:
         positioned = [item for item in state.sets.values() if item.header.axes]
         if not positioned:
             return []
-        names = self.placed_names(state.stream)
+        image = self.placed_names(state.stream)
+        extra: list[str] = []
         for item in positioned:
             for name in item.header.axis_names or item.header.axes:
-                if name not in names:
-                    names.append(name)
-        return [n for n in names if n != CHANNEL_AXIS]
+                if name not in image and name not in extra:
+                    extra.append(name)
+        # napari lines layers up from their last axis: the image's axes go last, so that a
+        # set's `t` never lands on an image's `z`
+        return [n for n in extra + image if n != CHANNEL_AXIS]
 
     def _rebuild(self, state: _RoiStream, names: list[str]) -> None:
         """New layers with `names` as leading axes, holding every set again (the layers'
