@@ -125,7 +125,6 @@ class Roi(Struct, omit_defaults=True):
 ROI_POINT_COUNTS = {"rectangle": (2, 2), "ellipse": (2, 2), "line": (2, 2), "point": (1, 1)}
 
 
-
 class Rois(Struct, tag="rois", tag_field="type", omit_defaults=True):
     """Regions of interest belonging to the image stream `stream`, at position `axes`."""
 

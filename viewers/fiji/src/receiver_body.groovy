@@ -486,7 +486,7 @@ class Messages {
         for (Collection<String> given : [axes.keySet(), names ?: []]) {  // c, z, t by any synonym, once
             Set<String> seen = new HashSet<String>()
             for (String name : given) {
-                if (!seen.add(P.AXIS_SYNONYMS.getOrDefault(name.toLowerCase(), name))) {
+                if (!seen.add(Layout.axisName(name))) {
                     throw new ProtocolError(P.BAD_MESSAGE, "axis names ${given} name one axis twice: viewers read ${P.AXIS_SYNONYMS.keySet().findAll { String k -> k.length() > 1 }.join(', ')} (in any case) as c, z or t; give each axis one name".toString(), m.get('seq'))
                 }
             }
@@ -1397,9 +1397,15 @@ class Layout {
     int samples = 1                       // 3 (RGB) or 4 (RGBA) bytes per pixel of an RGB frame
     boolean placed
 
-    /** ImageJ's axis for an axis name (its synonyms in any case, P.AXIS_SYNONYMS), or -1. */
+    /** What an axis name means: c, z or t for those and their synonyms in any case
+     * (P.AXIS_SYNONYMS), else the name itself. */
+    static String axisName(String name) {
+        P.AXIS_SYNONYMS.getOrDefault(name.toLowerCase(), name)
+    }
+
+    /** ImageJ's axis for an axis name (`axisName`), or -1. */
     static int canonical(String name) {
-        switch (P.AXIS_SYNONYMS.get(name.toLowerCase())) {
+        switch (axisName(name)) {
             case 'c': return C
             case 'z': return Z
             case 't': return T
@@ -2177,7 +2183,7 @@ class Images {
         }
         Map<String, Object> position = new TreeMap<String, Object>()  // axis synonyms as one name
         for (Map.Entry<String, Object> e : ((Map<String, Object>) (m.get('axes') ?: [:])).entrySet()) {
-            position.put(P.AXIS_SYNONYMS.getOrDefault(e.key.toLowerCase(), e.key), e.value)
+            position.put(Layout.axisName(e.key), e.value)
         }
         List key = [path, position]
         List<Roi> old = s.rois.remove(key)  // the newest goes last, as in napari

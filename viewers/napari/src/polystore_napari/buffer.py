@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from msgspec import structs
 
 from polystore.streaming import ReceivedFrame, ReceivedRois
-from polystore_napari.pieces import CHANNEL_AXIS, canonical_axes
+from polystore_napari.pieces import CHANNEL_AXIS, LayoutError, canonical_axes, frame_rgb
 
 MODES = ("auto", "replace", "stack", "place")
 
@@ -72,11 +72,11 @@ def shown_as(frame: ReceivedFrame, mode: str) -> tuple | None:
     header, shape = frame.header, frame.array.shape
     if 0 in shape:
         return None
-    labels = header.display.kind == "labels"
-    rgb = header.display.rgb
-    if rgb is None:
-        rgb = not labels and len(shape) >= 3 and shape[-1] in (3, 4) and header.dtype == "uint8"
-    return mode, header.dtype, shape, labels, rgb
+    try:
+        rgb = frame_rgb(shape, frame.array.dtype, header.display)
+    except LayoutError:  # the display refuses it: as sent
+        rgb = header.display.rgb
+    return mode, header.dtype, shape, header.display.kind == "labels", rgb
 
 
 def same_layers(a: ReceivedFrame, b: ReceivedFrame) -> bool:

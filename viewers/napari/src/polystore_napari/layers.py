@@ -200,10 +200,11 @@ class LayerManager:
                 failed = True
                 continue
             shown += 1
-            if segment and (update.mode, *pieces[0].geometry) != geometry:
+            frame_geometry = (update.mode, *pieces[0].geometry)
+            if segment and frame_geometry != geometry:
                 failed |= self._apply_segment(stream, update.mode, segment, geometry, first)
                 segment, first = [], False
-            geometry = (update.mode, *pieces[0].geometry)
+            geometry = frame_geometry
             segment.append((frame, pieces))
         if segment:
             failed |= self._apply_segment(stream, update.mode, segment, geometry, first)

@@ -58,7 +58,6 @@ def canonical_axes(header):
                                                            for n in header.axis_names])
 
 
-
 def leading_axis_names(axes: Mapping[str, int], axis_names: Sequence[str] | None,
                        lead: int) -> tuple[str, ...]:
     """Names of a frame's `lead` leading dimensions (outermost first).
@@ -84,6 +83,19 @@ def is_rgb(shape: Sequence[int], dtype: np.dtype, hint: bool | None) -> bool:
             f"rgb=True needs a uint8 frame of shape (..., rows, columns, 3 or 4); got "
             f"{tuple(shape)} {np.dtype(dtype)}. Send uint8 colour values last, or drop rgb=True")
     return looks if hint is None else bool(hint)
+
+
+def frame_rgb(shape: Sequence[int], dtype: np.dtype, display) -> bool:
+    """Whether a frame with these `display` hints is shown as RGB(A) (`is_rgb`); labels are
+    never detected as colour (a (..., 3) uint8 mask is labels), as in Fiji, and ``rgb=True``
+    on labels is a `LayoutError`."""
+    hint = getattr(display, "rgb", None)
+    if display.kind != "labels":
+        return is_rgb(shape, dtype, hint)
+    if hint:
+        raise LayoutError("a labels frame cannot be RGB; send integer labels, or drop "
+                          "labels=True (or pass rgb=False)")
+    return False
 
 
 def unique_labels(labels: Iterable[str]) -> list[str]:
@@ -208,12 +220,7 @@ def pieces_of(stream: str, header, array: np.ndarray) -> list[Piece]:
         array = array.reshape(1, -1)
     display = header.display
     kind = "labels" if display.kind == "labels" else "image"
-    hint = getattr(display, "rgb", None)
-    # labels are never detected as colour (a (..., 3) uint8 mask is labels), as in Fiji
-    rgb = is_rgb(array.shape, array.dtype, hint) if kind == "image" or hint else False
-    if rgb and kind == "labels":
-        raise LayoutError("a labels frame cannot be RGB; send integer labels, or drop "
-                          "labels=True (or pass rgb=False)")
+    rgb = frame_rgb(array.shape, array.dtype, display)
     dtype = labels_dtype(array) if kind == "labels" else image_dtype(array.dtype)
     lead = array.ndim - (3 if rgb else 2)
     own = leading_axis_names(header.axes, header.axis_names, lead)
