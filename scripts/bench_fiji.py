@@ -167,6 +167,7 @@ def main(argv=None) -> int:
               f"{image['channels']}x{image['slices']}x{image['frames']} (c x z x t), "
               f"{image['framesReceived']} frames received")  # fmt: skip
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                          "summary": summary}, indent=2))  # fmt: skip
     return 0

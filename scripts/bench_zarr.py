@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nzarr with compression off takes {slowdown:.2f}x np.save's time "
           f"(target <= 1.5x): {'met' if slowdown <= 1.5 else 'NOT met'}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"shape": [n, *shape], "rows": rows,
                                                "load": os.getloadavg()}, indent=2))
     return 0

@@ -322,7 +322,7 @@ def test_shm_all_covers_prefixes_of_backends_not_installed():
 
 
 def test_bench_quick_writes_json_that_plots(tmp_path):
-    out = tmp_path / "bench.json"
+    out = tmp_path / "build" / "bench.json"  # a folder not made yet, as in docs/performance.md
     result = cli("bench", "--quick", "--json", str(out), timeout=240)
     assert result.returncode == 0, result.stderr
     assert "| frame | polystore fps | GB/s |" in result.stdout
@@ -345,10 +345,10 @@ def test_bench_quick_writes_json_that_plots(tmp_path):
 
     # the printed table and the JSON carry the same figures; both plot
     (tmp_path / "bench.md").write_text(result.stdout)
-    for source in ("bench.json", "bench.md"):
-        png = tmp_path / f"{source}.png"
+    for source in (out, tmp_path / "bench.md"):
+        png = tmp_path / f"{source.name}.png"
         plotted = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_bench.py"),
-                                  str(tmp_path / source), "--out", str(png)],
+                                  str(source), "--out", str(png)],
                                  capture_output=True, text=True, timeout=120)  # fmt: skip
         assert plotted.returncode == 0, plotted.stderr
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

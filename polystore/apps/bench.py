@@ -446,6 +446,7 @@ def run(args: argparse.Namespace) -> int:
             "verified_frames": checked["checked"],
             "torn_frames": checked["torn"],
         }
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=2)
             handle.write("\n")
