@@ -69,6 +69,8 @@ class Stack:
                 return f"{jar} is missing ({self.name} stack; see scripts/install.sh)"
         if self.java_home is not None and not (self.java_home / "bin" / "java").is_file():
             return f"no Java at {self.java_home}"
+        if self.java_home is None and shutil.which("java") is None:
+            return "java is not installed (scripts/install.sh installs a JDK)"
         if not Path("/dev/shm").is_dir():
             return "no /dev/shm on this system"
         return None
@@ -108,14 +110,11 @@ def missing_requirements(stack: Stack = DEFAULT_STACK) -> str | None:
 def require(stack: Stack = DEFAULT_STACK) -> None:
     """Skip the calling test with the reason `stack` cannot run here; in CI (CI=true) fail
     instead, so a broken install step cannot pass with the Fiji tests gone."""
-    import pytest
+    from tests import needs
 
     why = stack.missing()
-    if why is None:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true and the Fiji {stack.name} stack cannot run: {why}")
-    pytest.skip(f"Fiji {stack.name} stack: {why}")
+    if why is not None:
+        needs.missing(f"the Fiji {stack.name} stack cannot run: {why}")
 
 
 class RawClient(_RawClient):

@@ -22,6 +22,7 @@ from polystore.streaming import (
     receiver_for,
 )
 from polystore.streaming.orphans import pid_alive
+from tests import needs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -142,7 +143,7 @@ def test_the_library_never_imports_the_applications_or_the_plugin():
 def test_polystore_napari_comes_from_the_plugins_entry_point():
     from importlib.metadata import entry_points
 
-    pytest.importorskip("polystore_napari")
+    needs.module("polystore_napari")
     (entry,) = [e for e in entry_points(group="polystore.cli") if e.name == "napari"]
     assert entry.value == "polystore_napari.cli:add_napari_command"
     result = cli("napari", "--help")
@@ -406,8 +407,9 @@ def _fiji_missing() -> str | None:
 
 
 @pytest.mark.fiji
-@pytest.mark.skipif(_fiji_missing() is not None, reason=f"Fiji headless: {_fiji_missing()}")
 def test_fiji_run_receives_what_send_streams(images, tmp_path, monkeypatch):
+    if _fiji_missing() is not None:
+        needs.missing(f"Fiji headless cannot run: {_fiji_missing()}")
     monkeypatch.setenv("POLYSTORE_AUTH", "none")  # Debian's JeroMQ 0.3 has no CURVE
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the script's compile cache
     endpoint = free_endpoint()
@@ -459,9 +461,9 @@ def test_napari_missing_plugin_says_how_to_install(tmp_path):
     assert "bash scripts/install.sh" in result.stderr
 
 
-@pytest.mark.skipif(not os.environ.get("DISPLAY"), reason="needs a display (pytest-xvfb)")
 def test_napari_starts_listening_and_shows_frames():
-    pytest.importorskip("napari")
+    needs.display()
+    needs.module("napari")
     endpoint = free_endpoint()
     proc = subprocess.Popen(
         [sys.executable, "-m", "polystore.cli", "napari", "--endpoint", endpoint],

@@ -26,6 +26,7 @@ from polystore.apps.demo import (
     write_png,
 )
 from polystore.streaming.orphans import pid_alive
+from tests import needs
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -106,10 +107,10 @@ def test_readme_main_job_runs_headless_with_default_settings(tmp_path):
     assert napari_segments() <= before, "the demo left shared-memory segments behind"
 
 
-@pytest.mark.skipif(shutil.which("Xvfb") is None, reason="needs Xvfb")
 def test_headless_flag_runs_real_napari_on_a_virtual_display(tmp_path):
-    pytest.importorskip("napari")
-    pytest.importorskip("polystore_napari")
+    needs.program("Xvfb")
+    needs.module("napari")
+    needs.module("polystore_napari")
     before = napari_segments()
     out = tmp_path / "out"
     result, _ = run_demo_cli([sys.executable, "-m", "polystore.cli", "demo", "--headless",
@@ -141,9 +142,9 @@ def test_no_napari_streams_to_a_headless_receiver(tmp_path):
     assert napari_segments() <= before
 
 
-@pytest.mark.skipif(not os.environ.get("DISPLAY"), reason="needs a display (pytest-xvfb)")
 def test_with_a_display_the_demo_opens_napari_and_waits_for_it(tmp_path):
-    pytest.importorskip("napari")
+    needs.display()
+    needs.module("napari")
     out = tmp_path / "out"
     demo = subprocess.Popen([sys.executable, "-m", "polystore.cli", "demo", "--frames", "4",
                              "--fps", "0", "--out", str(out), "-q"], stdout=subprocess.PIPE,
@@ -179,7 +180,7 @@ def test_with_a_display_the_demo_opens_napari_and_waits_for_it(tmp_path):
 
 
 def test_label_components_matches_scipy():
-    ndimage = pytest.importorskip("scipy.ndimage")
+    ndimage = needs.module("scipy.ndimage")
     rng = np.random.default_rng(3)
     for density in (0.2, 0.45, 0.6):
         mask = rng.random((70, 90)) < density
@@ -233,17 +234,17 @@ def test_write_png(tmp_path):
     write_png(tmp_path / "x.png", rgb, scale=1)
     data = (tmp_path / "x.png").read_bytes()
     assert data[:8] == PNG_SIGNATURE and b"IHDR" in data and data.endswith(b"IEND\xaeB`\x82")
-    matplotlib_image = pytest.importorskip("matplotlib.image")
+    matplotlib_image = needs.module("matplotlib.image")
     back = matplotlib_image.imread(tmp_path / "x.png")
     assert back.shape == (4, 5, 3) and back[..., 0].min() == 1.0
 
 
-@pytest.mark.skipif(shutil.which("Xvfb") is None, reason="needs Xvfb")
 def test_napari_screenshots_show_the_shared_scenes(tmp_path):
     """scripts/napari_screenshots.py (docs/images) streams the scenes of scripts/scenes.py into
     real napari and saves what the canvas shows: the colours each scene must show are there."""
-    pytest.importorskip("napari")
-    pytest.importorskip("polystore_napari")
+    needs.program("Xvfb")
+    needs.module("napari")
+    needs.module("polystore_napari")
     from imageio.v3 import imread
 
     before = napari_segments()

@@ -6,7 +6,6 @@ into a `ReceiverWidget` listening on an ephemeral port. pytest-xvfb provides the
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import os
@@ -20,17 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests import needs  # in CI a missing napari fails instead of skipping
 
-def require(module: str):
-    """Import `module`, or skip this test module when it is missing, except in CI
-    (``CI=true``): there a missing napari must fail the run, not hide the viewer tests."""
-    if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
-        return importlib.import_module(module)
-    return pytest.importorskip(module)
-
-
-napari = require("napari")
-require("pytestqt")
+napari = needs.module("napari")
+needs.module("pytestqt")
 
 from polystore_napari.buffer import CoalescingBuffer  # noqa: E402
 from polystore_napari.widget import ReceiverWidget  # noqa: E402

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-pytest.importorskip("s3fs")
-pytest.importorskip("moto")
-boto3 = pytest.importorskip("boto3")
+from tests import needs
+
+needs.module("s3fs")
+needs.module("moto")
+boto3 = needs.module("boto3")
 
 from polystore import BackendRegistry, FileManager  # noqa: E402
 from polystore.backends import ObjectStoreBackend  # noqa: E402

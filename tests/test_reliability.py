@@ -32,6 +32,7 @@ from polystore.streaming import (
     receiver_for,
 )
 from polystore.streaming import protocol as p
+from tests import needs
 from tests.stream_helpers import rss_kib, send_frames, start_receiver
 from tests.test_streaming import RawClient, free_endpoint
 
@@ -215,7 +216,7 @@ def test_soak_eight_senders_twenty_thousand_frames(figure):
 
 
 def test_dask_workers_stream_to_one_receiver(figure):
-    distributed = pytest.importorskip("distributed")
+    distributed = needs.module("distributed")
     proc = start_receiver()
     try:
         with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
@@ -233,7 +234,7 @@ def test_dask_workers_stream_to_one_receiver(figure):
 
 
 def test_fuzz_ten_thousand_hostile_messages(figure):
-    hypothesis = pytest.importorskip("hypothesis")
+    hypothesis = needs.module("hypothesis")
     from hypothesis import HealthCheck, settings
     from hypothesis import strategies as st
 

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("roifile")
+from tests import needs
+
+needs.module("roifile")
 
 from polystore import DiskBackend, FileManager  # noqa: E402
 from polystore.rois import PositionedRoi, group_by_position, labels_to_rois  # noqa: E402
@@ -69,9 +71,9 @@ roiManager("Save", getArgument());
 def run_imagej(tmp_path: Path, macro: str, argument: str) -> list[str]:
     """Run an ImageJ macro with -batch; its print() lines come back on stdout."""
     if shutil.which("java") is None or not IJ_JAR.is_file():
-        pytest.skip("ImageJ is not installed (scripts/install.sh installs libij-java)")
+        needs.missing("ImageJ is not installed (scripts/install.sh installs libij-java)")
     if not os.environ.get("DISPLAY"):
-        pytest.skip("ImageJ's ROI Manager needs a display (pytest-xvfb provides one)")
+        needs.missing("ImageJ's ROI Manager needs a display (pytest-xvfb provides one)")
     script = tmp_path / "macro.ijm"
     script.write_text(macro)
     done = subprocess.run(["java", "-jar", str(IJ_JAR), "-batch", str(script), argument],

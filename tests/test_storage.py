@@ -39,6 +39,7 @@ from polystore import (
     UnsupportedFormatError,
     UnsupportedOperationError,
 )
+from tests import needs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -485,7 +486,7 @@ def test_csv_keeps_identifiers_that_look_like_numbers_and_floats_that_are_not_fi
 
 
 def test_csv_from_a_pandas_dataframe(tmp_path):
-    pd = pytest.importorskip("pandas")
+    pd = needs.module("pandas")
     frame = pd.DataFrame({"well": ["A01", "B02"], "cells": [42, 7], "mean": [1.5, 0.25]})
     disk = DiskBackend(tmp_path)
     disk.save(frame, "frame.csv")

@@ -1,6 +1,6 @@
 /*
  * Run a Fiji script that declares `#@` parameters with plain `groovy`, binding them the way
- * `ImageJ-linux64 --headless --run script.groovy 'key="value",other=12'` does. Used by the
+ * `fiji-linux-x64 --headless --run script.groovy 'key="value",other=12'` does. Used by the
  * tests and the benchmark (Fiji itself is not needed); in Fiji, run the script directly.
  *
  *   groovy -cp ij.jar:jeromq.jar headless.groovy polystore_receiver.groovy 'endpoint="tcp://127.0.0.1:5555"'
