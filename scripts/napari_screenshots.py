@@ -2,7 +2,8 @@
 
 Opens napari with the receiver widget docked (listening on a free port), streams the four
 scenes of scripts/scenes.py with NapariStreamingBackend from a sender thread, and saves the
-canvas after each, as scripts/fiji_screenshots.py does for Fiji:
+window after each (canvas, layer list, sliders and widget), as scripts/fiji_screenshots.py
+does for Fiji:
 
     docs/images/napari_channels.png  a 3-channel time series (three additive layers)
     docs/images/napari_labels.png    a labels image with 400 objects
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             viewer.reset_view()
             pump(app, 0.5)
             path = args.out / f"napari_{scenes[0]}.png"
-            imwrite(path, viewer.screenshot(canvas_only=True, flash=False))
+            imwrite(path, viewer.screenshot(canvas_only=False, flash=False))
             print(f"{path}: layers {[layer.name for layer in viewer.layers]}")
     finally:
         widget.stop()
