@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images")
     parser.add_argument("--scenes", default=",".join(SCENES), help="which, in this order")
+    parser.add_argument("--canvas-too", action="store_true",
+                        help="also save each canvas alone, as napari_<scene>_canvas.png")
     args = parser.parse_args(argv)
     if (status := rerun_without_display(__file__, argv)) is not None:
         return status
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := [name for name in scenes if name not in SCENES]:
         parser.error(f"unknown scene(s) {', '.join(unknown)}: choose from {', '.join(SCENES)}")
     if len(scenes) > 1:  # one napari process per scene (see above)
-        one = [sys.executable, __file__, "--out", str(args.out), "--scenes"]
+        one = [sys.executable, __file__, "--out", str(args.out),
+               *(["--canvas-too"] if args.canvas_too else []), "--scenes"]
         failed = [name for name in scenes if subprocess.call([*one, name])]
         if failed:
             print(f"napari_screenshots: scene(s) {', '.join(failed)} failed")
@@ -108,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             pump(app, 0.5)
             path = args.out / f"napari_{scenes[0]}.png"
             imwrite(path, viewer.screenshot(canvas_only=False, flash=False))
+            if args.canvas_too:
+                imwrite(args.out / f"napari_{scenes[0]}_canvas.png",
+                        viewer.screenshot(canvas_only=True, flash=False))
             print(f"{path}: layers {[layer.name for layer in viewer.layers]}")
     finally:
         widget.stop()

@@ -69,8 +69,6 @@ class Stack:
                 return f"{jar} is missing ({self.name} stack; see scripts/install.sh)"
         if self.java_home is not None and not (self.java_home / "bin" / "java").is_file():
             return f"no Java at {self.java_home}"
-        if self.java_home is None and shutil.which("java") is None:
-            return "java is not installed (scripts/install.sh installs a JDK)"
         if not Path("/dev/shm").is_dir():
             return "no /dev/shm on this system"
         return None

@@ -252,12 +252,19 @@ def test_napari_screenshots_show_the_shared_scenes(tmp_path):
     # enough for the window (pytest-xvfb's is 800 x 600 at 16 bits)
     env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "napari_screenshots.py"),
-                             "--out", str(tmp_path)], capture_output=True, text=True,
-                            timeout=300, env=env)  # fmt: skip
+                             "--out", str(tmp_path), "--canvas-too"], capture_output=True,
+                            text=True, timeout=300, env=env)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3-channel series [c2]" in result.stdout and "'ROIs ROIs'" in result.stdout
-    shots = {name: imread(tmp_path / f"napari_{name}.png")[..., :3].astype(int)
-             for name in ("channels", "labels", "rois", "rgb")}
+    names = ("channels", "labels", "rois", "rgb")
+    for name in names:  # the pictures of docs/images: the whole window, canvas inside it
+        window = imread(tmp_path / f"napari_{name}.png")
+        canvas = imread(tmp_path / f"napari_{name}_canvas.png")
+        assert window.shape[0] > canvas.shape[0] and window.shape[1] > canvas.shape[1], name
+    # what each scene must show, checked on the canvas alone (the window's own widgets and
+    # the layer list's thumbnails have colours of their own)
+    shots = {name: imread(tmp_path / f"napari_{name}_canvas.png")[..., :3].astype(int)
+             for name in names}
     r, g, b = (shots["channels"][..., i] for i in range(3))
     assert ((g > 150) & (r < 80) & (b < 80)).any(), "no green channel"
     assert ((r > 150) & (b > 150) & (g < 80)).any(), "no magenta channel"

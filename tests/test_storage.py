@@ -571,7 +571,7 @@ def test_spawn_process_pool_saves_through_one_pickled_filemanager(tmp_path):
 
 
 def test_dask_local_cluster_saves_through_one_pickled_filemanager(tmp_path):
-    distributed = pytest.importorskip("distributed")
+    distributed = needs.module("distributed")
     fm = FileManager(BackendRegistry())
     fm.register_backend("disk", DiskBackend(tmp_path))
     paths = [f"dask/t{i}.npy" for i in range(6)]

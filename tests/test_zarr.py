@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-zarr = pytest.importorskip("zarr")
+from tests import needs
+
+zarr = needs.module("zarr")
 
 from polystore import BackendRegistry, FileManager  # noqa: E402
 from polystore.zarr import ZarrBackend  # noqa: E402
@@ -230,7 +232,7 @@ def _write_block(path: str, start: int, stop: int) -> int:
 
 
 def test_dask_workers_writing_different_chunks_lose_nothing(tmp_path):
-    distributed = pytest.importorskip("distributed")
+    distributed = needs.module("distributed")
     path = str(tmp_path / "dask.zarr" / "stack")
     backend = ZarrBackend()
     backend.save(np.zeros((12, 64, 64), dtype="uint16"), path)
@@ -365,7 +367,7 @@ def test_hcs_plate_layout_is_valid(fm, tmp_path):
 
 
 def test_napari_opens_the_plate_with_its_ome_zarr_reader(fm, tmp_path, make_napari_viewer):
-    pytest.importorskip("napari_ome_zarr")
+    needs.module("napari_ome_zarr")
     path = tmp_path / "plate.ome.zarr"
     write_test_plate(fm, path)
     viewer = make_napari_viewer()

@@ -10,6 +10,8 @@
  *                "listening on" (with the seconds it took) or ends
  *   kill         the Script Editor's Kill: interrupt every thread of the run's group, wait
  *                up to a second, then Thread.stop those still alive (where the JVM has it)
+ *   interrupt    Kill as on Java 20 and later (current Fiji runs 21), where Thread.stop is
+ *                gone: interrupt the group and wait up to 5 seconds, nothing more
  *   stop         press the Stop button of the receiver's window (needs a display)
  *   threads      CPU use of every live thread over the next second, as JSON
  *   macro CODE   run one line of ImageJ macro code as a user does (Plugins > Macros > Run, or
@@ -88,6 +90,11 @@ while ((line = input.readLine()) != null) {
             listening.await()
             double seconds = (System.nanoTime() - t0) / 1e9
             answer(runner.isAlive() ? String.format('listening %.2f', seconds) : 'ended')
+        } else if (command == 'interrupt') {
+            if (group == null) { answer('nothing to interrupt'); continue }
+            group.interrupt()
+            runner.join(5000)
+            answer("interrupted; script thread ${runner.isAlive() ? 'still alive' : 'ended'}")
         } else if (command == 'kill') {
             if (group == null) { answer('nothing to kill'); continue }
             group.interrupt()
