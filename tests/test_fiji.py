@@ -1776,30 +1776,36 @@ def test_unsafe_credential_is_refused(modern, tmp_path, monkeypatch, how):
 # -- CI: a missing stack fails instead of skipping (issue 14 item 10) -----------------------------
 
 
-@pytest.mark.parametrize("ci", ["true", None])
-def test_missing_stack_fails_in_ci_and_skips_elsewhere(tmp_path, ci):
-    """With the jars of both stacks missing, the Fiji tests skip with the reason, except
-    under CI=true, where they fail: a broken install step cannot pass with them gone."""
+def _run_in_pytest(test: str, ci: str | None, **env: str) -> tuple[int, str]:
+    """Run one test of this module in a pytest of its own, with `env` changed and CI=`ci`
+    (unset when None): its exit status and output."""
     import subprocess
     import sys
 
-    env = dict(os.environ, JEROMQ_JAR=str(tmp_path / "no-jeromq.jar"),
-               POLYSTORE_VENDOR=str(tmp_path / "no-vendor"))  # fmt: skip
-    env.pop("CI", None)
+    env = {k: v for k, v in {**os.environ, **env}.items() if k != "CI"}
     if ci:
         env["CI"] = ci
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xvfb", "-rs",
-         f"{Path(__file__).resolve()}::test_handshake_uses_shared_memory"],
+         f"{Path(__file__).resolve()}::{test}"],
         env=env, capture_output=True, text=True, timeout=300,
         cwd=Path(__file__).resolve().parents[1],
     )  # fmt: skip
-    output = run.stdout + run.stderr
+    return run.returncode, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("ci", ["true", None])
+def test_missing_stack_fails_in_ci_and_skips_elsewhere(tmp_path, ci):
+    """With the jars of both stacks missing, the Fiji tests skip with the reason, except
+    under CI=true, where they fail: a broken install step cannot pass with them gone."""
+    status, output = _run_in_pytest("test_handshake_uses_shared_memory", ci,
+                                    JEROMQ_JAR=str(tmp_path / "no-jeromq.jar"),
+                                    POLYSTORE_VENDOR=str(tmp_path / "no-vendor"))  # fmt: skip
     if ci:
-        assert run.returncode != 0, output
+        assert status != 0, output
         assert "CI=true and the Fiji debian stack cannot run" in output, output
     else:
-        assert run.returncode == 0, output
+        assert status == 0, output
         assert "2 skipped" in output and "no-jeromq.jar is missing" in output, output
 
 
@@ -1807,26 +1813,15 @@ def test_missing_stack_fails_in_ci_and_skips_elsewhere(tmp_path, ci):
 def test_gui_tests_fail_in_ci_without_xvfb_run(modern, tmp_path, ci):
     """The GUI tests (Script Editor harness, re-runs, contrast set by hand) skipped whenever
     xvfb-run was missing, CI included, so a broken install step passed without them."""
-    import subprocess
-    import sys
-
-    env = dict(os.environ, PATH=str(tmp_path))  # no xvfb-run on it (nor anything else)
-    env.pop("CI", None)
+    status, output = _run_in_pytest("test_rerun_in_one_session_continues_cleanly[modern]", ci,
+                                    PATH=str(tmp_path))  # no xvfb-run on it (nor anything else)
     if ci:
-        env["CI"] = ci
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xvfb", "-rs",
-         f"{Path(__file__).resolve()}::test_rerun_in_one_session_continues_cleanly[modern]"],
-        env=env, capture_output=True, text=True, timeout=300,
-        cwd=Path(__file__).resolve().parents[1],
-    )  # fmt: skip
-    output = run.stdout + run.stderr
-    if ci:
-        assert run.returncode != 0, output
+        assert status != 0, output
         assert "CI=true and xvfb-run is not installed" in output, output
     else:
-        assert run.returncode == 0, output
+        assert status == 0, output
         assert "1 skipped" in output and "xvfb-run is not installed" in output, output
+
 
 def _rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
