@@ -90,17 +90,13 @@ while ((line = input.readLine()) != null) {
             listening.await()
             double seconds = (System.nanoTime() - t0) / 1e9
             answer(runner.isAlive() ? String.format('listening %.2f', seconds) : 'ended')
-        } else if (command == 'interrupt') {
-            if (group == null) { answer('nothing to interrupt'); continue }
+        } else if (command == 'kill' || command == 'interrupt') {
+            if (group == null) { answer("nothing to ${command}"); continue }
+            boolean stopAfter = command == 'kill'  // 'interrupt': no Thread.stop, as on Java 20+
             group.interrupt()
-            runner.join(5000)
-            answer("interrupted; script thread ${runner.isAlive() ? 'still alive' : 'ended'}")
-        } else if (command == 'kill') {
-            if (group == null) { answer('nothing to kill'); continue }
-            group.interrupt()
-            runner.join(1000)
+            runner.join(stopAfter ? 1000 : 5000)
             String how = 'interrupted'
-            if (runner.isAlive()) {
+            if (stopAfter && runner.isAlive()) {
                 Thread[] threads = new Thread[group.activeCount() + 8]
                 int n = group.enumerate(threads, true)
                 for (int k = 0; k < n; k++) {
