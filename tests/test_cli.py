@@ -408,8 +408,8 @@ def _fiji_missing() -> str | None:
 
 @pytest.mark.fiji
 def test_fiji_run_receives_what_send_streams(images, tmp_path, monkeypatch):
-    if _fiji_missing() is not None:
-        needs.missing(f"Fiji headless cannot run: {_fiji_missing()}")
+    if (why := _fiji_missing()) is not None:
+        needs.missing(f"Fiji headless cannot run: {why}")
     monkeypatch.setenv("POLYSTORE_AUTH", "none")  # Debian's JeroMQ 0.3 has no CURVE
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the script's compile cache
     endpoint = free_endpoint()
