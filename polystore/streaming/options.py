@@ -131,7 +131,8 @@ class StreamMeta:
                 if problem:
                     break
                 checked[name] = int(index)
-            problem = problem or repeated_axis(checked)
+            if self.axis_names is None:  # else `build` checked the names these are among
+                problem = problem or repeated_axis(checked)
         if problem:
             raise UnstreamableDataError(f"cannot stream {what}: {problem}")
         return checked

@@ -329,6 +329,6 @@ def _check_axes(axes: dict[str, int], axis_names: list[str] | None, seq: int) ->
             f"axis_names {axis_names} must be unique and name every key of axes {list(axes)}",
             seq,
         )
-    for names in (list(axes), axis_names or ()):
-        if problem := repeated_axis(names):
-            raise ProtocolError(BAD_MESSAGE, problem, seq)
+    # the keys of axes are among axis_names when those are given: one list to check
+    if problem := repeated_axis(list(axes) if axis_names is None else axis_names):
+        raise ProtocolError(BAD_MESSAGE, problem, seq)

@@ -480,15 +480,16 @@ class Messages {
     static void checkAxes(Map m) {
         List<String> names = (List<String>) m.get('axis_names')
         Map axes = (Map) m.get('axes')
+        if (names == null && axes.isEmpty()) return  // the common case of a live stream
         if (names != null && (new HashSet(names).size() != names.size() || !names.containsAll(axes.keySet()))) {
             throw new ProtocolError(P.BAD_MESSAGE, "axis_names ${names} must be unique and name every key of axes ${axes.keySet()}".toString(), m.get('seq'))
         }
-        for (Collection<String> given : [axes.keySet(), names ?: []]) {  // c, z, t by any synonym, once
-            Set<String> seen = new HashSet<String>()
-            for (String name : given) {
-                if (!seen.add(Layout.axisName(name))) {
-                    throw new ProtocolError(P.BAD_MESSAGE, "axis names ${given} name one axis twice: viewers read ${P.AXIS_SYNONYMS.keySet().findAll { String k -> k.length() > 1 }.join(', ')} (in any case) as c, z or t; give each axis one name".toString(), m.get('seq'))
-                }
+        // c, z, t by any synonym, once; the keys of axes are among axis_names when given
+        Collection<String> given = names != null ? names : (Collection<String>) axes.keySet()
+        Set<String> seen = new HashSet<String>()
+        for (String name : given) {
+            if (!seen.add(Layout.axisName(name))) {
+                throw new ProtocolError(P.BAD_MESSAGE, "axis names ${given} name one axis twice: viewers read ${P.AXIS_SYNONYMS.keySet().findAll { String k -> k.length() > 1 }.join(', ')} (in any case) as c, z or t; give each axis one name".toString(), m.get('seq'))
             }
         }
     }
