@@ -239,7 +239,6 @@ class CoalescingBuffer:
         with self._cond:
             self._drop_pending()
             self._signature.clear()  # forgotten streams start afresh
-            self._starts_again.clear()
             self._cleared = True
             self._cond.notify_all()
 
@@ -278,6 +277,7 @@ class CoalescingBuffer:
         self._place.clear()
         self._rois.clear()
         self._order.clear()
+        self._starts_again.clear()
         self._bytes = 0
 
     def report(self) -> dict:
@@ -319,7 +319,6 @@ class CoalescingBuffer:
                 else:
                     batch.rois.append(RoisUpdate(stream, list(self._rois[stream].values())))
             self.stats.taken += sum(len(u.frames) for u in batch.updates)
-            self._starts_again.clear()
             self._cleared = False
             self._drop_pending()
             self._cond.notify_all()

@@ -249,10 +249,10 @@ class LayerManager:
             shown |= result is not None
         if shown:
             self._geometry[stream] = geometry
-            if again:
-                self._drop_other_channels(stream, set(by_layer))
-        if newest is not None and not failed:
+        if newest is not None and not failed:  # newest is among by_layer: it drops the most
             self._drop_other_channels(stream, newest)
+        elif shown and again:
+            self._drop_other_channels(stream, set(by_layer))
         return failed
 
     def _drop_other_channels(self, stream: str, keep: set[tuple]) -> None:
