@@ -146,13 +146,3 @@ def pytest_unconfigure(config):
     if _plugin_metadata_dir:
         shutil.rmtree(_plugin_metadata_dir, ignore_errors=True)
 
-
-@pytest.fixture(autouse=True)
-def _needed_programs(request):
-    """``@pytest.mark.needs_program("xvfb-run")``: skipped where the program is missing, a
-    failure in CI (tests/needs.py)."""
-    for marker in request.node.iter_markers("needs_program"):
-        from tests import needs
-
-        for name in marker.args:
-            needs.program(name)

@@ -638,7 +638,6 @@ def test_channels_of_labels_cycle_in_color_mode_too(debian, tmp_path):
         assert receiver.stop() == 0
 
 
-@pytest.mark.needs_program("xvfb-run")
 def test_a_shown_composite_in_grayscale_display_stays_gray(debian, tmp_path):
     """channel_display="grayscale" in a window: ImageJ's setChannelLut puts the LUT into the
     current channel's processor whatever the display mode, so the next frame's contrast
@@ -1250,7 +1249,6 @@ def test_a_save_after_fiji_closed_says_no_receiver_answered(debian, tmp_path):
         with pytest.raises(ViewerNotRunningError, match="no fiji receiver answered"):
             b.save(np.ones((4, 4), np.uint8), "closed/1.tif")
 
-@pytest.mark.needs_program("xvfb-run")
 def test_replacing_rois_leaves_the_users_selection_and_never_races_the_roi_manager(stack):
     """Replacing a stream's ROIs deleted the old ones from the ROI Manager by selecting each:
     that put it on the user's current image, in place of the user's own selection. And the
@@ -1288,7 +1286,6 @@ def test_replacing_rois_leaves_the_users_selection_and_never_races_the_roi_manag
     assert "Exception" not in editor.log, editor.log
 
 
-@pytest.mark.needs_program("xvfb-run")
 def test_gui_mode_windows_and_roi_manager(debian, tmp_path):
     """The GUI path Fiji takes (windows, CompositeImage, ROI Manager), on a virtual display."""
     receiver = start_receiver(tmp_path, gui=True)
@@ -1436,7 +1433,6 @@ def test_generator_follows_protocol_changes(monkeypatch):
 SPINNING = 0.3  # CPU seconds in one second: a thread busier than this while idle spins
 
 
-@pytest.mark.needs_program("xvfb-run")
 def test_script_editor_kill_stop_and_rerun_free_the_port(stack, tmp_path):
     """Run the script as the Script Editor does; Kill (on Java 21, as current Fiji runs it:
     an interrupt alone; on older JVMs interrupt, then Thread.stop), the Stop button and a
@@ -1486,7 +1482,6 @@ def test_script_editor_kill_stop_and_rerun_free_the_port(stack, tmp_path):
         editor.close()
 
 
-@pytest.mark.needs_program("xvfb-run")
 def test_rerun_in_one_session_continues_cleanly(stack):
     """Issue 14: run again in the same Fiji session, ROI ids restarted, so the ROI Manager
     skipped the new ROIs as already present, and a second window of the same title opened.
@@ -1516,7 +1511,6 @@ def test_rerun_in_one_session_continues_cleanly(stack):
         editor.close()
 
 
-@pytest.mark.needs_program("xvfb-run")
 def test_a_rerun_stacks_after_the_time_points_of_the_window_it_took_over(debian):
     """Stacking onto a window an earlier run left open: the new run's first stacked frame
     overwrote t = 0 (its per-channel count started at 0), and a 2-D frame stacked onto a
@@ -1553,7 +1547,6 @@ def test_a_rerun_stacks_after_the_time_points_of_the_window_it_took_over(debian)
         editor.close()
 
 
-@pytest.mark.needs_program("xvfb-run")
 def test_a_users_own_image_with_a_streams_title_is_never_taken_over(debian):
     """A re-run takes over the windows an earlier run left open, found by title: any open
     image titled as a stream was taken, the user's own too, and the stream's frames were
@@ -1593,7 +1586,6 @@ def test_a_users_own_image_with_a_streams_title_is_never_taken_over(debian):
         editor.close()
 
 
-@pytest.mark.needs_program("xvfb-run")
 def test_a_window_taken_over_by_a_rerun_follows_labels_and_images(stack, tmp_path):
     """A re-run in one Fiji session takes over the windows of the run before, whose images
     are of that run's classes (each run loads the receiver anew): the labels view (channels:
@@ -1646,7 +1638,6 @@ def gui_range(editor: ScriptEditor, title: str, channel: int = 1) -> list[float]
     return [float(v) for v in answer.split()]
 
 
-@pytest.mark.needs_program("xvfb-run")
 def test_contrast_set_by_hand_in_the_gui_is_kept(stack):
     """Issue 14, the contrast rule: without contrast_limits the display range follows the
     data until the user changes it by hand, then it stays the user's. The user changes it
