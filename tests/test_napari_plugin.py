@@ -929,14 +929,19 @@ def test_python_m_polystore_napari_has_a_cli():
 # -- the coalescing buffer on its own (receiver thread side) ----------------------------------
 
 
-def _frame(stream, value, shape=(4, 4), **header):
+def _frame(stream, value=0, shape=(4, 4), *, array=None, display=None, **header):
+    """A frame as the receiver hands it over: `array`, or `shape` filled with `value` as
+    uint16; `mode`, `kind` and `display` (more display fields) go into its display."""
     from polystore.streaming import ReceivedFrame
     from polystore.streaming import protocol as p
 
-    display = p.Display(mode=header.pop("mode", None), kind=header.pop("kind", "image"))
-    array = np.full(shape, value, np.uint16)
-    frame = p.Frame(v=1, seq=0, stream=stream, path=f"{stream}.tif", shape=list(shape),
-                    dtype="uint16", nbytes=array.nbytes, sent_ns=0, display=display, **header)
+    display = p.Display(mode=header.pop("mode", None), kind=header.pop("kind", "image"),
+                        **(display or {}))
+    if array is None:
+        array = np.full(shape, value, np.uint16)
+    frame = p.Frame(v=1, seq=0, stream=stream, path=f"{stream}.tif", shape=list(array.shape),
+                    dtype=str(array.dtype), nbytes=array.nbytes, sent_ns=0, display=display,
+                    **header)
     return ReceivedFrame(array, frame, "test", 0)
 
 
@@ -1094,17 +1099,10 @@ def test_what_the_display_resolves_alike_is_no_change_and_a_change_keeps_hints(
     an RGB frame sent with rgb=True after ones detected as RGB was such a change, and wiped a
     placed series in one tick though napari shows both alike; and the dropped frames took
     their colormap hint along (frame by frame it stays)."""
-    from msgspec import structs
     from polystore_napari.layers import LayerManager
 
-    from polystore.streaming import ReceivedFrame
-
     def frame(value, t, dtype=np.uint8, shape=(4, 5, 3), **display):
-        f = _frame("s", value, shape, axes={"t": t})
-        array = f.array.astype(dtype)
-        header = structs.replace(f.header, dtype=str(array.dtype), nbytes=array.nbytes,
-                                 display=structs.replace(f.header.display, **display))
-        return ReceivedFrame(array, header, "test", 0)
+        return _frame("s", array=np.full(shape, value, dtype), axes={"t": t}, display=display)
 
     buffer = CoalescingBuffer()
     for t in range(3):
@@ -1932,17 +1930,9 @@ def test_command_line_and_environment_win_over_saved_settings(make_napari_viewer
 
 def received_frame(stream: str, sent):
     """A frame as the receiver hands it over, with the header `save(**sent.options)` makes."""
-    from polystore.streaming import ReceivedFrame
-    from polystore.streaming import protocol as p
-
     options = dict(sent.options)
-    display = p.Display(mode=options.pop("mode", None),
-                        kind="labels" if options.pop("labels", False) else "image")
-    array = np.ascontiguousarray(sent.array())
-    header = p.Frame(v=1, seq=0, stream=stream, path=f"{stream}.tif", shape=list(array.shape),
-                     dtype=str(array.dtype), nbytes=array.nbytes, sent_ns=0, display=display,
-                     **options)
-    return ReceivedFrame(array, header, "test", 0)
+    kind = "labels" if options.pop("labels", False) else "image"
+    return _frame(stream, array=np.ascontiguousarray(sent.array()), kind=kind, **options)
 
 
 def shown_planes(viewer, stream: str) -> tuple[tuple[int, ...], dict]:
