@@ -200,9 +200,10 @@ class Piece:
     @property
     def geometry(self) -> tuple:
         """What a layer must be rebuilt or refitted for when it changes (and a stream started
-        again: every piece of one frame has the same)."""
-        return (self.kind, self.rgb, self.array.shape, self.array.dtype.str, self.dtype.str,
-                self.own, self.channels)
+        again: every piece of one frame has the same). The display dtype follows from the
+        wire dtype and the kind, so it is not in it."""
+        return (self.kind, self.rgb, self.array.shape, self.array.dtype.str, self.own,
+                self.channels)
 
     @property
     def shown(self) -> np.ndarray:
