@@ -888,6 +888,117 @@ def test_senders_gone_before_a_busy_receiver_reads_their_hello_take_no_place_in_
             busy.close()
     assert seen == ["hold.tif", "late.tif", "busy.tif"]
 
+
+def _accepted(tcp, port: int) -> list[int]:
+    """The descriptors this process holds for TCP connections it accepted on `port` (`tcp`:
+    /proc/net/tcp, opened beforehand: reading it takes no descriptor number then)."""
+    tcp.seek(0)
+    rows = [line.split() for line in tcp.read().decode().splitlines()[1:]]
+    inodes = {f"socket:[{row[9]}]" for row in rows
+              if int(row[1].rsplit(":", 1)[1], 16) == port and row[3] == "01"}  # established
+    held = []
+    for fd in range(4096):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") in inodes:
+                held.append(fd)
+        except OSError:
+            pass
+    return held
+
+
+def _wait_for(condition, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
+        time.sleep(0.02)
+
+
+_GONE_SENDERS = """
+import sys
+import numpy as np
+from polystore.streaming import NapariStreamingBackend, ViewerNotRunningError
+for i in range(3):
+    with NapariStreamingBackend(sys.argv[1], connect_timeout=0.3) as gone:
+        try:
+            gone.save(np.zeros((4, 4), np.uint8), f"gone{i}.tif")
+        except ViewerNotRunningError:
+            continue
+    sys.exit(f"gone{i}.tif was welcomed")
+"""
+
+_LATE_SENDER = """
+import sys
+import numpy as np
+from polystore.streaming import NapariStreamingBackend
+with NapariStreamingBackend(sys.argv[1], connect_timeout=20) as late:
+    late.save(np.zeros((4, 4), np.uint8), "late.tif")
+    late.flush()
+    print("served", flush=True)
+    sys.stdin.read()  # stays connected until the test is done
+"""
+
+
+def test_a_gone_sender_s_hello_read_after_a_live_sender_took_its_descriptor_takes_no_place():
+    """The ordering behind the test above's rare failure, forced: while the receiver's thread
+    is busy, senders say hello and leave, and a new sender's connection is accepted on a
+    descriptor number one of theirs had. Their hellos are read after that, when the number
+    no longer says their connection closed. Before: they took places (sessions nothing ended
+    while the new connection lasted), and the new sender, or the next one, was refused
+    ("serves at most 3 senders") with two connected. The senders run in other processes, so
+    the receiver's accepts are the only descriptors taken here meanwhile."""
+    gate = threading.Event()
+    seen = []
+
+    def on_frame(frame) -> None:
+        seen.append(frame.header.path)
+        if frame.header.path == "hold.tif":
+            gate.wait(60)  # a viewer busy for a while
+
+    def sender(code: str, endpoint: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", code, endpoint], text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+
+    with open("/proc/net/tcp", "rb", buffering=0) as tcp, \
+            receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", on_frame=on_frame,
+                         max_senders=3) as rx:
+        port = int(rx.endpoint.rsplit(":", 1)[1])
+        busy = NapariStreamingBackend(rx.endpoint)
+        late = nxt = None
+        try:
+            busy.save(np.zeros((4, 4), np.uint8), "hold.tif")
+            busy.flush()  # acknowledged before the callback that holds the receiver's thread
+            [busy_fd] = _accepted(tcp, port)
+            gone, gone_fds = sender(_GONE_SENDERS, rx.endpoint), set()
+            while gone.poll() is None:
+                gone_fds.update(_accepted(tcp, port))
+                time.sleep(0.02)
+            assert gone.returncode == 0, gone.communicate()[1]
+            gone_fds.discard(busy_fd)
+            _wait_for(lambda: _accepted(tcp, port) == [busy_fd],
+                      "the receiver to close the gone senders' connections")
+            late = sender(_LATE_SENDER, rx.endpoint)
+            _wait_for(lambda: len(_accepted(tcp, port)) == 2, "the late sender's connection")
+            late_fd = (set(_accepted(tcp, port)) - {busy_fd}).pop()
+            assert late_fd in gone_fds, "the ordering under test needs a reused descriptor"
+            gate.set()  # only now are the gone senders' hellos read
+            assert late.stdout.readline() == "served\n", late.communicate(timeout=30)[1]
+            # busy, late and this one: the table's 3 places, whatever order the hellos took
+            nxt = NapariStreamingBackend(rx.endpoint, connect_timeout=20)
+            nxt.save(np.zeros((4, 4), np.uint8), "next.tif")
+            nxt.flush()
+            busy.save(np.zeros((4, 4), np.uint8), "busy.tif")
+            busy.flush()
+        finally:
+            gate.set()
+            if late is not None:
+                late.communicate(timeout=30)  # closes its stdin: it leaves
+            for backend in (busy, nxt):
+                if backend is not None:
+                    backend.close()
+    assert seen == ["hold.tif", "late.tif", "next.tif", "busy.tif"]
+
+
 def test_idle_connection_flood_does_not_use_up_the_receiver_s_descriptors(figure):
     """1,100 idle TCP connections against a receiver limited to 1,024 descriptors: it keeps
     its descriptors far below the limit (old code: all used up, every accept failing), logs

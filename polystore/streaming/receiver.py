@@ -230,7 +230,7 @@ class Receiver:
                 connection = header.get(zmq.SRCFD)  # to forget it when it closes
                 if self._guard.is_closed(connection):
                     return  # gone before its hello was read: no session (none would end)
-                self._reply(identity, self._hello(identity, message, connection))
+                self._hello(identity, message, connection)
                 return
             if isinstance(message, p.Bye):
                 self._bye(identity)
@@ -250,11 +250,22 @@ class Receiver:
             log.exception("internal error handling a message")
             self._reject(identity, p.INTERNAL, f"internal receiver error: {exc}", seq)
 
-    def _hello(self, identity: bytes, hello: p.Hello, connection: int) -> p.Welcome:
+    def _hello(self, identity: bytes, hello: p.Hello, connection: int) -> None:
+        """Welcome `identity`, and keep its session only if the welcome found its connection.
+
+        A connection that closed while its hello waited here is not always told by its
+        descriptor: the number may already belong to a newer connection (accepted while this
+        thread was busy), so `is_closed` says no. Its welcome then fails (ROUTER_MANDATORY):
+        ZeroMQ closes a connection's queue before it can read a newer connection's first
+        message, so a welcome that leaves also means that the other sessions on this
+        descriptor are older and gone (`SessionTable.admit`)."""
         session = self._sessions.hello(identity, hello, connection)
-        self.stats.senders = len(self._sessions)
-        return p.Welcome(v=p.VERSION, receiver=self.id, viewer=self.viewer, pid=os.getpid(),
-                         shm=session.shm, max_frame_bytes=self.max_frame_bytes)
+        welcome = p.Welcome(v=p.VERSION, receiver=self.id, viewer=self.viewer,
+                            pid=os.getpid(), shm=session.shm,
+                            max_frame_bytes=self.max_frame_bytes)
+        if self._outbox.reply(identity, p.encode(welcome)):
+            self._sessions.admit(identity, session)
+            self.stats.senders = len(self._sessions)
 
     def _bye(self, identity: bytes) -> None:
         self._sessions.bye(identity)

@@ -45,6 +45,9 @@ def open_router(endpoint: str, server_auth: ServerAuth, max_message_bytes: int,
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
     sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_TIMEOUT_MS)
+    # a reply to a connection that closed fails (EHOSTUNREACH) instead of vanishing, even
+    # while its last messages are still queued here: see `Outbox.reply`
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     server_auth.apply(sock)
     try:
         sock.bind(endpoint)
@@ -104,12 +107,14 @@ class Outbox:
         else:
             held.append(seq)
 
-    def reply(self, identity: bytes, data: bytes) -> None:
-        """Any other reply; the acks held for `identity` leave first, so order is kept."""
+    def reply(self, identity: bytes, data: bytes) -> bool:
+        """Any other reply; the acks held for `identity` leave first, so order is kept.
+        False if `identity`'s connection is known to be closed (a message it sent before
+        closing may still be read after that): the reply went nowhere."""
         held = self._held.pop(identity, None)
         if held:
             self._send_acks(identity, held)
-        self._send(identity, data)
+        return self._send(identity, data)
 
     def flush(self) -> None:
         """Send every held ack."""
@@ -126,10 +131,13 @@ class Outbox:
     def _send_acks(self, identity: bytes, held: list[int]) -> None:
         self._send(identity, encode_ack(held[0], held[1:]))
 
-    def _send(self, identity: bytes, data: bytes) -> None:
+    def _send(self, identity: bytes, data: bytes) -> bool:
+        """False only if the connection of `identity` is gone (ROUTER_MANDATORY)."""
         self.last_sent = time.monotonic()
         try:
             self.sock.send(identity, _SNDMORE_NOBLOCK)
             self.sock.send(data, zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass  # the sender is gone or not reading; it will time out on its own
+        except zmq.ZMQError as exc:
+            # gone, or not reading (EAGAIN: its queue is full); it will time out on its own
+            return exc.errno != zmq.EHOSTUNREACH
+        return True

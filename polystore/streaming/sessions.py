@@ -78,7 +78,8 @@ class SessionTable:
         return session
 
     def hello(self, identity: bytes, hello: p.Hello, connection: int = -1) -> Session:
-        """Admit (or re-admit) the connection `identity`; raises `ProtocolError` if not."""
+        """The session that admits (or re-admits) the connection `identity`, to `admit` once
+        its welcome could be sent; raises `ProtocolError` if it may not be admitted."""
         if p.VERSION not in hello.versions:
             raise p.ProtocolError(p.UNSUPPORTED_VERSION, f"sender speaks versions "
                                   f"{hello.versions}; this receiver speaks {p.VERSION}")
@@ -94,7 +95,8 @@ class SessionTable:
             raise p.ProtocolError(p.BAD_SEGMENT, f"segment prefix {expected!r} belongs to "
                                   "another connection; each sender needs its own token")
         known = self._sessions.get(identity)
-        if known is None and len(self._sessions) >= self.max_sessions:
+        replaced = len(self._others_on(connection, identity))  # gone: see `admit`
+        if known is None and len(self._sessions) - replaced >= self.max_sessions:
             self.refused_full += 1
             if self.refused_full in (1, 10, 100) or self.refused_full % 1000 == 0:
                 log.warning("%s receiver serves %d senders already; refused %d more (the ones "
@@ -102,10 +104,24 @@ class SessionTable:
                             self.refused_full)
             raise p.ProtocolError(p.TOO_LARGE, f"this {self.viewer} receiver serves at most "
                                   f"{self.max_sessions} senders; close one and retry")
-        session = Session(hello.sender, hello.pid, expected, self._probe(hello, expected),
-                          connection, hello.batch_acks, dropped=known.dropped if known else 0)
+        return Session(hello.sender, hello.pid, expected, self._probe(hello, expected),
+                       connection, hello.batch_acks, dropped=known.dropped if known else 0)
+
+    def admit(self, identity: bytes, session: Session) -> None:
+        """Enter `session` (from `hello`), whose connection was still there when its welcome
+        was sent. Other sessions on its descriptor go: a descriptor holds one connection at a
+        time, so theirs closed and the number was reused before their hello was read (the
+        closing was then no longer told by the number alone, and nothing would have ended
+        them while this connection lasts)."""
+        for other in self._others_on(session.connection, identity):
+            self.bye(other)
         self._sessions[identity] = session
-        return session
+
+    def _others_on(self, connection: int, identity: bytes) -> list[bytes]:
+        if connection < 0:
+            return []
+        return [i for i, s in self._sessions.items()
+                if s.connection == connection and i != identity]
 
     def _probe(self, hello: p.Hello, expected: str) -> bool:
         """Whether the sender proved it writes our /dev/shm as this user (see module doc)."""
