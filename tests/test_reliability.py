@@ -386,12 +386,13 @@ def test_latest_policy_never_raises_while_the_viewer_restarts(figure):
         mute = zmq.Context.instance().socket(zmq.ROUTER)  # listens, never answers
         mute.setsockopt(zmq.LINGER, 0)
         _until_port_free(lambda: mute.bind(endpoint))
-        t = time.perf_counter()
+        in_save = 0.0  # the saves' own time (a sleep overshooting on a busy machine is not)
         for i in range(200):
+            t = time.perf_counter()
             b.save(frame, f"a/mute{i}.tif")  # must neither raise nor stall
+            in_save += time.perf_counter() - t
             time.sleep(0.002)
-        per_save = (time.perf_counter() - t) / 200 - 0.002
-        assert per_save < 0.01
+        assert in_save / 200 < 0.01, f"a save took {in_save / 200 * 1000:.1f} ms on average"
         mute.close()
         rx = _bind_when_free(endpoint, on_frame=lambda f: seen.append(f.header.path))
         t = time.perf_counter()
