@@ -1785,33 +1785,37 @@ def _run_in_pytest(test: str, ci: str | None, **env: str) -> tuple[int, str]:
     return run.returncode, run.stdout + run.stderr
 
 
+def _fails_in_ci_and_skips_elsewhere(test: str, ci: str | None, ci_failure: str,
+                                     skipped: int, reason: str, **env: str) -> None:
+    """`_run_in_pytest`, then: under CI it fails saying `ci_failure`; elsewhere `skipped`
+    tests skip, giving `reason`."""
+    status, output = _run_in_pytest(test, ci, **env)
+    if ci:
+        assert status != 0, output
+        assert ci_failure in output, output
+    else:
+        assert status == 0, output
+        assert f"{skipped} skipped" in output and reason in output, output
+
+
 @pytest.mark.parametrize("ci", ["true", None])
 def test_missing_stack_fails_in_ci_and_skips_elsewhere(tmp_path, ci):
     """With the jars of both stacks missing, the Fiji tests skip with the reason, except
     under CI=true, where they fail: a broken install step cannot pass with them gone."""
-    status, output = _run_in_pytest("test_handshake_uses_shared_memory", ci,
-                                    JEROMQ_JAR=str(tmp_path / "no-jeromq.jar"),
-                                    POLYSTORE_VENDOR=str(tmp_path / "no-vendor"))  # fmt: skip
-    if ci:
-        assert status != 0, output
-        assert "CI=true and the Fiji debian stack cannot run" in output, output
-    else:
-        assert status == 0, output
-        assert "2 skipped" in output and "no-jeromq.jar is missing" in output, output
+    _fails_in_ci_and_skips_elsewhere(
+        "test_handshake_uses_shared_memory", ci, "CI=true and the Fiji debian stack cannot run",
+        2, "no-jeromq.jar is missing", JEROMQ_JAR=str(tmp_path / "no-jeromq.jar"),
+        POLYSTORE_VENDOR=str(tmp_path / "no-vendor"))  # fmt: skip
 
 
 @pytest.mark.parametrize("ci", ["true", None])
 def test_gui_tests_fail_in_ci_without_xvfb_run(modern, tmp_path, ci):
     """The GUI tests (Script Editor harness, re-runs, contrast set by hand) skipped whenever
     xvfb-run was missing, CI included, so a broken install step passed without them."""
-    status, output = _run_in_pytest("test_rerun_in_one_session_continues_cleanly[modern]", ci,
-                                    PATH=str(tmp_path))  # no xvfb-run on it (nor anything else)
-    if ci:
-        assert status != 0, output
-        assert "CI=true and xvfb-run is not installed" in output, output
-    else:
-        assert status == 0, output
-        assert "1 skipped" in output and "xvfb-run is not installed" in output, output
+    _fails_in_ci_and_skips_elsewhere(
+        "test_rerun_in_one_session_continues_cleanly[modern]", ci,
+        "CI=true and xvfb-run is not installed", 1, "xvfb-run is not installed",
+        PATH=str(tmp_path))  # no xvfb-run on it (nor anything else)
 
 
 def _rss_mib(pid: int) -> float:

@@ -854,18 +854,26 @@ def test_full_sender_table_refuses_newcomers_and_keeps_the_senders_it_has():
 
 
 
+def _viewer_held_at(path: str):
+    """A viewer callback that notes each frame's path and, at the frame of `path`, holds the
+    receiver's thread (a viewer busy for a while) until the returned event is set."""
+    gate = threading.Event()
+    seen: list[str] = []
+
+    def on_frame(frame) -> None:
+        seen.append(frame.header.path)
+        if frame.header.path == path:
+            gate.wait(60)
+
+    return gate, seen, on_frame
+
+
 def test_senders_gone_before_a_busy_receiver_reads_their_hello_take_no_place_in_its_table():
     """Senders that gave up their handshake while the receiver's thread was busy in a slow
     viewer callback, and closed. Before: the receiver read each hello after its connection had
     closed and kept a session for it that nothing ever removed; the table filled and refused
     every later sender ("serves at most 3 senders") with none connected."""
-    gate = threading.Event()
-    seen = []
-
-    def on_frame(frame) -> None:
-        seen.append(frame.header.path)
-        if frame.header.path == "hold.tif":
-            gate.wait(60)  # a viewer busy for a while
+    gate, seen, on_frame = _viewer_held_at("hold.tif")
 
     with receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", on_frame=on_frame,
                       max_senders=3) as rx:
@@ -897,7 +905,7 @@ def _accepted(tcp, port: int) -> list[int]:
     inodes = {f"socket:[{row[9]}]" for row in rows
               if int(row[1].rsplit(":", 1)[1], 16) == port and row[3] == "01"}  # established
     held = []
-    for fd in range(4096):
+    for fd in range(4096):  # readlink takes no descriptor number; listing /proc/self/fd would
         try:
             if os.readlink(f"/proc/self/fd/{fd}") in inodes:
                 held.append(fd)
@@ -946,13 +954,7 @@ def test_a_gone_sender_s_hello_read_after_a_live_sender_took_its_descriptor_take
     while the new connection lasted), and the new sender, or the next one, was refused
     ("serves at most 3 senders") with two connected. The senders run in other processes, so
     the receiver's accepts are the only descriptors taken here meanwhile."""
-    gate = threading.Event()
-    seen = []
-
-    def on_frame(frame) -> None:
-        seen.append(frame.header.path)
-        if frame.header.path == "hold.tif":
-            gate.wait(60)  # a viewer busy for a while
+    gate, seen, on_frame = _viewer_held_at("hold.tif")
 
     def sender(code: str, endpoint: str) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-c", code, endpoint], text=True,
