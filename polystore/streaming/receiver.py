@@ -251,18 +251,12 @@ class Receiver:
             self._reject(identity, p.INTERNAL, f"internal receiver error: {exc}", seq)
 
     def _hello(self, identity: bytes, hello: p.Hello, connection: int) -> None:
-        """Welcome `identity`, and keep its session only if the welcome found its connection.
-
-        A connection that closed while its hello waited here is not always told by its
-        descriptor: the number may already belong to a newer connection (accepted while this
-        thread was busy), so `is_closed` says no. Its welcome then fails (ROUTER_MANDATORY):
-        ZeroMQ closes a connection's queue before it can read a newer connection's first
-        message, so a welcome that leaves also means that the other sessions on this
-        descriptor are older and gone (`SessionTable.admit`)."""
+        """Welcome `identity`; keep its session only if the welcome left (ROUTER_MANDATORY: a
+        connection that closed while its hello waited, its descriptor number maybe taken by a
+        newer one so that `is_closed` said no, refuses it; see `SessionTable.admit`)."""
         session = self._sessions.hello(identity, hello, connection)
-        welcome = p.Welcome(v=p.VERSION, receiver=self.id, viewer=self.viewer,
-                            pid=os.getpid(), shm=session.shm,
-                            max_frame_bytes=self.max_frame_bytes)
+        welcome = p.Welcome(v=p.VERSION, receiver=self.id, viewer=self.viewer, pid=os.getpid(),
+                            shm=session.shm, max_frame_bytes=self.max_frame_bytes)
         if self._outbox.reply(identity, p.encode(welcome)):
             self._sessions.admit(identity, session)
             self.stats.senders = len(self._sessions)

@@ -110,9 +110,9 @@ class SessionTable:
     def admit(self, identity: bytes, session: Session) -> None:
         """Enter `session` (from `hello`), whose connection was still there when its welcome
         was sent. Other sessions on its descriptor go: a descriptor holds one connection at a
-        time, so theirs closed and the number was reused before their hello was read (the
-        closing was then no longer told by the number alone, and nothing would have ended
-        them while this connection lasts)."""
+        time, and ZeroMQ (libzmq 4.3) closes a connection's queue before a newer connection's
+        first message can be read, so theirs closed and the number was reused before their
+        hello was read (nothing else would end them while this connection lasts)."""
         for other in self._others_on(session.connection, identity):
             self.bye(other)
         self._sessions[identity] = session
