@@ -84,8 +84,12 @@ class Connection:
     def open(self, identity: str) -> None:
         if self._sock is not None:
             return
-        sock = create_dealer_socket(self.endpoint, identity, self.options)
+        sock = create_dealer_socket(identity, self.options)
+        # monitored before it connects: a handshake refused at once (a receiver without
+        # authentication) reports it only once, and a sender that missed it would wait for
+        # its whole connect_timeout
         self._monitor = sock.get_monitor_socket(LINK_EVENTS)
+        sock.connect(self.endpoint)
         self.link = LinkState()
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)

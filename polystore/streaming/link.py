@@ -71,8 +71,9 @@ class LinkState:
         self.handshaking = self.up = event == zmq.EVENT_CONNECTED
 
 
-def create_dealer_socket(endpoint: str, identity: str, options: SenderOptions) -> zmq.Socket:
-    """The one place a sender's socket is made and configured (authentication included)."""
+def create_dealer_socket(identity: str, options: SenderOptions) -> zmq.Socket:
+    """The one place a sender's socket is made and configured (authentication included);
+    not yet connected, so that a monitor can be attached first (`Connection.open`)."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.ROUTING_ID, identity.encode())
     sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a receiver that isn't there
@@ -82,5 +83,4 @@ def create_dealer_socket(endpoint: str, identity: str, options: SenderOptions) -
     keys = client_keys(options.auth, options.curve_server_key)  # see streaming/auth.py
     if keys is not None:
         keys.apply(sock)
-    sock.connect(endpoint)
     return sock
