@@ -22,6 +22,7 @@ import weakref
 from collections.abc import Callable
 
 import zmq
+from zmq.backend import zmq_poll
 from zmq.utils.monitor import recv_monitor_message
 
 from polystore.streaming import protocol as p
@@ -67,7 +68,7 @@ class Connection:
         self.link = LinkState()  # what the monitor says: up, handshaking, dropped, refused
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
-        self._poller: zmq.Poller | None = None  # replies and link events
+        self._ready_items: list = []  # zmq_poll's: link events first, then replies
         self._hello_poller: zmq.Poller | None = None  # room to send a hello, or link events
         self._probe = None  # the shared-memory probe of the pending hello
         self._probe_finalizer: weakref.finalize | None = None  # unlinks it if never closed
@@ -91,12 +92,10 @@ class Connection:
         self._monitor = sock.get_monitor_socket(LINK_EVENTS)
         sock.connect(self.endpoint)
         self.link = LinkState()
-        self._poller = zmq.Poller()
-        self._poller.register(sock, zmq.POLLIN)
-        self._poller.register(self._monitor, zmq.POLLIN)
         self._hello_poller = zmq.Poller()
         self._hello_poller.register(sock, zmq.POLLOUT)
         self._hello_poller.register(self._monitor, zmq.POLLIN)
+        self._ready_items = [(self._monitor, zmq.POLLIN), (sock, zmq.POLLIN)]
         self._sock = sock
 
     def close(self, goodbye: bytes | None = None, linger_ms: int = 0) -> None:
@@ -110,16 +109,17 @@ class Connection:
             self._sock.disable_monitor()
             self._monitor.close(linger=0)
             self._sock.close(linger=linger_ms)
-            self._sock = self._monitor = self._poller = self._hello_poller = None
+            self._sock = self._monitor = self._hello_poller = None
+            self._ready_items = []
         self.abandon_hello()
         self.state = State.CLOSED
 
     def still_connected(self) -> bool:
-        """Connected, after reading the link's events (a receiver that left is noticed here,
-        before anything is sent to nobody)."""
+        """Connected, after handling the link's events (a receiver that left is noticed here,
+        before anything is sent to nobody) and the replies already here, in one zmq_poll."""
         if self._sock is None:
             return False
-        self.check_link()
+        self.poll(0)
         return self.state is State.CONNECTED
 
     def ensure(self, *, identity: str, segment_prefix: str, pid: int, wait: bool,
@@ -295,12 +295,13 @@ class Connection:
             sock = self._sock  # a handler may have closed it
 
     def poll(self, timeout: float) -> None:
-        """Wait up to `timeout` seconds for replies or link events, and handle them."""
-        events = dict(self._poller.poll(max(0.0, timeout) * 1000))
-        if self._monitor in events:
-            self.check_link()
-        if self._sock in events:
-            self.drain()
+        """Wait up to `timeout` seconds for link events or replies, and handle them (one
+        zmq_poll: no per-socket ``EVENTS`` reads, which cost about a microsecond each)."""
+        for sock, _ in zmq_poll(self._ready_items, int(max(0.0, timeout) * 1000)):
+            if sock is self._monitor:
+                self.check_link()
+            elif sock is self._sock:
+                self.drain()
 
     def check_link(self) -> None:
         """Notice a receiver that left (or a link that came up) before sending to nobody."""

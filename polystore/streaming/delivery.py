@@ -177,7 +177,6 @@ class Delivery:
             return -1
         self.stats.frames += 1
         self.stats.bytes += header.nbytes
-        self._connection.drain()
         return seq
 
     def _admit(self) -> int:
