@@ -22,8 +22,6 @@ import statistics
 import threading
 import time
 
-import numpy as np
-
 from polystore.apps import bench
 
 
@@ -60,8 +58,7 @@ def run_polystore(shape: tuple[int, int], count: int) -> dict:
     endpoint_q, stop, result_q = spawn.Queue(), spawn.Event(), spawn.Queue()
     proc = spawn.Process(target=bench.receiver_process, args=(endpoint_q, stop, result_q))
     proc.start()
-    frames = [np.random.default_rng(i).integers(0, 65535, shape, dtype=np.uint16)
-              for i in range(4)]
+    frames = bench.sample_frames(shape)
     try:
         with NapariStreamingBackend(endpoint_q.get(timeout=30), max_inflight=8) as backend:
             for i in range(50):
@@ -129,9 +126,7 @@ def run_ring(shape: tuple[int, int], count: int, curve: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--frames", type=int, default=10000, help="polystore frames per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    bench.frame_arguments(parser, frames=10000, rounds=3)
     args = parser.parse_args()
     shape = (args.size, args.size)
     results: dict[str, list[dict]] = {"polystore": [], "ring + CURVE + header": [], "ring": []}

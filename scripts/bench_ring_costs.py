@@ -19,7 +19,7 @@ import argparse
 import multiprocessing as mp
 import statistics
 
-from polystore.apps.bench import bench_raw_ring
+from polystore.apps.bench import bench_raw_ring, frame_arguments
 
 PAD = 318  # 12-byte binary header + 318 = the size of polystore's frame header
 VARIANTS = {"bare": (False, 0), "330-byte header": (False, PAD), "CURVE": (True, 0),
@@ -28,9 +28,7 @@ VARIANTS = {"bare": (False, 0), "330-byte header": (False, PAD), "CURVE": (True,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=512, help="frames are SIZE x SIZE uint16")
-    parser.add_argument("--frames", type=int, default=8000)
-    parser.add_argument("--rounds", type=int, default=3)
+    frame_arguments(parser, frames=8000, rounds=3)
     args = parser.parse_args()
     context = mp.get_context("spawn")
     shape = (args.size, args.size)

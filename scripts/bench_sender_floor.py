@@ -114,13 +114,10 @@ def protocol_ring(endpoint: str, frames: list[np.ndarray], count: int) -> tuple[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--frames", type=int, default=10000)
-    parser.add_argument("--rounds", type=int, default=3)
+    bench.frame_arguments(parser, frames=10000, rounds=3)
     args = parser.parse_args()
     shape = (args.size, args.size)
-    frames = [np.random.default_rng(i).integers(0, 65535, shape, dtype=np.uint16)
-              for i in range(4)]
+    frames = bench.sample_frames(shape)
     spawn = mp.get_context("spawn")
     fps: dict[str, list[float]] = {"polystore": [], "protocol ring": [], "raw ring": []}
     idle: dict[str, list[float]] = {name: [] for name in fps}

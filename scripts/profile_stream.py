@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from polystore.apps.bench import receiver_process
+from polystore.apps.bench import frame_arguments, receiver_process
 from polystore.streaming import NapariStreamingBackend
 from polystore.streaming import connection as connection_module
 from polystore.streaming import sender as sender_module
@@ -78,8 +78,7 @@ def cpu_breakdown(endpoint: str, frame: np.ndarray, count: int) -> dict[str, flo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=512, help="frames are SIZE x SIZE uint16")
-    parser.add_argument("--frames", type=int, default=3000)
+    frame_arguments(parser, frames=3000)
     args = parser.parse_args(argv)
     spawn = mp.get_context("spawn")
     endpoint_q, result_q, stop = spawn.Queue(), spawn.Queue(), spawn.Event()

@@ -23,12 +23,18 @@ import multiprocessing as mp
 import os
 import statistics
 import time
-from multiprocessing import shared_memory
 
 import numpy as np
 import zmq
 
-from polystore.apps.bench import _RING_HEADER, RING_SLOTS, stamp
+from polystore.apps.bench import (
+    _RING_HEADER,
+    close_ring_segments,
+    frame_arguments,
+    ring_segments,
+    sample_frames,
+    stamp,
+)
 
 now = time.perf_counter_ns  # CLOCK_MONOTONIC: one clock for both processes
 
@@ -72,8 +78,7 @@ def trace_polystore(context, shape, count: int) -> tuple[list, list]:
     endpoint_q, stop, log_q = context.Queue(), context.Event(), context.Queue()
     proc = context.Process(target=polystore_receiver, args=(endpoint_q, stop, log_q))
     proc.start()
-    frames = [np.random.default_rng(i).integers(0, 65535, shape, dtype=np.uint16)
-              for i in range(4)]
+    frames = sample_frames(shape)
     log: list = []
     with NapariStreamingBackend(endpoint_q.get(timeout=30), max_inflight=8) as backend:
         for i in range(50):
@@ -123,13 +128,10 @@ def ring_receiver(endpoint_q, stop, log_q, prefix: str, nbytes: int) -> None:
 
 
 def trace_ring(context, shape, count: int) -> tuple[list, list]:
-    frames = [np.random.default_rng(i).integers(0, 65535, shape, dtype=np.uint16)
-              for i in range(4)]
+    frames = sample_frames(shape)
     nbytes = frames[0].nbytes
     prefix = f"polystoretrace_{os.getpid()}_"
-    segments = [shared_memory.SharedMemory(f"{prefix}{i}", create=True, size=nbytes)
-                for i in range(RING_SLOTS)]
-    targets = [np.ndarray(shape, np.uint16, buffer=s.buf) for s in segments]
+    segments, targets = ring_segments(prefix, shape)
     endpoint_q, stop, log_q = context.Queue(), context.Event(), context.Queue()
     proc = context.Process(target=ring_receiver, args=(endpoint_q, stop, log_q, prefix, nbytes))
     proc.start()
@@ -138,7 +140,7 @@ def trace_ring(context, shape, count: int) -> tuple[list, list]:
     log: list = []
     try:
         for i in range(count + 50):
-            slot = i % RING_SLOTS
+            slot = i % len(targets)
             start = now()
             stamp(frames[i % 4], i)
             np.copyto(targets[slot], frames[i % 4])
@@ -154,10 +156,7 @@ def trace_ring(context, shape, count: int) -> tuple[list, list]:
         receiver_log = log_q.get(timeout=30)
         proc.join(30)
         sock.close(linger=0)
-        targets.clear()
-        for segment in segments:
-            segment.close()
-            segment.unlink()
+        close_ring_segments(segments, targets)
     return log, receiver_log
 
 
@@ -202,8 +201,7 @@ def hops(sender_log: list, receiver_log: list) -> dict[str, list[float]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=512, help="frames are SIZE x SIZE uint16")
-    parser.add_argument("--frames", type=int, default=3000)
+    frame_arguments(parser, frames=3000)
     args = parser.parse_args(argv)
     shape = (args.size, args.size)
     fork = mp.get_context("fork")  # the receivers must inherit no wrapper: they start first

@@ -78,13 +78,30 @@ def stamp(frame: np.ndarray, index: int) -> None:
     flat[-8:].view(np.int64)[0] = index
 
 
+def sample_frames(shape, count: int = 4) -> list[np.ndarray]:
+    """The random uint16 frames a run streams in turn (4: as many sources as a pipeline
+    cycling through a few buffers)."""
+    return [np.random.default_rng(i).integers(0, 65535, shape, dtype=np.uint16)
+            for i in range(count)]
+
+
+def frame_arguments(parser: argparse.ArgumentParser, frames: int,
+                    rounds: int | None = None) -> None:
+    """The options the per-frame scripts in scripts/ share: `--size` (frames are SIZE x SIZE
+    uint16), `--frames` and, given a default, `--rounds`."""
+    parser.add_argument("--size", type=int, default=512, help="frames are SIZE x SIZE uint16")
+    parser.add_argument("--frames", type=int, default=frames,
+                        help="frames per round" if rounds else "frames")
+    if rounds:
+        parser.add_argument("--rounds", type=int, default=rounds)
+
+
 def bench_memcpy(shape, repeats: int, working_set: bool) -> float:
     """One-core copy speed. working_set=False: the same two buffers (cache-hot, the most
     flattering baseline); True: 4 sources into 8 destinations, the memory footprint the
     streaming run has (4 frames, 8 segments, fresh receiver arrays)."""
     n_src, n_dst = (4, 8) if working_set else (1, 1)
-    src = [np.random.default_rng(i).integers(0, 65535, shape, dtype=np.uint16)
-           for i in range(n_src)]
+    src = sample_frames(shape, n_src)
     dst = [np.empty_like(src[0]) for _ in range(n_dst)]
     for i in range(max(n_src, n_dst)):
         np.copyto(dst[i % n_dst], src[i % n_src])
@@ -172,17 +189,30 @@ def ring_receiver_process(endpoint_q, stop, prefix: str, nbytes: int, curve: boo
     endpoint_q.put({"checked": checked, "torn": torn})
 
 
+def ring_segments(prefix: str, shape) -> tuple[list, list[np.ndarray]]:
+    """The raw ring's RING_SLOTS segments, `<prefix><slot>`, and a uint16 array of `shape`
+    on each; `close_ring_segments` unlinks them."""
+    segments = [shared_memory.SharedMemory(f"{prefix}{i}", create=True,
+                                           size=int(np.prod(shape)) * 2)
+                for i in range(RING_SLOTS)]
+    return segments, [np.ndarray(shape, np.uint16, buffer=s.buf) for s in segments]
+
+
+def close_ring_segments(segments: list, targets: list[np.ndarray]) -> None:
+    targets.clear()  # the arrays go before the memory they view
+    for segment in segments:
+        segment.close()
+        segment.unlink()
+
+
 def bench_raw_ring(context, shape, count: int, latency_samples: int, curve: bool = False,
                    pad: int = 0) -> dict:
     """Throughput and idle-pipe latency of the raw ring (see the module docstring);
     `curve`/`pad` as for `ring_receiver_process`."""
-    frames = [np.random.default_rng(i).integers(0, 65535, shape, dtype=np.uint16)
-              for i in range(4)]
+    frames = sample_frames(shape)
     nbytes = frames[0].nbytes
     prefix = f"polystoreringbench_{os.getpid()}_"
-    segments = [shared_memory.SharedMemory(f"{prefix}{i}", create=True, size=nbytes)
-                for i in range(RING_SLOTS)]
-    targets = [np.ndarray(shape, np.uint16, buffer=s.buf) for s in segments]
+    segments, targets = ring_segments(prefix, shape)
     endpoint_q, stop = context.Queue(), context.Event()
     proc = context.Process(target=ring_receiver_process,
                            args=(endpoint_q, stop, prefix, nbytes, curve, pad))
@@ -238,10 +268,7 @@ def bench_raw_ring(context, shape, count: int, latency_samples: int, curve: bool
             checked = {"checked": 0, "torn": 0}
         proc.join(30)
         sock.close(linger=0)
-        targets.clear()
-        for segment in segments:
-            segment.close()
-            segment.unlink()
+        close_ring_segments(segments, targets)
     return {"fps": count / elapsed, "idle_p50_ms": 1e3 * statistics.median(idle),
             "torn": checked["torn"]}
 
@@ -249,8 +276,7 @@ def bench_raw_ring(context, shape, count: int, latency_samples: int, curve: bool
 def bench_polystore(endpoint: str, shape, count: int, latency_samples: int) -> dict:
     from polystore.streaming import NapariStreamingBackend
 
-    frames = [np.random.default_rng(i).integers(0, 65535, shape, dtype=np.uint16)
-              for i in range(4)]
+    frames = sample_frames(shape)
     with NapariStreamingBackend(endpoint, max_inflight=8) as backend:
         for i in range(20):  # warm the segment pool
             stamp(frames[i % 4], i)
