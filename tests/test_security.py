@@ -6,6 +6,7 @@ truncated segments in /dev/shm, floods of connections and parts, a full tmpfs, p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -867,26 +868,19 @@ def test_full_sender_table_refuses_newcomers_and_keeps_the_senders_it_has():
 
 
 
-def _viewer_held_at(path: str):
-    """A viewer callback that notes each frame's path and, at the frame of `path`, holds the
-    receiver's thread (a viewer busy for a while) until the returned event is set."""
+@contextlib.contextmanager
+def _receiver_held_by_its_viewer():
+    """A receiver serving at most 3 senders, and `busy`, a sender whose frame hold.tif was
+    acknowledged and now holds the receiver's thread in the viewer's callback (a viewer busy
+    for a while) until `gate` is set. Yields (receiver, busy, gate, paths of the frames
+    shown); on leaving, the gate opens and `busy` closes."""
     gate = threading.Event()
     seen: list[str] = []
 
     def on_frame(frame) -> None:
         seen.append(frame.header.path)
-        if frame.header.path == path:
+        if frame.header.path == "hold.tif":
             gate.wait(60)
-
-    return gate, seen, on_frame
-
-
-def test_senders_gone_before_a_busy_receiver_reads_their_hello_take_no_place_in_its_table():
-    """Senders that gave up their handshake while the receiver's thread was busy in a slow
-    viewer callback, and closed. Before: the receiver read each hello after its connection had
-    closed and kept a session for it that nothing ever removed; the table filled and refused
-    every later sender ("serves at most 3 senders") with none connected."""
-    gate, seen, on_frame = _viewer_held_at("hold.tif")
 
     with receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", on_frame=on_frame,
                       max_senders=3) as rx:
@@ -894,19 +888,28 @@ def test_senders_gone_before_a_busy_receiver_reads_their_hello_take_no_place_in_
         try:
             busy.save(np.zeros((4, 4), np.uint8), "hold.tif")
             busy.flush()  # acknowledged before the callback that holds the receiver's thread
-            for i in range(3):
-                with NapariStreamingBackend(rx.endpoint, connect_timeout=0.3) as gone:
-                    with pytest.raises(ViewerNotRunningError):
-                        gone.save(np.zeros((4, 4), np.uint8), f"gone{i}.tif")
-            gate.set()
-            with NapariStreamingBackend(rx.endpoint, connect_timeout=20) as late:
-                late.save(np.zeros((4, 4), np.uint8), "late.tif")
-                late.flush()
-            busy.save(np.zeros((4, 4), np.uint8), "busy.tif")
-            busy.flush()
+            yield rx, busy, gate, seen
         finally:
             gate.set()
             busy.close()
+
+
+def test_senders_gone_before_a_busy_receiver_reads_their_hello_take_no_place_in_its_table():
+    """Senders that gave up their handshake while the receiver's thread was busy in a slow
+    viewer callback, and closed. Before: the receiver read each hello after its connection had
+    closed and kept a session for it that nothing ever removed; the table filled and refused
+    every later sender ("serves at most 3 senders") with none connected."""
+    with _receiver_held_by_its_viewer() as (rx, busy, gate, seen):
+        for i in range(3):
+            with NapariStreamingBackend(rx.endpoint, connect_timeout=0.3) as gone:
+                with pytest.raises(ViewerNotRunningError):
+                    gone.save(np.zeros((4, 4), np.uint8), f"gone{i}.tif")
+        gate.set()
+        with NapariStreamingBackend(rx.endpoint, connect_timeout=20) as late:
+            late.save(np.zeros((4, 4), np.uint8), "late.tif")
+            late.flush()
+        busy.save(np.zeros((4, 4), np.uint8), "busy.tif")
+        busy.flush()
     assert seen == ["hold.tif", "late.tif", "busy.tif"]
 
 
@@ -967,22 +970,16 @@ def test_a_gone_sender_s_hello_read_after_a_live_sender_took_its_descriptor_take
     while the new connection lasted), and the new sender, or the next one, was refused
     ("serves at most 3 senders") with two connected. The senders run in other processes, so
     the receiver's accepts are the only descriptors taken here meanwhile."""
-    gate, seen, on_frame = _viewer_held_at("hold.tif")
-
     def sender(code: str, endpoint: str) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-c", code, endpoint], text=True,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
 
     with open("/proc/net/tcp", "rb", buffering=0) as tcp, \
-            receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", on_frame=on_frame,
-                         max_senders=3) as rx:
+            _receiver_held_by_its_viewer() as (rx, busy, gate, seen):
         port = int(rx.endpoint.rsplit(":", 1)[1])
-        busy = NapariStreamingBackend(rx.endpoint)
         late = nxt = None
         try:
-            busy.save(np.zeros((4, 4), np.uint8), "hold.tif")
-            busy.flush()  # acknowledged before the callback that holds the receiver's thread
             [busy_fd] = _accepted(tcp, port)
             gone, gone_fds = sender(_GONE_SENDERS, rx.endpoint), set()
             while gone.poll() is None:
@@ -1008,9 +1005,8 @@ def test_a_gone_sender_s_hello_read_after_a_live_sender_took_its_descriptor_take
             gate.set()
             if late is not None:
                 late.communicate(timeout=30)  # closes its stdin: it leaves
-            for backend in (busy, nxt):
-                if backend is not None:
-                    backend.close()
+            if nxt is not None:
+                nxt.close()
     assert seen == ["hold.tif", "late.tif", "next.tif", "busy.tif"]
 
 
