@@ -19,7 +19,7 @@ import argparse
 import multiprocessing as mp
 import statistics
 
-from polystore.apps.bench import bench_raw_ring, frame_arguments
+from polystore.apps.bench import bench_raw_ring, frame_arguments, idle_samples
 
 PAD = 318  # 12-byte binary header + 318 = the size of polystore's frame header
 VARIANTS = {"bare": (False, 0), "330-byte header": (False, PAD), "CURVE": (True, 0),
@@ -33,9 +33,10 @@ def main() -> int:
     context = mp.get_context("spawn")
     shape = (args.size, args.size)
     results: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    samples = idle_samples(args.size * args.size * 2)
     for _ in range(args.rounds):  # alternated, so load from elsewhere hits all alike
         for name, (curve, pad) in VARIANTS.items():
-            results[name].append(bench_raw_ring(context, shape, args.frames, 300, curve, pad))
+            results[name].append(bench_raw_ring(context, shape, args.frames, samples, curve, pad))
     bare = statistics.median(r["fps"] for r in results["bare"])
     bare_idle = statistics.median(r["idle_p50_ms"] for r in results["bare"])
     print(f"# raw ring, {args.size}x{args.size} uint16, median of {args.rounds} rounds")

@@ -41,7 +41,6 @@ from polystore.streaming.options import SenderOptions
 from polystore.streaming.shm import Segment, create_probe, destroy
 
 SLOTS = bench.RING_SLOTS
-IDLE_SAMPLES = 300
 
 
 def protocol_ring(endpoint: str, frames: list[np.ndarray], count: int) -> tuple[float, float]:
@@ -92,7 +91,7 @@ def protocol_ring(endpoint: str, frames: list[np.ndarray], count: int) -> tuple[
             take_acks(False)
 
         idle = []
-        for i in range(IDLE_SAMPLES):  # one frame in flight at a time, as bench_stream does
+        for i in range(bench.idle_samples(nbytes)):  # one at a time, as bench_stream does
             started = time.perf_counter()
             send(i)
             while inflight:
@@ -118,13 +117,14 @@ def main() -> None:
     args = parser.parse_args()
     shape = (args.size, args.size)
     frames = bench.sample_frames(shape)
+    samples = bench.idle_samples(frames[0].nbytes)
     spawn = mp.get_context("spawn")
     fps: dict[str, list[float]] = {"polystore": [], "protocol ring": [], "raw ring": []}
     idle: dict[str, list[float]] = {name: [] for name in fps}
     for _ in range(args.rounds):
         for name in fps:
             if name == "raw ring":
-                ring = bench.bench_raw_ring(spawn, shape, args.frames, IDLE_SAMPLES)
+                ring = bench.bench_raw_ring(spawn, shape, args.frames, samples)
                 fps[name].append(ring["fps"])
                 idle[name].append(ring["idle_p50_ms"])
                 continue
@@ -135,7 +135,7 @@ def main() -> None:
             try:
                 endpoint = endpoint_q.get(timeout=30)
                 if name == "polystore":  # exactly as bench_stream.py measures it
-                    ours = bench.bench_polystore(endpoint, shape, args.frames, IDLE_SAMPLES)
+                    ours = bench.bench_polystore(endpoint, shape, args.frames, samples)
                     rate, latency = ours["fps"], ours["idle_p50_ms"]
                 else:
                     rate, latency = protocol_ring(endpoint, frames, args.frames)

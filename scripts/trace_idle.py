@@ -5,8 +5,9 @@ Streams N frames one at a time (save, then wait for the ack) through polystore, 
 through the raw ring of `polystore.apps.bench`, and stamps each hop on the monotonic clock,
 which both processes share: the sender's Python up to the ZeroMQ send, the send, the wire
 to the receiving thread's wake-up, the receiver's work up to its ack, the ack's send, and
-the wire back. Prints the median of each hop (medians do not add up to the median total).
-The stamps are timing wrappers around polystore's own functions (as
+the wire back. Prints the median of each hop (medians do not add up to the median total),
+then the median total of each 300 frames in turn, which shows the latency's modes. The
+stamps are timing wrappers around polystore's own functions (as
 ``scripts/profile_stream.py`` does), so they cost a little themselves.
 
     python scripts/trace_idle.py                 # 512x512 uint16, 3000 frames
@@ -160,6 +161,7 @@ def trace_ring(context, shape, count: int) -> tuple[list, list]:
     return log, receiver_log
 
 
+CHUNK = 300  # frames per median of the total over time (about 45 ms at 512²)
 SENDER_HOPS = ["start", "sender's Python", "send"]
 RECEIVER_HOPS = ["receiver wakes", "reads the message", "decodes, checks", "copies out",
                  "bookkeeping", "sends the ack"]
@@ -214,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{statistics.median(r[label]):.1f}" if label in r else "" for r in
                  results.values()]
         print(f"| {label} | " + " | ".join(cells) + " |")
+    print(f"\ntotal µs, median of each {CHUNK} frames in turn (latency switches between modes "
+          "that last tens of ms):")
+    for name, result in results.items():
+        totals = result.get("total", [])
+        print(f"  {name}: " + " ".join(f"{statistics.median(totals[i:i + CHUNK]):.0f}"
+                                       for i in range(0, len(totals), CHUNK)))
     print("matched frames: " + ", ".join(f"{k} {len(r.get('total', []))}"
                                          for k, r in results.items()))
     return 0

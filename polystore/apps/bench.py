@@ -85,6 +85,14 @@ def sample_frames(shape, count: int = 4) -> list[np.ndarray]:
             for i in range(count)]
 
 
+def idle_samples(nbytes: int, scale: float = 1.0) -> int:
+    """How many frames the idle-pipe latency is the median of: 2,000 for frames up to 1 MiB,
+    300 for larger ones. One frame at a time, the latency switches between modes that each
+    last tens of milliseconds (on the 2-core VM: about 110 and 190 µs for the raw ring at
+    512², `scripts/trace_idle.py`), so 300 small frames (about 45 ms) can all fall in one."""
+    return max(20, int((2000 if nbytes <= 1 << 20 else 300) * scale))
+
+
 def frame_arguments(parser: argparse.ArgumentParser, frames: int,
                     rounds: int | None = None) -> None:
     """The options the per-frame scripts in scripts/ share: `--size` (frames are SIZE x SIZE
@@ -413,7 +421,7 @@ def run(args: argparse.Namespace) -> int:
             hot = bench_memcpy(shape, max(10, count // 4), working_set=False)
             cold = bench_memcpy(shape, max(10, count // 4), working_set=True)
             rawzmq = bench_raw_zmq(spawn, shape, max(10, count // 2))
-            samples = max(20, int(300 * scale))
+            samples = idle_samples(nbytes, scale)
             ring_rounds, our_rounds = [], []
             for _ in range(rounds):  # alternated, so load from elsewhere hits both alike
                 ring_rounds.append(bench_raw_ring(spawn, shape, count, samples))
