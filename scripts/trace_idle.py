@@ -60,7 +60,7 @@ def polystore_receiver(endpoint_q, stop, log_q) -> None:
     from polystore.streaming import receiver as receiver_module
 
     log: list = []
-    stamped(zmq.Poller, "poll", "receiver wakes", log, after=True)
+    stamped(receiver_module, "zmq_poll", "receiver wakes", log, after=True)
     stamped(receiver_module.Receiver, "_handle", "reads the message", log)
     stamped(segment_reader.SegmentReader, "copy_frame", "decodes, checks", log)
     stamped(segment_reader.SegmentReader, "copy_frame", "copies out", log, after=True)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 import zmq
+from zmq.backend import zmq_poll
 
 from polystore.streaming import protocol as p
 from polystore.streaming.auth import ReceiverKeys, ServerAuth
@@ -154,15 +155,13 @@ class Receiver:
         self._ready.set()
         last_tick, frames_at_tick = time.monotonic(), 0
         guard = self._guard
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(guard.monitor, zmq.POLLIN)
+        ready_items = [(guard.monitor, zmq.POLLIN), (sock, zmq.POLLIN)]  # zmq_poll's
         try:
             while not self._stop.is_set():
-                ready = dict(poller.poll(100))
-                if guard.monitor in ready:
+                ready = zmq_poll(ready_items, 100)  # no Poller: it rebuilds its list each call
+                if ready and ready[0][0] is guard.monitor:
                     self._connection_events()
-                if sock in ready:
+                if ready and ready[-1][0] is sock:
                     for _ in range(256):  # bounded so housekeeping and stop stay responsive
                         try:
                             identity = sock.recv(zmq.NOBLOCK)
