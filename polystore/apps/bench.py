@@ -88,8 +88,9 @@ def sample_frames(shape, count: int = 4) -> list[np.ndarray]:
 def idle_samples(nbytes: int, scale: float = 1.0) -> int:
     """How many frames the idle-pipe latency is the median of: 2,000 for frames up to 1 MiB,
     300 for larger ones. One frame at a time, the latency switches between modes that each
-    last tens of milliseconds (on the 2-core VM: about 110 and 190 µs for the raw ring at
-    512², `scripts/trace_idle.py`), so 300 small frames (about 45 ms) can all fall in one."""
+    last tens of milliseconds (on the 2-core VM, for the raw ring at 512²: about 110–140 and
+    160–200 µs, `scripts/trace_idle.py`), so 300 small frames (about 45 ms) can all fall in
+    one."""
     return max(20, int((2000 if nbytes <= 1 << 20 else 300) * scale))
 
 
