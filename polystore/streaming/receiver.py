@@ -155,7 +155,7 @@ class Receiver:
         self._ready.set()
         last_tick, frames_at_tick = time.monotonic(), 0
         guard = self._guard
-        ready_items = [(guard.monitor, zmq.POLLIN), (sock, zmq.POLLIN)]  # zmq_poll's
+        ready_items = [(guard.monitor, zmq.POLLIN), (sock, zmq.POLLIN)]  # answered in order
         try:
             while not self._stop.is_set():
                 ready = zmq_poll(ready_items, 100)  # no Poller: it rebuilds its list each call
