@@ -287,13 +287,12 @@ class Connection:
             self.check_link()
         return not self.link.refused
 
-    def drain(self, ready: bool = False) -> None:
-        """Hand every reply already waiting to `on_reply`, without blocking; `ready`: zmq_poll
-        has just reported one, so it is read without asking ``EVENTS`` first."""
+    def drain(self) -> None:
+        """Hand every reply already waiting to `on_reply`, without blocking."""
         sock = self._sock
-        while sock is not None and (ready or sock.get(_EVENTS) & _POLLIN):
+        while sock is not None and sock.get(_EVENTS) & _POLLIN:
             self.on_reply(sock.recv(_NOBLOCK))
-            sock, ready = self._sock, False  # a handler may have closed it
+            sock = self._sock  # a handler may have closed it
 
     def poll(self, timeout: float) -> None:
         """Wait up to `timeout` seconds for link events or replies, and handle them (one
@@ -302,7 +301,7 @@ class Connection:
             if sock is self._monitor:
                 self.check_link()
             elif sock is self._sock:
-                self.drain(ready=True)
+                self.drain()  # asks EVENTS first: check_link may have read (or ZeroMQ dropped) it
 
     def check_link(self) -> None:
         """Notice a receiver that left (or a link that came up) before sending to nobody."""
