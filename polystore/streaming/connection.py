@@ -68,8 +68,10 @@ class Connection:
         self.link = LinkState()  # what the monitor says: up, handshaking, dropped, refused
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
-        self._ready_items: list = []  # zmq_poll's: link events first, then replies
-        self._hello_poller: zmq.Poller | None = None  # room to send a hello, or link events
+        # zmq_poll's lists, answered in order: link events first, then replies (or room to
+        # send a hello)
+        self._ready_items: list = []
+        self._room_items: list = []
         self._probe = None  # the shared-memory probe of the pending hello
         self._probe_finalizer: weakref.finalize | None = None  # unlinks it if never closed
         self._hello_deadline = 0.0
@@ -92,10 +94,8 @@ class Connection:
         self._monitor = sock.get_monitor_socket(LINK_EVENTS)
         sock.connect(self.endpoint)
         self.link = LinkState()
-        self._hello_poller = zmq.Poller()
-        self._hello_poller.register(sock, zmq.POLLOUT)
-        self._hello_poller.register(self._monitor, zmq.POLLIN)
         self._ready_items = [(self._monitor, zmq.POLLIN), (sock, zmq.POLLIN)]
+        self._room_items = [(self._monitor, zmq.POLLIN), (sock, zmq.POLLOUT)]
         self._sock = sock
 
     def close(self, goodbye: bytes | None = None, linger_ms: int = 0) -> None:
@@ -109,8 +109,8 @@ class Connection:
             self._sock.disable_monitor()
             self._monitor.close(linger=0)
             self._sock.close(linger=linger_ms)
-            self._sock = self._monitor = self._hello_poller = None
-            self._ready_items = []
+            self._sock = self._monitor = None
+            self._ready_items, self._room_items = [], []
         self.abandon_hello()
         self.state = State.CLOSED
 
@@ -283,7 +283,8 @@ class Connection:
         if not until_refused:
             self._sock.poll(remaining * 1000, zmq.POLLOUT)
             return True
-        if self._monitor in dict(self._hello_poller.poll(remaining * 1000)):
+        ready = zmq_poll(self._room_items, int(remaining * 1000))
+        if ready and ready[0][0] is self._monitor:
             self.check_link()
         return not self.link.refused
 
