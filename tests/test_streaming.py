@@ -390,6 +390,34 @@ def test_a_receiver_whose_bind_failed_can_be_started_again():
         receiver.stop()
 
 
+@pytest.mark.parametrize("name", ["path", "abstract"])
+def test_a_second_receiver_on_an_ipc_path_is_refused_and_the_first_keeps_it(tmp_path, name):
+    """ZeroMQ binds an ipc:// path by replacing the socket file there: a second receiver took
+    the path from the first without a word, and its senders reached the newcomer. It is
+    refused, as on a TCP port in use; a file left by a receiver that died is reused."""
+    endpoint = (f"ipc://{tmp_path}/napari" if name == "path"
+                else f"ipc://@polystore-test-{os.getpid()}-{time.monotonic_ns()}")
+    first = receiver_for(NapariStreamingBackend, endpoint).start()
+    second = receiver_for(NapariStreamingBackend, endpoint)
+    try:
+        with pytest.raises(OSError, match="cannot listen on .*another napari receiver"):
+            second.start()
+        assert not second.running
+        with NapariStreamingBackend(endpoint) as backend:
+            backend.save(np.ones((8, 8), np.uint16), "a/t0.tif")
+            backend.flush()
+        assert first.stats.frames == 1
+    finally:
+        first.stop()
+        second.stop()
+    if name == "path":  # what a killed receiver leaves: a socket file nobody listens on
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(f"{tmp_path}/stale")
+        stale.close()
+        receiver = receiver_for(NapariStreamingBackend, f"ipc://{tmp_path}/stale").start()
+        receiver.stop()
+
+
 def test_stream_key_derivation():
     exts = NapariStreamingBackend.SUPPORTED_EXTENSIONS
     assert stream_key("well_A01/t003.tif", exts) == "well_A01"

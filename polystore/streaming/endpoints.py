@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from urllib.parse import urlsplit
 
 
@@ -33,3 +34,24 @@ def check_bind_endpoint(endpoint: str, allow_remote: bool) -> str:
     if endpoint.endswith(":0"):
         endpoint = endpoint[:-2] + ":*"
     return endpoint
+
+
+def ipc_in_use(endpoint: str) -> bool:
+    """True if something listens on the Unix socket of an ``ipc://`` endpoint. ZeroMQ binds
+    an ipc path by replacing whatever socket file is there, so a second receiver on the same
+    path would silently take it from the first (TCP refuses a port in use instead). A file
+    left by a receiver that died accepts nothing: False, and the bind replaces it."""
+    if not endpoint.startswith("ipc://") or endpoint == "ipc://*":
+        return False
+    path = endpoint[len("ipc://"):]
+    if path.startswith("@"):  # Linux's abstract namespace, as ZeroMQ spells it
+        path = "\0" + path[1:]
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:  # no such file, not a socket, nobody listening: free to bind
+        return False
+    finally:
+        probe.close()
+    return True

@@ -12,12 +12,14 @@ senders whose hello set ``batch_acks`` get batched acks.
 
 from __future__ import annotations
 
+import errno
 import time
 
 import zmq
 
 from polystore.streaming import protocol as p
 from polystore.streaming.auth import ServerAuth
+from polystore.streaming.endpoints import ipc_in_use
 
 #: Complete messages ZeroMQ queues per connection before it stops reading that connection
 #: (senders keep at most `max_inflight`, 16 by default, unacknowledged).
@@ -50,6 +52,8 @@ def open_router(endpoint: str, server_auth: ServerAuth, max_message_bytes: int,
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     server_auth.apply(sock)
     try:
+        if ipc_in_use(endpoint):
+            raise zmq.ZMQError(errno.EADDRINUSE)
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
         sock.close()
