@@ -35,9 +35,11 @@ import multiprocessing as mp
 import os
 import platform
 import queue
+import shutil
 import statistics
 import struct
 import sys
+import tempfile
 import time
 from multiprocessing import shared_memory
 
@@ -51,7 +53,14 @@ SHAPES = {
 }
 
 
-def receiver_process(endpoint_q, stop, result_q) -> None:
+#: Where a run's receivers listen: TCP on loopback (the default, and all Fiji can use) or
+#: a Unix socket (``--transport ipc``, napari on the same machine); the raw ring and
+#: polystore always use the same one.
+TRANSPORTS = ("tcp", "ipc")
+LOOPBACK = "tcp://127.0.0.1:*"
+
+
+def receiver_process(endpoint_q, stop, result_q, listen: str = LOOPBACK) -> None:
     from polystore.streaming import NapariStreamingBackend, receiver_for
 
     bad = [0, 0]
@@ -64,7 +73,7 @@ def receiver_process(endpoint_q, stop, result_q) -> None:
         if head != tail:
             bad[1] += 1
 
-    receiver = receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", on_frame=on_frame)
+    receiver = receiver_for(NapariStreamingBackend, listen, on_frame=on_frame)
     receiver.start()
     endpoint_q.put(receiver.endpoint)
     stop.wait()
@@ -128,14 +137,15 @@ def _zmq_pull(endpoint: str, count: int, done: mp.Event) -> None:
     done.set()
 
 
-def bench_raw_zmq(context, shape, count: int) -> float:
+def bench_raw_zmq(context, shape, count: int, listen: str = LOOPBACK) -> float:
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, 4)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    sock.bind(listen)
     frame = np.random.default_rng(0).integers(0, 65535, shape, dtype=np.uint16)
     done = context.Event()
-    proc = context.Process(target=_zmq_pull, args=(f"tcp://127.0.0.1:{port}", count + 5, done))
+    proc = context.Process(target=_zmq_pull,
+                           args=(sock.getsockopt_string(zmq.LAST_ENDPOINT), count + 5, done))
     proc.start()
     for _ in range(5):
         sock.send(frame, copy=False)
@@ -154,7 +164,7 @@ _RING_HEADER = struct.Struct("<qi")  # seq, slot
 
 
 def ring_receiver_process(endpoint_q, stop, prefix: str, nbytes: int, curve: bool = False,
-                          pad: int = 0) -> None:
+                          pad: int = 0, listen: str = LOOPBACK) -> None:
     """The raw ring's receiving side: copy each frame out of its segment into a fresh array
     (as a receiver must before it acknowledges), acknowledge it, check the copy's stamp.
     `curve` and `pad` add what polystore's wire pays (scripts/bench_ring_costs.py): the
@@ -168,8 +178,8 @@ def ring_receiver_process(endpoint_q, stop, prefix: str, nbytes: int, curve: boo
         auth.apply(sock)
     else:
         sock = zmq.Context.instance().socket(zmq.ROUTER)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    endpoint_q.put(f"tcp://127.0.0.1:{port}")
+    sock.bind(listen)
+    endpoint_q.put(sock.getsockopt_string(zmq.LAST_ENDPOINT))
     views: dict[int, memoryview] = {}
     checked = torn = 0
     while not stop.is_set():
@@ -215,16 +225,16 @@ def close_ring_segments(segments: list, targets: list[np.ndarray]) -> None:
 
 
 def bench_raw_ring(context, shape, count: int, latency_samples: int, curve: bool = False,
-                   pad: int = 0) -> dict:
+                   pad: int = 0, listen: str = LOOPBACK) -> dict:
     """Throughput and idle-pipe latency of the raw ring (see the module docstring);
-    `curve`/`pad` as for `ring_receiver_process`."""
+    `curve`, `pad` and `listen` as for `ring_receiver_process`."""
     frames = sample_frames(shape)
     nbytes = frames[0].nbytes
     prefix = f"polystoreringbench_{os.getpid()}_"
     segments, targets = ring_segments(prefix, shape)
     endpoint_q, stop = context.Queue(), context.Event()
     proc = context.Process(target=ring_receiver_process,
-                           args=(endpoint_q, stop, prefix, nbytes, curve, pad))
+                           args=(endpoint_q, stop, prefix, nbytes, curve, pad, listen))
     proc.start()
     sock = zmq.Context.instance().socket(zmq.DEALER)
     if curve:
@@ -389,6 +399,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="few frames, for a smoke test")
     parser.add_argument("--rounds", type=int, default=3,
                         help="alternating rounds of polystore and the raw ring (default 3)")
+    parser.add_argument("--transport", choices=TRANSPORTS, default="tcp",
+                        help="how both receivers listen: tcp://127.0.0.1 (default) or ipc:// "
+                        "(a Unix socket, for napari on the same machine)")
     parser.add_argument("--json", metavar="OUT", help="also write the figures as JSON to OUT "
                         "(input of scripts/plot_bench.py)")
 
@@ -407,12 +420,19 @@ def run(args: argparse.Namespace) -> int:
     # spawn: the receiver process must not inherit this process's ZeroMQ state
     spawn = mp.get_context("spawn")
     endpoint_q, result_q, stop = spawn.Queue(), spawn.Queue(), spawn.Event()
-    proc = spawn.Process(target=receiver_process, args=(endpoint_q, stop, result_q))
+    transport = getattr(args, "transport", "tcp")
+    private = tempfile.mkdtemp(prefix="polystore-bench-")  # mode 0700: for ipc:// sockets
+
+    def listen(name: str) -> str:
+        return LOOPBACK if transport == "tcp" else f"ipc://{private}/{name}"
+
+    proc = spawn.Process(target=receiver_process,
+                         args=(endpoint_q, stop, result_q, listen("polystore")))
     proc.start()
     endpoint = endpoint_q.get(timeout=30)
 
     title = (f"polystore streaming benchmark ({platform.machine()}, "
-             f"{mp.cpu_count()} cores, Python {platform.python_version()})")
+             f"{mp.cpu_count()} cores, Python {platform.python_version()}, {transport})")
     print(f"# {title}")
     rows, ring_rows, ring_torn = [], [], 0
     try:
@@ -421,11 +441,12 @@ def run(args: argparse.Namespace) -> int:
             count = max(20, int(scale * min(20000, 8e9 / nbytes)))
             hot = bench_memcpy(shape, max(10, count // 4), working_set=False)
             cold = bench_memcpy(shape, max(10, count // 4), working_set=True)
-            rawzmq = bench_raw_zmq(spawn, shape, max(10, count // 2))
+            rawzmq = bench_raw_zmq(spawn, shape, max(10, count // 2), listen("zmq"))
             samples = idle_samples(nbytes, scale)
             ring_rounds, our_rounds = [], []
             for _ in range(rounds):  # alternated, so load from elsewhere hits both alike
-                ring_rounds.append(bench_raw_ring(spawn, shape, count, samples))
+                ring_rounds.append(bench_raw_ring(spawn, shape, count, samples,
+                                                  listen=listen("ring")))
                 our_rounds.append(bench_polystore(endpoint, shape, count, samples))
             ours = _median_round(our_rounds)
             ring_torn += sum(r.pop("torn") for r in ring_rounds)
@@ -437,6 +458,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         stop.set()
         proc.join(30)
+        shutil.rmtree(private, ignore_errors=True)
     checked = result_q.get(timeout=10)
 
     print()
