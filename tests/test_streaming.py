@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from multiprocessing import shared_memory
@@ -986,6 +987,95 @@ def test_lease_falls_back_to_a_copy_for_inline_transport(receiver_proc):
             frame[...] = 7
         got = received(b)
     assert [g["digest"] for g in got] == [digest(np.full((5, 6), 7, np.uint8))]
+
+
+def test_close_in_another_thread_during_a_lease_leaves_the_lease_usable():
+    """close() unmapped a segment a lease in another thread was still writing into, and the
+    process died of SIGSEGV on the next write (a Ctrl-C leaving `with backend:` while a worker
+    thread computes into its lease). The write must land, the block must end with the
+    sender's "closed" error, and no segment may stay behind."""
+    script = textwrap.dedent("""
+        import sys, threading, time
+        import numpy as np
+        from polystore.streaming import NapariStreamingBackend, receiver_for
+        rx = receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0",
+                          on_frame=lambda f: None).start()
+        backend = NapariStreamingBackend(rx.endpoint)
+        backend.save(np.zeros((4, 4), np.uint8), "warm/t0.tif")  # handshake done
+        inside, outcome = threading.Event(), []
+        def worker():
+            try:
+                with backend.lease("l/t0.tif", (512, 512), "uint16") as frame:
+                    inside.set()
+                    time.sleep(0.5)
+                    frame[...] = 7  # after close(): must still be mapped
+                    outcome.append(int(frame[-1, -1]))
+            except RuntimeError as exc:
+                outcome.append(str(exc))
+        thread = threading.Thread(target=worker)
+        thread.start()
+        inside.wait(10)
+        backend.close()
+        thread.join(10)
+        rx.stop()
+        print(outcome)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    written, error = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307 - our own print
+    assert written == 7
+    assert "closed" in error
+
+
+def test_the_end_of_a_lease_raises_an_earlier_rejection_and_sends_nothing():
+    """With shared memory the end of a lease() block sent its frame without raising the
+    receiver's rejection of an earlier one, which inline transport (and save()) raised
+    first, as docs/streaming.md says."""
+    bad = {"type": "error", "v": 1, "seq": 0, "code": "bad_shape", "message": "frame 0 is wrong"}
+
+    class SharedMemoryReceiver(ScriptedReceiver):
+        def answer(self, identity, message):
+            reply = super().answer(identity, message)
+            if message["type"] == "hello":
+                reply["shm"] = True  # segments are never read here: only names matter
+            if message.get("seq") == 0:
+                time.sleep(0.3)  # the rejection comes back while the lease below is open
+            return reply
+
+    with SharedMemoryReceiver(answers={0: bad}) as rx:
+        b = NapariStreamingBackend(rx.endpoint)
+        try:
+            b.save(np.zeros((4, 4), np.uint8), "r/t0.tif")
+            with pytest.raises(FrameRejectedError, match="frame 0 is wrong"):
+                with b.lease("r/t1.tif", (4, 4), "uint8") as frame:
+                    frame[...] = 1
+                    time.sleep(0.8)
+            assert b.sender.stats.frames == 1
+            assert b.sender.pool.busy_count == 0
+            b.save(np.zeros((4, 4), np.uint8), "r/t2.tif")  # and the stream goes on
+            b.flush()
+        finally:
+            b.close()
+    assert [m["path"] for m in rx.seen if m["type"] == "frame"] == ["r/t0.tif", "r/t2.tif"]
+
+
+def test_an_infinite_timeout_waits_without_limit():
+    """timeout=float("inf") was accepted, then the first wait for credits overflowed
+    ZeroMQ's int of milliseconds (OverflowError out of save()); flush(inf) too."""
+    slow = receiver_for(NapariStreamingBackend, free_endpoint(),
+                        on_frame=lambda frame: time.sleep(0.05)).start()
+    try:
+        with NapariStreamingBackend(slow.endpoint, max_inflight=2, timeout=float("inf"),
+                                    connect_timeout=float("inf")) as b:
+            for i in range(6):  # the window fills: every save from the third waits
+                b.save(np.zeros((8, 8), np.uint8), f"inf/t{i}.tif")
+            b.flush(timeout=float("inf"))
+            assert b.sender.stats.acked == 6
+        with pytest.raises(ValueError, match=r"timeout must be a number of seconds > 0"):
+            NapariStreamingBackend(slow.endpoint, timeout=float("nan"))
+    finally:
+        slow.stop()
 
 
 # -- regressions found in review ---------------------------------------------------------------

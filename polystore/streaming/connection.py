@@ -34,6 +34,13 @@ from polystore.streaming.shm import create_probe, destroy, unlink_unless_forked
 # zmq's flags as plain ints: enum arithmetic costs more than the send it configures.
 _NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+#: The longest single wait; every wait loops until its own deadline, so a timeout of
+#: ``float("inf")`` (or 1e20) means "no limit" instead of overflowing ZeroMQ's int of ms.
+_MAX_POLL_S = 60.0
+
+
+def _poll_ms(seconds: float) -> int:
+    return int(min(max(0.0, seconds), _MAX_POLL_S) * 1000)
 
 
 class State(enum.Enum):
@@ -281,9 +288,9 @@ class Connection:
         if remaining <= 0:
             return False
         if not until_refused:
-            self._sock.poll(remaining * 1000, zmq.POLLOUT)
+            self._sock.poll(_poll_ms(remaining), zmq.POLLOUT)
             return True
-        ready = zmq_poll(self._room_items, int(remaining * 1000))
+        ready = zmq_poll(self._room_items, _poll_ms(remaining))
         if ready and ready[0][0] is self._monitor:
             self.check_link()
         return not self.link.refused
@@ -298,7 +305,7 @@ class Connection:
     def poll(self, timeout: float) -> None:
         """Wait up to `timeout` seconds for link events or replies, and handle them (one
         zmq_poll: no per-socket ``EVENTS`` reads, which cost about a microsecond each)."""
-        for sock, _ in zmq_poll(self._ready_items, int(max(0.0, timeout) * 1000)):
+        for sock, _ in zmq_poll(self._ready_items, _poll_ms(timeout)):
             if sock is self._monitor:
                 self.check_link()
             elif sock is self._sock:

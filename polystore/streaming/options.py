@@ -61,7 +61,8 @@ class SenderOptions:
         for name in ("timeout", "connect_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+                raise ValueError(f"{name} must be a number of seconds > 0 (float('inf'): no "
+                                 f"limit), got {value!r}")
 
 
 class _StreamFields(msgspec.Struct, omit_defaults=True):

@@ -124,10 +124,15 @@ class StreamSender(Delivery):
                 self.send_array(array, path, meta, axes)
             return
         try:
-            yield np.ndarray(shape, dtype=dtype, buffer=segment.buf)
+            # frombuffer holds the mapping open while the array lives: close() in another
+            # thread then leaves it mapped (np.ndarray(buffer=...) let it be unmapped under
+            # the block, which crashed the process on its next write)
+            yield np.frombuffer(segment.buf, dtype, header.nbytes // dtype.itemsize
+                                ).reshape(shape)
             with self._lock:
                 connected = self._ensure_connected()  # the viewer may have left meanwhile
                 if connected:
+                    self._credits.raise_pending()  # as send_array does: rejections first
                     header.segment, header.sent_ns = segment.name, time.time_ns()
                     header.dropped = self.stats.unsent
                     encoded = encode_header(header, path)

@@ -68,16 +68,18 @@ class Segment:
         _posixshmem.shm_unlink("/" + self.name)
 
     def close(self) -> None:
-        """Unmap and drop the lock; raises BufferError while a NumPy view still uses it."""
+        """Unmap and drop the lock; raises BufferError while a NumPy array made on it (a
+        lease's) still uses it, and the mapping, which holds its own descriptor and so the
+        lock, goes with that array."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         if self.buf is not None:
             self.buf.release()
             self.buf = None
         if self._map is not None:
             self._map.close()
             self._map = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
 
 def _allocate(fd: int, name: str, size: int) -> None:
