@@ -1345,3 +1345,22 @@ def test_every_name_taken_is_an_oserror_saying_what_to_do(monkeypatch):
     finally:
         for name in squatted:
             remove_segment(name)
+
+
+def test_an_empty_frame_numpy_cannot_shape_is_refused_as_bad_shape():
+    """shape [0, 2**31-1, 2**31-1] float64 with nbytes 0 passes the protocol's checks, but
+    NumPy cannot make such an array: the receiver answered `internal` and logged a traceback
+    for each one. It is the sender's shape that is wrong: bad_shape, and the next frame goes."""
+    rx = receiver_for(NapariStreamingBackend, free_endpoint()).start()
+    peer = Peer(rx.endpoint, "emptybig")
+    try:
+        assert isinstance(peer.hello(probe=False), p.Welcome)
+        header = {"v": 1, "type": "frame", "seq": 1, "stream": "s", "path": "s.tif",
+                  "shape": [0, 2**31 - 1, 2**31 - 1], "dtype": "float64", "nbytes": 0,
+                  "sent_ns": 0}
+        reply = peer.request(header, b"")
+        assert isinstance(reply, p.Error) and reply.code == p.BAD_SHAPE, reply
+        assert isinstance(peer.request({**header, "seq": 2, "shape": [0, 5]}, b""), p.Ack)
+    finally:
+        peer.close()
+        rx.stop()

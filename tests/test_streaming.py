@@ -39,6 +39,7 @@ from polystore.streaming import protocol as p
 from polystore.streaming.auth import client_keys, resolve_auth
 from polystore.streaming.connection import State
 from polystore.streaming.router import ACK_BATCH, ACK_BATCH_BYTES
+from polystore.streaming.shm import SHM_DIR
 from tests.stream_helpers import ScriptedReceiver, digest, start_receiver
 
 DTYPES = list(p.DTYPES)
@@ -365,6 +366,51 @@ def test_stop_returns_promptly_while_a_slow_viewer_callback_is_fed():
         receiver.start()  # it used to return as if listening, and served nothing
 
 
+def test_stop_returns_after_a_connection_flood_while_the_viewer_was_busy():
+    """Any account opening and closing connections in a loop while the receiver thread is
+    busy in the viewer's callback fills ZeroMQ's monitor queue; ZeroMQ's I/O thread then
+    waits to write the next event, holding the socket's monitor lock, and stop() called
+    disable_monitor(), which waited for that lock for ever holding the GIL: the whole
+    process (napari) froze. Run in a child, which the old code left hanging."""
+    child_code = textwrap.dedent("""
+        import sys, threading
+        import numpy as np
+        from polystore.streaming import NapariStreamingBackend, receiver_for
+        gate = threading.Event()
+        rx = receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0",
+                          on_frame=lambda f: gate.wait(60)).start()
+        with NapariStreamingBackend(rx.endpoint) as b:
+            b.save(np.zeros((4, 4), np.uint8), "hold/t0.tif")
+            b.flush()  # acked: the receiver thread is now in the callback
+        print(rx.endpoint, flush=True)
+        sys.stdin.readline()  # the flood is over
+        stopper = threading.Thread(target=rx.stop, kwargs={"timeout": 10})
+        stopper.start()
+        gate.set()
+        stopper.join()
+        print("stopped", flush=True)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", child_code], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        host, port = child.stdout.readline().strip().removeprefix("tcp://").rsplit(":", 1)
+        opened, deadline = 0, time.monotonic() + 4
+        while time.monotonic() < deadline:  # no credential needed: plain TCP
+            with socket.socket() as conn:
+                conn.settimeout(0.2)
+                with contextlib.suppress(OSError):
+                    conn.connect((host, int(port)))
+                    opened += 1
+        assert opened > 600  # enough events to fill the monitor's queue
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.wait(timeout=30) == 0
+        assert child.stdout.read().strip() == "stopped"
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_a_receiver_whose_bind_failed_can_be_started_again():
     """start() after a failed bind raised "already started" (it never served); the port
     freed, the same receiver must be able to listen."""
@@ -401,7 +447,7 @@ def test_a_second_receiver_on_an_ipc_path_is_refused_and_the_first_keeps_it(tmp_
     first = receiver_for(NapariStreamingBackend, endpoint).start()
     second = receiver_for(NapariStreamingBackend, endpoint)
     try:
-        with pytest.raises(OSError, match="cannot listen on .*another napari receiver"):
+        with pytest.raises(OSError, match="cannot listen on .*another receiver"):
             second.start()
         assert not second.running
         with NapariStreamingBackend(endpoint) as backend:
@@ -417,6 +463,47 @@ def test_a_second_receiver_on_an_ipc_path_is_refused_and_the_first_keeps_it(tmp_
         stale.close()
         receiver = receiver_for(NapariStreamingBackend, f"ipc://{tmp_path}/stale").start()
         receiver.stop()
+
+
+def test_an_ipc_path_that_is_a_file_or_a_busy_listener_is_refused(tmp_path):
+    """ZeroMQ deletes whatever is at an ipc path it binds: a user's file of that name was
+    lost, and a listener whose accept queue was full (EAGAIN) counted as free."""
+    data = tmp_path / "results.csv"
+    data.write_text("keep me")
+    with pytest.raises(OSError, match="exists and is not a socket"):
+        receiver_for(NapariStreamingBackend, f"ipc://{data}").start()
+    assert data.read_text() == "keep me"
+    busy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    queued = []
+    try:
+        busy.bind(f"{tmp_path}/busy")
+        busy.listen(0)  # never accepts: its queue fills at once
+        for _ in range(4):
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.setblocking(False)
+            queued.append(conn)
+            with contextlib.suppress(BlockingIOError):
+                conn.connect(f"{tmp_path}/busy")
+        with pytest.raises(OSError, match="another receiver .or program. is listening"):
+            receiver_for(NapariStreamingBackend, f"ipc://{tmp_path}/busy").start()
+    finally:
+        for conn in queued:
+            conn.close()
+        busy.close()
+    with pytest.raises(ValueError, match="inproc:// reaches only sockets of one"):
+        receiver_for(NapariStreamingBackend, "inproc://napari")
+
+
+def test_a_start_that_does_not_finish_binding_in_time_says_so():
+    """start() ignored its own timeout: it returned a receiver that was not listening yet
+    (its endpoint still "tcp://127.0.0.1:*"), and a bind error after that was never told."""
+    receiver = receiver_for(NapariStreamingBackend, free_endpoint())
+    with pytest.raises(TimeoutError, match="was not listening on .* within 0 s"):
+        receiver.start(timeout=0)
+    deadline = time.monotonic() + 10
+    while receiver.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not receiver.running
 
 
 def test_stream_key_derivation():
@@ -775,6 +862,21 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+def test_a_segment_name_with_an_impossible_pid_neither_stops_a_receiver_nor_is_removed():
+    """Any account can create /dev/shm/napari_<huge number>_x_0; os.kill of that pid raised
+    OverflowError out of the start-up sweep, so no receiver could start (nor `polystore shm
+    list` run)."""
+    name = "napari_99999999999999999999_x_0"
+    (SHM_DIR / name).write_bytes(b"")
+    try:
+        receiver = receiver_for(NapariStreamingBackend, free_endpoint()).start()
+        receiver.stop()
+        assert [s.owner_alive for s in list_segments(["napari_"]) if s.name == name] == [True]
+        assert (SHM_DIR / name).exists()  # not a name polystore makes: not ours to remove
+    finally:
+        (SHM_DIR / name).unlink(missing_ok=True)
+
+
 def test_sweep_removes_only_dead_owners_segments():
     dead = _dead_pid()
     orphan = shared_memory.SharedMemory(name=f"napari_{dead}_abcd_0", create=True, size=4096)
@@ -1076,6 +1178,63 @@ def test_an_infinite_timeout_waits_without_limit():
             NapariStreamingBackend(slow.endpoint, timeout=float("nan"))
     finally:
         slow.stop()
+
+
+@pytest.mark.parametrize("policy", ["block", "latest", "raise"])
+def test_a_save_that_needs_the_memory_of_its_own_open_lease_never_waits(receiver_proc, policy):
+    """A save inside a lease() block whose segment holds the byte budget waited `timeout`
+    for acks that could never come (nothing was in flight), then declared the healthy
+    receiver lost and handshook again. It is refused at once (dropped under 'latest'), and
+    the lease's own frame still goes."""
+    frame = (1024, 1024)  # 2 MiB: two do not fit in 3 MiB
+    with NapariStreamingBackend(receiver_proc.endpoint, policy=policy, timeout=3,
+                                max_inflight_bytes=3 * 2**20) as b:
+        b.request("clear")
+        with b.lease("own/t0.tif", frame, "uint16") as leased:
+            leased[...] = 1
+            started = time.monotonic()
+            if policy == "latest":
+                b.save(np.zeros(frame, np.uint16), "own/t1.tif")
+                assert b.sender.stats.dropped == 1
+            else:
+                with pytest.raises(BackpressureError, match="open lease.. blocks hold the "
+                                   "shared memory .*max_inflight_bytes=3,145,728"):
+                    b.save(np.zeros(frame, np.uint16), "own/t1.tif")
+            assert time.monotonic() - started < 1.0
+        got = received(b)
+        assert [g["path"] for g in got] == ["own/t0.tif"]
+        assert b.sender.stats.handshakes == 1 and b.sender.stats.lost == 0
+
+
+def test_threads_whose_leases_exceed_the_budget_wait_for_each_other(receiver_proc):
+    """Threads leasing more than max_inflight_bytes at once: a lease that found the memory
+    held by the others' blocks waited for acks that could not come, holding the sender's
+    lock, so the other blocks could not end either; after `timeout` it declared the
+    receiver lost and frames were lost. Now it waits for another block to end."""
+    with NapariStreamingBackend(receiver_proc.endpoint, timeout=5,
+                                max_inflight_bytes=2 * 2**20 + 8192) as b:  # two 1 MiB frames
+        b.request("clear")
+        errors = []
+
+        def worker(k: int) -> None:
+            for t in range(3):
+                try:
+                    with b.lease(f"th{k}/t{t}.tif", (512, 1024), "uint16") as leased:
+                        leased[...] = 10 * k + t
+                        time.sleep(0.1)  # a pipeline step computing into it
+                except Exception as exc:  # noqa: BLE001 - collected for the assertion
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert errors == []
+        got = received(b)
+        assert sorted(g["path"] for g in got) == sorted(
+            f"th{k}/t{t}.tif" for k in range(3) for t in range(3))
+        assert b.sender.stats.handshakes == 1 and b.sender.stats.lost == 0
 
 
 # -- regressions found in review ---------------------------------------------------------------

@@ -93,6 +93,11 @@ class ConnectionGuard:
             pass  # already gone
 
     def close(self) -> None:
-        self._sock.disable_monitor()
+        """Stop watching, without `disable_monitor()`: when a flood of connections filled
+        the monitor's queue while the receiver was busy, ZeroMQ's I/O thread waits to write
+        the next event holding the socket's monitor lock, and `disable_monitor()` would
+        wait for that lock for ever, holding the GIL (every thread of the viewer frozen).
+        Closing the socket and terminating its context (which lets go of the GIL) ends the
+        monitor instead."""
         self.monitor.close(linger=0)
 

@@ -66,11 +66,14 @@ class CreditWindow:
         nbytes: int,
         use_shm: bool,
         wait: Callable[[float | None], None],
+        wait_for_leases: Callable[[int], bool],
     ) -> shared_memory.SharedMemory | None:
         """Wait (or drop, or raise, per policy) until message `seq` may go; returns its
-        segment when it travels by shared memory. `wait(seconds)` handles the replies that
-        arrive within that time (acks return credits) and raises if the receiver is lost
-        or the time is up; `wait(None)` only handles those already there."""
+        segment when it travels by shared memory (None: dropped). `wait(seconds)` handles
+        the replies that arrive within that time (acks return credits) and raises if the
+        receiver is lost or the time is up; `wait(None)` only handles those already there.
+        `wait_for_leases(nbytes)` is asked when open leases hold the memory and nothing is
+        in flight, so no ack can free it: True once a lease ended, False to drop."""
         options = self.options
         if nbytes > options.max_inflight_bytes:
             raise UnstreamableDataError(
@@ -85,6 +88,10 @@ class CreditWindow:
                     segment = self.pool.acquire(seq, nbytes)
                     if segment is not None:
                         return segment
+                    if not self._sent_at:
+                        if not wait_for_leases(nbytes):
+                            return None
+                        continue
                 elif self.inline_bytes + nbytes <= options.max_inflight_bytes:
                     return None
             if not waited_once:  # acks that already arrived free credits: count them first

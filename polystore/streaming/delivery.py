@@ -26,7 +26,7 @@ import numpy as np
 from polystore.streaming import protocol as p
 from polystore.streaming.connection import Connection
 from polystore.streaming.credits import CreditWindow
-from polystore.streaming.errors import ReceiverLostError
+from polystore.streaming.errors import BackpressureError, ReceiverLostError
 from polystore.streaming.options import SenderOptions, SenderStats, StreamMeta
 from polystore.streaming.replies import ReplyHandler
 from polystore.streaming.shm import SHM_DIR
@@ -63,6 +63,7 @@ def _after_fork_in_child() -> None:
     for sender in list(_live_senders):
         sender._inherited = True
         sender._lock = threading.RLock()
+        sender._lease_ended = threading.Condition(sender._lock)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -82,6 +83,7 @@ class Delivery:
         #: save()-to-ack times in seconds of the last 100k messages (benchmarks read this)
         self.latencies: deque[float] = deque(maxlen=100_000)
         self._lock = threading.RLock()
+        self._lease_ended = threading.Condition(self._lock)  # notified as a lease() ends
         self._closed = False
         self._reset_process_state()
         _live_senders.add(self)
@@ -100,12 +102,14 @@ class Delivery:
                     self._wait_or_lose(lambda: not self._credits, waited, 4 * waited)
             self._connection.close(goodbye=_BYE, linger_ms=200)
             self._credits.close()
+            self._lease_ended.notify_all()  # a save waiting for leases hears of the close
 
     def _reset_process_state(self) -> None:
         """Fresh connection and credits for this process (also after a fork)."""
         _close_all_at_this_process_exit()
         self._inherited = False
         self._pid = os.getpid()
+        self._lease_owners: dict[int, int] = {}  # seq of an open lease -> its thread's ident
         describe = f"the {self.viewer} receiver at {self.endpoint}"
         self._credits = CreditWindow(self.options, self.shm_prefix, stats=self.stats,
                                      latencies=self.latencies, describe=describe,
@@ -192,7 +196,30 @@ class Delivery:
         self.stats.unsent += 1
 
     def _reserve(self, seq: int, nbytes: int, use_shm: bool):
-        return self._credits.reserve(seq, nbytes, use_shm, self._wait_for_credits)
+        return self._credits.reserve(seq, nbytes, use_shm, self._wait_for_credits,
+                                     self._wait_for_leases)
+
+    def _wait_for_leases(self, nbytes: int) -> bool:
+        """Open lease() blocks hold the shared memory a frame of `nbytes` needs, and nothing
+        is in flight, so no ack can free it: wait (the lock released) for another thread's
+        lease to end; False to drop the frame (policy 'latest'); raise when waiting cannot
+        help (this thread's own leases, policy 'raise') or `timeout` passes."""
+        if self.options.policy == "latest":
+            return False
+        held = (f"open lease() blocks hold the shared memory a frame of {nbytes:,} bytes "
+                f"needs (max_inflight_bytes={self.options.max_inflight_bytes:,})")
+        me = threading.get_ident()
+        if self.options.policy == "raise" or all(o == me for o in self._lease_owners.values()):
+            raise BackpressureError(f"{held}: save it after the lease block ends, or raise "
+                                    "max_inflight_bytes")
+        ended = self._lease_ended.wait(self.options.timeout)
+        if self._closed:
+            raise RuntimeError(f"this {self.viewer} stream sender is closed")
+        if not ended:
+            raise BackpressureError(f"{held}, and no other thread's lease block ended within "
+                                    f"timeout={self.options.timeout:g} s: end lease blocks "
+                                    "sooner, or raise max_inflight_bytes")
+        return True
 
     def _wait_for_credits(self, timeout: float | None) -> None:
         if timeout is None:

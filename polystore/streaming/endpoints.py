@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import os
 import socket
+import stat
 from urllib.parse import urlsplit
 
 
@@ -21,8 +24,12 @@ def is_loopback(endpoint: str) -> bool:
 def check_bind_endpoint(endpoint: str, allow_remote: bool) -> str:
     """Refuse to listen beyond loopback unless asked; ``:0`` means any free port."""
     parts = urlsplit(endpoint)
-    if parts.scheme == "ipc" or parts.scheme == "inproc":
+    if parts.scheme == "ipc":
         return endpoint
+    if parts.scheme == "inproc":
+        raise ValueError(f"cannot listen on {endpoint}: inproc:// reaches only sockets of one "
+                         "ZeroMQ context, and a receiver has its own. Use tcp://127.0.0.1:PORT "
+                         "or, for napari on this machine, ipc://PATH")
     if parts.scheme != "tcp" or not parts.hostname:
         raise ValueError(f"endpoint must look like tcp://127.0.0.1:PORT, got {endpoint!r}")
     host = parts.hostname
@@ -36,22 +43,37 @@ def check_bind_endpoint(endpoint: str, allow_remote: bool) -> str:
     return endpoint
 
 
-def ipc_in_use(endpoint: str) -> bool:
-    """True if something listens on the Unix socket of an ``ipc://`` endpoint. ZeroMQ binds
-    an ipc path by replacing whatever socket file is there, so a second receiver on the same
-    path would silently take it from the first (TCP refuses a port in use instead). A file
-    left by a receiver that died accepts nothing: False, and the bind replaces it."""
+def check_ipc_path(endpoint: str) -> None:
+    """Raise OSError unless an ``ipc://`` endpoint's path is free for a receiver. ZeroMQ
+    binds an ipc path by deleting whatever file is there: a second receiver would silently
+    take the path (and its senders) from the first, where TCP refuses a port in use, and a
+    user's file of that name would be lost. A socket left by a receiver that died accepts
+    nothing, and a symbolic link is replaced, not followed: the bind may reuse either."""
     if not endpoint.startswith("ipc://") or endpoint == "ipc://*":
-        return False
+        return
     path = endpoint[len("ipc://"):]
     if path.startswith("@"):  # Linux's abstract namespace, as ZeroMQ spells it
         path = "\0" + path[1:]
+    else:
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            mode = None  # nothing there (or unreachable: the bind will say why)
+        if mode is not None and not (stat.S_ISSOCK(mode) or stat.S_ISLNK(mode)):
+            raise OSError(f"cannot listen on {endpoint}: {path} exists and is "
+                          "not a socket, and listening there would delete it. Choose another "
+                          "path")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:
         probe.connect(path)
-    except OSError:  # no such file, not a socket, nobody listening: free to bind
-        return False
+    except OSError as exc:
+        # refused or missing: nobody listens there; a full backlog (EAGAIN) or a wait that
+        # timed out: someone does; anything else (a path too long...): the bind says why
+        if exc.errno not in (errno.EAGAIN, errno.ETIMEDOUT) and not isinstance(
+                exc, TimeoutError):
+            return
     finally:
         probe.close()
-    return True
+    raise OSError(f"cannot listen on {endpoint}: another receiver (or program) is listening "
+                  "there. Stop it or choose another path")

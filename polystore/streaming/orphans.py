@@ -31,12 +31,17 @@ class SegmentInfo:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs here; True when we cannot tell (a number too large for a pid, as
+    any account can put in a file name: never ours to remove, and never an OverflowError
+    that stops a receiver from starting)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True  # exists, belongs to someone else
+    except (OverflowError, ValueError):
+        return True
     return True
 
 

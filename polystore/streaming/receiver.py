@@ -103,7 +103,12 @@ class Receiver:
         self._thread = threading.Thread(target=self.run, name=f"polystore-{self.viewer}-rx",
                                         daemon=True)
         self._thread.start()
-        self._ready.wait(timeout)
+        if not self._ready.wait(timeout):
+            self._stop.set()  # it ends as soon as it is bound, unused
+            raise TimeoutError(f"the {self.viewer} receiver was not listening on "
+                               f"{self.endpoint} within {timeout:g} s (its start-up sweep of "
+                               "shared memory, or the bind, took longer); create a new "
+                               "Receiver and start it with a longer timeout")
         if self._bind_error is not None:  # never served: it may be started again
             error, self._bind_error, self._thread = self._bind_error, None, None
             self._ready.clear()

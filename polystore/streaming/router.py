@@ -19,7 +19,7 @@ import zmq
 
 from polystore.streaming import protocol as p
 from polystore.streaming.auth import ServerAuth
-from polystore.streaming.endpoints import ipc_in_use
+from polystore.streaming.endpoints import check_ipc_path
 
 #: Complete messages ZeroMQ queues per connection before it stops reading that connection
 #: (senders keep at most `max_inflight`, 16 by default, unacknowledged).
@@ -52,13 +52,16 @@ def open_router(endpoint: str, server_auth: ServerAuth, max_message_bytes: int,
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     server_auth.apply(sock)
     try:
-        if ipc_in_use(endpoint):
-            raise zmq.ZMQError(errno.EADDRINUSE)
+        check_ipc_path(endpoint)
         sock.bind(endpoint)
+    except OSError:
+        sock.close()
+        raise
     except zmq.ZMQError as exc:
         sock.close()
-        raise OSError(f"cannot listen on {endpoint}: {exc}. Is another {viewer} receiver "
-                      "already running there? Stop it or choose another endpoint") from None
+        hint = (f"Is another {viewer} receiver already running there? Stop it or choose "
+                "another endpoint" if exc.errno == errno.EADDRINUSE else "Check the endpoint")
+        raise OSError(f"cannot listen on {endpoint}: {exc}. {hint}") from None
     return sock
 
 

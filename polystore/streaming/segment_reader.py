@@ -155,7 +155,11 @@ class SegmentReader:
     def copy_frame(self, frame: p.Frame, payload) -> np.ndarray:
         """A validated frame's pixels in an array of our own, out of its segment or its
         inline `payload`; raises ProtocolError (bad_segment, segment_missing)."""
-        array = self.arrays.empty(tuple(frame.shape), WIRE_DTYPES[frame.dtype], frame.nbytes)
+        try:
+            array = self.arrays.empty(tuple(frame.shape), WIRE_DTYPES[frame.dtype],
+                                      frame.nbytes)
+        except ValueError as exc:  # an empty frame whose other dimensions NumPy cannot index
+            raise p.ProtocolError(p.BAD_SHAPE, f"shape {frame.shape}: {exc}", frame.seq) from None
         if frame.segment is None and not frame.nbytes:
             return array
         # an empty frame still names a segment to check (and a view with a 0 in its shape

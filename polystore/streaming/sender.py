@@ -12,6 +12,7 @@ once. Everything runs in the caller's thread: no background thread, no sleeps.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -79,6 +80,9 @@ class StreamSender(Delivery):
             wire_dtype = array.dtype.newbyteorder("<")
             if self._connection.use_shm and header.nbytes:
                 segment = self._reserve(seq, header.nbytes, True)
+                if segment is None:  # policy latest: open leases hold the memory
+                    self._count_unsent()
+                    return -1
                 try:  # the segment is ours until the message is tracked: give it back
                     header.segment = segment.name
                     np.copyto(np.ndarray(array.shape, wire_dtype, segment.buf), array,
@@ -117,12 +121,18 @@ class StreamSender(Delivery):
             seq, header = self._admit_frame(path, meta, axes, shape, dtype)
             shm = seq >= 0 and self._connection.use_shm and header.nbytes > 0
             segment = self._reserve(seq, header.nbytes, True) if shm else None
+            if shm and segment is None:  # policy latest: open leases hold the memory
+                self._count_unsent()
+                seq = -1
+            if segment is not None:
+                self._lease_owners[seq] = threading.get_ident()
         if segment is None:  # dropped by policy (not sent) or inline (sent on exit)
             array = np.empty(shape, dtype)
             yield array
             if seq >= 0:
                 self.send_array(array, path, meta, axes)
             return
+        sent = False
         try:
             # frombuffer holds the mapping open while the array lives: close() in another
             # thread then leaves it mapped (np.ndarray(buffer=...) let it be unmapped under
@@ -130,22 +140,21 @@ class StreamSender(Delivery):
             yield np.frombuffer(segment.buf, dtype, header.nbytes // dtype.itemsize
                                 ).reshape(shape)
             with self._lock:
-                connected = self._ensure_connected()  # the viewer may have left meanwhile
-                if connected:
-                    self._credits.raise_pending()  # as send_array does: rejections first
-                    header.segment, header.sent_ns = segment.name, time.time_ns()
-                    header.dropped = self.stats.unsent
-                    encoded = encode_header(header, path)
-        except BaseException:
+                if not self._ensure_connected():  # the viewer left meanwhile (policy latest)
+                    self._count_unsent()
+                    return
+                self._credits.raise_pending()  # as send_array does: rejections first
+                header.segment, header.sent_ns = segment.name, time.time_ns()
+                header.dropped = self.stats.unsent
+                encoded = encode_header(header, path)
+                sent = True  # from here on the segment is the message's (or given up)
+                self._send_frame(seq, header, [encoded], started, 0)
+        finally:
             with self._lock:
-                self._credits.release_unsent(seq)
-            raise
-        with self._lock:
-            if not connected:  # policy latest
-                self._credits.release_unsent(seq)
-                self._count_unsent()
-                return
-            self._send_frame(seq, header, [encoded], started, 0)
+                if not sent:
+                    self._credits.release_unsent(seq)
+                self._lease_owners.pop(seq, None)
+                self._lease_ended.notify_all()  # a save waiting for the memory tries again
 
     def send_rois(self, rois: list[p.Roi], path: str, meta: StreamMeta,
                   axes: dict[str, int] | None = None) -> int:
