@@ -1080,6 +1080,9 @@ def test_lease_computes_in_shared_memory_and_sends_without_a_copy(backend):
         backend.lease("lease/table.csv", (4, 4))
     with pytest.raises(UnstreamableDataError, match="dtype"):
         backend.lease("lease/c.tif", (4, 4), "complex64")
+    for shape in [(), (-1, 3), 3.5, (2,) * 9]:  # a bare ValueError, or truncated to 3
+        with pytest.raises(UnstreamableDataError, match=r"shape must be 1 to 8 whole numbers"):
+            backend.lease("lease/s.tif", shape)
 
 
 def test_lease_falls_back_to_a_copy_for_inline_transport(receiver_proc):

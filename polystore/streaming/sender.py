@@ -22,7 +22,7 @@ import numpy as np
 from polystore.streaming import protocol as p
 from polystore.streaming.connection import State
 from polystore.streaming.delivery import Delivery
-from polystore.streaming.errors import ReceiverLostError
+from polystore.streaming.errors import ReceiverLostError, UnstreamableDataError
 from polystore.streaming.options import StreamMeta, encode_header, to_wire_array
 from polystore.streaming.shm import SegmentPool
 
@@ -108,8 +108,14 @@ class StreamSender(Delivery):
         to a scratch array that is not sent when policy 'latest' drops the frame. An
         exception in the block releases the segment and sends nothing.
         """
-        shape = tuple(int(n) for n in np.atleast_1d(shape))
-        dtype = to_wire_array(np.empty((0,) * max(len(shape), 1), dtype)).dtype
+        dims = tuple(np.atleast_1d(shape)) if np.ndim(shape) <= 1 else ()
+        if not 1 <= len(dims) <= p.MAX_NDIM or not all(
+                isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0
+                for n in dims):
+            raise UnstreamableDataError(f"cannot lease {path}: its shape must be 1 to "
+                                        f"{p.MAX_NDIM} whole numbers >= 0, got {shape!r}")
+        shape = tuple(int(n) for n in dims)
+        dtype = to_wire_array(np.empty((0,) * len(shape), dtype)).dtype
         return self._lease(shape, dtype.newbyteorder("<"), path, meta,
                            meta.checked_axes(axes, path))
 
