@@ -113,6 +113,11 @@ class Connection:
                     self._sock.send(goodbye, zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
+            # read what the monitor holds first: with its queue full (a sender idle while
+            # the link flapped), ZeroMQ's I/O thread waits to write an event holding the
+            # monitor lock, which disable_monitor() would wait for, holding the GIL
+            while self._monitor.poll(0):
+                self._monitor.recv_multipart(zmq.NOBLOCK)
             self._sock.disable_monitor()
             self._monitor.close(linger=0)
             self._sock.close(linger=linger_ms)
