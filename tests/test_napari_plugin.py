@@ -413,6 +413,44 @@ def test_stack_keeps_the_newest_frames_up_to_capacity(docked, qtbot):
     assert shot[..., :3].max() > 0
 
 
+def test_typing_a_larger_stack_capacity_keeps_the_stack(docked, qtbot):
+    """The spin box applied each keystroke: typing 200 over 100 set a capacity of 2, then 20,
+    on the way, and a frame arriving meanwhile cut a live stack of 50 down to 2 for good. The
+    value now applies once typed (Enter)."""
+    from qtpy.QtCore import Qt
+
+    viewer, widget = docked
+    send(qtbot, widget.endpoint, """
+        for i in range(50):
+            backend.save(rand(i, (8, 8)), f"typed/t{i:03d}.tif", mode="stack")
+    """)
+    qtbot.waitUntil(lambda: "typed" in viewer.layers
+                    and viewer.layers["typed"].data.shape[0] == 50, timeout=10000)
+    box = widget.capacity_box
+    box.setFocus()
+    box.selectAll()
+    qtbot.keyClicks(box, "2")
+    send(qtbot, widget.endpoint, """
+        backend.save(rand(50, (8, 8)), "typed/t050.tif", mode="stack")
+    """)
+    qtbot.waitUntil(lambda: viewer.layers["typed"].data.shape[0] != 50, timeout=10000)
+    qtbot.keyClicks(box, "00")
+    qtbot.keyClick(box, Qt.Key.Key_Return)
+    assert box.value() == 200
+    send(qtbot, widget.endpoint, """
+        backend.save(rand(51, (8, 8)), "typed/t051.tif", mode="stack")
+    """)
+    qtbot.waitUntil(lambda: viewer.layers["typed"].data.shape[0] != 51, timeout=10000)
+    assert viewer.layers["typed"].data.shape[0] == 52
+
+
+def test_a_stack_capacity_beyond_the_widget_s_range_is_refused():
+    from polystore_napari.options import ReceiverOptions
+
+    with pytest.raises(ValueError, match="from 1 to 100,000"):
+        ReceiverOptions(stack_capacity=200_000)  # the spin box clamped it without a word
+
+
 def test_a_stream_that_turns_to_stack_shows_its_newest_frame(docked, qtbot):
     """A stream shown in ``replace`` mode turns to ``stack`` with a burst of frames that
     reach the display together: the t slider must show the newest frame, and keep following
@@ -1120,6 +1158,31 @@ def test_what_the_display_resolves_alike_is_no_change_and_a_change_keeps_hints(
     manager.apply(buffer.take())
     assert viewer.layers["s"].colormap.name == "green"
     assert viewer.layers["s"].data.dtype == np.float32
+
+
+def test_a_refused_frame_in_one_tick_with_a_good_one_keeps_what_the_layer_shows(
+        make_napari_viewer):
+    """Labels t0..t4 shown; then, in one tick, a float labels frame with fractions (refused)
+    and a good one. The refused frame counted as a change of the stream: the good one, a
+    change back, started the stream again, and the five planes already shown were wiped
+    (the layer read [0 0 0 0 0 0 7]) while the refusal was counted nowhere."""
+    from polystore_napari.layers import LayerManager
+
+    def labels(value, t, dtype=np.int32):
+        return _frame("seg", array=np.full((8, 8), value, dtype), axes={"t": t},
+                      kind="labels")
+
+    viewer = make_napari_viewer(show=False)
+    manager = LayerManager(viewer)
+    buffer = CoalescingBuffer()
+    for t in range(5):
+        buffer.put_frame(labels(t + 1, t))
+    manager.apply(buffer.take())
+    buffer.put_frame(labels(0.5, 5, np.float32))  # fractions: napari refuses it
+    buffer.put_frame(labels(7, 6))
+    manager.apply(buffer.take())
+    assert list(viewer.layers["seg"].data[:, 0, 0]) == [1, 2, 3, 4, 5, 0, 7]
+    assert manager.rejected == 1 and "whole numbers" in manager.errors["seg"]
 
 
 def test_a_hint_of_a_coalesced_frame_stays_with_the_layers_it_was_for(make_napari_viewer):

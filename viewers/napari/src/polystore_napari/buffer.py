@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from msgspec import structs
 
 from polystore.streaming import ReceivedFrame, ReceivedRois
-from polystore_napari.pieces import CHANNEL_AXIS, LayoutError, canonical_axes, frame_rgb
+from polystore_napari.pieces import CHANNEL_AXIS, LayoutError, canonical_axes, pieces_of
 
 MODES = ("auto", "replace", "stack", "place")
 
@@ -68,15 +68,19 @@ def keep_hints(dropped: ReceivedFrame, newer: ReceivedFrame) -> ReceivedFrame:
 
 def shown_as(frame: ReceivedFrame, mode: str) -> tuple | None:
     """What a change of starts a stream again (docs/protocol.md, "Modes"): mode, dtype, shape,
-    kind and colour as the display resolves them; None for an empty frame (never shown)."""
+    kind and colour as the display resolves them; None for a frame never shown: an empty
+    one, or one the display refuses whatever its layers hold (labels with fractions, RGB
+    labels, too many channels). Such a frame changes nothing: counted as a change, it
+    dropped the frames pending before it, and the next good frame, a change back, started
+    the stream again, wiping what the display already showed."""
     header, shape = frame.header, frame.array.shape
     if 0 in shape:
         return None
     try:
-        rgb = frame_rgb(shape, frame.array.dtype, header.display)
-    except LayoutError:  # the display refuses it: as sent
-        rgb = header.display.rgb
-    return mode, header.dtype, shape, header.display.kind == "labels", rgb
+        pieces = pieces_of(frame.stream, header, frame.array)
+    except LayoutError:  # the display refuses it, and says so
+        return None
+    return mode, header.dtype, shape, header.display.kind == "labels", pieces[0].rgb
 
 
 def same_layers(a: ReceivedFrame, b: ReceivedFrame) -> bool:
@@ -165,12 +169,12 @@ class CoalescingBuffer:
             frame = replace(frame, header=header)
         mode = resolve_mode(frame, self.default_mode)
         nbytes = frame.array.nbytes
+        signature = shown_as(frame, mode)  # outside the lock: float labels are scanned
         with self._cond:
             if self._closed:
                 return
             self.stats.frames += 1
             stream = frame.stream
-            signature = shown_as(frame, mode)
             if signature and self._signature.setdefault(stream, signature) != signature:
                 # the stream starts again with this frame (docs/protocol.md, "Modes"): what
                 # is pending of it would be gone from the display at once, so it goes now

@@ -17,6 +17,8 @@ from polystore_napari.buffer import MODES
 
 ENV_ENDPOINT = "POLYSTORE_NAPARI_ENDPOINT"
 #: options the widget remembers between napari sessions (QSettings keys = field names)
+#: The most frames a stack layer keeps (the widget's spin box goes no higher).
+MAX_STACK_CAPACITY = 100_000
 REMEMBERED = ("endpoint", "auto_start", "mode", "stack_capacity")
 
 
@@ -46,9 +48,11 @@ class ReceiverOptions:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
-        if not isinstance(self.stack_capacity, int) or self.stack_capacity < 1:
-            raise ValueError(f"stack_capacity must be a whole number >= 1 (frames a stack "
-                             f"layer keeps); got {self.stack_capacity!r}")
+        if not isinstance(self.stack_capacity, int) or not 1 <= self.stack_capacity <= \
+                MAX_STACK_CAPACITY:
+            raise ValueError(f"stack_capacity must be a whole number from 1 to "
+                             f"{MAX_STACK_CAPACITY:,} (frames a stack layer keeps); got "
+                             f"{self.stack_capacity!r}")
 
     @property
     def listen_endpoint(self) -> str:
@@ -73,7 +77,7 @@ class ReceiverOptions:
             capacity = default.stack_capacity
         return cls(endpoint=None if endpoint is None else str(endpoint),
                    mode=mode if mode in MODES else default.mode,
-                   stack_capacity=max(1, capacity),
+                   stack_capacity=min(max(1, capacity), MAX_STACK_CAPACITY),
                    auto_start=settings.value("auto_start", default.auto_start, type=bool))
 
     def save(self, settings, keys: tuple[str, ...] = REMEMBERED) -> None:
@@ -93,7 +97,7 @@ class ReceiverOptions:
         parser.add_argument("--mode", choices=MODES, help="display mode for frames without a "
                             "mode hint or axes (default: auto; frames with axes are placed)")
         parser.add_argument("--stack-capacity", type=_positive_int,
-                            help="frames a stack layer keeps (default 100)")
+                            help="frames a stack layer keeps, 1 to 100,000 (default 100)")
         parser.add_argument("--allow-remote", action="store_true", default=None,
                             help="allow an endpoint beyond 127.0.0.1 (use --curve-secret too)")
         parser.add_argument("--curve-secret", dest="curve_secret_key", metavar="FILE",

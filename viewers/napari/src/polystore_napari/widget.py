@@ -30,7 +30,12 @@ from polystore_napari.buffer import MODES, CoalescingBuffer
 from polystore_napari.close_watcher import CloseWatcher
 from polystore_napari.display_timer import DisplayTimer
 from polystore_napari.layers import LayerManager
-from polystore_napari.options import ENV_ENDPOINT, REMEMBERED, ReceiverOptions
+from polystore_napari.options import (
+    ENV_ENDPOINT,
+    MAX_STACK_CAPACITY,
+    REMEMBERED,
+    ReceiverOptions,
+)
 from polystore_napari.session import Session, at_lower_priority, receiver_nice_default
 from polystore_napari.status import StatusBox
 
@@ -110,8 +115,11 @@ class ReceiverWidget(QWidget):
             "are placed). auto and place: replace. replace: newest frame only. stack: "
             "append along time (up to the capacity).")
         self.capacity_box = QSpinBox()
-        self.capacity_box.setRange(1, 100_000)
+        self.capacity_box.setRange(1, MAX_STACK_CAPACITY)
         self.capacity_box.setValue(capacity)
+        # applied once typed (Enter, or focus leaving the box): taken at each keystroke,
+        # typing 200 over 100 set a capacity of 2 on the way and threw a live stack away
+        self.capacity_box.setKeyboardTracking(False)
         self.capacity_box.setToolTip("Frames a stack layer keeps (oldest dropped)")
 
         buttons = QHBoxLayout()
