@@ -1099,6 +1099,40 @@ def test_rois_the_user_deleted_do_not_come_back_when_the_layers_are_rebuilt(
     assert [str(label) for label in shapes.features["label"]] == ["new"]
 
 
+def test_deleting_the_points_layer_keeps_the_shapes_on_their_planes(make_napari_viewer):
+    """Deleting only "s points" emptied the sets both ROI layers are made from: when the
+    image gained a z axis the shapes kept axes (t, y, x), so napari put their t on the
+    image's z, and the next set's rebuild left only that set's shapes."""
+    from polystore.streaming import ReceivedRois
+    from polystore.streaming import protocol as p
+    from polystore_napari.layers import LayerManager
+
+    def rois(label, t):
+        header = p.Rois(v=1, seq=0, stream="s", path=f"s/{label}.roi.zip", sent_ns=0,
+                        axes={"t": t}, rois=[
+                            p.Roi(kind="rectangle", coords=[[1, 1], [5, 5]], label=label),
+                            p.Roi(kind="point", coords=[[2, 2]], label=label)])
+        return ReceivedRois(header, "test")
+
+    viewer = make_napari_viewer(show=False)
+    manager = LayerManager(viewer)
+    buffer = CoalescingBuffer()
+    for t in range(2):
+        buffer.put_frame(_frame("s", t, shape=(16, 16), axes={"t": t}))
+        buffer.put_rois(rois(f"t{t}", t))
+    manager.apply(buffer.take())
+    viewer.layers.remove(manager.roi_layers("s")[1])  # the user deletes "s points" only
+    buffer.put_frame(_frame("s", 9, shape=(16, 16), axes={"t": 1, "z": 2}))
+    manager.apply(buffer.take())
+    shapes, points = manager.roi_layers("s")
+    assert tuple(shapes.axis_labels) == tuple(viewer.layers["s"].axis_labels)  # t z y x
+    buffer.put_rois(rois("t2", 2))
+    manager.apply(buffer.take())
+    shapes, points = manager.roi_layers("s")
+    assert [str(x) for x in shapes.features["label"]] == ["t0", "t1", "t2"]
+    assert [str(x) for x in points.features["label"]] == ["t2"]  # the deleted stay deleted
+
+
 def test_buffer_coalesces_replace_keeps_stack_and_places_per_position():
     buffer = CoalescingBuffer(stack_capacity=3)
     for i in range(5):

@@ -16,6 +16,11 @@ from polystore_napari.pieces import CHANNEL_AXIS, unique_labels
 STREAM_KEY = "polystore_stream"
 
 
+def _kinds(item: ReceivedRois) -> set[str]:
+    """The layers a ROI set draws in: "points" for its points, "shapes" for the rest."""
+    return {"points" if roi.kind == "point" else "shapes" for roi in item.header.rois}
+
+
 class _RoiStream:
     """The Shapes and Points layers of the ROIs that belong to one image stream."""
 
@@ -32,6 +37,9 @@ class _RoiStream:
         #: the newest ROI set per (path, position), `roi_key`: what the layers are rebuilt
         #: from when their axes change (a set with new axes, or the image placed by new axes)
         self.sets: dict[tuple, ReceivedRois] = {}
+        #: the kinds ("shapes", "points") of a set whose layer the user deleted: not drawn
+        #: again, while the set's other kind still is
+        self.deleted: dict[tuple, set[str]] = {}
 
 
 class RoiLayers:
@@ -73,16 +81,26 @@ class RoiLayers:
         self.streams.clear()
 
     def forget_removed(self) -> None:
-        """Forget the ROIs of layers the user deleted (and the sets they were made from, so
-        that a later rebuild does not bring them back)."""
+        """Forget the ROIs of a layer the user deleted: a later rebuild does not bring them
+        back, but still redraws the other layer's (deleting "points" emptied the sets both
+        are made from, so the shapes lost their sets and their planes). A set left with
+        nothing to draw is dropped."""
         for rois in self.streams.values():
+            gone = set()
             if rois.shapes is not None and not self._alive(rois.shapes):
                 rois.shapes, rois.shape_keys, rois.shape_labels = None, [], []
                 rois.shape_types, rois.text_shown = {}, False
-                rois.sets = {}
+                gone.add("shapes")
             if rois.points is not None and not self._alive(rois.points):
                 rois.points, rois.point_sets = None, {}
-                rois.sets = {}
+                gone.add("points")
+            if not gone:
+                continue
+            for key, item in list(rois.sets.items()):
+                deleted = rois.deleted.setdefault(key, set())
+                deleted |= gone
+                if _kinds(item) <= deleted:
+                    del rois.sets[key], rois.deleted[key]
 
     def report(self) -> list[dict]:
         entries = []
@@ -105,6 +123,7 @@ class RoiLayers:
             key = roi_key(item)
             state.sets.pop(key, None)  # the newest goes last
             state.sets[key] = item
+            state.deleted.pop(key, None)  # a set sent again is new: all of it shows
         names = self._names(state)
         if names != state.names:
             self._rebuild(state, names)
@@ -190,8 +209,11 @@ class RoiLayers:
         """Show one ROI set, replacing the one shown of the same path and position."""
         lead = [float(item.header.axes.get(n, 0)) for n in state.names]
         key = roi_key(item)
+        deleted = state.deleted.get(key, ())
         shapes, types, labels, points, point_labels = [], [], [], [], []
         for roi in item.header.rois:
+            if ("points" if roi.kind == "point" else "shapes") in deleted:
+                continue
             coords = [[*lead, float(r), float(c)] for r, c in roi.coords]
             if roi.kind == "point":
                 points.append(coords[0])
