@@ -158,8 +158,8 @@ class SegmentReader:
         try:
             array = self.arrays.empty(tuple(frame.shape), WIRE_DTYPES[frame.dtype],
                                       frame.nbytes)
-        except ValueError as exc:  # an empty frame whose other dimensions NumPy cannot index
-            raise p.ProtocolError(p.BAD_SHAPE, f"shape {frame.shape}: {exc}", frame.seq) from None
+        except ValueError:  # empty, with other dimensions NumPy cannot index: still empty
+            array = np.empty((0,) * len(frame.shape), WIRE_DTYPES[frame.dtype])
         if frame.segment is None and not frame.nbytes:
             return array
         # an empty frame still names a segment to check (and a view with a 0 in its shape
