@@ -1154,6 +1154,36 @@ def test_refuses_to_listen_beyond_loopback(debian, tmp_path):
     assert "refusing to listen on 0.0.0.0" in receiver.log
 
 
+def test_stop_returns_after_a_connection_flood_killed_jeromq_0_3(debian, tmp_path):
+    """Plain TCP connections (no credential) up to the JVM's descriptor limit make JeroMQ
+    0.3.6's I/O thread die (NullPointerException in TcpListener.acceptEvent); the worker's
+    ctx.term() then never returns, and the script waited for the worker without a limit:
+    stdin closed, Stop and the window's close button all hung. It now ends within its 3 s."""
+    launcher = tmp_path / "limited.sh"
+    launcher.write_text("#!/bin/bash\nexec prlimit --nofile=1024:1024 "
+                        f"{FIJI_DIR / 'run_headless.sh'} \"$@\"\n")
+    launcher.chmod(0o755)
+    receiver = start_receiver(launcher=launcher)
+    host, port = receiver.endpoint.removeprefix("tcp://").rsplit(":", 1)
+    conns = []
+    try:
+        for _ in range(1100):
+            conn = socket.socket()
+            conn.settimeout(1)
+            try:
+                conn.connect((host, int(port)))
+                conns.append(conn)
+            except OSError:
+                conn.close()
+    finally:
+        for conn in conns:
+            conn.close()
+    started = time.monotonic()
+    rc = receiver.stop(30)
+    assert rc == 0 and time.monotonic() - started < 20, receiver.log[-2000:]
+    assert "stopped after" in receiver.log
+
+
 def test_at_its_cap_fiji_makes_room_by_the_sender_heard_from_least_recently(debian, tmp_path):
     """JeroMQ says nothing when a connection closes, so at its cap the Fiji script makes room
     for a new sender. It forgot the sender that had said hello first, even one still

@@ -1103,9 +1103,10 @@ def test_deleting_the_points_layer_keeps_the_shapes_on_their_planes(make_napari_
     """Deleting only "s points" emptied the sets both ROI layers are made from: when the
     image gained a z axis the shapes kept axes (t, y, x), so napari put their t on the
     image's z, and the next set's rebuild left only that set's shapes."""
+    from polystore_napari.layers import LayerManager
+
     from polystore.streaming import ReceivedRois
     from polystore.streaming import protocol as p
-    from polystore_napari.layers import LayerManager
 
     def rois(label, t):
         header = p.Rois(v=1, seq=0, stream="s", path=f"s/{label}.roi.zip", sent_ns=0,

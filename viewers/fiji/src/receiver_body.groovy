@@ -1141,10 +1141,13 @@ class Luts {
     static final Map<String, LUT> cache = [:]
     static final Map<String, String> ALIASES = [gray: 'grays', grey: 'grays', greys: 'grays', grays: 'grays']
 
-    /** The LUT for a colormap hint, or null if neither ImageJ nor Fiji's luts folder has it. */
+    /** The LUT for a colormap hint, or null if neither ImageJ nor Fiji's luts folder has it.
+     *  A name with a path in it is none: ImageJ opens luts/NAME.lut, so "../x" would read a
+     *  file outside that folder (a FIFO there hung the receiver for good). */
     static LUT get(String name) {
         String key = name.toLowerCase().trim()
         key = ALIASES.get(key) ?: key
+        if (key.contains('/') || key.contains('\\') || key.contains('..') || key.contains('\u0000')) return null
         if (cache.containsKey(key)) return cache.get(key)
         LUT lut = null
         if (key == 'glasbey') lut = glasbey()
@@ -3019,7 +3022,10 @@ try {  // from here on, whatever happens (Kill included), the worker is told to 
 
     say("listening on ${bound} (ImageJ ${IJ.getVersion()}, ${gui ? 'GUI' : 'headless'}, mode ${modeParam}${outputDir ? ', output ' + outputDir : ''})")
 
-    done.await()  // until Stop, the window closed, stdin closed, SIGTERM, or Kill (interrupt)
+    // until Stop, the window closed, stdin closed, SIGTERM, or Kill (interrupt); then the
+    // worker gets 3 s below: JeroMQ 0.3's I/O thread can die (a connection flood up to the
+    // descriptor limit), and term() then never returns
+    while (!stop.get() && !done.await(100, TimeUnit.MILLISECONDS)) { }
 } catch (InterruptedException ignored) {
     // Script Editor's Kill: stop below
 } finally {  // also on Thread.stop (ThreadDeath): the worker frees the port
