@@ -938,6 +938,16 @@ def test_a_colormap_hint_stays_until_another_replaces_it(fiji, backend, fm, key)
         assert image(report(backend), key)["luts"] == [hint or ["green", "magenta"][t > 1]] * 2
 
 
+def test_a_stream_name_longer_than_a_file_name_is_saved_and_reported(fiji, backend, fm, key):
+    """Stream names may have 256 characters; the receiver saved each image as <title>.tif in
+    its output directory, over the 255-byte limit of a file name, and then every report
+    failed with `internal` ("could not save")."""
+    stream = (key + "_" + "s" * 256)[:256]
+    fm.save(np.ones((3, 3), np.uint8), f"{key}.tif", backend="fiji_stream", stream=stream)
+    entry = image(report(backend), stream)
+    assert Path(entry["file"]).is_file() and len(Path(entry["file"]).name) <= 255
+
+
 def test_fire_lut_single_channel(fiji, backend, fm, key):
     fm.save(np.zeros((3, 3), np.uint8), f"{key}.tif", backend="fiji_stream", stream=key,
             colormap="fire")  # fmt: skip

@@ -2315,6 +2315,8 @@ class Images {
             if (s.imp == null) continue
             followPending(s)  // the newest frames' contrast, as the report gives it and a window shows it
             String base = s.title.replaceAll('[^A-Za-z0-9._-]+', '_')
+            // a file name holds 255 bytes, a stream name 256 characters (a title more)
+            if (base.length() > 200) base = base.substring(0, 190) + '_' + String.format('%08x', s.title.hashCode())
             String name = base
             for (int k = 2; !names.add(name); k++) name = "${base}_${k}".toString()
             File f = new File(outputDir, name + '.tif')
