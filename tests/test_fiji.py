@@ -948,6 +948,18 @@ def test_a_stream_name_longer_than_a_file_name_is_saved_and_reported(fiji, backe
     assert Path(entry["file"]).is_file() and len(Path(entry["file"]).name) <= 255
 
 
+def test_channels_keep_their_contrast_when_the_composite_gains_one(fiji, backend, fm, key):
+    """ImageJ resets a composite's channel ranges when it gains a channel; the receiver then
+    took the reset range as the one it followed, so channel 1 (data 10-15) showed [0, 5]
+    until it got a frame of its own."""
+    ranges = []
+    for c in range(3):
+        fm.save(np.array([[10 * c, 10 * c + 5], [10 * c, 10 * c]], np.uint16), f"{key}.tif",
+                backend="fiji_stream", stream=key, axes={"c": c})
+        ranges.append(image(report(backend), key)["displayRanges"])
+    assert ranges[-1] == [[0.0, 5.0], [10.0, 15.0], [20.0, 25.0]]
+
+
 def test_fire_lut_single_channel(fiji, backend, fm, key):
     fm.save(np.zeros((3, 3), np.uint8), f"{key}.tif", backend="fiji_stream", stream=key,
             colormap="fire")  # fmt: skip

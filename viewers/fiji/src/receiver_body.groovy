@@ -2025,8 +2025,15 @@ class Images {
         if (s.imp == null || s.bits == 24) return
         for (int c = 0; c < Math.min(s.C, s.imp.getNChannels()); c++) {
             double[] user = s.userRanges.get(c)
+            double[] auto = s.autoRanges.get(c)
             if (user != null) setRange(s, c, user[0], user[1])
-            else if (s.autoRanges.containsKey(c)) s.autoRanges.put(c, rangeOf(s, c))
+            else if (auto != null) {
+                // the range it followed, not the one ImageJ reset it to: a channel that gets
+                // no new frame would show that one until it did (one gained channel turned
+                // the others' [10, 15] into [0, 5])
+                setRange(s, c, auto[0], auto[1])
+                s.autoRanges.put(c, rangeOf(s, c))
+            }
         }
     }
 
