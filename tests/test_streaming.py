@@ -1209,12 +1209,14 @@ def test_a_save_that_needs_the_memory_of_its_own_open_lease_never_waits(receiver
         assert b.sender.stats.handshakes == 1 and b.sender.stats.lost == 0
 
 
-def test_threads_whose_leases_exceed_the_budget_wait_for_each_other(receiver_proc):
+@pytest.mark.parametrize("timeout", [5.0, float("inf")])
+def test_threads_whose_leases_exceed_the_budget_wait_for_each_other(receiver_proc, timeout):
     """Threads leasing more than max_inflight_bytes at once: a lease that found the memory
     held by the others' blocks waited for acks that could not come, holding the sender's
     lock, so the other blocks could not end either; after `timeout` it declared the
-    receiver lost and frames were lost. Now it waits for another block to end."""
-    with NapariStreamingBackend(receiver_proc.endpoint, timeout=5,
+    receiver lost and frames were lost. Now it waits for another block to end (without a
+    limit too: a condition's wait overflows past threading.TIMEOUT_MAX)."""
+    with NapariStreamingBackend(receiver_proc.endpoint, timeout=timeout,
                                 max_inflight_bytes=2 * 2**20 + 8192) as b:  # two 1 MiB frames
         b.request("clear")
         errors = []

@@ -212,7 +212,7 @@ class Delivery:
         if self.options.policy == "raise" or all(o == me for o in self._lease_owners.values()):
             raise BackpressureError(f"{held}: save it after the lease block ends, or raise "
                                     "max_inflight_bytes")
-        ended = self._lease_ended.wait(self.options.timeout)
+        ended = self._lease_ended.wait(min(self.options.timeout, threading.TIMEOUT_MAX))
         if self._closed:
             raise RuntimeError(f"this {self.viewer} stream sender is closed")
         if not ended:
