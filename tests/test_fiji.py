@@ -638,6 +638,25 @@ def test_channels_of_labels_cycle_in_color_mode_too(debian, tmp_path):
         assert receiver.stop() == 0
 
 
+def test_a_shown_composite_that_grows_past_eight_channels_is_shown(debian, tmp_path):
+    """ImageJ draws at most 8 channels at once: a composite on screen given a 9th channel in
+    composite mode threw ArrayIndexOutOfBoundsException (index 8) in ImageJ's updateImage;
+    the frame was answered `internal` although the image already held the new channels."""
+    receiver = start_receiver(tmp_path, gui=True)
+    try:
+        with FijiStreamingBackend(receiver.endpoint) as b:
+            b.save(np.ones((2, 5, 6), np.uint8), "x.tif", stream="nine", axis_names=["c"])
+            b.flush()
+            report_once(b, lambda state: all(i["shown"] for i in state["images"]), "shown")
+            b.save(np.ones((9, 5, 6), np.uint8), "x.tif", stream="nine", axis_names=["c"])
+            b.flush()  # raises FrameRejectedError if the receiver refused it
+            entry = image(report(b), "nine")
+            assert entry["channels"] == 9, entry
+    finally:
+        assert receiver.stop() == 0
+    assert "ArrayIndexOutOfBounds" not in receiver.log
+
+
 def test_a_shown_composite_in_grayscale_display_stays_gray(debian, tmp_path):
     """channel_display="grayscale" in a window: ImageJ's setChannelLut puts the LUT into the
     current channel's processor whatever the display mode, so the next frame's contrast

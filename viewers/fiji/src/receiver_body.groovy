@@ -1854,6 +1854,10 @@ class Images {
             s.imp.setDimensions(C, Z, T)
             attachRois(s)
         } else {
+            // ImageJ draws at most 8 channels at once (CompositeImage.MAX_CHANNELS): a shown
+            // composite given a 9th in composite mode threw in updateImage (index 8). As for an
+            // image made with 9 or more, ImageJ's own choice: one channel at a time.
+            if (C > CompositeImage.MAX_CHANNELS && s.imp instanceof CompositeImage && ((CompositeImage) s.imp).getMode() == IJ.COMPOSITE) ((CompositeImage) s.imp).setMode(IJ.COLOR)
             s.imp.setStack(stack, C, Z, T)  // same ImagePlus (and window), new size or type allowed
         }
         s.stack = stack
