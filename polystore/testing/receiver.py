@@ -370,6 +370,17 @@ class ReceiverConformance:
             segment.close()
             segment.unlink()
 
+    def test_an_empty_frame_is_acknowledged_whatever_its_other_dimensions(self, raw):
+        """A 0 in the shape makes a valid empty frame, acknowledged and shown as nothing,
+        even when the other dimensions could never be held (the Python receiver answered
+        `internal`: NumPy cannot make a [0, 2**31-1, 2**31-1] float64 array)."""
+        assert raw.hello()["type"] == "welcome"
+        for shape in ([0, 5], [0, 2**31 - 1, 2**31 - 1]):
+            header = raw.frame(shape=shape, dtype="float64", nbytes=0)
+            reply = raw.request(header, b"")
+            assert reply == {"v": 1, "type": "ack", "seq": raw.seq}, (shape, reply)
+        assert raw.request(raw.frame(), PAD6)["type"] == "ack"
+
     @pytest.mark.parametrize("batch", [False, True], ids=["one_ack_each", "batch_acks"])
     def test_a_burst_of_frames_is_acknowledged_once_each_in_order(self, raw, batch):
         """Frames sent without waiting for their acks are each acknowledged once, in order.
