@@ -202,9 +202,10 @@ class Delivery:
     def _wait_for_leases(self, nbytes: int) -> bool:
         """Open lease() blocks hold the shared memory a frame of `nbytes` needs, and nothing
         is in flight, so no ack can free it: wait (the lock released) for another thread's
-        lease to end; False to drop the frame (policy 'latest'); raise when waiting cannot
-        help (this thread's own leases, policy 'raise') or `timeout` passes."""
+        lease to end; False to drop the frame, counted (policy 'latest'); raise when
+        waiting cannot help (this thread's own leases, policy 'raise') or `timeout` passes."""
         if self.options.policy == "latest":
+            self._count_unsent()
             return False
         held = (f"open lease() blocks hold the shared memory a frame of {nbytes:,} bytes "
                 f"needs (max_inflight_bytes={self.options.max_inflight_bytes:,})")

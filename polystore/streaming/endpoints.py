@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import os
 import socket
@@ -67,12 +66,10 @@ def check_ipc_path(endpoint: str) -> None:
     probe.settimeout(1.0)
     try:
         probe.connect(path)
-    except OSError as exc:
-        # refused or missing: nobody listens there; a full backlog (EAGAIN) or a wait that
-        # timed out: someone does; anything else (a path too long...): the bind says why
-        if exc.errno not in (errno.EAGAIN, errno.ETIMEDOUT) and not isinstance(
-                exc, TimeoutError):
-            return
+    except (BlockingIOError, TimeoutError):
+        pass  # a full backlog (EAGAIN), or a connect that waited in vain: someone listens
+    except OSError:
+        return  # refused or missing: nobody listens there (a path too long...: the bind says)
     finally:
         probe.close()
     raise OSError(f"cannot listen on {endpoint}: another receiver (or program) is listening "

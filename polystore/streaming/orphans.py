@@ -38,10 +38,8 @@ def pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True  # exists, belongs to someone else
-    except (OverflowError, ValueError):
-        return True
+    except (PermissionError, OverflowError, ValueError):
+        return True  # exists and belongs to someone else, or not a pid we can ask about
     return True
 
 

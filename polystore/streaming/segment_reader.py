@@ -86,7 +86,12 @@ class ArrayRecycler:
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype, nbytes: int) -> np.ndarray:
         """An array of `shape` and `dtype` (`nbytes` in all, as the validated header says)."""
-        if nbytes == 0 or nbytes >= RECYCLE_BELOW_BYTES:
+        if nbytes == 0:
+            try:
+                return np.empty(shape, dtype)
+            except ValueError:  # other dimensions NumPy cannot index: empty all the same
+                return np.empty((0,) * len(shape), dtype)
+        if nbytes >= RECYCLE_BELOW_BYTES:
             return np.empty(shape, dtype)
         owners = self._owners
         for i in range(len(owners) - 1, -1, -1):  # the most recent first: still in cache
@@ -155,11 +160,7 @@ class SegmentReader:
     def copy_frame(self, frame: p.Frame, payload) -> np.ndarray:
         """A validated frame's pixels in an array of our own, out of its segment or its
         inline `payload`; raises ProtocolError (bad_segment, segment_missing)."""
-        try:
-            array = self.arrays.empty(tuple(frame.shape), WIRE_DTYPES[frame.dtype],
-                                      frame.nbytes)
-        except ValueError:  # empty, with other dimensions NumPy cannot index: still empty
-            array = np.empty((0,) * len(frame.shape), WIRE_DTYPES[frame.dtype])
+        array = self.arrays.empty(tuple(frame.shape), WIRE_DTYPES[frame.dtype], frame.nbytes)
         if frame.segment is None and not frame.nbytes:
             return array
         # an empty frame still names a segment to check (and a view with a 0 in its shape

@@ -80,8 +80,7 @@ class StreamSender(Delivery):
             wire_dtype = array.dtype.newbyteorder("<")
             if self._connection.use_shm and header.nbytes:
                 segment = self._reserve(seq, header.nbytes, True)
-                if segment is None:  # policy latest: open leases hold the memory
-                    self._count_unsent()
+                if segment is None:  # dropped (policy latest): open leases hold the memory
                     return -1
                 try:  # the segment is ours until the message is tracked: give it back
                     header.segment = segment.name
@@ -127,8 +126,7 @@ class StreamSender(Delivery):
             seq, header = self._admit_frame(path, meta, axes, shape, dtype)
             shm = seq >= 0 and self._connection.use_shm and header.nbytes > 0
             segment = self._reserve(seq, header.nbytes, True) if shm else None
-            if shm and segment is None:  # policy latest: open leases hold the memory
-                self._count_unsent()
+            if shm and segment is None:  # dropped (policy latest): open leases hold the memory
                 seq = -1
             if segment is not None:
                 self._lease_owners[seq] = threading.get_ident()

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from polystore_napari.buffer import MODES
 
 ENV_ENDPOINT = "POLYSTORE_NAPARI_ENDPOINT"
-#: options the widget remembers between napari sessions (QSettings keys = field names)
 #: The most frames a stack layer keeps (the widget's spin box goes no higher).
 MAX_STACK_CAPACITY = 100_000
+#: options the widget remembers between napari sessions (QSettings keys = field names)
 REMEMBERED = ("endpoint", "auto_start", "mode", "stack_capacity")
 
 

@@ -16,9 +16,9 @@ from polystore_napari.pieces import CHANNEL_AXIS, unique_labels
 STREAM_KEY = "polystore_stream"
 
 
-def _kinds(item: ReceivedRois) -> set[str]:
-    """The layers a ROI set draws in: "points" for its points, "shapes" for the rest."""
-    return {"points" if roi.kind == "point" else "shapes" for roi in item.header.rois}
+def _layer_of(roi) -> str:
+    """The layer a ROI is drawn in: "points" for a point, "shapes" for the rest."""
+    return "points" if roi.kind == "point" else "shapes"
 
 
 class _RoiStream:
@@ -99,7 +99,7 @@ class RoiLayers:
             for key, item in list(rois.sets.items()):
                 deleted = rois.deleted.setdefault(key, set())
                 deleted |= gone
-                if _kinds(item) <= deleted:
+                if {_layer_of(roi) for roi in item.header.rois} <= deleted:
                     del rois.sets[key], rois.deleted[key]
 
     def report(self) -> list[dict]:
@@ -212,7 +212,7 @@ class RoiLayers:
         deleted = state.deleted.get(key, ())
         shapes, types, labels, points, point_labels = [], [], [], [], []
         for roi in item.header.rois:
-            if ("points" if roi.kind == "point" else "shapes") in deleted:
+            if _layer_of(roi) in deleted:
                 continue
             coords = [[*lead, float(r), float(c)] for r, c in roi.coords]
             if roi.kind == "point":
