@@ -494,6 +494,22 @@ def test_an_ipc_path_that_is_a_file_or_a_busy_listener_is_refused(tmp_path):
         receiver_for(NapariStreamingBackend, "inproc://napari")
 
 
+def test_a_tcp_port_out_of_range_is_refused_on_both_sides():
+    """ZeroMQ takes a TCP port modulo 65536: a receiver asked for port 99999 listened on
+    34463, and a sender told 99999 connected there, both without a word."""
+    with pytest.raises(ValueError, match="needs a TCP port from 0 to 65535"):
+        receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:99999")
+    with pytest.raises(ValueError, match="needs a TCP port from 1 to 65535, got '99999'"):
+        NapariStreamingBackend("tcp://127.0.0.1:99999")
+    with pytest.raises(ValueError, match="and it names none"):
+        NapariStreamingBackend("tcp://127.0.0.1")
+    with receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0") as receiver:  # any free one
+        with NapariStreamingBackend(receiver.endpoint) as backend:
+            backend.save(np.ones((4, 4), np.uint16), "a.tif")
+            backend.flush()
+        assert receiver.stats.frames == 1
+
+
 def test_a_start_that_does_not_finish_binding_in_time_says_so():
     """start() ignored its own timeout: it returned a receiver that was not listening yet
     (its endpoint still "tcp://127.0.0.1:*"), and a bind error after that was never told."""

@@ -37,9 +37,29 @@ def check_bind_endpoint(endpoint: str, allow_remote: bool) -> str:
             f"refusing to listen on {host}: that exposes the receiver beyond this machine. "
             "Pass allow_remote=True (and CURVE keys, see docs/streaming.md) to do it on purpose"
         )
+    check_tcp_port(endpoint, listening=True)
     if endpoint.endswith(":0"):
         endpoint = endpoint[:-2] + ":*"
     return endpoint
+
+
+def check_tcp_port(endpoint: str, *, listening: bool) -> None:
+    """Refuse a ``tcp://`` port out of range: ZeroMQ takes it modulo 65536 without a word, so
+    ``:99999`` would listen on (or connect to) port 34463. A receiver may ask for any free
+    port (``:0`` or ``:*``); a sender must name one."""
+    if not endpoint.startswith("tcp://"):
+        return
+    _host, colon, port = urlsplit(endpoint).netloc.rpartition(":")
+    if not colon or port.endswith("]"):  # none, or the end of an IPv6 address
+        port = ""
+    if listening and port == "*":
+        return
+    lowest = 0 if listening else 1
+    if not (port.isascii() and port.isdigit() and lowest <= int(port) <= 65535):
+        raise ValueError(f"endpoint {endpoint!r} needs a TCP port from {lowest} to 65535"
+                         + (" (0 or * for any free one)" if listening else "")
+                         + (f", got {port!r}" if port else ", and it names none")
+                         + "; e.g. tcp://127.0.0.1:5555")
 
 
 def check_ipc_path(endpoint: str) -> None:
