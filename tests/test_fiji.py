@@ -1195,6 +1195,23 @@ def test_refuses_to_listen_beyond_loopback(debian, tmp_path):
     assert "refusing to listen on 0.0.0.0" in receiver.log
 
 
+def test_a_port_out_of_range_is_refused_as_such(debian, tmp_path):
+    """JeroMQ refused port 99999 as "port out of range", and the script added "Is another
+    polystore receiver already running there?": a wrong hint. Now it names the range, as the
+    Python receiver does (endpoints.check_tcp_port); the hint is kept for a port in use."""
+    receiver = start_receiver(endpoint="tcp://127.0.0.1:99999", wait=False)
+    assert receiver.wait(60) != 0
+    assert "needs a TCP port from 0 to 65535" in receiver.log
+    assert "already running there" not in receiver.log
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        receiver = start_receiver(endpoint=f"tcp://127.0.0.1:{taken.getsockname()[1]}",
+                                  wait=False)
+        assert receiver.wait(60) != 0
+    assert "already running there" in receiver.log
+
+
 def test_stop_returns_after_a_connection_flood_killed_jeromq_0_3(debian, tmp_path):
     """Plain TCP connections (no credential) up to the JVM's descriptor limit make JeroMQ
     0.3.6's I/O thread die (NullPointerException in TcpListener.acceptEvent); the worker's

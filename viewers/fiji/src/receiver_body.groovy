@@ -2862,6 +2862,8 @@ def matcher = endpointParam =~ /^tcp:\/\/(\[[0-9A-Fa-f:.]+\]|[^:\/\[\]]+):(\d+|\
 if (!matcher.matches()) fail("endpoint must look like tcp://127.0.0.1:PORT, got '${endpointParam}' (JeroMQ cannot use ipc://)")
 String host = matcher.group(1)
 String port = matcher.group(2)
+// JeroMQ says only "port out of range" (receiver.py: endpoints.check_tcp_port).
+if (port != '*' && (port.length() > 5 || port.toInteger() > 65535)) fail("endpoint '${endpointParam}' needs a TCP port from 0 to 65535 (0 or * for any free one), got '${port}'; e.g. tcp://127.0.0.1:55556")
 String bareHost = host.startsWith('[') ? host[1..-2] : host
 boolean loopback = bareHost == 'localhost' || bareHost == '::1' || bareHost ==~ /127\.\d+\.\d+\.\d+/
 if (!loopback && !allowRemote) {
@@ -2976,7 +2978,10 @@ Runnable receive = {
             if (port == '0' || port == '*') bound = "tcp://${host}:${sock.bindToRandomPort("tcp://${host}")}"
             else { sock.bind(endpointParam); bound = endpointParam }
         } catch (Exception e) {
-            startError = "cannot listen on ${endpointParam}: ${e.message ?: e}. Is another polystore receiver already running there? Stop it or choose another endpoint"
+            String why = e.message ?: e.toString()
+            // JeroMQ 0.3 says only "Errno 48": its number for EADDRINUSE
+            boolean inUse = why.toLowerCase().contains('in use') || why.contains('Errno 48') || (e.respondsTo('getErrorCode') && e.getErrorCode() == 48)
+            startError = "cannot listen on ${endpointParam}: " + (inUse ? "the address is in use (${why}). Is another polystore receiver already running there? Stop it or choose another endpoint" : "${why}. Check the endpoint")
             return
         }
         started.countDown()
