@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import ipaddress
 import os
 import socket
 import stat
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 
@@ -94,3 +97,26 @@ def check_ipc_path(endpoint: str) -> None:
         probe.close()
     raise OSError(f"cannot listen on {endpoint}: another receiver (or program) is listening "
                   "there. Stop it or choose another path")
+
+
+@contextlib.contextmanager
+def ipc_bind_lock(endpoint: str) -> Iterator[None]:
+    """Hold an exclusive lock on the directory of an ``ipc://`` path while checking and
+    binding it: two receivers starting there at once would otherwise both find it free, and
+    the second bind would take the path from the first (`check_ipc_path`). A directory needs
+    no lock file of its own; one this user cannot open is not locked (the bind says why)."""
+    path = endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else ""
+    if not path or path == "*" or path.startswith("@"):  # abstract names: the kernel refuses
+        yield
+        return
+    try:
+        directory = os.open(os.path.dirname(os.path.abspath(path)),
+                            os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(directory, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(directory)  # and with it the lock

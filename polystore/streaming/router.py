@@ -19,7 +19,7 @@ import zmq
 
 from polystore.streaming import protocol as p
 from polystore.streaming.auth import ServerAuth
-from polystore.streaming.endpoints import check_ipc_path
+from polystore.streaming.endpoints import check_ipc_path, ipc_bind_lock
 
 #: Complete messages ZeroMQ queues per connection before it stops reading that connection
 #: (senders keep at most `max_inflight`, 16 by default, unacknowledged).
@@ -52,8 +52,9 @@ def open_router(endpoint: str, server_auth: ServerAuth, max_message_bytes: int,
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     server_auth.apply(sock)
     try:
-        check_ipc_path(endpoint)
-        sock.bind(endpoint)
+        with ipc_bind_lock(endpoint):
+            check_ipc_path(endpoint)
+            sock.bind(endpoint)
     except OSError:
         sock.close()
         raise
