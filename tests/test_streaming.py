@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import multiprocessing as mp
 import os
@@ -516,6 +517,20 @@ def test_two_receivers_starting_on_one_ipc_path_at_once_do_not_both_listen(tmp_p
         for receiver in started:
             receiver.stop()
         assert len(started) == 1, f"attempt {attempt}: {len(started)} receivers listening"
+
+
+def test_a_lock_held_on_the_ipc_directory_does_not_keep_a_receiver_from_starting(tmp_path):
+    """Receivers lock an ipc:// path's directory while they check and bind it; any account
+    can lock a directory it can read (/tmp), and must not hang a receiver that way."""
+    holder = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        started = time.monotonic()
+        receiver = receiver_for(NapariStreamingBackend, f"ipc://{tmp_path}/viewer").start(10)
+        receiver.stop()
+        assert time.monotonic() - started < 8
+    finally:
+        os.close(holder)
 
 
 def test_a_tcp_port_out_of_range_is_refused_on_both_sides():

@@ -8,6 +8,7 @@ import ipaddress
 import os
 import socket
 import stat
+import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
@@ -99,12 +100,18 @@ def check_ipc_path(endpoint: str) -> None:
                   "there. Stop it or choose another path")
 
 
+#: How long a receiver waits for another one's check and bind on the same directory.
+IPC_LOCK_WAIT_S = 2.0
+
+
 @contextlib.contextmanager
 def ipc_bind_lock(endpoint: str) -> Iterator[None]:
     """Hold an exclusive lock on the directory of an ``ipc://`` path while checking and
     binding it: two receivers starting there at once would otherwise both find it free, and
     the second bind would take the path from the first (`check_ipc_path`). A directory needs
-    no lock file of its own; one this user cannot open is not locked (the bind says why)."""
+    no lock file of its own; one this user cannot open is not locked (the bind says why).
+    Any account may lock a directory it can read (/tmp): a lock held longer than
+    IPC_LOCK_WAIT_S is not waited for, so nobody can keep a receiver from starting."""
     path = endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else ""
     if not path or path == "*" or path.startswith("@"):  # abstract names: the kernel refuses
         yield
@@ -116,7 +123,15 @@ def ipc_bind_lock(endpoint: str) -> Iterator[None]:
         yield
         return
     try:
-        fcntl.flock(directory, fcntl.LOCK_EX)
+        deadline = time.monotonic() + IPC_LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(directory, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break  # held by someone else for longer than any start: go on without
+                time.sleep(0.005)
         yield
     finally:
         os.close(directory)  # and with it the lock
