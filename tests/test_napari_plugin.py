@@ -2088,3 +2088,85 @@ def test_frames_show_as_the_rules_both_viewers_share(make_napari_viewer, sends, 
     manager.apply(buffer.take())
     assert manager.rejected == sum(sent.refused for sent in sends), manager.errors
     assert shown_planes(viewer, "s") == ((*dims, *size), every_plane(dims, planes))
+
+
+# -- reopening the widget, refused kind changes, lowering the stack capacity ------------------
+
+
+def managers_listening(viewer) -> int:
+    """How many LayerManagers listen to `viewer.layers.events.removed` (napari keeps a bound
+    method as a (weakref, name) pair, another callable as it is)."""
+    from polystore_napari.layers import LayerManager
+
+    count = 0
+    for callback in viewer.layers.events.removed.callbacks:
+        if isinstance(callback, tuple):
+            target = callback[0]()
+        else:
+            target = getattr(callback, "args", (None,))[0] if callback else None
+        count += isinstance(target, LayerManager)
+    return count
+
+
+def test_a_reopened_widget_takes_over_the_layers_of_the_closed_one(make_napari_viewer, qtbot,
+                                                                    monkeypatch):
+    """The dock widget closed (its x) and opened again from the Plugins menu made a second
+    LayerManager that knew nothing of the layers the first had made: streaming again added
+    "cam [1]" beside "cam" (and "seg [1]", "cam points [1]"), a sender's clear removed only the
+    new ones, and the first manager stayed connected to viewer.layers.events."""
+    monkeypatch.setenv("POLYSTORE_NAPARI_ENDPOINT", EPHEMERAL)
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(np.zeros((5, 5)), name="user layer")
+
+    def open_from_plugins_menu() -> ReceiverWidget:
+        (action,) = [a for a in viewer.window.plugins_menu.actions()
+                     if "polystore receiver" in a.text()]
+        action.trigger()
+        (widget,) = [w for w in viewer.window.dock_widgets.values()
+                     if isinstance(w, ReceiverWidget)]
+        qtbot.waitUntil(lambda: widget.running, timeout=5000)
+        return widget
+
+    def settled(widget, frames: int, rois: int):
+        def done() -> bool:
+            stats = widget.buffer.stats
+            return stats.frames == frames and stats.rois == rois and widget.buffer.pending == 0
+        qtbot.waitUntil(done, timeout=10000)
+        qtbot.wait(200)  # a few display ticks: the ROI set is shown too
+
+    first = open_from_plugins_menu()
+    send(qtbot, first.endpoint, """
+        backend.save(rand(1, (20, 30)), "cam/t000.tif")
+        backend.save(rand(2, (16, 16), "int32"), "seg/t000.tif", mode="stack", labels=True)
+        backend.save([{"kind": "point", "coords": [[1, 1]]}], "cam/p.roi.zip", stream="cam")
+    """)
+    settled(first, 2, 1)
+    names = [layer.name for layer in viewer.layers]
+    assert names == ["user layer", "cam", "seg", "cam points"]
+    cam = viewer.layers["cam"]
+    viewer.window.remove_dock_widget(first)  # what the dock's close button does
+    assert not first.running
+
+    second = open_from_plugins_menu()
+    assert second is not first
+    send(qtbot, second.endpoint, """
+        backend.save(rand(3, (20, 30)), "cam/t001.tif")
+        backend.save(rand(4, (16, 16), "int32"), "seg/t001.tif", mode="stack", labels=True)
+        backend.save([{"kind": "point", "coords": [[2, 2]]}], "cam/q.roi.zip", stream="cam")
+    """)
+    settled(second, 2, 1)
+    assert [layer.name for layer in viewer.layers] == names  # no second set of layers
+    assert viewer.layers["cam"] is cam
+    np.testing.assert_array_equal(cam.data, rand(3, (20, 30)))
+    np.testing.assert_array_equal(np.asarray(viewer.layers["seg"].data),
+                                  np.stack([rand(2, (16, 16), "int32"),
+                                            rand(4, (16, 16), "int32")]))
+    assert len(viewer.layers["cam points"].data) == 2  # both ROI sets, in one layer
+    assert managers_listening(viewer) == 1
+
+    send(qtbot, second.endpoint, """
+        backend.request("clear")
+    """)
+    qtbot.waitUntil(lambda: len(viewer.layers) < len(names), timeout=10000)
+    assert [layer.name for layer in viewer.layers] == ["user layer"]
+    second.stop()

@@ -9,7 +9,9 @@ stream and channel, updated in place. `DisplayTimer` (`display_timer.py`) calls 
 
 from __future__ import annotations
 
+import functools
 import logging
+import weakref
 from collections import Counter
 
 from napari.layers import Labels
@@ -53,8 +55,29 @@ def release_deleted_gl_program(viewer) -> None:
         log.debug("could not unbind the GL program after a layer removal", exc_info=True)
 
 
+#: the manager of each viewer (by id of the viewer behind napari's proxy), while it lives
+_MANAGERS: weakref.WeakValueDictionary[int, LayerManager] = weakref.WeakValueDictionary()
+
+
+def _unwrapped(viewer):
+    return getattr(viewer, "__wrapped__", viewer)  # napari's PublicOnlyProxy
+
+
 class LayerManager:
-    """Owns the layers of the streams it has seen; everything here runs on the main thread."""
+    """Owns the layers of the streams it has seen; everything here runs on the main thread.
+
+    One per viewer, living as long as its layer list (`for_viewer`): a widget opened again
+    for the same viewer takes over the layers the last one made instead of adding a second
+    set beside them (which a ``clear`` then left behind)."""
+
+    @classmethod
+    def for_viewer(cls, viewer, *, stack_capacity: int = 100) -> LayerManager:
+        """The manager of `viewer`'s stream layers: the one it already has, else a new one."""
+        manager = _MANAGERS.get(id(_unwrapped(viewer)))
+        if manager is None or _unwrapped(manager.viewer) is not _unwrapped(viewer):
+            return cls(viewer, stack_capacity=stack_capacity)
+        manager.stack_capacity = max(1, int(stack_capacity))
+        return manager
 
     def __init__(self, viewer, *, stack_capacity: int = 100):
         self.viewer = viewer
@@ -75,8 +98,12 @@ class LayerManager:
         self.snapshot: dict = {"layers": [], "layer_updates": 0, "roi_updates": 0,
                                "frames_displayed": 0, "frames_skipped": 0,
                                "frames_rejected": 0, "errors": {}}
-        # a deleted layer frees what its stream holds at once, not at the stream's next frame
-        viewer.layers.events.removed.connect(self._on_layer_removed)
+        # a deleted layer frees what its stream holds at once, not at the stream's next frame;
+        # held strongly by the layer list (napari holds a bound method weakly), so that the
+        # manager lives as long as the viewer's layers, also after its widget is closed
+        viewer.layers.events.removed.connect(functools.partial(LayerManager._on_layer_removed,
+                                                               self))
+        _MANAGERS[id(_unwrapped(viewer))] = self
 
     @property
     def roi_updates(self) -> int:

@@ -72,7 +72,8 @@ class ReceiverWidget(QWidget):
         mode, stack_capacity = options.mode, options.stack_capacity
 
         self._session = Session()
-        self.manager = LayerManager(napari_viewer, stack_capacity=stack_capacity)
+        # the viewer's: a widget opened again takes over the layers of the one closed before
+        self.manager = LayerManager.for_viewer(napari_viewer, stack_capacity=stack_capacity)
         self.display = DisplayTimer(self.manager, parent=self)
         self._error = ""
         self._docked = False
