@@ -2170,3 +2170,40 @@ def test_a_reopened_widget_takes_over_the_layers_of_the_closed_one(make_napari_v
     qtbot.waitUntil(lambda: len(viewer.layers) < len(names), timeout=10000)
     assert [layer.name for layer in viewer.layers] == ["user layer"]
     second.stop()
+
+
+def test_a_refused_frame_that_turns_a_stream_to_labels_keeps_its_image_layer(docked, qtbot):
+    """A labels frame placed too far out (t = 40001 after an image at t = 0), arriving as an
+    image -> labels change: the display removed the image layer before the placement was
+    refused, so the screen lost the image although the frame was not shown (docs/protocol.md:
+    a frame a viewer refuses starts nothing)."""
+    viewer, widget = docked
+    sender = Sender(widget.endpoint, """
+        backend.save(rand(1, (128, 128)), "s/t0.tif", axes={"t": 0})
+        barrier()
+        backend.save(np.ones((128, 128), np.int32), "s/t40001.tif", axes={"t": 40001},
+                     labels=True)
+        barrier()
+        backend.save(np.full((128, 128), 2, np.int32), "s/t1.tif", axes={"t": 1}, labels=True)
+    """)
+    try:
+        sender.wait_line(qtbot)
+        qtbot.waitUntil(lambda: "s" in viewer.layers, timeout=10000)
+        image = viewer.layers["s"]
+        sender.go()
+        sender.wait_line(qtbot)
+        qtbot.waitUntil(lambda: widget.manager.snapshot["frames_rejected"] == 1, timeout=10000)
+        assert [layer.name for layer in viewer.layers] == ["s"]
+        assert viewer.layers["s"] is image and isinstance(image, napari.layers.Image)
+        np.testing.assert_array_equal(np.asarray(image.data), rand(1, (128, 128))[None])
+        assert "closer together" in widget.manager.last_error
+        sender.go()
+        sender.finish(qtbot)
+    finally:
+        sender.kill()
+    qtbot.waitUntil(lambda: isinstance(layer_of(widget, "s"), napari.layers.Labels),
+                    timeout=10000)
+    labels = viewer.layers["s"]
+    assert [layer.name for layer in viewer.layers] == ["s"]
+    assert labels.data.shape == (2, 128, 128) and (np.asarray(labels.data[1]) == 2).all()
+    assert widget.manager.last_error == ""

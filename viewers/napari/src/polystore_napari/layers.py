@@ -301,19 +301,10 @@ class LayerManager:
         """Show a run of one layer's pieces: True, False if some were refused, None if all
         were (the layer is as it was)."""
         piece = run[-1]
-        for each in run:
-            display = each.header.display
-            state.colormap = display.colormap or state.colormap
-            state.opacity = state.opacity if display.opacity is None else display.opacity
         old = state.layout.geometry
-        if state.layer is not None and old is not None and old[1:3] != (piece.kind, piece.rgb):
-            layer, state.layer = state.layer, None  # image <-> labels, or RGB: a new layer
-            state.hints = None
-            state.layout.contrast.user_set = False  # the user set that layer's, not the new one's
-            self.viewer.layers.remove(layer)
         # another mode, shape, dtype or axes: the layer's slider positions mean other things
         refit = state.layer is not None and old is not None and old != (mode, *piece.geometry)
-        try:
+        try:  # first: a refused run leaves the layer (and the layout) as they were
             view = state.layout.show(mode, run, None if state.layer is None
                                      else state.layer.data, fresh)
         except LayoutError as exc:
@@ -321,6 +312,15 @@ class LayerManager:
             return None
         for message in state.layout.refused:
             self._reject(state.key[0], message)
+        for each in run:  # hints of a run wholly refused are not taken either
+            display = each.header.display
+            state.colormap = display.colormap or state.colormap
+            state.opacity = state.opacity if display.opacity is None else display.opacity
+        if state.layer is not None and old is not None and old[1:3] != (piece.kind, piece.rgb):
+            layer, state.layer = state.layer, None  # image <-> labels, or RGB: a new layer
+            state.hints = None
+            state.layout.contrast.user_set = False  # the user set that layer's, not the new one's
+            self.viewer.layers.remove(layer)
         if state.layer is None:
             self.image_layers.create(state, view, piece)
         else:
