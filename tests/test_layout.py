@@ -282,6 +282,21 @@ def test_labels_stack_slides_its_window_and_keeps_the_newest():
     assert layout.nbytes <= 8 * 9 * 4  # at most 2 x capacity frames held
 
 
+@pytest.mark.parametrize("kind", ["image", "labels"])
+def test_a_lowered_stack_capacity_frees_what_it_no_longer_keeps(kind):
+    """A labels stack kept its backing array of 2 x the old capacity (here 16 frames) after
+    the capacity was lowered to 2; an image stack dropped its older frames."""
+    layout = LayerLayout(stack_capacity=8)
+    shown = None
+    for i in range(16):
+        view = show(layout, "stack", np.full((3, 3), i, np.int32), shown=shown, kind=kind)
+        shown = view.data if view.data is not None else shown
+    layout.stack_capacity = 2
+    view = show(layout, "stack", np.full((3, 3), 16, np.int32), shown=shown, kind=kind)
+    np.testing.assert_array_equal(np.asarray(view.data)[:, 0, 0], [15, 16])
+    assert layout.nbytes <= 2 * 2 * 9 * 4  # at most 2 x the new capacity
+
+
 # -- place -----------------------------------------------------------------------------------
 
 

@@ -2207,3 +2207,38 @@ def test_a_refused_frame_that_turns_a_stream_to_labels_keeps_its_image_layer(doc
     assert [layer.name for layer in viewer.layers] == ["s"]
     assert labels.data.shape == (2, 128, 128) and (np.asarray(labels.data[1]) == 2).all()
     assert widget.manager.last_error == ""
+
+
+def test_lowering_the_stack_capacity_frees_labels_stacks_as_image_stacks(docked, qtbot):
+    """Capacity 20, 30 frames of each: then the capacity lowered to 3 and one more frame.
+    The image stack kept 3 frames; the labels stack showed 3 but still held its array of 32
+    frames (grown towards 2 x the old capacity), for as long as the stream lived."""
+    viewer, widget = docked
+    frame = 64 * 64 * 4
+    widget.capacity_box.setValue(20)
+    send(qtbot, widget.endpoint, """
+        for i in range(30):
+            backend.save(rand(i, (64, 64), "int32"), f"img/t{i:03d}.tif", mode="stack")
+            backend.save(rand(i, (64, 64), "int32"), f"seg/t{i:03d}.tif", mode="stack",
+                         labels=True)
+    """)
+    qtbot.waitUntil(lambda: widget.buffer.stats.frames == 60 and widget.buffer.pending == 0,
+                    timeout=10000)
+    manager = widget.manager
+    assert viewer.layers["seg"].data.shape == viewer.layers["img"].data.shape == (20, 64, 64)
+    assert manager.held_bytes("img") == 20 * frame
+    assert manager.held_bytes("seg") >= 30 * frame
+    widget.capacity_box.setValue(3)
+    send(qtbot, widget.endpoint, """
+        backend.save(rand(30, (64, 64), "int32"), "img/t030.tif", mode="stack")
+        backend.save(rand(30, (64, 64), "int32"), "seg/t030.tif", mode="stack", labels=True)
+    """)
+    qtbot.waitUntil(lambda: widget.buffer.stats.frames == 62 and widget.buffer.pending == 0,
+                    timeout=10000)
+    newest = np.stack([rand(i, (64, 64), "int32") for i in range(28, 31)])
+    for name in ("img", "seg"):
+        np.testing.assert_array_equal(np.asarray(viewer.layers[name].data), newest)
+    assert manager.held_bytes("img") == 3 * frame
+    assert manager.held_bytes("seg") <= 2 * 3 * frame  # at most 2 x capacity, as documented
+    data = viewer.layers["seg"].data  # a view of the array the layer keeps alive
+    assert (data if data.base is None else data.base).nbytes <= 2 * 3 * frame

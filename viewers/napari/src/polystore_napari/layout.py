@@ -174,6 +174,8 @@ class LayerLayout:
         capacity = self.stack_capacity
         run = run[-capacity:]
         before = (self.start, self.end, id(self.backing))
+        if self.backing is not None and len(self.backing) > 2 * capacity:
+            self._shrink(capacity)  # the capacity was lowered: free what it no longer keeps
         for piece in run:
             if self.backing is None:
                 self.backing = np.empty((min(4, 2 * capacity), *piece.array.shape),
@@ -189,6 +191,16 @@ class LayerLayout:
         if (self.start, self.end, id(self.backing)) == before and shown is not None:
             return View(None, labels, 0, newest)
         return View(self.backing[self.start:self.end], labels, 0, newest)
+
+    def _shrink(self, capacity: int) -> None:
+        """Move the newest `capacity` frames into a backing array of at most 2 x capacity,
+        so that the old one (sized for a larger capacity) is freed, as an image stack frees
+        the frames beyond a lowered capacity."""
+        keep = min(self.end - self.start, capacity)
+        size = min(2 * capacity, max(2 * keep, 4))
+        smaller = np.empty((size, *self.backing.shape[1:]), self.backing.dtype)
+        smaller[:keep] = self.backing[self.end - keep:self.end]
+        self.backing, self.start, self.end = smaller, 0, keep
 
     def _make_room(self, capacity: int) -> None:
         n = self.end - self.start
