@@ -763,7 +763,7 @@ def test_napari_survives_new_images_after_a_clear_removed_labelled_rois(qtbot, t
     """After a ``clear`` removed a Shapes layer that showed its labels as text, napari
     segfaulted (in glDrawArrays) at the second draw of the next new image on Mesa's llvmpipe
     (Xvfb, CI, cluster nodes): the layer's GL program was deleted while it was the current one
-    (see ``release_deleted_gl_program`` in layers.py)."""
+    (see ``release_deleted_gl_program`` in gl_release.py)."""
     errors = open(tmp_path / "napari.err", "w+")  # a file: a full pipe would stall napari
     child = subprocess.Popen([sys.executable, "-X", "faulthandler", "-c", NAPARI_CHILD],
                              stdout=subprocess.PIPE, stderr=errors, text=True,
