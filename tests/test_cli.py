@@ -461,6 +461,56 @@ def test_napari_missing_plugin_says_how_to_install(tmp_path):
     assert "bash scripts/install.sh" in result.stderr
 
 
+def _plugin_env(root: Path, entry_points: str, modules: dict[str, str]) -> dict:
+    """An environment whose Python sees one more installed distribution, `root`'s, with
+    these `polystore.cli` entry points and modules."""
+    info = root / "polystore_cli_test_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: polystore-cli-test-plugin\n"
+                                   "Version: 0.1\n")
+    (info / "entry_points.txt").write_text("[polystore.cli]\n" + entry_points)
+    for name, code in modules.items():
+        (root / f"{name}.py").write_text(code)
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def test_a_broken_cli_plugin_breaks_neither_the_command_nor_its_built_ins(tmp_path):
+    """A plugin that takes a built-in name (before or after it is added), one that fails
+    half-way through adding its parser, and one that calls sys.exit on import: every
+    `polystore` command crashed with argparse's 'conflicting subparser' traceback, or exited
+    with the plugin's message. Now the built-ins work, and the broken command says why."""
+    env = _plugin_env(tmp_path, (
+        "demo = cli_plugin_bad:add_demo\n"
+        "send = cli_plugin_bad:add_send\n"
+        "half = cli_plugin_bad:add_half\n"
+        "quits = cli_plugin_quits:add\n"
+    ), {
+        "cli_plugin_bad": (
+            "def add_demo(sub):\n    sub.add_parser('demo')\n\n"
+            "def add_send(sub):\n    sub.add_parser('send').set_defaults(func=lambda a: 0)\n\n"
+            "def add_half(sub):\n    sub.add_parser('half')\n"
+            "    raise RuntimeError('half-way broken')\n"
+        ),
+        "cli_plugin_quits": "import sys\nsys.exit('this plugin quits on import')\n",
+    })  # fmt: skip
+    result = cli("shm", "ls", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "ignoring the polystore.cli entry point demo" in result.stderr
+    assert "ignoring the polystore.cli entry point send" in result.stderr
+    result = cli("send", env=env)  # still the built-in send, not the plugin's
+    assert result.returncode == 2 and "required: PATH, --to" in result.stderr
+    result = cli("half", env=env)
+    assert result.returncode == 1
+    assert "RuntimeError: half-way broken" in result.stderr
+    assert "polystore-cli-test-plugin" in result.stderr
+    result = cli("quits", env=env)
+    assert result.returncode == 1 and "this plugin quits on import" in result.stderr
+    result = cli("--help", env=env)
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+
+
 def test_napari_starts_listening_and_shows_frames():
     needs.display()
     needs.module("napari")

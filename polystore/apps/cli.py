@@ -91,22 +91,35 @@ PLUGIN_COMMANDS = {"napari": INSTALL_NAPARI}
 
 def add_plugin_commands(sub: argparse._SubParsersAction) -> None:
     """Let installed plugins add their subcommands; a command whose plugin is missing (or
-    broken) still exists and says how to install it."""
+    broken) still exists and says how to install it. Call it after the built-in commands: a
+    plugin cannot replace one, and a plugin that fails (on import, by taking a name already
+    in use, or half-way through adding its parser) leaves nothing of its own behind."""
     from importlib.metadata import entry_points
 
     added = set()
     for entry in entry_points(group=PLUGIN_GROUP):
         if entry.name in added:
             continue
+        before = (dict(sub._name_parser_map), len(sub._choices_actions))
         try:
             entry.load()(sub)
-        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the others
-            install = PLUGIN_COMMANDS.get(entry.name, f"reinstall {entry.value.split('.')[0]}")
-            _add_unavailable(sub, entry.name, f"the {entry.name} plugin cannot be imported "
-                             f"({exc}); {install}")
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - one broken plugin must
+            # not break the others, nor the built-in commands (SystemExit: sys.exit on import)
+            sub._name_parser_map.clear()
+            sub._name_parser_map.update(before[0])
+            del sub._choices_actions[before[1]:]
+            why = f"{type(exc).__name__}: {exc}"
+            if entry.name in sub._name_parser_map:  # a built-in (or earlier plugin) name
+                log.warning("ignoring the polystore.cli entry point %s = %s (%s); uninstall "
+                            "or fix the package that provides it", entry.name, entry.value, why)
+            else:
+                dist = entry.dist.name if entry.dist else entry.module.split(".")[0]
+                install = PLUGIN_COMMANDS.get(entry.name, f"reinstall or fix {dist}")
+                _add_unavailable(sub, entry.name, f"the {entry.name} plugin cannot be "
+                                 f"loaded ({why}); {install}")
         added.add(entry.name)
     for name, install in PLUGIN_COMMANDS.items():
-        if name not in added:
+        if name not in added and name not in sub._name_parser_map:
             _add_unavailable(sub, name, f"`polystore {name}` comes with the {name} plugin, "
                              f"which is not installed; {install}")
 
@@ -491,8 +504,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)
 
-    add_plugin_commands(sub)
-
     keys = sub.add_parser(
         "keys", help="make a CURVE key pair for a viewer that listens beyond 127.0.0.1",
         description="Write DIR/NAME.key (public: give it to the pipeline machines) and "
@@ -552,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "memcpy, raw ZeroMQ and a raw shared-memory ring, on this machine.")
     benchmark.add_arguments(bench)
     bench.set_defaults(func=benchmark.run)
+    add_plugin_commands(sub)  # last: a plugin cannot take a built-in command's name
     return parser
 
 
