@@ -342,6 +342,37 @@ def test_entry_points_are_listed_by_name_and_imported_on_first_use(tmp_path, mon
     sys.modules.pop("core_lazy_plugin", None)
 
 
+def test_a_plugin_that_failed_to_import_stays_failed(tmp_path, monkeypatch):
+    """A plugin module that defines its backend class and then raises: the first lookup
+    raised BackendLoadError, but the class stayed registered, so the second lookup (and any
+    fresh registry) returned a backend of a module that never finished importing. Every
+    lookup must fail alike, and the plugin is imported afresh each time (it may be fixed)."""
+    _fake_distribution(tmp_path, "[polystore.backends]\nhalfway = core_halfway_plugin:Half\n")
+    plugin = tmp_path / "core_halfway_plugin.py"
+    plugin.write_text(
+        "from polystore.backends.memory import MemoryBackend\n\n"
+        "class Half(MemoryBackend):\n"
+        "    _backend_type = 'halfway'\n\n"
+        "raise RuntimeError('needs a config file')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = BackendRegistry()
+    for _attempt in range(2):
+        with pytest.raises(BackendLoadError, match="RuntimeError: needs a config file"):
+            registry["halfway"]
+        with pytest.raises(BackendLoadError, match="needs a config file"):
+            BackendRegistry()["halfway"]
+    assert "halfway" not in registered_backend_classes()
+    assert "core_halfway_plugin" not in sys.modules
+    plugin.write_text(plugin.read_text().replace("raise RuntimeError", "# fixed: raise"))
+    importlib.invalidate_caches()
+    try:
+        assert type(registry["halfway"]).__name__ == "Half"  # the fixed plugin loads
+    finally:
+        sys.modules.pop("core_halfway_plugin", None)
+        polystore.base._backend_classes.pop("halfway", None)  # leave no class behind
+
+
 # =========================================================================================
 # Base-class behaviour and errors
 # =========================================================================================
