@@ -48,13 +48,13 @@ def discover_entry_points(group: str = ENTRY_POINT_GROUP) -> dict[str, EntryPoin
 
 
 def load_entry_point(name: str, ep: EntryPoint) -> type[Backend] | Backend:
-    """Import one advertised backend; any failure becomes a BackendLoadError that says
-    which entry point failed and why, and leaves no backend class of the failed module
-    registered."""
+    """Import one advertised backend; any failure (``sys.exit`` at import included) becomes
+    a BackendLoadError that says which entry point failed and why, and leaves no backend
+    class of the failed module registered."""
     before = registered_backend_classes()
     try:
         obj = ep.load()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         _forget_failed_imports(before)
         raise BackendLoadError(name, ep.value, f"{type(exc).__name__}: {exc}") from exc
     if isinstance(obj, Backend) or (isinstance(obj, type) and issubclass(obj, Backend)):

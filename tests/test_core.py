@@ -373,6 +373,32 @@ def test_a_plugin_that_failed_to_import_stays_failed(tmp_path, monkeypatch):
         polystore.base._backend_classes.pop("halfway", None)  # leave no class behind
 
 
+def test_a_plugin_that_calls_sys_exit_on_import_does_not_end_the_program(tmp_path):
+    """`registry[name]` for a plugin whose module calls sys.exit() at import ended the
+    whole program (SystemExit is no Exception), and so did `polystore shm ls`, which imports
+    every plugin. It is a BackendLoadError like any other failed import."""
+    _fake_distribution(tmp_path, "[polystore.backends]\nquitter = core_quitting_plugin:X\n")
+    (tmp_path / "core_quitting_plugin.py").write_text(
+        "import sys\nsys.exit('core_quitting_plugin: no licence')\n")
+    code = textwrap.dedent("""
+        import polystore
+        from polystore.registry import load_entry_points
+        registry = polystore.BackendRegistry()
+        try:
+            registry["quitter"]
+        except polystore.BackendLoadError as exc:
+            print("load error:", exc)
+        print("loaded:", sorted(load_entry_points()))
+        print("still running")
+    """)
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": path}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "SystemExit: core_quitting_plugin: no licence" in result.stdout
+    assert "loaded: ['mybackend']" in result.stdout and "still running" in result.stdout
+
+
 # =========================================================================================
 # Base-class behaviour and errors
 # =========================================================================================
