@@ -549,6 +549,29 @@ def test_a_tcp_port_out_of_range_is_refused_on_both_sides():
         assert receiver.stats.frames == 1
 
 
+@pytest.mark.parametrize("kind", ["dgram", "seqpacket"])
+def test_an_ipc_path_bound_by_another_programs_datagram_socket_is_refused(tmp_path, kind):
+    """check_ipc_path probed with a stream socket only: connecting to another program's
+    datagram (or seqpacket) socket fails with EPROTOTYPE, which counted as "nobody there",
+    so the receiver's bind deleted that program's socket and took its path (the program
+    could no longer be reached). It is refused; a stale one nobody holds is still reused."""
+    path = f"{tmp_path}/{kind}.sock"
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM if kind == "dgram"
+                          else socket.SOCK_SEQPACKET)  # fmt: skip
+    try:
+        other.bind(path)
+        if kind == "seqpacket":
+            other.listen()
+        inode = os.stat(path).st_ino
+        with pytest.raises(OSError, match="another program's socket .*Choose another path"):
+            receiver_for(NapariStreamingBackend, f"ipc://{path}").start()
+        assert os.stat(path).st_ino == inode  # the program's socket is still its own
+    finally:
+        other.close()
+    receiver = receiver_for(NapariStreamingBackend, f"ipc://{path}").start()  # now stale
+    receiver.stop()
+
+
 def test_a_start_that_does_not_finish_binding_in_time_says_so():
     """start() ignored its own timeout: it returned a receiver that was not listening yet
     (its endpoint still "tcp://127.0.0.1:*"), and a bind error after that was never told."""

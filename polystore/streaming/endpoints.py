@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import ipaddress
 import os
@@ -92,8 +93,13 @@ def check_ipc_path(endpoint: str) -> None:
         probe.connect(path)
     except (BlockingIOError, TimeoutError):
         pass  # a full backlog (EAGAIN), or a connect that waited in vain: someone listens
-    except OSError:
-        return  # refused or missing: nobody listens there (a path too long...: the bind says)
+    except OSError as exc:
+        if exc.errno != errno.EPROTOTYPE:
+            return  # refused or missing: nobody listens there (a path too long: the bind says)
+        # a datagram or seqpacket socket another program has bound: the bind would delete it
+        raise OSError(f"cannot listen on {endpoint}: another program's socket (not a "
+                      "stream socket) is bound there, and listening would take it from that "
+                      "program. Choose another path") from None
     finally:
         probe.close()
     raise OSError(f"cannot listen on {endpoint}: another receiver (or program) is listening "
