@@ -173,6 +173,13 @@ def test_no_command_says_what_to_do():
         (["demo", "--frames", "0"], "--frames: expected a whole number >= 1, got '0'"),
         (["demo", "--frames", "many"], "--frames: expected a whole number >= 1, got 'many'"),
         (["demo", "--fps", "-2"], "--fps: expected a number >= 0, got '-2'"),
+        # a traceback (ValueError out of check_bind_endpoint) until the endpoint was checked
+        # as an argument
+        (["demo", "--no-napari", "--endpoint", "foo"],
+         "argument --endpoint: endpoint must look like tcp://127.0.0.1:PORT"),
+        (["demo", "--no-napari", "--endpoint", "tcp://0.0.0.0:5555"],
+         "argument --endpoint: refusing to listen on 0.0.0.0"),
+        (["demo", "--endpoint", "inproc://demo"], "inproc:// reaches only sockets of one"),
         (["napari", "--mode", "sideways"], "argument --mode: invalid choice: 'sideways'"),
         (["shm"], "choose what to do: `polystore shm ls` or `polystore shm clean`"),
         (["shm", "rm"], "invalid choice: 'rm'"),

@@ -66,6 +66,17 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _listen_endpoint(text: str) -> str:
+    """An endpoint a receiver on this machine may listen on (checked before anything starts)."""
+    from polystore.streaming.endpoints import check_bind_endpoint
+
+    try:
+        check_bind_endpoint(text, allow_remote=False)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _human(nbytes: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if nbytes < 1024 or unit == "GiB":
@@ -460,7 +471,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             fps=args.fps, endpoint=args.endpoint, wait=not args.no_wait,
             progress=not args.quiet,
         )  # fmt: skip
-    except (OSError, RuntimeError, StreamingError) as exc:
+    except (OSError, RuntimeError, ValueError, StreamingError) as exc:
         raise CommandError(str(exc)) from None
     return 0
 
@@ -497,8 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fps", type=_non_negative_float, default=None,
                       help="time points per second (default 10 in a window, else as fast as "
                       "possible; 0 = as fast as possible)")
-    demo.add_argument("--endpoint", help="where napari (or the headless receiver) listens "
-                      "(default: a free port on 127.0.0.1)")
+    demo.add_argument("--endpoint", type=_listen_endpoint,
+                      help="where napari (or the headless receiver) listens (default: a free "
+                      "port on 127.0.0.1)")
     demo.add_argument("--no-wait", action="store_true",
                       help="exit after streaming and leave the napari window open")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
