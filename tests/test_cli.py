@@ -455,6 +455,30 @@ def test_napari_without_a_display_says_what_to_do():
     assert "no display" in result.stderr and "polystore demo --headless" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "env_endpoint", "expected"),
+    [
+        (["--endpoint", "foo"], None, "endpoint must look like tcp://127.0.0.1:PORT, got 'foo'"),
+        (["--endpoint", "tcp://0.0.0.0:5555"], None, "refusing to listen on 0.0.0.0"),
+        (["--stack-capacity", "999999"], None, "stack_capacity must be a whole number from 1"),
+        ([], "nonsense", "got 'nonsense' (from $POLYSTORE_NAPARI_ENDPOINT)"),
+    ],
+)
+def test_napari_bad_options_are_usage_errors_before_napari_starts(args, env_endpoint, expected):
+    """A bad --endpoint or --stack-capacity was found only once napari had opened its
+    window (exit 1 after a slow start); without a display the user was told to find one,
+    and a wrong endpoint stayed unknown. Now it is a usage error (2), display or not."""
+    needs.module("polystore_napari")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")}  # fmt: skip
+    if env_endpoint:
+        env["POLYSTORE_NAPARI_ENDPOINT"] = env_endpoint
+    result = cli("napari", *args, env=env)
+    assert result.returncode == 2, result
+    assert expected in result.stderr and "no display" not in result.stderr
+    assert "'polystore napari --help' for help" in result.stderr
+
+
 def test_napari_missing_plugin_says_how_to_install(tmp_path):
     shadow = tmp_path / "polystore_napari"
     shadow.mkdir()

@@ -11,7 +11,8 @@ import argparse
 import os
 import sys
 
-from polystore_napari.options import ReceiverOptions
+from polystore.streaming.endpoints import check_bind_endpoint
+from polystore_napari.options import ENV_ENDPOINT, ReceiverOptions
 
 
 def add_napari_command(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +27,17 @@ def add_napari_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_napari_command(args: argparse.Namespace) -> int:
-    """Open napari with the parsed options; 1 with a message on stderr when it cannot."""
+    """Open napari with the parsed options; 2 with a message on stderr for a bad option
+    (checked before napari starts, display or not), 1 when napari cannot start."""
+    try:
+        options = ReceiverOptions.from_args(args)
+        check_bind_endpoint(options.listen_endpoint, options.allow_remote)
+    except ValueError as exc:
+        source = f" (from ${ENV_ENDPOINT})" if not args.endpoint and os.environ.get(
+            ENV_ENDPOINT) else ""  # fmt: skip
+        print(f"polystore napari: error: {exc}{source}\nRun 'polystore napari --help' for "
+              "help.", file=sys.stderr)
+        return 2
     reason = no_display_reason()
     if reason:
         return _fail(reason)
