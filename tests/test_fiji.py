@@ -1198,7 +1198,7 @@ def test_refuses_to_listen_beyond_loopback(debian, tmp_path):
 def test_a_port_out_of_range_is_refused_as_such(debian, tmp_path):
     """JeroMQ refused port 99999 as "port out of range", and the script added "Is another
     polystore receiver already running there?": a wrong hint. Now it names the range, as the
-    Python receiver does (endpoints.check_tcp_port); the hint is kept for a port in use."""
+    Python receiver does (endpoints.check_listen_port); the hint is kept for a port in use."""
     receiver = start_receiver(endpoint="tcp://127.0.0.1:99999", wait=False)
     assert receiver.wait(60) != 0
     assert "needs a TCP port from 0 to 65535" in receiver.log

@@ -538,10 +538,10 @@ def test_a_tcp_port_out_of_range_is_refused_on_both_sides():
     34463, and a sender told 99999 connected there, both without a word."""
     with pytest.raises(ValueError, match="needs a TCP port from 0 to 65535"):
         receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:99999")
-    with pytest.raises(ValueError, match="needs a TCP port from 1 to 65535, got '99999'"):
+    with pytest.raises(ValueError, match="its port 99999 is not from 1 to 65535"):
         NapariStreamingBackend("tcp://127.0.0.1:99999")
     with pytest.raises(ValueError, match="and it names none"):
-        NapariStreamingBackend("tcp://127.0.0.1")
+        receiver_for(NapariStreamingBackend, "tcp://127.0.0.1")
     with receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0") as receiver:  # any free one
         with NapariStreamingBackend(receiver.endpoint) as backend:
             backend.save(np.ones((4, 4), np.uint16), "a.tif")
@@ -1582,6 +1582,25 @@ def test_bad_sender_options_fail_when_the_backend_is_made(bad):
     key = next(iter(bad))
     with pytest.raises(ValueError, match=key):
         NapariStreamingBackend("tcp://127.0.0.1:9", **bad)
+
+
+@pytest.mark.parametrize("endpoint", ["foo", 12, "tcp://localhost", "tcp://127.0.0.1:abc",
+                                      "tcp://*:5555", "ipc://", "udp://127.0.0.1:5",
+                                      "inproc://napari"])
+def test_an_endpoint_no_receiver_can_be_at_fails_when_the_backend_is_made(endpoint,
+                                                                          monkeypatch):
+    """The endpoint was taken as given and the first save() raised ZeroMQ's own error
+    (ZMQError 'Invalid argument (addr=...)', or TypeError for a non-str), saying neither
+    what was wrong nor what to do; docs/streaming.md says bad values fail when the backend
+    is made. The same for $POLYSTORE_NAPARI_ENDPOINT, which the error names."""
+    with pytest.raises(ValueError, match=r"cannot stream to endpoint .*Use tcp://HOST:PORT"):
+        NapariStreamingBackend(endpoint)
+    if isinstance(endpoint, str):
+        monkeypatch.setenv("POLYSTORE_NAPARI_ENDPOINT", endpoint)
+        with pytest.raises(ValueError, match=r"from \$POLYSTORE_NAPARI_ENDPOINT"):
+            NapariStreamingBackend()
+    for good in ("tcp://localhost:9", "tcp://[::1]:9", "ipc:///tmp/x", "ipc://@x"):
+        assert NapariStreamingBackend(good).endpoint == good
 
 
 def test_options_are_stored_once_and_pickled_as_configuration():

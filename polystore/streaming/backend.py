@@ -20,7 +20,7 @@ import numpy as np
 from polystore import rois  # to_rois; a module: rois.py imports this package too
 from polystore.base import WriteOnlyBackend, check_batch_lengths
 from polystore.streaming.auth import resolve_auth
-from polystore.streaming.endpoints import check_tcp_port
+from polystore.streaming.endpoints import check_connect_endpoint
 from polystore.streaming.errors import UnstreamableDataError
 from polystore.streaming.keys import public_key
 from polystore.streaming.options import (
@@ -110,7 +110,8 @@ class StreamingBackend(WriteOnlyBackend):
             raise ValueError(f"SHM_PREFIX must be letters/digits ending in '_', got "
                              f"{self.SHM_PREFIX!r}")
         self.endpoint = endpoint or self.default_endpoint()
-        check_tcp_port(self.endpoint, listening=False)
+        env_name = f"POLYSTORE_{self.VIEWER_TYPE.upper()}_ENDPOINT"
+        check_connect_endpoint(self.endpoint, "" if endpoint else f"${env_name}")
         if curve_server_key is None:
             curve_server_key = os.environ.get(f"POLYSTORE_{self.VIEWER_TYPE.upper()}_SERVER_KEY")
         #: the transport configuration, checked here once (pickled with the backend)

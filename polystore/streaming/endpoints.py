@@ -42,29 +42,52 @@ def check_bind_endpoint(endpoint: str, allow_remote: bool) -> str:
             f"refusing to listen on {host}: that exposes the receiver beyond this machine. "
             "Pass allow_remote=True (and CURVE keys, see docs/streaming.md) to do it on purpose"
         )
-    check_tcp_port(endpoint, listening=True)
+    check_listen_port(endpoint)
     if endpoint.endswith(":0"):
         endpoint = endpoint[:-2] + ":*"
     return endpoint
 
 
-def check_tcp_port(endpoint: str, *, listening: bool) -> None:
+def check_listen_port(endpoint: str) -> None:
     """Refuse a ``tcp://`` port out of range: ZeroMQ takes it modulo 65536 without a word, so
-    ``:99999`` would listen on (or connect to) port 34463. A receiver may ask for any free
-    port (``:0`` or ``:*``); a sender must name one."""
-    if not endpoint.startswith("tcp://"):
-        return
+    ``:99999`` would listen on port 34463. ``:0`` or ``:*`` asks for any free port."""
     _host, colon, port = urlsplit(endpoint).netloc.rpartition(":")
     if not colon or port.endswith("]"):  # none, or the end of an IPv6 address
         port = ""
-    if listening and port == "*":
-        return
-    lowest = 0 if listening else 1
-    if not (port.isascii() and port.isdigit() and lowest <= int(port) <= 65535):
-        raise ValueError(f"endpoint {endpoint!r} needs a TCP port from {lowest} to 65535"
-                         + (" (0 or * for any free one)" if listening else "")
-                         + (f", got {port!r}" if port else ", and it names none")
+    if port != "*" and not (port.isascii() and port.isdigit() and int(port) <= 65535):
+        raise ValueError(f"endpoint {endpoint!r} needs a TCP port from 0 to 65535 (0 or * for "
+                         "any free one)" + (f", got {port!r}" if port else ", and it names none")
                          + "; e.g. tcp://127.0.0.1:5555")
+
+
+def check_connect_endpoint(endpoint: object, source: str | bool = "") -> str:
+    """Raise ValueError unless a sender can connect to `endpoint` (``tcp://HOST:PORT`` or
+    ``ipc://PATH``): checked when a backend is made, not left to ZeroMQ's "Invalid argument"
+    at the first save (or to its port taken modulo 65536). `source` names where the
+    endpoint came from (an environment variable), if not from the caller."""
+    problem = ""
+    if not isinstance(endpoint, str):
+        problem = f"it is a {type(endpoint).__name__}, not a str"
+    elif endpoint.startswith("tcp://"):
+        host, _, port = endpoint[len("tcp://"):].rpartition(":")
+        if not host or host == "*" or not (port.isascii() and port.isdigit()):
+            problem = "a tcp:// endpoint needs a host and a port number"
+        elif not 1 <= int(port) <= 65535:
+            problem = (f"its port {port} is not from 1 to 65535 (ZeroMQ would take it modulo "
+                       "65536, another port)")
+    elif endpoint.startswith("ipc://"):
+        if endpoint in ("ipc://", "ipc://*", "ipc://@"):
+            problem = "an ipc:// endpoint needs the path the receiver listens on"
+    elif endpoint.startswith("inproc://"):
+        problem = "no receiver can listen on inproc:// (it reaches one ZeroMQ context only)"
+    else:
+        problem = "the transport must be tcp:// or ipc://"
+    if problem:
+        where = f" (from {source})" if source else ""
+        raise ValueError(f"cannot stream to endpoint {endpoint!r}{where}: {problem}. Use "
+                         "tcp://HOST:PORT (e.g. tcp://127.0.0.1:55555) or ipc://PATH, the "
+                         "endpoint the receiver listens on")
+    return endpoint
 
 
 def check_ipc_path(endpoint: str) -> None:

@@ -2862,7 +2862,7 @@ def matcher = endpointParam =~ /^tcp:\/\/(\[[0-9A-Fa-f:.]+\]|[^:\/\[\]]+):(\d+|\
 if (!matcher.matches()) fail("endpoint must look like tcp://127.0.0.1:PORT, got '${endpointParam}' (JeroMQ cannot use ipc://)")
 String host = matcher.group(1)
 String port = matcher.group(2)
-// JeroMQ says only "port out of range" (receiver.py: endpoints.check_tcp_port).
+// JeroMQ says only "port out of range" (receiver.py: endpoints.check_listen_port).
 if (port != '*' && (port.length() > 5 || port.toInteger() > 65535)) fail("endpoint '${endpointParam}' needs a TCP port from 0 to 65535 (0 or * for any free one), got '${port}'; e.g. tcp://127.0.0.1:55556")
 String bareHost = host.startsWith('[') ? host[1..-2] : host
 boolean loopback = bareHost == 'localhost' || bareHost == '::1' || bareHost ==~ /127\.\d+\.\d+\.\d+/
