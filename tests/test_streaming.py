@@ -1603,6 +1603,29 @@ def test_an_endpoint_no_receiver_can_be_at_fails_when_the_backend_is_made(endpoi
         assert NapariStreamingBackend(good).endpoint == good
 
 
+def test_numpy_numbers_and_huge_whole_numbers_are_good_sender_options(receiver_proc):
+    """max_inflight=np.int64(4) and timeout=np.float32(5) were refused with "must be a whole
+    number >= 1, got np.int64(4)" (a message that contradicts itself), and a whole number of
+    seconds too large for a float (connect_timeout=10**400, "no limit") passed the check and
+    made every save() raise OverflowError. They are stored as int and float."""
+    import pickle
+
+    options = SenderOptions(max_inflight=np.int64(4), max_inflight_bytes=np.uint32(2**20),
+                            timeout=np.float32(5), connect_timeout=10**400)  # fmt: skip
+    assert options == SenderOptions(max_inflight=4, max_inflight_bytes=2**20, timeout=5.0,
+                                    connect_timeout=float("inf"))  # fmt: skip
+    assert type(options.max_inflight) is int and type(options.timeout) is float
+    original = NapariStreamingBackend(receiver_proc.endpoint, max_inflight=np.int64(4),
+                                      timeout=np.float32(5), connect_timeout=10**400)
+    with pickle.loads(pickle.dumps(original)) as b:  # as a worker process would get it
+        b.save(np.ones((8, 8), np.uint16), "np/t0.tif")
+        b.flush()
+        assert b.sender.stats.acked == 1
+    for bad in (np.bool_(True), np.float64("nan"), np.int64(0), "5"):
+        with pytest.raises(ValueError, match="timeout must be a number of seconds > 0"):
+            SenderOptions(timeout=bad)
+
+
 def test_options_are_stored_once_and_pickled_as_configuration():
     import pickle
 

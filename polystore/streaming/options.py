@@ -11,6 +11,7 @@ it, so no header is encoded, decoded and encoded again.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -54,15 +55,29 @@ class SenderOptions:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.auth not in AUTH_MODES:
             raise ValueError(f"auth must be one of {AUTH_MODES}, got {self.auth!r}")
-        for name in ("max_inflight", "max_inflight_bytes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        for name in ("max_inflight", "max_inflight_bytes"):  # stored as int, seconds as
+            value = getattr(self, name)  # float: NumPy numbers pickle and compare alike
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+                    or value < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+            object.__setattr__(self, name, int(value))
         for name in ("timeout", "connect_timeout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a number of seconds > 0 (float('inf'): no "
-                                 f"limit), got {value!r}")
+            object.__setattr__(self, name, checked_seconds(name, getattr(self, name)))
+
+
+def checked_seconds(name: str, value: object, zero_ok: bool = False) -> float:
+    """`value` as a float number of seconds > 0 (>= 0 with `zero_ok`; NumPy numbers too;
+    float('inf') or a whole number too large for a float: no limit), else ValueError."""
+    seconds = math.nan
+    if not isinstance(value, (bool, np.bool_)) and isinstance(value, numbers.Real):
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
+    if not (seconds >= 0 if zero_ok else seconds > 0):  # NaN fails both
+        raise ValueError(f"{name} must be a number of seconds {'>= 0' if zero_ok else '> 0'} "
+                         f"(float('inf'): no limit), got {value!r}")
+    return seconds
 
 
 class _StreamFields(msgspec.Struct, omit_defaults=True):
