@@ -1626,6 +1626,28 @@ def test_numpy_numbers_and_huge_whole_numbers_are_good_sender_options(receiver_p
             SenderOptions(timeout=bad)
 
 
+def test_a_call_timeout_that_is_not_seconds_is_refused_before_anything_is_given_up():
+    """flush(timeout=-1) declared the receiver lost at once and gave up every frame in
+    flight (stats.lost), though the receiver was answering; flush/request(timeout="5")
+    raised TypeError from inside the wait loop, and 10**400 OverflowError. A call's own
+    timeout is checked like the backend's (0 still means: do not wait)."""
+    rx = start_receiver(delay=0.3)  # every frame is acknowledged 0.3 s after it arrives
+    try:
+        with NapariStreamingBackend(rx.endpoint) as b:
+            for t in range(3):
+                b.save(np.ones((8, 8), np.uint16), f"tmo/t{t}.tif")
+            for bad in (-1, float("nan"), "5", True):
+                with pytest.raises(ValueError, match="timeout must be a number of seconds >= 0"):
+                    b.flush(timeout=bad)
+                with pytest.raises(ValueError, match="timeout must be a number of seconds >= 0"):
+                    b.request("report", timeout=bad)
+            b.flush(timeout=10**400)
+            assert b.sender.stats.lost == 0 and b.sender.stats.acked == 3
+            assert b.request("report", timeout=np.float32(30))["frames"] == 3
+    finally:
+        rx.stop()
+
+
 def test_options_are_stored_once_and_pickled_as_configuration():
     import pickle
 

@@ -27,7 +27,7 @@ from polystore.streaming import protocol as p
 from polystore.streaming.connection import Connection
 from polystore.streaming.credits import CreditWindow
 from polystore.streaming.errors import BackpressureError, ReceiverLostError
-from polystore.streaming.options import SenderOptions, SenderStats, StreamMeta
+from polystore.streaming.options import SenderOptions, SenderStats, StreamMeta, checked_seconds
 from polystore.streaming.replies import ReplyHandler
 from polystore.streaming.shm import SHM_DIR
 
@@ -123,7 +123,10 @@ class Delivery:
         self._seq = itertools.count()
 
     def _or_default(self, timeout: float | None) -> float:
-        return self.options.timeout if timeout is None else timeout
+        """A call's own `timeout` (checked: a negative or NaN one gave up everything in
+        flight at once), else the backend's."""
+        return self.options.timeout if timeout is None else checked_seconds("timeout", timeout,
+                                                                            zero_ok=True)
 
     def _ensure_connected(self, wait: bool = False) -> bool:
         """Handshake if needed. False means: drop this message (policy 'latest' while the

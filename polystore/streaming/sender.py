@@ -181,6 +181,7 @@ class StreamSender(Delivery):
         """Ask the receiver for its state (`report`) or to drop its streams (`clear`);
         raises if it does not answer within `timeout`."""
         started = time.perf_counter()
+        waited = self._or_default(timeout)
         with self._lock:
             self._ensure_connected(wait=True)  # raises if no receiver answers in time
             seq = next(self._seq)
@@ -188,7 +189,6 @@ class StreamSender(Delivery):
             answers[seq] = None  # answer wanted: Report (state) or Ack ({})
             try:
                 message = p.encode(p.Control(v=p.VERSION, seq=seq, command=command))
-                waited = self._or_default(timeout)
                 if self._dispatch(seq, [message], started, 0) and not self._wait_until(
                         lambda: seq not in self._credits, waited):
                     # a receiver busy with a slow viewer: give up the request, not the frames
@@ -210,7 +210,8 @@ class StreamSender(Delivery):
     def flush(self, timeout: float | None = None) -> None:
         """Wait until the receiver holds every frame sent so far; raise if one was lost or
         rejected."""
+        waited = self._or_default(timeout)
         with self._lock:
             if not self._inherited and self._connection.connected:
-                self._wait_or_lose(lambda: not self._credits, self._or_default(timeout))
+                self._wait_or_lose(lambda: not self._credits, waited)
             self._credits.raise_pending()
