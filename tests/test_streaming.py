@@ -1669,6 +1669,22 @@ def test_stream_metadata_is_built_once_per_stream_and_reused():
         backend.stream_meta("B01/t001.tif", colourmap="red")
 
 
+def test_whether_a_display_hint_is_refused_does_not_depend_on_earlier_saves():
+    """The cache of checked stream metadata keyed hints by value, and True == 1: opacity=True
+    and rgb=0 are refused on their own, but were accepted (as 1.0 and False) once a save
+    with opacity=1 or rgb=False had been cached."""
+    backend = NapariStreamingBackend("tcp://127.0.0.1:9")
+    for good, bad in [({"opacity": 1}, {"opacity": True}), ({"rgb": False}, {"rgb": 0}),
+                      ({"opacity": 0.0}, {"opacity": False})]:
+        with pytest.raises(UnstreamableDataError, match="bad display hint"):
+            backend.stream_meta("hint/t0.tif", **bad)
+        backend.stream_meta("hint/t0.tif", **good)
+        with pytest.raises(UnstreamableDataError, match="bad display hint"):
+            backend.stream_meta("hint/t1.tif", **bad)
+    same = backend.stream_meta("hint/t2.tif", contrast_limits=[0, 1])
+    assert backend.stream_meta("hint/t3.tif", contrast_limits=(0.0, 1.0)) is same
+
+
 def test_frame_positions_are_checked_per_frame_and_numpy_indices_travel(backend):
     img = np.zeros((4, 4), np.uint8)
     backend.save(img, "pos/t001.tif", axes={"t": np.int64(1), "c": np.uint8(2)})

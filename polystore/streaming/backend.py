@@ -296,7 +296,9 @@ class StreamingBackend(WriteOnlyBackend):
 
 
 def _hashable(value: Any) -> Any:
-    """Display hints as a cache key: sequences (contrast limits) as tuples."""
+    """Display hints as a cache key: sequences (contrast limits) as tuples of floats (as
+    `display_hints` reads them), other values with their type (True == 1, but rgb=1 and
+    opacity=True are refused: an earlier valid hint must not let them through)."""
     if isinstance(value, (list, tuple, np.ndarray)):
         return tuple(float(v) for v in value)
-    return value
+    return type(value), value
