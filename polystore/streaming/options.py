@@ -56,7 +56,7 @@ class SenderOptions:
         if self.auth not in AUTH_MODES:
             raise ValueError(f"auth must be one of {AUTH_MODES}, got {self.auth!r}")
         for name in ("max_inflight", "max_inflight_bytes"):  # stored as int, seconds as
-            value = getattr(self, name)  # float: NumPy numbers pickle and compare alike
+            value = getattr(self, name)  # float: so NumPy numbers travel and compare alike
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
                     or value < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
