@@ -12,6 +12,7 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 
@@ -200,3 +201,13 @@ class ScriptedReceiver:
         self._thread.join(5)
         self._sock.close(linger=0)
         self._auth.close()
+
+
+def ipv6_loopback() -> bool:
+    """Whether this machine has an IPv6 loopback (::1) to listen on."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True

@@ -43,6 +43,7 @@ from tests.fiji_helpers import (
     start_receiver,
     x_close_window,
 )
+from tests.stream_helpers import ipv6_loopback
 
 pytestmark = [pytest.mark.fiji]
 
@@ -1210,6 +1211,20 @@ def test_a_port_out_of_range_is_refused_as_such(debian, tmp_path):
                                   wait=False)
         assert receiver.wait(60) != 0
     assert "already running there" in receiver.log
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+def test_frames_stream_over_the_ipv6_loopback(debian, tmp_path):
+    """tcp://[::1]:PORT passed the loopback check, and then JeroMQ refused it ("[::1]:PORT"
+    on 0.3, "::1 not found matching IPv4/IPv6 settings" on 0.6)."""
+    receiver = start_receiver(tmp_path, endpoint=f"tcp://[::1]:{free_port()}")
+    try:
+        with FijiStreamingBackend(receiver.endpoint) as b:
+            b.save(np.arange(12, dtype=np.uint16).reshape(3, 4), "v6/a.tif", stream="v6")
+            np.testing.assert_array_equal(saved(report(b), "v6")[0],
+                                          np.arange(12, dtype=np.uint16).reshape(3, 4))
+    finally:
+        assert receiver.stop() == 0
 
 
 def test_stop_returns_after_a_connection_flood_killed_jeromq_0_3(debian, tmp_path):

@@ -41,7 +41,7 @@ from polystore.streaming.auth import client_keys, resolve_auth
 from polystore.streaming.connection import State
 from polystore.streaming.router import ACK_BATCH, ACK_BATCH_BYTES
 from polystore.streaming.shm import SHM_DIR
-from tests.stream_helpers import ScriptedReceiver, digest, start_receiver
+from tests.stream_helpers import ScriptedReceiver, digest, ipv6_loopback, start_receiver
 
 DTYPES = list(p.DTYPES)
 
@@ -570,6 +570,18 @@ def test_an_ipc_path_bound_by_another_programs_datagram_socket_is_refused(tmp_pa
         other.close()
     receiver = receiver_for(NapariStreamingBackend, f"ipc://{path}").start()  # now stale
     receiver.stop()
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+def test_frames_stream_over_the_ipv6_loopback():
+    """tcp://[::1]:PORT counts as loopback, yet a receiver could not listen there ("No such
+    device": ZeroMQ sockets speak IPv4 only unless told otherwise), nor a sender connect."""
+    with receiver_for(NapariStreamingBackend, "tcp://[::1]:0") as receiver:
+        assert receiver.endpoint.startswith("tcp://[::1]:")
+        with NapariStreamingBackend(receiver.endpoint) as backend:
+            backend.save(np.arange(16, dtype=np.uint16).reshape(4, 4), "a.tif")
+            backend.flush()
+        assert receiver.stats.frames == 1
 
 
 def test_a_start_that_does_not_finish_binding_in_time_says_so():

@@ -80,6 +80,7 @@ def create_dealer_socket(identity: str, options: SenderOptions) -> zmq.Socket:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RECONNECT_IVL, 50)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+    sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:PORT too (IPv4 addresses work as before)
     keys = client_keys(options.auth, options.curve_server_key)  # see streaming/auth.py
     if keys is not None:
         keys.apply(sock)
