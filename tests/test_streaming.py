@@ -1697,6 +1697,20 @@ def test_whether_a_display_hint_is_refused_does_not_depend_on_earlier_saves():
     assert backend.stream_meta("hint/t3.tif", contrast_limits=(0.0, 1.0)) is same
 
 
+def test_axis_names_as_a_string_or_a_generator(backend):
+    """axis_names="tc" was split into letters (and "time" into t, i, m, e), and a generator
+    was used up by the cache key, so the header got no names: both then failed with a
+    puzzling "must name every key of axes", or not at all."""
+    with pytest.raises(UnstreamableDataError, match="must be a list of names.*'time'"):
+        backend.save(np.zeros((2, 2), np.uint8), "names/a.tif", axes={"time": 0},
+                     axis_names="time")
+    names = (name for name in ["t", "c"])
+    backend.save(np.zeros((2, 2), np.uint8), "names/b.tif", axes={"t": 1, "c": 0},
+                 axis_names=names)
+    backend.flush()
+    assert backend.stream_meta("names/c.tif", axis_names=["t", "c"]).axis_names == ["t", "c"]
+
+
 def test_frame_positions_are_checked_per_frame_and_numpy_indices_travel(backend):
     img = np.zeros((4, 4), np.uint8)
     backend.save(img, "pos/t001.tif", axes={"t": np.int64(1), "c": np.uint8(2)})
