@@ -48,7 +48,7 @@ def protocol_ring(endpoint: str, frames: list[np.ndarray], count: int) -> tuple[
     the module docstring)."""
     token = secrets.token_hex(8)
     prefix = f"{NapariStreamingBackend.SHM_PREFIX}{os.getpid()}_{token}_"
-    sock = create_dealer_socket(token, SenderOptions())
+    sock = create_dealer_socket(token, endpoint, SenderOptions())
     sock.connect(endpoint)
     probe, probe_token = create_probe(prefix)
     nbytes = frames[0].nbytes

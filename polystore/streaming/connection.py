@@ -94,7 +94,7 @@ class Connection:
     def open(self, identity: str) -> None:
         if self._sock is not None:
             return
-        sock = create_dealer_socket(identity, self.options)
+        sock = create_dealer_socket(identity, self.endpoint, self.options)
         # monitored before it connects: a handshake refused at once (a receiver without
         # authentication) reports it only once, and a sender that missed it would wait for
         # its whole connect_timeout

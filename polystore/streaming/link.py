@@ -71,7 +71,7 @@ class LinkState:
         self.handshaking = self.up = event == zmq.EVENT_CONNECTED
 
 
-def create_dealer_socket(identity: str, options: SenderOptions) -> zmq.Socket:
+def create_dealer_socket(identity: str, endpoint: str, options: SenderOptions) -> zmq.Socket:
     """The one place a sender's socket is made and configured (authentication included);
     not yet connected, so that a monitor can be attached first (`Connection.open`)."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -80,7 +80,8 @@ def create_dealer_socket(identity: str, options: SenderOptions) -> zmq.Socket:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RECONNECT_IVL, 50)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-    sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:PORT too (IPv4 addresses work as before)
+    if endpoint.startswith("tcp://["):  # tcp://[::1]:PORT: ZeroMQ speaks IPv4 unless told
+        sock.setsockopt(zmq.IPV6, 1)
     keys = client_keys(options.auth, options.curve_server_key)  # see streaming/auth.py
     if keys is not None:
         keys.apply(sock)

@@ -50,7 +50,8 @@ def open_router(endpoint: str, server_auth: ServerAuth, max_message_bytes: int,
     # a reply to a connection that closed fails (EHOSTUNREACH) instead of vanishing, even
     # while its last messages are still queued here: see `Outbox.reply`
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:PORT too (IPv4 addresses work as before)
+    if endpoint.startswith("tcp://["):  # tcp://[::1]:PORT: ZeroMQ speaks IPv4 unless told
+        sock.setsockopt(zmq.IPV6, 1)
     server_auth.apply(sock)
     try:
         with ipc_bind_lock(endpoint):

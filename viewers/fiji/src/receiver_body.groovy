@@ -2965,9 +2965,11 @@ Runnable receive = {
             sock.setCurveSecretKey(curve.z85Decode(credential.curve_secret))
         }
         sock.setLinger(0)
-        // tcp://[::1]:PORT too, as the Python receiver (IPv4 addresses work as before):
-        // JeroMQ 0.5/0.6 spell it setIPv6, 0.3 setIPv4Only(false)
-        try { sock.setIPv6(true) } catch (MissingMethodException ignored) { sock.setIPv4Only(false) }
+        // tcp://[::1]:PORT, as the Python receiver (JeroMQ speaks IPv4 unless told; 0.5/0.6
+        // spell it setIPv6, 0.3 setIPv4Only(false))
+        if (host.startsWith('[')) {
+            try { sock.setIPv6(true) } catch (MissingMethodException ignored) { sock.setIPv4Only(false) }
+        }
         // Close connections that have not finished the handshake within 5 s, as the Python
         // receiver does (JeroMQ's default is 30 s; 0.3 has neither the option nor CURVE).
         try { sock.setHandshakeIvl(5000) } catch (MissingMethodException ignored) { }
