@@ -270,6 +270,8 @@ class Connection:
     def send(self, parts: list, deadline: float, *, until_refused: bool = False) -> bool:
         """Send without ever blocking past `deadline`; False if nobody took it in time (or,
         with `until_refused`, as soon as the link's authentication handshake fails)."""
+        if until_refused and not self.link.up and not self._wait_for_link(deadline):
+            return False
         sock = self._sock
         first = parts[0]
         flags = (_NOBLOCK | _SNDMORE) if len(parts) > 1 else _NOBLOCK
@@ -284,6 +286,19 @@ class Connection:
         for i in range(1, len(parts)):
             sock.send(parts[i], 0 if i == last else _SNDMORE, copy=False)
         return True
+
+    def _wait_for_link(self, deadline: float) -> bool:
+        """Wait for a link (the monitor's CONNECTED) until `deadline`; False if none came or
+        the handshake was refused. ZeroMQ reports a disconnect before it detaches the dead
+        link's pipe: a hello sent right after it (ZMQ_IMMEDIATE or not) could go into that
+        pipe and be lost, and would then be waited for until the deadline."""
+        while not self.link.up and not self.link.refused:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._monitor is None:
+                return False
+            if zmq_poll(self._room_items[:1], _poll_ms(remaining)):
+                self.check_link()
+        return self.link.up
 
     def _wait_writable(self, deadline: float, until_refused: bool) -> bool:
         """Wait for room to send (ZMQ_IMMEDIATE: an authenticated link); False once
