@@ -526,6 +526,42 @@ def test_a_viewer_frozen_through_several_handshakes_serves_by_shared_memory_when
     assert my_segments() == []
 
 
+def test_a_receiver_that_dies_while_a_save_waits_for_room_is_lost_at_once():
+    """A frozen viewer's queue fills, so a save waits for room to send; the viewer is then
+    killed. The save watched for room only, not for the link's events, and gave up after its
+    whole timeout (30 s here) with "it took no message within the timeout"; it now knows at
+    once that the receiver disconnected."""
+    import threading
+
+    endpoint = free_endpoint()
+    rx = start_receiver(endpoint)
+    b = NapariStreamingBackend(endpoint, timeout=30.0, max_inflight=100_000,
+                               transport="inline")
+    frame = np.zeros((64, 64), np.uint16)
+    killed: list[float] = []
+
+    def kill_later() -> None:
+        time.sleep(2.0)  # by now the save below is waiting for room
+        os.kill(rx.process.pid, signal.SIGKILL)
+        killed.append(time.monotonic())
+
+    try:
+        b.save(frame, "room/first.tif")
+        b.flush()
+        freeze(rx.process.pid)
+        killer = threading.Thread(target=kill_later)
+        killer.start()
+        with pytest.raises(ReceiverLostError, match="disconnected"):
+            for i in range(100_000):
+                b.save(frame, f"room/{i}.tif")
+        noticed = time.monotonic() - killed[0]
+        killer.join(10)
+        assert noticed < 10, f"the save noticed the dead receiver after {noticed:.1f} s"
+    finally:
+        rx.process.join(10)
+        b.close()
+
+
 def test_a_viewer_restarted_while_a_hello_waits_is_greeted_again_in_the_same_save():
     """The hello of a save went to a frozen viewer, which is then killed and started again
     on its port. The save waited for a welcome on the socket only, not for link events: the

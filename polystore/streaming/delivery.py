@@ -251,7 +251,8 @@ class Delivery:
             return False
         if self._connection.send(parts, time.monotonic() + self.options.timeout):
             return True
-        self._receiver_lost("it took no message within the timeout")  # counts `seq` too
+        if self._connection.connected:  # else it disconnected meanwhile: lost, and said why
+            self._receiver_lost("it took no message within the timeout")  # counts `seq` too
         self._credits.raise_pending()  # policies block/raise: ReceiverLostError
         return False
 
