@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from abc import ABCMeta, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
@@ -82,6 +83,19 @@ def registered_backend_classes() -> dict[str, type[Backend]]:
     """Return a copy of the name -> class table filled by auto-registration."""
     with _registry_lock:
         return dict(_backend_classes)
+
+
+def forget_failed_imports(before: dict[str, type[Backend]]) -> None:
+    """Restore the table to `before` for the classes registered since by a module whose
+    import failed (Python dropped it from sys.modules): a plugin that raised after defining
+    its class must not be reachable by name as if it had loaded."""
+    with _registry_lock:
+        for name, cls in list(_backend_classes.items()):
+            if before.get(name) is not cls and cls.__module__ not in sys.modules:
+                if name in before:
+                    _backend_classes[name] = before[name]
+                else:
+                    del _backend_classes[name]
 
 
 def _register(name: str, cls: type[Backend]) -> None:

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import inspect
 import logging
-import sys
 import threading
 from collections.abc import Iterator, Mapping, MutableMapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from polystore import base as _base
-from polystore.base import Backend, backend_name, registered_backend_classes
+from polystore.base import (
+    Backend,
+    backend_name,
+    forget_failed_imports,
+    registered_backend_classes,
+)
 from polystore.errors import BackendLoadError, BackendNotFoundError, BackendNotInstantiableError
 
 __all__ = [
@@ -55,24 +58,11 @@ def load_entry_point(name: str, ep: EntryPoint) -> type[Backend] | Backend:
     try:
         obj = ep.load()
     except (Exception, SystemExit) as exc:
-        _forget_failed_imports(before)
+        forget_failed_imports(before)
         raise BackendLoadError(name, ep.value, f"{type(exc).__name__}: {exc}") from exc
     if isinstance(obj, Backend) or (isinstance(obj, type) and issubclass(obj, Backend)):
         return obj
     raise BackendLoadError(name, ep.value, f"{obj!r} is not a polystore Backend")
-
-
-def _forget_failed_imports(before: dict[str, type[Backend]]) -> None:
-    """Unregister the backend classes registered since `before` by a module whose import
-    failed (Python dropped it from sys.modules): a plugin that raised after defining its
-    class must not be reachable by name as if it had loaded."""
-    with _base._registry_lock:
-        for name, cls in list(_base._backend_classes.items()):
-            if before.get(name) is not cls and cls.__module__ not in sys.modules:
-                if name in before:
-                    _base._backend_classes[name] = before[name]
-                else:
-                    del _base._backend_classes[name]
 
 
 def load_entry_points(group: str = ENTRY_POINT_GROUP) -> dict[str, type[Backend] | Backend]:

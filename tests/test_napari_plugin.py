@@ -170,6 +170,11 @@ def layer_of(widget, stream):
     return widget.manager.layer(stream)
 
 
+def wait_kind(qtbot, widget, stream: str, kind: type) -> None:
+    """Wait until `stream` is shown as a layer of `kind` (napari.layers.Image, Labels...)."""
+    qtbot.waitUntil(lambda: isinstance(layer_of(widget, stream), kind), timeout=10000)
+
+
 def wait_frames(qtbot, widget, n: int, timeout: float = 30.0) -> None:
     """Wait until `n` frames have been written into layers."""
     qtbot.waitUntil(lambda: widget.manager.frames >= n, timeout=int(timeout * 1000))
@@ -1383,14 +1388,12 @@ def test_a_contrast_set_by_hand_does_not_stop_a_stream_that_turns_labels_and_bac
         viewer.layers["s"].contrast_limits = [0, 50]  # by hand
         sender.go()
         sender.wait_line(qtbot)
-        qtbot.waitUntil(lambda: isinstance(layer_of(widget, "s"), napari.layers.Labels),
-                        timeout=10000)
+        wait_kind(qtbot, widget, "s", napari.layers.Labels)
         sender.go()
         sender.finish(qtbot)
     finally:
         sender.kill()
-    qtbot.waitUntil(lambda: isinstance(layer_of(widget, "s"), napari.layers.Image),
-                    timeout=10000)
+    wait_kind(qtbot, widget, "s", napari.layers.Image)
     layer = viewer.layers["s"]
     np.testing.assert_array_equal(layer.data, np.full((8, 8), 300) + np.eye(8))
     assert layer.contrast_limits == [300, 301]  # a new layer: automatic again
@@ -2201,8 +2204,7 @@ def test_a_refused_frame_that_turns_a_stream_to_labels_keeps_its_image_layer(doc
         sender.finish(qtbot)
     finally:
         sender.kill()
-    qtbot.waitUntil(lambda: isinstance(layer_of(widget, "s"), napari.layers.Labels),
-                    timeout=10000)
+    wait_kind(qtbot, widget, "s", napari.layers.Labels)
     labels = viewer.layers["s"]
     assert [layer.name for layer in viewer.layers] == ["s"]
     assert labels.data.shape == (2, 128, 128) and (np.asarray(labels.data[1]) == 2).all()

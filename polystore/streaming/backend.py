@@ -256,11 +256,11 @@ class StreamingBackend(WriteOnlyBackend):
         `axes` are its own). `display` takes labels and the fields of `protocol.Display`."""
         stream = stream or self._path_key(file_path) or stream_key(
             file_path, self.SUPPORTED_EXTENSIONS)
-        if isinstance(axis_names, (str, bytes)):  # would be split into letters
-            raise UnstreamableDataError(f"cannot stream {file_path}: axis_names must be a "
-                                        "list of names, one per axis (e.g. ['t', 'z']), got "
-                                        f"the string {axis_names!r}")
         if axis_names is not None and not isinstance(axis_names, (list, tuple)):
+            if isinstance(axis_names, (str, bytes)):  # would be split into letters
+                raise UnstreamableDataError(f"cannot stream {file_path}: axis_names must be a "
+                                            "list of names, one per axis (e.g. ['t', 'z']), "
+                                            f"got the string {axis_names!r}")
             axis_names = list(axis_names)  # a generator: read once, for key and header alike
         try:
             key = (stream, tuple(axis_names) if axis_names is not None else None,

@@ -308,7 +308,7 @@ class Connection:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._monitor is None:
                 return False
-            if zmq_poll(self._room_items[:1], _poll_ms(remaining)):
+            if self._monitor.poll(_poll_ms(remaining)):
                 self.check_link()
         return self.link.up
 
@@ -320,13 +320,9 @@ class Connection:
         if remaining <= 0:
             return False
         ready = zmq_poll(self._room_items, _poll_ms(remaining))
-        if not until_refused:
-            if ready and ready[0][0] is self._monitor:
-                self.check_link()  # a receiver that left is lost now, not at the deadline
-            return self.connected
         if ready and ready[0][0] is self._monitor:
-            self.check_link()
-        return not self.link.refused
+            self.check_link()  # a receiver that left is lost now, not at the deadline
+        return not self.link.refused if until_refused else self.connected
 
     def drain(self) -> None:
         """Hand every reply already waiting to `on_reply`, without blocking."""

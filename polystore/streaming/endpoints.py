@@ -48,12 +48,23 @@ def check_bind_endpoint(endpoint: str, allow_remote: bool) -> str:
     return endpoint
 
 
+def _host_and_port(endpoint: str) -> tuple[str, str]:
+    """``tcp://HOST:PORT`` -> (HOST, PORT); PORT is "" when there is none."""
+    host, colon, port = endpoint[len("tcp://"):].rpartition(":")
+    if not colon or port.endswith("]"):  # none, or the end of an IPv6 address
+        return endpoint[len("tcp://"):], ""
+    return host, port
+
+
+def wants_ipv6(endpoint: str) -> bool:
+    """``tcp://[::1]:PORT``: ZeroMQ (and JeroMQ) sockets speak IPv4 unless told."""
+    return endpoint.startswith("tcp://[")
+
+
 def check_listen_port(endpoint: str) -> None:
     """Refuse a ``tcp://`` port out of range: ZeroMQ takes it modulo 65536 without a word, so
     ``:99999`` would listen on port 34463. ``:0`` or ``:*`` asks for any free port."""
-    _host, colon, port = urlsplit(endpoint).netloc.rpartition(":")
-    if not colon or port.endswith("]"):  # none, or the end of an IPv6 address
-        port = ""
+    port = _host_and_port(endpoint)[1]
     if port != "*" and not (port.isascii() and port.isdigit() and int(port) <= 65535):
         raise ValueError(f"endpoint {endpoint!r} needs a TCP port from 0 to 65535 (0 or * for "
                          "any free one)" + (f", got {port!r}" if port else ", and it names none")
@@ -69,8 +80,8 @@ def check_connect_endpoint(endpoint: object, source: str | bool = "") -> str:
     if not isinstance(endpoint, str):
         problem = f"it is a {type(endpoint).__name__}, not a str"
     elif endpoint.startswith("tcp://"):
-        host, _, port = endpoint[len("tcp://"):].rpartition(":")
-        if not host or host == "*" or not (port.isascii() and port.isdigit()):
+        host, port = _host_and_port(endpoint)
+        if host in ("", "*") or not (port.isascii() and port.isdigit()):
             problem = "a tcp:// endpoint needs a host and a port number"
         elif not 1 <= int(port) <= 65535:
             problem = (f"its port {port} is not from 1 to 65535 (ZeroMQ would take it modulo "
@@ -90,15 +101,12 @@ def check_connect_endpoint(endpoint: object, source: str | bool = "") -> str:
     return endpoint
 
 
-def check_ipc_path(endpoint: str) -> None:
-    """Raise OSError unless an ``ipc://`` endpoint's path is free for a receiver. ZeroMQ
+def _check_ipc_path(endpoint: str, path: str) -> None:
+    """Raise OSError unless an ``ipc://`` endpoint's `path` is free for a receiver. ZeroMQ
     binds an ipc path by deleting whatever file is there: a second receiver would silently
     take the path (and its senders) from the first, where TCP refuses a port in use, and a
     user's file of that name would be lost. A socket left by a receiver that died accepts
     nothing, and a symbolic link is replaced, not followed: the bind may reuse either."""
-    if not endpoint.startswith("ipc://") or endpoint == "ipc://*":
-        return
-    path = endpoint[len("ipc://"):]
     if path.startswith("@"):  # Linux's abstract namespace, as ZeroMQ spells it
         path = "\0" + path[1:]
     else:
@@ -134,26 +142,26 @@ IPC_LOCK_WAIT_S = 2.0
 
 
 @contextlib.contextmanager
-def ipc_bind_lock(endpoint: str) -> Iterator[None]:
-    """Hold an exclusive lock on the directory of an ``ipc://`` path while checking and
-    binding it: two receivers starting there at once would otherwise both find it free, and
-    the second bind would take the path from the first (`check_ipc_path`). A directory needs
-    no lock file of its own; one this user cannot open is not locked (the bind says why).
-    Any account may lock a directory it can read (/tmp): a lock held longer than
-    IPC_LOCK_WAIT_S is not waited for, so nobody can keep a receiver from starting."""
-    path = endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else ""
-    if not path or path == "*" or path.startswith("@"):  # abstract names: the kernel refuses
+def claim_ipc_path(endpoint: str) -> Iterator[None]:
+    """Bind an ``ipc://`` endpoint inside this block: its path is checked free first
+    (`_check_ipc_path`, OSError if not), under an exclusive lock on its directory, so that
+    two receivers starting there at once cannot both find it free and the second bind take
+    the path from the first. A directory needs no lock file of its own; one this user cannot
+    open is not locked (the bind says why). Any account may lock a directory it can read
+    (/tmp): a lock held longer than IPC_LOCK_WAIT_S is not waited for, so nobody can keep a
+    receiver from starting. Other endpoints pass through."""
+    path = endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else "*"
+    if path == "*":  # not ipc://, or a path ZeroMQ picks itself
         yield
         return
-    try:
-        directory = os.open(os.path.dirname(os.path.abspath(path)),
-                            os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        yield
-        return
+    directory = None
+    if not path.startswith("@"):  # abstract names have none: the kernel refuses a second
+        with contextlib.suppress(OSError):
+            directory = os.open(os.path.dirname(os.path.abspath(path)),
+                                os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         deadline = time.monotonic() + IPC_LOCK_WAIT_S
-        while True:
+        while directory is not None:
             try:
                 fcntl.flock(directory, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
@@ -161,6 +169,8 @@ def ipc_bind_lock(endpoint: str) -> Iterator[None]:
                 if time.monotonic() > deadline:
                     break  # held by someone else for longer than any start: go on without
                 time.sleep(0.005)
+        _check_ipc_path(endpoint, path)
         yield
     finally:
-        os.close(directory)  # and with it the lock
+        if directory is not None:
+            os.close(directory)  # and with it the lock

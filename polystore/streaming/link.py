@@ -22,6 +22,7 @@ from __future__ import annotations
 import zmq
 
 from polystore.streaming.auth import client_keys
+from polystore.streaming.endpoints import wants_ipv6
 from polystore.streaming.options import SenderOptions
 
 _REFUSED = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -80,7 +81,7 @@ def create_dealer_socket(identity: str, endpoint: str, options: SenderOptions) -
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RECONNECT_IVL, 50)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-    if endpoint.startswith("tcp://["):  # tcp://[::1]:PORT: ZeroMQ speaks IPv4 unless told
+    if wants_ipv6(endpoint):
         sock.setsockopt(zmq.IPV6, 1)
     keys = client_keys(options.auth, options.curve_server_key)  # see streaming/auth.py
     if keys is not None:

@@ -19,7 +19,7 @@ import zmq
 
 from polystore.streaming import protocol as p
 from polystore.streaming.auth import ServerAuth
-from polystore.streaming.endpoints import check_ipc_path, ipc_bind_lock
+from polystore.streaming.endpoints import claim_ipc_path, wants_ipv6
 
 #: Complete messages ZeroMQ queues per connection before it stops reading that connection
 #: (senders keep at most `max_inflight`, 16 by default, unacknowledged).
@@ -50,12 +50,11 @@ def open_router(endpoint: str, server_auth: ServerAuth, max_message_bytes: int,
     # a reply to a connection that closed fails (EHOSTUNREACH) instead of vanishing, even
     # while its last messages are still queued here: see `Outbox.reply`
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    if endpoint.startswith("tcp://["):  # tcp://[::1]:PORT: ZeroMQ speaks IPv4 unless told
+    if wants_ipv6(endpoint):
         sock.setsockopt(zmq.IPV6, 1)
     server_auth.apply(sock)
     try:
-        with ipc_bind_lock(endpoint):
-            check_ipc_path(endpoint)
+        with claim_ipc_path(endpoint):
             sock.bind(endpoint)
     except OSError:
         sock.close()
