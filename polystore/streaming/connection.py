@@ -39,10 +39,6 @@ _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 _MAX_POLL_S = 60.0
 
 
-#: How often a connected sender reads its link's events and replies between messages.
-LINK_CHECK_S = 0.002
-
-
 def _poll_ms(seconds: float) -> int:
     return int(min(max(0.0, seconds), _MAX_POLL_S) * 1000)
 
@@ -86,7 +82,6 @@ class Connection:
         self._probe = None  # the shared-memory probe of the pending hello
         self._probe_finalizer: weakref.finalize | None = None  # unlinks it if never closed
         self._hello_deadline = 0.0
-        self._next_check = 0.0  # time.monotonic() of the next `still_connected` poll
 
     @property
     def connected(self) -> bool:
@@ -132,17 +127,10 @@ class Connection:
         self.state = State.CLOSED
 
     def still_connected(self) -> bool:
-        """Connected, after handling the link's events (a receiver that left is noticed here)
-        and the replies already here, in one zmq_poll: at most every LINK_CHECK_S while
-        connected, not once per message (a burst of small frames spent a tenth of its CPU
-        here). A receiver that leaves in between is noticed by the send (`_wait_writable`),
-        and acks are read whenever credits run short."""
+        """Connected, after handling the link's events (a receiver that left is noticed here,
+        before anything is sent to nobody) and the replies already here, in one zmq_poll."""
         if self._sock is None:
             return False
-        now = time.monotonic()
-        if self.state is State.CONNECTED and now < self._next_check:
-            return True
-        self._next_check = now + LINK_CHECK_S
         self.poll(0)
         return self.state is State.CONNECTED
 
