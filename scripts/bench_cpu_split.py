@@ -3,8 +3,11 @@
 
 Streams 512x512 uint16 frames (``--size``) flat out, once through polystore
 (``NapariStreamingBackend.save()`` into a real receiver process, as ``bench_stream.py``
-does) and once through the raw ring of the same benchmark, with and without CURVE and a
-330-byte header, in alternating rounds. For each it prints the frames/s and, per thread of
+does), once through the *protocol ring* of ``bench_sender_floor.py`` (a sender with no more
+Python per frame than the raw ring, into the same real receiver), and once through the raw
+ring of the same benchmark, with and without CURVE and a 330-byte header, in alternating
+rounds. polystore against the protocol ring tells the sender's share of the gap from the
+receiver's. For each it prints the frames/s and, per thread of
 the sending and the receiving process (Python, and ZeroMQ's I/O thread), the CPU time and
 minor page faults per frame, read from /proc (Linux). On two cores the four threads share
 the machine, so the total CPU per frame is what bounds the frame rate.
@@ -21,6 +24,8 @@ import os
 import statistics
 import threading
 import time
+
+from bench_sender_floor import protocol_ring  # this folder is on sys.path when run
 
 from polystore.apps import bench
 
@@ -80,6 +85,42 @@ def run_polystore(shape: tuple[int, int], count: int) -> dict:
             "receiver": per_frame(receiver0, receiver1, count)}
 
 
+def run_protocol_ring(shape: tuple[int, int], count: int) -> dict:
+    """The protocol ring into a real receiver, sampled as the rings are (`run_ring`)."""
+    spawn = mp.get_context("spawn")
+    endpoint_q, stop, result_q = spawn.Queue(), spawn.Event(), spawn.Queue()
+    proc = spawn.Process(target=bench.receiver_process, args=(endpoint_q, stop, result_q))
+    proc.start()
+    window: dict = {}
+    sampler = threading.Thread(target=_sample, args=(window, proc.pid), daemon=True)
+    try:
+        endpoint = endpoint_q.get(timeout=30)
+        sampler.start()
+        fps, _ = protocol_ring(endpoint, bench.sample_frames(shape), count)
+    finally:
+        stop.set()
+        result_q.get(timeout=30)
+        proc.join(30)
+    sampler.join()
+    return _window_result(fps, window)
+
+
+def _sample(window: dict, pid: int) -> None:
+    """CPU of this process and of `pid` from 1.5 s to 3.5 s (past start-up and the latency
+    phase, inside the throughput phase)."""
+    time.sleep(1.5)
+    window["before"] = (thread_usage(os.getpid()), thread_usage(pid), time.perf_counter())
+    time.sleep(2.0)
+    window["after"] = (thread_usage(os.getpid()), thread_usage(pid), time.perf_counter())
+
+
+def _window_result(fps: float, window: dict) -> dict:
+    (s0, r0, t0), (s1, r1, t1) = window["before"], window["after"]
+    frames = fps * (t1 - t0)
+    return {"fps": fps, "sender": per_frame(s0, s1, frames),
+            "receiver": per_frame(r0, r1, frames)}
+
+
 class _Context:
     """The spawn context, remembering the ring's receiver process."""
 
@@ -107,21 +148,14 @@ def run_ring(shape: tuple[int, int], count: int, curve: bool) -> dict:
     def sample() -> None:
         while not context.processes or context.processes[0].pid is None:
             time.sleep(0.01)
-        time.sleep(1.5)  # past start-up and the latency phase
-        pid = context.processes[0].pid
-        window["before"] = (thread_usage(os.getpid()), thread_usage(pid), time.perf_counter())
-        time.sleep(2.0)
-        window["after"] = (thread_usage(os.getpid()), thread_usage(pid), time.perf_counter())
+        _sample(window, context.processes[0].pid)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     result = bench.bench_raw_ring(context, shape, count, 10, curve=curve,
                                   pad=330 if curve else 0)
     sampler.join()
-    (s0, r0, t0), (s1, r1, t1) = window["before"], window["after"]
-    frames = result["fps"] * (t1 - t0)
-    return {"fps": result["fps"], "sender": per_frame(s0, s1, frames),
-            "receiver": per_frame(r0, r1, frames)}
+    return _window_result(result["fps"], window)
 
 
 def main() -> None:
@@ -129,11 +163,13 @@ def main() -> None:
     bench.frame_arguments(parser, frames=10000, rounds=3)
     args = parser.parse_args()
     shape = (args.size, args.size)
-    results: dict[str, list[dict]] = {"polystore": [], "ring + CURVE + header": [], "ring": []}
+    results: dict[str, list[dict]] = {"polystore": [], "protocol ring": [],
+                                      "ring + CURVE + header": [], "ring": []}
     for _ in range(args.rounds):
         results["polystore"].append(run_polystore(shape, args.frames))
-        # the ring is sampled from 1.5 s to 3.5 s after it starts: it must outlast that
+        # the rings are sampled from 1.5 s to 3.5 s after they start: they must outlast that
         ring_frames = int(results["polystore"][-1]["fps"] * 2 * 5)
+        results["protocol ring"].append(run_protocol_ring(shape, ring_frames))
         results["ring + CURVE + header"].append(run_ring(shape, ring_frames, True))
         results["ring"].append(run_ring(shape, ring_frames, False))
     with open("/proc/loadavg") as f:
