@@ -19,11 +19,13 @@ the machine, so the total CPU per frame is what bounds the frame rate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 
 from bench_sender_floor import protocol_ring  # this folder is on sys.path when run
 
@@ -56,51 +58,49 @@ def per_frame(before: dict, after: dict, frames: float) -> dict[str, tuple[float
                 (after[k][1] - before.get(k, (0, 0))[1]) / frames) for k in after}
 
 
-def run_polystore(shape: tuple[int, int], count: int) -> dict:
-    from polystore.streaming import NapariStreamingBackend
-
+@contextlib.contextmanager
+def real_receiver() -> Iterator[tuple[str, int]]:
+    """The benchmark's real polystore receiver in a process of its own: (endpoint, pid)."""
     spawn = mp.get_context("spawn")
     endpoint_q, stop, result_q = spawn.Queue(), spawn.Event(), spawn.Queue()
     proc = spawn.Process(target=bench.receiver_process, args=(endpoint_q, stop, result_q))
     proc.start()
-    frames = bench.sample_frames(shape)
     try:
-        with NapariStreamingBackend(endpoint_q.get(timeout=30), max_inflight=8) as backend:
-            for i in range(50):
-                backend.save(frames[i % 4], "bench/t.tif")
-            backend.flush()
-            sender0, receiver0 = thread_usage(os.getpid()), thread_usage(proc.pid)
-            started = time.perf_counter()
-            for i in range(count):
-                bench.stamp(frames[i % 4], i)
-                backend.save(frames[i % 4], "bench/t.tif")
-            backend.flush()
-            elapsed = time.perf_counter() - started
-            sender1, receiver1 = thread_usage(os.getpid()), thread_usage(proc.pid)
+        yield endpoint_q.get(timeout=30), proc.pid
     finally:
         stop.set()
         result_q.get(timeout=30)
         proc.join(30)
+
+
+def run_polystore(shape: tuple[int, int], count: int) -> dict:
+    from polystore.streaming import NapariStreamingBackend
+
+    frames = bench.sample_frames(shape)
+    with real_receiver() as (endpoint, pid), \
+            NapariStreamingBackend(endpoint, max_inflight=8) as backend:
+        for i in range(50):
+            backend.save(frames[i % 4], "bench/t.tif")
+        backend.flush()
+        sender0, receiver0 = thread_usage(os.getpid()), thread_usage(pid)
+        started = time.perf_counter()
+        for i in range(count):
+            bench.stamp(frames[i % 4], i)
+            backend.save(frames[i % 4], "bench/t.tif")
+        backend.flush()
+        elapsed = time.perf_counter() - started
+        sender1, receiver1 = thread_usage(os.getpid()), thread_usage(pid)
     return {"fps": count / elapsed, "sender": per_frame(sender0, sender1, count),
             "receiver": per_frame(receiver0, receiver1, count)}
 
 
 def run_protocol_ring(shape: tuple[int, int], count: int) -> dict:
     """The protocol ring into a real receiver, sampled as the rings are (`run_ring`)."""
-    spawn = mp.get_context("spawn")
-    endpoint_q, stop, result_q = spawn.Queue(), spawn.Event(), spawn.Queue()
-    proc = spawn.Process(target=bench.receiver_process, args=(endpoint_q, stop, result_q))
-    proc.start()
     window: dict = {}
-    sampler = threading.Thread(target=_sample, args=(window, proc.pid), daemon=True)
-    try:
-        endpoint = endpoint_q.get(timeout=30)
+    with real_receiver() as (endpoint, pid):
+        sampler = threading.Thread(target=_sample, args=(window, pid), daemon=True)
         sampler.start()
         fps, _ = protocol_ring(endpoint, bench.sample_frames(shape), count)
-    finally:
-        stop.set()
-        result_q.get(timeout=30)
-        proc.join(30)
     sampler.join()
     return _window_result(fps, window)
 

@@ -196,10 +196,11 @@ class Connection:
                         segment_prefix=segment_prefix, versions=list(p.SUPPORTED_VERSIONS),
                         probe=probe, batch_acks=True)  # fmt: skip
         self._hello_deadline = deadline or time.monotonic() + self.options.connect_timeout
+        send_by = self._hello_deadline if wait_to_send else 0.0
         sent = False
-        try:
-            sent = self.send([p.encode(hello)],
-                             self._hello_deadline if wait_to_send else 0.0, until_refused=True)
+        try:  # on a link that is up: one that just dropped may still take it, and lose it
+            sent = (self.link.up or self._wait_for_link(send_by)) and self.send(
+                [p.encode(hello)], send_by, until_refused=True)
         finally:
             if not sent and segment is not None:
                 destroy(segment)
@@ -270,8 +271,6 @@ class Connection:
     def send(self, parts: list, deadline: float, *, until_refused: bool = False) -> bool:
         """Send without ever blocking past `deadline`; False if nobody took it in time (or,
         with `until_refused`, as soon as the link's authentication handshake fails)."""
-        if until_refused and not self.link.up and not self._wait_for_link(deadline):
-            return False
         sock = self._sock
         first = parts[0]
         flags = (_NOBLOCK | _SNDMORE) if len(parts) > 1 else _NOBLOCK
