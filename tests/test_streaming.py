@@ -288,6 +288,18 @@ def test_non_finite_contrast_limits_are_refused_at_save(backend, limits):
     assert received(backend)[-1]["stream"] == "drift"
 
 
+@pytest.mark.parametrize("limits", [(100, 10), (5, 5)])
+def test_contrast_limits_without_a_range_are_refused_at_save(backend, limits):
+    """A reversed or empty range was sent, and napari's layer refused it later ("must be
+    monotonically increasing"), long after save() had returned; receivers refuse it too
+    (the conformance suite's contrast_limits cases)."""
+    with pytest.raises(UnstreamableDataError, match=r"contrast_limits must be \[low, high\] "
+                                                    r"with low below high.*swap"):
+        backend.save(sample("float32", (8, 8)), "range/t000.tif", contrast_limits=limits)
+    backend.save(sample("float32", (8, 8)), "range/t001.tif", contrast_limits=(0, 1))
+    assert [g["path"] for g in received(backend)] == ["range/t001.tif"]
+
+
 def test_rgb_labels_are_refused_at_save_and_by_every_receiver(backend):
     """rgb=True on labels: napari's receiver took it and its display failed later (a *Last
     error*), Fiji's answered bad_message. Labels are never RGB (docs/protocol.md): save() says

@@ -265,6 +265,9 @@ def display_hints(
                 raise ValueError(f"contrast_limits must be finite numbers [low, high], got "
                                  f"{limits}; compute them with np.nanmin and np.nanmax over "
                                  f"the finite pixels, or leave them out to follow the data")
+            if len(limits) == 2 and not limits[0] < limits[1]:  # napari refuses it too
+                raise ValueError(f"contrast_limits must be [low, high] with low below high, "
+                                 f"got {limits}; swap them, or widen an empty range")
         return msgspec.convert(raw, p.Display)
     except (msgspec.ValidationError, TypeError, ValueError) as exc:
         raise UnstreamableDataError(f"bad display hint for {what}: {exc}") from None

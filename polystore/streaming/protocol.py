@@ -304,6 +304,10 @@ def check_frame(frame: Frame, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
     if frame.display.rgb and frame.display.kind == "labels":
         raise ProtocolError(BAD_MESSAGE, "display.rgb=true on a labels frame: labels are never "
                             "RGB; drop rgb, or send the colours as an image", frame.seq)
+    limits = frame.display.contrast_limits
+    if limits is not None and not limits[0] < limits[1]:  # napari refuses such a range
+        raise ProtocolError(BAD_MESSAGE, f"display.contrast_limits {limits} must be [low, high] "
+                            "with low below high", frame.seq)
 
 
 def check_rois(message: Rois) -> None:

@@ -441,6 +441,10 @@ class Messages {
         }
         checkAxes(f)
         checkRgb(f)
+        List limits = (List) ((Map) f.get('display')).get('contrast_limits')
+        if (limits != null && !(((Number) limits.get(0)).doubleValue() < ((Number) limits.get(1)).doubleValue())) {
+            throw new ProtocolError(P.BAD_MESSAGE, "display.contrast_limits ${limits} must be [low, high] with low below high".toString(), f.get('seq'))
+        }
     }
 
     /** RGB(A) (docs/protocol.md): display.rgb, else auto-detected for a uint8 frame whose last
