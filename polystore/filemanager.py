@@ -569,7 +569,10 @@ class FileManager:
             self._verify(dest, written, dst_name, src)
         else:
             self._deliver(source, dest, src, dst, dst_name, kwargs, tree)
-        self._delete_source(source, dest, src, dst, src_name, dst_name, tree)
+        # `src` itself a link to a directory: as for a link to a file, only the link goes
+        # (deleting the tree through it emptied the directory it points to)
+        link = tree is not None and source.is_symlink(src)
+        self._delete_source(source, dest, src, dst, src_name, dst_name, None if link else tree)
         logger.debug("moved %s (%s) -> %s (%s)", src, src_name, dst, dst_name)
         return True
 

@@ -765,6 +765,19 @@ def test_a_tree_with_a_symlink_to_a_directory_is_refused_before_anything_is_writ
     assert (tmp_path / "tree/x/f.bin").read_bytes() == b"f"
 
 
+def test_moving_a_link_to_a_directory_moves_its_content_and_removes_only_the_link(tmp_path):
+    """Moved to another backend, a link named as the source deleted every file through the
+    link: the directory it points to was emptied, its files left only in memory."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real/a.bin").write_bytes(b"a")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    fm = FileManager({"disk": DiskBackend(tmp_path), "memory": MemoryBackend()})
+    fm.move("link", "moved", src_backend="disk", dst_backend="memory")
+    assert fm.load("moved/a.bin", "memory") == b"a"
+    assert not (tmp_path / "link").is_symlink()  # the link is what moved...
+    assert (tmp_path / "real/a.bin").read_bytes() == b"a"  # ...not what it points to
+
+
 @pytest.mark.parametrize("kind", ["disk", "memory"])
 def test_moving_a_directory_into_itself_is_a_clear_error(tmp_path, kind):
     fm = FileManager({"disk": DiskBackend(tmp_path), "memory": MemoryBackend()})
