@@ -4,6 +4,7 @@ processes, an independent OME-Zarr reader (ome-zarr-py) and napari's OME-Zarr pl
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -452,3 +453,15 @@ def test_send_a_missing_store_fails_clearly(tmp_path):
     assert result.returncode == 1
     assert "nothing at" in result.stderr and "none.zarr" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_used_zarr_backend_pickles_as_configuration(tmp_path):
+    """Once the zarr backend had saved anything, pickling a FileManager (for a process pool,
+    even to save to disk) failed: "cannot pickle '_thread.lock' object"."""
+    fm = FileManager(BackendRegistry())
+    fm.save(np.arange(12, dtype=np.uint16).reshape(3, 4), f"{tmp_path}/plate.zarr/img", "zarr")
+    copy = pickle.loads(pickle.dumps(fm))
+    np.testing.assert_array_equal(copy.load(f"{tmp_path}/plate.zarr/img", "zarr"),
+                                  np.arange(12, dtype=np.uint16).reshape(3, 4))
+    copy.save(np.ones(2, np.uint8), f"{tmp_path}/plate.zarr/more", "zarr")
+    assert fm.exists(f"{tmp_path}/plate.zarr/more", "zarr")

@@ -130,6 +130,19 @@ class ZarrBackend(StorageBackend):
         self.stores = StoreCache(storage_options)
         self._thread_lock = threading.RLock()
 
+    # -- pickling: configuration only (a process pool's workers open their own stores) --
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_thread_lock"]
+        state["stores"] = self.stores.storage_options
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        self.stores = StoreCache(state.pop("stores"))
+        self._thread_lock = threading.RLock()
+        self.__dict__.update(state)
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(base_dir={self.base_dir!r}, "
                 f"compression={self.compression!r}, zarr_format={self.zarr_format})")
