@@ -465,3 +465,29 @@ def test_a_used_zarr_backend_pickles_as_configuration(tmp_path):
                                   np.arange(12, dtype=np.uint16).reshape(3, 4))
     copy.save(np.ones(2, np.uint8), f"{tmp_path}/plate.zarr/more", "zarr")
     assert fm.exists(f"{tmp_path}/plate.zarr/more", "zarr")
+
+
+@pytest.mark.parametrize("dst", ["exp.zarr/archive/raw", "other.zarr/raw"])
+def test_a_move_keeps_attributes_dimension_names_chunks_and_ome_metadata(tmp_path, dst):
+    """A move inside the zarr backend loaded and saved the array again: its attributes and
+    dimension names were lost, an OME-Zarr image became a bare group that no longer loaded,
+    and then the source was deleted."""
+    zarr = needs.module("zarr")
+    fm = FileManager({"zarr": ZarrBackend(tmp_path)})
+    data = np.arange(64, dtype=np.uint16).reshape(4, 4, 4)
+    fm.save(data, "exp.zarr/raw", "zarr", axes="zyx", attributes={"pixel_um": 0.65},
+            chunks=(1, 4, 4))
+    fm.save(np.ones((2, 64, 64), np.uint16), "exp.zarr/img", "zarr", ome=True)
+    fm.move("exp.zarr/raw", dst, "zarr")
+    fm.move("exp.zarr/img", dst.replace("raw", "img"), "zarr")
+    root, node = dst.split("/", 1)
+    moved = zarr.open_array(str(tmp_path / root), path=node, mode="r")
+    assert dict(moved.attrs) == {"pixel_um": 0.65}
+    assert moved.metadata.dimension_names == ("z", "y", "x") and moved.chunks == (1, 4, 4)
+    np.testing.assert_array_equal(fm.load(dst, "zarr"), data)
+    image = zarr.open_group(str(tmp_path / root), path=node.replace("raw", "img"), mode="r")
+    assert "ome" in image.attrs
+    assert fm.load(dst.replace("raw", "img"), "zarr").shape == (2, 64, 64)
+    assert not fm.exists("exp.zarr/raw", "zarr") and not fm.exists("exp.zarr/img", "zarr")
+    with pytest.raises(FileExistsError):  # one backend: an existing destination stays
+        fm.move(dst, dst.replace("raw", "img"), "zarr")

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from polystore.base import StorageBackend
-from polystore.errors import PathEscapeError
+from polystore.errors import DestinationExistsError, PathEscapeError
 from polystore.paths import name_matches, normalize_extensions
 from polystore.zarr.store import StoreCache, ZarrPath, require_zarr, split_zarr_path
 
@@ -483,6 +483,38 @@ class ZarrBackend(StorageBackend):
             zarr.open_group(store=self.stores.get(zp.root), path=zp.node, mode="a",
                             zarr_format=self.zarr_format)
 
+    def rename(self, src: Any, dst: Any) -> None:
+        """Move an array or group with everything stored for it (attributes, dimension
+        names, codecs, chunks, OME-Zarr metadata and levels), also into another store:
+        `FileManager.move` would otherwise load and save it again, keeping only pixels."""
+        zarr = require_zarr()
+        zs, zd = self.split(src), self.split(dst)
+        if not zs.node or not zd.node:
+            raise self._unsupported("rename")  # a whole store: FileManager copies its nodes
+        if self._kind(zs) is None:
+            raise FileNotFoundError(f"nothing at {str(zs)!r} on backend 'zarr'")
+        if self._kind(zd) is not None:
+            raise DestinationExistsError(f"Cannot move {str(src)!r} onto existing {str(dst)!r}")
+        same_store = zs.root == zd.root or not (zs.is_url or zd.is_url) and (
+            Path(zs.root).resolve() == Path(zd.root).resolve())
+        if same_store and f"{zd.node}/".startswith(f"{zs.node}/"):
+            raise ValueError(f"Cannot move {str(src)!r} into itself ({str(dst)!r})")
+        source, target = self.stores.get(zs.root), self.stores.get(zd.root)
+        with _clear_errors(zd, writing=True), self._grow_lock(zs):
+            parent = zd.node.rpartition("/")[0]
+            zarr.open_group(store=target, path=parent, mode="a", zarr_format=self.zarr_format)
+            if same_store and not zs.is_url:  # one local store: one directory rename
+                destination = Path(zd.root, zd.node)
+                os.makedirs(destination.parent, exist_ok=True)
+                os.replace(Path(zs.root, zs.node), destination)
+                return
+            try:
+                _sync(_copy_keys(source, zs.node, target, zd.node))
+            except BaseException:
+                self._forget_chunks(target, zd)
+                raise
+            _sync(source.delete_dir(zs.node))
+
     def same_path(self, a: Any, b: Any) -> bool:
         za, zb = self.split(a), self.split(b)
         if za.is_url or zb.is_url:
@@ -497,6 +529,18 @@ def _sync(coro: Any) -> Any:
     from zarr.core.sync import sync
 
     return sync(coro)
+
+
+async def _copy_keys(source: Any, src_node: str, target: Any, dst_node: str) -> None:
+    """Copy every key of node `src_node` of store `source` to `dst_node` of `target`."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    prototype = default_buffer_prototype()
+    keys = [key async for key in source.list_prefix(f"{src_node}/")]
+    for key in keys:
+        value = await source.get(key, prototype)
+        if value is not None:
+            await target.set(dst_node + key[len(src_node):], value)
 
 
 def _is_array(node: Any) -> bool:
