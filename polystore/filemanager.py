@@ -89,7 +89,14 @@ def _refuse_partial_decode(source: Backend, src: Any, dst: Any) -> None:
 
 
 def _join(base: Any, rel: str) -> str:
-    return str(PurePosixPath(str(base)) / rel) if rel else str(base)
+    """`rel` under `base`; a URL keeps its ``scheme://`` (PurePosixPath made it ``s3:/``)."""
+    if not rel:
+        return str(base)
+    text = str(base)
+    scheme, sep, rest = text.partition("://")
+    if sep:
+        return f"{scheme}://{PurePosixPath(rest) / rel}"
+    return str(PurePosixPath(text) / rel)
 
 
 class FileManager:
@@ -699,6 +706,8 @@ class FileManager:
                 directory = _join(src, rel)
                 try:
                     source.delete(directory)
+                except FileNotFoundError:
+                    continue  # gone already: an object store's prefix ends with its last object
                 except Exception as exc:
                     raise TransferError(
                         f"move: all {len(pairs)} files of {str(src)!r} are now at {str(dst)!r} "

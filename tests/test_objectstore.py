@@ -26,7 +26,7 @@ needs.module("s3fs")
 needs.module("moto")
 boto3 = needs.module("boto3")
 
-from polystore import BackendRegistry, FileManager  # noqa: E402
+from polystore import BackendRegistry, DiskBackend, FileManager  # noqa: E402
 from polystore.backends import ObjectStoreBackend  # noqa: E402
 from polystore.streaming import Roi  # noqa: E402
 from polystore.zarr import ZarrBackend  # noqa: E402
@@ -301,6 +301,27 @@ def test_objectstore_round_trips_files(s3):
         fm.save(b"x", "s3://no-such-bucket/a.bin", backend="objectstore")
     with pytest.raises(ValueError, match="URLs such as 's3://bucket/key'"):
         fm.save(b"x", "relative/a.bin", backend="objectstore")
+
+
+def test_a_tree_moves_out_of_and_within_an_object_store(s3, tmp_path):
+    """A prefix is gone with its last object, so removing the source's "directories" after
+    their files failed: every tree move raised TransferError after it had succeeded, and a
+    missing object's delete was reported as a write to a missing bucket."""
+    fm = s3_registry(s3)
+    fm.register_backend("disk", DiskBackend(tmp_path))
+    base = f"s3://{BUCKET}/trees"
+    fm.save(np.arange(3), f"{base}/run/a.npy", backend="objectstore")
+    fm.save(np.arange(4), f"{base}/run/sub/b.npy", backend="objectstore")
+    fm.move(f"{base}/run", "back", src_backend="objectstore", dst_backend="disk")
+    assert sorted(fm.list_files("back", "disk", recursive=True)) == ["back/a.npy",
+                                                                      "back/sub/b.npy"]
+    assert s3.keys("trees/") == []
+    fm.move("back", f"{base}/again", src_backend="disk", dst_backend="objectstore")
+    fm.move(f"{base}/again", f"{base}/moved", "objectstore")
+    assert s3.keys("trees/") == ["trees/moved/a.npy", "trees/moved/sub/b.npy"]
+    with pytest.raises(FileNotFoundError, match="nothing at .*gone.bin") as missing:
+        fm.delete(f"{base}/gone.bin", backend="objectstore")
+    assert "bucket" not in str(missing.value)
 
 
 def test_dropped_connection_mid_upload_leaves_no_partial_object(s3):

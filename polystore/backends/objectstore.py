@@ -166,6 +166,7 @@ class ObjectStoreBackend(StorageBackend):
                       if name_matches(n.rsplit("/", 1)[-1], pattern, exts))
 
     def delete(self, path: Any, recursive: bool = False) -> None:
+        found = True
         with self._at(path, writing=True) as (fs, key, url):
             if fs.isfile(key, **self._limits(fs)):
                 fs.rm_file(key, **self._limits(fs))
@@ -175,8 +176,10 @@ class ObjectStoreBackend(StorageBackend):
                                   "removes them all")
                 fs.rm(key, recursive=True, **self._limits(fs))
             else:
-                raise FileNotFoundError(f"nothing at {url!r} on backend 'objectstore'")
+                found = False  # said outside: inside, it would read as a missing bucket
             fs.invalidate_cache(key)
+        if not found:
+            raise FileNotFoundError(f"nothing at {url!r} on backend 'objectstore'")
 
     def ensure_directory(self, path: Any) -> None:
         """Object stores have no folders; a prefix exists once an object is under it."""
