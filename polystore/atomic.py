@@ -40,7 +40,10 @@ def is_temp_name(name: str) -> bool:
 
 
 def _temp_name(target_name: str) -> str:
-    return f".{target_name[:200]}.{secrets.token_hex(8)}{_TEMP_SUFFIX}"
+    """A hidden sibling name of at most 232 bytes: the target's first 200 *bytes* (200
+    characters of a non-ASCII name made it longer than the 255 bytes a name may have)."""
+    head = os.fsdecode(os.fsencode(target_name)[:200])
+    return f".{head}.{secrets.token_hex(8)}{_TEMP_SUFFIX}"
 
 
 def _link_anonymous(fd: int, dir_fd: int, target_name: str) -> str:

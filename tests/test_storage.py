@@ -535,6 +535,17 @@ def test_bad_input_says_path_type_and_what_the_extension_takes(
     assert not (tmp_path / "sub").exists()  # nothing written, not even the directory
 
 
+@pytest.mark.parametrize("name", ["é" * 120 + ".npy", "画" * 80 + ".tif", "a" * 251 + ".npy"])
+def test_a_name_up_to_255_bytes_saves_whatever_its_script(tmp_path, name):
+    """Non-ASCII names of 244 bytes failed with 'File name too long', naming an internal
+    temporary file: its name kept 200 characters of the target's, not 200 bytes."""
+    fm = FileManager({"disk": DiskBackend(tmp_path)})
+    fm.save(np.arange(6, dtype=np.uint8).reshape(2, 3), name, "disk")
+    np.testing.assert_array_equal(fm.load(name, "disk"),
+                                  np.arange(6, dtype=np.uint8).reshape(2, 3))
+    assert os.listdir(tmp_path) == [name]  # and no temporary file left beside it
+
+
 def test_unknown_extension_error_names_the_extensions(tmp_path):
     with pytest.raises(UnsupportedFormatError, match=r"\.png.*\.tif") as info:
         DiskBackend(tmp_path).save(np.zeros(3), "a.weird")
