@@ -568,7 +568,7 @@ class FileManager:
         if replace_symlinks and dest.is_symlink(dst):
             overwrite = True
         self._check_transfer(source, dest, src, dst, src_name, dst_name, overwrite, single)
-        if self._try_rename(source, dest, src, dst):
+        if not kwargs and self._try_rename(source, dest, src, dst):  # writer options: re-encode
             return True
         tree = self._items(source, src)  # listed once: only what was copied is deleted
         if dest.can_read:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing as mp
+import io
 import os
 import pickle
 import socket
@@ -184,6 +185,23 @@ def test_same_filesystem_move_is_a_rename(tmp_path):
     assert os.stat(tmp_path / "archive" / "a.tif").st_ino == inode
     fm.move("archive/a.tif", "b.tif", src_backend="disk", dst_backend="other")
     assert os.stat(tmp_path / "other" / "b.tif").st_ino == inode
+
+
+def test_a_move_with_writer_options_re_encodes_instead_of_renaming(tmp_path):
+    """Within one backend a move was a rename whatever the keywords: compression="zlib"
+    was silently ignored (copy() honoured it), and so was a keyword no writer takes."""
+    kind = "disk"
+    fm = FileManager({"disk": DiskBackend(tmp_path)})
+    image = np.arange(256 * 256, dtype=np.uint16).reshape(256, 256)
+    fm.save(image, "a.tif", kind)
+    fm.move("a.tif", "b.tif", kind, compression="zlib")
+    with tifffile.TiffFile(io.BytesIO(fm.get_backend(kind).read_bytes("b.tif"))) as tif:
+        assert tif.pages[0].compression.name == "ADOBE_DEFLATE"
+    np.testing.assert_array_equal(fm.load("b.tif", kind), image)
+    assert not fm.exists("a.tif", kind)
+    with pytest.raises(TypeError, match="bogus"):
+        fm.move("b.tif", "c.tif", kind, bogus=1)
+    assert fm.exists("b.tif", kind) and not fm.exists("c.tif", kind)
 
 
 def test_move_to_another_format_converts(tmp_path):
