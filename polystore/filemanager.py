@@ -414,8 +414,8 @@ class FileManager:
         if for_move and dest.can_read and isinstance(data, np.ndarray):
             back = dest.load(dst)
             if not (
-                isinstance(back, np.ndarray)
-                and back.dtype == data.dtype
+                isinstance(back, np.ndarray)  # byte order is the format's: '>u2' may load '<u2'
+                and back.dtype.newbyteorder("=") == data.dtype.newbyteorder("=")
                 and np.array_equal(back, data, equal_nan=data.dtype.kind in "fc")
             ):
                 raise TransferError(

@@ -10,8 +10,8 @@ and the test-only plugin package kept out of the user's set-up.
 from __future__ import annotations
 
 import hashlib
-import multiprocessing as mp
 import io
+import multiprocessing as mp
 import os
 import pickle
 import socket
@@ -202,6 +202,17 @@ def test_a_move_with_writer_options_re_encodes_instead_of_renaming(tmp_path):
     with pytest.raises(TypeError, match="bogus"):
         fm.move("b.tif", "c.tif", kind, bogus=1)
     assert fm.exists("b.tif", kind) and not fm.exists("c.tif", kind)
+
+
+def test_a_big_endian_array_moves_to_a_format_that_stores_native_order(tmp_path):
+    """'>u2' from .npy came back from .tif as '<u2', equal values: the move was refused as
+    lossy and left the converted copy behind."""
+    fm = FileManager({"disk": DiskBackend(tmp_path)})
+    data = np.arange(12, dtype=">u2").reshape(3, 4)
+    fm.save(data, "be.npy", "disk")
+    fm.move("be.npy", "be.tif", "disk")
+    np.testing.assert_array_equal(fm.load("be.tif", "disk"), data)
+    assert not fm.exists("be.npy", "disk")
 
 
 def test_move_to_another_format_converts(tmp_path):
