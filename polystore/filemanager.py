@@ -608,8 +608,8 @@ class FileManager:
                 dest.rename(src, dst, from_backend=source)
             else:
                 return False
-        except UnsupportedOperationError:
-            return False
+        except (UnsupportedOperationError, DestinationExistsError):
+            return False  # or a directory onto one (overwrite=True): merge by copying
         except OSError as exc:
             if exc.errno == 18:  # EXDEV: another filesystem, so copy and delete instead
                 return False

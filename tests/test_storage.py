@@ -215,6 +215,23 @@ def test_a_big_endian_array_moves_to_a_format_that_stores_native_order(tmp_path)
     assert not fm.exists("be.npy", "disk")
 
 
+@pytest.mark.parametrize("kind", ["disk", "memory"])
+def test_a_directory_moved_onto_one_with_overwrite_merges_into_it(tmp_path, kind):
+    """overwrite=True within one backend raised 'Cannot move directory onto existing',
+    while between two backends the same call merged the trees."""
+    fm = FileManager({"disk": DiskBackend(tmp_path), "memory": MemoryBackend()})
+    fm.save(b"new", "src/a.bin", kind)
+    fm.save(b"new", "src/same.bin", kind)
+    fm.save(b"old", "dst/old.bin", kind)
+    fm.save(b"old", "dst/same.bin", kind)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        fm.move("src", "dst", kind)
+    fm.move("src", "dst", kind, overwrite=True)
+    assert sorted(fm.list_files("dst", kind)) == ["dst/a.bin", "dst/old.bin", "dst/same.bin"]
+    assert fm.load("dst/same.bin", kind) == b"new"
+    assert not fm.exists("src", kind)
+
+
 def test_move_to_another_format_converts(tmp_path):
     fm = FileManager({"disk": DiskBackend(tmp_path)})
     tifffile.imwrite(tmp_path / "a.tif", np.arange(6, dtype=np.uint16).reshape(2, 3))
