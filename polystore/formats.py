@@ -251,8 +251,9 @@ def _image_format(name: str, extensions: tuple[str, ...]) -> Format:
         import imageio.v3 as iio
 
         array = _numeric_array(data, path, accepts)
-        if not _image_shape_ok(name, array):
-            raise FormatDataError(path, _describe(array), accepts)
+        if not _image_shape_ok(name, array) or array.size == 0:
+            empty = " (no pixels: an image needs at least one)" if array.size == 0 else ""
+            raise FormatDataError(path, _describe(array) + empty, accepts)
         if name == "gif" and (colours := _most_gif_colours(array)) > 256:
             raise FormatDataError(
                 path, f"{_describe(array)} with {colours} colours in a frame", accepts

@@ -592,6 +592,18 @@ def test_a_name_up_to_255_bytes_saves_whatever_its_script(tmp_path, name):
     assert os.listdir(tmp_path) == [name]  # and no temporary file left beside it
 
 
+def test_a_save_under_a_file_or_of_an_empty_image_says_what_is_wrong(tmp_path):
+    """A file as a parent gave a bare '[Errno 17] File exists'; an empty PNG imageio's
+    'cannot write empty image', without the path."""
+    fm = FileManager({"disk": DiskBackend(tmp_path)})
+    fm.save("hello", "notes.txt", "disk")
+    with pytest.raises(NotADirectoryError, match=r"notes.txt/a.npy.*notes.txt' is a file"):
+        fm.save(np.arange(3), "notes.txt/a.npy", "disk")
+    with pytest.raises(FormatDataError, match=r"shape \(0, 4\) \(no pixels.*'e.png'"):
+        fm.save(np.zeros((0, 4), np.uint8), "e.png", "disk")
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
 def test_unknown_extension_error_names_the_extensions(tmp_path):
     with pytest.raises(UnsupportedFormatError, match=r"\.png.*\.tif") as info:
         DiskBackend(tmp_path).save(np.zeros(3), "a.weird")

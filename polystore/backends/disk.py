@@ -66,6 +66,10 @@ class DiskBackend(StorageBackend):
         if target.is_dir():
             raise IsADirectoryError(f"Cannot save to {str(file_path)!r}: it is a directory")
         missing = [d for d in (target.parent, *target.parent.parents) if not d.exists()]
+        above = (missing[-1] if missing else target).parent  # the nearest that exists
+        if not above.is_dir():
+            raise NotADirectoryError(f"Cannot save to {str(file_path)!r}: {str(above)!r} is a "
+                                     "file, not a directory; choose another path")
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             with atomic_write(target, "wb") as handle:
