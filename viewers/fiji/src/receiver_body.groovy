@@ -1707,10 +1707,8 @@ class Images {
             int channels = L.ext[0]
             for (int c = base[0]; c < base[0] + channels; c++) {
                 if (cmap != null && s.colormaps.get(c) != cmap) { s.colormaps.put(c, cmap); s.displayDirty = true }
-                if (limits != null) {  // as napari: a reversed hint swapped, an empty one widened
-                    double lo = Math.min((double) limits.get(0), (double) limits.get(1))
-                    double hi = Math.max((double) limits.get(0), (double) limits.get(1))
-                    double[] r = [lo, hi > lo ? hi : Pixels.above(lo)] as double[]
+                if (limits != null) {  // lo < hi: checkFrame refused any other hint
+                    double[] r = [(double) limits.get(0), (double) limits.get(1)] as double[]
                     if (!Arrays.equals(s.ranges.get(c), r)) { s.ranges.put(c, r); s.displayDirty = true }
                 } else {
                     s.ranges.remove(c)  // a hint holds for the frames that carry it (as napari)

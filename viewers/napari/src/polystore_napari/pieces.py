@@ -151,7 +151,7 @@ def data_limits(array: np.ndarray) -> tuple[float, float]:
 
 def increasing(lo: float, hi: float) -> tuple[float, float]:
     """(lo, hi) as napari takes contrast limits: low < high, even for a constant frame of
-    large values (where ``lo + 1`` equals ``lo``) or a hint sent reversed."""
+    large values (where ``lo + 1`` equals ``lo``)."""
     lo, hi = min(lo, hi), max(lo, hi)
     if hi <= lo:
         hi = lo + max(1.0, abs(lo) * 1e-6)
