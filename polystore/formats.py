@@ -404,6 +404,33 @@ def _read_csv(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
     rows = [[_cell(v) for v in row] for row in csv.reader(lines, **kwargs)]
     if form == "rows":
         return rows
+    return _csv_array(rows, dtype, path)
+
+
+_COMPLEX = re.compile(r"^\(.+j\)$|^[^()]+j$")  # how str() writes a complex number
+
+
+def _csv_array(rows: list[list[Any]], dtype: Any, path: str) -> np.ndarray:
+    """The cells as the array they were written from: what `csv.writer` makes of a bool,
+    complex or uint64 array (``True``, ``(1+2j)``, integers past int64) comes back as such."""
+    if len({len(row) for row in rows}) > 1:
+        lengths = sorted({len(row) for row in rows})
+        raise ValueError(f"load({path!r}, as_='array'): its rows have {lengths[0]} to "
+                         f"{lengths[-1]} cells, and an array needs as many in each; load it "
+                         "with as_='rows' (or 'dicts')")
+    cells = [cell for row in rows for cell in row]
+    if dtype is None and cells:
+        if all(cell in ("True", "False") for cell in cells):
+            return np.asarray(rows) == "True"
+        texts = [cell for cell in cells if isinstance(cell, str)]
+        if texts and all(_COMPLEX.match(cell) for cell in texts):
+            try:
+                return np.asarray([[complex(cell) for cell in row] for row in rows])
+            except ValueError:
+                pass
+        if not texts and all(type(cell) is int for cell in cells) and min(cells) >= 0 and (
+                np.iinfo(np.int64).max < max(cells) <= np.iinfo(np.uint64).max):
+            dtype = np.uint64
     return np.asarray(rows, dtype=dtype)
 
 

@@ -531,6 +531,28 @@ def test_csv_keeps_identifiers_that_look_like_numbers_and_floats_that_are_not_fi
     np.testing.assert_array_equal(loaded, with_nan)
 
 
+@pytest.mark.parametrize("array", [np.array([[True, False], [False, True]]),
+                                   np.array([[1 + 2j, 3], [np.nan + 1j, -2j]]),
+                                   np.array([[2**64 - 1, 5]], np.uint64)],
+                         ids=["bool", "complex", "uint64"])
+def test_a_bool_complex_or_uint64_array_loads_back_from_csv_as_written(tmp_path, array):
+    """as_="array" gave bool and complex arrays back as strings ('True', '(1+2j)') and a
+    uint64 beyond int64 as float64 (its low bits lost)."""
+    disk = DiskBackend(tmp_path)
+    disk.save(array, "values.csv")
+    loaded = disk.load("values.csv", as_="array")
+    assert loaded.dtype == array.dtype
+    np.testing.assert_array_equal(loaded, array)
+
+
+def test_ragged_csv_rows_as_an_array_say_how_to_load_them(tmp_path):
+    disk = DiskBackend(tmp_path)
+    disk.save([[1, 2, 3], [4]], "ragged.csv")
+    with pytest.raises(ValueError, match=r"rows have 1 to 3 cells.*as_='rows'"):
+        disk.load("ragged.csv", as_="array")
+    assert disk.load("ragged.csv", as_="rows") == [[1, 2, 3], [4]]
+
+
 def test_csv_from_a_pandas_dataframe(tmp_path):
     pd = needs.module("pandas")
     frame = pd.DataFrame({"well": ["A01", "B02"], "cells": [42, 7], "mean": [1.5, 0.25]})
