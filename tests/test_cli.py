@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -567,3 +568,53 @@ def test_napari_starts_listening_and_shows_frames():
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+
+_WATCH_SECRET = """
+import os, stat, sys
+from pathlib import Path
+secret = Path(sys.argv[1]) / "viewer.key_secret"
+seen = []
+
+def watch(event, args):
+    if event in ("open", "os.chmod", "os.rename", "os.link") and secret.exists():
+        seen.append(stat.S_IMODE(secret.stat().st_mode))
+
+os.umask(0o022)
+sys.addaudithook(watch)
+from polystore.streaming.keys import create_keys
+create_keys(sys.argv[1])
+print(sorted({oct(m) for m in seen}))
+"""
+
+
+def test_a_secret_key_is_never_readable_by_others_while_it_is_written(tmp_path):
+    """The secret was written with the umask's mode (0644) and only then made 0600: another
+    account could open it in between. An audit hook looks at its mode at every file event."""
+    out = subprocess.run([sys.executable, "-c", _WATCH_SECRET, str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['0o600']"
+    assert stat.S_IMODE((tmp_path / "viewer.key").stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("name, says", [("b" * 250, "too long"), ("../escape", "plain file name"),
+                                        ("", "plain file name")],
+                         ids=["too-long", "outside", "empty"])
+def test_a_bad_key_name_is_refused_and_leaves_no_half_pair(tmp_path, name, says):
+    """A 250-character name wrote NAME.key, then failed on NAME.key_secret (too long) and left
+    the public half, which refused the next try; '../escape' wrote outside the folder."""
+    out = cli("keys", str(tmp_path / "keys"), "--name", name)
+    assert out.returncode == 1 and says in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == []
+    assert cli("keys", str(tmp_path / "keys")).returncode == 0
+
+
+def test_keys_into_a_file_says_it_is_a_file(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    out = cli("keys", str(tmp_path / "a.txt"))
+    assert out.returncode == 1 and "is a file; keys go into a folder" in out.stderr, out.stderr

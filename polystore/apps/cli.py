@@ -450,7 +450,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     try:
         public, secret = create_keys(args.directory, args.name)
-    except (FileExistsError, OSError) as exc:
+    except (OSError, ValueError) as exc:
         raise CommandError(str(exc)) from None
     print(f"public key (share with pipelines): {public}\n"
           f"secret key (keep on the viewer machine): {secret}\n\n"
