@@ -50,7 +50,7 @@ def _is_ours_to_judge(name: str) -> bool:
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # a number no process can have: none owns it
         return True
     except PermissionError:
         return False

@@ -1903,7 +1903,7 @@ def test_an_rgb_contrast_hint_holds_for_the_frames_that_carry_it(docked, qtbot):
     viewer, widget = docked
     lines = send(qtbot, widget.endpoint, """
         import time
-        for t, hint in enumerate([[0, 100], None, [50, 10], None]):
+        for t, hint in enumerate([[0, 100], None, [10, 50], None]):
             extra = {"contrast_limits": hint} if hint else {}
             backend.save(np.full((8, 8, 3), 50, np.uint8), f"rgb/t{t}.png", **extra)
             for _ in range(200):
