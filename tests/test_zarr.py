@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -491,3 +492,43 @@ def test_a_move_keeps_attributes_dimension_names_chunks_and_ome_metadata(tmp_pat
     assert not fm.exists("exp.zarr/raw", "zarr") and not fm.exists("exp.zarr/img", "zarr")
     with pytest.raises(FileExistsError):  # one backend: an existing destination stays
         fm.move(dst, dst.replace("raw", "img"), "zarr")
+
+
+def _garble_chunks(array_dir: Path) -> None:
+    for chunk in (array_dir / "c").rglob("*"):
+        if chunk.is_file():
+            chunk.write_bytes(b"not a chunk" * 10)
+
+
+def test_send_of_a_damaged_or_mislabelled_store_says_what_is_wrong(fm, tmp_path):
+    """Each gave a traceback: OME metadata naming no datasets (KeyError 'datasets'), a plate
+    well that is not there (KeyError 'A/1'), a chunk that does not decompress."""
+    image = tmp_path / "bad_ome.zarr"
+    fm.save(series(2, (8, 8)), image / "0", backend="zarr")
+    attrs = json.loads((image / "zarr.json").read_text())
+    attrs.setdefault("attributes", {})["ome"] = {"version": "0.5", "multiscales": [{}]}
+    (image / "zarr.json").write_text(json.dumps(attrs))
+    plate = tmp_path / "plate.ome.zarr"
+    write_test_plate(fm, plate)
+    shutil.rmtree(plate / "A" / "1")
+    damaged = tmp_path / "damaged.zarr"
+    fm.save(series(2, (8, 8)), damaged / "img", backend="zarr")
+    _garble_chunks(damaged / "img")
+    for path, says in ((image, "OME-Zarr metadata"), (plate, "OME-Zarr metadata"),
+                       (damaged, "damaged.zarr/img at {'z': 0}: cannot read this plane")):
+        result = send_cli(str(path), "--to", "napari_stream", "--endpoint", "tcp://127.0.0.1:9")
+        assert result.returncode == 1 and says in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_send_refuses_a_plane_too_large_before_reading_it(fm, tmp_path):
+    """A (100000, 100000) plane was read whole (18.6 GiB) before the frame size was checked,
+    and no option could raise the limit. Its chunks are damaged here: reading it would say so."""
+    store = tmp_path / "big.zarr"
+    fm.save(series(2, (1024, 1024)), store / "img", backend="zarr")
+    _garble_chunks(store / "img")
+    result = send_cli(str(store), "--to", "napari_stream", "--endpoint", "tcp://127.0.0.1:9",
+                      "--max-inflight-bytes", "1M")
+    assert result.returncode == 1, result.stderr
+    assert "is 2,097,152 bytes, more than one frame may be (1,048,576)" in result.stderr
+    assert "raise --max-inflight-bytes" in result.stderr and "Traceback" not in result.stderr

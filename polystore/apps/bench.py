@@ -397,13 +397,34 @@ def _ring_row(label: str, ours: dict, ring: dict) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options (shared by ``polystore bench`` and scripts/bench_stream.py)."""
     parser.add_argument("--quick", action="store_true", help="few frames, for a smoke test")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=_whole_number, default=3,
                         help="alternating rounds of polystore and the raw ring (default 3)")
     parser.add_argument("--transport", choices=TRANSPORTS, default="tcp",
                         help="how both receivers listen: tcp://127.0.0.1 (default) or ipc:// "
                         "(a Unix socket, for napari on the same machine)")
     parser.add_argument("--json", metavar="OUT", help="also write the figures as JSON to OUT "
                         "(input of scripts/plot_bench.py)")
+
+
+def _whole_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _writable(path: str) -> str | None:
+    """Why the --json file cannot be written, checked before a run of minutes; else None."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        return f"--json {path}: cannot write it: {exc.strerror or exc}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -415,7 +436,10 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark with parsed options; 1 if the receiver saw a torn frame."""
     scale = 0.05 if args.quick else 1.0
-    rounds = 1 if args.quick else max(1, args.rounds)
+    rounds = 1 if args.quick else args.rounds
+    if args.json and (why := _writable(args.json)):
+        print(f"polystore bench: {why}", file=sys.stderr)
+        return 2
 
     # spawn: the receiver process must not inherit this process's ZeroMQ state
     spawn = mp.get_context("spawn")
@@ -503,7 +527,6 @@ def run(args: argparse.Namespace) -> int:
             "verified_frames": checked["checked"],
             "torn_frames": checked["torn"],
         }
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=2)
             handle.write("\n")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -75,6 +76,52 @@ def _listen_endpoint(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _fiji_endpoint(text: str) -> str:
+    """`_listen_endpoint`, over TCP: JeroMQ cannot speak ipc:// with ZeroMQ."""
+    text = _listen_endpoint(text)
+    if not text.startswith("tcp://"):
+        raise argparse.ArgumentTypeError(f"the Fiji receiver listens on tcp:// only (JeroMQ "
+                                         f"cannot talk ipc:// to ZeroMQ), got {text!r}")
+    return text
+
+
+#: what ImageJ's parameter string cannot carry inside a quoted value
+_UNQUOTABLE = set('"\\,\n\r')
+
+
+def _stream_key(text: str) -> str:
+    """A stream key as the protocol takes it (1 to 256 characters), checked once, not per
+    file."""
+    if not 1 <= len(text) <= 256:
+        raise argparse.ArgumentTypeError(f"expected a stream key of 1 to 256 characters, got "
+                                         f"{len(text)}")
+    return text
+
+
+def _fps(text: str) -> float:
+    """0 (as fast as possible) or a pace a sleep can keep: 1e-300 overflowed time.sleep."""
+    value = _non_negative_float(text)
+    if value != 0 and not 1e-3 <= value <= 1e6:
+        raise argparse.ArgumentTypeError(f"expected 0 (as fast as possible) or 0.001 to "
+                                         f"1000000 time points per second, got {text!r}")
+    return value
+
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(?:([kmg])i?)?b?$", re.IGNORECASE)
+
+
+def _byte_size(text: str) -> int:
+    """A size such as 2G, 768MiB or 1048576 (bytes; binary units), up to 1 TiB."""
+    match = _SIZE.match(text.strip())
+    value = 0
+    if match:
+        value = int(float(match[1]) * 1024 ** " kmg".index((match[2] or " ").lower()))
+    if not 1 <= value <= 1024**4:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2G, 768M or 1048576 "
+                                         f"(bytes), up to 1T, got {text!r}")
+    return value
 
 
 def _human(nbytes: float) -> str:
@@ -193,7 +240,10 @@ def cmd_fiji(args: argparse.Namespace) -> int:
             "(viewers/fiji/polystore_receiver.groovy), not with an installed wheel. Get the "
             "source and run `polystore fiji` from an editable install (pip install -e .)"
         )
-    endpoint = args.endpoint or FijiStreamingBackend.default_endpoint()
+    try:
+        endpoint = args.endpoint or _fiji_endpoint(FijiStreamingBackend.default_endpoint())
+    except argparse.ArgumentTypeError as exc:
+        raise CommandError(f"$POLYSTORE_FIJI_ENDPOINT: {exc}") from None
     if not args.run:
         print(f"Fiji receiver script: {script}\n")
         print("Install it in Fiji (details: docs/fiji.md):")
@@ -207,6 +257,18 @@ def cmd_fiji(args: argparse.Namespace) -> int:
               "polystore send FILES --to fiji_stream")
         print("Without Fiji (Debian's ImageJ + JeroMQ + Groovy): polystore fiji --run")
         return 0
+    if args.output_dir:
+        output = Path(args.output_dir).resolve()
+        if _UNQUOTABLE & set(str(output)):
+            raise CommandError(f"--output-dir {str(output)!r}: ImageJ's script parameters "
+                               "cannot carry a path with a quote, backslash, comma or line "
+                               "break (the receiver would save elsewhere); choose another "
+                               "folder")
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CommandError(f"--output-dir: cannot make the folder {output}: "
+                               f"{exc.strerror or exc}") from None
     missing = _fiji_missing()
     if missing:
         raise CommandError(
@@ -223,8 +285,7 @@ def cmd_fiji(args: argparse.Namespace) -> int:
             )  # fmt: skip
         params.append("allow_unauthenticated=true")
     if args.output_dir:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        params.append(f'output_dir="{Path(args.output_dir).resolve()}"')
+        params.append(f'output_dir="{output}"')
     launcher = fiji_dir() / "run_headless.sh"
     print(f"polystore fiji: starting the headless receiver on {endpoint} (Ctrl+C stops it)",
           flush=True)
@@ -237,27 +298,53 @@ def cmd_fiji(args: argparse.Namespace) -> int:
 # -- send -----------------------------------------------------------------------------------
 
 
-def _collect(paths: Sequence[str]) -> list[tuple[Path, str]]:
-    """(file, path label) for every file named or inside a named folder (recursively).
-    Labels keep the folder name, so ``send plate1`` streams ``plate1/A01/t000.tif``."""
+def _collect(paths: Sequence[str]) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(file, path label) for every regular file named or inside a named folder
+    (recursively), and what was passed over: anything else (a FIFO would block the read
+    forever), and folders reached through a link (not followed: a link may loop). Labels keep
+    the folder name, so ``send plate1`` streams ``plate1/A01/t000.tif``."""
     from polystore.atomic import is_temp_name
 
     found: list[tuple[Path, str]] = []
+    passed_over: list[str] = []
     for arg in paths:
+        if not arg:
+            raise argparse.ArgumentTypeError("an empty path: name a file or folder ('.' for "
+                                             "this folder)")
         path = Path(arg)
         if path.is_dir():
             root = path.resolve().name or "root"
             for current, dirs, files in os.walk(path):
                 dirs.sort()
+                for name in dirs:
+                    if (Path(current) / name).is_symlink():
+                        passed_over.append(f"{Path(current) / name}/ (a link to a folder)")
                 for name in sorted(files):
-                    if not is_temp_name(name):
-                        file = Path(current) / name
-                        found.append((file, f"{root}/{file.relative_to(path).as_posix()}"))
+                    file = Path(current) / name
+                    if is_temp_name(name):
+                        continue
+                    if not file.is_file():
+                        passed_over.append(f"{file} (not a regular file)")
+                        continue
+                    found.append((file, _printable(f"{root}/{file.relative_to(path).as_posix()}")))
         elif path.is_file():
-            found.append((path, path.name))
+            found.append((path, _printable(path.name)))
+        elif path.exists():
+            raise argparse.ArgumentTypeError(f"{arg} is not a regular file or a folder (a "
+                                             "FIFO, socket or device): nothing to read")
         else:
             raise argparse.ArgumentTypeError(f"no such file or folder: {arg}")
-    return found
+    return found, passed_over
+
+
+def _printable(label: str) -> str:
+    """A file name that is not UTF-8 (its bytes kept by Python as surrogates, which no
+    message can carry) with each bad byte shown as U+FFFD."""
+    return os.fsencode(label).decode("utf-8", "replace")
+
+
+#: what `send` reads from disk as arrays (or ROIs) to stream
+_SENDABLE_FORMATS = ("npy", "tiff", "png", "jpeg", "roi")
 
 
 def _split_sendable(files: list[tuple[Path, str]], backend_cls) -> tuple[list, dict[str, list]]:
@@ -266,7 +353,7 @@ def _split_sendable(files: list[tuple[Path, str]], backend_cls) -> tuple[list, d
     from polystore import DiskBackend
     from polystore.streaming.backend import matching_extension
 
-    readable = {ext for ext, fmt in DiskBackend.FORMATS.items() if fmt in ("npy", "tiff")}
+    readable = {ext for ext, fmt in DiskBackend.FORMATS.items() if fmt in _SENDABLE_FORMATS}
     keep, skipped = [], {"stream": [], "disk": []}
     for file, label in files:
         if not matching_extension(label, backend_cls.SUPPORTED_EXTENSIONS):
@@ -293,10 +380,22 @@ def _skip_report(skipped: dict[str, list], to: str, backend_cls) -> list[str]:
         )
     if skipped["disk"]:
         lines.append(
-            f"skipped {len(skipped['disk'])} file(s) the disk backend cannot load as arrays "
-            f"({_extensions(skipped['disk'])}); send .tif, .tiff or .npy files"
+            f"skipped {len(skipped['disk'])} file(s) send does not read "
+            f"({_extensions(skipped['disk'])}); it reads {_readable_extensions()}"
         )
+    if skipped["other"]:
+        lines.append(f"skipped {len(skipped['other'])} entr(ies) not read: "
+                     + "; ".join(skipped["other"][:5])
+                     + (f"; and {len(skipped['other']) - 5} more" if len(skipped["other"]) > 5
+                        else ""))
     return lines
+
+
+def _readable_extensions() -> str:
+    from polystore import DiskBackend
+
+    return ", ".join(sorted(ext for ext, fmt in DiskBackend.FORMATS.items()
+                            if fmt in _SENDABLE_FORMATS))
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -311,35 +410,55 @@ def cmd_send(args: argparse.Namespace) -> int:
     )
     from polystore.zarr.planes import is_zarr_path, send_zarr
 
-    if any(is_zarr_path(p) for p in args.paths):  # zarr/OME-Zarr: plane by plane, t/c/z axes
-        if not all(is_zarr_path(p) for p in args.paths):
+    limits = ({} if args.max_inflight_bytes is None
+              else {"max_inflight_bytes": args.max_inflight_bytes})
+    def is_store(path: str) -> bool:  # a file such as x.zarr/a.tif, or x.zarr, is a file
+        return is_zarr_path(path) and not os.path.isfile(path)
+
+    if any(is_store(p) for p in args.paths):  # zarr/OME-Zarr: plane by plane, t/c/z axes
+        if not all(is_store(p) for p in args.paths):
             raise CommandError("send zarr stores (*.zarr) and files in separate commands")
         try:
             send_zarr(args.paths, args.to, endpoint=args.endpoint, policy=args.policy,
-                      stream=args.stream, quiet=args.quiet)
-        except (StreamingError, OSError, ValueError, ImportError) as exc:
+                      stream=args.stream, quiet=args.quiet, **limits)
+        except (StreamingError, OSError, ValueError, ImportError, RuntimeError) as exc:
             raise CommandError(f"{type(exc).__name__}: {exc}") from None
         return 0
 
     backend_cls = {"napari_stream": NapariStreamingBackend,
                    "fiji_stream": FijiStreamingBackend}[args.to]  # fmt: skip
-    files, skipped = _split_sendable(_collect(args.paths), backend_cls)
+    try:
+        backend = backend_cls(args.endpoint, policy=args.policy, **limits)
+    except ValueError as exc:  # the endpoint or a key from the environment
+        raise CommandError(str(exc)) from None
+    try:
+        found, passed_over = _collect(args.paths)
+    except BaseException:
+        backend.close()
+        raise
+    files, skipped = _split_sendable(found, backend_cls)
+    skipped["other"] = passed_over
     for line in _skip_report(skipped, args.to, backend_cls):
         print(f"polystore send: {line}", file=sys.stderr)
     if not files:
-        raise CommandError(f"nothing to send: no file in {' '.join(args.paths)} is a .tif, "
-                           f".tiff or .npy file {args.to} accepts")
-    backend = backend_cls(args.endpoint, policy=args.policy)
+        backend.close()
+        raise CommandError(f"nothing to send: no file in {' '.join(args.paths)} is one "
+                           f"{args.to} accepts and send reads ({_readable_extensions()})")
     fm = FileManager(BackendRegistry({"disk": DiskBackend(), args.to: backend},
                                      entry_points=False))
     failed: list[str] = []
-    sent_bytes, t0 = 0, time.perf_counter()
+    sent_bytes, saved, t0 = 0, 0, time.perf_counter()
     try:
         bar = tqdm(files, desc=f"send -> {args.to}", unit="file", disable=args.quiet,
                    file=sys.stderr)
         for file, label in bar:
             try:
                 data = fm.load(file, backend="disk")
+                limit = backend.options.max_inflight_bytes
+                if getattr(data, "nbytes", 0) > limit:
+                    failed.append(f"{file}: {_human(data.nbytes)} is more than one frame may "
+                                  f"be ({_human(limit)}): raise --max-inflight-bytes")
+                    continue
                 fm.save(data, label, backend=args.to, stream=args.stream)
             except UnstreamableDataError as exc:
                 failed.append(f"{file}: {exc}")
@@ -350,10 +469,12 @@ def cmd_send(args: argparse.Namespace) -> int:
                 failed.append(f"{file}: cannot load it: {type(exc).__name__}: {exc}")
                 continue
             sent_bytes += getattr(data, "nbytes", 0)
+            saved += 1
         bar.close()
         backend.flush()
     except StreamingError as exc:
-        raise CommandError(str(exc)) from None
+        raise CommandError(f"{exc} ({saved} of {len(files)} file(s) were handed to the stream "
+                           "before it stopped)") from None
     finally:
         backend.close()
     seconds = time.perf_counter() - t0
@@ -505,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="no window even if there is a display")
     demo.add_argument("--no-napari", action="store_true",
                       help="stream to a headless receiver instead of napari")
-    demo.add_argument("--fps", type=_non_negative_float, default=None,
+    demo.add_argument("--fps", type=_fps, default=None,
                       help="time points per second (default 10 in a window, else as fast as "
                       "possible; 0 = as fast as possible)")
     demo.add_argument("--endpoint", type=_listen_endpoint,
@@ -531,8 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--run, run it headless (Debian's ImageJ + JeroMQ + Groovy, no Fiji needed).",
     )  # fmt: skip
     fiji.add_argument("--run", action="store_true", help="run the receiver headless now")
-    fiji.add_argument("--endpoint", help="where to listen (default $POLYSTORE_FIJI_ENDPOINT or "
-                      "tcp://127.0.0.1:55556)")
+    fiji.add_argument("--endpoint", type=_fiji_endpoint, help="where to listen (default "
+                      "$POLYSTORE_FIJI_ENDPOINT or tcp://127.0.0.1:55556)")
     fiji.add_argument("--output-dir", help="with --run: also save every image as TIFF there "
                       "whenever a sender asks for a report")
     fiji.set_defaults(func=cmd_fiji)
@@ -547,11 +668,15 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("paths", nargs="+", metavar="PATH", help="files or folders")
     send.add_argument("--to", required=True, choices=STREAM_TARGETS, help="streaming backend")
     send.add_argument("--endpoint", help="the viewer's endpoint (default: the backend's)")
-    send.add_argument("--stream", help="one layer/window key for every file (default: derived "
-                      "from each path, e.g. plate/A01/t003.tif -> plate/A01)")
+    send.add_argument("--stream", type=_stream_key, help="one layer/window key for every "
+                      "file (default: derived from each path, e.g. plate/A01/t003.tif -> "
+                      "plate/A01)")
     send.add_argument("--policy", choices=("block", "latest", "raise"), default="block",
                       help="when the viewer falls behind: wait (block, default), drop the "
                       "oldest unacknowledged frame (latest) or fail (raise)")
+    send.add_argument("--max-inflight-bytes", type=_byte_size, default=None, metavar="SIZE",
+                      help="shared memory in flight, and so the largest frame (default 512M); "
+                      "e.g. 2G")
     send.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     send.set_defaults(func=cmd_send)
 

@@ -8,6 +8,7 @@ else the viewers' naming rule ((n, y, x) is z, y, x). The viewer rebuilds the nD
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -86,21 +87,32 @@ def find_images(backend: ZarrBackend, path: str) -> list[ZarrImage]:
                 found.append(ZarrImage(label, node, _dimension_names(node, None)))
             return
         ome = _read_ome(node)
+        try:
+            if visit_ome(node, label, ome):
+                return
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{label}: its OME-Zarr metadata names what is not there or is "
+                             f"malformed ({type(exc).__name__}: {exc}); check its .zattrs / "
+                             "zarr.json, or send one of its arrays by path") from None
+        for name in sorted(node.keys()):
+            visit(node[name], f"{label}/{name}")
+
+    def visit_ome(node: Any, label: str, ome: dict) -> bool:
+        """Visit what a multiscales image or a plate names; False if `node` is neither."""
         if ome.get("multiscales"):
             multiscale = ome["multiscales"][0]
             level = node[multiscale["datasets"][0]["path"]]
             names = [axis["name"] for axis in multiscale["axes"]]
             found.append(ZarrImage(label, level, _dimension_names(level, names)))
-            return
+            return True
         if ome.get("plate"):
             for well in ome["plate"]["wells"]:
                 well_group = node[well["path"]]
                 images = _read_ome(well_group).get("well", {}).get("images", [])
                 for image in images:
                     visit(well_group[image["path"]], f"{label}/{well['path']}/{image['path']}")
-            return
-        for name in sorted(node.keys()):
-            visit(node[name], f"{label}/{name}")
+            return True
+        return False
 
     visit(backend._open(zp), _short_label(zp))
     return found
@@ -116,19 +128,24 @@ def iter_planes(images: list[ZarrImage]) -> Iterator[Plane]:
     """The planes of each image in C order (t outermost), each read when reached."""
     for image in images:
         leading = image.names[:-2]
-        if image.array.ndim == 2:
-            yield Plane(image, np.asarray(image.array[...]))
-            continue
-        for index in np.ndindex(*image.array.shape[:-2]):
-            yield Plane(image, np.asarray(image.array[index]),
-                        dict(zip(leading, map(int, index), strict=True)))
+        for index in np.ndindex(*image.array.shape[:-2]):  # () once for a 2-D array
+            axes = dict(zip(leading, map(int, index), strict=True))
+            try:
+                data = np.asarray(image.array[index] if index else image.array[...])
+            except Exception as exc:  # a damaged chunk: codecs raise anything
+                where = f" at {axes}" if axes else ""
+                raise ValueError(f"{image.label}{where}: cannot read this plane "
+                                 f"({type(exc).__name__}: {exc}); the store may be damaged"
+                                 ) from exc
+            yield Plane(image, data, axes)
 
 
 def send_zarr(paths: list[str], to: str, *, endpoint: str | None = None,
               policy: str = "block", stream: str | None = None, quiet: bool = False,
-              backend: ZarrBackend | None = None) -> int:
+              backend: ZarrBackend | None = None, **limits: int) -> int:
     """Stream every plane of the zarr ``paths`` to ``to`` (napari_stream or fiji_stream)
-    with a progress bar; print a summary. Returns the number of planes sent."""
+    with a progress bar; print a summary. Returns the number of planes sent. `limits`:
+    the target's ``max_inflight_bytes``."""
     from tqdm import tqdm
 
     from polystore.streaming import FijiStreamingBackend, NapariStreamingBackend
@@ -139,9 +156,18 @@ def send_zarr(paths: list[str], to: str, *, endpoint: str | None = None,
         raise ValueError(f"no arrays of 2 or more dimensions in {' '.join(paths)}")
     target_cls = {"napari_stream": NapariStreamingBackend,
                   "fiji_stream": FijiStreamingBackend}[to]  # fmt: skip
-    target = target_cls(endpoint, policy=policy)
+    target = target_cls(endpoint, policy=policy, **limits)
+    limit = target.options.max_inflight_bytes
+    for image in images:  # before any plane is read: one of 18 GiB would be read whole
+        plane = math.prod(image.array.shape[-2:]) * image.array.dtype.itemsize
+        if plane > limit:
+            target.close()
+            raise ValueError(f"{image.label}: a plane of {image.array.shape[-2:]} "
+                             f"{image.array.dtype} is {plane:,} bytes, more than one frame may "
+                             f"be ({limit:,}); raise --max-inflight-bytes "
+                             "(max_inflight_bytes=), or send a smaller region from Python")
     total = sum(image.plane_count for image in images)
-    sent_bytes, started = 0, time.perf_counter()
+    sent_bytes, sent, started = 0, 0, time.perf_counter()
     try:
         with tqdm(total=total, desc=f"send -> {to}", unit="plane", disable=quiet,
                   file=sys.stderr) as bar:
@@ -150,8 +176,12 @@ def send_zarr(paths: list[str], to: str, *, endpoint: str | None = None,
                 target.save(plane.data, plane.label, stream=stream or plane.image.label,
                             axes=plane.axes or None, axis_names=leading or None)
                 sent_bytes += plane.data.nbytes
+                sent += 1
                 bar.update(1)
         target.flush()
+    except BaseException:
+        print(f"stopped after {sent} of {total} plane(s)", file=sys.stderr)
+        raise
     finally:
         target.close()
     seconds = time.perf_counter() - started
