@@ -544,9 +544,9 @@ def test_fiji_checks_its_endpoint_before_anything_starts(args, env, says):
 
 
 def _fiji_missing() -> str | None:
-    from polystore.apps.cli import _fiji_missing
+    from polystore.apps.fiji import fiji_missing
 
-    missing = _fiji_missing()
+    missing = fiji_missing()
     return "; ".join(missing) if missing else None
 
 

@@ -15,15 +15,21 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
-import shutil
 import sys
-import time
-from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 
 from polystore import __version__
+from polystore.apps.arguments import (
+    CommandError,
+    byte_size,
+    frames_per_second,
+    human_size,
+    listen_endpoint,
+    positive_int,
+    stream_key,
+)
+from polystore.apps.fiji import cmd_fiji, fiji_endpoint
+from polystore.apps.send import cmd_send
 
 log = logging.getLogger("polystore.cli")
 
@@ -35,106 +41,12 @@ INSTALL_NAPARI = (
 )
 
 
-class CommandError(Exception):
-    """A failure the user can fix: printed as ``polystore <cmd>: <message>``, exit 1."""
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with a pointer to ``--help`` after every usage error."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\nRun '{self.prog} --help' for help.\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _listen_endpoint(text: str) -> str:
-    """An endpoint a receiver on this machine may listen on (checked before anything starts)."""
-    from polystore.streaming.endpoints import check_bind_endpoint
-
-    try:
-        check_bind_endpoint(text, allow_remote=False)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
-def _fiji_endpoint(text: str) -> str:
-    """`_listen_endpoint`, over TCP: JeroMQ cannot speak ipc:// with ZeroMQ."""
-    text = _listen_endpoint(text)
-    if not text.startswith("tcp://"):
-        raise argparse.ArgumentTypeError(f"the Fiji receiver listens on tcp:// only (JeroMQ "
-                                         f"cannot talk ipc:// to ZeroMQ), got {text!r}")
-    return text
-
-
-#: what ImageJ's parameter string cannot carry inside a quoted value
-_UNQUOTABLE = set('"\\,\n\r')
-
-
-def _stream_key(text: str) -> str:
-    """A stream key as the protocol takes it (1 to 256 characters), checked once, not per
-    file."""
-    if not 1 <= len(text) <= 256:
-        raise argparse.ArgumentTypeError(f"expected a stream key of 1 to 256 characters, got "
-                                         f"{len(text)}")
-    return text
-
-
-def _fps(text: str) -> float:
-    """0 (as fast as possible) or a pace a sleep can keep: 1e-300 overflowed time.sleep."""
-    value = _non_negative_float(text)
-    if value != 0 and not 1e-3 <= value <= 1e6:
-        raise argparse.ArgumentTypeError(f"expected 0 (as fast as possible) or 0.001 to "
-                                         f"1000000 time points per second, got {text!r}")
-    return value
-
-
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(?:([kmg])i?)?b?$", re.IGNORECASE)
-
-
-def _byte_size(text: str) -> int:
-    """A size such as 2G, 768MiB or 1048576 (bytes; binary units), up to 1 TiB."""
-    match = _SIZE.match(text.strip())
-    value = 0
-    if match:
-        value = int(float(match[1]) * 1024 ** " kmg".index((match[2] or " ").lower()))
-    if not 1 <= value <= 1024**4:
-        raise argparse.ArgumentTypeError(f"expected a size such as 2G, 768M or 1048576 "
-                                         f"(bytes), up to 1T, got {text!r}")
-    return value
-
-
-def _human(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:.1f} GiB"  # pragma: no cover
-
-
-def _source_root() -> Path:
-    """The source checkout this package runs from (viewers/ and scripts/ live there)."""
-    return Path(__file__).resolve().parents[2]
 
 
 # -- commands contributed by plugins ------------------------------------------------------
@@ -192,300 +104,6 @@ def _add_unavailable(sub: argparse._SubParsersAction, name: str, why: str) -> No
     parser.set_defaults(func=unavailable)
 
 
-# -- fiji -----------------------------------------------------------------------------------
-
-
-def fiji_dir() -> Path:
-    """viewers/fiji of the source checkout (it is not part of the installed package)."""
-    return _source_root() / "viewers" / "fiji"
-
-
-def _fiji_missing() -> list[str]:
-    """What the headless Fiji receiver needs and this machine lacks."""
-    missing = []
-    if shutil.which("groovy") is None:
-        missing.append("groovy (apt-get install groovy)")
-    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
-        missing.append("Java (apt-get install openjdk-17-jre-headless)")
-    for env, default, package in (("IJ_JAR", "/usr/share/java/ij.jar", "libij-java"),
-                                  ("JEROMQ_JAR", "/usr/share/java/jeromq.jar",
-                                   "libjeromq-java")):  # fmt: skip
-        jar = os.environ.get(env, default)
-        if not Path(jar).is_file():
-            missing.append(f"{jar} (apt-get install {package}, or set ${env})")
-    if not (fiji_dir() / "run_headless.sh").is_file():
-        missing.append(f"{fiji_dir() / 'run_headless.sh'} (part of the polystore source tree)")
-    return missing
-
-
-def _jeromq_has_curve() -> bool:
-    """Whether the JeroMQ jar run_headless.sh uses has CURVE (0.5 and newer)."""
-    import zipfile
-
-    jar = os.environ.get("JEROMQ_JAR", "/usr/share/java/jeromq.jar")
-    try:
-        with zipfile.ZipFile(jar) as archive:
-            return "org/zeromq/ZMQ$Curve.class" in archive.namelist()
-    except (OSError, zipfile.BadZipFile):
-        return False
-
-
-def cmd_fiji(args: argparse.Namespace) -> int:
-    from polystore.streaming import FijiStreamingBackend
-
-    script = fiji_dir() / "polystore_receiver.groovy"
-    if not script.is_file():
-        raise CommandError(
-            f"the Fiji receiver script is not at {script}: it ships with the polystore source "
-            "(viewers/fiji/polystore_receiver.groovy), not with an installed wheel. Get the "
-            "source and run `polystore fiji` from an editable install (pip install -e .)"
-        )
-    try:
-        endpoint = args.endpoint or _fiji_endpoint(FijiStreamingBackend.default_endpoint())
-    except argparse.ArgumentTypeError as exc:
-        raise CommandError(f"$POLYSTORE_FIJI_ENDPOINT: {exc}") from None
-    if not args.run:
-        print(f"Fiji receiver script: {script}\n")
-        print("Install it in Fiji (details: docs/fiji.md):")
-        print("  1. put the JeroMQ jar (jeromq-<version>.jar, from Maven Central) into "
-              "Fiji.app/jars/")
-        print(f"  2. copy {script.name} into Fiji.app/scripts/Plugins/polystore/ and restart "
-              "Fiji\n     (or open it in Fiji's script editor and press Run)")
-        print(f"  3. run it from the Plugins menu; keep the endpoint {endpoint} (or make the "
-              "sender use the same one)")
-        print("\nThen stream: fm.save(img, 'A01/t000.tif', backend='fiji_stream')  or  "
-              "polystore send FILES --to fiji_stream")
-        print("Without Fiji (Debian's ImageJ + JeroMQ + Groovy): polystore fiji --run")
-        return 0
-    if args.output_dir:
-        output = Path(args.output_dir).resolve()
-        if _UNQUOTABLE & set(str(output)):
-            raise CommandError(f"--output-dir {str(output)!r}: ImageJ's script parameters "
-                               "cannot carry a path with a quote, backslash, comma or line "
-                               "break (the receiver would save elsewhere); choose another "
-                               "folder")
-        try:
-            output.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CommandError(f"--output-dir: cannot make the folder {output}: "
-                               f"{exc.strerror or exc}") from None
-    missing = _fiji_missing()
-    if missing:
-        raise CommandError(
-            "cannot run the Fiji receiver headless; missing: " + "; ".join(missing)
-            + ". `bash scripts/install.sh` installs all of them"
-        )  # fmt: skip
-    params = [f'endpoint="{endpoint}"']
-    if not _jeromq_has_curve():  # Debian's JeroMQ 0.3: the script refuses unless told
-        if os.environ.get("POLYSTORE_AUTH") != "none":
-            raise CommandError(
-                "this JeroMQ (0.3, Debian's) cannot authenticate senders, so the receiver would "
-                "accept any local account. Set JEROMQ_JAR to a jeromq-0.6.0.jar, or run "
-                "unauthenticated on purpose with POLYSTORE_AUTH=none (for the senders too)"
-            )  # fmt: skip
-        params.append("allow_unauthenticated=true")
-    if args.output_dir:
-        params.append(f'output_dir="{output}"')
-    launcher = fiji_dir() / "run_headless.sh"
-    print(f"polystore fiji: starting the headless receiver on {endpoint} (Ctrl+C stops it)",
-          flush=True)
-    sys.stderr.flush()
-    # exec: this process becomes the receiver, so signals (Ctrl+C, SIGTERM) reach it directly
-    os.execv("/bin/bash", ["bash", str(launcher), ",".join(params)])
-    return 0  # pragma: no cover - execv does not return
-
-
-# -- send -----------------------------------------------------------------------------------
-
-
-def _collect(paths: Sequence[str]) -> tuple[list[tuple[Path, str]], list[str]]:
-    """(file, path label) for every regular file named or inside a named folder
-    (recursively), and what was passed over: anything else (a FIFO would block the read
-    forever), and folders reached through a link (not followed: a link may loop). Labels keep
-    the folder name, so ``send plate1`` streams ``plate1/A01/t000.tif``."""
-    from polystore.atomic import is_temp_name
-
-    found: list[tuple[Path, str]] = []
-    passed_over: list[str] = []
-    for arg in paths:
-        if not arg:
-            raise argparse.ArgumentTypeError("an empty path: name a file or folder ('.' for "
-                                             "this folder)")
-        path = Path(arg)
-        if path.is_dir():
-            root = path.resolve().name or "root"
-            for current, dirs, files in os.walk(path):
-                dirs.sort()
-                for name in dirs:
-                    if (Path(current) / name).is_symlink():
-                        passed_over.append(f"{Path(current) / name}/ (a link to a folder)")
-                for name in sorted(files):
-                    file = Path(current) / name
-                    if is_temp_name(name):
-                        continue
-                    if not file.is_file():
-                        passed_over.append(f"{file} (not a regular file)")
-                        continue
-                    found.append((file, _printable(f"{root}/{file.relative_to(path).as_posix()}")))
-        elif path.is_file():
-            found.append((path, _printable(path.name)))
-        elif path.exists():
-            raise argparse.ArgumentTypeError(f"{arg} is not a regular file or a folder (a "
-                                             "FIFO, socket or device): nothing to read")
-        else:
-            raise argparse.ArgumentTypeError(f"no such file or folder: {arg}")
-    return found, passed_over
-
-
-def _printable(label: str) -> str:
-    """A file name that is not UTF-8 (its bytes kept by Python as surrogates, which no
-    message can carry) with each bad byte shown as U+FFFD."""
-    return os.fsencode(label).decode("utf-8", "replace")
-
-
-#: what `send` reads from disk as arrays (or ROIs) to stream
-_SENDABLE_FORMATS = ("npy", "tiff", "png", "jpeg", "roi")
-
-
-def _split_sendable(files: list[tuple[Path, str]], backend_cls) -> tuple[list, dict[str, list]]:
-    """Files the disk backend reads as arrays and the streaming backend accepts; the rest,
-    grouped by why they are skipped."""
-    from polystore import DiskBackend
-    from polystore.streaming.backend import matching_extension
-
-    readable = {ext for ext, fmt in DiskBackend.FORMATS.items() if fmt in _SENDABLE_FORMATS}
-    keep, skipped = [], {"stream": [], "disk": []}
-    for file, label in files:
-        if not matching_extension(label, backend_cls.SUPPORTED_EXTENSIONS):
-            skipped["stream"].append(label)
-        elif matching_extension(label, readable) is None:
-            skipped["disk"].append(label)
-        else:
-            keep.append((file, label))
-    return keep, skipped
-
-
-def _extensions(labels: list[str]) -> str:
-    counts = Counter(Path(label).suffix.lower() or "(none)" for label in labels)
-    return ", ".join(f"{ext} x{n}" if n > 1 else ext for ext, n in sorted(counts.items()))
-
-
-def _skip_report(skipped: dict[str, list], to: str, backend_cls) -> list[str]:
-    lines = []
-    if skipped["stream"]:
-        lines.append(
-            f"skipped {len(skipped['stream'])} file(s) {to} does not stream "
-            f"({_extensions(skipped['stream'])}); it takes "
-            f"{', '.join(sorted(backend_cls.SUPPORTED_EXTENSIONS))}"
-        )
-    if skipped["disk"]:
-        lines.append(
-            f"skipped {len(skipped['disk'])} file(s) send does not read "
-            f"({_extensions(skipped['disk'])}); it reads {_readable_extensions()}"
-        )
-    if skipped["other"]:
-        lines.append(f"skipped {len(skipped['other'])} entr(ies) not read: "
-                     + "; ".join(skipped["other"][:5])
-                     + (f"; and {len(skipped['other']) - 5} more" if len(skipped["other"]) > 5
-                        else ""))
-    return lines
-
-
-def _readable_extensions() -> str:
-    from polystore import DiskBackend
-
-    return ", ".join(sorted(ext for ext, fmt in DiskBackend.FORMATS.items()
-                            if fmt in _SENDABLE_FORMATS))
-
-
-def cmd_send(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from polystore import BackendRegistry, DiskBackend, FileManager
-    from polystore.streaming import (
-        FijiStreamingBackend,
-        NapariStreamingBackend,
-        StreamingError,
-        UnstreamableDataError,
-    )
-    from polystore.zarr.planes import is_zarr_path, send_zarr
-
-    limits = ({} if args.max_inflight_bytes is None
-              else {"max_inflight_bytes": args.max_inflight_bytes})
-    def is_store(path: str) -> bool:  # a file such as x.zarr/a.tif, or x.zarr, is a file
-        return is_zarr_path(path) and not os.path.isfile(path)
-
-    if any(is_store(p) for p in args.paths):  # zarr/OME-Zarr: plane by plane, t/c/z axes
-        if not all(is_store(p) for p in args.paths):
-            raise CommandError("send zarr stores (*.zarr) and files in separate commands")
-        try:
-            send_zarr(args.paths, args.to, endpoint=args.endpoint, policy=args.policy,
-                      stream=args.stream, quiet=args.quiet, **limits)
-        except (StreamingError, OSError, ValueError, ImportError, RuntimeError) as exc:
-            raise CommandError(f"{type(exc).__name__}: {exc}") from None
-        return 0
-
-    backend_cls = {"napari_stream": NapariStreamingBackend,
-                   "fiji_stream": FijiStreamingBackend}[args.to]  # fmt: skip
-    try:
-        backend = backend_cls(args.endpoint, policy=args.policy, **limits)
-    except ValueError as exc:  # the endpoint or a key from the environment
-        raise CommandError(str(exc)) from None
-    try:
-        found, passed_over = _collect(args.paths)
-    except BaseException:
-        backend.close()
-        raise
-    files, skipped = _split_sendable(found, backend_cls)
-    skipped["other"] = passed_over
-    for line in _skip_report(skipped, args.to, backend_cls):
-        print(f"polystore send: {line}", file=sys.stderr)
-    if not files:
-        backend.close()
-        raise CommandError(f"nothing to send: no file in {' '.join(args.paths)} is one "
-                           f"{args.to} accepts and send reads ({_readable_extensions()})")
-    fm = FileManager(BackendRegistry({"disk": DiskBackend(), args.to: backend},
-                                     entry_points=False))
-    failed: list[str] = []
-    sent_bytes, saved, t0 = 0, 0, time.perf_counter()
-    try:
-        bar = tqdm(files, desc=f"send -> {args.to}", unit="file", disable=args.quiet,
-                   file=sys.stderr)
-        for file, label in bar:
-            try:
-                data = fm.load(file, backend="disk")
-                limit = backend.options.max_inflight_bytes
-                if getattr(data, "nbytes", 0) > limit:
-                    failed.append(f"{file}: {_human(data.nbytes)} is more than one frame may "
-                                  f"be ({_human(limit)}): raise --max-inflight-bytes")
-                    continue
-                fm.save(data, label, backend=args.to, stream=args.stream)
-            except UnstreamableDataError as exc:
-                failed.append(f"{file}: {exc}")
-                continue
-            except StreamingError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - an unreadable file: report, go on
-                failed.append(f"{file}: cannot load it: {type(exc).__name__}: {exc}")
-                continue
-            sent_bytes += getattr(data, "nbytes", 0)
-            saved += 1
-        bar.close()
-        backend.flush()
-    except StreamingError as exc:
-        raise CommandError(f"{exc} ({saved} of {len(files)} file(s) were handed to the stream "
-                           "before it stopped)") from None
-    finally:
-        backend.close()
-    seconds = time.perf_counter() - t0
-    sent = len(files) - len(failed)
-    print(f"sent {sent} file(s) ({_human(sent_bytes)}) to {args.to} at {backend.endpoint} "
-          f"in {seconds:.2f} s")
-    for line in failed:
-        print(f"polystore send: not sent: {line}", file=sys.stderr)
-    return 1 if failed else 0
-
-
 # -- shm ------------------------------------------------------------------------------------
 
 
@@ -529,12 +147,12 @@ def cmd_shm_ls(args: argparse.Namespace) -> int:
     print(f"{'NAME':<{width}}  {'OWNER PID':>9}  {'OWNER':<7}  {'SIZE':>10}")
     for s in segments:
         state = "alive" if s.owner_alive else "dead"
-        print(f"{s.name:<{width}}  {s.pid:>9}  {state:<7}  {_human(s.size):>10}")
+        print(f"{s.name:<{width}}  {s.pid:>9}  {state:<7}  {human_size(s.size):>10}")
     orphans = [s for s in segments if not s.owner_alive]
     total = sum(s.size for s in segments)
-    line = f"{len(segments)} segment(s), {_human(total)}"
+    line = f"{len(segments)} segment(s), {human_size(total)}"
     if orphans:
-        line += (f"; {len(orphans)} orphaned ({_human(sum(s.size for s in orphans))}) whose "
+        line += (f"; {len(orphans)} orphaned ({human_size(sum(s.size for s in orphans))}) whose "
                  "owner is gone: `polystore shm clean` removes them")
     print(line)
     return 0
@@ -552,9 +170,9 @@ def cmd_shm_clean(args: argparse.Namespace) -> int:
         print("no orphaned segments: every polystore segment's owner is alive")
         return 0
     for s in removed:
-        print(f"removed {s.name} (owner pid {s.pid}, {_human(s.size)})")
+        print(f"removed {s.name} (owner pid {s.pid}, {human_size(s.size)})")
     print(f"removed {len(removed)} orphaned segment(s), "
-          f"{_human(sum(s.size for s in removed))} freed")
+          f"{human_size(sum(s.size for s in removed))} freed")
     return 0
 
 
@@ -618,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         "display (or with --headless) napari runs on a virtual display (Xvfb) and a "
         "screenshot is saved; without napari a headless receiver takes the frames.",
     )  # fmt: skip
-    demo.add_argument("--frames", type=_positive_int, default=60,
+    demo.add_argument("--frames", type=positive_int, default=60,
                       help="time points to simulate (default 60)")
     demo.add_argument("--out", default="polystore_demo_output",
                       help="output folder (default ./polystore_demo_output)")
@@ -626,10 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="no window even if there is a display")
     demo.add_argument("--no-napari", action="store_true",
                       help="stream to a headless receiver instead of napari")
-    demo.add_argument("--fps", type=_fps, default=None,
+    demo.add_argument("--fps", type=frames_per_second, default=None,
                       help="time points per second (default 10 in a window, else as fast as "
                       "possible; 0 = as fast as possible)")
-    demo.add_argument("--endpoint", type=_listen_endpoint,
+    demo.add_argument("--endpoint", type=listen_endpoint,
                       help="where napari (or the headless receiver) listens (default: a free "
                       "port on 127.0.0.1)")
     demo.add_argument("--no-wait", action="store_true",
@@ -652,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--run, run it headless (Debian's ImageJ + JeroMQ + Groovy, no Fiji needed).",
     )  # fmt: skip
     fiji.add_argument("--run", action="store_true", help="run the receiver headless now")
-    fiji.add_argument("--endpoint", type=_fiji_endpoint, help="where to listen (default "
+    fiji.add_argument("--endpoint", type=fiji_endpoint, help="where to listen (default "
                       "$POLYSTORE_FIJI_ENDPOINT or tcp://127.0.0.1:55556)")
     fiji.add_argument("--output-dir", help="with --run: also save every image as TIFF there "
                       "whenever a sender asks for a report")
@@ -668,13 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("paths", nargs="+", metavar="PATH", help="files or folders")
     send.add_argument("--to", required=True, choices=STREAM_TARGETS, help="streaming backend")
     send.add_argument("--endpoint", help="the viewer's endpoint (default: the backend's)")
-    send.add_argument("--stream", type=_stream_key, help="one layer/window key for every "
+    send.add_argument("--stream", type=stream_key, help="one layer/window key for every "
                       "file (default: derived from each path, e.g. plate/A01/t003.tif -> "
                       "plate/A01)")
     send.add_argument("--policy", choices=("block", "latest", "raise"), default="block",
                       help="when the viewer falls behind: wait (block, default), drop the "
                       "oldest unacknowledged frame (latest) or fail (raise)")
-    send.add_argument("--max-inflight-bytes", type=_byte_size, default=None, metavar="SIZE",
+    send.add_argument("--max-inflight-bytes", type=byte_size, default=None, metavar="SIZE",
                       help="shared memory in flight, and so the largest frame (default 512M); "
                       "e.g. 2G")
     send.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
