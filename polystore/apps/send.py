@@ -99,7 +99,7 @@ def _skip_report(skipped: dict[str, list], to: str, backend_cls) -> list[str]:
             f"({_extensions(skipped['disk'])}); it reads {_readable_extensions()}"
         )
     if skipped["other"]:
-        lines.append(f"skipped {len(skipped['other'])} entr(ies) not read: "
+        lines.append(f"passed over {len(skipped['other'])} entries: "
                      + "; ".join(skipped["other"][:5])
                      + (f"; and {len(skipped['other']) - 5} more" if len(skipped["other"]) > 5
                         else ""))
@@ -127,6 +127,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     limits = ({} if args.max_inflight_bytes is None
               else {"max_inflight_bytes": args.max_inflight_bytes})
+
     def is_store(path: str) -> bool:  # a file such as x.zarr/a.tif, or x.zarr, is a file
         return is_zarr_path(path) and not os.path.isfile(path)
 
