@@ -88,6 +88,50 @@ def _refuse_partial_decode(source: Backend, src: Any, dst: Any) -> None:
         )
 
 
+def _refuse_file_and_directory(source: Backend, path: Any) -> None:
+    """An object store may hold an object ``run1`` and objects under ``run1/``: a tree
+    copy would take only those under it, and a move would then delete the object too."""
+    if _overrides(source, "is_file") and source.is_file(path):
+        raise UnsupportedOperationError(
+            backend_label(source),
+            "copy",
+            f"{str(path)!r} is both a file and a directory (an object and a prefix of other "
+            "objects): copying it as a tree would leave the file behind, and a move would "
+            "delete it. Nothing was copied; copy the file and the objects under it separately",
+        )
+
+
+def _reading_as(data: Any, dst: Any) -> dict[str, Any]:
+    """How to load a converted item back in the form it was saved: a CSV of an array as
+    an array (a plain load gives its text)."""
+    fmt = formats.format_for(dst)
+    return {"as_": "array"} if fmt is not None and fmt.name == "csv" and isinstance(
+        data, np.ndarray) else {}
+
+
+def _check_loads_back(data: Any, back: Any, src: Any, dst: Any, written: bool = False) -> None:
+    """A move converts only what loads back equal: an array of the same dtype (byte order
+    aside: the format's) and values, else an object equal to the source's."""
+    if isinstance(data, np.ndarray) and isinstance(back, Mapping) and len(back) == 1:
+        back = next(iter(back.values()))  # an array saved as .npz: its one member
+    if isinstance(data, np.ndarray):
+        same = (isinstance(back, np.ndarray)
+                and back.dtype.newbyteorder("=") == data.dtype.newbyteorder("=")
+                and np.array_equal(back, data, equal_nan=data.dtype.kind in "fc"))
+    else:
+        try:
+            same = type(back) is type(data) and bool(back == data)
+        except Exception:  # noqa: BLE001 - objects that cannot say whether they are equal
+            same = False
+    if not same:
+        raise TransferError(
+            f"move of {str(src)!r}: converting it to {str(dst)!r} changes the data (a lossy "
+            "format, another type, or writer options); the source was kept, and "
+            + ("the converted copy stays at the destination" if written else
+               "nothing was written") + ". Use copy() to convert anyway"
+        )
+
+
 def _join(base: Any, rel: str) -> str:
     """`rel` under `base`; a URL keeps its ``scheme://`` (PurePosixPath made it ``s3:/``)."""
     if not rel:
@@ -359,6 +403,7 @@ class FileManager:
         live outside the tree."""
         if not (_overrides(source, "is_dir") and source.is_dir(src)):
             return None
+        _refuse_file_and_directory(source, src)
         dirs: list[str] = []
         files: list[str] = []
         queue = deque([""])
@@ -376,6 +421,7 @@ class FileManager:
                             "the tree. Nothing was copied; copy its target separately, or "
                             "move the tree within one filesystem (a rename)",
                         )
+                    _refuse_file_and_directory(source, _join(src, child))
                     dirs.append(child)
                     queue.append(child)
                 else:
@@ -399,7 +445,10 @@ class FileManager:
         For a move (``for_move``) a conversion that would keep only part of the item (a
         TIFF of several series) is refused, and the converted array must load back equal."""
         same_format = formats.format_for(src) is formats.format_for(dst)
-        if source.can_hold_bytes and dest.can_hold_bytes and same_format and not kwargs:
+        holds_bytes = getattr(source, "holds_bytes", None)  # memory: maybe a decoded object
+        verbatim = not (for_move and holds_bytes is not None and not holds_bytes(src))
+        if source.can_hold_bytes and dest.can_hold_bytes and same_format and not kwargs \
+                and verbatim:
             try:
                 raw = source.read_bytes(src)
             except UnsupportedFormatError:
@@ -410,19 +459,15 @@ class FileManager:
         if for_move:
             _refuse_partial_decode(source, src, dst)
         data = source.load(src)
+        if for_move and formats.format_for(dst) is not None:
+            # checked before anything is written: a refused conversion leaves the destination
+            # as it was (with overwrite=True, the file it would have replaced)
+            encoded = formats.encode(data, dst, backend_label(dest), **kwargs)
+            _check_loads_back(data, formats.decode(encoded, dst, **_reading_as(data, dst)),
+                              src, dst)
         dest.save(data, dst, **kwargs)
-        if for_move and dest.can_read and isinstance(data, np.ndarray):
-            back = dest.load(dst)
-            if not (
-                isinstance(back, np.ndarray)  # byte order is the format's: '>u2' may load '<u2'
-                and back.dtype.newbyteorder("=") == data.dtype.newbyteorder("=")
-                and np.array_equal(back, data, equal_nan=data.dtype.kind in "fc")
-            ):
-                raise TransferError(
-                    f"move of {str(src)!r}: converting it to {str(dst)!r} changed the data (a "
-                    "lossy format, or writer options); the source was kept, the converted copy "
-                    "stays at the destination"
-                )
+        if for_move and formats.format_for(dst) is None and dest.can_read:
+            _check_loads_back(data, dest.load(dst), src, dst, written=True)  # zarr: no format
         return None
 
     def copy(

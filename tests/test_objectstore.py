@@ -28,6 +28,7 @@ boto3 = needs.module("boto3")
 
 from polystore import BackendRegistry, DiskBackend, FileManager  # noqa: E402
 from polystore.backends import ObjectStoreBackend  # noqa: E402
+from polystore.errors import UnsupportedOperationError  # noqa: E402
 from polystore.streaming import Roi  # noqa: E402
 from polystore.zarr import ZarrBackend  # noqa: E402
 
@@ -322,6 +323,21 @@ def test_a_tree_moves_out_of_and_within_an_object_store(s3, tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing at .*gone.bin") as missing:
         fm.delete(f"{base}/gone.bin", backend="objectstore")
     assert "bucket" not in str(missing.value)
+
+
+def test_an_object_that_is_also_a_prefix_is_never_lost_by_a_move(s3, tmp_path):
+    """S3 holds 'run1' and 'run1/part.bin' at once: a move copied only part.bin, then deleted
+    the 'directory' run1, which deleted the object run1 that was never copied."""
+    fm = s3_registry(s3)
+    fm.register_backend("disk", DiskBackend(tmp_path))
+    base = f"s3://{BUCKET}/dual"
+    fm.save(b"the object", f"{base}/run1", backend="objectstore")
+    fm.save(b"under it", f"{base}/run1/part.bin", backend="objectstore")
+    for src in (f"{base}/run1", base):  # the path itself, or a tree holding one
+        with pytest.raises(UnsupportedOperationError, match="both a file and a directory"):
+            fm.move(src, "out", src_backend="objectstore", dst_backend="disk")
+    assert s3.keys("dual/") == ["dual/run1", "dual/run1/part.bin"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_dropped_connection_mid_upload_leaves_no_partial_object(s3):

@@ -259,9 +259,38 @@ def test_a_move_whose_conversion_changes_the_data_keeps_the_source(tmp_path):
     fm = FileManager({"disk": DiskBackend(tmp_path)})
     noise = np.random.default_rng(10).integers(0, 256, (16, 16), dtype=np.uint8)
     fm.save(noise, "a.png", "disk")
-    with pytest.raises(TransferError, match="changed the data"):
+    with pytest.raises(TransferError, match="changes the data.*nothing was written"):
         fm.move("a.png", "a.jpg", "disk")
     np.testing.assert_array_equal(fm.load("a.png", "disk"), noise)
+    assert not (tmp_path / "a.jpg").exists()
+
+
+def test_a_move_converts_only_what_loads_back_equal_and_writes_nothing_otherwise(tmp_path):
+    """A JPEG held decoded in memory moved to disk by its re-encoded bytes (lossy), checked
+    only against themselves; JSON -> CSV wrote repr() text for nested values and deleted the
+    JSON; an int array .npy -> .csv was refused (the CSV loads as text) and the refused copy
+    replaced the file at the destination (overwrite=True)."""
+    disk, memory = DiskBackend(tmp_path), MemoryBackend()
+    fm = FileManager({"disk": disk, "memory": memory})
+    noise = np.random.default_rng(3).integers(0, 256, (16, 16), dtype=np.uint8)
+    fm.save(noise, "/m/a.jpg", "memory")
+    with pytest.raises(TransferError, match="changes the data"):
+        fm.move("/m/a.jpg", "a.jpg", src_backend="memory", dst_backend="disk")
+    np.testing.assert_array_equal(fm.load("/m/a.jpg", "memory"), noise)
+    assert not (tmp_path / "a.jpg").exists()
+
+    fm.save([{"x": {"nested": 1}, "y": None}], "rows.json", "disk")
+    (tmp_path / "keep.csv").write_text("keep me\n")
+    with pytest.raises(TransferError, match="changes the data"):
+        fm.move("rows.json", "keep.csv", "disk", overwrite=True)
+    assert (tmp_path / "keep.csv").read_text() == "keep me\n"
+    assert fm.load("rows.json", "disk") == [{"x": {"nested": 1}, "y": None}]
+
+    counts = np.arange(12, dtype=np.int64).reshape(3, 4)
+    fm.save(counts, "counts.npy", "disk")
+    fm.move("counts.npy", "counts.csv", "disk")
+    np.testing.assert_array_equal(fm.load("counts.csv", "disk", as_="array"), counts)
+    assert not (tmp_path / "counts.npy").exists()
 
 
 def test_copy_does_not_overwrite_in_upstreams_one_backend_form(tmp_path):

@@ -152,6 +152,11 @@ class MemoryBackend(StorageBackend):
             return bytes(stored)
         return formats.encode(stored, path, "memory", **kwargs)
 
+    def holds_bytes(self, path: Any) -> bool:
+        """Whether ``path`` is held as a file's exact bytes; else as the object saved, which
+        `read_bytes` encodes (a move checks that encoding as it checks any conversion)."""
+        return isinstance(self._stored(path), formats.BYTES_TYPES)
+
     def write_bytes(self, data: bytes, path: Any, **kwargs: Any) -> None:
         """Hold ``data`` as the exact content of ``path``."""
         key = self._key(path)

@@ -130,20 +130,24 @@ class ObjectStoreBackend(StorageBackend):
             return bool(fs.exists(key, **self._limits(fs)))
 
     def is_file(self, path: Any) -> bool:
+        """An object at exactly this key, whether or not other objects lie under it as a
+        prefix (a listing cached by `list_dir` shows such a key as a directory)."""
         with self._at(path) as (fs, key, url):
+            fs.invalidate_cache(key)
             return bool(fs.isfile(key, **self._limits(fs)))
 
     def is_dir(self, path: Any) -> bool:
         with self._at(path) as (fs, key, url):
+            fs.invalidate_cache(key)  # see is_file
             return bool(fs.isdir(key, **self._limits(fs)))
 
     def list_dir(self, path: Any) -> list[str]:
         with self._at(path) as (fs, key, url):
             if not fs.isdir(key, **self._limits(fs)):
                 raise FileNotFoundError(f"no folder {url!r} in the object store")
-            return sorted(entry.rstrip("/").rsplit("/", 1)[-1]
-                          for entry in fs.ls(key, detail=False, refresh=True,
-                                               **self._limits(fs)))
+            return sorted({entry.rstrip("/").rsplit("/", 1)[-1]  # an object and a prefix:
+                           for entry in fs.ls(key, detail=False, refresh=True,  # one name
+                                                **self._limits(fs))})
 
     def list_files(
         self,
