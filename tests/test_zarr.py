@@ -320,6 +320,21 @@ def test_bad_ome_input_is_refused_before_writing(fm, tmp_path):
     assert not path.exists() or not any(path.iterdir())
 
 
+def test_an_ome_image_written_over_a_group_keeps_what_else_it_holds(fm, tmp_path):
+    """ome=True deleted every child of the target group: saving an image at exp.zarr erased
+    exp.zarr/raw/keep; a re-save with bad chunks erased the old image, then failed with
+    zarr's "chunk_shape and shape need to have the same number of dimensions"."""
+    exp = tmp_path / "exp.zarr"
+    fm.save(series(2, (8, 8)), exp / "raw" / "keep", backend="zarr")
+    fm.save(np.ones((16, 16), np.uint16), exp, backend="zarr", ome=True, levels=2)
+    np.testing.assert_array_equal(fm.load(exp / "raw" / "keep", backend="zarr"), series(2, (8, 8)))
+    with pytest.raises(ValueError, match=r"chunks=\(1, 2\).*one whole number >= 1 per axis"):
+        fm.save(np.zeros((4, 16, 16), np.uint16), exp, backend="zarr", ome=True, chunks=(1, 2))
+    np.testing.assert_array_equal(fm.load(exp, backend="zarr"), np.ones((16, 16), np.uint16))
+    fm.save(np.full((16, 16), 2, np.uint16), exp, backend="zarr", ome=True, levels=1)
+    assert sorted(p.name for p in exp.iterdir() if p.is_dir()) == ["0", "raw"]  # level 1 gone
+
+
 def test_ngff_04_on_zarr_v2_for_older_readers(tmp_path):
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader

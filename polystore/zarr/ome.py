@@ -153,10 +153,15 @@ def write_image(
     if zarr_format == 3:
         attrs_kw["version"] = "0.5"
     image_attrs = models.image_.ImageAttrs(**attrs_kw)  # validates before anything is written
+    if chunks is not None and (len(chunks) != array.ndim or not all(
+            isinstance(n, (int, np.integer)) and n >= 1 for n in chunks)):
+        raise ValueError(f"chunks={tuple(chunks)!r}: give one whole number >= 1 per axis of "
+                         f"the {array.ndim}-D image ({''.join(names)}); nothing was written")
 
     group = zarr.open_group(store=store, path=node, mode="a", zarr_format=zarr_format)
-    for existing in list(group.keys()):
-        del group[existing]
+    for existing in list(group.keys()):  # an earlier image's levels; nothing else it holds
+        if existing.isdigit():
+            del group[existing]
     for level in range(count):
         if level:
             level_data = downsample(level_data, labels=labels)
