@@ -338,6 +338,11 @@ def test_an_object_that_is_also_a_prefix_is_never_lost_by_a_move(s3, tmp_path):
             fm.move(src, "out", src_backend="objectstore", dst_backend="disk")
     assert s3.keys("dual/") == ["dual/run1", "dual/run1/part.bin"]
     assert not (tmp_path / "out").exists()
+    # a prefix deleted without recursive=True: said as such, not as a lost connection
+    with pytest.raises(OSError, match="holds objects.*recursive=True") as refused:
+        fm.delete(base, backend="objectstore")
+    assert not isinstance(refused.value, ConnectionError)
+    assert s3.keys("dual/") == ["dual/run1", "dual/run1/part.bin"]
 
 
 def test_dropped_connection_mid_upload_leaves_no_partial_object(s3):

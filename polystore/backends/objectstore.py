@@ -11,6 +11,7 @@ Credentials come from the standard environment and config files (for S3: the
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -170,18 +171,23 @@ class ObjectStoreBackend(StorageBackend):
                       if name_matches(n.rsplit("/", 1)[-1], pattern, exts))
 
     def delete(self, path: Any, recursive: bool = False) -> None:
-        found = True
+        found, holds_objects = True, False
         with self._at(path, writing=True) as (fs, key, url):
+            fs.invalidate_cache(key)
             if fs.isfile(key, **self._limits(fs)):
                 fs.rm_file(key, **self._limits(fs))
             elif fs.isdir(key, **self._limits(fs)):
-                if not recursive:
-                    raise OSError(f"{url!r} holds objects: delete(path, recursive=True) "
-                                  "removes them all")
-                fs.rm(key, recursive=True, **self._limits(fs))
+                if recursive:
+                    fs.rm(key, recursive=True, **self._limits(fs))
+                else:
+                    holds_objects = True
             else:
-                found = False  # said outside: inside, it would read as a missing bucket
+                found = False
             fs.invalidate_cache(key)
+        # said outside: inside, they would read as a missing bucket or a lost connection
+        if holds_objects:
+            raise OSError(errno.ENOTEMPTY, f"{url!r} holds objects: delete(path, "
+                          "recursive=True) removes them all; nothing was deleted")
         if not found:
             raise FileNotFoundError(f"nothing at {url!r} on backend 'objectstore'")
 
