@@ -1753,6 +1753,28 @@ def test_an_unknown_colormap_is_reported_while_the_layer_shows_gray(docked, qtbo
     assert widget.manager.last_error == ""
 
 
+def test_an_unknown_colormap_after_a_known_one_shows_gray_with_a_short_message(docked, qtbot):
+    """The layer kept magenta while *Last error* said "shown in gray", and the message held
+    napari's list of every colormap (about 2,000 characters, cut off in the dock)."""
+    viewer, widget = docked
+    lines = send(qtbot, widget.endpoint, """
+        import time
+        for t, hint in enumerate(["magenta", "nosuchmap"]):
+            backend.save(np.ones((8, 8), np.uint16), f"m/t{t}.tif", colormap=hint)
+            for _ in range(200):
+                if backend.request("report")["frames_displayed"] >= t + 1:
+                    break
+                time.sleep(0.05)
+            report = backend.request("report")
+            print(json.dumps([report["errors"], report["layers"][0]["colormap"]]))
+    """)
+    (errors0, first), (errors1, second) = [json.loads(line) for line in lines[-2:]]
+    assert (errors0, first, second) == ({}, "magenta", "gray")
+    assert "unknown colormap 'nosuchmap', shown in gray" in errors1["m"]
+    assert len(errors1["m"]) < 300
+    assert viewer.layers["m"].colormap.name == "gray"
+
+
 def test_a_colormap_hint_stays_through_labels_frames_and_a_deleted_layer(docked, qtbot):
     """A colormap hint stays with its channels until another replaces it (protocol.md), as in
     Fiji. A stream hinted green, then sent a labels frame, then unhinted images: the new image

@@ -150,6 +150,7 @@ class ImageLayers:
                     state.colormap_error = None
                 except (KeyError, ValueError, TypeError) as exc:
                     state.colormap_error = unknown_colormap(colormap, exc)
+                    layer.colormap = "gray"  # as the message says, not the earlier colour
         state.hints = key
         if piece.kind != "image":
             return
@@ -175,5 +176,8 @@ class ImageLayers:
 
 
 def unknown_colormap(colormap: str, exc: Exception) -> str:
-    """What *Last error* and the report say of a colormap napari does not know."""
-    return f"unknown colormap {colormap!r}, shown in gray ({exc})"
+    """What *Last error* and the report say of a colormap napari does not know (not napari's
+    own message: it lists every colormap, thousands of characters for one line)."""
+    return (f"unknown colormap {colormap!r}, shown in gray ({type(exc).__name__}; napari's "
+            "names: napari.utils.colormaps.AVAILABLE_COLORMAPS, e.g. gray, green, magenta, "
+            "viridis)")
