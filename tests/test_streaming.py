@@ -278,6 +278,20 @@ def test_a_roi_set_too_large_for_one_message_is_refused_at_save_and_loses_nothin
     assert backend.sender.stats.lost == 0
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_roi_with_a_non_finite_coordinate_is_refused_at_save(backend, bad):
+    """JSON has no NaN or infinity: the set travelled with null and the receiver refused it
+    ("Expected float, got null") after save() had returned."""
+    with pytest.raises(UnstreamableDataError, match=r"ROI 1 \(rectangle 'r'\).*NaN or infinite"):
+        backend.save([{"kind": "point", "coords": [[1, 1]]},
+                      {"kind": "rectangle", "coords": [[0, 0], [bad, 5]], "label": "r"}],
+                     "nan/t000.roi.zip")
+    backend.save([{"kind": "point", "coords": [[1, 1]]}], "nan/t001.roi.zip")
+    backend.flush()
+    assert backend.request("report")["roi_sets"][-1]["n"] == 1
+    assert backend.sender.stats.rejected == 0
+
+
 @pytest.mark.parametrize("limits", [(0.0, float("inf")), (float("nan"), 1.0)])
 def test_non_finite_contrast_limits_are_refused_at_save(backend, limits):
     """JSON has no NaN or infinity: msgspec wrote them as null, and the receiver rejected every

@@ -191,6 +191,12 @@ class StreamMeta:
             p.check_rois(message)
         except p.ProtocolError as exc:
             raise UnstreamableDataError(f"cannot stream {path}: {exc}") from None
+        for index, roi in enumerate(rois):  # JSON would carry NaN as null: refused later
+            if not all(math.isfinite(v) for point in roi.coords for v in point):
+                raise UnstreamableDataError(
+                    f"cannot stream {path}: ROI {index} ({roi.kind}"
+                    + (f" {roi.label!r}" if roi.label else "") + ") has a coordinate that is "
+                    "NaN or infinite; give finite pixel coordinates, or leave that ROI out")
         data = encode_header(message, path)
         if len(data) > p.MAX_HEADER_BYTES:
             points = sum(len(roi.coords) for roi in rois)
