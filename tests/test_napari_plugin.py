@@ -999,6 +999,34 @@ def _rois(stream, label, axes):
     return ReceivedRois(header, "test")
 
 
+def test_a_stack_of_channels_keeps_its_capacity_per_channel_while_the_display_is_behind(
+        make_napari_viewer):
+    """Capacity 2, three channels, two time points within one display tick: the buffer kept
+    the stream's newest 2 frames in all, so each channel layer got 1 frame (or none), and
+    which were lost depended on timing."""
+    from polystore_napari.layers import LayerManager
+
+    buffer = CoalescingBuffer(stack_capacity=2)
+    for k in range(3):
+        for c in range(3):
+            buffer.put_frame(_frame("sc", 10 * k + c, axes={"c": c}, mode="stack",
+                                    display={"colormap": "green"} if k == 0 else None))
+    (update,) = buffer.take().updates
+    got = sorted(int(f.array[0, 0]) for f in update.frames)
+    assert got == [10, 11, 12, 20, 21, 22]  # the newest two of each channel
+    assert buffer.stats.overflow == 3
+    assert all(f.header.display.colormap == "green" for f in update.frames[:3])  # carried on
+    viewer = make_napari_viewer(show=False)
+    buffer = CoalescingBuffer(stack_capacity=2)
+    for k in range(3):
+        for c in range(3):
+            buffer.put_frame(_frame("sc", 10 * k + c, axes={"c": c}, mode="stack"))
+    LayerManager(viewer).apply(buffer.take())
+    for c in range(3):
+        layer = viewer.layers[f"sc [c{c}]"]
+        assert [int(layer.data[i][0, 0]) for i in range(len(layer.data))] == [10 + c, 20 + c]
+
+
 def test_rois_keep_their_planes_when_the_image_or_a_later_set_brings_new_axes(
         make_napari_viewer):
     """ROIs at t = 0 and 1 sent before an image placed as (t, z, y, x): the 3-D ROI layer

@@ -164,6 +164,29 @@ class CoalescingBuffer:
 
     # -- producer side (receiver thread) -----------------------------------------------------
 
+    def _trim_stack(self, queue: deque[ReceivedFrame],
+                    newest: ReceivedFrame) -> deque[ReceivedFrame]:
+        """Drop the oldest frames of `newest`'s channel position beyond the capacity: each
+        channel layer keeps `stack_capacity` frames, so a stream of three channels may hold
+        three times as many (the other channels' frames are not its to drop)."""
+        channel = newest.header.axes.get(CHANNEL_AXIS)
+        mine = [i for i, f in enumerate(queue) if f.header.axes.get(CHANNEL_AXIS) == channel]
+        drop = set(mine[:len(mine) - self.stack_capacity])
+        if not drop:
+            return queue
+        kept: deque[ReceivedFrame] = deque()
+        carried = None  # the hints of the dropped frames go to the next one of the channel
+        for i, frame in enumerate(queue):
+            if i in drop:
+                carried = frame if carried is None else keep_hints(carried, frame)
+                self._bytes -= frame.array.nbytes
+                self.stats.overflow += 1
+                continue
+            if carried is not None and frame.header.axes.get(CHANNEL_AXIS) == channel:
+                frame, carried = keep_hints(carried, frame), None
+            kept.append(frame)
+        return kept
+
     def put_frame(self, frame: ReceivedFrame) -> None:
         if (header := canonical_axes(frame.header)) is not frame.header:
             frame = replace(frame, header=header)
@@ -203,11 +226,8 @@ class CoalescingBuffer:
                 self._wait_for_room(nbytes)
                 queue = self._stack.setdefault(stream, deque())
                 queue.append(frame)
-                while len(queue) > self.stack_capacity:
-                    dropped = queue.popleft()
-                    self._bytes -= dropped.array.nbytes
-                    queue[0] = keep_hints(dropped, queue[0])
-                    self.stats.overflow += 1
+                if len(queue) > self.stack_capacity:
+                    self._stack[stream] = self._trim_stack(queue, frame)
             else:
                 key = position(frame.header.axes)
                 old = self._place.get(stream, {}).get(key)
