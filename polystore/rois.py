@@ -96,11 +96,22 @@ def _check_axes(axes: Mapping[str, int] | None) -> dict[str, int]:
     return {k: int(v) for k, v in axes.items()}
 
 
+#: what the 16-bit bounds of an ImageJ ROI (and a bound rounded outward) can hold
+_IJ_MIN, _IJ_MAX = -32768, 32766
+
+
 def to_imagej(roi: Roi, axes: Mapping[str, int] | None = None) -> Any:
     """An ImageJ ROI (roifile.ImagejRoi) for a polystore :class:`Roi` at position ``axes``."""
     roifile = _roifile()
     kind = roi.kind
     yx = np.asarray(roi.coords, dtype=float)
+    what = f"a {kind} ROI" + (f" {roi.label!r}" if roi.label else "")
+    if not np.isfinite(yx).all():
+        raise ValueError(f"{what} has a coordinate that is NaN or infinite; give finite "
+                         "pixel coordinates")
+    if yx.min() < _IJ_MIN or yx.max() > _IJ_MAX:  # ImageJ's bounds are 16-bit: they wrapped
+        raise ValueError(f"{what} reaches {yx.min():g}..{yx.max():g}, and an ImageJ ROI "
+                         f"file holds coordinates from {_IJ_MIN} to {_IJ_MAX} only")
     xy = yx[:, ::-1]
     integral = bool(np.all(xy == np.round(xy)))
     if kind in ("polygon", "point"):
@@ -180,13 +191,20 @@ def encode_rois(data: Any, path: Any, axes: Mapping[str, int] | None = None) -> 
         if len(items) != 1:
             raise ValueError(f"{path!s}: a .roi file holds exactly one ROI, got {len(items)}; "
                              "save several as .roi.zip")
-        return to_imagej(*items[0]).tobytes()
+        return _imagej_bytes(path, 0, *items[0])
     buffer, used = io.BytesIO(), set()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for index, (roi, position) in enumerate(items):
             entry = _entry_name(roi.label, index, used)
-            archive.writestr(entry + ".roi", to_imagej(roi, position).tobytes())
+            archive.writestr(entry + ".roi", _imagej_bytes(path, index, roi, position))
     return buffer.getvalue()
+
+
+def _imagej_bytes(path: Any, index: int, roi: Roi, position: Mapping[str, int]) -> bytes:
+    try:
+        return to_imagej(roi, position).tobytes()
+    except ValueError as exc:
+        raise ValueError(f"{path!s}: ROI {index}: {exc}; nothing was written") from None
 
 
 def _entry_name(label: str | None, index: int, used: set[str]) -> str:

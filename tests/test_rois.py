@@ -157,6 +157,12 @@ def test_bad_roi_input_is_refused_and_writes_nothing(tmp_path):
         disk.save([{"kind": "blob", "coords": [[0, 0]]}], tmp_path / "blob.roi.zip")
     with pytest.raises(ValueError, match="a polygon ROI needs >= 3 point"):
         disk.save([{"kind": "polygon", "coords": [[0, 0], [1, 1]]}], tmp_path / "p.roi.zip")
+    # ImageJ's bounds are 16-bit: -40000 was written as 25536 and 70000 as 4464; NaN went in
+    for coords, says in (([[-40000, 0], [5, 5]], "reaches -40000..5"),
+                         ([[0, 0], [70000, 5]], "reaches 0..70000"),
+                         ([[0, 0], [float("nan"), 5]], "has a coordinate that is NaN")):
+        with pytest.raises(ValueError, match=rf"wide.roi.zip: ROI 1: a rectangle ROI 'w' {says}"):
+            disk.save([ROIS[0], Roi("rectangle", coords, "w")], tmp_path / "wide.roi.zip")
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "junk.roi").write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="not an ImageJ ROI"):
