@@ -1113,6 +1113,43 @@ def test_roi_files_of_one_plane_both_show_and_saving_one_again_replaces_only_it(
     assert shown() == ["c1 t1", "c3", "n1"]
 
 
+def test_a_roi_set_napari_cannot_show_leaves_the_streams_later_sets_showing(
+        make_napari_viewer):
+    """A rectangle to 1e12: napari's sliders overflowed inside Shapes.add, after the shape was
+    added, so the layer and the records disagreed and every later set of the stream failed
+    ("Length of values (2) does not match length of index (3)"); the stream's next image
+    frame then cleared the error while its ROIs stayed broken."""
+    from polystore_napari.layers import LayerManager
+
+    from polystore.streaming import ReceivedRois
+    from polystore.streaming import protocol as p
+
+    def rois(path, corner):
+        header = p.Rois(v=1, seq=0, stream="r", path=path, sent_ns=0,
+                        rois=[p.Roi(kind="rectangle", coords=[[0, 0], [corner, corner]],
+                                    label=path)])
+        return ReceivedRois(header, "test")
+
+    viewer = make_napari_viewer(show=False)
+    manager = LayerManager(viewer)
+    buffer = CoalescingBuffer()
+    buffer.put_frame(_frame("r", 1, shape=(16, 16)))
+    buffer.put_rois(rois("r/good.roi.zip", 5))
+    manager.apply(buffer.take())
+    buffer.put_rois(rois("r/bad.roi.zip", 1e12))
+    manager.apply(buffer.take())
+    assert "could not show a ROI set" in manager.errors["r (ROIs)"]
+    buffer.put_frame(_frame("r", 2, shape=(16, 16)))
+    manager.apply(buffer.take())
+    assert "r (ROIs)" in manager.errors  # an image frame does not make the ROIs right
+    buffer.put_rois(rois("r/later.roi.zip", 8))
+    manager.apply(buffer.take())
+    shapes, _ = manager.roi_layers("r")
+    assert sorted(str(label) for label in shapes.features["label"]) == [
+        "r/good.roi.zip", "r/later.roi.zip"]
+    assert len(shapes.data) == 2 and "r (ROIs)" not in manager.errors
+
+
 def test_rois_the_user_deleted_do_not_come_back_when_the_layers_are_rebuilt(
         make_napari_viewer):
     """The ROI sets a rebuild redraws from were kept after the user deleted the ROI layers,

@@ -105,11 +105,14 @@ class LayerManager:
                 log.exception("could not show stream %s", update.stream)
                 self._error(update.stream, f"could not show it ({exc})")
         for update in batch.rois:
+            key = f"{update.stream} (ROIs)"  # not cleared by the stream's next image frame
             try:
                 self.rois.apply(update)
+                self.errors.pop(key, None)
             except Exception as exc:  # noqa: BLE001
                 log.exception("could not show ROIs of %s", update.stream)
-                self._error(update.stream, f"could not show its ROIs ({exc})")
+                self._error(key, f"could not show a ROI set ({type(exc).__name__}: {exc}); "
+                                 "it was left out, and later sets still show")
         self._take_snapshot()
 
     def clear(self) -> None:

@@ -3,6 +3,7 @@ lines) and a Points layer, on the planes of the image they belong to."""
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Callable
 
@@ -125,13 +126,15 @@ class RoiLayers:
             state.sets[key] = item
             state.deleted.pop(key, None)  # a set sent again is new: all of it shows
         names = self._names(state)
-        if names != state.names:
-            self._rebuild(state, names)
-        else:
-            for item in update.items:
-                self._add_set(state, item)
-        self.updates += 1
-        self._finish(state)
+        try:
+            if names != state.names:
+                self._rebuild(state, names)
+            else:
+                for item in update.items:
+                    self._add_set(state, item)
+        finally:
+            self.updates += 1
+            self._finish(state)
 
     def relayout(self, stream: str) -> None:
         """Put the ROIs of `stream` on the right planes again after its image's placed axes
@@ -247,7 +250,18 @@ class RoiLayers:
                 state.shapes.current_face_color = "transparent"
                 state.shapes.current_edge_width = 2
                 state.shapes.axis_labels = self._roi_axis_labels(state)
-            state.shapes.add(shapes, shape_type=types)
+            before = len(state.shapes.data)
+            try:
+                state.shapes.add(shapes, shape_type=types)
+            except Exception:
+                # napari may fail after adding (a coordinate its sliders cannot hold): take
+                # the set out again, so the layer and the records agree and later sets show
+                added = list(range(before, len(state.shapes.data)))
+                if added:
+                    with contextlib.suppress(Exception):
+                        state.shapes.remove(added)
+                state.sets.pop(key, None)
+                raise
             state.shape_keys += [key] * len(shapes)
             state.shape_labels += labels
         state.point_sets.pop(key, None)
