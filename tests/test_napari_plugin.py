@@ -1027,6 +1027,29 @@ def test_a_stack_of_channels_keeps_its_capacity_per_channel_while_the_display_is
         assert [int(layer.data[i][0, 0]) for i in range(len(layer.data))] == [10 + c, 20 + c]
 
 
+def test_a_new_stack_stream_does_not_pull_the_shared_t_slider_back(make_napari_viewer):
+    """Stream A stacked 10 frames; then one frame each to A and to a new stack stream B: B's
+    new layer set the shared t slider to its own newest (0), A showed old frames and, no
+    longer at its end, stopped following."""
+    from polystore_napari.layers import LayerManager
+
+    viewer = make_napari_viewer(show=False)
+    manager = LayerManager(viewer)
+    buffer = CoalescingBuffer()
+    for k in range(10):
+        buffer.put_frame(_frame("a", k, mode="stack"))
+    manager.apply(buffer.take())
+    assert viewer.dims.current_step[0] == 9
+    for k in (10, 11):
+        buffer.put_frame(_frame("a", k, mode="stack"))
+        buffer.put_frame(_frame("b", 100 + k, mode="stack"))
+        manager.apply(buffer.take())
+    assert viewer.dims.current_step[0] == 11  # still A's newest: A keeps following
+    buffer.put_frame(_frame("a", 12, mode="stack"))
+    manager.apply(buffer.take())
+    assert viewer.dims.current_step[0] == 12
+
+
 def test_rois_keep_their_planes_when_the_image_or_a_later_set_brings_new_axes(
         make_napari_viewer):
     """ROIs at t = 0 and 1 sent before an image placed as (t, z, y, x): the 3-D ROI layer

@@ -171,8 +171,13 @@ class ImageLayers:
         return self.viewer.dims.current_step[axis] >= length - 1
 
     def _show_last(self, layer, layer_axis: int) -> None:
+        """Move the slider to `layer`'s newest position, never back: the slider is shared,
+        and a shorter layer (a new stream, a re-made channel layer) must not pull the others
+        away from their newest frames (they would stop following)."""
         axis = self.viewer.dims.ndim - layer.ndim + layer_axis
-        self.viewer.dims.set_current_step(axis, layer.data.shape[layer_axis] - 1)
+        last = layer.data.shape[layer_axis] - 1
+        if self.viewer.dims.current_step[axis] < last:
+            self.viewer.dims.set_current_step(axis, last)
 
 
 def unknown_colormap(colormap: str, exc: Exception) -> str:
