@@ -101,11 +101,10 @@ def _refuse_file_and_directory(source: Backend, path: Any) -> None:
         )
 
 
-def _reading_as(data: Any, dst: Any) -> dict[str, Any]:
+def _reading_as(data: Any, fmt: formats.Format) -> dict[str, Any]:
     """How to load a converted item back in the form it was saved: a CSV of an array as
     an array (a plain load gives its text)."""
-    fmt = formats.format_for(dst)
-    return {"as_": "array"} if fmt is not None and fmt.name == "csv" and isinstance(
+    return {"as_": "array"} if fmt.name == "csv" and isinstance(
         data, np.ndarray) else {}
 
 
@@ -444,7 +443,8 @@ class FileManager:
         ('a.tif' -> 'a.npy') or keyword arguments for the writer mean decode and re-encode.
         For a move (``for_move``) a conversion that would keep only part of the item (a
         TIFF of several series) is refused, and the converted array must load back equal."""
-        same_format = formats.format_for(src) is formats.format_for(dst)
+        dst_format = formats.format_for(dst)
+        same_format = formats.format_for(src) is dst_format
         holds_bytes = getattr(source, "holds_bytes", None)  # memory: maybe a decoded object
         verbatim = not (for_move and holds_bytes is not None and not holds_bytes(src))
         if source.can_hold_bytes and dest.can_hold_bytes and same_format and not kwargs \
@@ -459,14 +459,14 @@ class FileManager:
         if for_move:
             _refuse_partial_decode(source, src, dst)
         data = source.load(src)
-        if for_move and formats.format_for(dst) is not None:
+        if for_move and dst_format is not None:
             # checked before anything is written: a refused conversion leaves the destination
             # as it was (with overwrite=True, the file it would have replaced)
             encoded = formats.encode(data, dst, backend_label(dest), **kwargs)
-            _check_loads_back(data, formats.decode(encoded, dst, **_reading_as(data, dst)),
+            _check_loads_back(data, formats.decode(encoded, dst, **_reading_as(data, dst_format)),
                               src, dst)
         dest.save(data, dst, **kwargs)
-        if for_move and formats.format_for(dst) is None and dest.can_read:
+        if for_move and dst_format is None and dest.can_read:
             _check_loads_back(data, dest.load(dst), src, dst, written=True)  # zarr: no format
         return None
 

@@ -46,6 +46,8 @@ from multiprocessing import shared_memory
 import numpy as np
 import zmq
 
+from polystore.apps.arguments import positive_int
+
 SHAPES = {
     "2048x2048 uint16": (2048, 2048),
     "512x512 uint16": (512, 512),
@@ -397,23 +399,13 @@ def _ring_row(label: str, ours: dict, ring: dict) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options (shared by ``polystore bench`` and scripts/bench_stream.py)."""
     parser.add_argument("--quick", action="store_true", help="few frames, for a smoke test")
-    parser.add_argument("--rounds", type=_whole_number, default=3,
+    parser.add_argument("--rounds", type=positive_int, default=3,
                         help="alternating rounds of polystore and the raw ring (default 3)")
     parser.add_argument("--transport", choices=TRANSPORTS, default="tcp",
                         help="how both receivers listen: tcp://127.0.0.1 (default) or ipc:// "
                         "(a Unix socket, for napari on the same machine)")
     parser.add_argument("--json", metavar="OUT", help="also write the figures as JSON to OUT "
                         "(input of scripts/plot_bench.py)")
-
-
-def _whole_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
 
 
 def _writable(path: str) -> str | None:

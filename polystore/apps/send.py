@@ -65,10 +65,9 @@ _SENDABLE_FORMATS = ("npy", "tiff", "png", "jpeg", "roi")
 def _split_sendable(files: list[tuple[Path, str]], backend_cls) -> tuple[list, dict[str, list]]:
     """Files the disk backend reads as arrays and the streaming backend accepts; the rest,
     grouped by why they are skipped."""
-    from polystore import DiskBackend
     from polystore.streaming.backend import matching_extension
 
-    readable = {ext for ext, fmt in DiskBackend.FORMATS.items() if fmt in _SENDABLE_FORMATS}
+    readable = _readable()
     keep, skipped = [], {"stream": [], "disk": []}
     for file, label in files:
         if not matching_extension(label, backend_cls.SUPPORTED_EXTENSIONS):
@@ -106,11 +105,15 @@ def _skip_report(skipped: dict[str, list], to: str, backend_cls) -> list[str]:
     return lines
 
 
-def _readable_extensions() -> str:
+def _readable() -> set[str]:
+    """The extensions `send` reads (the disk backend's formats it streams)."""
     from polystore import DiskBackend
 
-    return ", ".join(sorted(ext for ext, fmt in DiskBackend.FORMATS.items()
-                            if fmt in _SENDABLE_FORMATS))
+    return {ext for ext, fmt in DiskBackend.FORMATS.items() if fmt in _SENDABLE_FORMATS}
+
+
+def _readable_extensions() -> str:
+    return ", ".join(sorted(_readable()))
 
 
 def cmd_send(args: argparse.Namespace) -> int:
