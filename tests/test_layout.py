@@ -202,6 +202,16 @@ def test_a_contrast_hint_sent_reversed_or_empty_is_made_increasing():
     assert lo == 5 and hi > lo
 
 
+@pytest.mark.parametrize("values", [[-1e308, 1e308], [-np.inf, -1.7e308, 1.7e308, 0.0]])
+def test_contrast_of_float64_data_spanning_its_whole_range_stays_finite_in_width(values):
+    """A float64 frame from -1e308 to 1e308 gave limits whose width napari's controls
+    computed as infinity: OverflowError, and the layer's controls were broken for good."""
+    frame = np.array(values, np.float64)
+    for lo, hi in (Contrast().limits(None, frame), Contrast().limits([-1e308, 1e308], frame)):
+        assert lo < hi and np.isfinite(np.float64(hi) - np.float64(lo))
+        assert lo < -1e307 and hi > 1e307  # still the data's range, not a narrow slice
+
+
 def test_a_frame_that_would_make_too_many_channel_layers_is_refused_clearly():
     """An unnamed 4-D frame is (c, z, y, x): a tiny (300, 2, 8, 8) one made 300 layers and
     froze napari's main thread for 90 s."""

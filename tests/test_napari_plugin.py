@@ -1592,6 +1592,21 @@ def test_a_dtype_change_keeps_the_layer_and_refits_its_contrast(docked, qtbot):
     assert layer.contrast_limits == [7, 8]
 
 
+def test_float64_data_spanning_its_whole_range_keeps_a_working_layer(docked, qtbot):
+    """Such a frame made napari's contrast controls overflow (``hi - lo`` was infinite): the
+    layer was added without its controls, and deleting it by hand raised KeyError."""
+    viewer, widget = docked
+    send(qtbot, widget.endpoint, """
+        backend.save(np.array([[-1.7e308, np.inf], [np.nan, 1e308]]), "huge/t0.tif")
+    """)
+    wait_frames(qtbot, widget, 1)
+    layer = viewer.layers["huge"]
+    lo, hi = layer.contrast_limits
+    assert lo < -1e307 and hi > 1e307 and np.isfinite(np.float64(hi) - np.float64(lo))
+    viewer.layers.remove(layer)  # as the user's delete button does
+    assert "huge" not in viewer.layers
+
+
 def test_place_names_a_blocks_own_dims_with_the_rest_of_axis_names(docked, qtbot):
     viewer, widget = docked
     sender = Sender(widget.endpoint, """

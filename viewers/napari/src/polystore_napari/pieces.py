@@ -149,10 +149,16 @@ def data_limits(array: np.ndarray) -> tuple[float, float]:
     return increasing(lo, hi)
 
 
+#: The widest contrast napari's controls survive: their ``hi - lo`` overflowed to infinity for
+#: float64 data reaching both ends of its range, which broke the layer's controls for good.
+WIDEST_CONTRAST = float(np.finfo(np.float64).max) / 2
+
+
 def increasing(lo: float, hi: float) -> tuple[float, float]:
     """(lo, hi) as napari takes contrast limits: low < high, even for a constant frame of
-    large values (where ``lo + 1`` equals ``lo``)."""
+    large values (where ``lo + 1`` equals ``lo``), and ``hi - lo`` finite."""
     lo, hi = min(lo, hi), max(lo, hi)
+    lo, hi = max(lo, -WIDEST_CONTRAST), min(hi, WIDEST_CONTRAST)
     if hi <= lo:
         hi = lo + max(1.0, abs(lo) * 1e-6)
     return lo, hi
