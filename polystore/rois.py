@@ -7,6 +7,12 @@ format) rather than hand-written bytes. Where a ROI lies in a hyperstack (channe
 frame) travels as ``axes`` ``{"c": i, "z": j, "t": k}`` (0-based), like a ``Rois`` message's
 ``axes``; ImageJ stores them 1-based.
 
+Files hold more than a stream: a ``point`` ROI may have several points (ImageJ's multi-point
+ROI) and a ``line`` more than two (an open path: ImageJ's segmented line; its freehand lines
+and angles load as one too). ImageJ's freehand and traced outlines load as polygons. A
+composite (shape) ROI, a text or an image ROI has no polystore kind: loading one is refused,
+naming it, rather than keeping only its bounding box.
+
 :func:`labels_to_rois` turns a labels image into one polygon per label (scikit-image's
 marching squares; ``pip install 'polystore[rois]'``).
 """
@@ -98,6 +104,9 @@ def _check_axes(axes: Mapping[str, int] | None) -> dict[str, int]:
 
 #: what the 16-bit bounds of an ImageJ ROI (and a bound rounded outward) can hold
 _IJ_MIN, _IJ_MAX = -32768, 32766
+#: point counts a ROI file holds: a stream's (ROI_POINT_COUNTS), but a point ROI may hold
+#: several points (ImageJ's multi-point ROI) and a line several segments (an open path)
+FILE_POINT_COUNTS = {**ROI_POINT_COUNTS, "point": (1, None), "line": (2, None)}
 
 
 def to_imagej(roi: Roi, axes: Mapping[str, int] | None = None) -> Any:
@@ -114,10 +123,11 @@ def to_imagej(roi: Roi, axes: Mapping[str, int] | None = None) -> Any:
                          f"file holds coordinates from {_IJ_MIN} to {_IJ_MAX} only")
     xy = yx[:, ::-1]
     integral = bool(np.all(xy == np.round(xy)))
-    if kind in ("polygon", "point"):
+    if kind in ("polygon", "point") or (kind == "line" and len(xy) > 2):
         points = xy.astype(np.int64) if integral else xy
         ij = roifile.ImagejRoi.frompoints(points, name=roi.label or "")
-        ij.roitype = roifile.ROI_TYPE.POLYGON if kind == "polygon" else roifile.ROI_TYPE.POINT
+        ij.roitype = {"polygon": roifile.ROI_TYPE.POLYGON, "point": roifile.ROI_TYPE.POINT,
+                      "line": roifile.ROI_TYPE.POLYLINE}[kind]  # a line of > 2: an open path
     else:
         ij = roifile.ImagejRoi()
         ij.name = roi.label or ""
@@ -140,23 +150,41 @@ def to_imagej(roi: Roi, axes: Mapping[str, int] | None = None) -> Any:
 def from_imagej(ij: Any) -> PositionedRoi:
     """A polystore :class:`Roi` and its position from an ImageJ ROI."""
     roifile = _roifile()
+    T = roifile.ROI_TYPE
+    what = f"ImageJ ROI {ij.name!r}" if ij.name else "an unnamed ImageJ ROI"
+    if ij.composite:  # a ShapeRoi: outlines (holes, parts) that its RECT type only bounds
+        raise ValueError(
+            f"{what} is a composite (shape) ROI, made of several outlines, and a polystore "
+            "ROI is one polygon, rectangle, ellipse, line or point: it would keep only its "
+            "bounding box. In ImageJ, split it (ROI Manager > More >> Split) or leave it out, "
+            "and save the set again")
+    overlay = {roifile.ROI_SUBTYPE.TEXT: "a text", roifile.ROI_SUBTYPE.IMAGE: "an image"}
+    if ij.subtype in overlay:
+        raise ValueError(
+            f"{what} is {overlay[ij.subtype]} ROI, which polystore's ROIs cannot hold "
+            "(it would keep only its bounding box); leave it out of the set in ImageJ and "
+            "save the set again")
     kind = {
-        roifile.ROI_TYPE.RECT: "rectangle",
-        roifile.ROI_TYPE.OVAL: "ellipse",
-        roifile.ROI_TYPE.LINE: "line",
-        roifile.ROI_TYPE.POINT: "point",
-    }.get(ij.roitype, "polygon")
+        T.RECT: "rectangle",
+        T.OVAL: "ellipse",
+        T.LINE: "line",
+        T.POINT: "point",
+        # open paths: ImageJ's segmented, freehand and angle lines
+        T.POLYLINE: "line",
+        T.FREELINE: "line",
+        T.ANGLE: "line",
+    }.get(ij.roitype, "polygon")  # POLYGON, FREEHAND, TRACED: closed outlines
     if kind in ("rectangle", "ellipse"):
         coords = [[float(ij.top), float(ij.left)], [float(ij.bottom), float(ij.right)]]
-    elif kind == "line":
+    elif ij.roitype == T.LINE:  # a straight line: its ends, not a list of vertices
         coords = [[float(ij.y1), float(ij.x1)], [float(ij.y2), float(ij.x2)]]
     else:
         xy = np.asarray(ij.coordinates(), dtype=float)
         if len(xy) == 0:
-            raise ValueError(f"ImageJ ROI {ij.name!r} ({ij.roitype.name}) has no coordinates; "
-                             "composite/shape ROIs are not supported")
+            raise ValueError(f"{what} ({ij.roitype.name}) has no coordinates; leave it out "
+                             "of the set in ImageJ and save the set again")
         coords = xy[:, ::-1].tolist()
-        if kind == "polygon" and len(coords) < 3:
+        if len(coords) < {"polygon": 3, "line": 2}.get(kind, 1):  # too few for an outline
             kind = "line" if len(coords) == 2 else "point"
     axes = {name: getattr(ij, field) - 1 for name, field in _POSITION_FIELDS.items()
             if getattr(ij, field, 0) > 0}
@@ -171,17 +199,19 @@ def _positioned(data: Any, axes: Mapping[str, int] | None) -> list[PositionedRoi
     if items and all(isinstance(i, PositionedRoi) for i in items):
         if axes:
             raise TypeError("axes= places plain ROIs; PositionedRoi items carry their own")
-        return [PositionedRoi(i.roi, _check_axes(i.axes)) for i in items]
-    try:
-        rois = to_rois(data)
-    except UnstreamableDataError as exc:  # the same message, as the ValueError it is here
-        raise ValueError(str(exc)) from None
-    for roi in rois:
-        low, high = ROI_POINT_COUNTS.get(roi.kind, (3, None))
+        placed = [PositionedRoi(i.roi, _check_axes(i.axes)) for i in items]
+    else:
+        try:
+            rois = to_rois(data)
+        except UnstreamableDataError as exc:  # the same message, as the ValueError it is
+            raise ValueError(str(exc)) from None
+        placed = [PositionedRoi(r, _check_axes(axes)) for r in rois]
+    for roi, _ in placed:
+        low, high = FILE_POINT_COUNTS.get(roi.kind, (3, None))
         if len(roi.coords) < low or (high is not None and len(roi.coords) > high):
             raise ValueError(f"a {roi.kind} ROI needs {low if low == high else f'>= {low}'} "
                              f"point(s), got {len(roi.coords)} (label {roi.label!r})")
-    return [PositionedRoi(r, _check_axes(axes)) for r in rois]
+    return placed
 
 
 def encode_rois(data: Any, path: Any, axes: Mapping[str, int] | None = None) -> bytes:
@@ -231,10 +261,13 @@ def decode_rois(data: bytes, path: Any, positions: bool = False) -> list[Any]:
     else:
         raw = [data]
     items = []
-    for entry in raw:
+    for index, entry in enumerate(raw):
         if entry[:4] != b"Iout":
             raise ValueError(f"{path!s} holds data that is not an ImageJ ROI (no 'Iout' header)")
-        items.append(from_imagej(roifile.ImagejRoi.frombytes(entry)))
+        try:
+            items.append(from_imagej(roifile.ImagejRoi.frombytes(entry)))
+        except ValueError as exc:
+            raise ValueError(f"{path!s}: ROI {index}: {exc}") from None
     return items if positions else [item.roi for item in items]
 
 

@@ -19,7 +19,12 @@ needs.module("roifile")
 
 from polystore import DiskBackend, FileManager  # noqa: E402
 from polystore.rois import PositionedRoi, group_by_position, labels_to_rois  # noqa: E402
-from polystore.streaming import NapariStreamingBackend, Receiver, Roi  # noqa: E402
+from polystore.streaming import (  # noqa: E402
+    NapariStreamingBackend,
+    Receiver,
+    Roi,
+    UnstreamableDataError,
+)
 
 IJ_JAR = Path(os.environ.get("IJ_JAR", "/usr/share/java/ij.jar"))
 
@@ -157,6 +162,9 @@ def test_bad_roi_input_is_refused_and_writes_nothing(tmp_path):
         disk.save([{"kind": "blob", "coords": [[0, 0]]}], tmp_path / "blob.roi.zip")
     with pytest.raises(ValueError, match="a polygon ROI needs >= 3 point"):
         disk.save([{"kind": "polygon", "coords": [[0, 0], [1, 1]]}], tmp_path / "p.roi.zip")
+    with pytest.raises(ValueError, match="a polygon ROI needs >= 3 point"):  # placed too
+        disk.save([PositionedRoi(Roi("polygon", [[0, 0], [1, 1]]), {"z": 1})],
+                  tmp_path / "pp.roi.zip")
     # ImageJ's bounds are 16-bit: -40000 was written as 25536 and 70000 as 4464; NaN went in
     for coords, says in (([[-40000, 0], [5, 5]], "reaches -40000..5"),
                          ([[0, 0], [70000, 5]], "reaches 0..70000"),
@@ -224,3 +232,144 @@ def test_rois_loaded_from_disk_stream_unchanged(tmp_path):
     received = [PositionedRoi(roi, axes) for axes, rois in got for roi in rois]
     assert sorted(received, key=lambda p: p.roi.label) == sorted(
         [PositionedRoi(r, a) for r, a in zip(ROIS, POSITIONS)], key=lambda p: p.roi.label)
+
+
+def imagej_roi(roitype, xy, name, **position):
+    """An ImageJ ROI of `roitype` through (x, y) vertices, as ImageJ's ROI Manager saves it."""
+    import roifile
+
+    roi = roifile.ImagejRoi.frompoints(np.asarray(xy), name=name, **position)
+    roi.roitype = getattr(roifile.ROI_TYPE, roitype)
+    roi.options = roifile.ROI_OPTIONS(0)
+    if roi.subpixel_coordinates is not None:
+        roi.options |= roifile.ROI_OPTIONS.SUB_PIXEL_RESOLUTION
+    roi.version = 228
+    return roi
+
+
+#: ImageJ's open paths, multi-point and freehand outlines: (type, (x, y) vertices, name)
+IMAGEJ_PATHS = [
+    ("POLYLINE", [[1, 1], [10, 2], [20, 15], [30, 4]], "segmented"),
+    ("FREELINE", [[1.5, 1], [2, 2.25], [3, 4], [5, 5]], "freehand line"),
+    ("ANGLE", [[10, 10], [20, 20], [30, 10]], "angle"),
+    ("POINT", [[5, 6], [10, 12], [20, 3]], "multi-point"),
+    ("FREEHAND", [[1, 1], [10, 2], [12, 15], [3, 9]], "freehand"),
+    ("TRACED", [[1, 1], [10, 1], [10, 10], [1, 10]], "traced"),
+]
+
+
+def test_imagej_open_paths_and_multi_points_load_and_save_back_unchanged(tmp_path):
+    """Segmented, freehand and angle lines loaded as closed polygons (saved back, ImageJ
+    showed an open path as an area), and a multi-point ROI loaded but could not be saved."""
+    import roifile
+
+    path = tmp_path / "imagej.roi.zip"
+    roifile.roiwrite(path, [imagej_roi(t, xy, name, t=2) for t, xy, name in IMAGEJ_PATHS])
+    fm = FileManager({"disk": DiskBackend()})
+    rois = fm.load(path, backend="disk")
+    assert [r.kind for r in rois] == ["line", "line", "line", "point", "polygon", "polygon"]
+    assert [r.coords for r in rois] == [
+        [[y, x] for x, y in xy] for _, xy, _ in IMAGEJ_PATHS]  # (row, column), all vertices
+    fm.save(rois, tmp_path / "again.roi.zip", backend="disk", axes={"t": 2})
+    fm.save(fm.load(path, backend="disk", positions=True), tmp_path / "placed.roi.zip",
+            backend="disk")
+    for saved in ("again.roi.zip", "placed.roi.zip"):
+        assert fm.load(tmp_path / saved, backend="disk", positions=True) == [
+            PositionedRoi(r, {"t": 2}) for r in rois]
+        back = roifile.roiread(tmp_path / saved)
+        # open paths stay open (ImageJ's segmented line), points stay one multi-point ROI
+        assert [r.roitype.name for r in back] == [
+            "POLYLINE", "POLYLINE", "POLYLINE", "POINT", "POLYGON", "POLYGON"]
+        for roi, (_, xy, name) in zip(back, IMAGEJ_PATHS):
+            assert roi.name == name
+            assert roi.coordinates().tolist() == xy
+    # a path of two vertices is ImageJ's straight line; a single vertex a point
+    roifile.roiwrite(tmp_path / "short.roi.zip", [
+        imagej_roi("POLYLINE", [[3, 4], [50, 60]], "two"),
+        imagej_roi("POLYGON", [[7, 9]], "one")])
+    assert fm.load(tmp_path / "short.roi.zip", backend="disk") == [
+        Roi("line", [[4, 3], [60, 50]], "two"), Roi("point", [[9, 7]], "one")]
+
+
+def test_open_paths_saved_by_polystore_open_in_imagej_as_lines(tmp_path):
+    path = tmp_path / "paths.roi.zip"
+    DiskBackend().save([Roi("line", [[1, 1], [2, 10], [15, 20.5]], "path"),
+                        Roi("point", [[6, 5], [12, 10]], "points")], path)
+    lines = [line.split("|") for line in run_imagej(tmp_path, READ_MACRO, str(path))
+             if line.startswith("ROI|")]
+    assert [(line[1], int(line[2])) for line in lines] == [("path", 6), ("points", 10)]
+    assert lines[0][4] == "1,1;10,2;20.5,15;"  # ImageJ's segmented line, x, y
+    assert lines[1][4] == "5,6;10,12;"
+
+
+def test_composite_text_and_image_rois_are_refused_on_load_and_the_file_kept(tmp_path):
+    """A composite (shape) ROI loaded as the filled rectangle of its bounds: its hole and
+    outlines were lost, and saving the set back wrote that rectangle in its place."""
+    import roifile
+
+    outline = [0, 10, 10, 1, 40, 10, 1, 40, 40, 1, 10, 40, 4,  # MOVETO, LINETOs, CLOSE
+               0, 20, 20, 1, 30, 20, 1, 30, 30, 1, 20, 30, 4]  # the hole
+    donut = roifile.ImagejRoi(roitype=roifile.ROI_TYPE.RECT, name="donut", version=228,
+                              left=10, top=10, right=40, bottom=40,
+                              shape_roi_size=len(outline),
+                              multi_coordinates=np.asarray(outline, np.float32))
+    box = roifile.ImagejRoi(roitype=roifile.ROI_TYPE.RECT, name="box", version=228,
+                            left=1, top=2, right=5, bottom=6)
+    text = roifile.ImagejRoi(roitype=roifile.ROI_TYPE.RECT, name="note", version=228,
+                             subtype=roifile.ROI_SUBTYPE.TEXT, text="scale bar",
+                             left=1, top=2, right=50, bottom=12)
+    png = b"\x89PNG\r\n\x1a\n"  # an image overlay keeps its picture's bytes
+    picture = roifile.ImagejRoi(roitype=roifile.ROI_TYPE.RECT, name="picture", version=228,
+                                subtype=roifile.ROI_SUBTYPE.IMAGE, image_data=png,
+                                image_size=len(png), left=0, top=0, right=8, bottom=8)
+    fm = FileManager({"disk": DiskBackend()})
+    for roi, says in ((donut, r"ROI 1: ImageJ ROI 'donut' is a composite \(shape\) ROI.*"
+                               r"bounding box.*More >> Split"),
+                      (text, r"ROI 1: ImageJ ROI 'note' is a text ROI.*leave it out"),
+                      (picture, r"ROI 1: ImageJ ROI 'picture' is an image ROI.*leave it out")):
+        path = tmp_path / f"{roi.name}.roi.zip"
+        roifile.roiwrite(path, [box, roi])
+        written = path.read_bytes()
+        with pytest.raises(ValueError, match=rf"{roi.name}.roi.zip: {says}"):
+            fm.load(path, backend="disk")
+        assert path.read_bytes() == written
+        assert [r.name for r in roifile.roiread(path)] == ["box", roi.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "donut.roi.zip", "note.roi.zip", "picture.roi.zip"]
+
+
+def test_paths_and_multi_points_from_files_are_refused_by_streams_and_the_stream_goes_on(
+        tmp_path):
+    """Viewers take lines of two points and single points: a file's open path or multi-point
+    is refused at save(), saying what to do, and the stream keeps working."""
+    import roifile
+
+    path = tmp_path / "paths.roi.zip"
+    roifile.roiwrite(path, [imagej_roi(t, xy, name) for t, xy, name in IMAGEJ_PATHS[:4]])
+    loaded = DiskBackend().load(path)
+    got, arrived = [], threading.Event()
+
+    def on_rois(item):
+        got.append(list(item.header.rois))
+        arrived.set()
+
+    receiver = Receiver("tcp://127.0.0.1:0", shm_prefix="napari_", on_rois=on_rois)
+    receiver.start()
+    sender = NapariStreamingBackend(receiver.endpoint)
+    try:
+        with pytest.raises(UnstreamableDataError,
+                           match=r"ROI 0 \(line 'segmented'\) has 4 points: an open path.*"
+                                 r"one line ROI per segment.*\.roi\.zip file"):
+            sender.save(loaded, "well/t000.roi.zip")
+        with pytest.raises(UnstreamableDataError,
+                           match=r"ROI 0 \(point 'multi-point'\) has 3 points: an ImageJ "
+                                 r"multi-point ROI.*one point ROI per point"):
+            sender.save(loaded[3:], "well/t000.roi.zip")
+        points = [Roi("point", [c], loaded[3].label) for c in loaded[3].coords]
+        sender.save(points, "well/t000.roi.zip")
+        sender.flush()
+        assert arrived.wait(20)
+    finally:
+        sender.close()
+        receiver.stop()
+    assert got == [points]

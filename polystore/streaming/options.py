@@ -187,6 +187,18 @@ class StreamMeta:
         message = p.Rois(v=p.VERSION, seq=seq, stream=self.stream, path=path,
                          sent_ns=time.time_ns(), rois=rois, axes=axes,
                          axis_names=self.axis_names)  # fmt: skip
+        for index, roi in enumerate(rois):  # what ImageJ ROI files hold and a stream does not
+            n = len(roi.coords)
+            if (roi.kind, n > 1) == ("point", True) or (roi.kind, n > 2) == ("line", True):
+                what = ("an ImageJ multi-point ROI" if roi.kind == "point" else
+                        "an open path (an ImageJ segmented, freehand or angle line)")
+                parts = "one point ROI per point" if roi.kind == "point" else (
+                    "one line ROI per segment")
+                raise UnstreamableDataError(
+                    f"cannot stream {path}: ROI {index} ({roi.kind}"
+                    + (f" {roi.label!r}" if roi.label else "") + f") has {n} points: "
+                    f"{what}, which ROI files hold but viewers take only as {parts}. Send "
+                    f"it split that way, or save it to a .roi.zip file instead")
         try:
             p.check_rois(message)
         except p.ProtocolError as exc:
