@@ -18,6 +18,7 @@ __all__ = [
     "DestinationExistsError",
     "DuplicateBackendError",
     "FormatDataError",
+    "FormatReadError",
     "ImageLoadError",
     "ImageSaveError",
     "MetadataNotFoundError",
@@ -221,6 +222,13 @@ class FormatDataError(ImageSaveError, TypeError):
         self.accepts = accepts
         super().__init__(f"Cannot save {given} to {path!r}: this extension takes {accepts}.")
         self._reduce_args = (path, given, accepts)
+
+
+class FormatReadError(ImageLoadError, ValueError):
+    """A file that cannot be read as its extension's format: damaged, not in the encoding the
+    format uses (text is UTF-8), or asked for a part it lacks (a TIFF page or series). A
+    ValueError, as the JSON and text decoding errors it replaces; the message names the
+    file and says what to do."""
 
 
 class TransferError(StorageWriteError):

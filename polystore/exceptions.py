@@ -14,7 +14,8 @@ StorageResolutionError     BackendNotFoundError, BackendNotInstantiableError,
                            item), UnsupportedOperationError, UnsupportedFormatError
 StorageWriteError          ReadOnlyBackendError, TransferError, DeliveryNotConfirmedError
 ImageSaveError             FormatDataError (data the extension cannot hold)
-ImageLoadError             decoding failures of a stored file
+ImageLoadError             decoding failures of a stored file; FormatReadError (a damaged
+                           file, text that is not UTF-8, a TIFF page it lacks)
 PathMismatchError          PathEscapeError
 MetadataNotFoundError      (not raised by polystore itself)
 VFSTypeError               (not raised by polystore itself)

@@ -19,7 +19,7 @@ import io
 import json
 import re
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import IO, Any
@@ -27,13 +27,19 @@ from typing import IO, Any
 import numpy as np
 import tifffile
 
-from polystore.errors import FormatDataError, ImageLoadError, UnsupportedFormatError
+from polystore.errors import (
+    FormatDataError,
+    FormatReadError,
+    ImageLoadError,
+    UnsupportedFormatError,
+)
 
 __all__ = [
     "BYTES_TYPES",
     "FORMATS",
     "FORMAT_NAMES",
     "Format",
+    "check",
     "decode",
     "encode",
     "format_for",
@@ -56,6 +62,10 @@ class Format:
     accepts: str
     write: Callable[[Any, IO[bytes], str, dict[str, Any]], None]
     read: Callable[[Source, str, dict[str, Any]], Any]
+    #: ``check(data, path)`` raises FormatDataError for data ``write`` would refuse, without
+    #: encoding it (the memory backend checks what it is given with it); None: :func:`check`
+    #: runs ``write`` into a scratch buffer.
+    check: Callable[[Any, str], None] | None = None
 
 
 #: extension (lower case, with its dot; compound ones like ".ome.tif" allowed) -> Format
@@ -112,7 +122,8 @@ def to_numpy(data: Any) -> np.ndarray:
 def _describe(data: Any) -> str:
     if isinstance(data, np.ndarray):
         return f"a {data.dtype} array of shape {data.shape}"
-    return f"a {type(data).__module__}.{type(data).__qualname__}".replace("builtins.", "")
+    name = f"{type(data).__module__}.{type(data).__qualname__}".replace("builtins.", "")
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _numeric_array(data: Any, path: str, accepts: str) -> np.ndarray:
@@ -141,8 +152,12 @@ def _write_npy(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any]) 
     np.save(handle, _numeric_array(data, path, _NPY_ACCEPTS), allow_pickle=False)
 
 
-def _damaged(path: str, kind: str, exc: BaseException) -> ImageLoadError:
-    return ImageLoadError(
+def _check_npy(data: Any, path: str) -> None:
+    _numeric_array(data, path, _NPY_ACCEPTS)
+
+
+def _damaged(path: str, kind: str, exc: BaseException | str) -> FormatReadError:
+    return FormatReadError(
         f"Cannot read {path!r} as {kind}: {exc} (the file is damaged, truncated, or not "
         f"a {kind} file; load it as bytes with read_bytes() to inspect it)"
     )
@@ -158,16 +173,47 @@ def _read_npy(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
 _NPZ_ACCEPTS = "a numeric array, a list of arrays, or a dict of name -> array"
 
 
+def _unique_names(keys: Iterable[Any], name: Callable[[Any], str], path: str, given: str,
+                  accepts: str) -> None:
+    """Refuse keys that the format stores under one name (1 and '1'): one would replace the
+    other in the file."""
+    seen: dict[str, Any] = {}
+    for key in keys:
+        written = name(key)
+        if written in seen:
+            raise FormatDataError(
+                path,
+                f"{given} with the keys {seen[written]!r} and {key!r}, both stored as "
+                f"{written!r} (one would silently replace the other)",
+                f"{accepts}; rename one of the two keys",
+            )
+        seen[written] = key
+
+
+def _npz_arrays(data: Any, path: str) -> dict[str, np.ndarray]:
+    if isinstance(data, Mapping):
+        _unique_names(data, str, path, _describe(data), _NPZ_ACCEPTS)
+        return {str(k): _numeric_array(v, path, _NPZ_ACCEPTS) for k, v in data.items()}
+    if isinstance(data, list | tuple) and data and all(np.ndim(d) > 0 for d in data):
+        return {f"arr_{i}": _numeric_array(v, path, _NPZ_ACCEPTS) for i, v in enumerate(data)}
+    return {"arr_0": _numeric_array(data, path, _NPZ_ACCEPTS)}
+
+
+def _check_npz(data: Any, path: str) -> None:
+    _npz_arrays(data, path)
+
+
 def _write_npz(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any]) -> None:
     compress = kwargs.pop("compress", False)
     _no_kwargs(".npz", kwargs)
-    if isinstance(data, Mapping):
-        arrays = {str(k): _numeric_array(v, path, _NPZ_ACCEPTS) for k, v in data.items()}
-    elif isinstance(data, list | tuple) and data and all(np.ndim(d) > 0 for d in data):
-        arrays = {f"arr_{i}": _numeric_array(v, path, _NPZ_ACCEPTS) for i, v in enumerate(data)}
-    else:
-        arrays = {"arr_0": _numeric_array(data, path, _NPZ_ACCEPTS)}
-    (np.savez_compressed if compress else np.savez)(handle, allow_pickle=False, **arrays)
+    arrays = _npz_arrays(data, path)
+    # What np.savez does, without its keyword arguments: a dict key "file" or
+    # "allow_pickle" is an array name like any other.
+    mode = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(handle, "w", compression=mode, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
 
 
 def _read_npz(source: Source, path: str, kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -182,19 +228,84 @@ def _read_npz(source: Source, path: str, kwargs: dict[str, Any]) -> dict[str, np
 _TIFF_ACCEPTS = "a numeric array (NumPy, torch or CuPy); tifffile.imwrite keywords apply"
 
 
-def _write_tiff(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any]) -> None:
+def _tiff_array(data: Any, path: str) -> np.ndarray:
     array = _numeric_array(data, path, _TIFF_ACCEPTS)
+    if array.dtype.kind in "fc" and array.dtype.itemsize > (8 if array.dtype.kind == "f" else 16):
+        # tifffile writes them, but no TIFF reader (tifffile included) reads them back
+        raise FormatDataError(
+            path, _describe(array), _TIFF_ACCEPTS + "; extended precision has no TIFF "
+            "form: convert to float64/complex128, or save it to .npy"
+        )
+    return array
+
+
+def _check_tiff(data: Any, path: str) -> None:
+    _tiff_array(data, path)
+
+
+def _write_tiff(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any]) -> None:
+    array = _tiff_array(data, path)
     if array.ndim >= 2:
         # Never guess RGB from a trailing axis of 3/4: N-D data are stacks of planes.
         kwargs.setdefault("photometric", "minisblack")
     tifffile.imwrite(handle, array, **kwargs)
 
 
+_TIFF_INDICES = ("key", "series", "level")
+
+
+def _tiff_index_error(source: Source, path: str, kwargs: dict[str, Any],
+                      exc: BaseException | None) -> FormatReadError:
+    """The error for a page, series or level the file does not have, saying what it has."""
+    if not isinstance(source, str):
+        source.seek(0)
+    with tifffile.TiffFile(source) as tif:
+        pages, series = len(tif.pages), tif.series
+        levels = len(series[0].levels) if series else 0
+    asked = ", ".join(f"{k}={kwargs[k]!r}" for k in _TIFF_INDICES if k in kwargs)
+    detail = f" ({exc})" if exc is not None else ""
+    return FormatReadError(
+        f"Cannot read {asked} of {path!r}: the file has {pages} page(s) (key=0..{pages - 1}, "
+        f"or a slice or list of those), {len(series)} series (series=0..{len(series) - 1}) "
+        f"and {levels} resolution level(s) (level=0..{levels - 1}){detail}; ask for one it "
+        "has, or load it without them for the whole first series"
+    )
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _negative_index_missing(source: Source, key: Any, series: Any) -> bool:
+    """Whether a negative ``key``/``series`` lies before the first page/series (tifffile
+    counts round again from the end: key=-3 of 2 pages reads page 1)."""
+    if not isinstance(source, str):
+        source.seek(0)
+    with tifffile.TiffFile(source) as tif:
+        n_series = len(tif.series)
+        if series is not None and not -n_series <= series < n_series:
+            return True
+        pages = tif.pages if series is None else tif.series[series].pages
+        missing = _is_index(key) and not -len(pages) <= key < len(pages)
+    if not isinstance(source, str):
+        source.seek(0)
+    return missing
+
+
 def _read_tiff(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
+    key, series = kwargs.get("key"), kwargs.get("series")
+    if (series is None or _is_index(series)) and (
+        (_is_index(key) and key < 0) or (_is_index(series) and series < 0)
+    ) and _negative_index_missing(source, key, series):
+        raise _tiff_index_error(source, path, kwargs, None)
     try:
         array = tifffile.imread(source, **kwargs)
     except tifffile.TiffFileError as exc:
         raise _damaged(path, "TIFF", exc) from exc
+    except (IndexError, TypeError) as exc:
+        if not any(k in kwargs for k in _TIFF_INDICES) or "keyword" in str(exc):
+            raise
+        raise _tiff_index_error(source, path, kwargs, exc) from exc
     if getattr(array, "size", 1) == 0:  # tifffile returns an empty array when no page reads
         if not isinstance(source, str):
             source.seek(0)
@@ -258,15 +369,22 @@ def _image_format(name: str, extensions: tuple[str, ...]) -> Format:
             raise FormatDataError(
                 path, f"{_describe(array)} with {colours} colours in a frame", accepts
             )
+        if name == "gif" and array.shape[-1] != 3:
+            # Grey frames with the whole grey ramp as their palette, unoptimised: Pillow
+            # reads that palette back as grey ("L"), where an optimised one reads as RGB.
+            kwargs.setdefault("optimize", False)
         iio.imwrite(handle, array, extension=extensions[0], **kwargs)
 
     def read_image(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
         import imageio.v3 as iio
 
         try:
-            return iio.imread(source, extension=extensions[0], **kwargs)
+            image = iio.imread(source, extension=extensions[0], **kwargs)
         except (OSError, ValueError, SyntaxError) as exc:
             raise ImageLoadError(f"Cannot read {path!r} as {name.upper()}: {exc}") from exc
+        if name == "gif" and "index" not in kwargs and image.ndim >= 3 and len(image) == 1:
+            return image[0]  # one frame: the frame, as saved (imageio stacks even one)
+        return image
 
     return Format(name, extensions, accepts, write_image, read_image)
 
@@ -281,25 +399,82 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
+_JSON_ACCEPTS = "JSON-serialisable data"
+_JSON_KEY_TYPES = (str, int, float, bool, type(None))
+
+
+def _json_key(key: Any) -> str:
+    return key if isinstance(key, str) else json.dumps(key)
+
+
+def _json_unique_keys(data: Any, path: str) -> None:
+    """Refuse a dict whose keys JSON writes alike (1 and '1', True and 'true'): the file
+    would hold the name twice and a reader keeps only the last."""
+    stack, seen = [data], set()
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue  # json.dumps reports the circular reference
+        if isinstance(item, Mapping):
+            seen.add(id(item))
+            if not all(isinstance(k, str) for k in item) and all(
+                isinstance(k, _JSON_KEY_TYPES) for k in item
+            ):
+                _unique_names(item, _json_key, path, "a dict", _JSON_ACCEPTS)
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            seen.add(id(item))
+            stack.extend(item)
+
+
 def _write_json(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any]) -> None:
     kwargs.setdefault("indent", 2)
     kwargs.setdefault("default", _json_default)
+    # Standard JSON has no NaN or infinity: Python writes them as NaN/Infinity, which other
+    # JSON readers refuse. allow_nan=True writes them all the same.
+    kwargs.setdefault("allow_nan", False)
+    _json_unique_keys(data, path)
     try:
         text = json.dumps(data, **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise FormatDataError(path, _describe(data), f"JSON-serialisable data ({exc})") from exc
+    except ValueError as exc:
+        if "Out of range float" not in str(exc):
+            raise FormatDataError(path, _describe(data), f"{_JSON_ACCEPTS} ({exc})") from exc
+        raise FormatDataError(
+            path,
+            f"{_describe(data)} holding NaN or infinity",
+            f"{_JSON_ACCEPTS} without NaN or infinity (standard JSON has no such numbers and "
+            "other readers refuse Python's NaN/Infinity): replace them with None, save "
+            "the numbers to .npy or .csv, or pass allow_nan=True to write them anyway",
+        ) from exc
+    except TypeError as exc:
+        raise FormatDataError(path, _describe(data), f"{_JSON_ACCEPTS} ({exc})") from exc
     handle.write(text.encode("utf-8"))
 
 
-def _text(source: Source) -> str:
-    if isinstance(source, str):
-        with open(source, encoding="utf-8", newline="") as handle:
-            return handle.read()
-    return io.TextIOWrapper(source, encoding="utf-8", newline="").read()
+def _not_utf8(path: str, exc: UnicodeDecodeError) -> FormatReadError:
+    return FormatReadError(
+        f"Cannot read {path!r} as text: it is not UTF-8 ({exc}); polystore reads and writes "
+        "text files as UTF-8. Load it as bytes with read_bytes() and decode it with its "
+        "encoding (for example data.decode('latin-1')), or save it again as UTF-8"
+    )
+
+
+def _text(source: Source, path: str) -> str:
+    try:
+        if isinstance(source, str):
+            with open(source, encoding="utf-8", newline="") as handle:
+                return handle.read()
+        return io.TextIOWrapper(source, encoding="utf-8", newline="").read()
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from exc
 
 
 def _read_json(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
-    return json.loads(_text(source), **kwargs)
+    text = _text(source, path)
+    try:
+        return json.loads(text, **kwargs)
+    except json.JSONDecodeError as exc:
+        raise _damaged(path, "JSON", exc) from exc
 
 
 def _write_text(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any]) -> None:
@@ -311,7 +486,7 @@ def _write_text(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any])
 
 def _read_text(source: Source, path: str, kwargs: dict[str, Any]) -> str:
     _no_kwargs(".txt", kwargs, "load() of")
-    return _text(source)
+    return _text(source, path)
 
 
 # -- CSV ------------------------------------------------------------------------------------
@@ -352,6 +527,7 @@ def _write_csv(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any]) 
         elif isinstance(data, Sequence) and data and all(isinstance(r, Mapping) for r in data):
             fields: dict[str, None] = {}
             for row in data:
+                _unique_names(row, str, path, "a list of dicts, one", _CSV_ACCEPTS)
                 fields.update(dict.fromkeys(map(str, row)))
             writer = csv.DictWriter(text, fieldnames=list(fields), **kwargs)
             writer.writeheader()
@@ -393,9 +569,12 @@ def _read_csv(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
                 "(or use as_='dicts' or 'rows')"
             ) from None
 
-        return pd.read_csv(source, **kwargs)
+        try:
+            return pd.read_csv(source, **kwargs)
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(path, exc) from exc
     dtype = kwargs.pop("dtype", None) if form == "array" else None
-    lines = io.StringIO(_text(source), newline="")
+    lines = io.StringIO(_text(source, path), newline="")
     if form == "text":
         _no_kwargs(".csv text", kwargs, "load() of")
         return lines.getvalue()
@@ -450,14 +629,14 @@ def _read_roi(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
 
 
 for _fmt in (
-    Format("npy", (".npy",), _NPY_ACCEPTS, _write_npy, _read_npy),
-    Format("npz", (".npz",), _NPZ_ACCEPTS, _write_npz, _read_npz),
-    Format("tiff", (".tif", ".tiff"), _TIFF_ACCEPTS, _write_tiff, _read_tiff),
+    Format("npy", (".npy",), _NPY_ACCEPTS, _write_npy, _read_npy, _check_npy),
+    Format("npz", (".npz",), _NPZ_ACCEPTS, _write_npz, _read_npz, _check_npz),
+    Format("tiff", (".tif", ".tiff"), _TIFF_ACCEPTS, _write_tiff, _read_tiff, _check_tiff),
     _image_format("png", (".png",)),
     _image_format("jpeg", (".jpg", ".jpeg")),
     _image_format("bmp", (".bmp",)),
     _image_format("gif", (".gif",)),
-    Format("json", (".json",), "JSON-serialisable data", _write_json, _read_json),
+    Format("json", (".json",), _JSON_ACCEPTS, _write_json, _read_json),
     Format("text", (".txt",), "str", _write_text, _read_text),
     Format("csv", (".csv",), _CSV_ACCEPTS, _write_csv, _read_csv),
     # ImageJ ROIs (polystore.rois, with roifile): a list of Roi, axes= places them in c/z/t
@@ -485,6 +664,20 @@ def write(data: Any, handle: IO[bytes], path: Any, backend: str, **kwargs: Any) 
             "to any extension)",
         )
     fmt.write(data, handle, str(path), dict(kwargs))
+
+
+def check(data: Any, path: Any) -> None:
+    """Raise what :func:`write` would raise for ``data`` at ``path`` (FormatDataError), without
+    keeping an encoding; data at a path without a format pass (a backend may hold them)."""
+    if isinstance(data, BYTES_TYPES):
+        return
+    fmt = format_for(path)
+    if fmt is None:
+        return
+    if fmt.check is not None:
+        fmt.check(data, str(path))
+    else:
+        fmt.write(data, io.BytesIO(), str(path), {})
 
 
 def encode(data: Any, path: Any, backend: str, **kwargs: Any) -> bytes:

@@ -42,6 +42,9 @@ class MemoryBackend(StorageBackend):
     climbs above the root raises PathEscapeError. Stored data are deep copies, and loads
     return copies, so callers mutating their arrays never change what is stored.
 
+    What it is given at a path with a file format must be what that format takes (as on
+    disk); at a path without one it holds any Python object.
+
     It can hold bytes: a file copied in from disk is kept as its exact bytes (``load``
     decodes them by extension, as disk would), so disk -> memory -> disk is bit-exact.
 
@@ -115,8 +118,14 @@ class MemoryBackend(StorageBackend):
 
     # -- primitives -------------------------------------------------------------------
     def save(self, data: Any, file_path: Any, **kwargs: Any) -> None:
-        """Store a deep copy of ``data``; parent directories are created as needed."""
+        """Store a deep copy of ``data``; parent directories are created as needed.
+
+        At a path with a file format (``.npy``, ``.json``, ...) ``data`` must be what that
+        format takes, as on disk (FormatDataError otherwise, and nothing is stored), so that
+        a later copy or move to disk cannot fail on it; at any other path (no extension, or
+        one without a format) any Python object is held."""
         key = self._key(file_path)
+        formats.check(data, file_path)
         stored = copy.deepcopy(data)  # outside the lock: may be slow for big arrays
         with self._lock:
             if key in self._dirs:
