@@ -369,7 +369,7 @@ def _image_format(name: str, extensions: tuple[str, ...]) -> Format:
             raise FormatDataError(
                 path, f"{_describe(array)} with {colours} colours in a frame", accepts
             )
-        if name == "gif" and array.shape[-1] != 3:
+        if name == "gif" and (array.ndim == 2 or array.shape[-1] != 3):
             # Grey frames with the whole grey ramp as their palette, unoptimised: Pillow
             # reads that palette back as grey ("L"), where an optimised one reads as RGB.
             kwargs.setdefault("optimize", False)

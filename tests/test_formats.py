@@ -116,6 +116,7 @@ _GREY = {
     "noise": _rng.integers(0, 256, (20, 30), dtype=np.uint8),
     "two levels": np.where(_rng.random((20, 30)) > 0.5, 200, 7).astype(np.uint8),
     "constant": np.full((20, 30), 9, np.uint8),
+    "three wide": _rng.integers(0, 256, (20, 3), dtype=np.uint8),  # (y, 3): grey, not RGB
 }
 
 
