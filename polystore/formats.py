@@ -666,9 +666,10 @@ def write(data: Any, handle: IO[bytes], path: Any, backend: str, **kwargs: Any) 
     fmt.write(data, handle, str(path), dict(kwargs))
 
 
-def check(data: Any, path: Any) -> None:
-    """Raise what :func:`write` would raise for ``data`` at ``path`` (FormatDataError), without
-    keeping an encoding; data at a path without a format pass (a backend may hold them)."""
+def check(data: Any, path: Any, **kwargs: Any) -> None:
+    """Raise what :func:`write` would raise for ``data`` at ``path`` with ``kwargs``
+    (FormatDataError), without keeping an encoding; data at a path without a format pass (a
+    backend may hold them)."""
     if isinstance(data, BYTES_TYPES):
         return
     fmt = format_for(path)
@@ -677,7 +678,7 @@ def check(data: Any, path: Any) -> None:
     if fmt.check is not None:
         fmt.check(data, str(path))
     else:
-        fmt.write(data, io.BytesIO(), str(path), {})
+        fmt.write(data, io.BytesIO(), str(path), kwargs)
 
 
 def encode(data: Any, path: Any, backend: str, **kwargs: Any) -> bytes:

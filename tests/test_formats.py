@@ -237,6 +237,13 @@ def test_memory_still_holds_any_object_where_there_is_no_format(fm):
     assert fm.load("scratch/state.pkl", "memory") == thing
 
 
+def test_memory_checks_with_the_save_s_own_options(fm):
+    """The check of what memory is given uses the options of the save (the first version
+    checked without them, so memory refused NaN in JSON even with allow_nan=True)."""
+    fm.save({"mean": float("nan")}, "m/nan.json", "memory", allow_nan=True)
+    assert np.isnan(fm.load("m/nan.json", "memory")["mean"])
+
+
 def test_what_memory_accepted_moves_to_disk_whole(fm):
     items = {
         "t/a.npy": np.arange(5),

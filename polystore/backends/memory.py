@@ -125,7 +125,7 @@ class MemoryBackend(StorageBackend):
         a later copy or move to disk cannot fail on it; at any other path (no extension, or
         one without a format) any Python object is held."""
         key = self._key(file_path)
-        formats.check(data, file_path)
+        formats.check(data, file_path, **kwargs)
         stored = copy.deepcopy(data)  # outside the lock: may be slow for big arrays
         with self._lock:
             if key in self._dirs:
