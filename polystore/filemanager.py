@@ -102,10 +102,15 @@ def _refuse_file_and_directory(source: Backend, path: Any) -> None:
 
 
 def _reading_as(data: Any, fmt: formats.Format) -> dict[str, Any]:
-    """How to load a converted item back in the form it was saved: a CSV of an array as
-    an array (a plain load gives its text)."""
-    return {"as_": "array"} if fmt.name == "csv" and isinstance(
-        data, np.ndarray) else {}
+    """How to load a converted item back in the form it was saved: a CSV of an array as an
+    array, of records as dicts, of rows as rows (a plain load gives its text)."""
+    if fmt.name != "csv" or isinstance(data, str):
+        return {}
+    if isinstance(data, np.ndarray):
+        return {"as_": "array"}
+    if isinstance(data, list) and data and all(isinstance(row, Mapping) for row in data):
+        return {"as_": "dicts"}
+    return {"as_": "rows"} if isinstance(data, list) else {}
 
 
 def _check_loads_back(data: Any, back: Any, src: Any, dst: Any, written: bool = False) -> None:

@@ -19,6 +19,7 @@ from polystore import (
     FormatDataError,
     FormatReadError,
     MemoryBackend,
+    TransferError,
 )
 
 
@@ -261,3 +262,22 @@ def test_what_memory_accepted_moves_to_disk_whole(fm):
     np.testing.assert_array_equal(fm.load("t/c.csv", "disk", as_="array"), items["t/c.csv"])
     np.testing.assert_array_equal(fm.load("t/d.gif", "disk"), items["t/d.gif"])
     assert fm.load("t/e.txt", "disk") == "hello"
+
+
+def test_csv_records_and_rows_held_in_memory_move_to_disk_and_lossy_ones_stay(fm):
+    """A list of dicts (or of rows) saved to memory as .csv could not be moved to disk: the
+    move's check loaded the written CSV back as text, which never equals the records."""
+    records, rows = [{"a": 1, "b": "x"}, {"a": 2, "b": "y"}], [[1, 2.5], [3, 4]]
+    fm.save(records, "t/records.csv", "memory")
+    fm.save(rows, "t/rows.csv", "memory")
+    lossy = [{"a": 1}, {"b": 2}]  # would come back with empty cells: {"a": 1, "b": ""}
+    fm.save(lossy, "t/lossy.csv", "memory")
+    fm.move("t/records.csv", "records.csv", src_backend="memory", dst_backend="disk")
+    fm.move("t/rows.csv", "rows.csv", src_backend="memory", dst_backend="disk")
+    assert fm.load("records.csv", "disk", as_="dicts") == records
+    assert fm.load("rows.csv", "disk", as_="rows") == rows
+    assert not fm.exists("t/records.csv", "memory")
+    with pytest.raises(TransferError, match="changes the data"):
+        fm.move("t/lossy.csv", "lossy.csv", src_backend="memory", dst_backend="disk")
+    assert fm.load("t/lossy.csv", "memory") == lossy
+    assert not fm.exists("lossy.csv", "disk")
