@@ -17,6 +17,7 @@ from typing import Any
 from filelock import FileLock
 
 from polystore.atomic import atomic_write
+from polystore.errors import FormatDataError, FormatReadError
 
 __all__ = ["update_json"]
 
@@ -43,9 +44,18 @@ def update_json(
                 current = json.load(handle)
         except FileNotFoundError:
             current = default()
+        except ValueError as exc:  # damaged, or not UTF-8: never overwritten
+            raise FormatReadError(f"{target} is not a JSON metadata file ({exc}); it was left "
+                                  "as it is: repair or move it, then update again") from exc
         result = update_fn(current)
         if result is None:
             result = current
+        try:
+            text = json.dumps(result, indent=2, allow_nan=False)
+        except ValueError as exc:  # Python's NaN/Infinity: JSON no other reader takes
+            raise FormatDataError(str(target), "metadata holding NaN or infinity",
+                                  "JSON without NaN or infinity (use None for a missing "
+                                  "number); the file was left as it was") from exc
         with atomic_write(target, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
+            handle.write(text)
     return result

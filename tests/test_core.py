@@ -1077,6 +1077,22 @@ def test_update_json_return_value_and_timeout(tmp_path):
     assert json.loads(path.read_text()) == {"a": 1, "b": 2}
 
 
+def test_update_json_refuses_nan_and_a_damaged_file_and_keeps_the_file(tmp_path):
+    """update_json wrote Python's NaN (JSON no other reader takes), and on a damaged file
+    raised a bare JSONDecodeError naming no file."""
+    from polystore import FormatDataError, FormatReadError
+
+    path = tmp_path / "m.json"
+    update_json(path, lambda d: {"mean": 1.5})
+    with pytest.raises(FormatDataError, match=r"NaN or infinity.*use None"):
+        update_json(path, lambda d: {"mean": float("nan")})
+    assert json.loads(path.read_text()) == {"mean": 1.5}
+    path.write_text('{"mean": 1.5,')  # cut short
+    with pytest.raises(FormatReadError, match=r"m\.json is not a JSON metadata file"):
+        update_json(path, lambda d: {"lost": True})
+    assert path.read_text() == '{"mean": 1.5,'
+
+
 def test_move_onto_the_same_item_spelled_differently_keeps_it(tmp_path):
     """Regression: move() used to compare paths as text, then delete the 'source'."""
     fm = FileManager({"memory": MemoryBackend(), "disk": DiskBackend(base_dir=tmp_path)})
