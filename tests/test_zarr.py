@@ -547,3 +547,61 @@ def test_send_refuses_a_plane_too_large_before_reading_it(fm, tmp_path):
     assert result.returncode == 1, result.stderr
     assert "is 2,097,152 bytes, more than one frame may be (1,048,576)" in result.stderr
     assert "raise --max-inflight-bytes" in result.stderr and "Traceback" not in result.stderr
+
+
+# -- time points as files --------------------------------------------------------------------
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> bytes): a zarr node's exact content."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_time_point_is_a_file_exactly_when_it_loads(fm, tmp_path):
+    """exists() said True for a time point that is_file() called no file and delete()
+    could not find ('nothing at'); an OME-Zarr image's time points loaded but did not
+    exist. One model now: a stored time point is a file-like item."""
+    frames = series(3)
+    for t in range(3):
+        fm.save(frames[t], tmp_path / "s.zarr" / "cells" / f"t{t:03d}", backend="zarr")
+    fm.save(frames, tmp_path / "s.zarr" / "img", backend="zarr", ome=True, axes="tyx",
+            levels=2)
+    fm.ensure_directory(tmp_path / "s.zarr" / "plain", backend="zarr")
+    for path, loads in [("cells/t002", True), ("cells/t3", False), ("img/t001", True),
+                        ("img/t009", False), ("plain/t000", False), ("nothing/t000", False)]:
+        full = tmp_path / "s.zarr" / path
+        assert fm.exists(full, backend="zarr") is loads, path
+        assert fm.is_file(full, backend="zarr") is loads, path
+        assert not fm.is_dir(full, backend="zarr")
+        if loads:
+            t = int(path.rsplit("/t", 1)[1])
+            np.testing.assert_array_equal(fm.load(full, backend="zarr"), frames[t])
+        else:
+            with pytest.raises(FileNotFoundError):
+                fm.load(full, backend="zarr")
+            with pytest.raises(FileNotFoundError):
+                fm.delete(full, backend="zarr")
+
+
+def test_deleting_one_time_point_is_refused_and_loses_nothing(fm, tmp_path):
+    """delete() of a time point said 'nothing at' a path exists() confirmed. It may never
+    touch the other frames."""
+    from polystore.errors import UnsupportedOperationError
+
+    frames = series(3)
+    root = tmp_path / "s.zarr"
+    for t in range(3):
+        fm.save(frames[t], root / "cells" / f"t{t:03d}", backend="zarr")
+    fm.save(frames, root / "img", backend="zarr", ome=True, axes="tyx", levels=1)
+    before = _tree(root)
+    for series_name in ("cells", "img"):
+        frame = root / series_name / "t001"
+        with pytest.raises(UnsupportedOperationError, match="time point 1.*cannot be deleted "
+                           "on its own.*nothing was deleted.*Delete the whole series"):
+            fm.delete(frame, backend="zarr")
+        assert _tree(root) == before
+        np.testing.assert_array_equal(fm.load(root / series_name, backend="zarr"), frames)
+    # a copy of one time point writes its pixels (into a new series here)
+    fm.copy(root / "cells" / "t001", root / "copied" / "t000", backend="zarr")
+    np.testing.assert_array_equal(fm.load(root / "copied", backend="zarr"), frames[1:2])

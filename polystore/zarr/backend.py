@@ -25,7 +25,11 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from polystore.base import StorageBackend
-from polystore.errors import DestinationExistsError, PathEscapeError
+from polystore.errors import (
+    DestinationExistsError,
+    PathEscapeError,
+    UnsupportedOperationError,
+)
 from polystore.paths import name_matches, normalize_extensions
 from polystore.zarr.store import StoreCache, ZarrPath, require_zarr, split_zarr_path
 
@@ -366,14 +370,15 @@ class ZarrBackend(StorageBackend):
         if kwargs:
             raise TypeError(f"load() from zarr got unexpected keyword arguments {sorted(kwargs)}")
         zp = self.split(file_path)
-        frame = self._frame(zp)
-        if frame is not None and self._kind(zp) is None and self._kind(frame[0]) is not None:
+        frame = self._series_frame(zp)
+        if frame is not None:
             series, t = frame
             array = self._array_at(series, level)
-            if t >= array.shape[0]:
+            if array.ndim == 0 or t >= array.shape[0]:
+                stored = array.shape[0] if array.ndim else 0
                 raise FileNotFoundError(
                     f"{str(zp)!r}: time point {t} is not stored; the series has "
-                    f"{array.shape[0]} (t0..t{array.shape[0] - 1})"
+                    f"{stored} (t0..t{stored - 1})"
                 )
             return _deliver(array, lazy, index=t)
         return _deliver(self._array_at(zp, level), lazy)
@@ -406,18 +411,48 @@ class ZarrBackend(StorageBackend):
             return None
         return "array" if _is_array(node) else "group"
 
-    def exists(self, path: Any) -> bool:
-        zp = self.split(path)
-        if self._kind(zp) is not None:
-            return True
+    def _series_frame(self, zp: ZarrPath) -> tuple[ZarrPath, int] | None:
+        """(series, t) when ``zp`` names no node of its own but time point t of an existing
+        array or OME-Zarr image (``.../cells/t003``); whether t is stored is not checked."""
         frame = self._frame(zp)
-        if frame is None or self._kind(frame[0]) != "array":
-            return False
-        return frame[1] < self._open(frame[0]).shape[0]
+        if frame is None or self._kind(zp) is not None:
+            return None
+        series = self._node(frame[0])
+        if series is None:
+            return None
+        if not _is_array(series):
+            from polystore.zarr.ome import image_level_path
+
+            if image_level_path(series) is None:
+                return None  # a plain group: 't003' would be a member's name, and is none
+        return frame
+
+    def _stored_frame(self, zp: ZarrPath) -> tuple[ZarrPath, int] | None:
+        """(series, t) when ``zp`` is a time point that load() reads: the frame model that
+        exists(), is_file() and delete() share with load()."""
+        frame = self._series_frame(zp)
+        if frame is None:
+            return None
+        series, t = frame
+        try:
+            array = self._array_at(series, 0)
+        except (IsADirectoryError, IndexError, KeyError):
+            return None  # a group that is no OME-Zarr image holds no time points
+        return frame if array.ndim and t < array.shape[0] else None
+
+    def exists(self, path: Any) -> bool:
+        """Whether ``path`` is an array, a group, or a stored time point of a series
+        (``series.zarr/cells/t003``: what load() reads)."""
+        zp = self.split(path)
+        return self._kind(zp) is not None or self._stored_frame(zp) is not None
 
     def is_file(self, path: Any) -> bool:
-        """Arrays are the 'files' of a zarr store."""
-        return self._kind(self.split(path)) == "array"
+        """Arrays are the 'files' of a zarr store, and so is a stored time point of a series
+        (``.../cells/t003`` of an array or OME-Zarr image): whatever load() reads as one item.
+        A time point is not listed by list_files/list_dir (it is a plane of its array), and
+        cannot be deleted on its own (see :meth:`delete`)."""
+        zp = self.split(path)
+        return self._kind(zp) == "array" or self._stored_frame(zp) is not None
 
     def is_dir(self, path: Any) -> bool:
         """Groups are its 'directories' (an OME-Zarr image is a group too)."""
@@ -456,10 +491,24 @@ class ZarrBackend(StorageBackend):
         return sorted(found)
 
     def delete(self, path: Any, recursive: bool = False) -> None:
-        """Delete an array, an empty group, or (``recursive=True``) a group and its contents."""
+        """Delete an array, an empty group, or (``recursive=True``) a group and its contents.
+
+        A time point of a series (``.../cells/t003``) exists and is a file, but is one plane
+        of its array: deleting it alone would shift or blank the others, so it is refused
+        (UnsupportedOperationError) and nothing changes. Delete the whole series, or save
+        another frame to the time point to replace it."""
         zp = self.split(path)
         kind = self._kind(zp)
         if kind is None:
+            frame = self._stored_frame(zp)
+            if frame is not None:
+                series, t = frame
+                raise UnsupportedOperationError(
+                    "zarr", "delete",
+                    f"{str(zp)!r} is time point {t} of the series {str(series)!r}, a plane of "
+                    "one array, and one plane cannot be deleted on its own: nothing was "
+                    f"deleted. Delete the whole series (delete({str(series)!r}, "
+                    "recursive=True)) or save another frame to this time point")
             raise FileNotFoundError(f"nothing at {str(zp)!r} on backend 'zarr'")
         if kind == "group" and not recursive and list(self._open(zp).keys()):
             raise OSError(f"zarr group {str(zp)!r} is not empty: delete(path, recursive=True) "
