@@ -256,6 +256,15 @@ class Backend(metaclass=BackendMeta):
         implemented; FileManager.move then copies and deletes)."""
         raise self._unsupported("rename")
 
+    def copy_within(self, src: Any, dst: Any, **kwargs: Any) -> None:
+        """Copy an item (a file or a whole tree) to another path of this backend exactly as
+        stored, with what a file-by-file copy would lose (zarr: group attributes, codecs,
+        chunks). Unsupported unless implemented: FileManager.copy and move then copy file
+        by file. ``kwargs`` are the caller's writer options; a backend that cannot honour
+        them in an exact copy raises UnsupportedOperationError (the item is then loaded and
+        saved with them) or refuses."""
+        raise self._unsupported("copy_within")
+
     # -- symlinks (only where the backend has them) -------------------------------------
     def create_symlink(self, source: Any, link: Any, overwrite: bool = False) -> None:
         """Make ``link`` point at ``source`` (unsupported unless implemented)."""

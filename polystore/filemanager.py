@@ -491,7 +491,8 @@ class FileManager:
 
         Between backends that can hold bytes (disk, memory, custom ones declaring
         ``can_hold_bytes``) the stored bytes are copied exactly; otherwise the item is
-        loaded and given to the destination's ``save()`` with ``kwargs``. ``overwrite``
+        loaded and given to the destination's ``save()`` with ``kwargs``. Within one backend
+        that copies items itself (``copy_within``: zarr) its exact copy is used. ``overwrite``
         defaults to False in the one-backend form (upstream never overwrote) and to True
         with ``src_backend``/``dst_backend``; an existing destination with
         ``overwrite=False`` raises DestinationExistsError (a FileExistsError). Returns True.
@@ -538,7 +539,17 @@ class FileManager:
         for_move: bool = False,
     ) -> dict[str, str | None]:
         """Copy a file or tree (``tree``: from :meth:`_items`, listed here when not given);
-        returns destination path -> sha256 (None: re-encoded)."""
+        returns destination path -> sha256 (None: re-encoded, or copied by the backend).
+
+        Within one backend that copies items itself (``copy_within``: zarr keeps a group's
+        attributes and arrays exactly) that copy is used; otherwise file by file."""
+        if source is dest and _overrides(source, "copy_within"):
+            try:
+                source.copy_within(src, dst, **kwargs)
+            except UnsupportedOperationError:
+                pass  # not for this item (or these writer options): file by file
+            else:
+                return {str(dst): None}
         if tree is False:
             tree = self._items(source, src)
         if tree is None:

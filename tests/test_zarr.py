@@ -549,13 +549,108 @@ def test_send_refuses_a_plane_too_large_before_reading_it(fm, tmp_path):
     assert "raise --max-inflight-bytes" in result.stderr and "Traceback" not in result.stderr
 
 
-# -- time points as files --------------------------------------------------------------------
+# -- moves and copies keep every key; time points as files -----------------------------------
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (relative path -> bytes): a zarr node's exact content."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
             if p.is_file()}
+
+
+def _ome_store(fm: FileManager, path: str, kind: str) -> None:
+    image = np.arange(2 * 96 * 96, dtype=np.uint16).reshape(2, 96, 96)
+    if kind == "image":
+        fm.save(image, path, "zarr", ome=True, levels=3, scale={"y": 0.5, "x": 0.5})
+    else:
+        fm.save({"A/1": [image[0], image[1]], "B/2": [image[1]]}, path, "zarr", ome="plate",
+                levels=2, name="screen")
+
+
+@pytest.mark.parametrize("kind", ["image", "plate"])
+@pytest.mark.parametrize("operation", ["move", "copy"])
+@pytest.mark.parametrize("dst", ["b.zarr", "other.zarr/runs/b"])
+def test_a_whole_store_moved_or_copied_keeps_every_key(tmp_path, kind, operation, dst):
+    """A move of a whole store (a.zarr -> b.zarr) fell back to load and save: the root's
+    OME-Zarr metadata (multiscales, omero, plate) was dropped, so b.zarr no longer loaded as
+    an image, and the source was deleted. A copy did the same to every group."""
+    fm = FileManager({"zarr": ZarrBackend(tmp_path)})
+    _ome_store(fm, "a.zarr", kind)
+    before = _tree(tmp_path / "a.zarr")
+    getattr(fm, operation)("a.zarr", dst, "zarr")
+    assert _tree(tmp_path / dst) == before  # byte for byte, every level and attribute
+    assert fm.exists("a.zarr", "zarr") == (operation == "copy")
+    if kind == "image":
+        assert fm.load(dst, "zarr", level=2).shape == (2, 24, 24)
+    else:
+        assert fm.load(f"{dst}/A/1/1", "zarr").shape == (96, 96)
+    if "/" in dst:  # into another store as a group, listed there like any other
+        assert fm.list_dir("other.zarr/runs", "zarr") == ["b"]
+
+
+def test_a_store_moved_on_an_object_store_keeps_every_key(tmp_path):
+    """The same through an fsspec URL (key by key, metadata last)."""
+    fm = FileManager({"zarr": ZarrBackend()})
+    root = f"memory://polystore-test/{tmp_path.name}"
+    _ome_store(fm, f"{root}/a.zarr", "image")
+    fm.move(f"{root}/a.zarr", f"{root}/b.zarr", "zarr")
+    moved = zarr.open_group(ZarrBackend().store(f"{root}/b.zarr"), mode="r")
+    assert moved.attrs["ome"]["multiscales"][0]["datasets"][2]["path"] == "2"
+    assert fm.load(f"{root}/b.zarr", "zarr", level=2).shape == (2, 24, 24)
+    assert not fm.exists(f"{root}/a.zarr", "zarr")
+    fm.copy(f"{root}/b.zarr", f"{root}/c.zarr/b", "zarr")
+    assert fm.load(f"{root}/c.zarr/b", "zarr", level=1).shape == (2, 48, 48)
+
+
+@pytest.mark.parametrize("operation", ["move", "copy"])
+def test_onto_an_existing_node_an_array_replaces_an_array_and_groups_are_not_merged(
+        tmp_path, operation):
+    """With overwrite=True a move onto an existing group merged by loading and saving: a
+    3-level image moved onto a 1-level one kept the old levels 1 and 2 under metadata of
+    the old image, and the source's attributes were dropped."""
+    fm = FileManager({"zarr": ZarrBackend(tmp_path)})
+    transfer = getattr(fm, operation)
+    data = np.arange(48, dtype=np.uint16).reshape(3, 4, 4)
+    fm.save(data, "s.zarr/new", "zarr", axes="zyx", attributes={"v": 2}, chunks=(1, 2, 2))
+    fm.save(data[:1] + 7, "s.zarr/old", "zarr", attributes={"v": 1})
+    before = _tree(tmp_path / "s.zarr" / "new")
+    transfer("s.zarr/new", "s.zarr/old", "zarr", overwrite=True)
+    assert _tree(tmp_path / "s.zarr" / "old") == before
+    np.testing.assert_array_equal(fm.load("s.zarr/old", "zarr"), data)
+    assert fm.list_dir("s.zarr", "zarr") == (["new", "old"] if operation == "copy" else ["old"])
+    assert not list((tmp_path / "s.zarr").glob(".*"))  # nothing set aside is left over
+
+    big = np.ones((2, 64, 64), np.uint16)
+    fm.save(big, "s.zarr/img3", "zarr", ome=True, levels=3)
+    fm.save(big, "s.zarr/img1", "zarr", ome=True, levels=1)
+    snapshot = _tree(tmp_path / "s.zarr")
+    for src, dst in [("s.zarr/img3", "s.zarr/img1"), ("s.zarr/old", "s.zarr/img1"),
+                     ("s.zarr/img3", "s.zarr/old")]:
+        with pytest.raises(FileExistsError, match="never merges groups.*nothing was changed"):
+            transfer(src, dst, "zarr", overwrite=True)
+        assert _tree(tmp_path / "s.zarr") == snapshot
+    with pytest.raises(ValueError, match="into itself"):
+        transfer("s.zarr", "s.zarr/inner", "zarr")
+    with pytest.raises(NotADirectoryError, match="is a zarr array, not a group"):
+        transfer("s.zarr/img3", "s.zarr/old/img3", "zarr")
+    fm.save(big, "v2.zarr/img", "zarr", ome=True, levels=1)
+    ZarrBackend(tmp_path, zarr_format=2).save(big, "two.zarr/x", ome=True, levels=1)
+    with pytest.raises(ValueError, match="zarr v2 node.*zarr v3 group.*one format"):
+        transfer("two.zarr/x", "v2.zarr/x", "zarr")
+    assert _tree(tmp_path / "s.zarr") == snapshot and fm.exists("two.zarr/x", "zarr")
+
+
+def test_a_group_copied_with_writer_options_is_refused_before_writing(tmp_path):
+    """Writer options mean load and save: for a group that dropped its attributes."""
+    fm = FileManager({"zarr": ZarrBackend(tmp_path)})
+    fm.save(np.ones((2, 64, 64), np.uint16), "a.zarr/img", "zarr", ome=True, levels=2)
+    for transfer in (fm.copy, fm.move):
+        with pytest.raises(ValueError, match="writer options.*drop the group's attributes"):
+            transfer("a.zarr/img", "a.zarr/img2", "zarr", compression="none")
+    assert fm.list_dir("a.zarr", "zarr") == ["img"]
+    # an array may still be re-encoded on request
+    fm.copy("a.zarr/img/0", "a.zarr/raw", "zarr", compression="none")
+    assert fm.load("a.zarr/raw", "zarr", lazy=True).nbytes_stored() >= 2 * 64 * 64 * 2
 
 
 def test_a_time_point_is_a_file_exactly_when_it_loads(fm, tmp_path):
@@ -584,10 +679,10 @@ def test_a_time_point_is_a_file_exactly_when_it_loads(fm, tmp_path):
                 fm.delete(full, backend="zarr")
 
 
-def test_deleting_one_time_point_is_refused_and_loses_nothing(fm, tmp_path):
-    """delete() of a time point said 'nothing at' a path exists() confirmed. It may never
-    touch the other frames."""
-    from polystore.errors import UnsupportedOperationError
+def test_deleting_or_moving_one_time_point_is_refused_and_loses_nothing(fm, tmp_path):
+    """delete() of a time point said 'nothing at' a path exists() confirmed; a move of one
+    failed the same way after the checks had passed. Neither may touch the other frames."""
+    from polystore.errors import TransferError, UnsupportedOperationError
 
     frames = series(3)
     root = tmp_path / "s.zarr"
@@ -600,8 +695,20 @@ def test_deleting_one_time_point_is_refused_and_loses_nothing(fm, tmp_path):
         with pytest.raises(UnsupportedOperationError, match="time point 1.*cannot be deleted "
                            "on its own.*nothing was deleted.*Delete the whole series"):
             fm.delete(frame, backend="zarr")
+        with pytest.raises(TransferError, match="cannot move.*time point 1.*nothing was written"):
+            fm.move(frame, root / "moved" / "t000", backend="zarr")
         assert _tree(root) == before
         np.testing.assert_array_equal(fm.load(root / series_name, backend="zarr"), frames)
     # a copy of one time point writes its pixels (into a new series here)
     fm.copy(root / "cells" / "t001", root / "copied" / "t000", backend="zarr")
     np.testing.assert_array_equal(fm.load(root / "copied", backend="zarr"), frames[1:2])
+    # and moving an array onto a time point writes that time point
+    fm.save(frames[0] + 1, root / "single", backend="zarr")
+    fm.move(root / "single", root / "cells" / "t003", backend="zarr")
+    assert fm.load(root / "cells", backend="zarr").shape == (4, 32, 48)
+    assert not fm.exists(root / "single", backend="zarr")
+    fm.ensure_directory(root / "grp", backend="zarr")
+    with pytest.raises(IsADirectoryError, match="group.*a time point.*only an array"):
+        fm.move(root / "grp", root / "cells" / "t009", backend="zarr")
+    assert fm.is_dir(root / "grp", backend="zarr")
+    assert fm.load(root / "cells", backend="zarr").shape == (4, 32, 48)

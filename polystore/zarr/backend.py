@@ -10,12 +10,15 @@ array) that reads chunks only when indexed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import re
+import shutil
 import tempfile
 import threading
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -28,6 +31,7 @@ from polystore.base import StorageBackend
 from polystore.errors import (
     DestinationExistsError,
     PathEscapeError,
+    TransferError,
     UnsupportedOperationError,
 )
 from polystore.paths import name_matches, normalize_extensions
@@ -520,8 +524,6 @@ class ZarrBackend(StorageBackend):
         store = self.stores.get(zp.root)
         _sync(store.delete_dir(zp.node))
         if not zp.node and not zp.is_url:
-            import shutil
-
             shutil.rmtree(zp.root, ignore_errors=True)
 
     def ensure_directory(self, path: Any) -> None:
@@ -532,37 +534,174 @@ class ZarrBackend(StorageBackend):
             zarr.open_group(store=self.stores.get(zp.root), path=zp.node, mode="a",
                             zarr_format=self.zarr_format)
 
+    # -- moving and copying nodes, exactly as stored ---------------------------------
     def rename(self, src: Any, dst: Any) -> None:
-        """Move an array or group with everything stored for it (attributes, dimension
-        names, codecs, chunks, OME-Zarr metadata and levels), also into another store:
-        `FileManager.move` would otherwise load and save it again, keeping only pixels."""
-        zarr = require_zarr()
+        """Move an array, a group or a whole store with everything stored for it (attributes,
+        dimension names, codecs, chunks, OME-Zarr metadata and levels, plate layout), also
+        into another store: `FileManager.move` would otherwise load and save it again,
+        keeping only pixels. Within local folders one directory rename, else key by key
+        (metadata last) and the source deleted last.
+
+        An array replaces an existing array (the old one is set aside until the new one is
+        in place); a group is never merged into an existing node, nor an array put over a
+        group: DestinationExistsError, nothing changed. A time point of a series
+        (``.../cells/t003``) cannot be moved: it cannot be deleted from its array
+        (TransferError, nothing written; copy it instead)."""
+        if self.same_path(src, dst):
+            return
+        zs, zd, fmt, replace = self._plan_transfer(src, dst, "move")
+        self._transfer(zs, zd, fmt, replace, move=True)
+
+    def copy_within(self, src: Any, dst: Any, **kwargs: Any) -> None:
+        """Copy an array, a group or a whole store with everything stored for it, key by key
+        with the bytes unchanged and metadata last (FileManager.copy within this backend).
+
+        Onto an existing node as :meth:`rename`. Writer options (``compression=``,
+        ``chunks=``, ...) ask for re-encoding: for an array UnsupportedOperationError tells
+        FileManager to load and save it; a group is refused (re-saving its arrays one by one
+        would drop its attributes). A time point of a series: UnsupportedOperationError
+        (FileManager loads and saves it)."""
+        if kwargs:
+            zs = self.split(src)
+            if self._kind(zs) == "group":
+                raise ValueError(
+                    f"cannot copy or move the zarr group {str(zs)!r} with writer options "
+                    f"{sorted(kwargs)}: re-saving its arrays one by one would drop the group's "
+                    "attributes (OME-Zarr metadata, plate layout); nothing was written. Copy it "
+                    "without options (an exact copy), or copy its arrays one by one")
+            raise UnsupportedOperationError("zarr", "copy_within",
+                                            "writer options: load and save instead")
+        zs, zd, fmt, replace = self._plan_transfer(src, dst, "copy")
+        self._transfer(zs, zd, fmt, replace, move=False)
+
+    def _same_store(self, a: ZarrPath, b: ZarrPath) -> bool:
+        if a.is_url or b.is_url:
+            return a.root == b.root
+        return Path(a.root).resolve() == Path(b.root).resolve()
+
+    def _plan_transfer(self, src: Any, dst: Any, verb: str) -> tuple[ZarrPath, ZarrPath, int, bool]:
+        """Check a move or copy before anything changes: (source, destination, the source's
+        zarr format, whether the destination is an array the source array replaces)."""
         zs, zd = self.split(src), self.split(dst)
-        if not zs.node or not zd.node:
-            raise self._unsupported("rename")  # a whole store: FileManager copies its nodes
-        if self._kind(zs) is None:
-            raise FileNotFoundError(f"nothing at {str(zs)!r} on backend 'zarr'")
-        if self._kind(zd) is not None:
-            raise DestinationExistsError(f"Cannot move {str(src)!r} onto existing {str(dst)!r}")
-        same_store = zs.root == zd.root or not (zs.is_url or zd.is_url) and (
-            Path(zs.root).resolve() == Path(zd.root).resolve())
-        if same_store and f"{zd.node}/".startswith(f"{zs.node}/"):
-            raise ValueError(f"Cannot move {str(src)!r} into itself ({str(dst)!r})")
+        with _clear_errors(zs):
+            node = self._node(zs)
+        if node is None:
+            frame = self._stored_frame(zs)
+            if frame is None:
+                raise FileNotFoundError(f"nothing at {str(zs)!r} on backend 'zarr'")
+            if verb == "move":
+                raise TransferError(
+                    f"cannot move {str(zs)!r}: it is time point {frame[1]} of the series "
+                    f"{str(frame[0])!r}, a plane of one array that cannot be deleted on its "
+                    "own; nothing was written. copy() it, then delete or keep the series")
+            raise UnsupportedOperationError("zarr", "copy_within", "a time point: load and save it")
+        existing = self._node(zd)
+        if existing is None and self._series_frame(zd) is not None:
+            if not _is_array(node):
+                raise IsADirectoryError(
+                    f"cannot {verb} the zarr group {str(zs)!r} to {str(zd)!r}, a time point "
+                    "of a series: only an array (one frame) fits there; nothing was changed")
+            # a time point of an existing series: FileManager saves it there (appends)
+            raise UnsupportedOperationError("zarr", verb, "to a time point: load and save it")
+        if self._same_store(zs, zd) and (
+                zs.node == zd.node or not zs.node or f"{zd.node}/".startswith(f"{zs.node}/")):
+            raise ValueError(f"cannot {verb} {str(zs)!r} into itself ({str(zd)!r}); nothing "
+                             "was changed")
+        is_array = _is_array(node)
+        if is_array and not zd.node:
+            name = zs.node.rsplit("/", 1)[-1]
+            raise IsADirectoryError(
+                f"cannot {verb} the array {str(zs)!r} as the store {zd.root!r} itself: name "
+                f"it inside the store, e.g. '{zd.root}/{name}'; nothing was changed")
+        if existing is not None and not (is_array and _is_array(existing)):
+            kind = "array" if _is_array(existing) else "group"
+            raise DestinationExistsError(
+                f"{str(zs)!r} cannot replace the existing zarr {kind} {str(zd)!r}: the "
+                "zarr backend replaces an array with an array but never merges groups (their "
+                "attributes, such as OME-Zarr metadata, and their arrays would mix); nothing "
+                "was changed. Delete it first (delete(path, recursive=True)) or choose a new "
+                "name")
+        fmt = int(node.metadata.zarr_format)
+        parent, above = zd.node, None
+        while parent and above is None:  # the nearest node above the destination
+            parent = parent.rpartition("/")[0]
+            above = self._node(ZarrPath(zd.root, parent))
+        where = str(ZarrPath(zd.root, parent))
+        if above is not None and _is_array(above):
+            raise NotADirectoryError(f"cannot {verb} to {str(zd)!r}: {where!r} is a zarr array, "
+                                     "not a group; nothing was changed")
+        if above is not None and int(above.metadata.zarr_format) != fmt:
+            raise ValueError(
+                f"cannot {verb} the zarr v{fmt} node {str(zs)!r} into {where!r}, a zarr "
+                f"v{above.metadata.zarr_format} group: one store holds one format (readers "
+                "would not find it); nothing was changed. Choose a store of that format or a "
+                "new store")
+        target_dir = Path(zd.root, zd.node)
+        if existing is None and not zd.is_url and target_dir.is_dir() and any(
+                target_dir.iterdir()):
+            raise FileExistsError(
+                f"cannot {verb} to {str(zd)!r}: that folder holds files but no zarr node "
+                "(perhaps the chunks of an interrupted write); remove it first. Nothing was "
+                "changed")
+        return zs, zd, fmt, existing is not None
+
+    def _transfer(self, zs: ZarrPath, zd: ZarrPath, fmt: int, replace: bool, move: bool) -> None:
+        """Copy (or move) a checked node: directory renames where both are local folders
+        on one filesystem, else keys with the bytes unchanged, metadata last."""
+        zarr = require_zarr()
         source, target = self.stores.get(zs.root), self.stores.get(zd.root)
-        with _clear_errors(zd, writing=True), self._grow_lock(zs):
-            parent = zd.node.rpartition("/")[0]
-            zarr.open_group(store=target, path=parent, mode="a", zarr_format=self.zarr_format)
-            if same_store and not zs.is_url:  # one local store: one directory rename
-                destination = Path(zd.root, zd.node)
-                os.makedirs(destination.parent, exist_ok=True)
-                os.replace(Path(zs.root, zs.node), destination)
-                return
+        local = not (zs.is_url or zd.is_url)
+        with _clear_errors(zd, writing=True), self._grow_lock(zs), self._grow_lock(zd):
+            if zd.node:  # the groups above the destination, in the source's format
+                parts = zd.node.split("/")[:-1]
+                for depth in range(len(parts) + 1):
+                    above = ZarrPath(zd.root, "/".join(parts[:depth]))
+                    if self._node(above) is None:
+                        zarr.open_group(store=target, path=above.node, mode="a",
+                                        zarr_format=fmt)
+            if move and local:
+                try:
+                    _swap_in(Path(zs.root, zs.node), Path(zd.root, zd.node), replace)
+                    return
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+            staged = zd
+            if replace:  # copied beside the array it replaces, which stays until then
+                name = zd.node.rpartition("/")
+                staged = ZarrPath(zd.root, f"{name[0]}{name[1]}.{name[2]}.polystore-"
+                                           f"{uuid.uuid4().hex[:8]}")
             try:
-                _sync(_copy_keys(source, zs.node, target, zd.node))
+                _sync(_copy_keys(source, zs.node, target, staged.node))
             except BaseException:
-                self._forget_chunks(target, zd)
+                self._discard(staged)
                 raise
-            _sync(source.delete_dir(zs.node))
+            if replace:
+                self._put_in_place(staged, zd)
+            if move:
+                self._delete_node(zs)
+
+    def _put_in_place(self, staged: ZarrPath, zd: ZarrPath) -> None:
+        """Replace the array at ``zd`` with the complete copy at ``staged``."""
+        if not zd.is_url:
+            _swap_in(Path(staged.root, staged.node), Path(zd.root, zd.node), True)
+            return
+        store = self.stores.get(zd.root)
+        self._delete_node(zd)
+        try:
+            _sync(_copy_keys(store, staged.node, store, zd.node))
+        except BaseException as exc:
+            exc.add_note(f"polystore: the replaced array {str(zd)!r} was deleted; its new "
+                         f"content is complete at {str(staged)!r}")
+            raise
+        self._discard(staged)
+
+    def _discard(self, zp: ZarrPath) -> None:
+        """Best effort: remove a node this backend was writing (a failed copy)."""
+        try:
+            self._delete_node(zp)
+        except Exception as exc:  # noqa: BLE001 - the original error matters more
+            logger.warning("could not remove the partial copy at %s: %s", zp, exc)
 
     def same_path(self, a: Any, b: Any) -> bool:
         za, zb = self.split(a), self.split(b)
@@ -580,16 +719,42 @@ def _sync(coro: Any) -> Any:
     return sync(coro)
 
 
+#: Keys that make a node readable: copied last, deepest first, so an interrupted copy
+#: leaves nothing a reader could open with missing chunks.
+_METADATA_KEYS = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")
+
+
 async def _copy_keys(source: Any, src_node: str, target: Any, dst_node: str) -> None:
-    """Copy every key of node `src_node` of store `source` to `dst_node` of `target`."""
+    """Copy every key of node `src_node` of store `source` (``""``: the whole store) to
+    `dst_node` of `target`, bytes unchanged: chunks first, then metadata deepest first."""
     from zarr.core.buffer import default_buffer_prototype
 
     prototype = default_buffer_prototype()
-    keys = [key async for key in source.list_prefix(f"{src_node}/")]
+    prefix = f"{src_node}/" if src_node else ""
+    keys = [key async for key in source.list_prefix(prefix)]
+    keys.sort(key=lambda k: (k.rsplit("/", 1)[-1] in _METADATA_KEYS, -k.count("/"), k))
     for key in keys:
         value = await source.get(key, prototype)
         if value is not None:
-            await target.set(dst_node + key[len(src_node):], value)
+            rest = key[len(prefix):]
+            await target.set(f"{dst_node}/{rest}" if dst_node else rest, value)
+
+
+def _swap_in(source: Path, target: Path, replace: bool) -> None:
+    """Rename the directory ``source`` to ``target``; with ``replace`` the directory at
+    ``target`` is set aside first and put back if the rename fails."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not replace:
+        os.replace(source, target)
+        return
+    aside = target.with_name(f".{target.name}.polystore-old-{uuid.uuid4().hex[:8]}")
+    os.replace(target, aside)
+    try:
+        os.replace(source, target)
+    except BaseException:
+        os.replace(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _is_array(node: Any) -> bool:
