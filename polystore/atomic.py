@@ -6,6 +6,10 @@ file is created with ``O_TMPFILE``: it has no name until the write has finished,
 process killed with SIGKILL mid-write leaves nothing behind. Where ``O_TMPFILE`` is not
 available a hidden named temporary file is used and removed on any error.
 
+With ``replace=False`` the finished file is hard-linked into place (``linkat``), which fails
+with FileExistsError if the name exists, whoever made it and however short the race: of two
+writers of one new name exactly one wins and the other's data is discarded, never mixed in.
+
 Replacing a file keeps what the user set on it: the new file gets the old one's permission
 bits, and its owner and group where this process may set them (root, or a group the user
 belongs to); a new file gets the usual mode from the umask.
@@ -108,11 +112,14 @@ def atomic_write(
     encoding: str | None = None,
     newline: str | None = None,
     durable: bool = True,
+    replace: bool = True,
 ) -> Iterator[IO[Any]]:
     """Yield a file object whose contents replace ``path`` only if the block succeeds.
 
     ``durable`` fsyncs the data and the directory so the new file survives a power cut.
-    The target's directory must exist.
+    ``replace=False`` never replaces: if ``path`` exists when the block ends (any kind of
+    entry, a dangling symlink too) FileExistsError is raised and nothing is written; the
+    check and the creation are one atomic step. The target's directory must exist.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write supports mode 'w' or 'wb', not {mode!r}")
@@ -130,7 +137,8 @@ def atomic_write(
                     break
                 except FileExistsError:
                     continue
-        _copy_ownership(fd, dir_fd, target.name)
+        if replace:
+            _copy_ownership(fd, dir_fd, target.name)
         text_args = {"encoding": encoding, "newline": newline} if mode == "w" else {}
         with os.fdopen(fd, mode, **text_args) as handle:
             # Some writers (tifffile) need a str name; a raw fd's name is an int.
@@ -141,8 +149,19 @@ def atomic_write(
             if durable:
                 os.fsync(handle.fileno())
             if temp is None:
-                temp = _link_anonymous(handle.fileno(), dir_fd, target.name)
-        os.replace(temp, target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                if not replace:
+                    # name the anonymous file straight away: linkat fails if the name exists
+                    os.link(f"/proc/self/fd/{handle.fileno()}", target.name,
+                            src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                else:
+                    temp = _link_anonymous(handle.fileno(), dir_fd, target.name)
+        if not replace:
+            if temp is not None:  # the named temporary file (no O_TMPFILE)
+                os.link(temp, target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd,
+                        follow_symlinks=False)
+                os.unlink(temp, dir_fd=dir_fd)
+        else:
+            os.replace(temp, target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         temp = None
         if durable:
             os.fsync(dir_fd)

@@ -440,14 +440,20 @@ class FileManager:
         dst: Any,
         kwargs: dict[str, Any],
         for_move: bool = False,
+        exclusive: bool = False,
     ) -> str | None:
         """Copy one item; returns the sha256 of its bytes when they were copied verbatim.
+        ``exclusive`` (overwrite=False): a destination that can refuse an existing name
+        atomically (``can_write_exclusive``: disk) is asked to, so of two concurrent
+        transfers to one new name exactly one wins.
 
         Bytes travel as they are when both backends hold bytes and the two paths name the
         same format ('a.tif' -> 'b.tiff', 'x.bin' -> 'y.bin'); a change of format
         ('a.tif' -> 'a.npy') or keyword arguments for the writer mean decode and re-encode.
         For a move (``for_move``) a conversion that would keep only part of the item (a
         TIFF of several series) is refused, and the converted array must load back equal."""
+        no_replace = {"overwrite": False} if exclusive and getattr(
+            dest, "can_write_exclusive", False) else {}
         dst_format = formats.format_for(dst)
         same_format = formats.format_for(src) is dst_format
         holds_bytes = getattr(source, "holds_bytes", None)  # memory: maybe a decoded object
@@ -459,7 +465,7 @@ class FileManager:
             except UnsupportedFormatError:
                 raw = None  # an object the source holds decoded, with no file format
             if raw is not None:
-                dest.write_bytes(raw, dst)
+                dest.write_bytes(raw, dst, **no_replace)
                 return hashlib.sha256(raw).hexdigest()
         if for_move:
             _refuse_partial_decode(source, src, dst)
@@ -470,7 +476,7 @@ class FileManager:
             encoded = formats.encode(data, dst, backend_label(dest), **kwargs)
             _check_loads_back(data, formats.decode(encoded, dst, **_reading_as(data, dst_format)),
                               src, dst)
-        dest.save(data, dst, **kwargs)
+        dest.save(data, dst, **kwargs, **no_replace)
         if for_move and dst_format is None and dest.can_read:
             _check_loads_back(data, dest.load(dst), src, dst, written=True)  # zarr: no format
         return None
@@ -499,8 +505,10 @@ class FileManager:
         """
         src_name, dst_name, single = self._endpoints(backend, src_backend, dst_backend, "copy")
         source, dest = self.get_backend(src_name), self.get_backend(dst_name)
-        self._check_transfer(source, dest, src, dst, src_name, dst_name, overwrite, single)
-        self._copy(source, dest, src, dst, kwargs)
+        overwrite = self._check_transfer(
+            source, dest, src, dst, src_name, dst_name, overwrite, single
+        )
+        self._copy(source, dest, src, dst, kwargs, exclusive=not overwrite)
         return True
 
     def _check_transfer(
@@ -513,7 +521,11 @@ class FileManager:
         dst_name: str,
         overwrite: bool | None,
         single: bool,
-    ) -> None:
+    ) -> bool:
+        """Refuse what cannot be done before anything is written; returns ``overwrite``
+        with its default applied. (``dest.exists`` here gives the early, clear error; a
+        destination that appears after it is refused by the write itself where the backend
+        can (disk), see ``_transfer_file``.)"""
         if not source.can_read:
             raise UnsupportedOperationError(src_name, "load", "cannot copy from a sink")
         if not dest.can_write:
@@ -527,6 +539,7 @@ class FileManager:
                 f"{str(dst)!r} already exists on backend {dst_name!r}; pass overwrite=True "
                 "to replace it"
             )
+        return overwrite
 
     def _copy(
         self,
@@ -537,9 +550,11 @@ class FileManager:
         kwargs: dict[str, Any],
         tree: tuple[list[str], list[str]] | None | bool = False,
         for_move: bool = False,
+        exclusive: bool = False,
     ) -> dict[str, str | None]:
         """Copy a file or tree (``tree``: from :meth:`_items`, listed here when not given);
         returns destination path -> sha256 (None: re-encoded, or copied by the backend).
+        ``exclusive``: no file at the destination is replaced (see :meth:`_transfer_file`).
 
         Within one backend that copies items itself (``copy_within``: zarr keeps a group's
         attributes and arrays exactly) that copy is used; otherwise file by file."""
@@ -553,7 +568,8 @@ class FileManager:
         if tree is False:
             tree = self._items(source, src)
         if tree is None:
-            return {str(dst): self._transfer_file(source, dest, src, dst, kwargs, for_move)}
+            return {str(dst): self._transfer_file(
+                source, dest, src, dst, kwargs, for_move, exclusive)}
         dirs, files = tree
         written: dict[str, str | None] = {}
         created: list[str] = []  # what did not exist before, in creation order
@@ -570,10 +586,14 @@ class FileManager:
                     dest.ensure_directory(_join(dst, rel))
             for rel in files:
                 target = _join(dst, rel)
-                note_new(target)
+                # noted once written: a file that another writer put there meanwhile (the
+                # write refused it) is not ours to remove
+                new = can_check and not dest.exists(target)
                 written[target] = self._transfer_file(
-                    source, dest, _join(src, rel), target, kwargs, for_move
+                    source, dest, _join(src, rel), target, kwargs, for_move, exclusive
                 )
+                if new or exclusive:
+                    created.append(target)
         except BaseException as exc:
             # A tree copy that stops half way (a full disk, a file that cannot be read)
             # leaves nothing of itself behind: a partial tree would look like a finished one.
@@ -628,12 +648,17 @@ class FileManager:
             )
         if replace_symlinks and dest.is_symlink(dst):
             overwrite = True
-        self._check_transfer(source, dest, src, dst, src_name, dst_name, overwrite, single)
-        if not kwargs and self._try_rename(source, dest, src, dst):  # writer options: re-encode
+        overwrite = self._check_transfer(
+            source, dest, src, dst, src_name, dst_name, overwrite, single
+        )
+        # writer options: re-encode
+        if not kwargs and self._try_rename(source, dest, src, dst, overwrite):
             return True
         tree = self._items(source, src)  # listed once: only what was copied is deleted
         if dest.can_read:
-            written = self._copy(source, dest, src, dst, kwargs, tree, for_move=True)
+            written = self._copy(
+                source, dest, src, dst, kwargs, tree, for_move=True, exclusive=not overwrite
+            )
             self._verify(dest, written, dst_name, src)
         else:
             self._deliver(source, dest, src, dst, dst_name, kwargs, tree)
@@ -655,21 +680,30 @@ class FileManager:
         return False
 
     @staticmethod
-    def _try_rename(source: Backend, dest: Backend, src: Any, dst: Any) -> bool:
+    def _try_rename(
+        source: Backend, dest: Backend, src: Any, dst: Any, overwrite: bool = True
+    ) -> bool:
         """Move without copying where possible: within one backend that can rename, or
-        between two disk backends on one filesystem; never when the format changes."""
+        between two disk backends on one filesystem; never when the format changes.
+        ``overwrite=False`` on disk: a rename that refuses an existing ``dst`` atomically,
+        and DestinationExistsError propagates (copying instead would replace it)."""
         if formats.format_for(src) is not formats.format_for(dst) and not (
             _overrides(source, "is_dir") and source.is_dir(src)
         ):
             return False  # 'a.tif' -> 'a.npy' is a conversion, not a rename
         try:
-            if source is dest:
+            if isinstance(source, DiskBackend) and isinstance(dest, DiskBackend):
+                dest.rename(src, dst, from_backend=None if source is dest else source,
+                            overwrite=overwrite)
+            elif source is dest:
                 source.rename(src, dst)
-            elif isinstance(source, DiskBackend) and isinstance(dest, DiskBackend):
-                dest.rename(src, dst, from_backend=source)
             else:
                 return False
-        except (UnsupportedOperationError, DestinationExistsError):
+        except DestinationExistsError:
+            if not overwrite:
+                raise
+            return False
+        except UnsupportedOperationError:
             return False  # or a directory onto one (overwrite=True): merge by copying
         except OSError as exc:
             if exc.errno == 18:  # EXDEV: another filesystem, so copy and delete instead

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import os
 import shutil
@@ -21,6 +23,48 @@ __all__ = ["DiskBackend"]
 logger = logging.getLogger(__name__)
 
 
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def _load_renameat2() -> Callable[..., int] | None:
+    try:
+        func = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc >= 2.28 (musl before 1.2.4, macOS)
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+_renameat2 = _load_renameat2()
+
+
+def _rename_no_replace(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target`` unless ``target`` exists (FileExistsError), in one
+    atomic step: ``renameat2(RENAME_NOREPLACE)`` (Linux 3.15+; ext4, xfs, btrfs, tmpfs).
+    Where that is missing or the filesystem refuses it: a file or symlink is hard-linked
+    to ``target`` (atomic, fails if it exists) and then unlinked from ``source``; a
+    directory, which cannot be hard-linked, is renamed after a check, which a concurrent
+    writer could still race."""
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target),
+                      _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(source), None, str(target))
+        logger.debug("renameat2(RENAME_NOREPLACE) unsupported for %s (%s); falling back",
+                     target, errno.errorcode.get(err, err))
+    if source.is_dir() and not source.is_symlink():
+        if target.exists() or target.is_symlink():
+            raise FileExistsError(errno.EEXIST, "File exists", str(target))
+        os.rename(source, target)
+        return
+    os.link(source, target, follow_symlinks=False)
+    source.unlink()
+
+
 class DiskBackend(StorageBackend):
     """Files on the local filesystem.
 
@@ -35,6 +79,9 @@ class DiskBackend(StorageBackend):
     _backend_type = "disk"
     can_list: ClassVar[bool] = True
     can_hold_bytes: ClassVar[bool] = True
+    #: save/write_bytes/rename take ``overwrite=False`` and refuse an existing name
+    #: atomically (FileManager.copy/move with overwrite=False rely on it).
+    can_write_exclusive: ClassVar[bool] = True
     #: extension -> format name; the formats themselves live in polystore.formats.
     FORMATS: ClassVar[Mapping[str, str]] = formats.FORMAT_NAMES
 
@@ -59,10 +106,23 @@ class DiskBackend(StorageBackend):
         where = f" under {str(self.base_dir)!r}" if self.base_dir is not None else ""
         return FileNotFoundError(f"File not found: {str(path)!r} on backend 'disk'{where}")
 
-    def _write(self, file_path: Any, write: Callable[[IO[bytes]], None]) -> Path:
+    def _exists_error(self, path: Any) -> DestinationExistsError:
+        return DestinationExistsError(
+            f"{str(path)!r} already exists on backend 'disk'; pass overwrite=True to replace it"
+        )
+
+    def _write(
+        self, file_path: Any, write: Callable[[IO[bytes]], None], overwrite: bool = True
+    ) -> Path:
         """Run ``write`` on an atomic handle for ``file_path``. Missing parent directories
-        are created, and removed again if the write fails, so a failed save leaves nothing."""
+        are created, and removed again if the write fails, so a failed save leaves nothing.
+        ``overwrite=False``: an existing ``file_path`` raises DestinationExistsError, checked
+        atomically when the file is put in place (of concurrent writers one wins)."""
+        if not isinstance(overwrite, bool):
+            raise TypeError(f"overwrite must be True or False, not {overwrite!r}")
         target = self._path(file_path)
+        if not overwrite and (target.exists() or target.is_symlink()):
+            raise self._exists_error(file_path)  # early, before the data is encoded
         if target.is_dir():
             raise IsADirectoryError(f"Cannot save to {str(file_path)!r}: it is a directory")
         missing = [d for d in (target.parent, *target.parent.parents) if not d.exists()]
@@ -72,8 +132,13 @@ class DiskBackend(StorageBackend):
                                      "file, not a directory; choose another path")
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with atomic_write(target, "wb") as handle:
+            with atomic_write(target, "wb", replace=overwrite) as handle:
                 write(handle)
+        except FileExistsError as exc:  # replace=False and the name appeared meanwhile
+            for directory in missing:
+                with suppress(OSError):
+                    directory.rmdir()
+            raise self._exists_error(file_path) from exc
         except BaseException:
             for directory in missing:  # innermost first
                 with suppress(OSError):
@@ -90,15 +155,20 @@ class DiskBackend(StorageBackend):
         return target
 
     # -- primitives -------------------------------------------------------------------
-    def save(self, data: Any, file_path: Any, **kwargs: Any) -> None:
+    def save(self, data: Any, file_path: Any, *, overwrite: bool = True, **kwargs: Any) -> None:
         """Write ``data`` atomically in the format given by the extension.
 
+        ``overwrite=False`` raises DestinationExistsError (a FileExistsError) if
+        ``file_path`` exists, atomically: of several writers of one new name exactly one
+        succeeds and the others get the error, their data discarded.
         Extra keyword arguments go to the format's writer (tifffile.imwrite for .tif,
         json.dumps for .json, imageio for images, csv.writer for rows); the others take none.
         Bad data raises before the target is touched.
         """
         target = self._write(
-            file_path, lambda handle: formats.write(data, handle, file_path, "disk", **kwargs)
+            file_path,
+            lambda handle: formats.write(data, handle, file_path, "disk", **kwargs),
+            overwrite,
         )
         logger.debug("saved %s", target)
 
@@ -113,14 +183,26 @@ class DiskBackend(StorageBackend):
         """The file's exact bytes."""
         return self._readable_file(path).read_bytes()
 
-    def write_bytes(self, data: bytes, path: Any, **kwargs: Any) -> None:
-        """Replace the file's content with ``data``, atomically."""
-        target = self._write(path, lambda handle: handle.write(data))
+    def write_bytes(
+        self, data: bytes, path: Any, *, overwrite: bool = True, **kwargs: Any
+    ) -> None:
+        """Replace the file's content with ``data``, atomically (``overwrite=False``: as in
+        :meth:`save`)."""
+        target = self._write(path, lambda handle: handle.write(data), overwrite)
         logger.debug("saved %s (%d bytes)", target, len(data))
 
-    def rename(self, src: Any, dst: Any, *, from_backend: DiskBackend | None = None) -> None:
+    def rename(
+        self,
+        src: Any,
+        dst: Any,
+        *,
+        from_backend: DiskBackend | None = None,
+        overwrite: bool = True,
+    ) -> None:
         """``os.replace`` within one filesystem (OSError EXDEV across filesystems).
-        ``from_backend``: ``src`` is a path of that disk backend (another base directory)."""
+        ``from_backend``: ``src`` is a path of that disk backend (another base directory).
+        ``overwrite=False``: an existing ``dst`` raises DestinationExistsError, atomically
+        (``renameat2(RENAME_NOREPLACE)``; see :func:`_rename_no_replace` for the fallback)."""
         source = (from_backend or self)._path(src)
         target = self._path(dst)
         if not source.exists() and not source.is_symlink():
@@ -139,8 +221,16 @@ class DiskBackend(StorageBackend):
         if target.exists() and not is_tree and os.path.samefile(source, target):
             source.unlink()  # hard links of one file: rename() would do nothing
             return
+        if not overwrite and (target.exists() or target.is_symlink()):
+            raise self._exists_error(dst)
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(source, target)
+        if overwrite:
+            os.replace(source, target)
+            return
+        try:
+            _rename_no_replace(source, target)
+        except FileExistsError as exc:
+            raise self._exists_error(dst) from exc
 
     # -- symlinks ---------------------------------------------------------------------
     def create_symlink(self, source: Any, link: Any, overwrite: bool = False) -> None:

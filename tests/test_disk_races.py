@@ -1,0 +1,233 @@
+"""Races and tree walks on the disk backend, attacked with real files, threads and processes.
+
+* ``overwrite=False`` is one atomic step on disk: of writers racing for one new name
+  (save, write_bytes, FileManager.copy/move) exactly one wins, the others get
+  DestinationExistsError, and the file holds exactly the winner's bytes.
+* Tree walks (collect_dirs_and_files, mirror_directory_with_symlinks, list_files) never
+  follow a symbolic link to a directory, so a link to a parent cannot loop and a link out
+  of the tree is not walked.
+* A dangling symbolic link is not a file: list_files and collect_dirs_and_files leave it
+  out (exists() and is_file() are False for it too), and loading it says what it is.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from polystore import DiskBackend, FileManager
+from polystore.atomic import atomic_write
+from polystore.errors import DestinationExistsError
+
+ROUNDS = 40
+WRITERS = 4
+SIZE = 1 << 20  # 1 MiB per writer: the write takes long enough for the others to check
+
+
+def _payload(writer: int, round_: int) -> bytes:
+    return bytes([writer + 1]) * SIZE + f"{writer}:{round_}".encode()
+
+
+def _race(jobs: list) -> list[BaseException | None]:
+    """Run the callables at once (a barrier), return what each raised (None: it won)."""
+    barrier = threading.Barrier(len(jobs))
+    results: list[BaseException | None] = [None] * len(jobs)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            jobs[i]()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def _one_winner(results: list[BaseException | None]) -> int:
+    winners = [i for i, r in enumerate(results) if r is None]
+    losers = [r for r in results if r is not None]
+    assert len(winners) == 1, f"{len(winners)} writers won: {results}"
+    for exc in losers:
+        assert isinstance(exc, DestinationExistsError), repr(exc)
+        assert isinstance(exc, FileExistsError)
+        assert "already exists" in str(exc) and "overwrite=True" in str(exc)
+    return winners[0]
+
+
+def _no_temp_files(directory: Path) -> None:
+    left = [n for n in os.listdir(directory) if n.startswith(".")]
+    assert not left, f"temporary files left behind: {left}"
+
+
+@pytest.mark.parametrize("method", ["save", "write_bytes"])
+def test_save_overwrite_false_threads_exactly_one_wins(tmp_path: Path, method: str) -> None:
+    disk = DiskBackend()
+    write = getattr(disk, method)
+    for r in range(ROUNDS):
+        target = tmp_path / f"r{r}" / "out.bin"  # a missing parent: created by the writers
+        jobs = [
+            (lambda i=i, r=r, t=str(target): write(_payload(i, r), t, overwrite=False))
+            for i in range(WRITERS)
+        ]
+        winner = _one_winner(_race(jobs))
+        assert disk.read_bytes(str(target)) == _payload(winner, r)
+        assert disk.list_dir(str(target.parent)) == ["out.bin"]
+        _no_temp_files(target.parent)
+
+
+def test_save_overwrite_false_refuses_existing_and_keeps_it(tmp_path: Path) -> None:
+    disk = DiskBackend()
+    path = str(tmp_path / "a.npy")
+    disk.save(np.arange(3), path)
+    with pytest.raises(DestinationExistsError, match="already exists.*overwrite=True"):
+        disk.save(np.zeros(5), path, overwrite=False)
+    np.testing.assert_array_equal(disk.load(path), np.arange(3))
+    disk.save(np.zeros(5), path, overwrite=True)
+    np.testing.assert_array_equal(disk.load(path), np.zeros(5))
+    with pytest.raises(TypeError, match="overwrite must be True or False"):
+        disk.save(np.zeros(5), path, overwrite="no")
+    _no_temp_files(tmp_path)
+
+
+def test_filemanager_save_passes_overwrite_to_disk(tmp_path: Path) -> None:
+    fm = FileManager({"disk": DiskBackend()})
+    path = str(tmp_path / "t.json")
+    fm.save({"a": 1}, path, "disk", overwrite=False)
+    with pytest.raises(FileExistsError):
+        fm.save({"a": 2}, path, "disk", overwrite=False)
+    assert fm.load(path, "disk") == {"a": 1}
+
+
+def _process_writer(path: str, writer: int, round_: int, barrier, queue) -> None:
+    barrier.wait()
+    try:
+        DiskBackend().write_bytes(_payload(writer, round_), path, overwrite=False)
+        queue.put((writer, None))
+    except DestinationExistsError as exc:
+        queue.put((writer, str(exc)))
+
+
+def test_save_overwrite_false_processes_exactly_one_wins(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("fork")
+    for r in range(8):
+        target = tmp_path / f"p{r}.bin"
+        barrier, queue = ctx.Barrier(WRITERS), ctx.Queue()
+        procs = [
+            ctx.Process(target=_process_writer, args=(str(target), i, r, barrier, queue))
+            for i in range(WRITERS)
+        ]
+        for p in procs:
+            p.start()
+        outcome = dict(queue.get(timeout=60) for _ in procs)
+        for p in procs:
+            p.join(60)
+            assert p.exitcode == 0
+        winners = [w for w, err in outcome.items() if err is None]
+        assert len(winners) == 1, outcome
+        assert target.read_bytes() == _payload(winners[0], r)
+    _no_temp_files(tmp_path)
+
+
+@pytest.mark.parametrize("named_temp", [False, True], ids=["O_TMPFILE", "named-temp"])
+def test_atomic_write_no_replace(tmp_path: Path, monkeypatch, named_temp: bool) -> None:
+    """Both ways atomic_write makes its temporary file refuse an existing name."""
+    if named_temp:  # as on a filesystem without O_TMPFILE
+        import polystore.atomic as atomic
+
+        monkeypatch.setitem(atomic._tmpfile_support, os.stat(tmp_path).st_dev, False)
+    target = tmp_path / "f"
+    with atomic_write(target, "wb", replace=False) as handle:
+        handle.write(b"first")
+    with pytest.raises(FileExistsError), atomic_write(target, "wb", replace=False) as handle:
+        handle.write(b"second")
+    assert target.read_bytes() == b"first"
+    dangling = tmp_path / "link"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileExistsError), atomic_write(dangling, "wb", replace=False) as h:
+        h.write(b"x")
+    assert not (tmp_path / "nowhere").exists()
+    assert sorted(os.listdir(tmp_path)) == ["f", "link"]
+
+
+def test_copy_overwrite_false_threads_exactly_one_wins(tmp_path: Path) -> None:
+    fm = FileManager({"disk": DiskBackend()})
+    for r in range(ROUNDS):
+        sources = []
+        for i in range(WRITERS):
+            src = tmp_path / f"src{r}_{i}.bin"
+            src.write_bytes(_payload(i, r))
+            sources.append(str(src))
+        dst = str(tmp_path / "out" / f"r{r}.bin")
+        jobs = [(lambda s=s, d=dst: fm.copy(s, d, "disk", overwrite=False)) for s in sources]
+        winner = _one_winner(_race(jobs))
+        assert DiskBackend().read_bytes(dst) == _payload(winner, r)
+        for i, s in enumerate(sources):  # a copy never touches its source
+            assert Path(s).read_bytes() == _payload(i, r)
+    _no_temp_files(tmp_path / "out")
+
+
+def test_move_overwrite_false_threads_no_file_lost(tmp_path: Path) -> None:
+    """A rename onto a new name: the loser's source must still be there (os.replace made
+    both succeed, deleting the first mover's file)."""
+    fm = FileManager({"disk": DiskBackend()})
+    for r in range(ROUNDS):
+        sources = []
+        for i in range(WRITERS):
+            src = tmp_path / f"src{r}_{i}.bin"
+            src.write_bytes(_payload(i, r))
+            sources.append(src)
+        dst = tmp_path / "out" / f"r{r}.bin"
+        jobs = [(lambda s=s, d=str(dst): fm.move(str(s), d, "disk", overwrite=False))
+                for s in sources]
+        winner = _one_winner(_race(jobs))
+        assert dst.read_bytes() == _payload(winner, r)
+        for i, s in enumerate(sources):
+            assert s.exists() == (i != winner)
+            if i != winner:
+                assert s.read_bytes() == _payload(i, r)
+
+
+def test_move_across_disk_backends_overwrite_false_refuses(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    fm = FileManager({"a": DiskBackend(a), "b": DiskBackend(b)})
+    (a / "x.bin").write_bytes(b"mine")
+    (b / "x.bin").write_bytes(b"theirs")
+    with pytest.raises(DestinationExistsError):
+        fm.move("x.bin", "x.bin", src_backend="a", dst_backend="b", overwrite=False)
+    assert (a / "x.bin").read_bytes() == b"mine" and (b / "x.bin").read_bytes() == b"theirs"
+    fm.move("x.bin", "y.bin", src_backend="a", dst_backend="b", overwrite=False)
+    assert not (a / "x.bin").exists() and (b / "y.bin").read_bytes() == b"mine"
+
+
+def test_tree_copy_overwrite_false_loser_removes_only_its_own(tmp_path: Path) -> None:
+    """Two tree copies racing into one new directory: a file both have is won by one, the
+    loser's rollback never deletes a file the winner wrote."""
+    fm = FileManager({"disk": DiskBackend()})
+    for r in range(ROUNDS):
+        trees = []
+        for i in range(WRITERS):
+            tree = tmp_path / f"t{r}_{i}"
+            (tree / "sub").mkdir(parents=True)
+            (tree / "sub" / "same.bin").write_bytes(_payload(i, r))
+            trees.append(str(tree))
+        dst = str(tmp_path / f"out{r}")
+        results = _race(
+            [(lambda t=t, d=dst: fm.copy(t, d, "disk", overwrite=False)) for t in trees]
+        )
+        ok = [i for i, res in enumerate(results) if res is None]
+        for res in results:
+            assert res is None or isinstance(res, FileExistsError), repr(res)
+        assert len(ok) == 1, results
+        assert Path(dst, "sub", "same.bin").read_bytes() == _payload(ok[0], r)
