@@ -290,23 +290,35 @@ class FileManager:
         self, base_dir: Any, backend: Any, recursive: bool = True
     ) -> tuple[list[str], list[str]]:
         """Every directory (``base_dir`` included) and file below ``base_dir``, breadth
-        first, each list in natural order."""
+        first, each list in natural order.
+
+        As ``os.walk``: a symbolic link to a directory is listed among the directories but
+        not entered (a link to a parent would loop, one elsewhere would walk outside the
+        tree); a link to a file is a file; a dangling link is left out (logged), as by
+        ``list_files``: it is neither a file nor a directory, and cannot be loaded."""
         target = self.get_backend(backend)
         dirs: list[str] = []
         files: list[str] = []
+        dangling: list[str] = []
         queue = deque([str(base_dir)])
         while queue:
             current = queue.popleft()
             dirs.append(current)
             for name in self.list_dir(current, backend):
                 full = _join(current, name)
+                link = target.is_symlink(full)
                 if target.is_dir(full):
-                    if recursive:
+                    if recursive and not link:
                         queue.append(full)
                     else:
                         dirs.append(full)
+                elif link and not target.exists(full):
+                    dangling.append(full)
                 else:
                     files.append(full)
+        if dangling:
+            logger.warning("collect_dirs_and_files(%r): left out %d dangling symbolic link(s): "
+                           "%s", str(base_dir), len(dangling), ", ".join(dangling[:5]))
         return sorted(dirs, key=natural_sort_key), sorted(files, key=natural_sort_key)
 
     def exists(self, path: Any, backend: Any) -> bool:
@@ -372,8 +384,13 @@ class FileManager:
         overwrite_symlinks_only: bool = False,
     ) -> int:
         """Recreate ``source_dir``'s tree under ``target_dir`` with a symlink per file;
-        returns the number of links made."""
-        _, files = self.collect_dirs_and_files(source_dir, backend, recursive=recursive)
+        returns the number of links made. A symbolic link to a directory in the source gets
+        one symlink (to it), not a tree of them: following it could loop (a link to a
+        parent) or recreate a tree from outside ``source_dir``. Dangling links are left
+        out (see :meth:`collect_dirs_and_files`)."""
+        dirs, files = self.collect_dirs_and_files(source_dir, backend, recursive=recursive)
+        dir_links = [d for d in dirs if d != str(source_dir) and self.is_symlink(d, backend)]
+        files = sorted([*files, *dir_links], key=natural_sort_key)
         self.ensure_directory(target_dir, backend)
         for path in files:
             rel = PurePosixPath(path).relative_to(PurePosixPath(str(source_dir)))

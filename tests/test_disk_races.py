@@ -231,3 +231,73 @@ def test_tree_copy_overwrite_false_loser_removes_only_its_own(tmp_path: Path) ->
             assert res is None or isinstance(res, FileExistsError), repr(res)
         assert len(ok) == 1, results
         assert Path(dst, "sub", "same.bin").read_bytes() == _payload(ok[0], r)
+
+
+# -- symbolic links in tree walks ---------------------------------------------------------
+def _tree_with_links(root: Path, outside: Path) -> None:
+    (root / "A01").mkdir(parents=True)
+    (root / "A01" / "t1.bin").write_bytes(b"1")
+    (root / "A01" / "up").symlink_to(root)  # a loop
+    (root / "out").symlink_to(outside)  # out of the tree
+    (root / "dangling.bin").symlink_to(root / "missing.bin")
+    (outside / "secret").mkdir(parents=True)
+    (outside / "secret" / "s.bin").write_bytes(b"s")
+
+
+def test_collect_dirs_and_files_does_not_follow_directory_links(tmp_path: Path) -> None:
+    root, outside = tmp_path / "plate", tmp_path / "elsewhere"
+    _tree_with_links(root, outside)
+    fm = FileManager({"disk": DiskBackend()})
+    dirs, files = fm.collect_dirs_and_files(str(root), "disk")
+    # links to directories are reported as directories (as os.walk does) but not entered
+    assert dirs == [str(root), str(root / "A01"), str(root / "A01" / "up"), str(root / "out")]
+    assert files == [str(root / "A01" / "t1.bin")]
+
+
+def test_mirror_keeps_directory_links_as_links(tmp_path: Path) -> None:
+    root, outside = tmp_path / "plate", tmp_path / "elsewhere"
+    _tree_with_links(root, outside)
+    fm = FileManager({"disk": DiskBackend()})
+    mirror = tmp_path / "mirror"
+    count = fm.mirror_directory_with_symlinks(str(root), str(mirror), "disk")
+    assert count == 3  # t1.bin, A01/up, out
+    assert (mirror / "A01" / "t1.bin").is_symlink()
+    assert (mirror / "out").is_symlink() and (mirror / "A01" / "up").is_symlink()
+    assert os.readlink(mirror / "out") == str(root / "out")
+    # nothing under the links was recreated: the mirror holds exactly these entries
+    made = sorted(str(p.relative_to(mirror)) for p in mirror.rglob("*"))
+    assert made == ["A01", "A01/t1.bin", "A01/up", "out"]
+    assert fm.load_text(str(mirror / "out" / "secret" / "s.bin"), "disk") == "s"
+
+
+def test_list_files_leaves_out_dangling_links_and_dir_links(tmp_path: Path) -> None:
+    root, outside = tmp_path / "plate", tmp_path / "elsewhere"
+    _tree_with_links(root, outside)
+    (root / "good.bin").symlink_to(root / "A01" / "t1.bin")  # a link to a file is a file
+    fm = FileManager({"disk": DiskBackend()})
+    found = fm.list_files(str(root), "disk", recursive=True)
+    assert found == [str(root / "A01" / "t1.bin"), str(root / "good.bin")]
+    for path in found:
+        assert fm.is_file(path, "disk")
+        fm.load(path, "disk")
+    assert fm.list_files(str(root), "disk") == [str(root / "good.bin")]
+    assert fm.find_file_recursive(str(root), "dangling.bin", "disk") is None
+
+
+def test_loading_a_dangling_link_says_so(tmp_path: Path) -> None:
+    (tmp_path / "d.bin").symlink_to(tmp_path / "gone.bin")
+    disk = DiskBackend()
+    with pytest.raises(FileNotFoundError, match="symbolic link.*gone.bin.*does not exist"):
+        disk.load(str(tmp_path / "d.bin"))
+    assert disk.is_symlink(str(tmp_path / "d.bin"))  # untouched
+
+
+def test_copying_a_tree_with_a_dangling_link_says_so_and_leaves_nothing(tmp_path: Path) -> None:
+    (tmp_path / "t" / "s").mkdir(parents=True)
+    (tmp_path / "t" / "s" / "a.bin").write_bytes(b"a")
+    (tmp_path / "t" / "s" / "z.bin").symlink_to(tmp_path / "nope")
+    fm = FileManager({"disk": DiskBackend()})
+    with pytest.raises(FileNotFoundError, match="z.bin.*symbolic link.*does not exist"):
+        fm.copy(str(tmp_path / "t"), str(tmp_path / "u"), "disk")
+    assert not (tmp_path / "u").exists()
+    assert (tmp_path / "t" / "s" / "a.bin").read_bytes() == b"a"

@@ -149,6 +149,12 @@ class DiskBackend(StorageBackend):
     def _readable_file(self, file_path: Any) -> Path:
         target = self._path(file_path)
         if not target.exists():
+            if target.is_symlink():
+                raise FileNotFoundError(
+                    f"Cannot load {str(file_path)!r} on backend 'disk': it is a symbolic link "
+                    f"to {os.readlink(target)!r}, which does not exist (a dangling link; "
+                    "list_files leaves such links out). Restore its target or delete the link"
+                )
             raise self._not_found(file_path)
         if target.is_dir():
             raise IsADirectoryError(f"Cannot load {str(file_path)!r}: it is a directory")
@@ -287,18 +293,29 @@ class DiskBackend(StorageBackend):
 
         ``pattern`` is a glob matched against file names, ``extensions`` a set of suffixes
         (case-insensitive, compound ones such as '.ome.tif' work).
+
+        Symbolic links are not followed into directories (a link to a parent would loop, a
+        link elsewhere would list files outside the tree); a link to a file is listed like
+        the file, and a dangling link, which cannot be loaded, is left out (logged).
         """
         root = self._directory(directory)
         exts = normalize_extensions(extensions)
         found: list[str] = []
-        for current, dirnames, filenames in os.walk(root):
+        dangling: list[str] = []
+        for current, dirnames, filenames in os.walk(root):  # followlinks=False
             dirnames.sort()
             rel_dir = Path(current).relative_to(root)
             for name in filenames:
                 if not is_temp_name(name) and name_matches(name, pattern, exts):
+                    if not os.path.exists(os.path.join(current, name)):
+                        dangling.append(os.path.join(current, name))  # a link to nothing
+                        continue
                     found.append(str(Path(directory) / rel_dir / name))
             if not recursive:
                 break
+        if dangling:
+            logger.warning("list_files(%r): left out %d dangling symbolic link(s): %s",
+                           str(directory), len(dangling), ", ".join(dangling[:5]))
         return sorted(found, key=natural_sort_key)
 
     def delete(self, path: Any, recursive: bool = False) -> None:
