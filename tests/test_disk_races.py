@@ -197,6 +197,20 @@ def test_move_overwrite_false_threads_no_file_lost(tmp_path: Path) -> None:
                 assert s.read_bytes() == _payload(i, r)
 
 
+def test_move_overwrite_false_without_renameat2(tmp_path: Path, monkeypatch) -> None:
+    """The fallback where renameat2 is missing (musl, macOS): a file is hard-linked into
+    place (atomic, refuses an existing name) and then unlinked from its source."""
+    import polystore.backends.disk as disk_module
+
+    monkeypatch.setattr(disk_module, "_renameat2", None)
+    test_move_overwrite_false_threads_no_file_lost(tmp_path)
+    fm = FileManager({"disk": DiskBackend()})
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f.bin").write_bytes(b"f")
+    fm.move(str(tmp_path / "d"), str(tmp_path / "e"), "disk", overwrite=False)
+    assert (tmp_path / "e" / "f.bin").read_bytes() == b"f" and not (tmp_path / "d").exists()
+
+
 def test_move_across_disk_backends_overwrite_false_refuses(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
