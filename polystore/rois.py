@@ -7,9 +7,9 @@ format) rather than hand-written bytes. Where a ROI lies in a hyperstack (channe
 frame) travels as ``axes`` ``{"c": i, "z": j, "t": k}`` (0-based), like a ``Rois`` message's
 ``axes``; ImageJ stores them 1-based.
 
-Files hold more than a stream: a ``point`` ROI may have several points (ImageJ's multi-point
-ROI) and a ``line`` more than two (an open path: ImageJ's segmented line; its freehand lines
-and angles load as one too). ImageJ's freehand and traced outlines load as polygons. A
+A ``point`` ROI may have several points (ImageJ's multi-point ROI) and a ``line`` more than
+two (an open path: ImageJ's segmented line; its freehand lines and angles load as one too),
+in files and streams alike. ImageJ's freehand and traced outlines load as polygons. A
 composite (shape) ROI, a text or an image ROI has no polystore kind: loading one is refused,
 naming it, rather than keeping only its bounding box.
 
@@ -104,9 +104,6 @@ def _check_axes(axes: Mapping[str, int] | None) -> dict[str, int]:
 
 #: what the 16-bit bounds of an ImageJ ROI (and a bound rounded outward) can hold
 _IJ_MIN, _IJ_MAX = -32768, 32766
-#: point counts a ROI file holds: a stream's (ROI_POINT_COUNTS), but a point ROI may hold
-#: several points (ImageJ's multi-point ROI) and a line several segments (an open path)
-FILE_POINT_COUNTS = {**ROI_POINT_COUNTS, "point": (1, None), "line": (2, None)}
 
 
 def to_imagej(roi: Roi, axes: Mapping[str, int] | None = None) -> Any:
@@ -207,7 +204,7 @@ def _positioned(data: Any, axes: Mapping[str, int] | None) -> list[PositionedRoi
             raise ValueError(str(exc)) from None
         placed = [PositionedRoi(r, _check_axes(axes)) for r in rois]
     for roi, _ in placed:
-        low, high = FILE_POINT_COUNTS.get(roi.kind, (3, None))
+        low, high = ROI_POINT_COUNTS.get(roi.kind, (3, None))
         if len(roi.coords) < low or (high is not None and len(roi.coords) > high):
             raise ValueError(f"a {roi.kind} ROI needs {low if low == high else f'>= {low}'} "
                              f"point(s), got {len(roi.coords)} (label {roi.label!r})")

@@ -247,7 +247,8 @@ def read_tiff(path: str | Path):
         return series.asarray(), series.axes, tif.imagej_metadata or {}
 
 
-ROI_TYPES = {0: "polygon", 1: "rectangle", 2: "ellipse", 3: "line", 10: "point"}
+ROI_TYPES = {0: "polygon", 1: "rectangle", 2: "ellipse", 3: "line", 5: "polyline",
+             10: "point"}
 
 
 def roi_summary(data: bytes) -> dict:

@@ -1013,6 +1013,21 @@ def test_rois_go_to_the_image_overlay(fiji, backend, fm, key):
     assert all(r["position"] == (0, 0, 0) for r in overlay)  # no axes: on every plane
 
 
+def test_an_open_path_and_a_multi_point_go_to_the_overlay_whole(fiji, backend, fm, key):
+    """A line of more than two points shows as ImageJ's segmented line, a point ROI of
+    several points as one multi-point ROI (what ImageJ's own ROI files hold)."""
+    fm.save(np.zeros((32, 32), np.uint8), f"{key}/img.tif", backend="fiji_stream", stream=key)
+    fm.save([{"kind": "line", "coords": [[1, 1], [2, 10], [15, 20]]},
+             {"kind": "point", "coords": [[3, 4], [5, 6], [7, 8]]}],
+            f"{key}/paths.roi.zip", backend="fiji_stream", stream=key)  # fmt: skip
+    state = report(backend)
+    assert image(state, key)["overlay"] == 2
+    overlay = [roi_summary(r) for r in saved(state, key)[2]["Overlays"]]
+    assert [r["kind"] for r in overlay] == ["polyline", "point"]
+    assert overlay[0]["bounds"] == (1, 1, 20, 15)  # x = column, y = row
+    assert overlay[1]["bounds"][:2] == (4, 3)
+
+
 def test_rois_before_the_image_wait_for_it(fiji, backend, fm, key):
     fm.save(ROIS[:2], f"{key}/early.roi.zip", backend="fiji_stream", stream=key,
             axes={"t": 1})  # fmt: skip

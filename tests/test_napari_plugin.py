@@ -630,6 +630,24 @@ def test_rois_become_shapes_and_points_on_their_image_planes(docked, qtbot):
     np.testing.assert_allclose(points.data, [[0, 0, 12.5, 7]])  # t1z2 lost its points
 
 
+def test_an_open_path_and_a_multi_point_show_whole(docked, qtbot):
+    """A line of more than two points (an ImageJ segmented line) shows as a path, and a point
+    ROI of several points as that many points with its label."""
+    viewer, widget = docked
+    send(qtbot, widget.endpoint, """
+        backend.save(rand(1, (32, 32)), "pth/x.tif")
+        backend.save([{"kind": "line", "coords": [[1, 1], [2, 10], [15, 20]], "label": "seg"},
+                      {"kind": "point", "coords": [[3, 4], [5, 6], [7, 8]], "label": "pts"}],
+                     "pth/x.roi.zip", stream="pth/x")
+    """)
+    qtbot.waitUntil(lambda: "pth/x points" in viewer.layers, timeout=10000)
+    shapes, points = viewer.layers["pth/x ROIs"], viewer.layers["pth/x points"]
+    assert shapes.shape_type == ["path"]
+    np.testing.assert_allclose(shapes.data[0], [[1, 1], [2, 10], [15, 20]])
+    np.testing.assert_allclose(points.data, [[3, 4], [5, 6], [7, 8]])
+    assert list(points.features["label"]) == ["pts"] * 3
+
+
 def test_rois_without_axes_are_2d(docked, qtbot):
     viewer, widget = docked
     send(qtbot, widget.endpoint, """

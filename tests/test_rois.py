@@ -23,7 +23,6 @@ from polystore.streaming import (  # noqa: E402
     NapariStreamingBackend,
     Receiver,
     Roi,
-    UnstreamableDataError,
 )
 
 IJ_JAR = Path(os.environ.get("IJ_JAR", "/usr/share/java/ij.jar"))
@@ -338,15 +337,17 @@ def test_composite_text_and_image_rois_are_refused_on_load_and_the_file_kept(tmp
         "donut.roi.zip", "note.roi.zip", "picture.roi.zip"]
 
 
-def test_paths_and_multi_points_from_files_are_refused_by_streams_and_the_stream_goes_on(
-        tmp_path):
-    """Viewers take lines of two points and single points: a file's open path or multi-point
-    is refused at save(), saying what to do, and the stream keeps working."""
+def test_open_paths_and_multi_points_from_files_stream_whole(tmp_path):
+    """A line of more than two points (an open path) and a point ROI of several points (a
+    multi-point) are what ImageJ files hold; the first version refused them at save(), so a
+    file's ROI set could not be streamed as it was."""
     import roifile
 
     path = tmp_path / "paths.roi.zip"
     roifile.roiwrite(path, [imagej_roi(t, xy, name) for t, xy, name in IMAGEJ_PATHS[:4]])
     loaded = DiskBackend().load(path)
+    assert [(r.kind, len(r.coords)) for r in loaded] == [
+        ("line", 4), ("line", 4), ("line", 3), ("point", 3)]
     got, arrived = [], threading.Event()
 
     def on_rois(item):
@@ -357,19 +358,10 @@ def test_paths_and_multi_points_from_files_are_refused_by_streams_and_the_stream
     receiver.start()
     sender = NapariStreamingBackend(receiver.endpoint)
     try:
-        with pytest.raises(UnstreamableDataError,
-                           match=r"ROI 0 \(line 'segmented'\) has 4 points: an open path.*"
-                                 r"one line ROI per segment.*\.roi\.zip file"):
-            sender.save(loaded, "well/t000.roi.zip")
-        with pytest.raises(UnstreamableDataError,
-                           match=r"ROI 0 \(point 'multi-point'\) has 3 points: an ImageJ "
-                                 r"multi-point ROI.*one point ROI per point"):
-            sender.save(loaded[3:], "well/t000.roi.zip")
-        points = [Roi("point", [c], loaded[3].label) for c in loaded[3].coords]
-        sender.save(points, "well/t000.roi.zip")
+        sender.save(loaded, "well/t000.roi.zip")
         sender.flush()
         assert arrived.wait(20)
     finally:
         sender.close()
         receiver.stop()
-    assert got == [points]
+    assert got == [loaded]

@@ -187,22 +187,13 @@ class StreamMeta:
         message = p.Rois(v=p.VERSION, seq=seq, stream=self.stream, path=path,
                          sent_ns=time.time_ns(), rois=rois, axes=axes,
                          axis_names=self.axis_names)  # fmt: skip
-        for index, roi in enumerate(rois):  # what a receiver would refuse, said clearly now
-            n, open_path = len(roi.coords), roi.kind == "line" and len(roi.coords) > 2
-            if open_path or (roi.kind == "point" and n > 1):
-                what, part = (("an open path (an ImageJ segmented, freehand or angle line)",
-                               "segment") if open_path else ("an ImageJ multi-point ROI", "point"))
-                problem = (f"has {n} points: {what}, which viewers take only as one "
-                           f"{roi.kind} ROI per {part}. Send it split that way, or save it to "
-                           "a .roi.zip file")
-            elif not all(math.isfinite(v) for point in roi.coords for v in point):
-                problem = ("has a coordinate that is NaN or infinite; give finite pixel "
-                           "coordinates, or leave that ROI out")  # JSON would carry null
-            else:
-                continue
-            label = f" {roi.label!r}" if roi.label else ""
-            raise UnstreamableDataError(f"cannot stream {path}: ROI {index} ({roi.kind}{label}) "
-                                        + problem)
+        for index, roi in enumerate(rois):  # JSON would carry NaN as null: refused later
+            if not all(math.isfinite(v) for point in roi.coords for v in point):
+                label = f" {roi.label!r}" if roi.label else ""
+                raise UnstreamableDataError(
+                    f"cannot stream {path}: ROI {index} ({roi.kind}{label}) has a coordinate "
+                    "that is NaN or infinite; give finite pixel coordinates, or leave that "
+                    "ROI out")
         try:
             p.check_rois(message)
         except p.ProtocolError as exc:

@@ -122,7 +122,9 @@ class Roi(Struct, omit_defaults=True):
     label: Annotated[str, Meta(max_length=256)] | None = None
 
 
-ROI_POINT_COUNTS = {"rectangle": (2, 2), "ellipse": (2, 2), "line": (2, 2), "point": (1, 1)}
+#: (fewest, most) points per ROI kind (polygon: 3+); a line of 3+ is an open path
+ROI_POINT_COUNTS = {"rectangle": (2, 2), "ellipse": (2, 2), "line": (2, MAX_ROIS),
+                    "point": (1, MAX_ROIS)}
 
 
 class Rois(Struct, tag="rois", tag_field="type", omit_defaults=True):

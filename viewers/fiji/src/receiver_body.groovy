@@ -78,7 +78,7 @@ class P {
     static final int MAX_DIM = 2147483647
     static final int MAX_ROIS = 100000
     static final Map<String, Integer> DTYPES = [uint8: 1, int8: 1, uint16: 2, int16: 2, uint32: 4, int32: 4, uint64: 8, int64: 8, float16: 2, float32: 4, float64: 8] as LinkedHashMap
-    static final Map<String, int[]> ROI_POINT_COUNTS = [rectangle: [2, 2] as int[], ellipse: [2, 2] as int[], line: [2, 2] as int[], point: [1, 1] as int[]]
+    static final Map<String, int[]> ROI_POINT_COUNTS = [rectangle: [2, 2] as int[], ellipse: [2, 2] as int[], line: [2, 100000] as int[], point: [1, 100000] as int[]]
 
     // Error codes (docs/protocol.md, "Errors").
     static final String BAD_JSON = 'bad_json'
@@ -2161,19 +2161,20 @@ class Images {
         List<List<Double>> pts = (List<List<Double>>) r.get('coords')
         double[] x = new double[pts.size()], y = new double[pts.size()]
         for (int k = 0; k < pts.size(); k++) { y[k] = pts.get(k).get(0); x[k] = pts.get(k).get(1) }
+        float[] fx = new float[x.length], fy = new float[y.length]
+        for (int k = 0; k < x.length; k++) { fx[k] = (float) x[k]; fy[k] = (float) y[k] }
         switch ((String) r.get('kind')) {
             case 'polygon':
-                float[] fx = new float[x.length], fy = new float[y.length]
-                for (int k = 0; k < x.length; k++) { fx[k] = (float) x[k]; fy[k] = (float) y[k] }
                 return new PolygonRoi(new FloatPolygon(fx, fy), Roi.POLYGON)
             case 'rectangle':
                 return new Roi(Math.min(x[0], x[1]), Math.min(y[0], y[1]), Math.abs(x[1] - x[0]), Math.abs(y[1] - y[0]))
             case 'ellipse':
                 return new OvalRoi(Math.min(x[0], x[1]), Math.min(y[0], y[1]), Math.abs(x[1] - x[0]), Math.abs(y[1] - y[0]))
-            case 'line':
+            case 'line':  // more than two points: an open path (a segmented line)
+                if (x.length > 2) return new PolygonRoi(new FloatPolygon(fx, fy), Roi.POLYLINE)
                 return new Line(x[0], y[0], x[1], y[1])
-            default:
-                return new PointRoi(x[0], y[0])
+            default:  // one point, or several (a multi-point ROI)
+                return x.length > 1 ? new PointRoi(fx, fy, fx.length) : new PointRoi(x[0], y[0])
         }
     }
 

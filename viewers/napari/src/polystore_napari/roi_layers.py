@@ -218,15 +218,16 @@ class RoiLayers:
             if _layer_of(roi) in deleted:
                 continue
             coords = [[*lead, float(r), float(c)] for r, c in roi.coords]
-            if roi.kind == "point":
-                points.append(coords[0])
-                point_labels.append(roi.label or "")
+            if roi.kind == "point":  # one or several (an ImageJ multi-point ROI)
+                points += coords
+                point_labels += [roi.label or ""] * len(coords)
                 continue
             if roi.kind in ("rectangle", "ellipse"):
                 (r0, c0), (r1, c1) = roi.coords
                 coords = [[*lead, r, c] for r, c in ((r0, c0), (r0, c1), (r1, c1), (r1, c0))]
             shapes.append(np.array(coords))
-            types.append(roi.kind)
+            # a line of more than two points is an open path (ImageJ's segmented line)
+            types.append("path" if roi.kind == "line" and len(coords) > 2 else roi.kind)
             labels.append(roi.label or "")
         nd = len(state.names) + 2
         if state.shapes is not None and not self._alive(state.shapes):
