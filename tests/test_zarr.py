@@ -712,3 +712,27 @@ def test_deleting_or_moving_one_time_point_is_refused_and_loses_nothing(fm, tmp_
         fm.move(root / "grp", root / "cells" / "t009", backend="zarr")
     assert fm.is_dir(root / "grp", backend="zarr")
     assert fm.load(root / "cells", backend="zarr").shape == (4, 32, 48)
+
+
+@pytest.mark.parametrize("operation", ["move", "copy"])
+def test_a_file_url_names_the_same_local_store(tmp_path, operation):
+    """A move onto the same array spelled once as a path and once as file:// was taken for a
+    move between two stores: with overwrite=True the 'old' destination (the source itself)
+    was deleted, then the source: the array was gone and no error was raised. A group moved
+    into its own member through file:// was lost the same way."""
+    fm = FileManager({"zarr": ZarrBackend()})
+    data = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    fm.save(data, f"{tmp_path}/a.zarr/x", "zarr")
+    fm.save(data + 1, f"{tmp_path}/a.zarr/G/y", "zarr")
+    before = _tree(tmp_path / "a.zarr")
+    if operation == "move":  # onto itself: nothing to do
+        fm.move(f"{tmp_path}/a.zarr/x", f"file://{tmp_path}/a.zarr/x", "zarr", overwrite=True)
+    else:  # as with one spelling
+        with pytest.raises(ValueError, match="into itself"):
+            fm.copy(f"{tmp_path}/a.zarr/x", f"file://{tmp_path}/a.zarr/x", "zarr",
+                    overwrite=True)
+    assert _tree(tmp_path / "a.zarr") == before
+    with pytest.raises(ValueError, match="into itself"):
+        getattr(fm, operation)(f"{tmp_path}/a.zarr/G", f"file://{tmp_path}/a.zarr/G/H", "zarr")
+    assert _tree(tmp_path / "a.zarr") == before
+    np.testing.assert_array_equal(fm.load(f"{tmp_path}/a.zarr/x", "zarr"), data)

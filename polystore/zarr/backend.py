@@ -575,9 +575,7 @@ class ZarrBackend(StorageBackend):
         self._transfer(zs, zd, fmt, replace, move=False)
 
     def _same_store(self, a: ZarrPath, b: ZarrPath) -> bool:
-        if a.is_url or b.is_url:
-            return a.root == b.root
-        return Path(a.root).resolve() == Path(b.root).resolve()
+        return _store_identity(a) == _store_identity(b)
 
     def _plan_transfer(self, src: Any, dst: Any, verb: str) -> tuple[ZarrPath, ZarrPath, int, bool]:
         """Check a move or copy before anything changes: (source, destination, the source's
@@ -705,12 +703,18 @@ class ZarrBackend(StorageBackend):
 
     def same_path(self, a: Any, b: Any) -> bool:
         za, zb = self.split(a), self.split(b)
-        if za.is_url or zb.is_url:
-            return str(za) == str(zb)
-        return (Path(za.root).resolve(), za.node) == (Path(zb.root).resolve(), zb.node)
+        return (_store_identity(za), za.node) == (_store_identity(zb), zb.node)
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _store_identity(zp: ZarrPath) -> str | Path:
+    """One spelling per store: a local folder by its resolved path, also when named as a
+    ``file://`` URL (the same LocalStore opens both); an object-store URL as written."""
+    if zp.is_url and not zp.root.startswith("file://"):
+        return zp.root
+    return Path(zp.root.removeprefix("file://")).resolve()
 
 
 def _sync(coro: Any) -> Any:
