@@ -736,3 +736,31 @@ def test_a_file_url_names_the_same_local_store(tmp_path, operation):
         getattr(fm, operation)(f"{tmp_path}/a.zarr/G", f"file://{tmp_path}/a.zarr/G/H", "zarr")
     assert _tree(tmp_path / "a.zarr") == before
     np.testing.assert_array_equal(fm.load(f"{tmp_path}/a.zarr/x", "zarr"), data)
+
+
+@pytest.mark.parametrize("operation", ["move", "copy"])
+def test_a_store_that_is_one_array_moves_and_copies_whole(tmp_path, operation):
+    """A store whose root is an array (zarr.save_array('r.zarr', data)) loads as that array,
+    but a move or copy of the whole store to another store was refused as 'the array as
+    the store itself' (and suggested the name 'r2.zarr/')."""
+    fm = FileManager({"zarr": ZarrBackend(tmp_path)})
+    data = np.arange(24, dtype=np.uint16).reshape(2, 3, 4)
+    root = zarr.create_array(str(tmp_path / "r.zarr"), shape=data.shape, dtype=data.dtype,
+                             chunks=(1, 3, 4), attributes={"k": 1})
+    root[...] = data
+    before = _tree(tmp_path / "r.zarr")
+    transfer = getattr(fm, operation)
+    transfer("r.zarr", "r2.zarr", "zarr")
+    assert _tree(tmp_path / "r2.zarr") == before
+    np.testing.assert_array_equal(fm.load("r2.zarr", "zarr"), data)
+    assert fm.exists("r.zarr", "zarr") == (operation == "copy")
+    # onto a store that is an array already: refused, nothing changes
+    zarr.save_array(str(tmp_path / "r3.zarr"), data[:1])
+    other = _tree(tmp_path / "r3.zarr")
+    with pytest.raises(FileExistsError, match="nothing was changed"):
+        transfer("r2.zarr", "r3.zarr", "zarr", overwrite=True)
+    assert _tree(tmp_path / "r3.zarr") == other and _tree(tmp_path / "r2.zarr") == before
+    # an array inside a store still cannot become a store's root
+    fm.save(data, "s.zarr/x", "zarr")
+    with pytest.raises(IsADirectoryError, match="name it inside the store, e.g. '.*r4.zarr/x'"):
+        transfer("s.zarr/x", "r4.zarr", "zarr")

@@ -606,7 +606,7 @@ class ZarrBackend(StorageBackend):
             raise ValueError(f"cannot {verb} {str(zs)!r} into itself ({str(zd)!r}); nothing "
                              "was changed")
         is_array = _is_array(node)
-        if is_array and not zd.node:
+        if is_array and not zd.node and zs.node:  # a store that is one array moves whole
             name = zs.node.rsplit("/", 1)[-1]
             raise IsADirectoryError(
                 f"cannot {verb} the array {str(zs)!r} as the store {zd.root!r} itself: name "
@@ -619,6 +619,11 @@ class ZarrBackend(StorageBackend):
                 "attributes, such as OME-Zarr metadata, and their arrays would mix); nothing "
                 "was changed. Delete it first (delete(path, recursive=True)) or choose a new "
                 "name")
+        if existing is not None and not zd.node:
+            raise DestinationExistsError(
+                f"cannot {verb} {str(zs)!r} onto the existing store {zd.root!r}, an array: a "
+                "whole store is not replaced; nothing was changed. Delete it first "
+                "(delete(path, recursive=True)) or choose a new name")
         fmt = int(node.metadata.zarr_format)
         parent, above = zd.node, None
         while parent and above is None:  # the nearest node above the destination
