@@ -764,3 +764,35 @@ def test_a_store_that_is_one_array_moves_and_copies_whole(tmp_path, operation):
     fm.save(data, "s.zarr/x", "zarr")
     with pytest.raises(IsADirectoryError, match="name it inside the store, e.g. '.*r4.zarr/x'"):
         transfer("s.zarr/x", "r4.zarr", "zarr")
+
+
+@pytest.mark.parametrize("operation", ["move", "copy"])
+def test_onto_object_store_keys_without_a_node_is_refused_as_on_disk(tmp_path, operation):
+    """A local destination folder that holds files but no zarr node is refused; at an
+    object-store URL the same keys (a store whose root metadata is missing, chunks of an
+    interrupted write) were merged with the copy, and a copy failing there would have
+    removed them with its own keys."""
+    backend = ZarrBackend()
+    fm = FileManager({"zarr": backend})
+    root = f"memory://polystore-test/{tmp_path.name}"
+    data = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    fm.save(data, f"{root}/a.zarr/A/x", "zarr")
+    fm.save(data + 1, f"{root}/b.zarr/keep/y", "zarr")
+    fm.save(data + 2, f"{root}/c.zarr/G/z", "zarr")
+    from zarr.core.sync import sync
+
+    sync(backend.store(f"{root}/b.zarr").delete("zarr.json"))
+    sync(backend.store(f"{root}/c.zarr").delete("G/z/zarr.json"))  # chunks left over
+    for dst in (f"{root}/b.zarr", f"{root}/c.zarr/G/z"):
+        assert not fm.exists(dst, "zarr")
+        with pytest.raises(FileExistsError, match="holds keys but no zarr node.*Nothing was "
+                           "changed"):
+            getattr(fm, operation)(f"{root}/a.zarr/A", dst, "zarr")
+    assert fm.list_dir(f"{root}/b.zarr/keep", "zarr") == ["y"]
+    left = backend.store(f"{root}/c.zarr").list_prefix("G/z/")
+    assert sync(_collect(left)) == ["G/z/c/0/0"]
+    assert fm.list_dir(f"{root}/a.zarr/A", "zarr") == ["x"]
+
+
+async def _collect(keys):
+    return sorted([key async for key in keys])

@@ -646,7 +646,25 @@ class ZarrBackend(StorageBackend):
                 f"cannot {verb} to {str(zd)!r}: that folder holds files but no zarr node "
                 "(perhaps the chunks of an interrupted write); remove it first. Nothing was "
                 "changed")
+        if existing is None and zd.is_url and self._holds_keys(zd):
+            raise FileExistsError(
+                f"cannot {verb} to {str(zd)!r}: it holds keys but no zarr node (perhaps the "
+                "chunks of an interrupted write, or a store without its root metadata); "
+                "they would mix with the copy. Remove them first. Nothing was changed")
         return zs, zd, fmt, existing is not None
+
+    def _holds_keys(self, zp: ZarrPath) -> bool:
+        """Whether any key is stored under ``zp`` (its own or those of nodes below it)."""
+        store = self.stores.get(zp.root)
+        prefix = f"{zp.node}/" if zp.node else ""
+
+        async def first() -> bool:
+            async for _ in store.list_prefix(prefix):
+                return True
+            return False
+
+        with _clear_errors(zp):
+            return bool(_sync(first()))
 
     def _transfer(self, zs: ZarrPath, zd: ZarrPath, fmt: int, replace: bool, move: bool) -> None:
         """Copy (or move) a checked node: directory renames where both are local folders
