@@ -794,5 +794,34 @@ def test_onto_object_store_keys_without_a_node_is_refused_as_on_disk(tmp_path, o
     assert fm.list_dir(f"{root}/a.zarr/A", "zarr") == ["x"]
 
 
+
+@pytest.mark.parametrize("dst", ["new.zarr/runs/r1/img", "keep.zarr/runs/img"])
+def test_a_copy_that_fails_leaves_no_groups_it_created(tmp_path, dst):
+    """A copy that failed half way (a full disk) removed its partial node, but the groups it
+    had created above the destination stayed: a new, empty store new.zarr with runs/r1 in
+    it. Only what the copy created goes; a file that was there before stays."""
+    backend = ZarrBackend(tmp_path)
+    fm = FileManager({"zarr": backend})
+    fm.save(np.ones((2, 64, 64), np.uint16), "a.zarr/img", "zarr", ome=True, levels=2)
+    (tmp_path / "keep.zarr").mkdir()
+    (tmp_path / "keep.zarr" / "README").write_text("mine")
+    store = backend.store(dst)
+    real_set, calls = store.set, []
+
+    async def full_disk(key, value, *args, **kwargs):
+        calls.append(key)
+        if len(calls) == 6:
+            raise OSError(28, "No space left on device")
+        return await real_set(key, value, *args, **kwargs)
+
+    store.set = full_disk
+    with pytest.raises(OSError, match="No space left"):
+        fm.copy("a.zarr/img", dst, "zarr")
+    store.set = real_set
+    assert not (tmp_path / "new.zarr").exists()
+    assert [p.name for p in (tmp_path / "keep.zarr").iterdir()] == ["README"]
+    assert fm.list_dir("a.zarr", "zarr") == ["img"]
+
+
 async def _collect(keys):
     return sorted([key async for key in keys])

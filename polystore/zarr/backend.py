@@ -19,8 +19,9 @@ import shutil
 import tempfile
 import threading
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -672,30 +673,36 @@ class ZarrBackend(StorageBackend):
         zarr = require_zarr()
         source, target = self.stores.get(zs.root), self.stores.get(zd.root)
         local = not (zs.is_url or zd.is_url)
+        created: list[ZarrPath] = []  # groups made above the destination, removed on failure
         with _clear_errors(zd, writing=True), self._grow_lock(zs), self._grow_lock(zd):
-            if zd.node:  # the groups above the destination, in the source's format
-                parts = zd.node.split("/")[:-1]
-                for depth in range(len(parts) + 1):
-                    above = ZarrPath(zd.root, "/".join(parts[:depth]))
-                    if self._node(above) is None:
-                        zarr.open_group(store=target, path=above.node, mode="a",
-                                        zarr_format=fmt)
-            if move and local:
-                try:
-                    _swap_in(Path(zs.root, zs.node), Path(zd.root, zd.node), replace)
-                    return
-                except OSError as exc:
-                    if exc.errno != errno.EXDEV:
-                        raise
-            staged = zd
-            if replace:  # copied beside the array it replaces, which stays until then
-                name = zd.node.rpartition("/")
-                staged = ZarrPath(zd.root, f"{name[0]}{name[1]}.{name[2]}.polystore-"
-                                           f"{uuid.uuid4().hex[:8]}")
             try:
-                _sync(_copy_keys(source, zs.node, target, staged.node))
+                if zd.node:  # the groups above the destination, in the source's format
+                    parts = zd.node.split("/")[:-1]
+                    for depth in range(len(parts) + 1):
+                        above = ZarrPath(zd.root, "/".join(parts[:depth]))
+                        if self._node(above) is None:
+                            zarr.open_group(store=target, path=above.node, mode="a",
+                                            zarr_format=fmt)
+                            created.append(above)
+                if move and local:
+                    try:
+                        _swap_in(Path(zs.root, zs.node), Path(zd.root, zd.node), replace)
+                        return
+                    except OSError as exc:
+                        if exc.errno != errno.EXDEV:
+                            raise
+                staged = zd
+                if replace:  # copied beside the array it replaces, which stays until then
+                    name = zd.node.rpartition("/")
+                    staged = ZarrPath(zd.root, f"{name[0]}{name[1]}.{name[2]}.polystore-"
+                                               f"{uuid.uuid4().hex[:8]}")
+                try:
+                    _sync(_copy_keys(source, zs.node, target, staged.node))
+                except BaseException:
+                    self._discard(staged)
+                    raise
             except BaseException:
-                self._discard(staged)
+                self._discard_groups(created)
                 raise
             if replace:
                 self._put_in_place(staged, zd)
@@ -716,6 +723,28 @@ class ZarrBackend(StorageBackend):
                          f"content is complete at {str(staged)!r}")
             raise
         self._discard(staged)
+
+    def _discard_groups(self, created: list[ZarrPath]) -> None:
+        """Best effort: remove the groups a failed move or copy created, deepest first and
+        only while empty: their metadata keys, then (local) their folder if nothing else is
+        in it. A store folder that held other files before keeps them."""
+        for zp in reversed(created):
+            try:
+                node = self._node(zp)
+                with warnings.catch_warnings():  # files that are no nodes: not ours, kept
+                    warnings.simplefilter("ignore")
+                    if node is None or _is_array(node) or list(node.keys()):
+                        continue
+                store = self.stores.get(zp.root)
+                prefix = f"{zp.node}/" if zp.node else ""
+                for key in _METADATA_KEYS:
+                    _sync(store.delete(prefix + key))
+                if not zp.is_url:
+                    with suppress(OSError):
+                        os.rmdir(Path(zp.root, zp.node))
+            except Exception as exc:  # noqa: BLE001 - the original error matters more
+                logger.warning("could not remove the group %s made for a failed copy: %s",
+                               zp, exc)
 
     def _discard(self, zp: ZarrPath) -> None:
         """Best effort: remove a node this backend was writing (a failed copy)."""
