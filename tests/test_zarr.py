@@ -823,5 +823,22 @@ def test_a_copy_that_fails_leaves_no_groups_it_created(tmp_path, dst):
     assert fm.list_dir("a.zarr", "zarr") == ["img"]
 
 
+
+def test_a_time_point_of_an_image_with_damaged_metadata_does_not_exist(fm, tmp_path):
+    """exists()/is_file() of img/t000 raised KeyError 'datasets' when the image's OME
+    metadata names no datasets (before time points of images counted, it said False)."""
+    path = tmp_path / "a.zarr" / "img"
+    fm.save(np.ones((2, 64, 64), np.uint16), path, "zarr", ome=True, levels=1)
+    group = zarr.open_group(str(tmp_path / "a.zarr"), path="img", mode="r+")
+    ome = dict(group.attrs["ome"])
+    ome["multiscales"] = [{k: v for k, v in ome["multiscales"][0].items() if k != "datasets"}]
+    group.attrs["ome"] = ome
+    assert not fm.exists(path / "t000", "zarr")
+    assert not fm.is_file(path / "t000", "zarr")
+    with pytest.raises(FileNotFoundError):
+        fm.delete(path / "t000", "zarr")
+    assert fm.is_dir(path, "zarr")
+
+
 async def _collect(keys):
     return sorted([key async for key in keys])

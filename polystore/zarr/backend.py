@@ -434,8 +434,12 @@ class ZarrBackend(StorageBackend):
 
     def _stored_frame(self, zp: ZarrPath) -> tuple[ZarrPath, int] | None:
         """(series, t) when ``zp`` is a time point that load() reads: the frame model that
-        exists(), is_file() and delete() share with load()."""
-        frame = self._series_frame(zp)
+        exists(), is_file() and delete() share with load(). An image whose OME metadata is
+        damaged (no datasets) holds none: load() says what is wrong with it."""
+        try:
+            frame = self._series_frame(zp)
+        except (KeyError, IndexError, TypeError):
+            return None
         if frame is None:
             return None
         series, t = frame
