@@ -9,6 +9,9 @@ available a hidden named temporary file is used and removed on any error.
 With ``replace=False`` the finished file is hard-linked into place (``linkat``), which fails
 with FileExistsError if the name exists, whoever made it and however short the race: of two
 writers of one new name exactly one wins and the other's data is discarded, never mixed in.
+A filesystem without hard links (vfat, exFAT, many FUSE and network filesystems) gets
+``renameat2(RENAME_NOREPLACE)`` instead, just as atomic; only where that is refused too is
+the name checked and then renamed to, which a concurrent writer could race.
 
 Replacing a file keeps what the user set on it: the new file gets the old one's permission
 bits, and its owner and group where this process may set them (root, or a group the user
@@ -17,6 +20,7 @@ belongs to); a new file gets the usual mode from the umask.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -28,6 +32,29 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["atomic_write", "is_temp_name"]
+
+# link() errors that mean "this filesystem (or this file) cannot be hard-linked", not that
+# the name exists: vfat and exFAT (EPERM), FUSE/CIFS without link (ENOSYS, EOPNOTSUPP),
+# fs.protected_hardlinks on a file of another user (EPERM), a file at its link limit (EMLINK).
+NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS,
+                           errno.EMLINK})
+# renameat2() errors that mean RENAME_NOREPLACE is not available here.
+NO_RENAMEAT2 = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+
+
+def _load_renameat2() -> Any:
+    try:
+        func = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc >= 2.28 (musl before 1.2.4, macOS)
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+_renameat2 = _load_renameat2()
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +131,35 @@ def _tmpfile_works(dir_fd: int) -> bool:
     return _tmpfile_support[dev]
 
 
+def _name_no_replace(temp: str, name: str, dir_fd: int) -> None:
+    """Give the finished temporary file ``temp`` the name ``name`` unless that exists
+    (FileExistsError): a hard link then unlink of ``temp``; where the filesystem has no hard
+    links, ``renameat2(RENAME_NOREPLACE)``; where that is refused too, a check then a rename."""
+    try:
+        os.link(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in NO_HARD_LINKS:
+            raise
+        logger.debug("no hard links for %s (%s); renaming instead", name,
+                     errno.errorcode.get(exc.errno, exc.errno))
+    else:
+        os.unlink(temp, dir_fd=dir_fd)
+        return
+    if _renameat2 is not None:
+        if _renameat2(dir_fd, os.fsencode(temp), dir_fd, os.fsencode(name),
+                      RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in NO_RENAMEAT2:
+            raise OSError(err, os.strerror(err), name)
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    else:
+        raise FileExistsError(errno.EEXIST, "File exists", name)
+
+
 @contextmanager
 def atomic_write(
     path: str | os.PathLike[str],
@@ -157,9 +213,7 @@ def atomic_write(
                     temp = _link_anonymous(handle.fileno(), dir_fd, target.name)
         if not replace:
             if temp is not None:  # the named temporary file (no O_TMPFILE)
-                os.link(temp, target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd,
-                        follow_symlinks=False)
-                os.unlink(temp, dir_fd=dir_fd)
+                _name_no_replace(temp, target.name, dir_fd)
         else:
             os.replace(temp, target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         temp = None

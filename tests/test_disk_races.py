@@ -315,3 +315,88 @@ def test_copying_a_tree_with_a_dangling_link_says_so_and_leaves_nothing(tmp_path
         fm.copy(str(tmp_path / "t"), str(tmp_path / "u"), "disk")
     assert not (tmp_path / "u").exists()
     assert (tmp_path / "t" / "s" / "a.bin").read_bytes() == b"a"
+
+
+# -- filesystems without hard links; a failed link+unlink move ---------------------------
+def _without_hard_links(monkeypatch, directory: Path, renameat2: bool) -> None:
+    """As on vfat/exFAT or a FUSE filesystem: no O_TMPFILE and link() fails with EPERM;
+    ``renameat2=False`` also takes RENAME_NOREPLACE away (FUSE without rename2)."""
+    import errno
+
+    import polystore.atomic as atomic
+    import polystore.backends.disk as disk_module
+
+    def no_link(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setitem(atomic._tmpfile_support, os.stat(directory).st_dev, False)
+    monkeypatch.setattr(os, "link", no_link)
+    if not renameat2:
+        monkeypatch.setattr(disk_module, "_renameat2", None)
+        monkeypatch.setattr(atomic, "_renameat2", None, raising=False)
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "no-renameat2"])
+def test_copy_move_save_work_without_hard_links(tmp_path: Path, monkeypatch,
+                                                renameat2: bool) -> None:
+    """A default copy or move (overwrite=False) on a filesystem without hard links worked
+    before overwrite=False became a link(): it must still work, and still refuse."""
+    _without_hard_links(monkeypatch, tmp_path, renameat2)
+    fm = FileManager({"disk": DiskBackend()})
+    disk = DiskBackend()
+    (tmp_path / "a.bin").write_bytes(b"a")
+    fm.copy(str(tmp_path / "a.bin"), str(tmp_path / "b.bin"), "disk")
+    assert (tmp_path / "b.bin").read_bytes() == b"a"
+    disk.save(np.arange(3), str(tmp_path / "n.npy"), overwrite=False)
+    with pytest.raises(DestinationExistsError):
+        disk.save(np.zeros(2), str(tmp_path / "n.npy"), overwrite=False)
+    np.testing.assert_array_equal(disk.load(str(tmp_path / "n.npy")), np.arange(3))
+    fm.move(str(tmp_path / "a.bin"), str(tmp_path / "m.bin"), "disk")
+    assert (tmp_path / "m.bin").read_bytes() == b"a" and not (tmp_path / "a.bin").exists()
+    with pytest.raises(DestinationExistsError):
+        fm.move(str(tmp_path / "b.bin"), str(tmp_path / "m.bin"), "disk")
+    with pytest.raises(DestinationExistsError):
+        disk.rename(str(tmp_path / "b.bin"), str(tmp_path / "m.bin"), overwrite=False)
+    assert (tmp_path / "b.bin").read_bytes() == b"a" == (tmp_path / "m.bin").read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["b.bin", "m.bin", "n.npy"]  # no temporary files
+
+
+def test_move_fallback_whose_unlink_fails_leaves_no_second_name(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """The link+unlink fallback (no renameat2): when the source cannot be unlinked (its
+    directory is read-only, or append-only for root) the move fails as a rename would, and
+    the hard link it made at the destination is removed again (it was left: the file at two
+    names, one inode, and a retry refused as 'already exists')."""
+    import subprocess
+
+    import polystore.backends.disk as disk_module
+
+    monkeypatch.setattr(disk_module, "_renameat2", None)
+    src_dir, dst_dir = tmp_path / "src", tmp_path / "dst"
+    src_dir.mkdir()
+    dst_dir.mkdir()
+    (src_dir / "a.bin").write_bytes(b"a")
+    (src_dir / "probe").write_bytes(b"")
+    locked = []
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+a", str(src_dir)], capture_output=True).returncode == 0:
+            locked.append(lambda: subprocess.run(["chattr", "-a", str(src_dir)], check=True))
+    else:
+        src_dir.chmod(0o555)
+        locked.append(lambda: src_dir.chmod(0o755))
+    try:
+        try:
+            os.unlink(src_dir / "probe")
+        except OSError:
+            pass
+        else:
+            pytest.skip("cannot make a directory whose entries cannot be unlinked here")
+        fm = FileManager({"disk": DiskBackend()})
+        with pytest.raises(PermissionError):
+            fm.move(str(src_dir / "a.bin"), str(dst_dir / "a.bin"), "disk")
+        assert os.listdir(dst_dir) == []
+        assert (src_dir / "a.bin").read_bytes() == b"a"
+        assert os.stat(src_dir / "a.bin").st_nlink == 1
+    finally:
+        for unlock in locked:
+            unlock()

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import IO, Any, ClassVar
 
 from polystore import formats
-from polystore.atomic import atomic_write, is_temp_name
+from polystore.atomic import (
+    AT_FDCWD,
+    NO_HARD_LINKS,
+    NO_RENAMEAT2,
+    RENAME_NOREPLACE,
+    _renameat2,
+    atomic_write,
+    is_temp_name,
+)
 from polystore.base import StorageBackend
 from polystore.errors import DestinationExistsError
 from polystore.paths import name_matches, natural_sort_key, normalize_extensions, resolve_within
@@ -23,46 +31,44 @@ __all__ = ["DiskBackend"]
 logger = logging.getLogger(__name__)
 
 
-_AT_FDCWD = -100
-_RENAME_NOREPLACE = 1
-
-
-def _load_renameat2() -> Callable[..., int] | None:
-    try:
-        func = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):  # not glibc >= 2.28 (musl before 1.2.4, macOS)
-        return None
-    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    func.restype = ctypes.c_int
-    return func
-
-
-_renameat2 = _load_renameat2()
-
-
 def _rename_no_replace(source: Path, target: Path) -> None:
     """Rename ``source`` to ``target`` unless ``target`` exists (FileExistsError), in one
     atomic step: ``renameat2(RENAME_NOREPLACE)`` (Linux 3.15+; ext4, xfs, btrfs, tmpfs).
     Where that is missing or the filesystem refuses it: a file or symlink is hard-linked
-    to ``target`` (atomic, fails if it exists) and then unlinked from ``source``; a
-    directory, which cannot be hard-linked, is renamed after a check, which a concurrent
-    writer could still race."""
+    to ``target`` (atomic, fails if it exists) and then unlinked from ``source`` (if that
+    fails the link is removed again); a directory, or a file on a filesystem without hard
+    links, is renamed after a check, which a concurrent writer could still race."""
     if _renameat2 is not None:
-        if _renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target),
-                      _RENAME_NOREPLACE) == 0:
+        if _renameat2(AT_FDCWD, os.fsencode(source), AT_FDCWD, os.fsencode(target),
+                      RENAME_NOREPLACE) == 0:
             return
         err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        if err not in NO_RENAMEAT2:
             raise OSError(err, os.strerror(err), str(source), None, str(target))
         logger.debug("renameat2(RENAME_NOREPLACE) unsupported for %s (%s); falling back",
                      target, errno.errorcode.get(err, err))
-    if source.is_dir() and not source.is_symlink():
-        if target.exists() or target.is_symlink():
-            raise FileExistsError(errno.EEXIST, "File exists", str(target))
-        os.rename(source, target)
-        return
-    os.link(source, target, follow_symlinks=False)
-    source.unlink()
+    if not (source.is_dir() and not source.is_symlink()):
+        try:
+            os.link(source, target, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in NO_HARD_LINKS:
+                raise
+            logger.debug("no hard link for %s (%s); checking, then renaming", target,
+                         errno.errorcode.get(exc.errno, exc.errno))
+        else:
+            try:
+                source.unlink()
+            except BaseException:
+                # the move failed (a source directory we may not change): the new name goes
+                # again, else the file would be at both names (sharing one inode)
+                with suppress(OSError):
+                    if os.path.samestat(os.lstat(target), os.lstat(source)):
+                        os.unlink(target)
+                raise
+            return
+    if target.exists() or target.is_symlink():
+        raise FileExistsError(errno.EEXIST, "File exists", str(target))
+    os.rename(source, target)
 
 
 class DiskBackend(StorageBackend):
