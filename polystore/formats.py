@@ -219,7 +219,10 @@ def _write_npz(data: Any, handle: IO[bytes], path: str, kwargs: dict[str, Any]) 
 def _read_npz(source: Source, path: str, kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
     try:
         with np.load(source, allow_pickle=False, **kwargs) as archive:
-            return {name: archive[name] for name in archive.files}
+            # by member name: archive["a.npy"] is the member of key "a" (member "a.npy"),
+            # not key "a.npy" (member "a.npy.npy"), when a file holds both
+            return {name: archive[member]
+                    for member, name in zip(archive.zip.namelist(), archive.files, strict=True)}
     except (ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise _damaged(path, "NPZ", exc) from exc
 

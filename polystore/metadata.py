@@ -18,6 +18,7 @@ from filelock import FileLock
 
 from polystore.atomic import atomic_write
 from polystore.errors import FormatDataError, FormatReadError
+from polystore.formats import _json_unique_keys
 
 __all__ = ["update_json"]
 
@@ -50,6 +51,7 @@ def update_json(
         result = update_fn(current)
         if result is None:
             result = current
+        _json_unique_keys(result, str(target))  # 1 and '1': a reader would keep only one
         try:
             text = json.dumps(result, indent=2, allow_nan=False)
         except ValueError as exc:  # Python's NaN/Infinity: JSON no other reader takes

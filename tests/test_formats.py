@@ -85,6 +85,34 @@ def test_npz_keys_named_like_savez_arguments_round_trip(fm, key):
             np.testing.assert_array_equal(loaded[k], v)
 
 
+def test_npz_key_and_key_dot_npy_each_load_their_own_array(fm, tmp_path):
+    """Key 'a' is stored as member 'a.npy', key 'a.npy' as 'a.npy.npy'; np.load's
+    archive['a.npy'] returns member 'a.npy', so both keys loaded a's array."""
+    data = {"a.npy": np.zeros(2), "a": np.ones(3)}
+    for backend in ("disk", "memory"):
+        fm.save(data, "two.npz", backend)
+    fm.copy("two.npz", "copied.npz", src_backend="memory", dst_backend="disk")
+    np.savez(tmp_path / "numpy.npz", **data)  # a file numpy itself wrote
+    for name, backend in [("two.npz", "disk"), ("two.npz", "memory"), ("copied.npz", "disk"),
+                          ("numpy.npz", "disk")]:
+        loaded = fm.load(name, backend)
+        assert sorted(loaded) == ["a", "a.npy"]
+        np.testing.assert_array_equal(loaded["a.npy"], np.zeros(2))
+        np.testing.assert_array_equal(loaded["a"], np.ones(3))
+
+
+def test_update_json_refuses_keys_stored_alike_and_keeps_the_file(tmp_path):
+    """As a .json save does: {1: .., '1': ..} would be written as one name twice, and the
+    next update (or any reader) keeps only the last."""
+    from polystore.metadata import update_json
+
+    path = tmp_path / "meta.json"
+    update_json(path, lambda m: {"kept": 1})
+    with pytest.raises(FormatDataError, match="both stored as '1'"):
+        update_json(path, lambda m: {**m, "runs": {1: "first", "1": "second"}})
+    assert json.loads(path.read_text()) == {"kept": 1}
+
+
 # -- 2: NaN and infinity in JSON ----------------------------------------------------------
 @pytest.mark.parametrize(
     "data",
