@@ -104,6 +104,9 @@ def _check_axes(axes: Mapping[str, int] | None) -> dict[str, int]:
 
 #: what the 16-bit bounds of an ImageJ ROI (and a bound rounded outward) can hold
 _IJ_MIN, _IJ_MAX = -32768, 32766
+#: point counts a ROI file holds: a stream's fewest (ROI_POINT_COUNTS), but no most for an
+#: open path or a multi-point, as for a polygon: a file holds as many as ImageJ wrote
+FILE_POINT_COUNTS = {**ROI_POINT_COUNTS, "point": (1, None), "line": (2, None)}
 
 
 def to_imagej(roi: Roi, axes: Mapping[str, int] | None = None) -> Any:
@@ -204,7 +207,7 @@ def _positioned(data: Any, axes: Mapping[str, int] | None) -> list[PositionedRoi
             raise ValueError(str(exc)) from None
         placed = [PositionedRoi(r, _check_axes(axes)) for r in rois]
     for roi, _ in placed:
-        low, high = ROI_POINT_COUNTS.get(roi.kind, (3, None))
+        low, high = FILE_POINT_COUNTS.get(roi.kind, (3, None))
         if len(roi.coords) < low or (high is not None and len(roi.coords) > high):
             raise ValueError(f"a {roi.kind} ROI needs {low if low == high else f'>= {low}'} "
                              f"point(s), got {len(roi.coords)} (label {roi.label!r})")

@@ -290,6 +290,26 @@ def test_imagej_open_paths_and_multi_points_load_and_save_back_unchanged(tmp_pat
         Roi("line", [[4, 3], [60, 50]], "two"), Roi("point", [[9, 7]], "one")]
 
 
+def test_long_open_paths_and_multi_points_from_files_save_back(tmp_path):
+    """A file's freehand line or multi-point of more than 100,000 points (a stream's most per
+    ROI) loaded but could not be saved back once streams took open paths: save() checked
+    files against the stream's counts and said "a line ROI needs >= 2 point(s), got 100001".
+    Files hold as many as ImageJ wrote, as polygons do."""
+    import roifile
+
+    n = 100_001
+    xy = np.stack([np.arange(n) % 30_000, np.arange(n) // 30_000], axis=1)
+    path = tmp_path / "long.roi.zip"
+    roifile.roiwrite(path, [imagej_roi(t, xy, t.lower()) for t in ("FREELINE", "POINT")])
+    fm = FileManager({"disk": DiskBackend()})
+    rois = fm.load(path, backend="disk")
+    assert [(r.kind, len(r.coords)) for r in rois] == [("line", n), ("point", n)]
+    fm.save(rois, tmp_path / "again.roi.zip", backend="disk")
+    back = roifile.roiread(tmp_path / "again.roi.zip")
+    assert [r.roitype.name for r in back] == ["POLYLINE", "POINT"]
+    assert all(r.coordinates().tolist() == xy.tolist() for r in back)
+
+
 def test_open_paths_saved_by_polystore_open_in_imagej_as_lines(tmp_path):
     path = tmp_path / "paths.roi.zip"
     DiskBackend().save([Roi("line", [[1, 1], [2, 10], [15, 20.5]], "path"),
