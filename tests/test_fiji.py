@@ -23,6 +23,7 @@ from typing import Annotated
 import numpy as np
 import pytest
 
+from polystore import DiskBackend
 from polystore.filemanager import FileManager
 from polystore.streaming import FijiStreamingBackend, FrameRejectedError, ViewerNotRunningError
 from polystore.testing.receiver import ReceiverConformance, ReceiverUnderTest, user_curve
@@ -1024,8 +1025,56 @@ def test_an_open_path_and_a_multi_point_go_to_the_overlay_whole(fiji, backend, f
     assert image(state, key)["overlay"] == 2
     overlay = [roi_summary(r) for r in saved(state, key)[2]["Overlays"]]
     assert [r["kind"] for r in overlay] == ["polyline", "point"]
-    assert overlay[0]["bounds"] == (1, 1, 20, 15)  # x = column, y = row
+    # x = column, y = row; ImageJ's bounds of a line reach one pixel past its last vertex
+    # (the first version of this test expected a polygon's (1, 1, 20, 15) and failed)
+    assert overlay[0]["bounds"] == (1, 1, 21, 16)
     assert overlay[1]["bounds"][:2] == (4, 3)
+
+
+def test_an_imagej_roi_file_comes_back_from_the_overlay_as_it_was(fiji, backend, fm, key,
+                                                                   tmp_path):
+    """An ImageJ ROI set (segmented, freehand and angle lines, a straight line, a multi-point
+    and a single point), loaded with its positions and streamed onto its plane of a placed
+    image, is in the overlay of the TIFF Fiji saves as ImageJ types with the file's vertices:
+    open paths as segmented lines, a two-point path as a straight line, the multi-point as
+    one ROI."""
+    roifile = pytest.importorskip("roifile")
+
+    xy = {"segmented": [[1, 1], [10, 2], [20, 15], [30, 4]],
+          "freehand": [[1.5, 1], [2, 2.25], [3, 4], [5, 5]],
+          "angle": [[10, 10], [20, 20], [30, 10]],
+          "straight": [[3, 4], [25, 30]],
+          "spots": [[5, 6], [10, 12], [20, 3]],
+          "spot": [[7, 9]]}  # fmt: skip
+    types = ["POLYLINE", "FREELINE", "ANGLE", "POLYLINE", "POINT", "POINT"]
+    file = tmp_path / "set.roi.zip"
+    roifile.roiwrite(file, [roifile.ImagejRoi.frompoints(np.asarray(v), name=name)
+                            for name, v in xy.items()])
+    written = roifile.roiread(file)
+    for roi, roitype in zip(written, types):
+        roi.roitype = getattr(roifile.ROI_TYPE, roitype)
+        roi.t_position = 2  # 1-based: t = 1
+    roifile.roiwrite(file, written, mode="w")
+    loaded = FileManager({"disk": DiskBackend()}).load(file, backend="disk", positions=True)
+    assert [(r.roi.kind, len(r.roi.coords), r.axes) for r in loaded] == [
+        ("line", 4, {"t": 1}), ("line", 4, {"t": 1}), ("line", 3, {"t": 1}),
+        ("line", 2, {"t": 1}), ("point", 3, {"t": 1}), ("point", 1, {"t": 1})]
+    for t in range(2):
+        fm.save(np.zeros((40, 40), np.uint8), f"{key}/t{t}.tif", backend="fiji_stream",
+                stream=key, axes={"t": t})  # fmt: skip
+    fm.save([r.roi for r in loaded], f"{key}/set.roi.zip", backend="fiji_stream", stream=key,
+            axes={"t": 1})  # the set's one position  # fmt: skip
+    state = report(backend)
+    assert image(state, key)["overlay"] == 6
+    back = [roifile.ImagejRoi.frombytes(r) for r in saved(state, key)[2]["Overlays"]]
+    assert [r.name for r in back] == list(xy)
+    assert [r.roitype.name for r in back] == [
+        "POLYLINE", "POLYLINE", "POLYLINE", "LINE", "POINT", "POINT"]
+    for roi, (name, vertices) in zip(back, xy.items()):
+        got = ([[roi.x1, roi.y1], [roi.x2, roi.y2]] if roi.roitype.name == "LINE"
+               else roi.coordinates().tolist())
+        assert got == vertices, name
+        assert roi.t_position == 2, name  # on the image's t = 1 only
 
 
 def test_rois_before_the_image_wait_for_it(fiji, backend, fm, key):
