@@ -259,6 +259,8 @@ BAD_MESSAGES = [
     bad("missing_field", inline(dtype=None), "bad_message"),
     bad("rectangle_3_points", rois(21, "rectangle", [[0, 0], [1, 1], [2, 2]]), "bad_message", 21),
     bad("polygon_2_points", rois(22, "polygon", [[0, 0], [1, 1]]), "bad_message", 22),
+    bad("line_1_point", rois(22, "line", [[0, 0]]), "bad_message", 22),
+    bad("point_0_points", rois(22, "point", []), "bad_message", 22),
     bad("unknown_roi_kind", rois(23, "blob", [[0, 0]]), "bad_message", 23),
     bad("unknown_command", message({"v": 1, "type": "control", "seq": 24, "command": "stop"}),
         "bad_message", 24),
