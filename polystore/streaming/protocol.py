@@ -110,8 +110,9 @@ class Frame(Struct, tag="frame", tag_field="type", omit_defaults=True):
 class Roi(Struct, omit_defaults=True):
     """One region of interest in pixel coordinates (row, column) of its image's last two axes.
 
-    rectangle/ellipse/line: two points (corners / bounding box / ends); polygon: >= 3 points;
-    point: one point.
+    rectangle/ellipse: two points (corners / bounding box); line: >= 2 points (its ends, or
+    the vertices of an open path); polygon: >= 3 points; point: >= 1 point (several: one
+    multi-point ROI). `ROI_POINT_COUNTS` holds the counts.
     """
 
     kind: Literal["polygon", "rectangle", "ellipse", "line", "point"]
