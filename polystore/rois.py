@@ -190,6 +190,18 @@ def from_imagej(ij: Any) -> PositionedRoi:
             if getattr(ij, field, 0) > 0}
     if not axes and getattr(ij, "position", 0) > 0:
         axes = {"z": ij.position - 1}  # a plain stack's slice
+    # a multi-point drawn across a stack keeps each point's slice (a flat stack index)
+    positions = getattr(ij, "counter_positions", None) if kind == "point" else None
+    slices = set() if positions is None else {int(s) for s in positions if s}
+    if len(slices) > 1:
+        raise ValueError(
+            f"{what} is a multi-point whose points lie on {len(slices)} different stack "
+            "slices (ImageJ keeps each point's slice), which one polystore point ROI cannot "
+            "hold: loaded, it would show on every plane and be saved back so. In ImageJ, add "
+            "the points of each slice as a multi-point of their own, or leave it out, and save "
+            "the set again")
+    if slices and not axes:
+        axes = {"z": slices.pop() - 1}  # every point on one slice: the ROI's slice
     return PositionedRoi(Roi(kind=kind, coords=coords, label=ij.name or None), axes)
 
 

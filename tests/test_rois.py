@@ -321,6 +321,30 @@ def test_open_paths_saved_by_polystore_open_in_imagej_as_lines(tmp_path):
     assert lines[1][4] == "5,6;10,12;"
 
 
+def test_a_multi_point_across_stack_slices_is_refused_and_one_on_a_slice_keeps_it(tmp_path):
+    """ImageJ's multi-point tool used across a stack keeps each point's slice; such a ROI
+    loaded with no position (shown on every plane) and was saved back without the slices."""
+    import roifile
+
+    def multi_point(slices):
+        roi = roifile.ImagejRoi.frompoints(np.array([[5, 6], [10, 12], [20, 3]]), name="mp")
+        roi.roitype = roifile.ROI_TYPE.POINT
+        roi.counters = np.zeros(3, np.uint8)
+        roi.counter_positions = np.array(slices, np.uint32)
+        return roi
+
+    spread, one = tmp_path / "spread.roi.zip", tmp_path / "one.roi.zip"
+    roifile.roiwrite(spread, [multi_point([2, 4, 5])])
+    roifile.roiwrite(one, [multi_point([3, 3, 3])])
+    before = spread.read_bytes()
+    with pytest.raises(ValueError, match=r"ROI 0: ImageJ ROI 'mp' is a multi-point whose points "
+                                         r"lie on 3 different stack slices.*of their own"):
+        DiskBackend().load(spread)
+    assert spread.read_bytes() == before
+    (placed,) = DiskBackend().load(one, positions=True)
+    assert placed.axes == {"z": 2} and len(placed.roi.coords) == 3  # slice 3, 1-based
+
+
 def test_composite_text_and_image_rois_are_refused_on_load_and_the_file_kept(tmp_path):
     """A composite (shape) ROI loaded as the filled rectangle of its bounds: its hole and
     outlines were lost, and saving the set back wrote that rectangle in its place."""
