@@ -278,6 +278,19 @@ def test_a_roi_set_too_large_for_one_message_is_refused_at_save_and_loses_nothin
     assert backend.sender.stats.lost == 0
 
 
+def test_a_roi_set_too_large_for_one_message_is_refused_at_save_saying_what_to_do(backend):
+    """A multi-point of 10,000 points (as ImageJ files hold) is beyond a message's header
+    limit: save() says how many bytes, and to split the set, not only to simplify outlines
+    (which a multi-point has none of); the stream goes on."""
+    points = [[float(i % 100), float(i // 100)] for i in range(10_000)]
+    with pytest.raises(UnstreamableDataError, match=r"1 ROIs with 10000 points in all encode "
+                                                    r"to [\d,]+ bytes.*several sets"):
+        backend.save([{"kind": "point", "coords": points}], "big/t000.roi.zip")
+    backend.save([{"kind": "point", "coords": points[:1000]}], "big/t000.roi.zip")
+    backend.flush()
+    assert backend.request("report")["roi_sets"][-1]["n"] == 1
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_a_roi_with_a_non_finite_coordinate_is_refused_at_save(backend, bad):
     """JSON has no NaN or infinity: the set travelled with null and the receiver refused it

@@ -204,8 +204,8 @@ class StreamMeta:
             raise UnstreamableDataError(
                 f"cannot stream {path}: {len(rois)} ROIs with {points} points in all encode to "
                 f"{len(data):,} bytes, and a ROI message may hold at most "
-                f"{p.MAX_HEADER_BYTES:,}. Simplify the outlines (labels_to_rois(..., "
-                f"tolerance=2) keeps fewer points per outline) or send fewer objects")
+                f"{p.MAX_HEADER_BYTES:,}. Send them as several sets (other paths), fewer "
+                f"points, or simpler outlines (labels_to_rois(..., tolerance=2))")
         return data
 
 
