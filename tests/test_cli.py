@@ -93,7 +93,9 @@ class Collector:
 
     def __init__(self, backend_cls) -> None:
         self.frames: list = []
-        self.receiver = receiver_for(backend_cls, "tcp://127.0.0.1:0", on_frame=self.frames.append)
+        self.rois: list = []
+        self.receiver = receiver_for(backend_cls, "tcp://127.0.0.1:0", on_frame=self.frames.append,
+                                     on_rois=self.rois.append)
 
     def __enter__(self) -> Collector:
         self.receiver.start()
@@ -237,6 +239,28 @@ def test_send_folder_to_a_real_receiver(images):
     # skipped files are reported, with the reason
     assert "skipped 2 file(s) napari_stream does not stream (.csv, .json)" in result.stderr
     assert "send -> napari_stream" in result.stderr  # the progress bar
+
+
+def test_send_of_a_roi_file_keeps_each_roi_on_its_plane(tmp_path):
+    """send loaded a .roi.zip without the ROIs' planes (c, z, t), so every ROI of a time
+    series or stack landed on every plane."""
+    from polystore import DiskBackend
+    from polystore.rois import PositionedRoi, Roi
+
+    rois = [PositionedRoi(Roi("point", [[1, 2]], "a"), {"t": 0}),
+            PositionedRoi(Roi("point", [[3, 4]], "b"), {"t": 1}),
+            PositionedRoi(Roi("rectangle", [[0, 0], [5, 5]], "c"), {"t": 1})]
+    DiskBackend().save(rois, tmp_path / "cells.roi.zip")
+    with Collector(NapariStreamingBackend) as rx:
+        result = cli("send", str(tmp_path / "cells.roi.zip"), "--to", "napari_stream",
+                     "--endpoint", rx.endpoint, "--stream", "cells")
+        deadline = time.monotonic() + 10
+        while len(rx.rois) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert result.returncode == 0, result.stderr
+    got = {tuple(item.header.axes.items()): [r.label for r in item.header.rois]
+           for item in rx.rois}
+    assert got == {(("t", 0),): ["a"], (("t", 1),): ["b", "c"]}
 
 
 def test_send_files_with_one_stream_key_to_fiji_stream(images):

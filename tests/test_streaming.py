@@ -291,6 +291,23 @@ def test_a_roi_set_too_large_for_one_message_is_refused_at_save_saying_what_to_d
     assert backend.request("report")["roi_sets"][-1]["n"] == 1
 
 
+def test_positioned_rois_stream_as_one_set_per_plane(backend):
+    """A ROI file loaded with positions=True (PositionedRoi items) could not be streamed:
+    msgspec said "Expected `object`, got `array`". Each plane's ROIs now go as one set
+    at that plane, as the file places them."""
+    from polystore.rois import PositionedRoi, Roi
+
+    items = [PositionedRoi(Roi("point", [[1, 2]]), {"z": 0}),
+             PositionedRoi(Roi("point", [[3, 4]]), {"t": 1, "z": 2}),
+             PositionedRoi(Roi("line", [[0, 0], [5, 5], [9, 1]]), {"z": 2, "t": 1})]
+    backend.save(items, "pos/cells.roi.zip", stream="pos")
+    backend.flush()
+    sets = backend.request("report")["roi_sets"][-2:]
+    assert [(s["n"], s["kinds"]) for s in sets] == [(1, ["point"]), (2, ["point", "line"])]
+    with pytest.raises(UnstreamableDataError, match="PositionedRoi items carry their own"):
+        backend.save(items, "pos/cells.roi.zip", stream="pos", axes={"t": 0})
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_a_roi_with_a_non_finite_coordinate_is_refused_at_save(backend, bad):
     """JSON has no NaN or infinity: the set travelled with null and the receiver refused it

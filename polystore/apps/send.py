@@ -163,6 +163,8 @@ def cmd_send(args: argparse.Namespace) -> int:
         backend.close()
         raise CommandError(f"nothing to send: no file in {' '.join(args.paths)} is one "
                            f"{args.to} accepts and send reads ({_readable_extensions()})")
+    from polystore.rois import is_roi_path
+
     fm = FileManager(BackendRegistry({"disk": DiskBackend(), args.to: backend},
                                      entry_points=False))
     failed: list[str] = []
@@ -172,7 +174,9 @@ def cmd_send(args: argparse.Namespace) -> int:
                    file=sys.stderr)
         for file, label in bar:
             try:
-                data = fm.load(file, backend="disk")
+                # ROI files keep each ROI's plane (c, z, t): one set per plane
+                data = fm.load(file, backend="disk", **(
+                    {"positions": True} if is_roi_path(file) else {}))
                 limit = backend.options.max_inflight_bytes
                 if getattr(data, "nbytes", 0) > limit:
                     failed.append(f"{file}: {human_size(data.nbytes)} is more than one frame may "

@@ -221,8 +221,25 @@ class StreamingBackend(WriteOnlyBackend):
         axes = options.pop("axes", None)
         meta = self.stream_meta(path, **options)
         if path.lower().endswith(ROI_EXTENSION):
-            return self.sender.send_rois(rois.to_rois(data), path, meta, axes)
+            return self._stream_rois(data, path, meta, axes)
         return self.sender.send_array(data, path, meta, axes)
+
+    def _stream_rois(self, data: Any, path: str, meta: Any, axes: Any) -> int:
+        """Plain ROIs as one set at `axes`; `PositionedRoi` items (a file loaded with
+        ``positions=True``) as one set per position, as the file places them."""
+        items = data if isinstance(data, list | tuple) else [data]
+        if not items or not all(isinstance(item, rois.PositionedRoi) for item in items):
+            return self.sender.send_rois(rois.to_rois(data), path, meta, axes)
+        if axes:
+            raise UnstreamableDataError(f"cannot stream {path}: axes= places plain ROIs; "
+                                        "PositionedRoi items carry their own")
+        sets: dict[tuple, list] = {}
+        for roi, where in items:
+            sets.setdefault(tuple(sorted(where.items())), []).append(roi)
+        seq = -1
+        for where, group in sets.items():
+            seq = self.sender.send_rois(rois.to_rois(group), path, meta, dict(where))
+        return seq
 
     def lease(self, file_path: Any, shape: Sequence[int], dtype: Any = "uint16",
               **options: Any):
