@@ -648,6 +648,31 @@ def test_an_open_path_and_a_multi_point_show_whole(docked, qtbot):
     assert list(points.features["label"]) == ["pts"] * 3
 
 
+#: A self-intersecting outline (as freehand ROIs drawn in ImageJ can be) on which vispy's
+#: triangulation fails ("Triangulation failed"); napari's compiled one (bermuda) draws it.
+TANGLED = [[101.08404698774231, 468.95255431799467], [47.38833918058349, 2.4497074942878005],
+           [161.46040183198917, 495.372359120611], [132.34756419421996, 415.3471327588655],
+           [86.55681851023273, 293.18917739918885], [479.204667589696, 358.2566172829035],
+           [490.25398758924314, 287.2783245445198], [491.6673532767107, 418.5235158600019]]
+
+
+def test_a_self_intersecting_polygon_shows_with_the_rest_of_its_set(docked, qtbot):
+    """With vispy's triangulation the whole set was refused (*Last error*: "Triangulation
+    failed"); the plugin depends on napari's compiled triangulation, which draws it."""
+    viewer, widget = docked
+    send(qtbot, widget.endpoint, f"""
+        backend.save(rand(1, (512, 512)), "tangle/x.tif")
+        backend.save([{{"kind": "polygon", "coords": {TANGLED!r}, "label": "tangled"}},
+                      {{"kind": "rectangle", "coords": [[1, 1], [9, 9]]}}],
+                     "tangle/x.roi.zip", stream="tangle/x")
+    """)
+    qtbot.waitUntil(lambda: "tangle/x ROIs" in viewer.layers, timeout=10000)
+    shapes = viewer.layers["tangle/x ROIs"]
+    assert shapes.shape_type == ["polygon", "rectangle"]
+    np.testing.assert_allclose(shapes.data[0], TANGLED)
+    assert list(shapes.features["label"]) == ["tangled", ""]
+
+
 def test_rois_without_axes_are_2d(docked, qtbot):
     viewer, widget = docked
     send(qtbot, widget.endpoint, """
