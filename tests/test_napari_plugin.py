@@ -1216,6 +1216,35 @@ def test_a_roi_set_napari_cannot_show_leaves_the_streams_later_sets_showing(
     assert len(shapes.data) == 2 and "r (ROIs)" not in manager.errors
 
 
+def test_a_replacing_roi_set_napari_cannot_show_leaves_none_of_the_old_set(make_napari_viewer):
+    """The old set's shapes went, but its points stayed on screen (and in the report) after
+    a set saved again to the same path failed in Shapes.add."""
+    from polystore_napari.layers import LayerManager
+
+    from polystore.streaming import ReceivedRois
+    from polystore.streaming import protocol as p
+
+    def rois(corner, point):
+        header = p.Rois(v=1, seq=0, stream="r", path="r/cells.roi.zip", sent_ns=0,
+                        rois=[p.Roi(kind="rectangle", coords=[[0, 0], [corner, corner]]),
+                              p.Roi(kind="point", coords=[point])])
+        return ReceivedRois(header, "test")
+
+    viewer = make_napari_viewer(show=False)
+    manager = LayerManager(viewer)
+    buffer = CoalescingBuffer()
+    buffer.put_frame(_frame("r", 1, shape=(16, 16)))
+    buffer.put_rois(rois(5, [1, 2]))
+    manager.apply(buffer.take())
+    shapes, points = manager.roi_layers("r")
+    assert len(shapes.data) == 1 and points.data.tolist() == [[1, 2]]
+    buffer.put_rois(rois(1e12, [3, 4]))  # the same path again: napari cannot show it
+    manager.apply(buffer.take())
+    assert "could not show a ROI set" in manager.errors["r (ROIs)"]
+    shapes, points = manager.roi_layers("r")
+    assert len(shapes.data) == 0 and len(points.data) == 0
+
+
 def test_rois_the_user_deleted_do_not_come_back_when_the_layers_are_rebuilt(
         make_napari_viewer):
     """The ROI sets a rebuild redraws from were kept after the user deleted the ROI layers,

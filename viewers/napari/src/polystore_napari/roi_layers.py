@@ -262,6 +262,7 @@ class RoiLayers:
                     with contextlib.suppress(Exception):
                         state.shapes.remove(added)
                 state.sets.pop(key, None)
+                state.point_sets.pop(key, None)  # nor the points of the set it replaced
                 raise
             state.shape_keys += [key] * len(shapes)
             state.shape_labels += labels
