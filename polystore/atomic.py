@@ -6,12 +6,13 @@ file is created with ``O_TMPFILE``: it has no name until the write has finished,
 process killed with SIGKILL mid-write leaves nothing behind. Where ``O_TMPFILE`` is not
 available a hidden named temporary file is used and removed on any error.
 
-With ``replace=False`` the finished file is hard-linked into place (``linkat``), which fails
-with FileExistsError if the name exists, whoever made it and however short the race: of two
-writers of one new name exactly one wins and the other's data is discarded, never mixed in.
-A filesystem without hard links (vfat, exFAT, many FUSE and network filesystems) gets
-``renameat2(RENAME_NOREPLACE)`` instead, just as atomic; only where that is refused too is
-the name checked and then renamed to, which a concurrent writer could race.
+With ``replace=False`` the finished file is put in place in a step that fails with
+FileExistsError if the name exists, whoever made it and however short the race: the
+anonymous file is linked (``linkat``), a named temporary file renamed by
+:func:`rename_no_replace` (``renameat2(RENAME_NOREPLACE)``, else a hard link). Of two
+writers of one new name exactly one wins and the other's data is discarded, never mixed in;
+only where a filesystem refuses both (some FUSE and network ones) is the name checked and
+then renamed to, which a concurrent writer could race.
 
 Replacing a file keeps what the user set on it: the new file gets the old one's permission
 bits, and its owner and group where this process may set them (root, or a group the user
@@ -26,12 +27,13 @@ import logging
 import os
 import re
 import secrets
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "is_temp_name"]
+__all__ = ["atomic_write", "is_temp_name", "rename_no_replace"]
 
 # link() errors that mean "this filesystem (or this file) cannot be hard-linked", not that
 # the name exists: vfat and exFAT (EPERM), FUSE/CIFS without link (ENOSYS, EOPNOTSUPP),
@@ -131,33 +133,45 @@ def _tmpfile_works(dir_fd: int) -> bool:
     return _tmpfile_support[dev]
 
 
-def _name_no_replace(temp: str, name: str, dir_fd: int) -> None:
-    """Give the finished temporary file ``temp`` the name ``name`` unless that exists
-    (FileExistsError): a hard link then unlink of ``temp``; where the filesystem has no hard
-    links, ``renameat2(RENAME_NOREPLACE)``; where that is refused too, a check then a rename."""
-    try:
-        os.link(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno not in NO_HARD_LINKS:
-            raise
-        logger.debug("no hard links for %s (%s); renaming instead", name,
-                     errno.errorcode.get(exc.errno, exc.errno))
-    else:
-        os.unlink(temp, dir_fd=dir_fd)
-        return
+def rename_no_replace(source: Any, target: Any, dir_fd: int | None = None) -> None:
+    """Rename ``source`` to ``target`` unless ``target`` exists (FileExistsError), both
+    relative to ``dir_fd`` if given. In one atomic step: ``renameat2(RENAME_NOREPLACE)``
+    (Linux 3.15+); where that is missing or refused, a file or symlink is hard-linked to
+    ``target`` (fails if it exists) and unlinked from ``source`` (if that fails the link is
+    removed again, so the file never keeps two names); a directory, or a file on a
+    filesystem without hard links, is renamed after a check, which a writer could race."""
+    fds = {"src_dir_fd": dir_fd, "dst_dir_fd": dir_fd}
     if _renameat2 is not None:
-        if _renameat2(dir_fd, os.fsencode(temp), dir_fd, os.fsencode(name),
-                      RENAME_NOREPLACE) == 0:
+        at = AT_FDCWD if dir_fd is None else dir_fd
+        if _renameat2(at, os.fsencode(source), at, os.fsencode(target), RENAME_NOREPLACE) == 0:
             return
         err = ctypes.get_errno()
         if err not in NO_RENAMEAT2:
-            raise OSError(err, os.strerror(err), name)
+            raise OSError(err, os.strerror(err), str(source), None, str(target))
+    if not stat.S_ISDIR(os.stat(source, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+        try:
+            os.link(source, target, **fds, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in NO_HARD_LINKS:
+                raise
+            logger.debug("no hard link for %s (%s); checking, then renaming", target,
+                         errno.errorcode.get(exc.errno, exc.errno))
+        else:
+            try:
+                os.unlink(source, dir_fd=dir_fd)
+            except BaseException:
+                with suppress(OSError):
+                    if os.path.samestat(os.lstat(target, dir_fd=dir_fd),
+                                        os.lstat(source, dir_fd=dir_fd)):
+                        os.unlink(target, dir_fd=dir_fd)
+                raise
+            return
     try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        os.stat(target, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
-        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.rename(source, target, **fds)
     else:
-        raise FileExistsError(errno.EEXIST, "File exists", name)
+        raise FileExistsError(errno.EEXIST, "File exists", str(target))
 
 
 @contextmanager
@@ -213,7 +227,7 @@ def atomic_write(
                     temp = _link_anonymous(handle.fileno(), dir_fd, target.name)
         if not replace:
             if temp is not None:  # the named temporary file (no O_TMPFILE)
-                _name_no_replace(temp, target.name, dir_fd)
+                rename_no_replace(temp, target.name, dir_fd)
         else:
             os.replace(temp, target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         temp = None

@@ -159,14 +159,18 @@ def test_atomic_write_no_replace(tmp_path: Path, monkeypatch, named_temp: bool) 
     assert sorted(os.listdir(tmp_path)) == ["f", "link"]
 
 
+def _sources(folder: Path, round_: int) -> list[Path]:
+    """One source file per writer, each with its own payload."""
+    sources = [folder / f"src{round_}_{i}.bin" for i in range(WRITERS)]
+    for i, src in enumerate(sources):
+        src.write_bytes(_payload(i, round_))
+    return sources
+
+
 def test_copy_overwrite_false_threads_exactly_one_wins(tmp_path: Path) -> None:
     fm = FileManager({"disk": DiskBackend()})
     for r in range(ROUNDS):
-        sources = []
-        for i in range(WRITERS):
-            src = tmp_path / f"src{r}_{i}.bin"
-            src.write_bytes(_payload(i, r))
-            sources.append(str(src))
+        sources = [str(s) for s in _sources(tmp_path, r)]
         dst = str(tmp_path / "out" / f"r{r}.bin")
         jobs = [(lambda s=s, d=dst: fm.copy(s, d, "disk", overwrite=False)) for s in sources]
         winner = _one_winner(_race(jobs))
@@ -181,11 +185,7 @@ def test_move_overwrite_false_threads_no_file_lost(tmp_path: Path) -> None:
     both succeed, deleting the first mover's file)."""
     fm = FileManager({"disk": DiskBackend()})
     for r in range(ROUNDS):
-        sources = []
-        for i in range(WRITERS):
-            src = tmp_path / f"src{r}_{i}.bin"
-            src.write_bytes(_payload(i, r))
-            sources.append(src)
+        sources = _sources(tmp_path, r)
         dst = tmp_path / "out" / f"r{r}.bin"
         jobs = [(lambda s=s, d=str(dst): fm.move(str(s), d, "disk", overwrite=False))
                 for s in sources]
@@ -200,9 +200,9 @@ def test_move_overwrite_false_threads_no_file_lost(tmp_path: Path) -> None:
 def test_move_overwrite_false_without_renameat2(tmp_path: Path, monkeypatch) -> None:
     """The fallback where renameat2 is missing (musl, macOS): a file is hard-linked into
     place (atomic, refuses an existing name) and then unlinked from its source."""
-    import polystore.backends.disk as disk_module
+    from polystore import atomic
 
-    monkeypatch.setattr(disk_module, "_renameat2", None)
+    monkeypatch.setattr(atomic, "_renameat2", None)
     test_move_overwrite_false_threads_no_file_lost(tmp_path)
     fm = FileManager({"disk": DiskBackend()})
     (tmp_path / "d").mkdir()
@@ -324,7 +324,6 @@ def _without_hard_links(monkeypatch, directory: Path, renameat2: bool) -> None:
     import errno
 
     import polystore.atomic as atomic
-    import polystore.backends.disk as disk_module
 
     def no_link(*args, **kwargs):
         raise OSError(errno.EPERM, "Operation not permitted")
@@ -332,8 +331,7 @@ def _without_hard_links(monkeypatch, directory: Path, renameat2: bool) -> None:
     monkeypatch.setitem(atomic._tmpfile_support, os.stat(directory).st_dev, False)
     monkeypatch.setattr(os, "link", no_link)
     if not renameat2:
-        monkeypatch.setattr(disk_module, "_renameat2", None)
-        monkeypatch.setattr(atomic, "_renameat2", None, raising=False)
+        monkeypatch.setattr(atomic, "_renameat2", None)
 
 
 @pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "no-renameat2"])
@@ -369,9 +367,9 @@ def test_move_fallback_whose_unlink_fails_leaves_no_second_name(tmp_path: Path,
     names, one inode, and a retry refused as 'already exists')."""
     import subprocess
 
-    import polystore.backends.disk as disk_module
+    from polystore import atomic
 
-    monkeypatch.setattr(disk_module, "_renameat2", None)
+    monkeypatch.setattr(atomic, "_renameat2", None)
     src_dir, dst_dir = tmp_path / "src", tmp_path / "dst"
     src_dir.mkdir()
     dst_dir.mkdir()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import logging
 import os
 import shutil
@@ -13,15 +11,7 @@ from pathlib import Path
 from typing import IO, Any, ClassVar
 
 from polystore import formats
-from polystore.atomic import (
-    AT_FDCWD,
-    NO_HARD_LINKS,
-    NO_RENAMEAT2,
-    RENAME_NOREPLACE,
-    _renameat2,
-    atomic_write,
-    is_temp_name,
-)
+from polystore.atomic import atomic_write, is_temp_name, rename_no_replace
 from polystore.base import StorageBackend
 from polystore.errors import DestinationExistsError
 from polystore.paths import name_matches, natural_sort_key, normalize_extensions, resolve_within
@@ -29,46 +19,6 @@ from polystore.paths import name_matches, natural_sort_key, normalize_extensions
 __all__ = ["DiskBackend"]
 
 logger = logging.getLogger(__name__)
-
-
-def _rename_no_replace(source: Path, target: Path) -> None:
-    """Rename ``source`` to ``target`` unless ``target`` exists (FileExistsError), in one
-    atomic step: ``renameat2(RENAME_NOREPLACE)`` (Linux 3.15+; ext4, xfs, btrfs, tmpfs).
-    Where that is missing or the filesystem refuses it: a file or symlink is hard-linked
-    to ``target`` (atomic, fails if it exists) and then unlinked from ``source`` (if that
-    fails the link is removed again); a directory, or a file on a filesystem without hard
-    links, is renamed after a check, which a concurrent writer could still race."""
-    if _renameat2 is not None:
-        if _renameat2(AT_FDCWD, os.fsencode(source), AT_FDCWD, os.fsencode(target),
-                      RENAME_NOREPLACE) == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in NO_RENAMEAT2:
-            raise OSError(err, os.strerror(err), str(source), None, str(target))
-        logger.debug("renameat2(RENAME_NOREPLACE) unsupported for %s (%s); falling back",
-                     target, errno.errorcode.get(err, err))
-    if not (source.is_dir() and not source.is_symlink()):
-        try:
-            os.link(source, target, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno not in NO_HARD_LINKS:
-                raise
-            logger.debug("no hard link for %s (%s); checking, then renaming", target,
-                         errno.errorcode.get(exc.errno, exc.errno))
-        else:
-            try:
-                source.unlink()
-            except BaseException:
-                # the move failed (a source directory we may not change): the new name goes
-                # again, else the file would be at both names (sharing one inode)
-                with suppress(OSError):
-                    if os.path.samestat(os.lstat(target), os.lstat(source)):
-                        os.unlink(target)
-                raise
-            return
-    if target.exists() or target.is_symlink():
-        raise FileExistsError(errno.EEXIST, "File exists", str(target))
-    os.rename(source, target)
 
 
 class DiskBackend(StorageBackend):
@@ -214,7 +164,7 @@ class DiskBackend(StorageBackend):
         """``os.replace`` within one filesystem (OSError EXDEV across filesystems).
         ``from_backend``: ``src`` is a path of that disk backend (another base directory).
         ``overwrite=False``: an existing ``dst`` raises DestinationExistsError, atomically
-        (``renameat2(RENAME_NOREPLACE)``; see :func:`_rename_no_replace` for the fallback)."""
+        (``renameat2(RENAME_NOREPLACE)``; see :func:`polystore.atomic.rename_no_replace`)."""
         source = (from_backend or self)._path(src)
         target = self._path(dst)
         if not source.exists() and not source.is_symlink():
@@ -240,7 +190,7 @@ class DiskBackend(StorageBackend):
             os.replace(source, target)
             return
         try:
-            _rename_no_replace(source, target)
+            rename_no_replace(source, target)
         except FileExistsError as exc:
             raise self._exists_error(dst) from exc
 
