@@ -152,6 +152,9 @@ class Backend(metaclass=BackendMeta):
     ``can_list`` defaults to whether the class overrides :meth:`list_files`.
     ``can_hold_bytes`` says that :meth:`read_bytes`/:meth:`write_bytes` store a file's exact
     bytes, so copy and move between two such backends never decode and re-encode.
+    ``can_write_exclusive`` says that its writes and moves (save, write_bytes, rename,
+    copy_within: those it has) take ``overwrite=False`` and refuse an existing name
+    atomically, so that of two concurrent copies to one new name exactly one wins.
     A subclass that sets ``__replaces_registered__ = True`` may take over a name another
     class already registered (on purpose, e.g. a patched disk backend).
     """
@@ -162,6 +165,7 @@ class Backend(metaclass=BackendMeta):
     can_write: ClassVar[bool] = True
     can_list: ClassVar[bool] = False
     can_hold_bytes: ClassVar[bool] = False
+    can_write_exclusive: ClassVar[bool] = False
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         if cls.__dict__.get("_enum_root") and len(args) == 1 and not kwargs:

@@ -576,8 +576,10 @@ class FileManager:
         Within one backend that copies items itself (``copy_within``: zarr keeps a group's
         attributes and arrays exactly) that copy is used; otherwise file by file."""
         if source is dest and _overrides(source, "copy_within"):
+            no_replace = {"overwrite": False} if exclusive and getattr(
+                dest, "can_write_exclusive", False) else {}
             try:
-                source.copy_within(src, dst, **kwargs)
+                source.copy_within(src, dst, **no_replace, **kwargs)
             except UnsupportedOperationError:
                 pass  # not for this item (or these writer options): file by file
             else:
@@ -712,6 +714,8 @@ class FileManager:
             if isinstance(source, DiskBackend) and isinstance(dest, DiskBackend):
                 dest.rename(src, dst, from_backend=None if source is dest else source,
                             overwrite=overwrite)
+            elif source is dest and getattr(source, "can_write_exclusive", False):
+                source.rename(src, dst, overwrite=overwrite)  # refused atomically
             elif source is dest:
                 source.rename(src, dst)
             else:

@@ -21,7 +21,7 @@ import threading
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -119,6 +119,9 @@ class ZarrBackend(StorageBackend):
 
     _backend_type = "zarr"
     can_list: ClassVar[bool] = True
+    #: save/rename/copy_within take ``overwrite=False`` and refuse an existing node under
+    #: its lock (FileManager.copy/move with overwrite=False rely on it).
+    can_write_exclusive: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -209,21 +212,26 @@ class ZarrBackend(StorageBackend):
         (dimension names, e.g. ``"tczyx"``), ``attributes``; ``ome=True`` writes an
         OME-Zarr image instead (:func:`polystore.zarr.ome.write_image`), ``ome="plate"``
         an HCS plate from ``{"A/1": [field0, ...], ...}`` (:func:`~polystore.zarr.ome.write_plate`).
+        ``overwrite=False`` refuses an existing node (or time point) instead, atomically
+        among writers on this machine (DestinationExistsError).
         """
         zp = self.split(file_path)
         ome = kwargs.pop("ome", False)
+        overwrite = kwargs.pop("overwrite", True)
         if ome:
             from polystore.zarr.ome import write_image, write_plate
 
             writer = write_plate if ome == "plate" else write_image
             with _clear_errors(zp, writing=True), self._grow_lock(zp):
+                if not overwrite and self._node(zp) is not None:
+                    raise _exists(zp)
                 writer(data, self.store(file_path), zp.node, zarr_format=self.zarr_format,
                        compressors=self._codec_options(kwargs), **kwargs)
             return
         frame = self._frame(zp)
         if frame is not None:
             series, t = frame
-            self.append(data, series, t, **kwargs)
+            self.append(data, series, t, overwrite=overwrite, **kwargs)
             return
         if not zp.node:
             raise IsADirectoryError(
@@ -231,7 +239,7 @@ class ZarrBackend(StorageBackend):
                 f"store, e.g. '{zp.root}/image'"
             )
         array = _as_array(data)
-        self._write_array(array, zp, **kwargs)
+        self._write_array(array, zp, overwrite, **kwargs)
 
     def _codec_options(self, kwargs: dict[str, Any]) -> Any:
         """Pop compression options from ``kwargs``; return zarr ``compressors``."""
@@ -265,7 +273,8 @@ class ZarrBackend(StorageBackend):
             raise TypeError(f"save() to zarr got unexpected keyword arguments {sorted(kwargs)}")
         return options
 
-    def _write_array(self, array: np.ndarray, zp: ZarrPath, **kwargs: Any) -> None:
+    def _write_array(self, array: np.ndarray, zp: ZarrPath, overwrite: bool = True,
+                     **kwargs: Any) -> None:
         """Chunks first, metadata last: an interrupted write leaves no readable array."""
         zarr = require_zarr()
         from zarr.storage import MemoryStore, StorePath
@@ -286,6 +295,8 @@ class ZarrBackend(StorageBackend):
                         f"{str(zp)!r} is a zarr group: delete it first (delete(path, "
                         "recursive=True)) or save the array under another name"
                     )
+                if existing == "array" and not overwrite:
+                    raise _exists(zp)
                 if existing == "array":
                     self._delete_node(zp)  # replaced: an I/O failure from here loses it
                 target = zarr.Array(zarr.AsyncArray(spec.metadata, StorePath(store, zp.node),
@@ -306,12 +317,13 @@ class ZarrBackend(StorageBackend):
         except Exception as exc:  # noqa: BLE001 - the original error matters more
             logger.warning("could not remove the chunks of a failed write at %s: %s", zp, exc)
 
-    def append(self, frame: Any, series: Any, t: int, **kwargs: Any) -> None:
+    def append(self, frame: Any, series: Any, t: int, overwrite: bool = True,
+               **kwargs: Any) -> None:
         """Write ``frame`` as time point ``t`` of ``series``, creating or growing it.
 
         Growing is serialised across processes on one machine by a file lock, so workers
         appending different time points lose none. An OME-Zarr image group grows every
-        resolution level.
+        resolution level. ``overwrite=False`` refuses a time point the series already has.
         """
         zp = series if isinstance(series, ZarrPath) else self.split(series)
         if t < 0:
@@ -322,6 +334,9 @@ class ZarrBackend(StorageBackend):
         with _clear_errors(zp, writing=True):
             with self._grow_lock(zp):
                 node = self._node(zp, "r+")
+                point = ZarrPath(zp.root, f"{zp.node}/t{t:03d}")
+                if not overwrite and node is not None and self._stored_frame(point):
+                    raise _exists(point)
                 if node is not None and not _is_array(node):
                     from polystore.zarr.ome import append_frame
 
@@ -350,17 +365,20 @@ class ZarrBackend(StorageBackend):
             array.with_config(WRITE_CONFIG)[t:t + 1] = frame[None]
 
     @contextmanager
-    def _grow_lock(self, zp: ZarrPath) -> Iterator[None]:
-        """Serialise metadata changes of one node: threads always, processes on local stores."""
+    def _grow_lock(self, *nodes: ZarrPath) -> Iterator[None]:
+        """Serialise metadata changes of these nodes: threads always, processes on local
+        stores. Several nodes are locked in one order (their lock files' names), so two
+        processes moving a -> b and b -> a at once cannot each hold one and wait for the
+        other until the timeout."""
         with self._thread_lock:
-            if zp.is_url:
-                yield
-                return
             from filelock import FileLock
 
-            key = hashlib.sha256(f"{Path(zp.root).resolve()}::{zp.node}".encode()).hexdigest()
-            lock = Path(tempfile.gettempdir()) / f"polystore-zarr-{key[:24]}.lock"
-            with FileLock(str(lock), timeout=120):
+            keys = sorted({hashlib.sha256(f"{Path(zp.root).resolve()}::{zp.node}".encode())
+                           .hexdigest()[:24] for zp in nodes if not zp.is_url})
+            with ExitStack() as locks:
+                for key in keys:
+                    lock = Path(tempfile.gettempdir()) / f"polystore-zarr-{key}.lock"
+                    locks.enter_context(FileLock(str(lock), timeout=120))
                 yield
 
     # -- load -------------------------------------------------------------------------
@@ -540,7 +558,7 @@ class ZarrBackend(StorageBackend):
                             zarr_format=self.zarr_format)
 
     # -- moving and copying nodes, exactly as stored ---------------------------------
-    def rename(self, src: Any, dst: Any) -> None:
+    def rename(self, src: Any, dst: Any, overwrite: bool = True) -> None:
         """Move an array, a group or a whole store with everything stored for it (attributes,
         dimension names, codecs, chunks, OME-Zarr metadata and levels, plate layout), also
         into another store: `FileManager.move` would otherwise load and save it again,
@@ -551,21 +569,22 @@ class ZarrBackend(StorageBackend):
         in place); a group is never merged into an existing node, nor an array put over a
         group: DestinationExistsError, nothing changed. A time point of a series
         (``.../cells/t003``) cannot be moved: it cannot be deleted from its array
-        (TransferError, nothing written; copy it instead)."""
+        (TransferError, nothing written; copy it instead). ``overwrite=False`` refuses an
+        existing array too (DestinationExistsError), checked under the nodes' locks so that
+        of two transfers to one new name exactly one wins."""
         if self.same_path(src, dst):
             return
-        zs, zd, fmt, replace = self._plan_transfer(src, dst, "move")
-        self._transfer(zs, zd, fmt, replace, move=True)
+        self._transfer(src, dst, "move", overwrite)
 
-    def copy_within(self, src: Any, dst: Any, **kwargs: Any) -> None:
+    def copy_within(self, src: Any, dst: Any, overwrite: bool = True, **kwargs: Any) -> None:
         """Copy an array, a group or a whole store with everything stored for it, key by key
         with the bytes unchanged and metadata last (FileManager.copy within this backend).
 
-        Onto an existing node as :meth:`rename`. Writer options (``compression=``,
-        ``chunks=``, ...) ask for re-encoding: for an array UnsupportedOperationError tells
-        FileManager to load and save it; a group is refused (re-saving its arrays one by one
-        would drop its attributes). A time point of a series: UnsupportedOperationError
-        (FileManager loads and saves it)."""
+        Onto an existing node (and ``overwrite``) as :meth:`rename`. Writer options
+        (``compression=``, ``chunks=``, ...) ask for re-encoding: for an array
+        UnsupportedOperationError tells FileManager to load and save it; a group is refused
+        (re-saving its arrays one by one would drop its attributes). A time point of a
+        series: UnsupportedOperationError (FileManager loads and saves it)."""
         if kwargs:
             zs = self.split(src)
             if self._kind(zs) == "group":
@@ -576,16 +595,14 @@ class ZarrBackend(StorageBackend):
                     "without options (an exact copy), or copy its arrays one by one")
             raise UnsupportedOperationError("zarr", "copy_within",
                                             "writer options: load and save instead")
-        zs, zd, fmt, replace = self._plan_transfer(src, dst, "copy")
-        self._transfer(zs, zd, fmt, replace, move=False)
+        self._transfer(src, dst, "copy", overwrite)
 
     def _same_store(self, a: ZarrPath, b: ZarrPath) -> bool:
         return _store_identity(a) == _store_identity(b)
 
-    def _plan_transfer(self, src: Any, dst: Any, verb: str) -> tuple[ZarrPath, ZarrPath, int, bool]:
-        """Check a move or copy before anything changes: (source, destination, the source's
-        zarr format, whether the destination is an array the source array replaces)."""
-        zs, zd = self.split(src), self.split(dst)
+    def _plan_transfer(self, zs: ZarrPath, zd: ZarrPath, verb: str) -> tuple[int, bool]:
+        """Check a move or copy before anything changes: (the source's zarr format, whether
+        the destination is an array the source array replaces)."""
         with _clear_errors(zs):
             node = self._node(zs)
         if node is None:
@@ -656,7 +673,7 @@ class ZarrBackend(StorageBackend):
                 f"cannot {verb} to {str(zd)!r}: it holds keys but no zarr node (perhaps the "
                 "chunks of an interrupted write, or a store without its root metadata); "
                 "they would mix with the copy. Remove them first. Nothing was changed")
-        return zs, zd, fmt, existing is not None
+        return fmt, existing is not None
 
     def _holds_keys(self, zp: ZarrPath) -> bool:
         """Whether any key is stored under ``zp`` (its own or those of nodes below it)."""
@@ -671,47 +688,58 @@ class ZarrBackend(StorageBackend):
         with _clear_errors(zp):
             return bool(_sync(first()))
 
-    def _transfer(self, zs: ZarrPath, zd: ZarrPath, fmt: int, replace: bool, move: bool) -> None:
-        """Copy (or move) a checked node: directory renames where both are local folders
-        on one filesystem, else keys with the bytes unchanged, metadata last."""
+    def _transfer(self, src: Any, dst: Any, verb: Literal["move", "copy"],
+                  overwrite: bool) -> None:
+        """Check, then copy (or move) a node, both under the two nodes' locks: directory
+        renames where both are local folders on one filesystem, else keys with the bytes
+        unchanged, metadata last."""
+        zs, zd = self.split(src), self.split(dst)
+        with self._grow_lock(zs, zd):
+            fmt, replace = self._plan_transfer(zs, zd, verb)
+            if replace and not overwrite:
+                raise _exists(zd)
+            with _clear_errors(zd, writing=True):
+                self._transfer_checked(zs, zd, fmt, replace, move=verb == "move")
+
+    def _transfer_checked(self, zs: ZarrPath, zd: ZarrPath, fmt: int, replace: bool,
+                          move: bool) -> None:
         zarr = require_zarr()
         source, target = self.stores.get(zs.root), self.stores.get(zd.root)
         local = not (zs.is_url or zd.is_url)
         created: list[ZarrPath] = []  # groups made above the destination, removed on failure
-        with _clear_errors(zd, writing=True), self._grow_lock(zs), self._grow_lock(zd):
-            try:
-                if zd.node:  # the groups above the destination, in the source's format
-                    parts = zd.node.split("/")[:-1]
-                    for depth in range(len(parts) + 1):
-                        above = ZarrPath(zd.root, "/".join(parts[:depth]))
-                        if self._node(above) is None:
-                            zarr.open_group(store=target, path=above.node, mode="a",
-                                            zarr_format=fmt)
-                            created.append(above)
-                if move and local:
-                    try:
-                        _swap_in(Path(zs.root, zs.node), Path(zd.root, zd.node), replace)
-                        return
-                    except OSError as exc:
-                        if exc.errno != errno.EXDEV:
-                            raise
-                staged = zd
-                if replace:  # copied beside the array it replaces, which stays until then
-                    name = zd.node.rpartition("/")
-                    staged = ZarrPath(zd.root, f"{name[0]}{name[1]}.{name[2]}.polystore-"
-                                               f"{uuid.uuid4().hex[:8]}")
+        try:
+            if zd.node:  # the groups above the destination, in the source's format
+                parts = zd.node.split("/")[:-1]
+                for depth in range(len(parts) + 1):
+                    above = ZarrPath(zd.root, "/".join(parts[:depth]))
+                    if self._node(above) is None:
+                        zarr.open_group(store=target, path=above.node, mode="a",
+                                        zarr_format=fmt)
+                        created.append(above)
+            if move and local:
                 try:
-                    _sync(_copy_keys(source, zs.node, target, staged.node))
-                except BaseException:
-                    self._discard(staged)
-                    raise
+                    _swap_in(Path(zs.root, zs.node), Path(zd.root, zd.node), replace)
+                    return
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+            staged = zd
+            if replace:  # copied beside the array it replaces, which stays until then
+                name = zd.node.rpartition("/")
+                staged = ZarrPath(zd.root, f"{name[0]}{name[1]}.{name[2]}.polystore-"
+                                           f"{uuid.uuid4().hex[:8]}")
+            try:
+                _sync(_copy_keys(source, zs.node, target, staged.node))
             except BaseException:
-                self._discard_groups(created)
+                self._discard(staged)
                 raise
-            if replace:
-                self._put_in_place(staged, zd)
-            if move:
-                self._delete_node(zs)
+        except BaseException:
+            self._discard_groups(created)
+            raise
+        if replace:
+            self._put_in_place(staged, zd)
+        if move:
+            self._delete_node(zs)
 
     def _put_in_place(self, staged: ZarrPath, zd: ZarrPath) -> None:
         """Replace the array at ``zd`` with the complete copy at ``staged``."""
@@ -866,6 +894,11 @@ class _LazyFrame:
         return data if dtype is None else data.astype(dtype)
 
 
+def _exists(zp: ZarrPath) -> DestinationExistsError:
+    return DestinationExistsError(f"{str(zp)!r} already exists on backend 'zarr'; pass "
+                                  "overwrite=True to replace it. Nothing was changed")
+
+
 @contextmanager
 def _clear_errors(zp: ZarrPath, writing: bool = False) -> Iterator[None]:
     """Turn store failures (missing bucket, refused credentials, dropped connection) into
@@ -875,8 +908,8 @@ def _clear_errors(zp: ZarrPath, writing: bool = False) -> Iterator[None]:
     token = _WRITING.set(writing)
     try:
         yield
-    except (IsADirectoryError, NotADirectoryError):
-        raise
+    except (IsADirectoryError, NotADirectoryError, FileExistsError):
+        raise  # already say what is wrong (FileExistsError: overwrite=False)
     except OSError as exc:
         if getattr(exc, "polystore_explained", False):
             raise  # already explained by an inner call
