@@ -398,3 +398,19 @@ def test_move_fallback_whose_unlink_fails_leaves_no_second_name(tmp_path: Path,
     finally:
         for unlock in locked:
             unlock()
+
+
+def test_move_overwrite_false_onto_a_hard_link_of_the_source_keeps_both(tmp_path: Path) -> None:
+    """A hard link of the source is an existing name like any other: refused, both kept
+    (the shortcut for hard links ran before the check and unlinked the source)."""
+    source, link = tmp_path / "a.bin", tmp_path / "b.bin"
+    source.write_bytes(b"data")
+    os.link(source, link)
+    for move in (lambda: DiskBackend().rename(str(source), str(link), overwrite=False),
+                 lambda: FileManager({"disk": DiskBackend()}).move(
+                     str(source), str(link), backend="disk", overwrite=False)):
+        with pytest.raises(DestinationExistsError, match="overwrite=True"):
+            move()
+        assert source.read_bytes() == link.read_bytes() == b"data"
+    DiskBackend().rename(str(source), str(link))  # asked to replace: one name is left
+    assert not source.exists() and link.read_bytes() == b"data"

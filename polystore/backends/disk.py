@@ -180,11 +180,11 @@ class DiskBackend(StorageBackend):
             raise IsADirectoryError(f"Cannot move {str(src)!r} onto directory {str(dst)!r}")
         if source.resolve() == target.resolve():
             return  # one file spelt twice (or a link onto its target): replacing would lose it
+        if not overwrite and (target.exists() or target.is_symlink()):
+            raise self._exists_error(dst)  # a hard link of the source too: it is a name in use
         if target.exists() and not is_tree and os.path.samefile(source, target):
             source.unlink()  # hard links of one file: rename() would do nothing
             return
-        if not overwrite and (target.exists() or target.is_symlink()):
-            raise self._exists_error(dst)
         target.parent.mkdir(parents=True, exist_ok=True)
         if overwrite:
             os.replace(source, target)
