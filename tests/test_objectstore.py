@@ -223,6 +223,23 @@ def test_zarr_round_trip_on_s3(s3):
     assert not [k for k in s3.keys("run1/plate.zarr/A")]
 
 
+@pytest.mark.filterwarnings("ignore:Consolidated metadata")
+def test_zarr_on_s3_keeps_consolidated_metadata_true(s3):
+    import zarr
+    from zarr.storage import FsspecStore
+
+    fm = s3_registry(s3)
+    root = f"s3://{BUCKET}/consolidated.zarr"
+    fm.save(np.ones((2, 2), "uint8"), f"{root}/a", backend="zarr")
+    store = FsspecStore.from_url(root, storage_options=s3.options(), read_only=False)
+    zarr.consolidate_metadata(store)
+    fm.save(np.full((3, 3), 4, "uint8"), f"{root}/b", backend="zarr")
+    fm.delete(f"{root}/a", backend="zarr")
+    group = zarr.open_group(store, mode="r", use_consolidated=True)
+    assert sorted(group.keys()) == ["b"]
+    assert group["b"][:].sum() == 36
+
+
 def test_ome_zarr_plate_on_s3_is_valid(s3):
     import zarr
     from ome_zarr_models.v05.hcs import HCS

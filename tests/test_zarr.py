@@ -842,3 +842,54 @@ def test_a_time_point_of_an_image_with_damaged_metadata_does_not_exist(fm, tmp_p
 
 async def _collect(keys):
     return sorted([key async for key in keys])
+
+
+# -- consolidated metadata --------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Consolidated metadata")  # v2: not in its spec, says zarr
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_consolidated_metadata_stays_true_through_every_change(tmp_path, fmt):
+    """zarr and napari's readers open a group through its consolidated metadata when it has
+    some: every node saved, grown, moved, copied or deleted must be there (or gone) too."""
+    store = tmp_path / "c.zarr"
+    root = zarr.open_group(str(store), mode="w", zarr_format=fmt)
+    root.create_array("a", shape=(4, 4), dtype="uint16")[:] = 1
+    root.create_array("b", shape=(4, 4), dtype="uint16")[:] = 2
+    root.create_group("sub").create_array("x", shape=(2,), dtype="uint8")[:] = 3
+    zarr.consolidate_metadata(str(store))
+    zarr.consolidate_metadata(str(store), path="sub")
+    backend = ZarrBackend(zarr_format=fmt)
+    backend.delete(str(store / "b"))
+    backend.save(np.full((3, 3), 5, "uint16"), str(store / "c"))
+    backend.rename(str(store / "a"), str(store / "g" / "d"))
+    backend.copy_within(str(store / "sub" / "x"), str(store / "sub" / "y"))
+    backend.save(np.ones((3, 3), "uint16"), str(store / "ser" / "t000"))
+    backend.save(np.ones((3, 3), "uint16"), str(store / "ser" / "t001"))
+    backend.ensure_directory(str(store / "empty"))
+
+    def consolidated(path: str = "") -> zarr.Group:
+        return zarr.open_group(str(store), path=path, mode="r", use_consolidated=True)
+
+    assert sorted(consolidated().keys()) == ["c", "empty", "g", "ser", "sub"]
+    assert consolidated()["ser"].shape == (2, 3, 3)
+    assert consolidated()["g/d"][:].sum() == 16
+    assert sorted(consolidated("sub").keys()) == ["x", "y"]
+    np.testing.assert_array_equal(consolidated("sub")["y"][:], [3, 3])
+
+
+@pytest.mark.filterwarnings("ignore:Consolidated metadata")
+def test_polystore_reads_the_store_not_stale_consolidated_metadata(tmp_path):
+    """Another tool that changed the store without consolidating again left the consolidated
+    metadata stale: polystore lists and finds what is stored."""
+    store = tmp_path / "s.zarr"
+    root = zarr.open_group(str(store), mode="w")
+    root.create_array("old", shape=(2,), dtype="uint8")
+    zarr.consolidate_metadata(str(store))
+    root = zarr.open_group(str(store), mode="a", use_consolidated=False)
+    del root["old"]
+    root.create_array("new", shape=(2,), dtype="uint8")[:] = 7
+    backend = ZarrBackend()
+    assert backend.list_files(str(store)) == [str(store / "new")]
+    assert not backend.exists(str(store / "old"))
+    np.testing.assert_array_equal(backend.load(str(store / "new")), [7, 7])
