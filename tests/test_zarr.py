@@ -893,3 +893,14 @@ def test_polystore_reads_the_store_not_stale_consolidated_metadata(tmp_path):
     assert backend.list_files(str(store)) == [str(store / "new")]
     assert not backend.exists(str(store / "old"))
     np.testing.assert_array_equal(backend.load(str(store / "new")), [7, 7])
+
+
+def test_ensure_directory_over_an_array_says_so_and_keeps_it(tmp_path):
+    backend = ZarrBackend()
+    path = str(tmp_path / "e.zarr" / "arr")
+    backend.save(np.arange(3, dtype="uint8"), path)
+    with pytest.raises(NotADirectoryError, match="an array is stored there"):
+        backend.ensure_directory(path)
+    np.testing.assert_array_equal(backend.load(path), [0, 1, 2])
+    backend.ensure_directory(str(tmp_path / "e.zarr" / "g" / "h"))
+    assert backend.is_dir(str(tmp_path / "e.zarr" / "g" / "h"))

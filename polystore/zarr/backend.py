@@ -592,7 +592,11 @@ class ZarrBackend(StorageBackend):
         zarr = require_zarr()
         zp = self.split(path)
         with _clear_errors(zp, writing=True), self._grow_lock(zp):
-            if self._node(zp) is None:
+            node = self._node(zp)
+            if node is not None and _is_array(node):
+                raise NotADirectoryError(f"cannot make the zarr group {str(zp)!r}: an array "
+                                         "is stored there; nothing was changed")
+            if node is None:
                 zarr.open_group(store=self.stores.get(zp.root), path=zp.node, mode="a",
                                 zarr_format=self.zarr_format)
                 self._reconsolidate(zp)
