@@ -340,9 +340,10 @@ class ZarrBackend(StorageBackend):
         with _clear_errors(zp, writing=True):
             with self._grow_lock(zp):
                 node = self._node(zp, "r+")
-                point = ZarrPath(zp.root, f"{zp.node}/t{t:03d}")
-                if not overwrite and node is not None and self._stored_frame(point):
-                    raise _exists(point)
+                if not overwrite and node is not None:
+                    point = ZarrPath(zp.root, f"{zp.node}/t{t:03d}")
+                    if self._stored_frame(point):
+                        raise _exists(point)
                 if node is not None and not _is_array(node):
                     from polystore.zarr.ome import append_frame
 
