@@ -57,6 +57,9 @@ class MemoryBackend(StorageBackend):
     _backend_type = "memory"
     can_list: ClassVar[bool] = True
     can_hold_bytes: ClassVar[bool] = True
+    #: save/write_bytes/rename take ``overwrite=False`` and refuse an existing file under
+    #: the store's lock (FileManager.copy/move with overwrite=False rely on it).
+    can_write_exclusive: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
@@ -123,15 +126,27 @@ class MemoryBackend(StorageBackend):
         At a path with a file format (``.npy``, ``.json``, ...) ``data`` must be what that
         format takes, as on disk (FormatDataError otherwise, and nothing is stored), so that
         a later copy or move to disk cannot fail on it; at any other path (no extension, or
-        one without a format) any Python object is held."""
+        one without a format) any Python object is held. ``overwrite=False`` refuses an
+        existing file (DestinationExistsError) in the same step that stores it."""
         key = self._key(file_path)
+        overwrite = kwargs.pop("overwrite", True)
         formats.check(data, file_path, **kwargs)
         stored = copy.deepcopy(data)  # outside the lock: may be slow for big arrays
+        self._put(key, file_path, stored, overwrite)
+
+    def _put(self, key: str, path: Any, stored: Any, overwrite: bool) -> None:
         with self._lock:
             if key in self._dirs:
-                raise IsADirectoryError(f"Cannot save to {str(file_path)!r}: it is a directory")
-            self._make_parents(key, file_path, include_self=False)
+                raise IsADirectoryError(f"Cannot save to {str(path)!r}: it is a directory")
+            if not overwrite and key in self._files:
+                raise self._exists(path)
+            self._make_parents(key, path, include_self=False)
             self._files[key] = stored
+
+    @staticmethod
+    def _exists(path: Any) -> DestinationExistsError:
+        return DestinationExistsError(f"{str(path)!r} already exists on backend 'memory'; "
+                                      "pass overwrite=True to replace it")
 
     def _stored(self, file_path: Any) -> Any:
         key = self._key(file_path)
@@ -166,23 +181,20 @@ class MemoryBackend(StorageBackend):
         `read_bytes` encodes (a move checks that encoding as it checks any conversion)."""
         return isinstance(self._stored(path), formats.BYTES_TYPES)
 
-    def write_bytes(self, data: bytes, path: Any, **kwargs: Any) -> None:
-        """Hold ``data`` as the exact content of ``path``."""
-        key = self._key(path)
-        raw = _RawFile(data)
-        with self._lock:
-            if key in self._dirs:
-                raise IsADirectoryError(f"Cannot save to {str(path)!r}: it is a directory")
-            self._make_parents(key, path, include_self=False)
-            self._files[key] = raw
+    def write_bytes(self, data: bytes, path: Any, overwrite: bool = True, **kwargs: Any) -> None:
+        """Hold ``data`` as the exact content of ``path`` (``overwrite`` as in `save`)."""
+        self._put(self._key(path), path, _RawFile(data), overwrite)
 
-    def rename(self, src: Any, dst: Any) -> None:
-        """Move a file or a directory tree to another key, without copying the data."""
+    def rename(self, src: Any, dst: Any, overwrite: bool = True) -> None:
+        """Move a file or a directory tree to another key, without copying the data
+        (``overwrite=False``: an existing file is refused, in the same step)."""
         old, new = self._key(src), self._key(dst)
         with self._lock:
             if old in self._files:
                 if new in self._dirs:
                     raise IsADirectoryError(f"Cannot move {str(src)!r} onto directory {str(dst)!r}")
+                if not overwrite and new in self._files and new != old:
+                    raise self._exists(dst)
                 self._make_parents(new, dst, include_self=False)
                 self._files[new] = self._files.pop(old)
                 return

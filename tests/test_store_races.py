@@ -1,9 +1,10 @@
-"""Races on the zarr backend, attacked with real stores, threads and processes.
+"""Races on the zarr and memory backends (disk: test_disk_races.py), attacked with real
+stores, threads and processes.
 
-* ``overwrite=False`` is checked under the node's lock, in the same step as the write: of
-  writers racing for one new name (FileManager.copy/move within one store, save) exactly
-  one wins, the others get DestinationExistsError, and the array holds the winner's data.
-  A loser of a move keeps its source.
+* ``overwrite=False`` is checked under the node's (zarr) or the store's (memory) lock, in
+  the same step as the write: of writers racing for one new name (FileManager.copy/move
+  within one store, save) exactly one wins, the others get DestinationExistsError, and the
+  item holds the winner's data. A loser of a move keeps its source.
 * Two processes moving a -> b and b -> a at once both finish: the two nodes' locks are
   taken in one order, not source first.
 """
@@ -22,7 +23,7 @@ from tests import needs
 
 zarr = needs.module("zarr")
 
-from polystore import BackendRegistry, FileManager  # noqa: E402
+from polystore import BackendRegistry, FileManager, MemoryBackend  # noqa: E402
 from polystore.errors import DestinationExistsError  # noqa: E402
 from polystore.zarr import ZarrBackend  # noqa: E402
 
@@ -68,35 +69,43 @@ def _frame(writer: int) -> np.ndarray:
     return np.full((64, 64), writer + 1, dtype="uint16")
 
 
-def _sources(fm: FileManager, store: Path, round_: int) -> list[str]:
-    paths = [str(store / f"r{round_}" / f"s{i}") for i in range(WRITERS)]
+#: backend -> (store folder, file suffix): zarr arrays have none, memory files a format
+STORES = {"zarr": ("races.zarr", ""), "memory": ("races", ".npy")}
+
+
+def _sources(fm: FileManager, backend: str, store: Path, round_: int) -> list[str]:
+    paths = [str(store / f"r{round_}" / f"s{i}{STORES[backend][1]}") for i in range(WRITERS)]
     for i, path in enumerate(paths):
-        fm.save(_frame(i), path, backend="zarr")
+        fm.save(_frame(i), path, backend=backend)
     return paths
 
 
+@pytest.mark.parametrize("backend", ["zarr", "memory"])
 @pytest.mark.parametrize("operation", ["copy", "move"])
-def test_copy_or_move_overwrite_false_threads_exactly_one_wins(tmp_path, operation):
+def test_copy_or_move_overwrite_false_threads_exactly_one_wins(tmp_path, operation, backend):
     fm = _fm()
-    store = tmp_path / "races.zarr"
+    folder, suffix = STORES[backend]
+    store = tmp_path / folder
     for r in range(ROUNDS):
-        sources = _sources(fm, store, r)
-        target = str(store / f"r{r}" / "out")
+        sources = _sources(fm, backend, store, r)
+        target = str(store / f"r{r}" / f"out{suffix}")
         results = _race([
-            (lambda s=s, t=target: getattr(fm, operation)(s, t, backend="zarr",
+            (lambda s=s, t=target: getattr(fm, operation)(s, t, backend=backend,
                                                           overwrite=False))
             for s in sources])
         winner = _one_winner(results)
-        np.testing.assert_array_equal(fm.load(target, backend="zarr"), _frame(winner))
+        np.testing.assert_array_equal(fm.load(target, backend=backend), _frame(winner))
         for i, source in enumerate(sources):  # a move's losers keep their sources
             kept = operation == "copy" or i != winner
-            assert fm.exists(source, backend="zarr") is kept, (r, i, winner)
+            assert fm.exists(source, backend=backend) is kept, (r, i, winner)
 
 
-def test_save_overwrite_false_threads_exactly_one_wins(tmp_path):
-    backend = ZarrBackend()
+@pytest.mark.parametrize("backend", [ZarrBackend, MemoryBackend])
+def test_save_overwrite_false_threads_exactly_one_wins(tmp_path, backend):
+    suffix = ".npy" if backend is MemoryBackend else ""
+    backend = backend()
     for r in range(ROUNDS):
-        target = str(tmp_path / "races.zarr" / f"r{r}" / "out")
+        target = str(tmp_path / "races.zarr" / f"r{r}" / f"out{suffix}")
         results = _race([
             (lambda i=i, t=target: backend.save(_frame(i), t, overwrite=False))
             for i in range(WRITERS)])
@@ -125,6 +134,22 @@ def test_overwrite_false_refuses_an_existing_array_and_time_point(tmp_path):
     np.testing.assert_array_equal(backend.load(str(store / "cells" / "t000")), _frame(2))
     backend.save(_frame(3), str(store / "cells" / "t001"), overwrite=False)  # a new one
     assert backend.load(str(store / "cells")).shape == (2, 64, 64)
+
+
+def test_memory_overwrite_false_refuses_an_existing_file_and_keeps_it():
+    memory = MemoryBackend()
+    memory.save(_frame(0), "a.npy")
+    memory.save(_frame(1), "b.npy")
+    for attempt in (lambda: memory.save(_frame(5), "b.npy", overwrite=False),
+                    lambda: memory.write_bytes(b"x", "b.npy", overwrite=False),
+                    lambda: memory.rename("a.npy", "b.npy", overwrite=False)):
+        with pytest.raises(DestinationExistsError, match="overwrite=True"):
+            attempt()
+    np.testing.assert_array_equal(memory.load("a.npy"), _frame(0))
+    np.testing.assert_array_equal(memory.load("b.npy"), _frame(1))
+    memory.save(_frame(2), "c.npy", overwrite=False)  # a new name
+    memory.rename("c.npy", "b.npy")  # asked to replace
+    np.testing.assert_array_equal(memory.load("b.npy"), _frame(2))
 
 
 # -- crossed moves between processes ---------------------------------------------------------
