@@ -21,7 +21,6 @@ import bisect
 import itertools
 import mmap
 import multiprocessing as mp
-import os
 import statistics
 import time
 
@@ -32,6 +31,7 @@ from polystore.apps.bench import (
     _RING_HEADER,
     close_ring_segments,
     frame_arguments,
+    ring_prefix,
     ring_segments,
     sample_frames,
     stamp,
@@ -131,7 +131,7 @@ def ring_receiver(endpoint_q, stop, log_q, prefix: str, nbytes: int) -> None:
 def trace_ring(context, shape, count: int) -> tuple[list, list]:
     frames = sample_frames(shape)
     nbytes = frames[0].nbytes
-    prefix = f"polystoretrace_{os.getpid()}_"
+    prefix = ring_prefix("polystoretrace_")
     segments, targets = ring_segments(prefix, shape)
     endpoint_q, stop, log_q = context.Queue(), context.Event(), context.Queue()
     proc = context.Process(target=ring_receiver, args=(endpoint_q, stop, log_q, prefix, nbytes))

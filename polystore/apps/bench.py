@@ -29,19 +29,23 @@ idle pipe (one frame at a time) and under full load.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import mmap
 import multiprocessing as mp
 import os
 import platform
 import queue
+import secrets
 import shutil
+import signal
 import statistics
 import struct
 import sys
 import tempfile
+import threading
 import time
-from multiprocessing import shared_memory
+from typing import Any
 
 import numpy as np
 import zmq
@@ -62,8 +66,44 @@ TRANSPORTS = ("tcp", "ipc")
 LOOPBACK = "tcp://127.0.0.1:*"
 
 
+def child_started() -> Any:
+    """Set up a benchmark child process: Ctrl-C (sent to the whole process group by the
+    terminal) is its parent's to handle, which then stops it; returns the parent, for
+    `parent_gone`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return mp.parent_process()
+
+
+def start_child(process: Any) -> None:
+    """Start a benchmark child with Ctrl-C ignored from its first instruction (ignored
+    signals stay ignored across exec; Python then installs no handler): one still importing
+    when Ctrl-C comes would print a KeyboardInterrupt traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        process.start()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        process.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def parent_gone(parent: Any) -> bool:
+    """The benchmark that started this child died (killed, or crashed) without stopping it:
+    the child ends too instead of serving for ever. (Its pipe to the parent, not
+    os.getppid(): a parent killed while the child was starting is already pid 1's.)"""
+    return parent is not None and not parent.is_alive()
+
+
+def wait_for_stop(stop, parent: Any) -> None:
+    while not stop.wait(0.5) and not parent_gone(parent):
+        pass
+
+
 def receiver_process(endpoint_q, stop, result_q, listen: str = LOOPBACK) -> None:
     from polystore.streaming import NapariStreamingBackend, receiver_for
+
+    parent = child_started()
 
     bad = [0, 0]
 
@@ -78,7 +118,7 @@ def receiver_process(endpoint_q, stop, result_q, listen: str = LOOPBACK) -> None
     receiver = receiver_for(NapariStreamingBackend, listen, on_frame=on_frame)
     receiver.start()
     endpoint_q.put(receiver.endpoint)
-    stop.wait()
+    wait_for_stop(stop, parent)
     receiver.stop()
     result_q.put({"checked": bad[0], "torn": bad[1]})
 
@@ -132,10 +172,14 @@ def bench_memcpy(shape, repeats: int, working_set: bool) -> float:
 
 
 def _zmq_pull(endpoint: str, count: int, done: mp.Event) -> None:
+    parent = child_started()
     sock = zmq.Context.instance().socket(zmq.PULL)
     sock.connect(endpoint)
-    for _ in range(count):
-        sock.recv(copy=False)
+    received = 0
+    while received < count and not parent_gone(parent):
+        if sock.poll(500):
+            sock.recv(copy=False)
+            received += 1
     done.set()
 
 
@@ -147,8 +191,9 @@ def bench_raw_zmq(context, shape, count: int, listen: str = LOOPBACK) -> float:
     frame = np.random.default_rng(0).integers(0, 65535, shape, dtype=np.uint16)
     done = context.Event()
     proc = context.Process(target=_zmq_pull,
-                           args=(sock.getsockopt_string(zmq.LAST_ENDPOINT), count + 5, done))
-    proc.start()
+                           args=(sock.getsockopt_string(zmq.LAST_ENDPOINT), count + 5, done),
+                           daemon=True)  # ended with the bench, whatever stops it
+    start_child(proc)
     for _ in range(5):
         sock.send(frame, copy=False)
     t = time.perf_counter()
@@ -163,6 +208,14 @@ def bench_raw_zmq(context, shape, count: int, listen: str = LOOPBACK) -> float:
 
 RING_SLOTS = 8  # as many segments as polystore's max_inflight below
 _RING_HEADER = struct.Struct("<qi")  # seq, slot
+#: The raw ring's segments: ``<RING_PREFIX><pid>_<token>_<slot>``, shaped like a sender's, so
+#: `polystore shm ls/clean` see them (and remove them if a run was killed)
+RING_PREFIX = "polystoreringbench_"
+
+
+def ring_prefix(name: str = RING_PREFIX) -> str:
+    """A fresh prefix for one run's ring segments."""
+    return f"{name}{os.getpid()}_{secrets.token_hex(4)}_"
 
 
 def ring_receiver_process(endpoint_q, stop, prefix: str, nbytes: int, curve: bool = False,
@@ -171,6 +224,7 @@ def ring_receiver_process(endpoint_q, stop, prefix: str, nbytes: int, curve: boo
     (as a receiver must before it acknowledges), acknowledge it, check the copy's stamp.
     `curve` and `pad` add what polystore's wire pays (scripts/bench_ring_costs.py): the
     user's CURVE authentication, and `pad` bytes on each header and ack."""
+    parent = child_started()
     auth = None
     if curve:
         from polystore.streaming.auth import ServerAuth
@@ -184,7 +238,7 @@ def ring_receiver_process(endpoint_q, stop, prefix: str, nbytes: int, curve: boo
     endpoint_q.put(sock.getsockopt_string(zmq.LAST_ENDPOINT))
     views: dict[int, memoryview] = {}
     checked = torn = 0
-    while not stop.is_set():
+    while not stop.is_set() and not parent_gone(parent):
         if not sock.poll(100, zmq.POLLIN):
             continue
         while True:
@@ -211,19 +265,27 @@ def ring_receiver_process(endpoint_q, stop, prefix: str, nbytes: int, curve: boo
 
 
 def ring_segments(prefix: str, shape) -> tuple[list, list[np.ndarray]]:
-    """The raw ring's RING_SLOTS segments, `<prefix><slot>`, and a uint16 array of `shape`
-    on each; `close_ring_segments` unlinks them."""
-    segments = [shared_memory.SharedMemory(f"{prefix}{i}", create=True,
-                                           size=int(np.prod(shape)) * 2)
-                for i in range(RING_SLOTS)]
+    """The raw ring's RING_SLOTS segments, `<prefix><slot>` (`ring_prefix`), and a uint16
+    array of `shape` on each; `close_ring_segments` unlinks them. Allocated as polystore's
+    own are (a full /dev/shm is an OSError that says so, not a SIGBUS mid-run)."""
+    from polystore.streaming.shm import Segment
+
+    segments: list = []
+    try:
+        for i in range(RING_SLOTS):
+            segments.append(Segment(f"{prefix}{i}", int(np.prod(shape)) * 2))
+    except BaseException:
+        close_ring_segments(segments, [])
+        raise
     return segments, [np.ndarray(shape, np.uint16, buffer=s.buf) for s in segments]
 
 
 def close_ring_segments(segments: list, targets: list[np.ndarray]) -> None:
+    from polystore.streaming.shm import destroy
+
     targets.clear()  # the arrays go before the memory they view
     for segment in segments:
-        segment.close()
-        segment.unlink()
+        destroy(segment)
 
 
 def bench_raw_ring(context, shape, count: int, latency_samples: int, curve: bool = False,
@@ -232,18 +294,13 @@ def bench_raw_ring(context, shape, count: int, latency_samples: int, curve: bool
     `curve`, `pad` and `listen` as for `ring_receiver_process`."""
     frames = sample_frames(shape)
     nbytes = frames[0].nbytes
-    prefix = f"polystoreringbench_{os.getpid()}_"
+    prefix = ring_prefix()
     segments, targets = ring_segments(prefix, shape)
     endpoint_q, stop = context.Queue(), context.Event()
     proc = context.Process(target=ring_receiver_process,
-                           args=(endpoint_q, stop, prefix, nbytes, curve, pad, listen))
-    proc.start()
+                           args=(endpoint_q, stop, prefix, nbytes, curve, pad, listen),
+                           daemon=True)
     sock = zmq.Context.instance().socket(zmq.DEALER)
-    if curve:
-        from polystore.streaming.auth import client_keys
-
-        client_keys("user", None).apply(sock)
-    sock.connect(endpoint_q.get(timeout=30))
     inflight: dict[int, float] = {}  # seq -> send time; slot = seq % RING_SLOTS
     latencies: list[float] = []
     seq = 0
@@ -268,6 +325,12 @@ def bench_raw_ring(context, shape, count: int, latency_samples: int, curve: bool
             take_ack()
 
     try:
+        start_child(proc)
+        if curve:
+            from polystore.streaming.auth import client_keys
+
+            client_keys("user", None).apply(sock)
+        sock.connect(endpoint_q.get(timeout=30))
         for i in range(20):
             send(i)
         drain()
@@ -283,11 +346,14 @@ def bench_raw_ring(context, shape, count: int, latency_samples: int, curve: bool
         elapsed = time.perf_counter() - t
     finally:
         stop.set()
-        try:
-            checked = endpoint_q.get(timeout=30)
-        except queue.Empty:  # the receiver died; whatever raised above says why
-            checked = {"checked": 0, "torn": 0}
-        proc.join(30)
+        checked = {"checked": 0, "torn": 0}
+        if proc.pid is not None:
+            try:
+                while "checked" not in (checked := endpoint_q.get(timeout=30)):
+                    pass  # its endpoint, when the run failed before reading it
+            except queue.Empty:  # the receiver died; whatever raised above says why
+                checked = {"checked": 0, "torn": 0}
+            proc.join(30)
         sock.close(linger=0)
         close_ring_segments(segments, targets)
     return {"fps": count / elapsed, "idle_p50_ms": 1e3 * statistics.median(idle),
@@ -409,13 +475,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _writable(path: str) -> str | None:
-    """Why the --json file cannot be written, checked before a run of minutes; else None."""
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "a", encoding="utf-8"):
-            pass
-    except OSError as exc:
-        return f"--json {path}: cannot write it: {exc.strerror or exc}"
+    """Why the --json file cannot be written, checked before a run of minutes (without
+    creating anything: an interrupted run leaves no empty file); else None."""
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        return f"--json {path}: cannot write it: it is a folder; name a file"
+    if os.path.exists(target):
+        return None if os.access(target, os.W_OK) else f"--json {path}: cannot write it"
+    folder = os.path.dirname(target)
+    while not os.path.isdir(folder):  # created when the figures are written
+        if os.path.exists(folder):
+            return f"--json {path}: cannot write it: {folder} is not a folder"
+        folder = os.path.dirname(folder)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"--json {path}: cannot write it: no permission to create it in {folder}"
     return None
 
 
@@ -443,15 +516,15 @@ def run(args: argparse.Namespace) -> int:
         return LOOPBACK if transport == "tcp" else f"ipc://{private}/{name}"
 
     proc = spawn.Process(target=receiver_process,
-                         args=(endpoint_q, stop, result_q, listen("polystore")))
-    proc.start()
-    endpoint = endpoint_q.get(timeout=30)
+                         args=(endpoint_q, stop, result_q, listen("polystore")), daemon=True)
 
     title = (f"polystore streaming benchmark ({platform.machine()}, "
              f"{mp.cpu_count()} cores, Python {platform.python_version()}, {transport})")
     print(f"# {title}")
     rows, ring_rows, ring_torn = [], [], 0
     try:
+        start_child(proc)
+        endpoint = endpoint_q.get(timeout=30)
         for label, shape in SHAPES.items():
             nbytes = int(np.prod(shape)) * 2
             count = max(20, int(scale * min(20000, 8e9 / nbytes)))
@@ -471,9 +544,15 @@ def run(args: argparse.Namespace) -> int:
             ring_rows.append(_ring_row(label, ours, ring))
         lease_shape = SHAPES["2048x2048 uint16"]
         lease = bench_lease(endpoint, lease_shape, max(20, int(scale * 2000)))
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        print(f"polystore bench: {exc.strerror}", file=sys.stderr)  # says what to do
+        return 1
     finally:
         stop.set()
-        proc.join(30)
+        if proc.pid is not None:
+            proc.join(30)
         shutil.rmtree(private, ignore_errors=True)
     checked = result_q.get(timeout=10)
 
@@ -519,6 +598,7 @@ def run(args: argparse.Namespace) -> int:
             "verified_frames": checked["checked"],
             "torn_frames": checked["torn"],
         }
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=2)
             handle.write("\n")

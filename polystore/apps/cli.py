@@ -110,12 +110,13 @@ def _add_unavailable(sub: argparse._SubParsersAction, name: str, why: str) -> No
 def _our_prefixes(every: bool) -> list[str]:
     """Segment prefixes to look at: polystore's own and those of every installed streaming
     backend; with `every`, any prefix of a name shaped like a sender's segment."""
+    from polystore.apps.bench import RING_PREFIX
     from polystore.base import registered_backend_classes
     from polystore.registry import load_entry_points
     from polystore.streaming import PREFIXES, StreamingBackend
     from polystore.streaming.shm import SEGMENT_NAME_RE, SHM_DIR
 
-    prefixes = set(PREFIXES)
+    prefixes = {*PREFIXES, RING_PREFIX}  # the benchmark's ring too: a killed run leaves it
     if every:
         if SHM_DIR.is_dir():
             for name in os.listdir(SHM_DIR):
