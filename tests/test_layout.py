@@ -28,6 +28,7 @@ from polystore_napari.pieces import (
 )
 
 from polystore.streaming import protocol as p
+from polystore.streaming.checks import check_frame
 from polystore.testing.rules import LEADING_AXIS_CASES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -401,10 +402,10 @@ def test_the_protocol_check_refuses_rgb_true_on_a_frame_that_is_not_colour():
     for array in (np.zeros((20, 30), np.uint8), np.zeros((20, 30, 3), np.uint16),
                   np.zeros((20, 30, 5), np.uint8)):
         with pytest.raises(p.ProtocolError, match="rgb=true needs a uint8 frame") as info:
-            p.check_frame(header(array, rgb=True))
+            check_frame(header(array, rgb=True))
         assert info.value.code == p.BAD_MESSAGE
-    p.check_frame(header(np.zeros((20, 30, 4), np.uint8), rgb=True))
-    p.check_frame(header(np.zeros((20, 30), np.uint8), rgb=False))
+    check_frame(header(np.zeros((20, 30, 4), np.uint8), rgb=True))
+    check_frame(header(np.zeros((20, 30), np.uint8), rgb=False))
     with pytest.raises(p.ProtocolError, match="labels are never RGB") as info:
-        p.check_frame(header(np.zeros((20, 30, 3), np.uint8), rgb=True, kind="labels"))
+        check_frame(header(np.zeros((20, 30, 3), np.uint8), rgb=True, kind="labels"))
     assert info.value.code == p.BAD_MESSAGE

@@ -24,6 +24,7 @@ from msgspec import Meta
 from polystore.streaming import protocol as p
 from polystore.streaming.auth import AUTH_MODES, Auth, resolve_auth
 from polystore.streaming.axis_names import repeated_axis
+from polystore.streaming.checks import check_rois
 from polystore.streaming.errors import UnstreamableDataError
 
 Policy = Literal["block", "latest", "raise"]
@@ -195,7 +196,7 @@ class StreamMeta:
                     "that is NaN or infinite; give finite pixel coordinates, or leave that "
                     "ROI out")
         try:
-            p.check_rois(message)
+            check_rois(message)
         except p.ProtocolError as exc:
             raise UnstreamableDataError(f"cannot stream {path}: {exc}") from None
         data = encode_header(message, path)

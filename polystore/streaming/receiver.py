@@ -22,6 +22,7 @@ from zmq.backend import zmq_poll
 
 from polystore.streaming import protocol as p
 from polystore.streaming.auth import ReceiverKeys, ServerAuth
+from polystore.streaming.checks import check_frame, check_rois
 from polystore.streaming.connections import ConnectionGuard, default_max_connections
 from polystore.streaming.endpoints import check_bind_endpoint, is_loopback
 from polystore.streaming.orphans import sweep
@@ -223,7 +224,7 @@ class Receiver:
             seq = getattr(message, "seq", None)
             if type(message) is p.Frame:  # the common case first: held back, see router.py
                 sender = self._sessions.require(identity, seq)
-                p.check_frame(message, self.max_frame_bytes)
+                check_frame(message, self.max_frame_bytes)
                 self._frame(identity, sender, message, payload)
                 return
             self._release()  # anything else comes after the frames before it
@@ -241,7 +242,7 @@ class Receiver:
                 return
             sender = self._sessions.require(identity, seq)
             if isinstance(message, p.Rois):
-                p.check_rois(message)
+                check_rois(message)
                 self.stats.rois += 1
                 self._deliver(self.on_rois, ReceivedRois(message, sender.token))
                 self._reply(identity, p.Ack(v=p.VERSION, seq=message.seq))

@@ -48,7 +48,7 @@ import java.util.regex.Pattern
 
 // ==========================================================================================
 // 1. Messages (protocol.md: Common fields, Sender -> receiver, Receiver -> sender, Error codes,
-//    Validation steps 1-4 and 6); the mirror of polystore/streaming/protocol.py
+//    Validation steps 1-4 and 6); the mirror of polystore/streaming/protocol.py and checks.py
 // ==========================================================================================
 
 /** What this receiver adds to the protocol's constants (those are in the generated class P). */
