@@ -16,11 +16,12 @@ from polystore.streaming.errors import (
 )
 from polystore.streaming.fiji import FijiStreamingBackend
 from polystore.streaming.napari import NapariStreamingBackend
-from polystore.streaming.options import SenderOptions, SenderStats, StreamMeta
+from polystore.streaming.options import SenderOptions, SenderStats
 from polystore.streaming.orphans import list_segments, sweep
 from polystore.streaming.protocol import Roi
 from polystore.streaming.receiver import ReceivedFrame, ReceivedRois, Receiver
 from polystore.streaming.sender import StreamSender
+from polystore.streaming.stream_meta import StreamMeta
 
 #: Every segment prefix polystore's own backends use.
 PREFIXES = (NapariStreamingBackend.SHM_PREFIX, FijiStreamingBackend.SHM_PREFIX)

@@ -23,15 +23,9 @@ from polystore.streaming.auth import resolve_auth
 from polystore.streaming.endpoints import check_connect_endpoint
 from polystore.streaming.errors import UnstreamableDataError
 from polystore.streaming.keys import public_key
-from polystore.streaming.options import (
-    Auth,
-    Policy,
-    SenderOptions,
-    StreamMeta,
-    Transport,
-    display_hints,
-)
+from polystore.streaming.options import Auth, Policy, SenderOptions, Transport
 from polystore.streaming.sender import StreamSender
+from polystore.streaming.stream_meta import StreamMeta, display_hints
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,10 @@ from polystore.streaming import protocol as p
 from polystore.streaming.connection import Connection
 from polystore.streaming.credits import CreditWindow
 from polystore.streaming.errors import BackpressureError, ReceiverLostError
-from polystore.streaming.options import SenderOptions, SenderStats, StreamMeta, checked_seconds
+from polystore.streaming.options import SenderOptions, SenderStats, checked_seconds
 from polystore.streaming.replies import ReplyHandler
 from polystore.streaming.shm import SHM_DIR
+from polystore.streaming.stream_meta import StreamMeta
 
 log = logging.getLogger(__name__)
 #: Fresh segment prefixes one handshake tries when its probe name is taken (`SegmentPool.renew`).

@@ -5,8 +5,8 @@ receiver returns the segment (an ``ack``) once it holds its own copy. The facade
 to send (arrays, leased arrays, ROIs, requests); `delivery.Delivery` takes each message
 through the parts that do the work: `connection.Connection` (socket, monitor, handshake
 state), `credits.CreditWindow` (what is in flight, the segment pool, the policies),
-`replies.ReplyHandler` (one handler per reply type); `options` holds the values checked
-once. Everything runs in the caller's thread: no background thread, no sleeps.
+`replies.ReplyHandler` (one handler per reply type); `options` and `stream_meta` hold the
+values checked once. Everything runs in the caller's thread: no background thread, no sleeps.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from polystore.streaming import protocol as p
 from polystore.streaming.connection import State
 from polystore.streaming.delivery import Delivery
 from polystore.streaming.errors import ReceiverLostError, UnstreamableDataError
-from polystore.streaming.options import StreamMeta, encode_header, to_wire_array
 from polystore.streaming.shm import SegmentPool
+from polystore.streaming.stream_meta import StreamMeta, encode_header, to_wire_array
 
 
 class StreamSender(Delivery):
