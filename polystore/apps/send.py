@@ -65,7 +65,7 @@ _SENDABLE_FORMATS = ("npy", "tiff", "png", "jpeg", "roi")
 def _split_sendable(files: list[tuple[Path, str]], backend_cls) -> tuple[list, dict[str, list]]:
     """Files the disk backend reads as arrays and the streaming backend accepts; the rest,
     grouped by why they are skipped."""
-    from polystore.streaming.backend import matching_extension
+    from polystore.streaming.stream_keys import matching_extension
 
     readable = _readable()
     keep, skipped = [], {"stream": [], "disk": []}

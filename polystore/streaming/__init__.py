@@ -5,7 +5,7 @@ Data path: `backend` (the storage API) -> `sender` (a facade over `options`, `cr
 `protocol` defines every message. docs/architecture.md says which module to change for what.
 """
 
-from polystore.streaming.backend import StreamingBackend, stream_key
+from polystore.streaming.backend import StreamingBackend
 from polystore.streaming.errors import (
     BackpressureError,
     FrameRejectedError,
@@ -21,6 +21,7 @@ from polystore.streaming.orphans import list_segments, sweep
 from polystore.streaming.protocol import Roi
 from polystore.streaming.receiver import ReceivedFrame, ReceivedRois, Receiver
 from polystore.streaming.sender import StreamSender
+from polystore.streaming.stream_keys import stream_key
 from polystore.streaming.stream_meta import StreamMeta
 
 #: Every segment prefix polystore's own backends use.

@@ -12,7 +12,7 @@ import os
 import re
 import threading
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -25,53 +25,13 @@ from polystore.streaming.errors import UnstreamableDataError
 from polystore.streaming.keys import public_key
 from polystore.streaming.options import Auth, Policy, SenderOptions, Transport
 from polystore.streaming.sender import StreamSender
+from polystore.streaming.stream_keys import matching_extension, stream_key
 from polystore.streaming.stream_meta import StreamMeta, display_hints
 
 log = logging.getLogger(__name__)
 
 ROI_EXTENSION = ".roi.zip"
 _SENDER_CREATION = threading.Lock()
-# A trailing index: digits after a separator (_007) or a lowercase word (img001), or after a
-# lowercase axis letter (t003, c1, z05, s2, f1, p4, ch2). Uppercase-letter ids such as the
-# well A01 are names, not indices.
-_INDEX_SUFFIX = re.compile(r"(?:^\d+|[_\-. ]+\d+|(?<=[a-z])\d+|[_\-. ]*(?:[tczsfp]|ch)\d+)$")
-
-
-def _folder_and_name(path: Any) -> tuple[str, str]:
-    """A path's folder and file name, '/' or '\\' separated, without '.' or empty parts
-    (string work only: this runs for every frame)."""
-    parts = [part for part in str(path).replace("\\", "/").split("/") if part not in ("", ".")]
-    if not parts:
-        return "", ""
-    return "/".join(parts[:-1]), parts[-1]
-
-
-def matching_extension(path: Any, extensions: Iterable[str]) -> str | None:
-    """The longest of `extensions` that `path` ends with (so '.roi.zip' beats '.zip')."""
-    name = _folder_and_name(path)[1].lower()
-    best = None
-    for ext in extensions:
-        if name.endswith(ext.lower()) and (best is None or len(ext) > len(best)):
-            best = ext.lower()
-    return best
-
-
-def stream_key(path: Any, extensions: Iterable[str] = ()) -> str:
-    """The layer/window a path streams into: its folder plus its name without extension and
-    without trailing indices (``t003``, ``c1``, ``z05``, ``s2``, ``_007``), so
-    ``well_A01/t003c1.tif`` and ``well_A01/t004c0.tif`` update one ``well_A01`` layer and
-    ``out/smooth_007.tif`` goes to ``out/smooth``. Pass ``stream=`` to choose the key."""
-    parent, name = _folder_and_name(path)
-    ext = matching_extension(name, extensions)
-    if ext is None:
-        dot = name.rfind(".")
-        ext = name[dot:] if 0 < dot < len(name) - 1 else ""
-    stem = name[: len(name) - len(ext)] if ext else name
-    base = stem
-    while (stripped := _INDEX_SUFFIX.sub("", base)) != base:
-        base = stripped
-    key = "/".join(part for part in (parent, base) if part)
-    return (key or stem or "stream")[:256]
 
 
 class StreamingBackend(WriteOnlyBackend):

@@ -1,0 +1,55 @@
+"""Which paths stream, and into which layer or window: a path's stream key.
+
+String work only (no `pathlib`), as it can run for every frame (`save_batch`, `lease`;
+`StreamingBackend.save` remembers each path's key). `matching_extension` finds the extension
+a path streams under (the longest one, so '.roi.zip' beats '.zip'); `stream_key` names the
+layer/window it updates, the same for every frame of a time series or channel set.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+# A trailing index: digits after a separator (_007) or a lowercase word (img001), or after a
+# lowercase axis letter (t003, c1, z05, s2, f1, p4, ch2). Uppercase-letter ids such as the
+# well A01 are names, not indices.
+_INDEX_SUFFIX = re.compile(r"(?:^\d+|[_\-. ]+\d+|(?<=[a-z])\d+|[_\-. ]*(?:[tczsfp]|ch)\d+)$")
+
+
+def _folder_and_name(path: Any) -> tuple[str, str]:
+    """A path's folder and file name, '/' or '\\' separated, without '.' or empty parts
+    (string work only: this runs for every frame)."""
+    parts = [part for part in str(path).replace("\\", "/").split("/") if part not in ("", ".")]
+    if not parts:
+        return "", ""
+    return "/".join(parts[:-1]), parts[-1]
+
+
+def matching_extension(path: Any, extensions: Iterable[str]) -> str | None:
+    """The longest of `extensions` that `path` ends with (so '.roi.zip' beats '.zip')."""
+    name = _folder_and_name(path)[1].lower()
+    best = None
+    for ext in extensions:
+        if name.endswith(ext.lower()) and (best is None or len(ext) > len(best)):
+            best = ext.lower()
+    return best
+
+
+def stream_key(path: Any, extensions: Iterable[str] = ()) -> str:
+    """The layer/window a path streams into: its folder plus its name without extension and
+    without trailing indices (``t003``, ``c1``, ``z05``, ``s2``, ``_007``), so
+    ``well_A01/t003c1.tif`` and ``well_A01/t004c0.tif`` update one ``well_A01`` layer and
+    ``out/smooth_007.tif`` goes to ``out/smooth``. Pass ``stream=`` to choose the key."""
+    parent, name = _folder_and_name(path)
+    ext = matching_extension(name, extensions)
+    if ext is None:
+        dot = name.rfind(".")
+        ext = name[dot:] if 0 < dot < len(name) - 1 else ""
+    stem = name[: len(name) - len(ext)] if ext else name
+    base = stem
+    while (stripped := _INDEX_SUFFIX.sub("", base)) != base:
+        base = stripped
+    key = "/".join(part for part in (parent, base) if part)
+    return (key or stem or "stream")[:256]
