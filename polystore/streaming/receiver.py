@@ -1,10 +1,10 @@
 """The viewer-agnostic receiving side of wire protocol v1.
 
-Bind, authenticate (`auth`), handshake (`sessions`), validate, copy out of shared memory
-(`segment_reader`), return the credit, hand ``ReceivedFrame``/``ReceivedRois`` to a callback
-(or a bounded queue). The napari plugin and tests use this class; the Fiji Groovy script
-mirrors it. A bad message is answered with an ``error`` reply and the loop goes on: no
-message can stop a receiver.
+Bind, authenticate (`auth`), handshake (`sessions`), validate (`checks`), copy out of shared
+memory (`segment_reader`), return the credit, hand ``ReceivedFrame``/``ReceivedRois`` to a
+callback (or a bounded queue), in the thread `receiver_lifecycle` starts and stops. The napari
+plugin and tests use this class; the Fiji Groovy script mirrors it. A bad message is answered
+with an ``error`` reply and the loop goes on: no message can stop a receiver.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import logging
 import os
 import queue
 import secrets
-import threading
 import time
 from collections.abc import Callable
 
@@ -27,13 +26,14 @@ from polystore.streaming.connections import ConnectionGuard, default_max_connect
 from polystore.streaming.endpoints import check_bind_endpoint, is_loopback
 from polystore.streaming.orphans import sweep
 from polystore.streaming.received import ReceivedFrame, ReceivedRois, ReceiverStats
+from polystore.streaming.receiver_lifecycle import ReceiverLifecycle
 from polystore.streaming.router import ACK_BATCH, ACK_BATCH_BYTES, Outbox, open_router, read_rest
 from polystore.streaming.segment_reader import SegmentReader
 from polystore.streaming.sessions import MAX_SENDERS, Session, SessionTable
 
 log = logging.getLogger(__name__)
 
-class Receiver:
+class Receiver(ReceiverLifecycle):
     """Receives frames for one viewer kind (its `shm_prefix`) on one endpoint.
 
     Give `on_frame`/`on_rois` callbacks (called in the receiver thread), or read
@@ -62,6 +62,7 @@ class Receiver:
         max_senders: int = MAX_SENDERS,
         max_connections: int | None = None,
     ) -> None:
+        super().__init__()  # the serving thread's state (receiver_lifecycle.py)
         self.endpoint = check_bind_endpoint(endpoint, allow_remote)
         self.keys = ReceiverKeys(auth, curve_secret_key, curve_client_keys,
                                  exposed=allow_remote and not is_loopback(self.endpoint),
@@ -82,57 +83,13 @@ class Receiver:
         self._sessions = SessionTable(shm_prefix, viewer, self._reader, max_senders)
         self.max_connections = max_connections or default_max_connections()
         self._guard: ConnectionGuard | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._sock: zmq.Socket | None = None
         self._server_auth: ServerAuth | None = None
-        self._ready = threading.Event()
         self._outbox: Outbox | None = None
         self._undelivered: list[ReceivedFrame] = []  # copied, shown once their acks leave
         self._held_bytes = 0
-        self._bind_error: BaseException | None = None
 
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def start(self, timeout: float = 5.0) -> Receiver:
-        """Bind and serve in a daemon thread; returns once bound (raises if binding failed).
-        A receiver serves once: after `stop()`, make a new one."""
-        if self._thread is not None:
-            raise RuntimeError(f"this {self.viewer} receiver was already started"
-                               f"{' and stopped' if self._stop.is_set() else ''}; create a "
-                               f"new Receiver to listen again")
-        self._thread = threading.Thread(target=self.run, name=f"polystore-{self.viewer}-rx",
-                                        daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            self._stop.set()  # it ends as soon as it is bound, unused
-            raise TimeoutError(f"the {self.viewer} receiver was not listening on "
-                               f"{self.endpoint} within {timeout:g} s (its start-up sweep of "
-                               "shared memory, or the bind, took longer); create a new "
-                               "Receiver and start it with a longer timeout")
-        if self._bind_error is not None:  # never served: it may be started again
-            error, self._bind_error, self._thread = self._bind_error, None, None
-            self._ready.clear()
-            raise error
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop serving; acks already queued still leave (see `Outbox.close`)."""
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.error("%s receiver thread did not stop within %g s", self.viewer, timeout)
-
-    def __enter__(self) -> Receiver:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+    # -- serving (start, stop, with: receiver_lifecycle.py) ----------------------------------
 
     def bind(self) -> zmq.Socket:
         if self.sweep_orphans:
