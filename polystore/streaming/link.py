@@ -74,7 +74,7 @@ class LinkState:
 
 def create_dealer_socket(identity: str, endpoint: str, options: SenderOptions) -> zmq.Socket:
     """The one place a sender's socket is made and configured (authentication included);
-    not yet connected, so that a monitor can be attached first (`Connection.open`)."""
+    not yet connected, so that a monitor can be attached first (`Channel.open`)."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.ROUTING_ID, identity.encode())
     sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a receiver that isn't there

@@ -3,10 +3,11 @@
 A frame costs one copy into a reused shared-memory segment plus one small JSON header; the
 receiver returns the segment (an ``ack``) once it holds its own copy. The facade says what
 to send (arrays, leased arrays, ROIs, requests); `delivery.Delivery` takes each message
-through the parts that do the work: `connection.Connection` (socket, monitor, handshake
-state), `credits.CreditWindow` (what is in flight, the segment pool, the policies),
-`replies.ReplyHandler` (one handler per reply type); `options` and `stream_meta` hold the
-values checked once. Everything runs in the caller's thread: no background thread, no sleeps.
+through the parts that do the work: `connection.Connection` (the handshake's state, on the
+socket and monitor of `channel.Channel`), `credits.CreditWindow` (what is in flight, the
+segment pool, the policies), `replies.ReplyHandler` (one handler per reply type); `options`
+and `stream_meta` hold the values checked once. Everything runs in the caller's thread: no
+background thread, no sleeps.
 """
 
 from __future__ import annotations
