@@ -346,6 +346,29 @@ def test_user_sender_refuses_an_unauthenticated_receiver():
         assert rx.stats.frames == 0
 
 
+def test_the_refusal_says_what_this_sender_got_wrong():
+    """One fixed text served every refusal: to a sender with auth='none' it said the
+    receiver ran with auth='none' (backwards), and to one with a wrong server key it never
+    named the key."""
+    with receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0") as rx:
+        with NapariStreamingBackend(rx.endpoint, auth="none", connect_timeout=20.0) as b:
+            with pytest.raises(ViewerNotRunningError) as refused:
+                b.save(np.ones((4, 4), np.uint8), "x.tif")
+    assert "this sender runs with auth='none'" in str(refused.value)
+    assert "Unset POLYSTORE_AUTH" in str(refused.value)
+    server_public, server_secret = zmq.curve_keypair()
+    with receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0",
+                      curve_secret_key=server_secret) as rx:
+        wrong = zmq.curve_keypair()[0]
+        with NapariStreamingBackend(rx.endpoint, curve_server_key=wrong,
+                                    connect_timeout=20.0) as b:
+            with pytest.raises(ViewerNotRunningError) as refused:
+                b.save(np.ones((4, 4), np.uint8), "x.tif")
+        assert rx.stats.frames == 0
+    assert "POLYSTORE_NAPARI_SERVER_KEY" in str(refused.value)
+    assert "is not the key of the receiver" in str(refused.value)
+
+
 def test_every_sender_hears_at_once_that_an_unauthenticated_receiver_refused_it():
     """ZeroMQ reports a refused handshake once: a sender whose link monitor was attached only
     after it connected missed that report now and then (6 of 200 senders) and waited for

@@ -114,7 +114,9 @@ class Connection(Channel):
         if not self.connected:
             self.check_link()
             if self.link.failed:
-                self.refusal = impostor_message(self.viewer, self.endpoint)
+                self.refusal = impostor_message(
+                    self.viewer, self.endpoint, self.options.auth,
+                    self.options.curve_server_key is not None)
             raise ViewerNotRunningError(self.refusal or (
                 f"no {self.viewer} receiver answered at {self.endpoint} within "
                 f"{self.options.connect_timeout:g} s. {start_hint}".strip()))

@@ -13,13 +13,30 @@ class ViewerNotRunningError(StreamingError, ConnectionError):
     """No receiver answered the handshake in time."""
 
 
-def impostor_message(viewer: str, endpoint: str) -> str:
-    """Why a sender sent nothing to whoever listens at `endpoint`."""
-    return (f"the process listening at {endpoint} failed the authentication handshake, so "
-            f"nothing was sent to it: it is not a {viewer} receiver of your account (it lacks "
-            "your polystore credential, or runs with auth='none' while this sender uses "
-            "auth='user'), or it closed the connection mid-handshake (at its connection "
-            "limit?). Stop it, or pick the same auth on both sides (docs/protocol.md)")
+def impostor_message(viewer: str, endpoint: str, auth: str = "user",
+                     server_key_given: bool = False) -> str:
+    """Why a sender sent nothing to whoever listens at `endpoint`, for how this sender
+    authenticates (`auth`; `server_key_given`: a receiver's public CURVE key was given)."""
+    failed = (f"the process listening at {endpoint} failed the authentication handshake, so "
+              "nothing was sent to it")
+    if server_key_given:
+        env = f"POLYSTORE_{viewer.upper()}_SERVER_KEY"
+        return (f"{failed}: the receiver's public key given to this sender ({env} or "
+                "curve_server_key) is not the key of the receiver listening there, or that "
+                "receiver does not admit this client's key (its curve_client_keys). Give the "
+                "public key that `polystore keys` printed for that receiver, or check that "
+                "you reach the right machine and port (docs/streaming.md, Security)")
+    if auth == "none":
+        return (f"{failed}: this sender runs with auth='none' (POLYSTORE_AUTH=none?), and the "
+                f"{viewer} receiver there wants your polystore credential. Unset "
+                "POLYSTORE_AUTH (or pass auth='user') here, or start the receiver with "
+                "auth='none' too (docs/protocol.md)")
+    return (f"{failed}: it is not a {viewer} receiver of your account (it lacks your polystore "
+            "credential: another user's, or one started with auth='none'), or it closed the "
+            "connection mid-handshake (at its connection limit?). If it is yours, restart it "
+            "without auth='none'; if it has CURVE keys of its own (a remote receiver), give "
+            f"this sender its public key (POLYSTORE_{viewer.upper()}_SERVER_KEY); else use "
+            "another port (docs/streaming.md, Security)")
 
 
 class ReceiverLostError(StreamingError, ConnectionError):
