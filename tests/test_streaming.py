@@ -522,6 +522,24 @@ def test_a_second_receiver_on_an_ipc_path_is_refused_and_the_first_keeps_it(tmp_
         receiver.stop()
 
 
+def test_a_stopped_receiver_removes_its_ipc_socket_file_and_nothing_else(tmp_path):
+    """ZeroMQ leaves the socket file behind: `polystore napari --endpoint ipc://...` and the
+    demo left theirs in the user's folder after every run."""
+    path = tmp_path / "viewer.sock"
+    receiver = receiver_for(NapariStreamingBackend, f"ipc://{path}").start()
+    with NapariStreamingBackend(f"ipc://{path}") as backend:
+        backend.save(np.ones((8, 8), np.uint16), "a/t0.tif")
+        backend.flush()
+    assert path.exists()
+    receiver.stop()
+    assert not path.exists() and receiver.stats.frames == 1
+    receiver = receiver_for(NapariStreamingBackend, f"ipc://{path}").start()
+    path.unlink()
+    path.write_text("someone else's file, made after the receiver started")
+    receiver.stop()
+    assert path.read_text().startswith("someone else's")
+
+
 def test_an_ipc_path_that_is_a_file_or_a_busy_listener_is_refused(tmp_path):
     """ZeroMQ deletes whatever is at an ipc path it binds: a user's file of that name was
     lost, and a listener whose accept queue was full (EAGAIN) counted as free."""

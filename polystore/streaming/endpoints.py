@@ -40,7 +40,8 @@ def check_bind_endpoint(endpoint: str, allow_remote: bool) -> str:
     if not is_loopback(endpoint) and not allow_remote:
         raise ValueError(
             f"refusing to listen on {host}: that exposes the receiver beyond this machine. "
-            "Pass allow_remote=True (and CURVE keys, see docs/streaming.md) to do it on purpose"
+            "Pass allow_remote=True (`polystore napari --allow-remote`) and CURVE keys (see "
+            "docs/streaming.md, Security) to do it on purpose"
         )
     check_listen_port(endpoint)
     if endpoint.endswith(":0"):
@@ -84,8 +85,9 @@ def check_connect_endpoint(endpoint: object, source: str | bool = "") -> str:
         if host in ("", "*") or not (port.isascii() and port.isdigit()):
             problem = "a tcp:// endpoint needs a host and a port number"
         elif not 1 <= int(port) <= 65535:
-            problem = (f"its port {port} is not from 1 to 65535 (ZeroMQ would take it modulo "
-                       "65536, another port)")
+            problem = (f"its port {port} is not from 1 to 65535 (a sender connects to one "
+                       "receiver's port: port 0 means 'any free port' only when listening; a "
+                       "larger number ZeroMQ would take modulo 65536, another port)")
     elif endpoint.startswith("ipc://"):
         if endpoint in ("ipc://", "ipc://*", "ipc://@"):
             problem = "an ipc:// endpoint needs the path the receiver listens on"
@@ -174,3 +176,28 @@ def claim_ipc_path(endpoint: str) -> Iterator[None]:
     finally:
         if directory is not None:
             os.close(directory)  # and with it the lock
+
+
+def ipc_socket_file(endpoint: str) -> tuple[str, int, int] | None:
+    """(path, device, inode) of the socket file a receiver bound at an ``ipc://`` path, for
+    `remove_ipc_socket_file`; None for other endpoints (and abstract ``ipc://@names``)."""
+    path = endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else "@"
+    if path.startswith("@"):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return path, st.st_dev, st.st_ino
+
+
+def remove_ipc_socket_file(bound: tuple[str, int, int] | None) -> None:
+    """Remove the socket file a stopped receiver leaves behind (ZeroMQ does not), unless the
+    path now holds another file (a receiver started there since)."""
+    if bound is None:
+        return
+    path, dev, ino = bound
+    with contextlib.suppress(OSError):
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) == (dev, ino):
+            os.unlink(path)

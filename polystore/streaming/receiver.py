@@ -23,7 +23,12 @@ from polystore.streaming import protocol as p
 from polystore.streaming.auth import ReceiverKeys, ServerAuth
 from polystore.streaming.checks import check_frame, check_rois
 from polystore.streaming.connections import ConnectionGuard, default_max_connections
-from polystore.streaming.endpoints import check_bind_endpoint, is_loopback
+from polystore.streaming.endpoints import (
+    check_bind_endpoint,
+    ipc_socket_file,
+    is_loopback,
+    remove_ipc_socket_file,
+)
 from polystore.streaming.orphans import sweep
 from polystore.streaming.received import ReceivedFrame, ReceivedRois, ReceiverStats
 from polystore.streaming.receiver_lifecycle import ReceiverLifecycle
@@ -86,6 +91,7 @@ class Receiver(ReceiverLifecycle):
         self._sock: zmq.Socket | None = None
         self._server_auth: ServerAuth | None = None
         self._outbox: Outbox | None = None
+        self._ipc_file: tuple[str, int, int] | None = None  # the socket file bound, if ipc://
         self._undelivered: list[ReceivedFrame] = []  # copied, shown once their acks leave
         self._held_bytes = 0
 
@@ -102,6 +108,7 @@ class Receiver(ReceiverLifecycle):
             self._close_auth()
             raise
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._ipc_file = ipc_socket_file(self.endpoint)
         self._guard = ConnectionGuard(sock, self.max_connections, self.viewer)
         return sock
 
@@ -149,6 +156,7 @@ class Receiver(ReceiverLifecycle):
             guard.close()
             self._guard = None
             outbox.close()  # acks already queued still leave
+            remove_ipc_socket_file(self._ipc_file)  # ZeroMQ leaves it behind
             self._sock = None
             self._close_auth()
             self._reader.close()
