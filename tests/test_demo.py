@@ -142,6 +142,35 @@ def test_no_napari_streams_to_a_headless_receiver(tmp_path):
     assert napari_segments() <= before
 
 
+def test_a_demo_that_cannot_start_leaves_no_folder_and_a_rerun_names_earlier_files(tmp_path):
+    """With its port in use the demo failed, but had already made an empty output folder;
+    a second run into a folder of an earlier, longer one kept that run's files without a
+    word while its summary counted only its own."""
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    out = tmp_path / "new" / "out"
+    try:
+        result, _ = run_demo_cli([sys.executable, "-m", "polystore.cli", "demo", "--no-napari",
+                                  "--frames", "2", "--out", str(out), "-q", "--endpoint",
+                                  f"tcp://127.0.0.1:{busy.getsockname()[1]}"], tmp_path,
+                                 no_display_env())  # fmt: skip
+    finally:
+        busy.close()
+    assert result.returncode != 0 and "in use" in result.stdout + result.stderr
+    assert not (tmp_path / "new").exists()
+    out.mkdir(parents=True)
+    (out / "from-before.txt").write_text("kept")
+    result, _ = run_demo_cli([sys.executable, "-m", "polystore.cli", "demo", "--no-napari",
+                              "--frames", "2", "--out", str(out), "-q"], tmp_path,
+                             no_display_env())  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "already holds 1 file(s)" in result.stdout
+    assert (out / "from-before.txt").read_text() == "kept"
+
+
 def test_with_a_display_the_demo_opens_napari_and_waits_for_it(tmp_path):
     needs.display()
     needs.module("napari")

@@ -671,7 +671,24 @@ def run_demo(
     if frames < 1:
         raise ValueError(f"frames must be at least 1, got {frames}")
     out_path = Path(out).resolve()
+    earlier = sum(1 for p in out_path.rglob("*") if p.is_file()) if out_path.is_dir() else 0
+    if earlier:
+        log(f"{out_path} already holds {earlier} file(s): this run replaces those of the "
+            "same name and keeps the others; its summary counts only its own")
+    made = [p for p in (out_path, *out_path.parents) if not p.exists()]
     out_path.mkdir(parents=True, exist_ok=True)
+    try:
+        return _demo(out_path, frames, headless, napari, fps, endpoint, wait, progress, log)
+    except BaseException:
+        for folder in made:  # a demo that could not run leaves no empty folders
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _demo(out_path: Path, frames: int, headless: bool, napari: bool, fps: float | None,
+          endpoint: str | None, wait: bool, progress: bool, log: Callable[[str], None],
+          ) -> DemoResult:
     missing = napari_missing() if napari else "--no-napari"
     window = napari and not headless and _has_display()
     if window and missing:
