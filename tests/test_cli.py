@@ -778,3 +778,13 @@ def test_keys_into_a_file_says_it_is_a_file(tmp_path):
     (tmp_path / "a.txt").write_text("x")
     out = cli("keys", str(tmp_path / "a.txt"))
     assert out.returncode == 1 and "is a file; keys go into a folder" in out.stderr, out.stderr
+
+
+def test_keys_prints_absolute_paths_to_copy(tmp_path):
+    """`export POLYSTORE_NAPARI_SERVER_KEY=keys1/viewer.key` broke from any other folder."""
+    result = cli("keys", "keys1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    public = tmp_path / "keys1" / "viewer.key"
+    assert f"export POLYSTORE_NAPARI_SERVER_KEY={public} " in result.stdout
+    assert f"--curve-secret {tmp_path / 'keys1' / 'viewer.key_secret'}\n" in result.stdout
+    assert public.is_file()

@@ -192,6 +192,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         public, secret = create_keys(args.directory, args.name)
     except (OSError, ValueError) as exc:
         raise CommandError(str(exc)) from None
+    public, secret = os.path.abspath(public), os.path.abspath(secret)  # work from anywhere
     print(f"public key (share with pipelines): {public}\n"
           f"secret key (keep on the viewer machine): {secret}\n\n"
           f"viewer:    polystore napari --endpoint tcp://0.0.0.0:55555 --allow-remote "
