@@ -329,13 +329,18 @@ def test_send_passes_over_fifos_and_linked_folders_and_says_so(images, tmp_path)
 
 
 @pytest.mark.parametrize("args, says", [
-    (["--endpoint", "foo"], "cannot stream to endpoint 'foo'"),
-    (["--endpoint", "tcp://127.0.0.1:99999"], "99999"),
+    (["--endpoint", "foo"], "argument --endpoint: cannot stream to endpoint 'foo'"),
+    (["--endpoint", "tcp://127.0.0.1:99999"], "its port 99999 is not from 1 to 65535"),
+    (["--endpoint", "localhost:47001"], "the transport must be tcp:// or ipc://"),
+    (["--endpoint", "http://127.0.0.1:47001"], "the transport must be tcp:// or ipc://"),
+    # an unset $VAR: it streamed to the default endpoint without a word
+    (["--endpoint", ""], "argument --endpoint: an empty endpoint (an unset shell variable?)"),
 ])
-def test_send_to_a_bad_endpoint_says_what_is_wrong(images, args, says):
+def test_send_to_a_bad_endpoint_is_a_usage_error(images, args, says):
+    """They exited 1 (found when the backend was made), not 2 as usage errors do."""
     result = cli("send", str(images), "--to", "napari_stream", *args)
-    assert result.returncode == 1 and says in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2 and says in result.stderr, result.stderr
+    assert "--help' for help" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_send_of_a_file_larger_than_a_frame_says_which_option_to_raise(images):

@@ -43,6 +43,23 @@ def listen_endpoint(text: str) -> str:
     return text
 
 
+def connect_endpoint(text: str) -> str:
+    """An endpoint a sender connects to (``tcp://HOST:PORT`` or ``ipc://PATH``), checked
+    before anything is read or sent. An empty one (``--endpoint "$UNSET"``) is refused: it
+    would have streamed to the default endpoint without a word."""
+    from polystore.streaming.endpoints import check_connect_endpoint
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "an empty endpoint (an unset shell variable?): give the one the viewer listens on, "
+            "e.g. tcp://127.0.0.1:55555, or leave --endpoint out for the default")
+    try:
+        check_connect_endpoint(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def fiji_endpoint(text: str) -> str:
     """`listen_endpoint`, over TCP: JeroMQ cannot speak ipc:// with ZeroMQ."""
     text = listen_endpoint(text)

@@ -22,6 +22,7 @@ from polystore import __version__
 from polystore.apps.arguments import (
     CommandError,
     byte_size,
+    connect_endpoint,
     frames_per_second,
     human_size,
     listen_endpoint,
@@ -287,7 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     send.add_argument("paths", nargs="+", metavar="PATH", help="files or folders")
     send.add_argument("--to", required=True, choices=STREAM_TARGETS, help="streaming backend")
-    send.add_argument("--endpoint", help="the viewer's endpoint (default: the backend's)")
+    send.add_argument("--endpoint", type=connect_endpoint,
+                      help="the viewer's endpoint, tcp://HOST:PORT or ipc://PATH (default: "
+                      "$POLYSTORE_NAPARI_ENDPOINT / $POLYSTORE_FIJI_ENDPOINT, else the "
+                      "backend's port on 127.0.0.1)")
     send.add_argument("--stream", type=stream_key, help="one layer/window key for every "
                       "file (default: derived from each path, e.g. plate/A01/t003.tif -> "
                       "plate/A01)")
