@@ -343,6 +343,12 @@ def test_send_to_a_bad_endpoint_is_a_usage_error(images, args, says):
     assert "--help' for help" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_send_of_a_missing_zarr_store_is_a_usage_error(tmp_path):
+    result = cli("send", str(tmp_path / "none.zarr"), "--to", "napari_stream")
+    assert result.returncode == 2, result.stderr
+    assert f"no such zarr store: {tmp_path / 'none.zarr'}" in result.stderr
+
+
 def test_send_of_a_file_larger_than_a_frame_says_which_option_to_raise(images):
     """The advice was 'raise max_inflight_bytes when creating the backend', which the command
     line had no way to do."""

@@ -466,8 +466,8 @@ def test_send_streams_every_field_of_a_plate(fm, tmp_path):
 def test_send_a_missing_store_fails_clearly(tmp_path):
     result = send_cli(str(tmp_path / "none.zarr"), "--to", "napari_stream",
                       "--endpoint", "tcp://127.0.0.1:9")
-    assert result.returncode == 1
-    assert "nothing at" in result.stderr and "none.zarr" in result.stderr
+    assert result.returncode == 2  # a usage error: a path that is not there
+    assert "no such zarr store" in result.stderr and "none.zarr" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -30,7 +30,7 @@ from polystore.apps.arguments import (
     stream_key,
 )
 from polystore.apps.fiji import cmd_fiji, fiji_endpoint
-from polystore.apps.send import cmd_send
+from polystore.apps.send import cmd_send, sendable_extensions
 
 log = logging.getLogger("polystore.cli")
 
@@ -40,6 +40,28 @@ INSTALL_NAPARI = (
     "pip install -e viewers/napari (from the polystore source folder), or run "
     "`bash scripts/install.sh` there to install everything"
 )
+
+
+SEND_DESCRIPTION = """\
+Stream files, folders (recursively) and zarr/OME-Zarr stores into a running viewer.
+
+Files are read with the disk backend:
+  napari_stream takes {napari}
+  fiji_stream takes   {fiji}
+Other files are skipped and reported, and so is each file that cannot be read. A file
+larger than one frame may be (--max-inflight-bytes) is refused from its header, before
+its pixels are read (.npy, .tif/.tiff, .png, .jpg/.jpeg).
+
+Zarr: a zarr/OME-Zarr path (plate.zarr, plate.zarr/A/1/0, s3://bucket/x.zarr), or a
+*.zarr store found in a folder, is streamed plane by plane with its t/c/z axes.
+
+Exit status: 0 when everything was handed to the viewer (with --policy latest, frames
+the viewer was too slow for are dropped: the summary counts them and a warning says so,
+and the status stays 0); 1 if a file or folder could not be read or sent, or sending
+stopped (no viewer, viewer lost, credential, shared memory full: at the first such
+error, once); 2 for usage errors (a bad option, endpoint or a path that is not there).
+Ctrl-C waits for the frames in flight; Ctrl-C again abandons them.
+"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -280,13 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     fiji.set_defaults(func=cmd_fiji)
 
     send = sub.add_parser(
-        "send", help="stream TIFF/NPY files, folders or zarr stores into napari or Fiji",
-        description="Load TIFF and NPY files (folders recursively) with the disk backend and "
-        "stream them to a running viewer. Files the viewer backend does not accept are "
-        "skipped and reported. A zarr/OME-Zarr path (plate.zarr, plate.zarr/A/1/0, "
-        "s3://bucket/x.zarr) is streamed plane by plane with its t/c/z axes.",
+        "send", help="stream image files, folders or zarr stores into napari or Fiji",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=SEND_DESCRIPTION.format(
+            napari=", ".join(sendable_extensions("napari_stream")),
+            fiji=", ".join(sendable_extensions("fiji_stream"))),
     )  # fmt: skip
-    send.add_argument("paths", nargs="+", metavar="PATH", help="files or folders")
+    send.add_argument("paths", nargs="+", metavar="PATH", help="files, folders or zarr stores")
     send.add_argument("--to", required=True, choices=STREAM_TARGETS, help="streaming backend")
     send.add_argument("--endpoint", type=connect_endpoint,
                       help="the viewer's endpoint, tcp://HOST:PORT or ipc://PATH (default: "
@@ -297,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "plate/A01)")
     send.add_argument("--policy", choices=("block", "latest", "raise"), default="block",
                       help="when the viewer falls behind: wait (block, default), drop the "
-                      "oldest unacknowledged frame (latest) or fail (raise)")
+                      "oldest unacknowledged frame (latest: the summary counts the frames "
+                      "dropped, exit status 0) or fail (raise)")
     send.add_argument("--max-inflight-bytes", type=byte_size, default=None, metavar="SIZE",
                       help="shared memory in flight, and so the largest frame (default 512M); "
                       "e.g. 2G")

@@ -1,55 +1,142 @@
-"""``polystore send``: files, folders and zarr stores streamed into a running viewer."""
+"""``polystore send``: files, folders and zarr stores streamed into a running viewer.
+
+Each file's size is read from its header before its pixels are (`frame_bytes`). A file
+that cannot be read, or whose data the viewer cannot take, is reported and the others are
+sent; an error that every later file would meet too (no receiver, a lost one, a bad
+credential, full shared memory) stops the command at once."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+import stat
 import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from polystore.apps.arguments import CommandError, human_size
 
+TARGETS = ("napari_stream", "fiji_stream")
+#: what `send` reads from disk as arrays (or ROIs) to stream
+_SENDABLE_FORMATS = ("npy", "tiff", "png", "jpeg", "roi")
+#: a folder named *.zarr with one of these at its top is a zarr store (v2 or v3)
+_ZARR_MARKERS = (".zgroup", ".zarray", "zarr.json")
 
-def _collect(paths: Sequence[str]) -> tuple[list[tuple[Path, str]], list[str]]:
-    """(file, path label) for every regular file named or inside a named folder
-    (recursively), and what was passed over: anything else (a FIFO would block the read
-    forever), and folders reached through a link (not followed: a link may loop). Labels keep
-    the folder name, so ``send plate1`` streams ``plate1/A01/t000.tif``."""
+
+def target_class(to: str) -> type:
+    from polystore.streaming import FijiStreamingBackend, NapariStreamingBackend
+
+    return {"napari_stream": NapariStreamingBackend, "fiji_stream": FijiStreamingBackend}[to]
+
+
+# -- what is there to send --------------------------------------------------------------------
+
+
+@dataclass
+class Found:
+    """What the paths named on the command line hold."""
+
+    files: list[tuple[Path, str]] = field(default_factory=list)  # (file, label)
+    stores: list[tuple[str, str | None]] = field(default_factory=list)  # (path, label)
+    passed_over: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)  # what could not be read, and why
+
+
+def _cannot_read(path: Any, exc: OSError, what: str = "") -> str:
+    why = exc.strerror or str(exc)
+    hint = ("; check its permissions and its folders' (ls -ld), or send it as a user who "
+            "may read it") if isinstance(exc, PermissionError) else ""
+    return f"cannot read {what + ' ' if what else ''}{_printable(os.fsdecode(path))}: {why}{hint}"
+
+
+def is_store_folder(folder: str) -> bool:
+    """A folder named *.zarr that holds zarr metadata at its top."""
+    name = os.path.basename(folder.rstrip("/"))
+    return (name.lower().endswith(".zarr") and len(name) > len(".zarr")
+            and any(os.path.isfile(os.path.join(folder, m)) for m in _ZARR_MARKERS))
+
+
+def collect(paths: Sequence[str]) -> Found:
+    """Every regular file named or inside a named folder (recursively), with a label that
+    keeps the folder name (``send plate1`` streams ``plate1/A01/t000.tif``); the zarr stores
+    named or found in those folders (not walked into: their chunks are no images); and what
+    was passed over: anything not a regular file (a FIFO would block the read forever),
+    folders reached through a link (not followed: a link may loop), and what could not be
+    read (an unreadable folder's files are not silently left out). Raises
+    ArgumentTypeError for a path that is not there."""
     from polystore.atomic import is_temp_name
+    from polystore.zarr.planes import is_zarr_path
 
-    found: list[tuple[Path, str]] = []
-    passed_over: list[str] = []
+    found = Found()
     for arg in paths:
         if not arg:
             raise argparse.ArgumentTypeError("an empty path: name a file or folder ('.' for "
                                              "this folder)")
-        path = Path(arg)
-        if path.is_dir():
-            root = path.resolve().name or "root"
-            for current, dirs, files in os.walk(path):
-                dirs.sort()
-                for name in dirs:
-                    if (Path(current) / name).is_symlink():
-                        passed_over.append(f"{Path(current) / name}/ (a link to a folder)")
-                for name in sorted(files):
-                    file = Path(current) / name
-                    if is_temp_name(name):
-                        continue
-                    if not file.is_file():
-                        passed_over.append(f"{file} (not a regular file)")
-                        continue
-                    found.append((file, _printable(f"{root}/{file.relative_to(path).as_posix()}")))
-        elif path.is_file():
-            found.append((path, _printable(path.name)))
-        elif path.exists():
+        try:
+            mode = os.stat(arg).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            if "://" in arg and is_zarr_path(arg):  # a remote store: the zarr backend looks
+                found.stores.append((arg, None))
+                continue
+            kind = "zarr store" if is_zarr_path(arg) else "file or folder"
+            raise argparse.ArgumentTypeError(f"no such {kind}: {arg}") from None
+        except OSError as exc:  # a folder on the way that may not be searched
+            found.unreadable.append(_cannot_read(arg, exc))
+            continue
+        if stat.S_ISDIR(mode) and is_zarr_path(arg):  # x.zarr, x.zarr/A/1/0: a store
+            found.stores.append((arg, None))
+        elif stat.S_ISDIR(mode):
+            _walk(arg, found, is_temp_name)
+        elif stat.S_ISREG(mode):
+            found.files.append((Path(arg), _printable(Path(arg).name)))
+        else:
             raise argparse.ArgumentTypeError(f"{arg} is not a regular file or a folder (a "
                                              "FIFO, socket or device): nothing to read")
-        else:
-            raise argparse.ArgumentTypeError(f"no such file or folder: {arg}")
-    return found, passed_over
+    return found
+
+
+def _walk(top: str, found: Found, is_temp_name) -> None:
+    root = Path(top).resolve().name or "root"
+
+    def label(path: str) -> str:
+        return _printable(f"{root}/{Path(path).relative_to(top).as_posix()}")
+
+    def unreadable(exc: OSError) -> None:
+        found.unreadable.append(_cannot_read(exc.filename, exc, "folder")
+                                + "; its files were not sent")
+
+    for current, dirs, files in os.walk(top, onerror=unreadable):
+        kept = []
+        for name in sorted(dirs):
+            folder = os.path.join(current, name)
+            if os.path.islink(folder):
+                found.passed_over.append(f"{_printable(folder)}/ (a link to a folder)")
+            elif is_store_folder(folder):
+                found.stores.append((folder, label(folder)))
+            else:
+                kept.append(name)
+        dirs[:] = kept
+        for name in sorted(files):
+            if is_temp_name(name):
+                continue
+            file = os.path.join(current, name)
+            try:
+                mode = os.stat(file).st_mode
+            except FileNotFoundError:
+                continue  # removed meanwhile, or a dangling link: nothing to send
+            except OSError as exc:
+                found.unreadable.append(_cannot_read(file, exc))
+                continue
+            if not stat.S_ISREG(mode):
+                found.passed_over.append(f"{_printable(file)} (not a regular file)")
+                continue
+            found.files.append((Path(file), label(file)))
 
 
 def _printable(label: str) -> str:
@@ -58,8 +145,21 @@ def _printable(label: str) -> str:
     return os.fsencode(label).decode("utf-8", "replace")
 
 
-#: what `send` reads from disk as arrays (or ROIs) to stream
-_SENDABLE_FORMATS = ("npy", "tiff", "png", "jpeg", "roi")
+def _readable() -> set[str]:
+    """The extensions `send` reads (the disk backend's formats it streams)."""
+    from polystore import DiskBackend
+
+    return {ext for ext, fmt in DiskBackend.FORMATS.items() if fmt in _SENDABLE_FORMATS}
+
+
+def sendable_extensions(to: str | None = None) -> list[str]:
+    """The extensions `send` reads and `to` (else either target) takes."""
+    from polystore.streaming.backend import matching_extension
+
+    taken = set().union(*(target_class(t).SUPPORTED_EXTENSIONS for t in ([to] if to else
+                                                                         TARGETS)))
+    readable = _readable()
+    return sorted(ext for ext in taken if matching_extension(f"x{ext}", readable) == ext)
 
 
 def _split_sendable(files: list[tuple[Path, str]], backend_cls) -> tuple[list, dict[str, list]]:
@@ -95,7 +195,7 @@ def _skip_report(skipped: dict[str, list], to: str, backend_cls) -> list[str]:
     if skipped["disk"]:
         lines.append(
             f"skipped {len(skipped['disk'])} file(s) send does not read "
-            f"({_extensions(skipped['disk'])}); it reads {_readable_extensions()}"
+            f"({_extensions(skipped['disk'])}); it reads {', '.join(sorted(_readable()))}"
         )
     if skipped["other"]:
         lines.append(f"passed over {len(skipped['other'])} entries: "
@@ -105,105 +205,244 @@ def _skip_report(skipped: dict[str, list], to: str, backend_cls) -> list[str]:
     return lines
 
 
-def _readable() -> set[str]:
-    """The extensions `send` reads (the disk backend's formats it streams)."""
-    from polystore import DiskBackend
+# -- sizes, read from headers ----------------------------------------------------------------------
 
-    return {ext for ext, fmt in DiskBackend.FORMATS.items() if fmt in _SENDABLE_FORMATS}
+_PIL_BYTES = {"I": 4, "F": 4, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
 
 
-def _readable_extensions() -> str:
-    return ", ".join(sorted(_readable()))
+def frame_bytes(file: Path) -> int | None:
+    """The bytes of the array `file` loads as, from its header without reading its pixels:
+    .npy (the NumPy header), .tif/.tiff (the first series, what the disk backend loads),
+    .png/.jpg/.jpeg (size and mode). None for other files, or a header that does not read
+    (loading the file then says what is wrong)."""
+    name = file.name.lower()
+    try:
+        if name.endswith(".npy"):
+            import numpy as np
+
+            with open(file, "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read(handle)
+            return math.prod(shape) * dtype.itemsize
+        if name.endswith((".tif", ".tiff")):
+            import tifffile
+
+            with tifffile.TiffFile(file) as tif:
+                series = tif.series[0]
+                return math.prod(series.shape) * series.dtype.itemsize
+        if name.endswith((".png", ".jpg", ".jpeg")):
+            from PIL import Image
+
+            with Image.open(file) as image:
+                depth = _PIL_BYTES.get(image.mode, 1)
+                return image.width * image.height * len(image.getbands()) * depth
+    except Exception:  # noqa: BLE001 - a damaged header: the load reports it
+        return None
+    return None
+
+
+def _too_large(what: str, nbytes: int, limit: int) -> str:
+    return (f"{what}: {human_size(nbytes)} is more than one frame may be "
+            f"({human_size(limit)}): raise --max-inflight-bytes")
+
+
+# -- zarr stores ----------------------------------------------------------------------------------
+
+
+def _store_images(stores: list[tuple[str, str | None]], limit: int) -> tuple[list, list[str]]:
+    """The arrays of each store (labelled where the store was found), and why a store or
+    an array is not sent: unreadable metadata, or a plane larger than one frame may be
+    (checked before any plane is read: one of 18 GiB would be read whole)."""
+    from polystore.zarr.backend import ZarrBackend
+    from polystore.zarr.planes import find_images
+
+    source = ZarrBackend()
+    images, failed = [], []
+    for path, label in stores:
+        try:
+            found = find_images(source, path)
+        except ImportError as exc:
+            raise CommandError(f"cannot read {path}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - metadata that does not read: report it
+            failed.append(f"{path}: cannot read this zarr store: {type(exc).__name__}: {exc}")
+            continue
+        if not found:
+            failed.append(f"{path}: no arrays of 2 or more dimensions in this zarr store")
+        for image in found:
+            if label is not None:  # found in a folder: plate1/run.zarr/..., as its files
+                own = os.path.basename(path.rstrip("/"))
+                image.label = label + image.label[len(own):]
+            plane = math.prod(image.array.shape[-2:]) * image.array.dtype.itemsize
+            if plane > limit:
+                failed.append(f"{image.label}: a plane of {image.array.shape[-2:]} "
+                              f"{image.array.dtype} is {plane:,} bytes, more than one frame "
+                              f"may be ({limit:,}); raise --max-inflight-bytes, or send a "
+                              "smaller region from Python")
+            else:
+                images.append(image)
+    return images, failed
+
+
+def _images_summary(images: list) -> str:
+    summary = ", ".join(f"{image.label} {tuple(image.array.shape)} "
+                        f"({''.join(n if len(n) == 1 else f'[{n}]' for n in image.names)})"
+                        for image in images[:4])
+    return summary + (f" and {len(images) - 4} more" if len(images) > 4 else "")
+
+
+# -- the command ------------------------------------------------------------------------------
 
 
 def cmd_send(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from polystore import BackendRegistry, DiskBackend, FileManager
-    from polystore.streaming import (
-        FijiStreamingBackend,
-        NapariStreamingBackend,
-        StreamingError,
-        UnstreamableDataError,
-    )
-    from polystore.zarr.planes import is_zarr_path, send_zarr
+    from polystore.rois import is_roi_path
+    from polystore.streaming import StreamingError, UnstreamableDataError
+    from polystore.zarr.planes import iter_planes
 
+    backend_cls = target_class(args.to)
     limits = ({} if args.max_inflight_bytes is None
               else {"max_inflight_bytes": args.max_inflight_bytes})
-
-    def is_store(path: str) -> bool:  # a file such as x.zarr/a.tif, or x.zarr, is a file
-        return is_zarr_path(path) and not os.path.isfile(path)
-
-    if any(is_store(p) for p in args.paths):  # zarr/OME-Zarr: plane by plane, t/c/z axes
-        if not all(is_store(p) for p in args.paths):
-            raise CommandError("send zarr stores (*.zarr) and files in separate commands")
-        try:
-            send_zarr(args.paths, args.to, endpoint=args.endpoint, policy=args.policy,
-                      stream=args.stream, quiet=args.quiet, **limits)
-        except (StreamingError, OSError, ValueError, ImportError, RuntimeError) as exc:
-            raise CommandError(f"{type(exc).__name__}: {exc}") from None
-        return 0
-
-    backend_cls = {"napari_stream": NapariStreamingBackend,
-                   "fiji_stream": FijiStreamingBackend}[args.to]  # fmt: skip
-    try:
+    try:  # no connection yet: the endpoint (and a key) from the environment are checked
         backend = backend_cls(args.endpoint, policy=args.policy, **limits)
-    except ValueError as exc:  # the endpoint or a key from the environment
+    except ValueError as exc:
         raise CommandError(str(exc)) from None
+    limit = backend.options.max_inflight_bytes
     try:
-        found, passed_over = _collect(args.paths)
+        found = collect(args.paths)
+        files, skipped = _split_sendable(found.files, backend_cls)
+        skipped["other"] = found.passed_over
+        images, store_failures = _store_images(found.stores, limit) if found.stores else ([],
+                                                                                            [])
     except BaseException:
         backend.close()
         raise
-    files, skipped = _split_sendable(found, backend_cls)
-    skipped["other"] = passed_over
     for line in _skip_report(skipped, args.to, backend_cls):
         print(f"polystore send: {line}", file=sys.stderr)
-    if not files:
+    failed = found.unreadable + store_failures
+    if not files and not images:
         backend.close()
+        if failed:
+            raise CommandError("nothing to send: " + "; ".join(failed))
         raise CommandError(f"nothing to send: no file in {' '.join(args.paths)} is one "
-                           f"{args.to} accepts and send reads ({_readable_extensions()})")
-    from polystore.rois import is_roi_path
+                           f"{args.to} takes ({', '.join(sendable_extensions(args.to))}), and "
+                           "no zarr store")
 
     fm = FileManager(BackendRegistry({"disk": DiskBackend(), args.to: backend},
                                      entry_points=False))
-    failed: list[str] = []
-    sent_bytes, saved, t0 = 0, 0, time.perf_counter()
+    planes = sum(image.plane_count for image in images)
+    total = len(files) + planes
+    unit = "file(s)" if not images else "plane(s)" if not files else "file(s) and plane(s)"
+    sent_files = sent_planes = handed = sent_bytes = 0
+    stopped: BaseException | None = None
+    where = ""
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, desc=f"send -> {args.to}", unit="item", disable=args.quiet,
+               file=sys.stderr)
     try:
-        bar = tqdm(files, desc=f"send -> {args.to}", unit="file", disable=args.quiet,
-                   file=sys.stderr)
-        for file, label in bar:
-            try:
-                # ROI files keep each ROI's plane (c, z, t): one set per plane
+        for file, label in files:
+            where = label
+            bar.update(1)
+            nbytes = frame_bytes(file)
+            if nbytes is not None and nbytes > limit:  # before the pixels are read
+                failed.append(_too_large(str(file), nbytes, limit))
+                continue
+            try:  # ROI files keep each ROI's plane (c, z, t): one set per plane
                 data = fm.load(file, backend="disk", **(
                     {"positions": True} if is_roi_path(file) else {}))
-                limit = backend.options.max_inflight_bytes
-                if getattr(data, "nbytes", 0) > limit:
-                    failed.append(f"{file}: {human_size(data.nbytes)} is more than one frame may "
-                                  f"be ({human_size(limit)}): raise --max-inflight-bytes")
-                    continue
-                fm.save(data, label, backend=args.to, stream=args.stream)
-            except UnstreamableDataError as exc:
-                failed.append(f"{file}: {exc}")
-                continue
-            except StreamingError:
-                raise
             except Exception as exc:  # noqa: BLE001 - an unreadable file: report, go on
                 failed.append(f"{file}: cannot load it: {type(exc).__name__}: {exc}")
                 continue
-            sent_bytes += getattr(data, "nbytes", 0)
-            saved += 1
+            nbytes = getattr(data, "nbytes", 0)
+            if nbytes > limit:
+                failed.append(_too_large(str(file), nbytes, limit))
+                continue
+            try:
+                fm.save(data, label, backend=args.to, stream=args.stream)
+            except UnstreamableDataError as exc:  # this file's data: report, go on
+                failed.append(f"{file}: cannot send it: {exc}")
+                continue
+            handed += 1
+            sent_files += 1
+            sent_bytes += nbytes
+        for image in images:
+            leading = image.names[:-2]
+            reading = iter_planes([image])
+            while True:
+                try:
+                    plane = next(reading)
+                except StopIteration:
+                    break
+                except Exception as exc:  # noqa: BLE001 - a damaged store: its other arrays go
+                    failed.append(f"{exc} (the rest of {image.label} was not sent)")
+                    break
+                bar.update(1)
+                where = plane.label
+                try:
+                    backend.save(plane.data, plane.label, stream=args.stream or image.label,
+                                 axes=plane.axes or None, axis_names=leading or None)
+                except UnstreamableDataError as exc:
+                    failed.append(f"{plane.label}: cannot send it: {exc}")
+                    continue
+                handed += 1
+                sent_planes += 1
+                sent_bytes += plane.data.nbytes
         bar.close()
         backend.flush()
-    except StreamingError as exc:
-        raise CommandError(f"{exc} ({saved} of {len(files)} file(s) were handed to the stream "
-                           "before it stopped)") from None
+    except KeyboardInterrupt:
+        bar.close()
+        _close_after_interrupt(backend, handed, f"{total} {unit}")
+        raise
+    except Exception as exc:  # noqa: BLE001 - sending failed: no later file would fare better
+        stopped = exc
     finally:
+        bar.close()
+    stats = backend.sender.stats.as_dict() if handed else {}
+    with contextlib.suppress(Exception):  # a lost receiver: close gives up what is in flight
         backend.close()
-    seconds = time.perf_counter() - t0
-    sent = len(files) - len(failed)
-    print(f"sent {sent} file(s) ({human_size(sent_bytes)}) to {args.to} at {backend.endpoint} "
-          f"in {seconds:.2f} s")
     for line in failed:
         print(f"polystore send: not sent: {line}", file=sys.stderr)
+    if stopped is not None:
+        before = f"{handed} of {total} {unit} were handed to the stream before it stopped"
+        if isinstance(stopped, StreamingError):
+            raise CommandError(f"{stopped} ({before})")
+        raise CommandError(f"cannot send {where}: {type(stopped).__name__}: {stopped}; "
+                           f"stopped there, nothing more was sent ({before})")
+    seconds = time.perf_counter() - t0
+    what = [f"{sent_files} file(s)"] if files else []
+    if images:
+        what.append(f"{sent_planes} plane(s) of {len(images)} array(s)")
+    line = (f"sent {' and '.join(what)} ({human_size(sent_bytes)}) to {args.to} at "
+            f"{backend.endpoint} in {seconds:.2f} s")
+    dropped = stats.get("dropped", 0)
+    if dropped:
+        frames = stats["frames"] + stats["rois"] + stats["unsent"]
+        line = (f"streamed {' and '.join(what)} ({human_size(sent_bytes)}) to {args.to} at "
+                f"{backend.endpoint} in {seconds:.2f} s, but {dropped} of their {frames} "
+                "frame(s) were dropped by --policy latest")
+    print(line + (f": {_images_summary(images)}" if images else ""))
+    if dropped:
+        print(f"polystore send: warning: the viewer fell behind, and {dropped} of {frames} "
+              "frame(s) were dropped (--policy latest drops what the viewer is too slow for; "
+              "the exit status stays 0). Send with --policy block (the default) to deliver "
+              "every frame", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _close_after_interrupt(backend, handed: int, total: str) -> None:
+    """Ctrl-C: say what is in flight while close() delivers it (a slow viewer takes
+    seconds), and that a second Ctrl-C abandons it."""
+    print(f"polystore send: stopped after {handed} of {total}", file=sys.stderr)
+    try:
+        inflight = backend.sender.inflight if handed else 0
+        if inflight:
+            print(f"polystore send: waiting for the viewer to take the {inflight} frame(s) in "
+                  "flight... Ctrl-C again to abandon them", file=sys.stderr, flush=True)
+        backend.close()
+    except KeyboardInterrupt:
+        print("polystore send: abandoned the frames in flight", file=sys.stderr)
+        with contextlib.suppress(Exception):  # at once; its segments are unlinked
+            backend.sender.close(flush_timeout=0)
