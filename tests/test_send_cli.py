@@ -1,6 +1,6 @@
-"""`polystore send` against real receivers: what a user sees for a slow viewer, a file
-too large, a folder that cannot be read, an error while sending, a zarr store in a folder,
-Ctrl-C."""
+"""`polystore send` against real receivers: what a user sees for a time series, a slow
+viewer, a file too large, a folder that cannot be read, an error while sending, a zarr
+store in a folder, Ctrl-C."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image
 
 from polystore.streaming import NapariStreamingBackend, receiver_for
 from tests.test_cli import Collector, cli, free_endpoint
@@ -78,6 +79,80 @@ def test_policy_block_delivers_every_frame_and_says_sent(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("sent 5 file(s)") and "dropped" not in result.stdout
     assert len(rx.frames) == 5 and "warning" not in result.stderr
+
+
+# -- 2: files of one stream are placed along an axis ----------------------------------------
+
+
+def test_a_folder_of_time_points_arrives_as_a_time_series(tmp_path):
+    """t000.npy ... went to one stream without axes: each replaced the one before, and
+    napari showed only the last. Each now carries its index on the axis its letter names."""
+    root = tmp_path / "exp"
+    time_points(root / "run", 4)
+    (root / "stack").mkdir()
+    for z in range(2):
+        for c in range(2):
+            tifffile.imwrite(root / "stack" / f"img_z{z:02d}_c{c}.tif",
+                             np.full((8, 8), 10 * z + c, np.uint16))
+    (root / "cam").mkdir()
+    for n in (1, 2, 3):  # a bare number is a time point
+        np.save(root / "cam" / f"frame{n}.npy", np.full((4, 4), n, np.uint8))
+    (root / "sparse").mkdir()
+    for n in (100, 300):  # t=100, t=300 would leave the axis mostly empty
+        np.save(root / "sparse" / f"img_{n:04d}.npy", np.zeros((4, 4), np.uint8))
+    np.save(root / "single_t005.npy", np.zeros((4, 4), np.uint8))  # alone: a plain image
+    with Collector(NapariStreamingBackend) as rx:
+        result = cli("send", str(root), "--to", "napari_stream", "--endpoint", rx.endpoint,
+                     "-q")
+    assert result.returncode == 0, result.stderr
+    got = {f.header.path: (f.stream, f.header.axes) for f in rx.frames}
+    for t in range(4):
+        assert got[f"exp/run/t{t:03d}.npy"] == ("exp/run", {"t": t})
+    for z in range(2):
+        for c in range(2):
+            assert got[f"exp/stack/img_z{z:02d}_c{c}.tif"] == ("exp/stack/img", {"c": c, "z": z})
+    assert got["exp/cam/frame3.npy"] == ("exp/cam/frame", {"t": 3})
+    assert got["exp/sparse/img_0100.npy"] == ("exp/sparse/img", {"t": 0})
+    assert got["exp/sparse/img_0300.npy"] == ("exp/sparse/img", {"t": 1})
+    assert "stream exp/sparse/img: its t indices 100..300 would leave most of the axis " \
+           "empty" in result.stderr
+    assert got["exp/single_t005.npy"] == ("exp/single", {})
+    assert "warning" not in result.stderr
+
+
+def test_one_stream_key_for_every_file_still_places_them(tmp_path):
+    run = time_points(tmp_path / "run", 3)
+    with Collector(NapariStreamingBackend) as rx:
+        result = cli("send", str(run), "--to", "napari_stream", "--endpoint", rx.endpoint,
+                     "--stream", "preview", "-q")
+    assert result.returncode == 0, result.stderr
+    assert sorted((f.stream, f.header.axes["t"]) for f in rx.frames) == [
+        ("preview", 0), ("preview", 1), ("preview", 2)]
+
+
+def test_files_that_would_replace_each_other_are_warned_about(tmp_path):
+    """snap.png and snap.jpg share the stream 'snap' and no index: one replaced the other
+    in the viewer without a word."""
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "snap.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "snap.jpg")
+    with Collector(NapariStreamingBackend) as rx:
+        result = cli("send", str(folder), "--to", "napari_stream", "--endpoint", rx.endpoint,
+                     "-q")
+    assert result.returncode == 0, result.stderr
+    assert len(rx.frames) == 2
+    assert ("warning: 2 files go to stream shots/snap and replace each other in the viewer "
+            "(only the last stays): shots/snap.jpg, shots/snap.png") in result.stderr
+
+
+def test_send_help_states_the_placement_rule():
+    result = cli("send", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "t003 -> t=3, z05 -> z=5, c1 or ch1 -> c=1" in text
+    assert "a bare number (img_007, img007) -> t=7" in text
+    assert "replace each other in the viewer: send warns" in text
 
 
 # -- 3: a file too large is refused from its header -------------------------------------------

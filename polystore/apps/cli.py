@@ -52,6 +52,15 @@ Other files are skipped and reported, and so is each file that cannot be read. A
 larger than one frame may be (--max-inflight-bytes) is refused from its header, before
 its pixels are read (.npy, .tif/.tiff, .png, .jpg/.jpeg).
 
+Streams and positions: a file goes to the stream of its folder and name without the
+trailing index (plate/A01/t003.tif -> plate/A01), or to --stream. Files of one stream
+are placed along the axis their index names: t003 -> t=3, z05 -> z=5, c1 or ch1 -> c=1,
+s2/f2/p2 -> an axis s/f/p, a bare number (img_007, img007) -> t=7; so a folder
+t000.npy ... t059.npy becomes one layer with a t slider. A file of the stream without
+that index is at 0. Indices that would leave most of an axis empty (t005, t120) are
+placed in order (0, 1). Files that land at one position of one stream (snap.png and
+snap.jpg -> stream snap) replace each other in the viewer: send warns.
+
 Zarr: a zarr/OME-Zarr path (plate.zarr, plate.zarr/A/1/0, s3://bucket/x.zarr), or a
 *.zarr store found in a folder, is streamed plane by plane with its t/c/z axes.
 
@@ -316,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "backend's port on 127.0.0.1)")
     send.add_argument("--stream", type=stream_key, help="one layer/window key for every "
                       "file (default: derived from each path, e.g. plate/A01/t003.tif -> "
-                      "plate/A01)")
+                      "plate/A01); files are still placed by their index")
     send.add_argument("--policy", choices=("block", "latest", "raise"), default="block",
                       help="when the viewer falls behind: wait (block, default), drop the "
                       "oldest unacknowledged frame (latest: the summary counts the frames "

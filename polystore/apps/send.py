@@ -1,9 +1,12 @@
 """``polystore send``: files, folders and zarr stores streamed into a running viewer.
 
-Each file's size is read from its header before its pixels are (`frame_bytes`). A file
-that cannot be read, or whose data the viewer cannot take, is reported and the others are
-sent; an error that every later file would meet too (no receiver, a lost one, a bad
-credential, full shared memory) stops the command at once."""
+Files of one stream are placed along the axis their name's trailing index names
+(`name_position`, `place`), so a folder of time points becomes one layer with a t slider
+instead of frames that replace each other. Each file's size is read from its header before
+its pixels are (`frame_bytes`). A file that cannot be read, or whose data the viewer cannot
+take, is reported and the others are sent; an error that every later file would meet too
+(no receiver, a lost one, a bad credential, full shared memory) stops the command at once.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +14,11 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import stat
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,6 +209,114 @@ def _skip_report(skipped: dict[str, list], to: str, backend_cls) -> list[str]:
     return lines
 
 
+# -- where each file goes ------------------------------------------------------------------------
+
+#: a trailing index as the streaming backends' `stream_key` strips it from a name (digits
+#: after a separator or a lowercase word, or after an axis letter: t003, c1, ch2, z05, s2)
+_INDEX_SUFFIX = re.compile(r"(?:^\d+|[_\-. ]+\d+|(?<=[a-z])\d+|[_\-. ]*(?:[tczsfp]|ch)\d+)$")
+_INDEX = re.compile(r"([_\-. ]*)(ch|[tczsfp])?(\d+)")
+#: the axis an index's letter names; a bare number (img_007, img007) is a time point
+_AXIS_OF_LETTER = {"t": "t", "c": "c", "ch": "c", "z": "z", "s": "s", "f": "f", "p": "p"}
+#: the order of the axes in a frame's position (outermost first): t last, since viewers
+#: line layers up by their last axes and t is the one streams share (docs/streaming.md)
+_AXIS_ORDER = ("s", "f", "p", "z", "c", "t")
+
+
+def name_position(label: str, extensions: Sequence[str] | set[str]) -> dict[str, int]:
+    """The position the trailing indices of a file name give its frame: ``t003`` is t = 3,
+    ``z05`` z = 5, ``c1``/``ch1`` c = 1, ``s2``/``f2``/``p2`` an axis s/f/p, and a bare number
+    (``img_007``, ``img007``) t. A letter glued to a word (``cells001``) is the word's, so
+    that is a bare number. These are the indices the stream key strips, so files that differ
+    only in them share a stream. Empty when the name has none, names one axis twice (a date,
+    ``2024_05_01``), or is nothing but an index with no folder (``t003.tif``: its stream
+    key is the whole name)."""
+    from polystore.streaming.backend import matching_extension, stream_key
+
+    parts = [part for part in label.replace("\\", "/").split("/") if part not in ("", ".")]
+    if not parts:
+        return {}
+    parent, name = "/".join(parts[:-1]), parts[-1]
+    ext = matching_extension(name, extensions)
+    if ext is None:
+        dot = name.rfind(".")
+        ext = name[dot:] if 0 < dot < len(name) - 1 else ""
+    base = name[: len(name) - len(ext)] if ext else name
+    position: dict[str, int] = {}
+    while (match := _INDEX_SUFFIX.search(base)) and match.group(0):
+        base = base[: match.start()]
+        separator, letter, digits = _INDEX.fullmatch(match.group(0)).groups()
+        glued = letter and not separator and base[-1:].isalpha()
+        axis = "t" if glued else _AXIS_OF_LETTER.get(letter, "t")
+        if axis in position:
+            return {}
+        position[axis] = int(digits)
+    if not position or (not base and not parent):
+        return {}
+    if stream_key(label, extensions) != "/".join(p for p in (parent, base) if p)[:256]:
+        return {}  # the backends' rule is not this one: place nothing rather than wrongly
+    return position
+
+
+@dataclass
+class Placement:
+    """Each file's position in its stream, and what `send` should say about them."""
+
+    positions: list[dict[str, int]]
+    notes: list[str] = field(default_factory=list)
+    collisions: list[str] = field(default_factory=list)
+
+
+def place(streams: list[str], labels: list[str], positions: list[dict[str, int]]) -> Placement:
+    """Final positions of the files of each stream: a stream of one file has none (it is a
+    plain image); along an axis the files of a stream name, a file that names no index gets
+    0; an axis whose indices would leave most positions empty (t005, t120) is filled in
+    index order instead (0, 1), so no viewer must hold the gaps. Files left at one position
+    of one stream replace each other in the viewer: they are listed in `collisions`."""
+    placed: list[dict[str, int]] = [{} for _ in streams]
+    result = Placement(placed)
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, stream in enumerate(streams):
+        members[stream].append(i)
+    for stream, group in members.items():
+        if len(group) > 1:
+            names = {axis for i in group for axis in positions[i]}
+            for axis in sorted(names, key=lambda a: (a not in _AXIS_ORDER,
+                                                     _AXIS_ORDER.index(a) if a in _AXIS_ORDER
+                                                     else 0, a)):
+                values = sorted({positions[i][axis] for i in group if axis in positions[i]})
+                order = None
+                if values[-1] + 1 > 2 * len(values):
+                    order = {value: n for n, value in enumerate(values)}
+                    result.notes.append(
+                        f"stream {stream}: its {axis} indices {values[0]}..{values[-1]} would "
+                        f"leave most of the axis empty, so its {len(values)} index(es) are "
+                        f"placed in order at {axis} = 0..{len(values) - 1}")
+                for i in group:
+                    value = positions[i].get(axis)
+                    placed[i][axis] = 0 if value is None else (order[value] if order else value)
+        at: dict[tuple, list[int]] = defaultdict(list)
+        for i in group:
+            at[tuple(placed[i].items())].append(i)
+        clashes = [(where, same) for where, same in at.items() if len(same) > 1]
+        if clashes:
+            where, same = clashes[0]
+            shown = ", ".join(labels[i] for i in same[:4])
+            shown += f" and {len(same) - 4} more" if len(same) > 4 else ""
+            spot = f" at {dict(where)}" if where else ""
+            if len(clashes) == 1:
+                what = (f"{len(same)} files go to stream {stream}{spot} and replace each other "
+                        f"in the viewer (only the last stays): {shown}")
+            else:
+                what = (f"{sum(len(s) for _, s in clashes)} files go to {len(clashes)} "
+                        f"positions of stream {stream} that two or more of them share, and "
+                        "replace each other there in the viewer (only the last at each stays), "
+                        f"e.g. {shown}{spot}")
+            result.collisions.append(
+                f"{what}. Give their names an index (snap_t000.png, snap_t001.png) or send "
+                "them in separate commands with --stream")
+    return result
+
+
 # -- sizes, read from headers ----------------------------------------------------------------------
 
 _PIL_BYTES = {"I": 4, "F": 4, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
@@ -301,6 +413,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     from polystore import BackendRegistry, DiskBackend, FileManager
     from polystore.rois import is_roi_path
     from polystore.streaming import StreamingError, UnstreamableDataError
+    from polystore.streaming.backend import stream_key
     from polystore.zarr.planes import iter_planes
 
     backend_cls = target_class(args.to)
@@ -331,6 +444,17 @@ def cmd_send(args: argparse.Namespace) -> int:
                            f"{args.to} takes ({', '.join(sendable_extensions(args.to))}), and "
                            "no zarr store")
 
+    arrays = [i for i, (file, _) in enumerate(files) if not is_roi_path(file)]
+    streams = [args.stream or stream_key(files[i][1], backend_cls.SUPPORTED_EXTENSIONS)
+               for i in arrays]
+    plan = place(streams, [files[i][1] for i in arrays],
+                 [name_position(files[i][1], backend_cls.SUPPORTED_EXTENSIONS) for i in arrays])
+    axes_of = dict(zip(arrays, plan.positions, strict=True))
+    for line in plan.notes:
+        print(f"polystore send: {line}", file=sys.stderr)
+    for line in plan.collisions:
+        print(f"polystore send: warning: {line}", file=sys.stderr)
+
     fm = FileManager(BackendRegistry({"disk": DiskBackend(), args.to: backend},
                                      entry_points=False))
     planes = sum(image.plane_count for image in images)
@@ -343,7 +467,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     bar = tqdm(total=total, desc=f"send -> {args.to}", unit="item", disable=args.quiet,
                file=sys.stderr)
     try:
-        for file, label in files:
+        for index, (file, label) in enumerate(files):
             where = label
             bar.update(1)
             nbytes = frame_bytes(file)
@@ -360,8 +484,10 @@ def cmd_send(args: argparse.Namespace) -> int:
             if nbytes > limit:
                 failed.append(_too_large(str(file), nbytes, limit))
                 continue
+            axes = axes_of.get(index)
             try:
-                fm.save(data, label, backend=args.to, stream=args.stream)
+                fm.save(data, label, backend=args.to, stream=args.stream,
+                        **({"axes": axes} if axes else {}))
             except UnstreamableDataError as exc:  # this file's data: report, go on
                 failed.append(f"{file}: cannot send it: {exc}")
                 continue
