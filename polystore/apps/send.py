@@ -368,7 +368,7 @@ def _store_images(stores: list[tuple[str, str | None]], limit: int) -> tuple[lis
     an array is not sent: unreadable metadata, or a plane larger than one frame may be
     (checked before any plane is read: one of 18 GiB would be read whole)."""
     from polystore.zarr.backend import ZarrBackend
-    from polystore.zarr.planes import find_images
+    from polystore.zarr.planes import find_images, plane_too_large
 
     source = ZarrBackend()
     images, failed = [], []
@@ -386,22 +386,11 @@ def _store_images(stores: list[tuple[str, str | None]], limit: int) -> tuple[lis
             if label is not None:  # found in a folder: plate1/run.zarr/..., as its files
                 own = os.path.basename(path.rstrip("/"))
                 image.label = label + image.label[len(own):]
-            plane = math.prod(image.array.shape[-2:]) * image.array.dtype.itemsize
-            if plane > limit:
-                failed.append(f"{image.label}: a plane of {image.array.shape[-2:]} "
-                              f"{image.array.dtype} is {plane:,} bytes, more than one frame "
-                              f"may be ({limit:,}); raise --max-inflight-bytes, or send a "
-                              "smaller region from Python")
+            if too_large := plane_too_large(image, limit):
+                failed.append(too_large)
             else:
                 images.append(image)
     return images, failed
-
-
-def _images_summary(images: list) -> str:
-    summary = ", ".join(f"{image.label} {tuple(image.array.shape)} "
-                        f"({''.join(n if len(n) == 1 else f'[{n}]' for n in image.names)})"
-                        for image in images[:4])
-    return summary + (f" and {len(images) - 4} more" if len(images) > 4 else "")
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -414,7 +403,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     from polystore.rois import is_roi_path
     from polystore.streaming import StreamingError, UnstreamableDataError
     from polystore.streaming.backend import stream_key
-    from polystore.zarr.planes import iter_planes
+    from polystore.zarr.planes import describe_images, iter_planes
 
     backend_cls = target_class(args.to)
     limits = ({} if args.max_inflight_bytes is None
@@ -549,7 +538,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         line = (f"streamed {' and '.join(what)} ({human_size(sent_bytes)}) to {args.to} at "
                 f"{backend.endpoint} in {seconds:.2f} s, but {dropped} of their {frames} "
                 "frame(s) were dropped by --policy latest")
-    print(line + (f": {_images_summary(images)}" if images else ""))
+    print(line + (f": {describe_images(images)}" if images else ""))
     if dropped:
         print(f"polystore send: warning: the viewer fell behind, and {dropped} of {frames} "
               "frame(s) were dropped (--policy latest drops what the viewer is too slow for; "

@@ -20,7 +20,8 @@ import numpy as np
 from polystore.zarr.backend import ZarrBackend, frame_axis_names
 from polystore.zarr.store import ZarrPath, split_zarr_path
 
-__all__ = ["Plane", "ZarrImage", "find_images", "is_zarr_path", "iter_planes", "send_zarr"]
+__all__ = ["Plane", "ZarrImage", "describe_images", "find_images", "is_zarr_path", "iter_planes",
+           "plane_too_large", "send_zarr"]
 
 
 def is_zarr_path(path: str) -> bool:
@@ -159,13 +160,9 @@ def send_zarr(paths: list[str], to: str, *, endpoint: str | None = None,
     target = target_cls(endpoint, policy=policy, **limits)
     limit = target.options.max_inflight_bytes
     for image in images:  # before any plane is read: one of 18 GiB would be read whole
-        plane = math.prod(image.array.shape[-2:]) * image.array.dtype.itemsize
-        if plane > limit:
+        if too_large := plane_too_large(image, limit):
             target.close()
-            raise ValueError(f"{image.label}: a plane of {image.array.shape[-2:]} "
-                             f"{image.array.dtype} is {plane:,} bytes, more than one frame may "
-                             f"be ({limit:,}); raise --max-inflight-bytes "
-                             "(max_inflight_bytes=), or send a smaller region from Python")
+            raise ValueError(too_large)
     total = sum(image.plane_count for image in images)
     sent_bytes, sent, started = 0, 0, time.perf_counter()
     try:
@@ -185,10 +182,25 @@ def send_zarr(paths: list[str], to: str, *, endpoint: str | None = None,
     finally:
         target.close()
     seconds = time.perf_counter() - started
+    print(f"sent {total} plane(s) of {len(images)} array(s) ({sent_bytes / 2**20:.1f} MiB) "
+          f"to {to} at {target.endpoint} in {seconds:.2f} s: {describe_images(images)}")
+    return total
+
+
+def plane_too_large(image: ZarrImage, limit: int) -> str | None:
+    """Why `image` cannot be streamed (a plane larger than one frame may be: `limit`), asked
+    before any plane is read; None if it can."""
+    plane = math.prod(image.array.shape[-2:]) * image.array.dtype.itemsize
+    if plane <= limit:
+        return None
+    return (f"{image.label}: a plane of {image.array.shape[-2:]} {image.array.dtype} is "
+            f"{plane:,} bytes, more than one frame may be ({limit:,}); raise "
+            "--max-inflight-bytes (max_inflight_bytes=), or send a smaller region from Python")
+
+
+def describe_images(images: list[ZarrImage]) -> str:
+    """The first few images, as a summary names them: label, shape and axis names."""
     summary = ", ".join(f"{image.label} {tuple(image.array.shape)} "
                         f"({''.join(n if len(n) == 1 else f'[{n}]' for n in image.names)})"
                         for image in images[:4])
-    more = f" and {len(images) - 4} more" if len(images) > 4 else ""
-    print(f"sent {total} plane(s) of {len(images)} array(s) ({sent_bytes / 2**20:.1f} MiB) "
-          f"to {to} at {target.endpoint} in {seconds:.2f} s: {summary}{more}")
-    return total
+    return summary + (f" and {len(images) - 4} more" if len(images) > 4 else "")
