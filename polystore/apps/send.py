@@ -211,9 +211,8 @@ def _skip_report(skipped: dict[str, list], to: str, backend_cls) -> list[str]:
 
 # -- where each file goes ------------------------------------------------------------------------
 
-#: a trailing index as the streaming backends' `stream_key` strips it from a name (digits
-#: after a separator or a lowercase word, or after an axis letter: t003, c1, ch2, z05, s2)
-_INDEX_SUFFIX = re.compile(r"(?:^\d+|[_\-. ]+\d+|(?<=[a-z])\d+|[_\-. ]*(?:[tczsfp]|ch)\d+)$")
+#: the parts of one trailing index that `stream_key` strips (`stream_keys.INDEX_SUFFIX`):
+#: separator, axis letter (t003, c1, ch2, z05, s2) or none (_007, img007), digits
 _INDEX = re.compile(r"([_\-. ]*)(ch|[tczsfp])?(\d+)")
 #: the axis an index's letter names; a bare number (img_007, img007) is a time point
 _AXIS_OF_LETTER = {"t": "t", "c": "c", "ch": "c", "z": "z", "s": "s", "f": "f", "p": "p"}
@@ -230,19 +229,13 @@ def name_position(label: str, extensions: Sequence[str] | set[str]) -> dict[str,
     only in them share a stream. Empty when the name has none, names one axis twice (a date,
     ``2024_05_01``), or is nothing but an index with no folder (``t003.tif``: its stream
     key is the whole name)."""
-    from polystore.streaming.backend import matching_extension, stream_key
+    from polystore.streaming.stream_keys import INDEX_SUFFIX, split_name, stream_key
 
-    parts = [part for part in label.replace("\\", "/").split("/") if part not in ("", ".")]
-    if not parts:
+    parent, base = split_name(label, extensions)
+    if not base:
         return {}
-    parent, name = "/".join(parts[:-1]), parts[-1]
-    ext = matching_extension(name, extensions)
-    if ext is None:
-        dot = name.rfind(".")
-        ext = name[dot:] if 0 < dot < len(name) - 1 else ""
-    base = name[: len(name) - len(ext)] if ext else name
     position: dict[str, int] = {}
-    while (match := _INDEX_SUFFIX.search(base)) and match.group(0):
+    while (match := INDEX_SUFFIX.search(base)) and match.group(0):
         base = base[: match.start()]
         separator, letter, digits = _INDEX.fullmatch(match.group(0)).groups()
         glued = letter and not separator and base[-1:].isalpha()

@@ -15,7 +15,7 @@ from typing import Any
 # A trailing index: digits after a separator (_007) or a lowercase word (img001), or after a
 # lowercase axis letter (t003, c1, z05, s2, f1, p4, ch2). Uppercase-letter ids such as the
 # well A01 are names, not indices.
-_INDEX_SUFFIX = re.compile(r"(?:^\d+|[_\-. ]+\d+|(?<=[a-z])\d+|[_\-. ]*(?:[tczsfp]|ch)\d+)$")
+INDEX_SUFFIX = re.compile(r"(?:^\d+|[_\-. ]+\d+|(?<=[a-z])\d+|[_\-. ]*(?:[tczsfp]|ch)\d+)$")
 
 
 def _folder_and_name(path: Any) -> tuple[str, str]:
@@ -37,19 +37,25 @@ def matching_extension(path: Any, extensions: Iterable[str]) -> str | None:
     return best
 
 
-def stream_key(path: Any, extensions: Iterable[str] = ()) -> str:
-    """The layer/window a path streams into: its folder plus its name without extension and
-    without trailing indices (``t003``, ``c1``, ``z05``, ``s2``, ``_007``), so
-    ``well_A01/t003c1.tif`` and ``well_A01/t004c0.tif`` update one ``well_A01`` layer and
-    ``out/smooth_007.tif`` goes to ``out/smooth``. Pass ``stream=`` to choose the key."""
+def split_name(path: Any, extensions: Iterable[str] = ()) -> tuple[str, str]:
+    """A path's folder and its file name without extension (the longest of `extensions` it
+    ends with, else the text after the last dot)."""
     parent, name = _folder_and_name(path)
     ext = matching_extension(name, extensions)
     if ext is None:
         dot = name.rfind(".")
         ext = name[dot:] if 0 < dot < len(name) - 1 else ""
-    stem = name[: len(name) - len(ext)] if ext else name
+    return parent, name[: len(name) - len(ext)] if ext else name
+
+
+def stream_key(path: Any, extensions: Iterable[str] = ()) -> str:
+    """The layer/window a path streams into: its folder plus its name without extension and
+    without trailing indices (``t003``, ``c1``, ``z05``, ``s2``, ``_007``), so
+    ``well_A01/t003c1.tif`` and ``well_A01/t004c0.tif`` update one ``well_A01`` layer and
+    ``out/smooth_007.tif`` goes to ``out/smooth``. Pass ``stream=`` to choose the key."""
+    parent, stem = split_name(path, extensions)
     base = stem
-    while (stripped := _INDEX_SUFFIX.sub("", base)) != base:
+    while (stripped := INDEX_SUFFIX.sub("", base)) != base:
         base = stripped
     key = "/".join(part for part in (parent, base) if part)
     return (key or stem or "stream")[:256]
