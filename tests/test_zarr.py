@@ -463,6 +463,35 @@ def test_send_streams_every_field_of_a_plate(fm, tmp_path):
     assert "send -> " not in result.stderr  # -q
 
 
+def test_send_zarr_says_how_many_planes_policy_latest_dropped(tmp_path, capsys):
+    """send_zarr printed "sent 40 plane(s)" and returned 40 when a slow viewer had been
+    given only some of them under policy 'latest'."""
+    import time as clock
+
+    from polystore.streaming import NapariStreamingBackend, receiver_for
+    from polystore.zarr.planes import send_zarr
+
+    path = tmp_path / "series.zarr"
+    ZarrBackend().save(np.zeros((40, 256, 256), "uint16"), str(path / "cells"))
+    received: list = []
+
+    def slow_viewer(frame) -> None:
+        clock.sleep(0.05)
+        received.append(frame)
+
+    receiver = receiver_for(NapariStreamingBackend, "tcp://127.0.0.1:0", on_frame=slow_viewer,
+                            queue_size=1)
+    receiver.start()
+    try:
+        sent = send_zarr([str(path)], "napari_stream", endpoint=receiver.endpoint,
+                         policy="latest", quiet=True, max_inflight_bytes=256 * 256 * 2 * 2)
+    finally:
+        receiver.stop()
+    out = capsys.readouterr().out
+    assert sent < 40 and "were dropped by policy='latest'" in out, out
+    assert f"but {40 - sent} of them" in out
+
+
 def test_send_a_missing_store_fails_clearly(tmp_path):
     result = send_cli(str(tmp_path / "none.zarr"), "--to", "napari_stream",
                       "--endpoint", "tcp://127.0.0.1:9")

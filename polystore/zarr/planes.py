@@ -145,8 +145,9 @@ def send_zarr(paths: list[str], to: str, *, endpoint: str | None = None,
               policy: str = "block", stream: str | None = None, quiet: bool = False,
               backend: ZarrBackend | None = None, **limits: int) -> int:
     """Stream every plane of the zarr ``paths`` to ``to`` (napari_stream or fiji_stream)
-    with a progress bar; print a summary. Returns the number of planes sent. `limits`:
-    the target's ``max_inflight_bytes``."""
+    with a progress bar; print a summary. Returns the number of planes sent and not dropped
+    (``policy="latest"`` drops what a slow viewer cannot take; the summary says how many).
+    `limits`: the target's ``max_inflight_bytes``."""
     from tqdm import tqdm
 
     from polystore.streaming import FijiStreamingBackend, NapariStreamingBackend
@@ -176,15 +177,17 @@ def send_zarr(paths: list[str], to: str, *, endpoint: str | None = None,
                 sent += 1
                 bar.update(1)
         target.flush()
+        dropped = target.sender.stats["dropped"]
     except BaseException:
         print(f"stopped after {sent} of {total} plane(s)", file=sys.stderr)
         raise
     finally:
         target.close()
     seconds = time.perf_counter() - started
+    lost = f", but {dropped} of them were dropped by policy={policy!r}" if dropped else ""
     print(f"sent {total} plane(s) of {len(images)} array(s) ({sent_bytes / 2**20:.1f} MiB) "
-          f"to {to} at {target.endpoint} in {seconds:.2f} s: {describe_images(images)}")
-    return total
+          f"to {to} at {target.endpoint} in {seconds:.2f} s{lost}: {describe_images(images)}")
+    return total - dropped
 
 
 def plane_too_large(image: ZarrImage, limit: int) -> str | None:
