@@ -130,6 +130,23 @@ def test_one_stream_key_for_every_file_still_places_them(tmp_path):
         ("preview", 0), ("preview", 1), ("preview", 2)]
 
 
+def test_a_number_in_the_name_does_not_collapse_a_time_series(tmp_path):
+    """exp20240501_t001.tif, exp20240501_t002.tif: the date glued to the name was read as a
+    second time index, so both files got no position, went to the stream 'ex' and replaced
+    each other in the viewer."""
+    folder = tmp_path / "d"
+    folder.mkdir()
+    for t in (1, 2):
+        np.save(folder / f"exp20240501_t{t:03d}.npy", np.full((4, 4), t, np.uint16))
+    with Collector(NapariStreamingBackend) as rx:
+        result = cli("send", str(folder), "--to", "napari_stream", "--endpoint", rx.endpoint,
+                     "-q")
+    assert result.returncode == 0, result.stderr
+    assert sorted((f.stream, f.header.axes.get("t")) for f in rx.frames) == [
+        ("d/exp20240501", 1), ("d/exp20240501", 2)]
+    assert "replace each other" not in result.stderr
+
+
 def test_files_that_would_replace_each_other_are_warned_about(tmp_path):
     """snap.png and snap.jpg share the stream 'snap' and no index: one replaced the other
     in the viewer without a word."""

@@ -684,6 +684,12 @@ def test_stream_key_derivation():
     assert stream_key("r/1.tif", exts) == "r"
     assert stream_key("plate/well_C01_t003.tif", exts) == "plate/well_C01"
     assert stream_key("img001.tif", exts) == "img"
+    # a number that is part of the name stays: stripping stops at a second index of one
+    # axis (before: "d/ex", the "p" of "exp" read as a position axis, and a date lost)
+    assert stream_key("d/exp20240501_t001.tif", exts) == "d/exp20240501"
+    assert stream_key("d/run2_t001.tif", exts) == "d/run2"
+    assert stream_key("d/img_2024_05_01.tif", exts) == "d/img_2024_05"
+    assert stream_key("d/cells001.tif", exts) == "d/cells"
 
 
 def test_filemanager_routes_to_streaming_backends(receiver_proc):

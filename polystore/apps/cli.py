@@ -58,8 +58,9 @@ are placed along the axis their index names: t003 -> t=3, z05 -> z=5, c1 or ch1 
 s2/f2/p2 -> an axis s/f/p, a bare number (img_007, img007) -> t=7; so a folder
 t000.npy ... t059.npy becomes one layer with a t slider. A file of the stream without
 that index is at 0. Indices that would leave most of an axis empty (t005, t120) are
-placed in order (0, 1). Files that land at one position of one stream (snap.png and
-snap.jpg -> stream snap) replace each other in the viewer: send warns.
+placed in order (0, 1). A second index of one axis is part of the name
+(exp20240501_t001 -> stream exp20240501, t=1). Files that land at one position of one
+stream (snap.png and snap.jpg -> stream snap) replace each other in the viewer: send warns.
 
 Zarr: a zarr/OME-Zarr path (plate.zarr, plate.zarr/A/1/0, s3://bucket/x.zarr), or a
 *.zarr store found in a folder, is streamed plane by plane with its t/c/z axes.

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import math
 import os
-import re
 import stat
 import sys
 import time
@@ -211,42 +210,22 @@ def _skip_report(skipped: dict[str, list], to: str, backend_cls) -> list[str]:
 
 # -- where each file goes ------------------------------------------------------------------------
 
-#: the parts of one trailing index that `stream_key` strips (`stream_keys.INDEX_SUFFIX`):
-#: separator, axis letter (t003, c1, ch2, z05, s2) or none (_007, img007), digits
-_INDEX = re.compile(r"([_\-. ]*)(ch|[tczsfp])?(\d+)")
-#: the axis an index's letter names; a bare number (img_007, img007) is a time point
-_AXIS_OF_LETTER = {"t": "t", "c": "c", "ch": "c", "z": "z", "s": "s", "f": "f", "p": "p"}
 #: the order of the axes in a frame's position (outermost first): t last, since viewers
 #: line layers up by their last axes and t is the one streams share (docs/streaming.md)
 _AXIS_ORDER = ("s", "f", "p", "z", "c", "t")
 
 
 def name_position(label: str, extensions: Sequence[str] | set[str]) -> dict[str, int]:
-    """The position the trailing indices of a file name give its frame: ``t003`` is t = 3,
-    ``z05`` z = 5, ``c1``/``ch1`` c = 1, ``s2``/``f2``/``p2`` an axis s/f/p, and a bare number
-    (``img_007``, ``img007``) t. A letter glued to a word (``cells001``) is the word's, so
-    that is a bare number. These are the indices the stream key strips, so files that differ
-    only in them share a stream. Empty when the name has none, names one axis twice (a date,
-    ``2024_05_01``), or is nothing but an index with no folder (``t003.tif``: its stream
-    key is the whole name)."""
-    from polystore.streaming.stream_keys import INDEX_SUFFIX, split_name, stream_key
+    """The position the trailing indices of a file name give its frame (the indices the
+    stream key strips, `stream_keys.strip_indices`, so files that differ only in them share
+    a stream). Empty when the name has none, or is nothing but an index with no folder
+    (``t003.tif``: its stream key is the whole name)."""
+    from polystore.streaming.stream_keys import split_name, strip_indices
 
-    parent, base = split_name(label, extensions)
-    if not base:
-        return {}
-    position: dict[str, int] = {}
-    while (match := INDEX_SUFFIX.search(base)) and match.group(0):
-        base = base[: match.start()]
-        separator, letter, digits = _INDEX.fullmatch(match.group(0)).groups()
-        glued = letter and not separator and base[-1:].isalpha()
-        axis = "t" if glued else _AXIS_OF_LETTER.get(letter, "t")
-        if axis in position:
-            return {}
-        position[axis] = int(digits)
+    parent, stem = split_name(label, extensions)
+    base, position = strip_indices(stem)
     if not position or (not base and not parent):
         return {}
-    if stream_key(label, extensions) != "/".join(p for p in (parent, base) if p)[:256]:
-        return {}  # the backends' rule is not this one: place nothing rather than wrongly
     return position
 
 

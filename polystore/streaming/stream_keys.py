@@ -16,6 +16,10 @@ from typing import Any
 # lowercase axis letter (t003, c1, z05, s2, f1, p4, ch2). Uppercase-letter ids such as the
 # well A01 are names, not indices.
 INDEX_SUFFIX = re.compile(r"(?:^\d+|[_\-. ]+\d+|(?<=[a-z])\d+|[_\-. ]*(?:[tczsfp]|ch)\d+)$")
+#: the parts of one such index: separator, axis letter (none: a bare number), digits
+_INDEX_PARTS = re.compile(r"([_\-. ]*)(ch|[tczsfp])?(\d+)")
+#: the axis an index's letter names; a bare number (img_007, img007) is a time point
+_AXIS_OF_LETTER = {"t": "t", "c": "c", "ch": "c", "z": "z", "s": "s", "f": "f", "p": "p"}
 
 
 def _folder_and_name(path: Any) -> tuple[str, str]:
@@ -48,14 +52,31 @@ def split_name(path: Any, extensions: Iterable[str] = ()) -> tuple[str, str]:
     return parent, name[: len(name) - len(ext)] if ext else name
 
 
+def strip_indices(stem: str) -> tuple[str, dict[str, int]]:
+    """A name without extension, less its trailing indices, and the position they give:
+    ``t003`` is t = 3, ``z05`` z = 5, ``c1``/``ch1`` c = 1, ``s2``/``f2``/``p2`` an axis
+    s/f/p, a bare number (``img_007``, ``img007``) t. An axis letter glued to a word is the
+    word's (``cells001``, ``exp20240501``: a bare number). Stripping stops at an index of an
+    axis already stripped, which is part of the name (``exp20240501_t001`` keeps
+    ``exp20240501``; a date ``2024_05_01`` keeps ``2024_05``)."""
+    base, position = stem, {}
+    while (match := INDEX_SUFFIX.search(base)) and match.group(0):
+        separator, letter, digits = _INDEX_PARTS.fullmatch(match.group(0)).groups()
+        glued = bool(letter) and not separator and base[:match.start()][-1:].isalpha()
+        axis = "t" if glued or not letter else _AXIS_OF_LETTER[letter]
+        if axis in position:
+            break
+        position[axis] = int(digits)
+        base = base[:match.end() - len(digits)] if glued else base[:match.start()]
+    return base, position
+
+
 def stream_key(path: Any, extensions: Iterable[str] = ()) -> str:
     """The layer/window a path streams into: its folder plus its name without extension and
     without trailing indices (``t003``, ``c1``, ``z05``, ``s2``, ``_007``), so
     ``well_A01/t003c1.tif`` and ``well_A01/t004c0.tif`` update one ``well_A01`` layer and
     ``out/smooth_007.tif`` goes to ``out/smooth``. Pass ``stream=`` to choose the key."""
     parent, stem = split_name(path, extensions)
-    base = stem
-    while (stripped := INDEX_SUFFIX.sub("", base)) != base:
-        base = stripped
+    base = strip_indices(stem)[0]
     key = "/".join(part for part in (parent, base) if part)
     return (key or stem or "stream")[:256]
