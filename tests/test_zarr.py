@@ -933,3 +933,17 @@ def test_ensure_directory_over_an_array_says_so_and_keeps_it(tmp_path):
     np.testing.assert_array_equal(backend.load(path), [0, 1, 2])
     backend.ensure_directory(str(tmp_path / "e.zarr" / "g" / "h"))
     assert backend.is_dir(str(tmp_path / "e.zarr" / "g" / "h"))
+
+
+def test_saving_below_an_array_is_refused_and_leaves_no_chunks(tmp_path):
+    """The chunks went in before zarr refused the metadata ("A parent ... is an array"), and
+    stayed inside the array's folder where nothing could delete them and moves carried
+    them along."""
+    backend = ZarrBackend()
+    store = tmp_path / "s.zarr"
+    backend.save(np.arange(16, dtype="uint8").reshape(4, 4), str(store / "arr"))
+    with pytest.raises(NotADirectoryError, match="a node above it is a zarr array"):
+        backend.save(np.ones((2, 2)), str(store / "arr" / "child"))
+    assert not (store / "arr" / "child").exists()
+    np.testing.assert_array_equal(backend.load(str(store / "arr")),
+                                  np.arange(16, dtype="uint8").reshape(4, 4))

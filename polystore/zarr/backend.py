@@ -311,8 +311,16 @@ class ZarrBackend(StorageBackend):
                 except BaseException:
                     self._forget_chunks(store, zp)
                     raise
-                zarr.create_array(store, name=zp.node, shape=array.shape, dtype=array.dtype,
-                                  overwrite=False, **options)
+                try:
+                    zarr.create_array(store, name=zp.node, shape=array.shape,
+                                      dtype=array.dtype, overwrite=False, **options)
+                except BaseException as exc:
+                    self._forget_chunks(store, zp)  # written first: no array owns them now
+                    if isinstance(exc, ValueError) and "parent" in str(exc):
+                        raise NotADirectoryError(
+                            f"cannot save {str(zp)!r}: a node above it is a zarr array, and "
+                            "only groups hold other nodes; nothing was written") from None
+                    raise
                 self._reconsolidate(zp)
         logger.debug("saved %s %s %s", zp, array.shape, array.dtype)
 
