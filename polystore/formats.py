@@ -167,6 +167,12 @@ def _read_npy(source: Source, path: str, kwargs: dict[str, Any]) -> Any:
     try:
         return np.load(source, allow_pickle=False, **kwargs)
     except (ValueError, EOFError) as exc:  # numpy calls any bad header "pickled data"
+        if str(exc).startswith("Object arrays cannot be loaded"):  # intact, but pickled
+            raise FormatReadError(
+                f"Cannot read {path!r}: it is an NPY file of Python objects (dtype=object), "
+                "stored as a pickle, which polystore never loads (loading a pickle can run "
+                "code). Save the data as a numeric array, or load it with numpy.load("
+                "allow_pickle=True) if you trust the file") from exc
         raise _damaged(path, "NPY", exc) from exc
 
 

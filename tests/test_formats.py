@@ -309,3 +309,17 @@ def test_csv_records_and_rows_held_in_memory_move_to_disk_and_lossy_ones_stay(fm
         fm.move("t/lossy.csv", "lossy.csv", src_backend="memory", dst_backend="disk")
     assert fm.load("t/lossy.csv", "memory") == lossy
     assert not fm.exists("lossy.csv", "disk")
+
+
+def test_an_npy_of_python_objects_is_refused_as_such_not_as_damaged(tmp_path):
+    """The file is intact; only its pickled objects are refused. The message said "the file
+    is damaged, truncated, or not a NPY file"."""
+    from polystore import DiskBackend
+    from polystore.errors import FormatReadError
+
+    path = tmp_path / "objects.npy"
+    np.save(path, np.array([1, "a"], dtype=object), allow_pickle=True)
+    with pytest.raises(FormatReadError, match="NPY file of Python objects") as refused:
+        DiskBackend().load(str(path))
+    assert "damaged" not in str(refused.value)
+    assert "allow_pickle=True" in str(refused.value)
