@@ -461,3 +461,15 @@ def test_ctrl_c_twice_abandons_the_frames_in_flight(tmp_path):
     assert "abandoned the frames in flight" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and seconds < 2
     # and no segment is left in /dev/shm: the autouse fixture checks it
+
+
+def test_a_palette_png_is_sized_as_it_loads(tmp_path):
+    """A palette PNG loads as its palette's colours (RGB): sized at one byte per pixel, a
+    too-large one was read whole before being refused."""
+    from polystore import DiskBackend
+    from polystore.apps.send import frame_bytes
+
+    path = tmp_path / "palette.png"
+    grey = np.random.default_rng(0).integers(0, 255, (60, 50), np.uint8)
+    Image.fromarray(grey).convert("P").save(path)
+    assert frame_bytes(path) == DiskBackend().load(str(path)).nbytes == 60 * 50 * 3

@@ -321,7 +321,10 @@ def frame_bytes(file: Path) -> int | None:
 
             with Image.open(file) as image:
                 depth = _PIL_BYTES.get(image.mode, 1)
-                return image.width * image.height * len(image.getbands()) * depth
+                bands = len(image.getbands())
+                if image.mode in ("P", "PA"):  # loads as its palette's colours (RGB, RGBA)
+                    bands = 4 if image.mode == "PA" else len(image.palette.mode)
+                return image.width * image.height * bands * depth
     except Exception:  # noqa: BLE001 - a damaged header: the load reports it
         return None
     return None
