@@ -147,6 +147,20 @@ def test_a_number_in_the_name_does_not_collapse_a_time_series(tmp_path):
     assert "replace each other" not in result.stderr
 
 
+def test_files_named_one_by_one_are_a_time_series_too(tmp_path):
+    """`send run1/t*.tif` (a shell glob) or `send t000.npy ...` inside the folder: each file
+    kept only its name, t000, and so was a stream of its own: one layer per time point."""
+    run = time_points(tmp_path / "run1", 3)
+    names = [f"t{t:03d}.npy" for t in range(3)]
+    for args, cwd in (([str(run / n) for n in names], None), (names, run)):
+        with Collector(NapariStreamingBackend) as rx:
+            result = cli("send", *args, "--to", "napari_stream", "--endpoint", rx.endpoint,
+                         "-q", cwd=cwd)
+        assert result.returncode == 0, result.stderr
+        assert sorted((f.stream, f.header.axes.get("t")) for f in rx.frames) == [
+            ("run1", 0), ("run1", 1), ("run1", 2)], args
+
+
 def test_files_that_would_replace_each_other_are_warned_about(tmp_path):
     """snap.png and snap.jpg share the stream 'snap' and no index: one replaced the other
     in the viewer without a word."""

@@ -56,8 +56,9 @@ Streams and positions: a file goes to the stream of its folder and name without 
 trailing index (plate/A01/t003.tif -> plate/A01), or to --stream. Files of one stream
 are placed along the axis their index names: t003 -> t=3, z05 -> z=5, c1 or ch1 -> c=1,
 s2/f2/p2 -> an axis s/f/p, a bare number (img_007, img007) -> t=7; so a folder
-t000.npy ... t059.npy becomes one layer with a t slider. A file of the stream without
-that index is at 0. Indices that would leave most of an axis empty (t005, t120) are
+t000.npy ... t059.npy becomes one layer with a t slider (also when named one by one,
+run1/t*.npy: a name that is nothing but an index takes its folder's name). A file of the
+stream without that index is at 0. Indices that would leave most of an axis empty (t005, t120) are
 placed in order (0, 1). A second index of one axis is part of the name
 (exp20240501_t001 -> stream exp20240501, t=1). Files that land at one position of one
 stream (snap.png and snap.jpg -> stream snap) replace each other in the viewer: send warns.

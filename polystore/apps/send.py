@@ -65,15 +65,19 @@ def is_store_folder(folder: str) -> bool:
             and any(os.path.isfile(os.path.join(folder, m)) for m in _ZARR_MARKERS))
 
 
-def collect(paths: Sequence[str]) -> Found:
+def collect(paths: Sequence[str], name_index_files: bool = True) -> Found:
     """Every regular file named or inside a named folder (recursively), with a label that
     keeps the folder name (``send plate1`` streams ``plate1/A01/t000.tif``); the zarr stores
     named or found in those folders (not walked into: their chunks are no images); and what
     was passed over: anything not a regular file (a FIFO would block the read forever),
     folders reached through a link (not followed: a link may loop), and what could not be
-    read (an unreadable folder's files are not silently left out). Raises
-    ArgumentTypeError for a path that is not there."""
+    read (an unreadable folder's files are not silently left out). A file named on its own
+    keeps only its name, unless that name is nothing but an index (``t003.tif``, as a shell
+    glob ``run1/t*.tif`` names them) and `name_index_files`: then its folder's name comes
+    first (``run1/t003.tif``), so that such files share a stream as they do when their folder
+    is sent. Raises ArgumentTypeError for a path that is not there."""
     from polystore.atomic import is_temp_name
+    from polystore.streaming.stream_keys import split_name, strip_indices
     from polystore.zarr.planes import is_zarr_path
 
     found = Found()
@@ -97,7 +101,10 @@ def collect(paths: Sequence[str]) -> Found:
         elif stat.S_ISDIR(mode):
             _walk(arg, found, is_temp_name)
         elif stat.S_ISREG(mode):
-            found.files.append((Path(arg), _printable(Path(arg).name)))
+            label = _printable(Path(arg).name)
+            if name_index_files and not strip_indices(split_name(label)[1])[0]:
+                label = f"{_printable(Path(arg).resolve().parent.name or 'root')}/{label}"
+            found.files.append((Path(arg), label))
         else:
             raise argparse.ArgumentTypeError(f"{arg} is not a regular file or a folder (a "
                                              "FIFO, socket or device): nothing to read")
@@ -389,7 +396,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     limit = backend.options.max_inflight_bytes
     try:
-        found = collect(args.paths)
+        found = collect(args.paths, name_index_files=args.stream is None)
         files, skipped = _split_sendable(found.files, backend_cls)
         skipped["other"] = found.passed_over
         images, store_failures = _store_images(found.stores, limit) if found.stores else ([],
