@@ -3,6 +3,7 @@ command; its child processes are found by a marker in their environment."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,10 +49,20 @@ def _ring_segments() -> list[str]:
     return [n for n in os.listdir("/dev/shm") if n.startswith("polystoreringbench_")]
 
 
-def _start(marker: str, *extra: str) -> subprocess.Popen:
+@contextlib.contextmanager
+def _bench(marker: str, *extra: str) -> Iterator[subprocess.Popen]:
+    """`polystore bench --quick` running with `marker` in its environment; afterwards it and
+    every process of its marker are gone, whatever the test did."""
     env = {**os.environ, "POLYSTORE_TEST_MARK": marker}
-    return subprocess.Popen([*BENCH, *extra], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    bench = subprocess.Popen([*BENCH, *extra], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        yield bench
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+        for pid in _marked(marker):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _children_running(bench: subprocess.Popen, marker: str) -> bool:
@@ -82,8 +94,7 @@ def test_a_small_dev_shm_is_a_clear_error_and_leaves_nothing():
 def test_a_killed_bench_takes_its_children_along_and_shm_clean_finds_its_ring():
     marker = uuid.uuid4().hex
     before = set(_ring_segments())
-    bench = _start(marker)
-    try:
+    with _bench(marker) as bench:
         assert _wait_for(lambda: _children_running(bench, marker) and
                          set(_ring_segments()) - before, 60), "the ring never started"
         bench.kill()  # SIGKILL: no cleanup of its own at all
@@ -96,18 +107,12 @@ def test_a_killed_bench_takes_its_children_along_and_shm_clean_finds_its_ring():
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert not set(_ring_segments()) & left, out.stdout  # ...`shm clean` removes
-    finally:
-        if bench.poll() is None:
-            bench.kill()
-        for pid in _marked(marker):
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_ctrl_c_stops_quietly_and_writes_no_json(tmp_path: Path):
     marker = uuid.uuid4().hex
     out_json = tmp_path / "figures" / "b.json"
-    bench = _start(marker, "--json", str(out_json))
-    try:
+    with _bench(marker, "--json", str(out_json)) as bench:
         assert _wait_for(lambda: _children_running(bench, marker), 60)
         time.sleep(0.5)
         os.killpg(bench.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
@@ -117,11 +122,6 @@ def test_ctrl_c_stops_quietly_and_writes_no_json(tmp_path: Path):
         assert "Traceback" not in stderr, stderr
         assert not out_json.exists() and not out_json.parent.exists()
         assert _wait_for(lambda: not _marked(marker), 10), _marked(marker)
-    finally:
-        if bench.poll() is None:
-            bench.kill()
-        for pid in _marked(marker):
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_json_that_cannot_be_written_is_refused_before_the_run(tmp_path: Path):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ import pytest
 from polystore import DiskBackend, FileManager
 from polystore.atomic import atomic_write
 from polystore.errors import DestinationExistsError
+from tests.races import one_winner, race
 
 ROUNDS = 40
 WRITERS = 4
@@ -31,37 +31,6 @@ SIZE = 1 << 20  # 1 MiB per writer: the write takes long enough for the others t
 
 def _payload(writer: int, round_: int) -> bytes:
     return bytes([writer + 1]) * SIZE + f"{writer}:{round_}".encode()
-
-
-def _race(jobs: list) -> list[BaseException | None]:
-    """Run the callables at once (a barrier), return what each raised (None: it won)."""
-    barrier = threading.Barrier(len(jobs))
-    results: list[BaseException | None] = [None] * len(jobs)
-
-    def run(i: int) -> None:
-        barrier.wait()
-        try:
-            jobs[i]()
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
-
-
-def _one_winner(results: list[BaseException | None]) -> int:
-    winners = [i for i, r in enumerate(results) if r is None]
-    losers = [r for r in results if r is not None]
-    assert len(winners) == 1, f"{len(winners)} writers won: {results}"
-    for exc in losers:
-        assert isinstance(exc, DestinationExistsError), repr(exc)
-        assert isinstance(exc, FileExistsError)
-        assert "already exists" in str(exc) and "overwrite=True" in str(exc)
-    return winners[0]
 
 
 def _no_temp_files(directory: Path) -> None:
@@ -79,7 +48,7 @@ def test_save_overwrite_false_threads_exactly_one_wins(tmp_path: Path, method: s
             (lambda i=i, r=r, t=str(target): write(_payload(i, r), t, overwrite=False))
             for i in range(WRITERS)
         ]
-        winner = _one_winner(_race(jobs))
+        winner = one_winner(race(jobs))
         assert disk.read_bytes(str(target)) == _payload(winner, r)
         assert disk.list_dir(str(target.parent)) == ["out.bin"]
         _no_temp_files(target.parent)
@@ -173,7 +142,7 @@ def test_copy_overwrite_false_threads_exactly_one_wins(tmp_path: Path) -> None:
         sources = [str(s) for s in _sources(tmp_path, r)]
         dst = str(tmp_path / "out" / f"r{r}.bin")
         jobs = [(lambda s=s, d=dst: fm.copy(s, d, "disk", overwrite=False)) for s in sources]
-        winner = _one_winner(_race(jobs))
+        winner = one_winner(race(jobs))
         assert DiskBackend().read_bytes(dst) == _payload(winner, r)
         for i, s in enumerate(sources):  # a copy never touches its source
             assert Path(s).read_bytes() == _payload(i, r)
@@ -189,7 +158,7 @@ def test_move_overwrite_false_threads_no_file_lost(tmp_path: Path) -> None:
         dst = tmp_path / "out" / f"r{r}.bin"
         jobs = [(lambda s=s, d=str(dst): fm.move(str(s), d, "disk", overwrite=False))
                 for s in sources]
-        winner = _one_winner(_race(jobs))
+        winner = one_winner(race(jobs))
         assert dst.read_bytes() == _payload(winner, r)
         for i, s in enumerate(sources):
             assert s.exists() == (i != winner)
@@ -237,7 +206,7 @@ def test_tree_copy_overwrite_false_loser_removes_only_its_own(tmp_path: Path) ->
             (tree / "sub" / "same.bin").write_bytes(_payload(i, r))
             trees.append(str(tree))
         dst = str(tmp_path / f"out{r}")
-        results = _race(
+        results = race(
             [(lambda t=t, d=dst: fm.copy(t, d, "disk", overwrite=False)) for t in trees]
         )
         ok = [i for i, res in enumerate(results) if res is None]

@@ -12,7 +12,6 @@ stores, threads and processes.
 from __future__ import annotations
 
 import multiprocessing
-import threading
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ zarr = needs.module("zarr")
 from polystore import BackendRegistry, FileManager, MemoryBackend  # noqa: E402
 from polystore.errors import DestinationExistsError  # noqa: E402
 from polystore.zarr import ZarrBackend  # noqa: E402
+from tests.races import one_winner, race  # noqa: E402
 
 ROUNDS = 12
 WRITERS = 4
@@ -33,36 +33,6 @@ WRITERS = 4
 
 def _fm() -> FileManager:
     return FileManager(BackendRegistry(entry_points=False))
-
-
-def _race(jobs: list) -> list[BaseException | None]:
-    """Run the callables at once (a barrier), return what each raised (None: it won)."""
-    barrier = threading.Barrier(len(jobs))
-    results: list[BaseException | None] = [None] * len(jobs)
-
-    def run(i: int) -> None:
-        barrier.wait()
-        try:
-            jobs[i]()
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
-
-
-def _one_winner(results: list[BaseException | None]) -> int:
-    winners = [i for i, r in enumerate(results) if r is None]
-    assert len(winners) == 1, f"{len(winners)} writers won: {results}"
-    for exc in results:
-        if exc is not None:
-            assert isinstance(exc, DestinationExistsError), repr(exc)
-            assert "already exists" in str(exc) and "overwrite=True" in str(exc)
-    return winners[0]
 
 
 def _frame(writer: int) -> np.ndarray:
@@ -89,11 +59,11 @@ def test_copy_or_move_overwrite_false_threads_exactly_one_wins(tmp_path, operati
     for r in range(ROUNDS):
         sources = _sources(fm, backend, store, r)
         target = str(store / f"r{r}" / f"out{suffix}")
-        results = _race([
+        results = race([
             (lambda s=s, t=target: getattr(fm, operation)(s, t, backend=backend,
                                                           overwrite=False))
             for s in sources])
-        winner = _one_winner(results)
+        winner = one_winner(results)
         np.testing.assert_array_equal(fm.load(target, backend=backend), _frame(winner))
         for i, source in enumerate(sources):  # a move's losers keep their sources
             kept = operation == "copy" or i != winner
@@ -106,10 +76,10 @@ def test_save_overwrite_false_threads_exactly_one_wins(tmp_path, backend):
     backend = backend()
     for r in range(ROUNDS):
         target = str(tmp_path / "races.zarr" / f"r{r}" / f"out{suffix}")
-        results = _race([
+        results = race([
             (lambda i=i, t=target: backend.save(_frame(i), t, overwrite=False))
             for i in range(WRITERS)])
-        winner = _one_winner(results)
+        winner = one_winner(results)
         np.testing.assert_array_equal(backend.load(target), _frame(winner))
 
 
