@@ -78,6 +78,7 @@ class StreamingBackend(WriteOnlyBackend):
         self._sender: StreamSender | None = None
         self._streams: dict[tuple, StreamMeta] = {}
         self._path_keys: dict[str, str] = {}  # path -> stream key ('' if not streamed)
+        self._plain_saves: dict[str, StreamMeta] = {}  # image path saved with no options
 
     def __getstate__(self) -> dict:
         """Pickle the configuration, not the connection: a backend (or a FileManager holding
@@ -86,6 +87,7 @@ class StreamingBackend(WriteOnlyBackend):
         state["_sender"] = None
         state["_streams"] = {}
         state["_path_keys"] = {}
+        state["_plain_saves"] = {}
         return state
 
     @classmethod
@@ -117,7 +119,9 @@ class StreamingBackend(WriteOnlyBackend):
     def save(self, data: Any, file_path: Any, **kwargs: Any) -> None:
         """Stream one array (or a list of ROIs for ``*.roi.zip``). See `_stream_data`."""
         path = str(file_path)
-        if self._path_key(path) is not None:
+        if not kwargs and (meta := self._plain_saves.get(path)) is not None:
+            self.sender.send_array(data, path, meta)  # a name saved before: checked then
+        elif self._path_key(path) is not None:
             self._stream_data(data, path, **kwargs)
         else:
             self._log_skipped([path])
@@ -176,6 +180,10 @@ class StreamingBackend(WriteOnlyBackend):
         meta = self.stream_meta(path, **options)
         if path.lower().endswith(ROI_EXTENSION):
             return self._stream_rois(data, path, meta, axes)
+        if not options and axes is None:  # save() skips the key and meta lookups next time
+            if len(self._plain_saves) >= 4096:
+                self._plain_saves.clear()
+            self._plain_saves[path] = meta
         return self.sender.send_array(data, path, meta, axes)
 
     def _stream_rois(self, data: Any, path: str, meta: Any, axes: Any) -> int:

@@ -27,6 +27,7 @@ from polystore.streaming import protocol as p
 from polystore.streaming.connection import Connection
 from polystore.streaming.credits import CreditWindow
 from polystore.streaming.errors import BackpressureError, ReceiverLostError
+from polystore.streaming.header_template import HeaderTemplate
 from polystore.streaming.options import SenderOptions, SenderStats, checked_seconds
 from polystore.streaming.replies import ReplyHandler
 from polystore.streaming.shm import SHM_DIR
@@ -170,21 +171,20 @@ class Delivery:
             ". Remove such files as their owner or root (`ls -l /dev/shm`), or stream with "
             "transport='inline'"))
 
-    def _admit_frame(self, path: str, meta: StreamMeta, axes: dict[str, int], shape: tuple,
-                     dtype: np.dtype) -> tuple[int, p.Frame | None]:
-        """A sequence number and header for a frame, or (-1, None) if policy drops it."""
+    def _admit_frame(self, path: str, meta: StreamMeta, shape: tuple, dtype: np.dtype
+                     ) -> tuple[int, HeaderTemplate | None]:
+        """A sequence number and the header of a frame, or (-1, None) if policy drops it."""
         seq = self._admit()
         if seq < 0:
             return seq, None
-        return seq, meta.frame_header(seq, path, shape, dtype, axes,
-                                      self._connection.max_frame_bytes, self.stats.unsent)
+        return seq, meta.header_template(path, shape, dtype, self._connection.max_frame_bytes)
 
-    def _send_frame(self, seq: int, header: p.Frame, parts: list, started: float,
+    def _send_frame(self, seq: int, nbytes: int, parts: list, started: float,
                     inline_bytes: int) -> int:
         if not self._dispatch(seq, parts, started, inline_bytes):
             return -1
         self.stats.frames += 1
-        self.stats.bytes += header.nbytes
+        self.stats.bytes += nbytes
         return seq
 
     def _admit(self) -> int:

@@ -25,7 +25,7 @@ from polystore.streaming.connection import State
 from polystore.streaming.delivery import Delivery
 from polystore.streaming.errors import ReceiverLostError, UnstreamableDataError
 from polystore.streaming.shm import SegmentPool
-from polystore.streaming.stream_meta import StreamMeta, encode_header, to_wire_array
+from polystore.streaming.stream_meta import StreamMeta, to_wire_array
 
 
 class StreamSender(Delivery):
@@ -75,29 +75,30 @@ class StreamSender(Delivery):
         array = to_wire_array(data)
         axes = meta.checked_axes(axes, path)
         with self._lock:
-            seq, header = self._admit_frame(path, meta, axes, array.shape, array.dtype)
+            seq, header = self._admit_frame(path, meta, array.shape, array.dtype)
             if seq < 0:
                 return seq
             wire_dtype = array.dtype.newbyteorder("<")
-            if self._connection.use_shm and header.nbytes:
-                segment = self._reserve(seq, header.nbytes, True)
+            nbytes = header.nbytes
+            if self._connection.use_shm and nbytes:
+                segment = self._reserve(seq, nbytes, True)
                 if segment is None:  # dropped (policy latest): open leases hold the memory
                     return -1
                 try:  # the segment is ours until the message is tracked: give it back
-                    header.segment = segment.name
                     np.copyto(np.ndarray(array.shape, wire_dtype, segment.buf), array,
                               casting="equiv")
-                    encoded = encode_header(header, path)
+                    encoded = header.encode(seq, time.time_ns(), segment.name, axes,
+                                            self.stats.unsent)
                 except BaseException:
                     self._credits.release_unsent(seq)
                     raise
-                return self._send_frame(seq, header, [encoded], started, 0)
-            encoded = encode_header(header, path)
-            self._reserve(seq, header.nbytes, False)
+                return self._send_frame(seq, nbytes, [encoded], started, 0)
+            encoded = header.encode(seq, time.time_ns(), None, axes, self.stats.unsent)
+            self._reserve(seq, nbytes, False)
             payload = np.ascontiguousarray(array, dtype=wire_dtype)
             if payload is array or payload.base is not None:
                 payload = payload.copy()  # the caller may reuse its buffer after save()
-            return self._send_frame(seq, header, [encoded, payload], started, header.nbytes)
+            return self._send_frame(seq, nbytes, [encoded, payload], started, nbytes)
 
     def lease(self, shape: Any, dtype: Any, path: str, meta: StreamMeta,
               axes: dict[str, int] | None = None
@@ -124,7 +125,7 @@ class StreamSender(Delivery):
                axes: dict[str, int]) -> Iterator[np.ndarray]:
         started = time.perf_counter()
         with self._lock:
-            seq, header = self._admit_frame(path, meta, axes, shape, dtype)
+            seq, header = self._admit_frame(path, meta, shape, dtype)
             shm = seq >= 0 and self._connection.use_shm and header.nbytes > 0
             segment = self._reserve(seq, header.nbytes, True) if shm else None
             if shm and segment is None:  # dropped (policy latest): open leases hold the memory
@@ -149,11 +150,10 @@ class StreamSender(Delivery):
                     self._count_unsent()
                     return
                 self._credits.raise_pending()  # as send_array does: rejections first
-                header.segment, header.sent_ns = segment.name, time.time_ns()
-                header.dropped = self.stats.unsent
-                encoded = encode_header(header, path)
+                encoded = header.encode(seq, time.time_ns(), segment.name, axes,
+                                        self.stats.unsent)
                 sent = True  # from here on the segment is the message's (or given up)
-                self._send_frame(seq, header, [encoded], started, 0)
+                self._send_frame(seq, header.nbytes, [encoded], started, 0)
         finally:
             with self._lock:
                 if not sent:

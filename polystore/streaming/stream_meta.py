@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import msgspec
@@ -23,6 +23,7 @@ from polystore.streaming import protocol as p
 from polystore.streaming.axis_names import repeated_axis
 from polystore.streaming.checks import check_rois
 from polystore.streaming.errors import UnstreamableDataError
+from polystore.streaming.header_template import HeaderTemplate
 
 
 class _StreamFields(msgspec.Struct, omit_defaults=True):
@@ -46,6 +47,8 @@ class StreamMeta:
     stream: str
     axis_names: list[str] | None
     display: p.Display
+    _templates: dict[tuple, HeaderTemplate] = field(default_factory=dict, init=False,
+                                                     repr=False)
 
     @classmethod
     def build(
@@ -98,10 +101,25 @@ class StreamMeta:
             raise UnstreamableDataError(f"cannot stream {what}: {problem}")
         return checked
 
-    def frame_header(self, seq: int, path: str, shape: tuple[int, ...], dtype: np.dtype,
-                     axes: dict[str, int], max_frame_bytes: int, dropped: int) -> p.Frame:
-        """The header of one frame of this stream. Only the frame's own fields are checked,
-        exactly as a receiver will check them: the rest was checked by `build`."""
+    def header_template(self, path: str, shape: tuple[int, ...], dtype: np.dtype,
+                        max_frame_bytes: int) -> HeaderTemplate:
+        """The header of this stream's frames at `path` of `shape` and `dtype`, encoded once
+        and remembered (a pipeline saves the same names and shapes again and again). Only
+        the frame's own fields are checked, exactly as a receiver will check them: the rest
+        was checked by `build`."""
+        key = (path, shape, dtype, max_frame_bytes)
+        template = self._templates.get(key)
+        if template is None:
+            header = self._frame_header(path, shape, dtype, max_frame_bytes)
+            template = HeaderTemplate(header, encode_header(header, path))
+            if len(self._templates) >= 256:
+                self._templates.clear()
+            self._templates[key] = template
+        return template
+
+    def _frame_header(self, path: str, shape: tuple[int, ...], dtype: np.dtype,
+                      max_frame_bytes: int) -> p.Frame:
+        """A checked header with none of a frame's own fields (`HeaderTemplate`)."""
         nbytes = dtype.itemsize
         for dim in shape:
             nbytes *= dim
@@ -119,10 +137,9 @@ class StreamMeta:
                        "or drop rgb")
         if problem:
             raise UnstreamableDataError(f"cannot stream {path}: {problem}")
-        return p.Frame(v=p.VERSION, seq=seq, stream=self.stream, path=path, shape=list(shape),
-                       dtype=wire_dtype_name(dtype), nbytes=nbytes, sent_ns=time.time_ns(),
-                       axes=axes, axis_names=self.axis_names, display=self.display,
-                       dropped=dropped)  # fmt: skip
+        return p.Frame(v=p.VERSION, seq=0, stream=self.stream, path=path, shape=list(shape),
+                       dtype=wire_dtype_name(dtype), nbytes=nbytes, sent_ns=0,
+                       axis_names=self.axis_names, display=self.display)  # fmt: skip
 
     def encoded_rois(self, seq: int, path: str, rois: list[p.Roi],
                      axes: dict[str, int]) -> bytes:
