@@ -43,9 +43,11 @@ from polystore.streaming.shm import Segment, create_probe, destroy
 SLOTS = bench.RING_SLOTS
 
 
-def protocol_ring(endpoint: str, frames: list[np.ndarray], count: int) -> tuple[float, float]:
+def protocol_ring(endpoint: str, frames: list[np.ndarray], count: int,
+                  busy_us: float = 0.0) -> tuple[float, float]:
     """(frames/s, idle-pipe p50 latency in ms) of the minimal protocol-speaking sender (see
-    the module docstring)."""
+    the module docstring); `busy_us`: spin that long after each send, as a sender with more
+    Python per frame would spend it."""
     token = secrets.token_hex(8)
     prefix = f"{NapariStreamingBackend.SHM_PREFIX}{os.getpid()}_{token}_"
     sock = create_dealer_socket(token, endpoint, SenderOptions())
@@ -87,6 +89,10 @@ def protocol_ring(endpoint: str, frames: list[np.ndarray], count: int) -> tuple[
             np.copyto(targets[slot], frames[i % len(frames)])
             header.seq, header.segment = seq, segments[slot].name
             sock.send(p.encode(header))
+            if busy_us:
+                until = time.perf_counter() + busy_us / 1e6
+                while time.perf_counter() < until:
+                    pass
             inflight.add(seq)
             take_acks(False)
 
