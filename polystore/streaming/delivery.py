@@ -173,7 +173,8 @@ class Delivery:
 
     def _admit_frame(self, path: str, meta: StreamMeta, shape: tuple, dtype: np.dtype
                      ) -> tuple[int, HeaderTemplate | None]:
-        """A sequence number and the header of a frame, or (-1, None) if policy drops it."""
+        """A sequence number and the header template of a frame, or (-1, None) if policy
+        drops it."""
         seq = self._admit()
         if seq < 0:
             return seq, None

@@ -20,7 +20,7 @@ _encoder = msgspec.json.Encoder()
 class HeaderTemplate:
     """The encoded header of every frame of one stream with one path, shape and dtype.
 
-    Built from a header already checked (`StreamMeta.frame_header`); `encode` gives the bytes
+    Built (by `StreamMeta.header_template`) from a header already checked; `encode` gives the bytes
     of that header with the frame's own fields, as `protocol.encode` orders them: ``seq``
     after ``v``, ``sent_ns`` after ``nbytes``, then ``segment``, ``axes``, the fields that
     never change, and ``dropped`` last."""

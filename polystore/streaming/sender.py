@@ -75,11 +75,11 @@ class StreamSender(Delivery):
         array = to_wire_array(data)
         axes = meta.checked_axes(axes, path)
         with self._lock:
-            seq, header = self._admit_frame(path, meta, array.shape, array.dtype)
+            seq, template = self._admit_frame(path, meta, array.shape, array.dtype)
             if seq < 0:
                 return seq
             wire_dtype = array.dtype.newbyteorder("<")
-            nbytes = header.nbytes
+            nbytes = template.nbytes
             if self._connection.use_shm and nbytes:
                 segment = self._reserve(seq, nbytes, True)
                 if segment is None:  # dropped (policy latest): open leases hold the memory
@@ -87,13 +87,13 @@ class StreamSender(Delivery):
                 try:  # the segment is ours until the message is tracked: give it back
                     np.copyto(np.ndarray(array.shape, wire_dtype, segment.buf), array,
                               casting="equiv")
-                    encoded = header.encode(seq, time.time_ns(), segment.name, axes,
-                                            self.stats.unsent)
+                    encoded = template.encode(seq, time.time_ns(), segment.name, axes,
+                                              self.stats.unsent)
                 except BaseException:
                     self._credits.release_unsent(seq)
                     raise
                 return self._send_frame(seq, nbytes, [encoded], started, 0)
-            encoded = header.encode(seq, time.time_ns(), None, axes, self.stats.unsent)
+            encoded = template.encode(seq, time.time_ns(), None, axes, self.stats.unsent)
             self._reserve(seq, nbytes, False)
             payload = np.ascontiguousarray(array, dtype=wire_dtype)
             if payload is array or payload.base is not None:
@@ -125,9 +125,9 @@ class StreamSender(Delivery):
                axes: dict[str, int]) -> Iterator[np.ndarray]:
         started = time.perf_counter()
         with self._lock:
-            seq, header = self._admit_frame(path, meta, shape, dtype)
-            shm = seq >= 0 and self._connection.use_shm and header.nbytes > 0
-            segment = self._reserve(seq, header.nbytes, True) if shm else None
+            seq, template = self._admit_frame(path, meta, shape, dtype)
+            shm = seq >= 0 and self._connection.use_shm and template.nbytes > 0
+            segment = self._reserve(seq, template.nbytes, True) if shm else None
             if shm and segment is None:  # dropped (policy latest): open leases hold the memory
                 seq = -1
             if segment is not None:
@@ -143,17 +143,17 @@ class StreamSender(Delivery):
             # frombuffer holds the mapping open while the array lives: close() in another
             # thread then leaves it mapped (np.ndarray(buffer=...) let it be unmapped under
             # the block, which crashed the process on its next write)
-            yield np.frombuffer(segment.buf, dtype, header.nbytes // dtype.itemsize
+            yield np.frombuffer(segment.buf, dtype, template.nbytes // dtype.itemsize
                                 ).reshape(shape)
             with self._lock:
                 if not self._ensure_connected():  # the viewer left meanwhile (policy latest)
                     self._count_unsent()
                     return
                 self._credits.raise_pending()  # as send_array does: rejections first
-                encoded = header.encode(seq, time.time_ns(), segment.name, axes,
-                                        self.stats.unsent)
+                encoded = template.encode(seq, time.time_ns(), segment.name, axes,
+                                          self.stats.unsent)
                 sent = True  # from here on the segment is the message's (or given up)
-                self._send_frame(seq, header.nbytes, [encoded], started, 0)
+                self._send_frame(seq, template.nbytes, [encoded], started, 0)
         finally:
             with self._lock:
                 if not sent:
