@@ -316,10 +316,13 @@ class ZarrBackend(StorageBackend):
                                       dtype=array.dtype, overwrite=False, **options)
                 except BaseException as exc:
                     self._forget_chunks(store, zp)  # written first: no array owns them now
-                    if isinstance(exc, ValueError) and "parent" in str(exc):
+                    where, above = self._node_above(zp) if isinstance(exc, ValueError) \
+                        else ("", None)
+                    if above is not None and _is_array(above):
                         raise NotADirectoryError(
-                            f"cannot save {str(zp)!r}: a node above it is a zarr array, and "
-                            "only groups hold other nodes; nothing was written") from None
+                            f"cannot save {str(zp)!r}: a node above it is a zarr array "
+                            f"({where!r}), and only groups hold other nodes; nothing was "
+                            "written") from None
                     raise
                 self._reconsolidate(zp)
         logger.debug("saved %s %s %s", zp, array.shape, array.dtype)
@@ -473,6 +476,15 @@ class ZarrBackend(StorageBackend):
             return self._open(zp, mode)
         except FileNotFoundError:
             return None
+
+    def _node_above(self, zp: ZarrPath) -> tuple[str, Any]:
+        """The nearest node above ``zp`` (an array there holds no nodes) and its path; None
+        if there is none up to the store's root."""
+        parent, above = zp.node, None
+        while parent and above is None:
+            parent = parent.rpartition("/")[0]
+            above = self._node(ZarrPath(zp.root, parent))
+        return str(ZarrPath(zp.root, parent)), above
 
     def _kind(self, zp: ZarrPath) -> Literal["array", "group"] | None:
         node = self._node(zp)
@@ -700,11 +712,7 @@ class ZarrBackend(StorageBackend):
                 "whole store is not replaced; nothing was changed. Delete it first "
                 "(delete(path, recursive=True)) or choose a new name")
         fmt = int(node.metadata.zarr_format)
-        parent, above = zd.node, None
-        while parent and above is None:  # the nearest node above the destination
-            parent = parent.rpartition("/")[0]
-            above = self._node(ZarrPath(zd.root, parent))
-        where = str(ZarrPath(zd.root, parent))
+        where, above = self._node_above(zd)
         if above is not None and _is_array(above):
             raise NotADirectoryError(f"cannot {verb} to {str(zd)!r}: {where!r} is a zarr array, "
                                      "not a group; nothing was changed")
